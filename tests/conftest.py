@@ -1,0 +1,146 @@
+"""One real PostgreSQL server per test session, a fresh database per test.
+
+``BEMI_TT_TEST_DSN`` points the suite at an external server (it must have ``wal_level=logical``);
+``BEMI_TT_PG_BINDIR`` picks the binaries of the embedded one (e.g. Debian's PostgreSQL 15).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from bemi_tt.embedded import EmbeddedPostgres
+
+
+@dataclass
+class Server:
+    """The session's PostgreSQL server: ``dsn(db)`` gives a libpq connection string for a database."""
+
+    admin_dsn: str
+    version: int
+    version_text: str
+
+    def dsn(self, database: str) -> str:
+        return make_conninfo(self.admin_dsn, dbname=database)
+
+    def sqlalchemy_url(self, database: str, driver: str = "psycopg") -> sa.URL:
+        return to_sqlalchemy_url(self.dsn(database), driver)
+
+
+def to_sqlalchemy_url(dsn: str, driver: str = "psycopg") -> sa.URL:
+    """SQLAlchemy URL for a libpq connection string (unix sockets included)."""
+    params = conninfo_to_dict(dsn)
+    query = {k: str(v) for k, v in params.items() if k not in {"user", "password", "dbname", "host", "port"}}
+    host = str(params.get("host") or "")
+    port = int(params["port"]) if params.get("port") else None
+    if host.startswith("/"):
+        query["host"] = host
+        host = ""
+        if port is not None:
+            query["port"] = str(port)
+            port = None
+    return sa.URL.create(
+        f"postgresql+{driver}",
+        username=str(params.get("user") or "postgres"),
+        password=str(params["password"]) if params.get("password") else None,
+        host=host or None,
+        port=port,
+        database=str(params.get("dbname") or "postgres"),
+        query=query,
+    )
+
+
+def _check_server(dsn: str) -> Server:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        level = conn.execute("SHOW wal_level").fetchone()
+        num = conn.execute("SHOW server_version_num").fetchone()
+        text = conn.execute("SELECT version()").fetchone()
+    assert level and num and text
+    if level[0] != "logical":
+        pytest.exit(
+            f"BEMI_TT_TEST_DSN server has wal_level={level[0]!r}; run "
+            "ALTER SYSTEM SET wal_level = logical; and restart it, or unset BEMI_TT_TEST_DSN "
+            "to use an embedded server",
+            returncode=4,
+        )
+    return Server(admin_dsn=dsn, version=int(num[0]), version_text=str(text[0]))
+
+
+_server: Server | None = None
+_embedded: EmbeddedPostgres | None = None
+
+
+def _session_server() -> Server:
+    global _server, _embedded
+    if _server is None:
+        external = os.environ.get("BEMI_TT_TEST_DSN")
+        if external:
+            _server = _check_server(external)
+        else:
+            _embedded = EmbeddedPostgres().start()
+            _server = _check_server(_embedded.dsn)
+    return _server
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"postgresql: {_session_server().version_text}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _embedded is not None:
+        _embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Server:
+    return _session_server()
+
+
+_counter = itertools.count()
+
+
+def drop_database(server: Server, name: str) -> None:
+    """Drop a test database, its replication slots and connections first."""
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE database = %s AND active_pid IS NOT NULL",
+            (name,),
+        )
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+            (name,),
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database(pg_server: Server) -> Iterator[str]:
+    """Name of a fresh, empty database for this test."""
+    name = f"t{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield name
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
+def dsn(pg_server: Server, database: str) -> str:
+    """libpq connection string of this test's fresh database."""
+    return pg_server.dsn(database)
+
+
+@pytest.fixture
+def engine(pg_server: Server, database: str) -> Iterator[sa.Engine]:
+    """SQLAlchemy engine (psycopg 3) on this test's fresh database."""
+    eng = sa.create_engine(pg_server.sqlalchemy_url(database))
+    yield eng
+    eng.dispose()
