@@ -1,0 +1,475 @@
+"""Pure conversion of PostgreSQL text-format column values (as pgoutput sends them) into JSON text.
+
+The rule: a value becomes the JSON that PostgreSQL's own ``to_jsonb(value)`` gives for it, so that
+rows decoded from the WAL and rows read with ``to_jsonb`` compare equal. Concretely:
+
+* ``int2/int4/int8`` and ``numeric`` → JSON numbers with the digits verbatim (numeric stays exact,
+  never a float); ``float4/float8`` → numbers; ``NaN``/``Infinity``/``-Infinity`` → JSON strings.
+* ``bool`` → ``true``/``false``; ``json``/``jsonb`` → the JSON itself, nested.
+* ``timestamptz`` → ``"2026-11-27T10:00:00.123456+00:00"`` (ISO 8601, ``T``, offset ``±HH:MM[:SS]``;
+  the fraction as PostgreSQL prints it, trailing zeros dropped); ``timestamp`` → the same without
+  offset; ``'infinity'``/``'-infinity'`` stay those strings; BC values keep PostgreSQL's `` BC`` suffix.
+* ``date``, ``time``, ``timetz``, ``interval``, ``uuid``, ``bytea`` (``"\\\\x0102"``, hex kept), enums,
+  ranges, money, geometric types and anything unknown → a JSON string of PostgreSQL's text.
+* arrays (any dimension, any lower bound, NULL elements, quoted elements) → JSON arrays whose
+  elements follow these same rules by the element type; domains follow their base type.
+* SQL NULL → ``null``.
+
+Deliberate differences from ``to_jsonb``: composite (row) values are a JSON string of their text,
+not an object (pgoutput does not say the field types); a ``json`` value containing the escape
+``\\u0000`` (which ``jsonb`` cannot hold) becomes a JSON string of its text.
+
+Input assumptions (the capture worker's session guarantees them): ``DateStyle`` ``ISO``, ``TimeZone``
+``UTC`` (offsets then read ``+00:00``), ``extra_float_digits`` >= 1, a UTF-8 database, text format
+values (not pgoutput's ``binary`` option). Values in another ``DateStyle`` fall back to JSON strings.
+
+Use: build one :class:`ValueEncoder` per Relation (``ValueEncoder(oids, type_info, names=names)``)
+and call ``encoder.row_json(values)`` for whole rows or ``encoder.value_json(i, raw)`` per value.
+Types beyond the built-in table come from the catalog: run :data:`TYPE_INFO_QUERY` and pass its rows
+to :func:`load_type_info`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from json.encoder import encode_basestring as _json_string  # the C implementation when available
+from typing import Any, Final
+
+from capture.errors import DecodeError
+
+__all__ = [
+    "BUILTIN_TYPES",
+    "TYPE_INFO_QUERY",
+    "TypeInfo",
+    "ValueEncoder",
+    "json_string",
+    "load_type_info",
+    "row_json",
+    "text_to_json",
+]
+
+json_string: Final = _json_string
+"""``json_string(s)``: ``s`` as a JSON string literal (quotes and escapes; non-ASCII kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TypeInfo:
+    """What value conversion needs to know about a type (a row of ``pg_type``).
+
+    ``category`` is ``typcategory`` ('A' array, 'B' bool, 'E' enum, 'N' numeric, 'S' string, ...);
+    ``element_oid`` is ``typelem`` for arrays (0 otherwise); ``base_oid`` is ``typbasetype`` for
+    domains (0 otherwise); ``delimiter`` is ``typdelim`` (',' except e.g. ``box`` with ';').
+    """
+
+    oid: int
+    name: str
+    category: str
+    element_oid: int = 0
+    base_oid: int = 0
+    delimiter: str = ","
+
+
+#: The SQL that loads every type's :class:`TypeInfo` fields, in order, for :func:`load_type_info`.
+TYPE_INFO_QUERY: Final = (
+    "SELECT t.oid::int8, t.typname::text, t.typcategory::text, "
+    "CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0 END::int8, "
+    "t.typbasetype::int8, t.typdelim::text FROM pg_catalog.pg_type t"
+)
+
+
+def load_type_info(rows: Iterable[Sequence[Any]]) -> dict[int, TypeInfo]:
+    """Map OID → :class:`TypeInfo` from the rows of :data:`TYPE_INFO_QUERY` (built-ins included)."""
+    result = dict(BUILTIN_TYPES)
+    for row in rows:
+        if len(row) != 6:
+            raise ValueError(f"type info row must have 6 fields as TYPE_INFO_QUERY returns, got {row!r}")
+        oid, name, category, element_oid, base_oid, delimiter = row
+        info = TypeInfo(
+            int(oid), str(name), str(category), int(element_oid or 0), int(base_oid or 0), str(delimiter)
+        )
+        result[info.oid] = info
+    return result
+
+
+def _builtin(*rows: tuple[int, str, str, int]) -> dict[int, TypeInfo]:
+    return {
+        oid: TypeInfo(oid, name, cat, elem, 0, ";" if name in ("box", "_box") else ",")
+        for oid, name, cat, elem in rows
+    }
+
+
+#: The common built-in types (OIDs are fixed across PostgreSQL versions), so no catalog is needed for them.
+BUILTIN_TYPES: Final[Mapping[int, TypeInfo]] = _builtin(
+    (16, "bool", "B", 0),
+    (17, "bytea", "U", 0),
+    (18, "char", "Z", 0),
+    (19, "name", "S", 0),
+    (20, "int8", "N", 0),
+    (21, "int2", "N", 0),
+    (22, "int2vector", "A", 21),
+    (23, "int4", "N", 0),
+    (24, "regproc", "N", 0),
+    (25, "text", "S", 0),
+    (26, "oid", "N", 0),
+    (30, "oidvector", "A", 26),
+    (114, "json", "U", 0),
+    (142, "xml", "U", 0),
+    (600, "point", "G", 0),
+    (603, "box", "G", 0),
+    (650, "cidr", "I", 0),
+    (700, "float4", "N", 0),
+    (701, "float8", "N", 0),
+    (774, "macaddr8", "U", 0),
+    (790, "money", "N", 0),
+    (829, "macaddr", "U", 0),
+    (869, "inet", "I", 0),
+    (1042, "bpchar", "S", 0),
+    (1043, "varchar", "S", 0),
+    (1082, "date", "D", 0),
+    (1083, "time", "D", 0),
+    (1114, "timestamp", "D", 0),
+    (1184, "timestamptz", "D", 0),
+    (1186, "interval", "T", 0),
+    (1266, "timetz", "D", 0),
+    (1560, "bit", "V", 0),
+    (1562, "varbit", "V", 0),
+    (1700, "numeric", "N", 0),
+    (2950, "uuid", "U", 0),
+    (3614, "tsvector", "U", 0),
+    (3802, "jsonb", "U", 0),
+    (3904, "int4range", "R", 0),
+    (3926, "int8range", "R", 0),
+    (3906, "numrange", "R", 0),
+    (3910, "tstzrange", "R", 0),
+    (3912, "daterange", "R", 0),
+    (4072, "jsonpath", "U", 0),
+    (143, "_xml", "A", 142),
+    (199, "_json", "A", 114),
+    (651, "_cidr", "A", 650),
+    (791, "_money", "A", 790),
+    (1000, "_bool", "A", 16),
+    (1001, "_bytea", "A", 17),
+    (1002, "_char", "A", 18),
+    (1003, "_name", "A", 19),
+    (1005, "_int2", "A", 21),
+    (1007, "_int4", "A", 23),
+    (1009, "_text", "A", 25),
+    (1014, "_bpchar", "A", 1042),
+    (1015, "_varchar", "A", 1043),
+    (1016, "_int8", "A", 20),
+    (1017, "_point", "A", 600),
+    (1020, "_box", "A", 603),
+    (1021, "_float4", "A", 700),
+    (1022, "_float8", "A", 701),
+    (1028, "_oid", "A", 26),
+    (1040, "_macaddr", "A", 829),
+    (1041, "_inet", "A", 869),
+    (1115, "_timestamp", "A", 1114),
+    (1182, "_date", "A", 1082),
+    (1183, "_time", "A", 1083),
+    (1185, "_timestamptz", "A", 1184),
+    (1187, "_interval", "A", 1186),
+    (1231, "_numeric", "A", 1700),
+    (1270, "_timetz", "A", 1266),
+    (1561, "_bit", "A", 1560),
+    (1563, "_varbit", "A", 1562),
+    (2951, "_uuid", "A", 2950),
+    (3807, "_jsonb", "A", 3802),
+    (3905, "_int4range", "A", 3904),
+)
+
+# --------------------------------------------------------------------------- scalar converters (str → JSON)
+
+_NON_FINITE: Final = frozenset(("NaN", "Infinity", "-Infinity"))
+
+
+def _number(s: str) -> str:
+    return '"' + s + '"' if s in _NON_FINITE else s
+
+
+def _verbatim(s: str) -> str:
+    return s
+
+
+_boolean = {"t": "true", "f": "false"}.__getitem__
+
+
+def _json(s: str) -> str:
+    # jsonb cannot hold \u0000: keep such json values as text rather than fail the whole batch.
+    return _json_string(s) if "\\u0000" in s else s
+
+
+def _timestamptz(s: str) -> str:
+    date, sep, rest = s.partition(" ")
+    if not sep:
+        return _json_string(s)  # 'infinity', '-infinity' or a DateStyle we do not parse
+    suffix = ""
+    if rest.endswith(" BC"):
+        rest = rest[:-3]
+        suffix = " BC"
+    cut = max(rest.rfind("+"), rest.rfind("-"))
+    if cut < 0:
+        return _json_string(s)
+    offset = rest[cut:]
+    if len(offset) == 3:
+        offset += ":00"
+    return '"' + date + "T" + rest[:cut] + offset + suffix + '"'
+
+
+def _timestamp(s: str) -> str:
+    date, sep, rest = s.partition(" ")
+    if not sep:
+        return _json_string(s)
+    return '"' + date + "T" + rest + '"'
+
+
+_INTEGER_OIDS: Final = frozenset((20, 21, 23))
+_SCALARS: Final[Mapping[int, Callable[[str], str]]] = {
+    20: _verbatim,
+    21: _verbatim,
+    23: _verbatim,
+    700: _number,
+    701: _number,
+    1700: _number,
+    16: _boolean,
+    114: _json,
+    3802: _verbatim,  # jsonb text output is valid JSON, verbatim
+    1184: _timestamptz,
+    1114: _timestamp,
+}
+
+# --------------------------------------------------------------------------- arrays
+
+_ARRAY_TOKENS: dict[str, re.Pattern[str]] = {}
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _array_tokens(delimiter: str) -> re.Pattern[str]:
+    pattern = _ARRAY_TOKENS.get(delimiter)
+    if pattern is None:
+        d = re.escape(delimiter)
+        pattern = re.compile(rf'"((?:[^"\\]|\\.)*)"|([{{}}])|{d}|([^{d}{{}}"]+)', re.DOTALL)
+        _ARRAY_TOKENS[delimiter] = pattern
+    return pattern
+
+
+def _parse_array(s: str, delimiter: str) -> list[Any] | None:
+    """Nested lists of element texts (None for NULL) from array_out text; None if not array text."""
+    if s.startswith("["):  # explicit bounds, e.g. '[0:1]={1,2}': to_jsonb ignores them too
+        s = s[s.find("=") + 1 :]
+    if not s.startswith("{") or not s.endswith("}"):
+        if "{" not in s and '"' not in s:  # int2vector / oidvector: space-separated
+            return s.split()
+        return None
+    if '"' not in s and "\\" not in s and s.find("{", 1) < 0:  # the common case: 1-D, nothing quoted
+        inner = s[1:-1]
+        if not inner:
+            return []
+        return [None if e == "NULL" else e for e in inner.split(delimiter)]
+    root: list[Any] = []
+    stack: list[list[Any]] = []
+    current: list[Any] | None = None
+    end = 0
+    for match in _array_tokens(delimiter).finditer(s):
+        if match.start() != end:
+            return None
+        end = match.end()
+        quoted, brace, bare = match.groups()
+        if brace == "{":
+            new: list[Any] = []
+            if current is None:
+                if stack or root:
+                    return None
+                root = new
+            else:
+                current.append(new)
+                stack.append(current)
+            current = new
+        elif brace == "}":
+            if current is None:
+                return None
+            current = stack.pop() if stack else None
+        elif quoted is not None:
+            if current is None:
+                return None
+            current.append(_UNESCAPE.sub(r"\1", quoted) if "\\" in quoted else quoted)
+        elif bare is not None:
+            if current is None:
+                return None
+            bare = bare.strip()
+            current.append(None if bare == "NULL" else _UNESCAPE.sub(r"\1", bare))
+    if end != len(s) or current is not None or stack:
+        return None
+    return root
+
+
+def _array_converter(element: Callable[[str], str], delimiter: str) -> Callable[[str], str]:
+    def render(items: list[Any]) -> str:
+        return (
+            "["
+            + ",".join(
+                "null" if item is None else render(item) if item.__class__ is list else element(item)
+                for item in items
+            )
+            + "]"
+        )
+
+    def convert(s: str) -> str:
+        items = _parse_array(s, delimiter)
+        if items is None:
+            return _json_string(s)
+        return render(items)
+
+    return convert
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _str_converter(oid: int, types: Mapping[int, TypeInfo], depth: int = 0) -> Callable[[str], str]:
+    """The str → JSON converter for a type OID, following domains and arrays."""
+    scalar = _SCALARS.get(oid)
+    if scalar is not None:
+        return scalar
+    info = types.get(oid)
+    if info is None or depth > 32:
+        return _json_string
+    if info.base_oid:
+        return _str_converter(info.base_oid, types, depth + 1)
+    if info.category == "A" and info.element_oid:
+        element = _str_converter(info.element_oid, types, depth + 1)
+        return _array_converter(element, info.delimiter)
+    return _json_string
+
+
+def _bytes_converter(oid: int, types: Mapping[int, TypeInfo]) -> Callable[[bytes], str]:
+    """The bytes → JSON converter for a column, with the hot types bound without extra frames."""
+    base = oid
+    for _ in range(32):
+        info = types.get(base)
+        if info is None or not info.base_oid:
+            break
+        base = info.base_oid
+    if base in _INTEGER_OIDS or base == 3802:
+        return bytes.decode
+    if base == 16:
+        return {b"t": "true", b"f": "false"}.__getitem__
+    convert = _str_converter(base, types)
+
+    def from_bytes(raw: bytes) -> str:
+        return convert(raw.decode())
+
+    return from_bytes
+
+
+class ValueEncoder:
+    """Converts the text values of one relation's columns to JSON text; build once per Relation.
+
+    ``column_type_oids`` are the Relation's column type OIDs; ``type_info`` maps further OIDs
+    (from :func:`load_type_info`) — built-in types need none. With ``names``, :meth:`row_json`
+    renders a whole row as a JSON object. Values are ``bytes`` or ``None``; an UNCHANGED TOAST
+    placeholder must be replaced by its real value first (``ValueError`` otherwise).
+    """
+
+    __slots__ = ("_converters", "_prefixes", "converters", "names")
+
+    def __init__(
+        self,
+        column_type_oids: Sequence[int],
+        type_info: Mapping[int, TypeInfo] | None = None,
+        *,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        if isinstance(column_type_oids, (str, bytes)) or not all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in column_type_oids
+        ):
+            raise ValueError(f"column_type_oids must be a sequence of type OIDs, got {column_type_oids!r}")
+        types: Mapping[int, TypeInfo] = BUILTIN_TYPES if type_info is None else {**BUILTIN_TYPES, **type_info}
+        #: One ``bytes -> JSON text`` function per column (NULL not handled: test ``is None`` first).
+        self.converters: tuple[Callable[[bytes], str], ...] = tuple(
+            _bytes_converter(oid, types) for oid in column_type_oids
+        )
+        self._converters = self.converters
+        self.names: tuple[str, ...] | None = None
+        self._prefixes: tuple[str, ...] = ()
+        if names is not None:
+            if isinstance(names, str) or len(names) != len(self.converters):
+                raise ValueError(
+                    f"names must give one column name per type OID ({len(self.converters)}), got {names!r}"
+                )
+            self.names = tuple(names)
+            self._prefixes = tuple(_json_string(n) + ":" for n in self.names)
+
+    def value_json(self, index: int, raw: bytes | None) -> str:
+        """JSON text of the value ``raw`` (text-format bytes, or None for NULL) of column ``index``."""
+        if raw is None:
+            return "null"
+        try:
+            return self._converters[index](raw)
+        except (TypeError, AttributeError, KeyError, UnicodeDecodeError) as exc:
+            raise _bad_value(index, raw, exc) from None
+
+    def row_json(self, values: Sequence[bytes | None]) -> str:
+        """A whole row as a JSON object text, ``{"col":value,...}`` (needs ``names``)."""
+        prefixes = self._prefixes
+        if len(values) != len(prefixes) or self.names is None:
+            raise ValueError(
+                f"row has {len(values)} values for {len(prefixes)} named columns; "
+                "build the ValueEncoder with names=... matching the Relation"
+            )
+        try:
+            return (
+                "{"
+                + ",".join(
+                    [
+                        p + ("null" if v is None else c(v))
+                        for p, c, v in zip(prefixes, self._converters, values, strict=False)
+                    ]
+                )
+                + "}"
+            )
+        except (TypeError, AttributeError, KeyError, UnicodeDecodeError):
+            for index, value in enumerate(values):
+                self.value_json(index, value)
+            raise
+
+    def fragments(self, values: Sequence[bytes | None]) -> list[str]:
+        """JSON text of each value of a row, in column order."""
+        if len(values) != len(self._converters):
+            raise ValueError(f"row has {len(values)} values for {len(self._converters)} columns")
+        return [self.value_json(i, v) for i, v in enumerate(values)]
+
+
+def _bad_value(index: int, raw: object, exc: Exception) -> Exception:
+    if isinstance(exc, UnicodeDecodeError):
+        return DecodeError(f"column {index} value is not valid UTF-8: {raw!r}; the database must use UTF8")
+    if isinstance(raw, bytes):
+        return DecodeError(f"column {index} value {raw!r} is not valid text output for its type")
+    return ValueError(
+        f"column {index} value must be bytes or None, got {raw!r}; "
+        "replace UNCHANGED TOAST values with the row's previous value first"
+    )
+
+
+def row_json(names: Sequence[str], fragments: Sequence[str]) -> str:
+    """A JSON object text from column names (escaped here) and JSON value texts: ``{"a":1,"b":"x"}``."""
+    if isinstance(names, str) or isinstance(fragments, str) or len(names) != len(fragments):
+        raise ValueError(f"row_json needs as many names as fragments, got {names!r} and {fragments!r}")
+    return "{" + ",".join([_json_string(n) + ":" + f for n, f in zip(names, fragments, strict=False)]) + "}"
+
+
+def text_to_json(text: str | None, type_oid: int, type_info: Mapping[int, TypeInfo] | None = None) -> str:
+    """JSON text of one value given as PostgreSQL's text output; convenient, not for hot loops."""
+    if text is None:
+        return "null"
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str or None, got {text!r}")
+    if not isinstance(type_oid, int) or type_oid < 0:
+        raise ValueError(f"type_oid must be a type OID, got {type_oid!r}")
+    types: Mapping[int, TypeInfo] = BUILTIN_TYPES if type_info is None else {**BUILTIN_TYPES, **type_info}
+    try:
+        return _str_converter(type_oid, types)(text)
+    except KeyError:
+        raise DecodeError(f"{text!r} is not valid text output for type {type_oid}") from None
