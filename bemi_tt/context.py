@@ -1,0 +1,335 @@
+"""Application context (who, where, how) bound to the current thread or asyncio task.
+
+``set_context``/``context()`` validate and encode the context ONCE, when it is set; the SQLAlchemy hook
+(:mod:`bemi_tt.hook`) then only looks a statement up and concatenates strings.
+
+Values: JSON types; ``datetime``/``date``/``time`` as ISO 8601 strings, ``UUID`` as its string,
+``Decimal`` as an exact JSON number, ``Enum`` as its value, tuples as arrays, sets as arrays sorted by
+their JSON text. Anything else is a ``TypeError`` naming the key. Strings holding NUL (PostgreSQL text
+cannot), lone surrogates, NaN/infinity, the reserved key ``"SQL"`` and contexts larger than
+``max_bytes`` (UTF-8 JSON, default 1 MiB; see :func:`configure_context`) are a ``ConfigurationError``
+(a ``ValueError``). An empty context is the same as no context: statements carry nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import enum
+import functools
+import inspect
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from capture.errors import ConfigurationError
+
+__all__ = [
+    "Bemi",
+    "ContextSettings",
+    "configure_context",
+    "context",
+    "context_settings",
+    "get_context",
+    "set_context",
+]
+
+#: Key under which the hook adds the statement's SQL text; applications may not use it.
+SQL_KEY = "SQL"
+_STATEMENT_CACHE_LIMIT = 1024
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """Limits: ``max_bytes`` of a context's UTF-8 JSON, ``max_sql_bytes`` of the SQL text carried."""
+
+    max_bytes: int = 1024 * 1024
+    max_sql_bytes: int = 4096
+
+
+_settings = ContextSettings()
+
+
+def context_settings() -> ContextSettings:
+    """The limits in force (see :func:`configure_context`)."""
+    return _settings
+
+
+def configure_context(*, max_bytes: int | None = None, max_sql_bytes: int | None = None) -> ContextSettings:
+    """Change the context size limit and the SQL text cap (process-wide); returns the new settings."""
+    global _settings
+    for name, value in (("max_bytes", max_bytes), ("max_sql_bytes", max_sql_bytes)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigurationError(f"{name} must be a positive integer of bytes, got {value!r}")
+    _settings = ContextSettings(
+        max_bytes=_settings.max_bytes if max_bytes is None else max_bytes,
+        max_sql_bytes=_settings.max_sql_bytes if max_sql_bytes is None else max_sql_bytes,
+    )
+    _sql_part_cache.clear()
+    return _settings
+
+
+@dataclass(eq=False)
+class EncodedContext:
+    """A validated context: its JSON, and the base64 marker prefix reused by every statement."""
+
+    data: dict[str, Any]
+    json: str
+    #: base64 of the JSON object without its closing brace, plus ``,`` and spaces up to a multiple of
+    #: 3 bytes, so that ``b64_head + base64('"SQL":...}')`` is the base64 of one JSON object.
+    b64_head: str
+    #: statement text -> statement to send (marker + statement); filled by the hook.
+    statements: dict[str, str] = field(default_factory=dict)
+
+    def marked(self, statement: str) -> str:
+        """The statement with this context's ``/*bemi:...*/`` marker prepended (cached)."""
+        done = self.statements.get(statement)
+        if done is None:
+            if len(self.statements) >= _STATEMENT_CACHE_LIMIT:
+                self.statements.clear()
+            done = self.statements[statement] = f"/*bemi:{self.b64_head}{_sql_part(statement)}*/{statement}"
+        return done
+
+
+_current: ContextVar[EncodedContext | None] = ContextVar("bemi_tt_context", default=None)
+_sql_part_cache: dict[str, str] = {}
+
+
+def _sql_part(statement: str) -> str:
+    """base64 of ``"SQL":"<statement, capped>"}`` (cached per statement text)."""
+    part = _sql_part_cache.get(statement)
+    if part is None:
+        if len(_sql_part_cache) >= _STATEMENT_CACHE_LIMIT:
+            _sql_part_cache.clear()
+        part = _sql_part_cache[statement] = base64.b64encode(
+            f'"{SQL_KEY}":{json.dumps(_cap_sql(statement), ensure_ascii=False)}}}'.encode(
+                "utf-8", "surrogatepass"
+            )
+        ).decode("ascii")
+    return part
+
+
+def _cap_sql(statement: str) -> str:
+    limit = _settings.max_sql_bytes
+    raw = statement.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return statement.replace("\x00", "")
+    head = raw[:limit].decode("utf-8", "ignore").replace("\x00", "")
+    return f"{head} ...[bemi_tt: truncated, {len(raw)} bytes]"
+
+
+def _path(parent: str, key: object) -> str:
+    return f"{parent}[{key!r}]" if parent else repr(key)
+
+
+def _check_text(text: str, where: str) -> None:
+    if "\x00" in text:
+        raise ConfigurationError(
+            f"context {where} contains a NUL character, which PostgreSQL text cannot hold; remove it"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"context {where} contains a lone surrogate, which is not valid UTF-8; fix the string"
+        ) from None
+
+
+def _normalize(value: Any, where: str, decimals: list[str]) -> Any:
+    """A plain JSON-able copy of ``value`` (see the module docstring for the accepted types)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, enum.Enum):
+        return _normalize(value.value, where, decimals)
+    if isinstance(value, str):
+        _check_text(value, f"value at key {where}")
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigurationError(f"context value at key {where} is {value!r}, which JSON cannot hold")
+        return float(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ConfigurationError(f"context value at key {where} is {value!r}, which JSON cannot hold")
+        decimals.append(str(value))
+        return f"\x00{len(decimals) - 1}"
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Mapping):
+        return _normalize_mapping(value, where, decimals)
+    if isinstance(value, (list, tuple)):
+        return [_normalize(item, _path(where, i), decimals) for i, item in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = [_normalize(item, f"{where} (set item)", decimals) for item in value]
+        return sorted(items, key=_dumps)
+    raise TypeError(
+        f"context value at key {where} is of type {type(value).__name__}, which is not JSON; "
+        "convert it to str, int, float, bool, None, a list or a dict"
+    )
+
+
+def _normalize_mapping(value: Mapping[Any, Any], where: str, decimals: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(
+                f"context key {_path(where, key)} is of type {type(key).__name__}; JSON keys must be str"
+            )
+        _check_text(key, f"key {_path(where, key)}")
+        out[str(key)] = _normalize(item, _path(where, key), decimals)
+    return out
+
+
+_DECIMAL_SLOT = re.compile(r'"\\u0000(\d+)"')
+
+
+def _dumps(value: Any, decimals: list[str] | None = None) -> str:
+    """Compact UTF-8 JSON; Decimals (held as NUL-tagged slots, NUL being banned in user text) go in exact."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if decimals:
+        text = _DECIMAL_SLOT.sub(lambda m: decimals[int(m.group(1))], text)
+    return text
+
+
+def encode_context(value: Mapping[str, Any] | None) -> EncodedContext | None:
+    """Validate and encode a context once; ``None`` (and ``{}``) mean no context."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"context must be a dict or None, got {type(value).__name__}")
+    if SQL_KEY in value:
+        raise ConfigurationError(
+            f"context key {SQL_KEY!r} is reserved for the statement text that bemi_tt adds; rename it"
+        )
+    if not value:
+        return None
+    decimals: list[str] = []
+    text = _dumps(_normalize_mapping(value, "", decimals), decimals)
+    raw = text.encode("utf-8")
+    if len(raw) > _settings.max_bytes:
+        raise ConfigurationError(
+            f"context is {len(raw)} bytes of JSON, over the limit of {_settings.max_bytes}; make it smaller "
+            "or raise the limit with bemi_tt.context.configure_context(max_bytes=...)"
+        )
+    head = raw[:-1] + b","
+    head += b" " * (-len(head) % 3)
+    return EncodedContext(data=dict(value), json=text, b64_head=base64.b64encode(head).decode("ascii"))
+
+
+def set_context(value: Mapping[str, Any] | None) -> None:
+    """Set the context of the current thread / asyncio task; ``None`` clears it."""
+    _current.set(encode_context(value))
+
+
+def get_context() -> dict[str, Any]:
+    """A copy of the current context (``{}`` when none is set)."""
+    enc = _current.get()
+    return {} if enc is None else dict(enc.data)
+
+
+def current_encoded() -> EncodedContext | None:
+    """The encoded context in force (for the hook and middleware)."""
+    return _current.get()
+
+
+def activate(enc: EncodedContext | None) -> Token[EncodedContext | None]:
+    """Make an already encoded context current; pass the token to :func:`restore`."""
+    return _current.set(enc)
+
+
+def restore(token: Token[EncodedContext | None]) -> None:
+    """Undo :func:`activate`."""
+    _current.reset(token)
+
+
+class context:
+    """Scoped context merged over the current one; restores it on exit. Also a decorator for jobs."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None, /, **kv: Any) -> None:
+        if values is not None and not isinstance(values, Mapping):
+            raise TypeError(f"context() takes a dict or keyword arguments, got {type(values).__name__}")
+        self._values = {**(values or {}), **kv}
+        self._own = encode_context(self._values)  # validates now, not at the first write
+        self._tokens: list[Token[EncodedContext | None]] = []
+
+    def _merged(self) -> EncodedContext | None:
+        outer = _current.get()
+        if outer is None or not self._values:
+            return self._own if outer is None else outer
+        return encode_context({**outer.data, **self._values})
+
+    def __enter__(self) -> dict[str, Any]:
+        enc = self._merged()
+        self._tokens.append(_current.set(enc))
+        return {} if enc is None else dict(enc.data)
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __call__(self, func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with _scope(self):
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with _scope(self):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _scope(ctx: context) -> Iterator[None]:
+    """A fresh scope per call, so one decorated function can run in many threads at once."""
+    token = _current.set(ctx._merged())
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+class Bemi:
+    """Seed-compatible entry points: ``Bemi.set_context(...)`` and the Alembic migration helpers."""
+
+    @staticmethod
+    def set_context(value: Mapping[str, Any] | None) -> None:
+        """Same as :func:`bemi_tt.set_context`."""
+        set_context(value)
+
+    @staticmethod
+    def get_context() -> dict[str, Any]:
+        """Same as :func:`bemi_tt.get_context`."""
+        return get_context()
+
+    @staticmethod
+    def migration_upgrade(*, replica_identity_full: bool = True) -> None:
+        """Inside an Alembic ``upgrade()``: install tracking (see :func:`bemi_tt.triggers.install`)."""
+        from bemi_tt.triggers import migration_upgrade
+
+        migration_upgrade(replica_identity_full=replica_identity_full)
+
+    @staticmethod
+    def migration_downgrade() -> None:
+        """Inside an Alembic ``downgrade()``: remove tracking (see :func:`bemi_tt.triggers.uninstall`)."""
+        from bemi_tt.triggers import migration_downgrade
+
+        migration_downgrade()

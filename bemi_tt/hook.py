@@ -1,0 +1,91 @@
+"""The SQLAlchemy hook: prepends ``/*bemi:<base64 JSON>*/`` to PostgreSQL write statements.
+
+Registered on import for every ``Engine`` (an ``AsyncEngine`` runs on one), whatever the driver
+(psycopg 3, psycopg2, asyncpg); other dialects and non-write statements reach the driver unchanged.
+The hot path is a dict lookup: the context is encoded when set, each statement is classified once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from bemi_tt.context import _current
+
+__all__ = ["MARKER_PREFIX", "install_hook", "is_write", "uninstall_hook"]
+
+MARKER_PREFIX = "/*bemi:"
+#: Statements that change rows and so fire the statement-level trigger (TRUNCATE included: who emptied it).
+WRITE_KEYWORDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"})
+_DML = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+_CACHE_LIMIT = 4096
+
+# Whitespace, comments, quoted strings/identifiers, dollar quotes and words, in one pass.
+_TOKEN = re.compile(
+    r"""\s+|--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|"(?:[^"]|"")*"|\$([A-Za-z_]\w*)?\$.*?\$\1\$|([A-Za-z_][\w$]*)|.""",
+    re.S,
+)
+_classified: dict[str, bool] = {}
+
+
+def _words(statement: str) -> list[str]:
+    return [m.group(2).upper() for m in _TOKEN.finditer(statement) if m.group(2)]
+
+
+def _classify(statement: str) -> bool:
+    words = _words(statement)
+    if not words:
+        return False
+    if words[0] in WRITE_KEYWORDS:
+        return True
+    if words[0] != "WITH":
+        return False
+    # A data-modifying CTE: any DML keyword that is not a locking clause (FOR [NO KEY] UPDATE).
+    for i, word in enumerate(words):
+        if word in _DML and not (word == "UPDATE" and i and words[i - 1] in {"FOR", "KEY"}):
+            return True
+    return False
+
+
+def is_write(statement: str) -> bool:
+    """Whether ``statement`` writes rows (INSERT/UPDATE/DELETE/MERGE/TRUNCATE, also inside WITH)."""
+    if not isinstance(statement, str):
+        raise TypeError(f"statement must be str, got {type(statement).__name__}")
+    known = _classified.get(statement)
+    if known is None:
+        if len(_classified) >= _CACHE_LIMIT:
+            _classified.clear()
+        known = _classified[statement] = _classify(statement)
+    return known
+
+
+def _before_cursor_execute(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    enc = _current.get()
+    if enc is None or conn.dialect.name != "postgresql":
+        return statement, parameters
+    marked = enc.statements.get(statement)
+    if marked is None:
+        if not is_write(statement):
+            return statement, parameters
+        marked = enc.marked(statement)
+    return marked, parameters
+
+
+def install_hook() -> None:
+    """Register the hook on every SQLAlchemy engine (done on import; idempotent)."""
+    if not event.contains(Engine, "before_cursor_execute", _before_cursor_execute):
+        event.listen(Engine, "before_cursor_execute", _before_cursor_execute, retval=True)
+
+
+def uninstall_hook() -> None:
+    """Stop marking statements (for tests and benchmarks)."""
+    if event.contains(Engine, "before_cursor_execute", _before_cursor_execute):
+        event.remove(Engine, "before_cursor_execute", _before_cursor_execute)
+
+
+install_hook()

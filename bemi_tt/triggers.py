@@ -1,0 +1,355 @@
+"""Install and remove context tracking in a database: ``install(engine)``, ``uninstall(engine)``.
+
+``install`` creates schema ``bemi_tt`` with the statement-level trigger function ``emit_context()``
+(it turns the hook's ``/*bemi:<base64>*/`` marker into one ``pg_logical_emit_message(true, 'bemi', ...)``
+per statement), puts a ``BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ... FOR EACH STATEMENT`` trigger
+on every user table (partitioned parents and each partition: a statement trigger fires only on the table
+the statement names), optionally sets ``REPLICA IDENTITY FULL`` (remembering the old setting), and adds
+an event trigger that does the same for tables created later. A role that may not create event triggers
+gets a NOTICE and a log warning: call ``install`` again after creating tables (e.g. in each migration).
+Everything is idempotent; ``uninstall`` removes exactly what ``install`` created.
+
+All identifier quoting happens in the database (``quote_ident`` over catalog names), so the SQL sent
+from here is constant text, identical on every driver.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from capture.errors import ConfigurationError
+
+__all__ = [
+    "EVENT_TRIGGER",
+    "SCHEMA",
+    "TRIGGER",
+    "Installation",
+    "install",
+    "install_statements",
+    "migration_downgrade",
+    "migration_upgrade",
+    "uninstall",
+]
+
+log = logging.getLogger("bemi_tt")
+
+SCHEMA = "bemi_tt"
+TRIGGER = "bemi_tt_context"
+EVENT_TRIGGER = "bemi_tt_track_new_tables"
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+_SETUP = (
+    "CREATE SCHEMA IF NOT EXISTS bemi_tt",
+    "GRANT USAGE ON SCHEMA bemi_tt TO PUBLIC",
+    # Tables whose replica identity install changed, with the setting to restore.
+    "CREATE TABLE IF NOT EXISTS bemi_tt.replica_identity_changes ("
+    " relid oid PRIMARY KEY, previous \"char\" NOT NULL, previous_index oid)",
+    # The marker is only trusted when it is exactly /*bemi:<valid base64>*/ at the very start.
+    r"""CREATE OR REPLACE FUNCTION bemi_tt.emit_context() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  query text := current_query();
+  encoded text;
+BEGIN
+  IF starts_with(query, '/*bemi:') AND strpos(query, '*/') > 0 THEN
+    encoded := split_part(substr(query, 8), '*/', 1);
+    IF length(encoded) - length(replace(encoded, '=', '')) > 2
+       OR length(encoded) % 4 <> 0
+       OR encoded !~ '^[A-Za-z0-9+/]*={0,2}$' THEN
+      encoded := NULL;
+    END IF;
+  END IF;
+  IF encoded IS NOT NULL THEN
+    PERFORM pg_logical_emit_message(true, 'bemi', decode(encoded, 'base64'));
+    PERFORM set_config('bemi_tt.context_sent', 'on', true);
+  ELSIF current_setting('bemi_tt.context_sent', true) = 'on' THEN
+    -- an unmarked statement after a marked one: say "no context" so it cannot inherit the last one
+    PERFORM pg_logical_emit_message(true, 'bemi', '{}'::text);
+  END IF;
+  RETURN NULL;
+END
+$fn$""",
+    # Which tables carry the trigger: ordinary and partitioned user tables, not temporary or unlogged
+    # (not decoded), not extension members, not bemi_tt's own, not the capture worker's tables.
+    """CREATE OR REPLACE FUNCTION bemi_tt.trackable(rel oid) RETURNS boolean
+LANGUAGE sql STABLE AS $fn$
+  SELECT EXISTS (
+    SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bemi_tt')
+      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                      AND d.objid = c.oid AND d.deptype = 'e')
+      AND NOT (c.relname IN ('changes', 'changes_schemas') AND EXISTS (
+        SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
+        AND NOT a.attisdropped)))
+$fn$""",
+    """CREATE OR REPLACE FUNCTION bemi_tt.track_table(rel oid, replica_identity_full boolean)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+DECLARE
+  target text;
+  identity "char";
+  changed boolean := false;
+BEGIN
+  IF NOT bemi_tt.trackable(rel) THEN
+    RETURN false;
+  END IF;
+  SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relreplident INTO target, identity
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+  IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = 'bemi_tt_context') THEN
+    EXECUTE 'CREATE TRIGGER bemi_tt_context BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON '
+      || target || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_context()';
+    changed := true;
+  END IF;
+  IF replica_identity_full AND identity <> 'f' THEN
+    INSERT INTO bemi_tt.replica_identity_changes (relid, previous, previous_index)
+    SELECT rel, identity, (SELECT indexrelid FROM pg_index WHERE indrelid = rel AND indisreplident)
+    ON CONFLICT (relid) DO NOTHING;
+    EXECUTE 'ALTER TABLE ' || target || ' REPLICA IDENTITY FULL';
+    changed := true;
+  END IF;
+  RETURN changed;
+END
+$fn$""",
+    """CREATE OR REPLACE FUNCTION bemi_tt.track_all(replica_identity_full boolean)
+RETURNS integer LANGUAGE sql AS $fn$
+  SELECT (count(*) FILTER (WHERE t.changed))::integer FROM (
+    SELECT bemi_tt.track_table(c.oid, replica_identity_full) AS changed FROM pg_class c
+    WHERE bemi_tt.trackable(c.oid) ORDER BY c.oid) t
+$fn$""",
+    """CREATE OR REPLACE FUNCTION bemi_tt.untrack_all() RETURNS integer
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  r record;
+  n integer := 0;
+BEGIN
+  FOR r IN
+    SELECT quote_ident(ns.nspname) || '.' || quote_ident(c.relname) AS target
+    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    WHERE t.tgname = 'bemi_tt_context' AND t.tgfoid = 'bemi_tt.emit_context()'::regprocedure
+  LOOP
+    EXECUTE 'DROP TRIGGER bemi_tt_context ON ' || r.target;
+    n := n + 1;
+  END LOOP;
+  FOR r IN
+    SELECT quote_ident(ns.nspname) || '.' || quote_ident(c.relname) AS target, p.previous,
+           (SELECT quote_ident(i.relname) FROM pg_class i JOIN pg_index x ON x.indexrelid = i.oid
+            WHERE i.oid = p.previous_index AND x.indrelid = c.oid) AS index_name
+    FROM bemi_tt.replica_identity_changes p JOIN pg_class c ON c.oid = p.relid
+    JOIN pg_namespace ns ON ns.oid = c.relnamespace
+    WHERE c.relreplident = 'f'
+  LOOP
+    EXECUTE 'ALTER TABLE ' || r.target || ' REPLICA IDENTITY ' || CASE
+      WHEN r.previous = 'n' THEN 'NOTHING'
+      WHEN r.previous = 'i' AND r.index_name IS NOT NULL THEN 'USING INDEX ' || r.index_name
+      ELSE 'DEFAULT' END;
+  END LOOP;
+  DELETE FROM bemi_tt.replica_identity_changes;
+  RETURN n;
+END
+$fn$""",
+)
+
+_EVENT_FUNCTION = """CREATE OR REPLACE FUNCTION bemi_tt.track_new_tables() RETURNS event_trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
+    PERFORM bemi_tt.track_table(r.objid, {replica_identity_full});
+  END LOOP;
+END
+$fn$"""
+
+_EVENT_TRIGGER = (
+    "CREATE EVENT TRIGGER bemi_tt_track_new_tables ON ddl_command_end"
+    " WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')"
+    " EXECUTE FUNCTION bemi_tt.track_new_tables()"
+)
+_HAS_EVENT_TRIGGER = "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_tt_track_new_tables')"
+_NO_EVENT_TRIGGER_NOTICE = (
+    "DO $$ BEGIN RAISE NOTICE 'bemi_tt: this role may not create event triggers, so tables created "
+    "later get no context trigger; call bemi_tt.install(engine) again after creating tables'; END $$"
+)
+
+_TEARDOWN = (
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_track_new_tables",
+    "SELECT bemi_tt.untrack_all()",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_new_tables()",
+    "DROP FUNCTION IF EXISTS bemi_tt.untrack_all()",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_all(boolean)",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_table(oid, boolean)",
+    "DROP FUNCTION IF EXISTS bemi_tt.trackable(oid)",
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_context()",
+    "DROP TABLE IF EXISTS bemi_tt.replica_identity_changes",
+)
+_SCHEMA_EMPTY = (
+    "SELECT NOT EXISTS (SELECT FROM pg_depend d JOIN pg_namespace n ON n.oid = d.refobjid"
+    " WHERE d.refclassid = 'pg_namespace'::regclass AND n.nspname = 'bemi_tt' AND d.deptype = 'n')"
+)
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What ``install`` did: tables it changed (trigger or replica identity) and whether new tables
+    are tracked automatically (``False``: the role may not create event triggers)."""
+
+    tables_changed: int
+    event_trigger: bool
+
+
+def install_statements(*, replica_identity_full: bool = True) -> list[str]:
+    """The constant SQL ``install`` runs, in order (for Alembic offline mode and review)."""
+    _check_flag(replica_identity_full)
+    flag = "true" if replica_identity_full else "false"
+    return [
+        *_SETUP,
+        _EVENT_FUNCTION.format(replica_identity_full=flag),
+        f"SELECT bemi_tt.track_all({flag})",
+        "DROP EVENT TRIGGER IF EXISTS bemi_tt_track_new_tables",
+        _EVENT_TRIGGER,
+    ]
+
+
+def _check_flag(value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"replica_identity_full must be True or False, got {value!r}")
+
+
+@contextmanager
+def _connection(target: Engine | Connection | str | sa.URL) -> Iterator[Connection]:
+    """A connection in a transaction: a passed Connection as is (the caller commits), else our own."""
+    if isinstance(target, Connection):
+        yield target
+        return
+    if isinstance(target, Engine):
+        with target.begin() as conn:
+            yield conn
+        return
+    if isinstance(target, (str, sa.URL)):
+        engine = sa.create_engine(target)
+        try:
+            with engine.begin() as conn:
+                yield conn
+        finally:
+            engine.dispose()
+        return
+    raise ConfigurationError(
+        f"expected a SQLAlchemy Engine, Connection or database URL, got {type(target).__name__}; "
+        "for an AsyncEngine use: async with engine.begin() as conn: await conn.run_sync(bemi_tt.install)"
+    )
+
+
+def _run(conn: Connection, statement: str) -> Any:
+    result = conn.exec_driver_sql(statement, execution_options={"no_parameters": True})
+    return result.scalar() if result.returns_rows else None
+
+
+def _check_postgresql(conn: Connection) -> None:
+    if conn.dialect.name != "postgresql":
+        raise ConfigurationError(
+            f"bemi_tt tracks PostgreSQL databases only, got a {conn.dialect.name!r} connection"
+        )
+
+
+def install(
+    target: Engine | Connection | str | sa.URL, *, replica_identity_full: bool = True
+) -> Installation:
+    """Install the trigger function, triggers on existing tables and the event trigger; idempotent.
+
+    A Connection runs it inside its transaction (commit it yourself, as Alembic does).
+    """
+    _check_flag(replica_identity_full)
+    statements = install_statements(replica_identity_full=replica_identity_full)
+    with _connection(target) as conn:
+        _check_postgresql(conn)
+        for statement in statements[:-2]:
+            result = _run(conn, statement)
+        changed = int(result or 0)
+        event_trigger = bool(_run(conn, _HAS_EVENT_TRIGGER))
+        if not event_trigger:
+            event_trigger = _create_event_trigger(conn)
+        _ddl_tracking(conn, "install_ddl_tracking")
+    return Installation(tables_changed=changed, event_trigger=event_trigger)
+
+
+def _create_event_trigger(conn: Connection) -> bool:
+    """Create the event trigger in a savepoint; without the privilege, say so and carry on."""
+    try:
+        with conn.begin_nested():
+            _run(conn, _EVENT_TRIGGER)
+    except sa.exc.DBAPIError as exc:
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if code != _INSUFFICIENT_PRIVILEGE:
+            raise
+        _run(conn, _NO_EVENT_TRIGGER_NOTICE)
+        log.warning(
+            "bemi_tt: this role may not create event triggers, so tables created later get no context "
+            "trigger; call bemi_tt.install(engine) again after creating tables (e.g. in each migration)"
+        )
+        return False
+    return True
+
+
+def _ddl_tracking(conn: Connection, name: str) -> None:
+    """Call the capture worker's schema-change tracking (``capture.ddl``) when it provides ``name``."""
+    try:
+        module = importlib.import_module("capture.ddl")
+    except ModuleNotFoundError:
+        return
+    func = getattr(module, name, None)
+    if func is not None:
+        func(conn)
+
+
+def uninstall(target: Engine | Connection | str | sa.URL) -> int:
+    """Remove what ``install`` created (triggers, event trigger, functions, replica identities); idempotent.
+
+    Returns the number of table triggers dropped. The schema ``bemi_tt`` goes too when nothing else is in it.
+    """
+    with _connection(target) as conn:
+        _check_postgresql(conn)
+        if not _run(conn, "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = 'bemi_tt')"):
+            return 0
+        _ddl_tracking(conn, "uninstall_ddl_tracking")
+        dropped = 0
+        has_functions = _run(conn, "SELECT to_regprocedure('bemi_tt.untrack_all()') IS NOT NULL")
+        for statement in _TEARDOWN:
+            if statement.startswith("SELECT bemi_tt.untrack_all"):
+                dropped = int(_run(conn, statement) or 0) if has_functions else 0
+            else:
+                _run(conn, statement)
+        if _run(conn, _SCHEMA_EMPTY):
+            _run(conn, "DROP SCHEMA IF EXISTS bemi_tt")
+    return dropped
+
+
+def migration_upgrade(*, replica_identity_full: bool = True) -> None:
+    """Install tracking from inside an Alembic migration (online: on its connection; offline: as SQL)."""
+    from alembic import op
+
+    if op.get_context().as_sql:
+        for statement in install_statements(replica_identity_full=replica_identity_full):
+            op.execute(sa.text(statement))
+        return
+    install(op.get_bind(), replica_identity_full=replica_identity_full)
+
+
+def migration_downgrade() -> None:
+    """Remove tracking from inside an Alembic migration (online: on its connection; offline: as SQL)."""
+    from alembic import op
+
+    if op.get_context().as_sql:
+        for statement in _TEARDOWN:
+            op.execute(sa.text(statement))
+        op.execute(sa.text("DROP SCHEMA IF EXISTS bemi_tt"))
+        return
+    uninstall(op.get_bind())
