@@ -1,0 +1,382 @@
+"""Incremental, exactly-once export of ``changes`` to a Hive-partitioned Parquet dataset.
+
+Each run reads the rows after the dataset's watermark in key order (``COPY ... (FORMAT csv)`` parsed by
+pyarrow), in units of ``batch_rows`` changes, and writes one zstd Parquet file per partition touched by
+a unit (naming and listing rules: ``capture.export_dataset``). A unit half written by a killed export is
+finished first, from the key range its surviving file names record, so a rerun neither skips nor
+duplicates a change. ``DIR/_bemi_tt/schemas.parquet`` is rewritten (atomically) with ``changes_schemas``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from capture.errors import ConfigurationError, SourceError
+from capture.export_dataset import (
+    META_DIR,
+    SCHEMAS_FILE,
+    DatasetState,
+    Key,
+    delete_files,
+    list_dataset_files,
+    partition_dir,
+    read_dataset_state,
+    resolve_directory,
+    unit_name,
+    write_atomic,
+)
+from capture.export_lock import open_lock
+from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, JSON_COLUMNS, SCHEMAS_TABLE, changes_arrow_schema
+
+__all__ = [
+    "ExportStats",
+    "export_arrow_schema",
+    "export_parquet",
+    "list_dataset_files",
+    "schemas_arrow_schema",
+]
+
+#: Rows per Parquet row group: big enough to scan fast, small enough to skip by statistics.
+ROW_GROUP_ROWS = 128 * 1024
+#: Seconds before a progress bar appears when ``progress`` is left to auto-detect a terminal.
+PROGRESS_DELAY = 2.0
+
+
+def export_arrow_schema() -> pa.Schema:
+    """Arrow schema of exported files: ``changes_arrow_schema()`` with JSON columns as ``pa.json_()``."""
+    schema = changes_arrow_schema()
+    for name in JSON_COLUMNS:
+        index = schema.get_field_index(name)
+        schema = schema.set(index, pa.field(name, pa.json_(pa.string())))
+    return schema
+
+
+def schemas_arrow_schema() -> pa.Schema:
+    """Arrow schema of ``_bemi_tt/schemas.parquet`` (the ``changes_schemas`` table)."""
+    return pa.schema(
+        [
+            pa.field("schema", pa.string()),
+            pa.field("table", pa.string()),
+            pa.field("commit_position", pa.int64()),
+            pa.field("ordinal", pa.int32()),
+            pa.field("committed_at", pa.timestamp("us", tz="UTC")),
+            pa.field("columns", pa.json_(pa.string())),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class ExportStats:
+    """What one export run did; ``str()`` is the final line the CLI prints."""
+
+    changes: int
+    files: int
+    bytes: int
+    watermark: Key | None = None
+    compacted_files: int = 0
+
+    def __str__(self) -> str:
+        text = f"exported {self.changes} changes in {self.files} files ({self.bytes} bytes)"
+        if self.compacted_files:
+            text += f", compacted {self.compacted_files} files"
+        return text
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (stderr); silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, stream: IO[str], delay: float) -> None:
+        self.enabled, self.total, self.stream, self.delay = enabled, total, stream, delay
+        self.started = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        if not self.enabled or time.monotonic() - self.started < self.delay:
+            return
+        width = 30
+        fraction = min(1.0, done / self.total) if self.total else 1.0
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        bar = "#" * int(width * fraction) + "-" * (width - int(width * fraction))
+        self.stream.write(f"\rexport [{bar}] {done}/{self.total} changes {rate:,.0f}/s")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self, stats: ExportStats) -> None:
+        if self.enabled:
+            self.stream.write(("\n" if self.shown else "") + f"{stats}\n")
+            self.stream.flush()
+
+
+def _libpq_dsn(source_dsn: str) -> str:
+    if not isinstance(source_dsn, str) or not source_dsn.strip():
+        raise ConfigurationError(f"source_dsn must be a libpq connection string or URL, got {source_dsn!r}")
+    scheme, sep, rest = source_dsn.partition("://")
+    if sep and scheme.startswith(("postgresql+", "postgres+")):
+        return f"postgresql://{rest}"  # a SQLAlchemy URL such as postgresql+psycopg://...
+    return source_dsn
+
+
+def _csv_types() -> dict[str, pa.DataType]:
+    types = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
+    types["committed_at"] = pa.int64()  # read as epoch microseconds, exact
+    return types
+
+
+def _select_changes(name: sql.Composable) -> sql.Composed:
+    columns = []
+    for column, _, _ in CHANGES_COLUMNS:
+        ident = sql.Identifier(column)
+        if column in JSON_COLUMNS:
+            columns.append(sql.SQL("{}::text").format(ident))
+        elif column == "committed_at":
+            columns.append(sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint").format(ident))
+        else:
+            columns.append(ident)
+    return sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(columns), name)
+
+
+def _copy_csv(conn: psycopg.Connection, query: sql.Composed, types: dict[str, pa.DataType]) -> pa.Table:
+    """Run ``COPY (query) TO STDOUT (FORMAT csv)`` and parse it with pyarrow (fast, typed, NULL-exact)."""
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        data = b"".join(copy)
+    if not data:
+        return pa.table({name: pa.array([], t) for name, t in types.items()})
+    return pacsv.read_csv(
+        pa.BufferReader(data),
+        read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 23),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+        ),
+    )
+
+
+def _key_condition(lower: Key | None, upper: Key | None, *, from_lower: bool = False) -> sql.Composable:
+    parts = []
+    if lower is not None:
+        operator = sql.SQL(">=" if from_lower else ">")
+        parts.append(
+            sql.SQL("(commit_position, ordinal) {} ({}, {})").format(operator, *map(sql.Literal, lower))
+        )
+    if upper is not None:
+        parts.append(sql.SQL("(commit_position, ordinal) <= ({}, {})").format(*map(sql.Literal, upper)))
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+
+
+def _fetch(
+    conn: psycopg.Connection,
+    name: sql.Composable,
+    lower: Key | None,
+    upper: Key | None,
+    limit: int | None,
+    *,
+    from_lower: bool = False,
+) -> pa.Table:
+    query = sql.SQL("{} WHERE {} ORDER BY commit_position, ordinal").format(
+        _select_changes(name), _key_condition(lower, upper, from_lower=from_lower)
+    )
+    if limit is not None:
+        query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(limit))
+    table = _copy_csv(conn, query, _csv_types())
+    index = table.schema.get_field_index("committed_at")
+    table = table.set_column(
+        index, "committed_at", pc.cast(table["committed_at"], pa.timestamp("us", tz="UTC"))
+    )
+    return table.cast(export_arrow_schema())
+
+
+def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """Rows grouped by partition directory (sorted by name), each group still in key order."""
+    dates = pc.strftime(table["committed_at"], format="%Y-%m-%d")
+    combined = pc.binary_join_element_wise(table["schema"], table["table"], dates, "\x1f").combine_chunks()
+    encoded = combined.dictionary_encode()
+    directories = []
+    for value in encoded.dictionary.to_pylist():
+        schema, name, date = value.split("\x1f")
+        directories.append(partition_dir(schema, name, date))
+    names = sorted(set(directories))
+    if len(names) == 1:
+        return [(names[0], table)]
+    slot = {name: i for i, name in enumerate(names)}
+    row_partition = pc.take(pa.array([slot[d] for d in directories], pa.int32()), encoded.indices)
+    ordered = table.take(pc.sort_indices(row_partition))  # stable: key order kept inside a partition
+    counts = pc.value_counts(row_partition)
+    sizes = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
+    groups, start = [], 0
+    for i, name in enumerate(names):
+        groups.append((name, ordered.slice(start, sizes[i])))
+        start += sizes[i]
+    return groups
+
+
+def parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """One Parquet file in memory: zstd, row groups of ``ROW_GROUP_ROWS``, marked sorted by key."""
+    sink = pa.BufferOutputStream()
+    names = table.schema.names
+    sorting = (
+        [pq.SortingColumn(names.index("commit_position")), pq.SortingColumn(names.index("ordinal"))]
+        if "ordinal" in names
+        else None
+    )
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS, sorting_columns=sorting)
+    return sink.getvalue()
+
+
+def _write_unit(
+    filesystem: pafs.FileSystem, root: str, table: pa.Table, skip: set[str] | None = None
+) -> tuple[int, int]:
+    """Write the files of one unit (all rows in ``table``); returns (files, bytes) written."""
+    first = (table["commit_position"][0].as_py(), table["ordinal"][0].as_py())
+    last = (table["commit_position"][-1].as_py(), table["ordinal"][-1].as_py())
+    groups = _split(table)
+    files = written = 0
+    for number, (directory, rows) in enumerate(groups, 1):
+        name = unit_name(first, last, number, len(groups), rows.num_rows)
+        if skip is not None and name in skip:
+            continue
+        data = parquet_bytes(rows)
+        write_atomic(filesystem, f"{root}/{directory}/{name}", data)
+        files += 1
+        written += data.size
+    return files, written
+
+
+def _export_schemas(
+    conn: psycopg.Connection, filesystem: pafs.FileSystem, root: str, schema: str, table: str
+) -> int:
+    """Rewrite ``_bemi_tt/schemas.parquet`` from the ``changes_schemas`` table (empty when it is missing)."""
+    target = pa.table({f.name: pa.array([], f.type) for f in schemas_arrow_schema()})
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, table).as_string(conn),)
+    )
+    row = exists.fetchone()
+    if row and row[0]:
+        query = sql.SQL(
+            'SELECT "schema", "table", commit_position, ordinal, '
+            "(extract(epoch FROM committed_at) * 1000000)::bigint, columns::text FROM {} "
+            'ORDER BY "schema", "table", commit_position, ordinal'
+        ).format(sql.Identifier(schema, table))
+        types = {f.name: f.type for f in schemas_arrow_schema()}
+        types["committed_at"], types["columns"] = pa.int64(), pa.string()
+        rows = _copy_csv(conn, query, types)
+        rows = rows.set_column(4, "committed_at", pc.cast(rows["committed_at"], pa.timestamp("us", tz="UTC")))
+        target = rows.cast(schemas_arrow_schema())
+    data = parquet_bytes(target)
+    write_atomic(filesystem, f"{root}/{META_DIR}/{SCHEMAS_FILE}", data)
+    return int(data.size)
+
+
+def _check_prefix(conn: psycopg.Connection, name: sql.Composable, state: DatasetState) -> None:
+    """Fail if ``changes`` has more rows at or below the watermark than the dataset: they would be lost."""
+    if state.watermark is None:
+        return
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, _key_condition(None, state.watermark))
+    row = conn.execute(query).fetchone()
+    behind = int(row[0]) if row else 0
+    if behind > state.rows:
+        raise SourceError(
+            f"{behind - state.rows} rows of changes have keys at or below the export watermark "
+            f"{state.watermark!r} but are not in the dataset {state.root!r} (inserted out of key order); "
+            "re-export into an empty directory"
+        )
+
+
+def _validate(progress: object, batch_rows: object, wait: object, table: object, schema: object) -> None:
+    if progress is not None and not isinstance(progress, bool):
+        raise ConfigurationError(f"progress must be True, False or None (auto), got {progress!r}")
+    if not isinstance(batch_rows, int) or isinstance(batch_rows, bool) or batch_rows < 1:
+        raise ConfigurationError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+    if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
+        raise ConfigurationError(f"wait must be a number of seconds >= 0, got {wait!r}")
+    for label, value in (("table", table), ("schema", schema)):
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{label} must be a non-empty identifier, got {value!r}")
+
+
+def export_parquet(
+    source_dsn: str,
+    directory: str,
+    *,
+    compact: bool = False,
+    progress: bool | None = None,
+    table: str = CHANGES_TABLE,
+    schema: str = "public",
+    schemas_table: str = SCHEMAS_TABLE,
+    batch_rows: int = 200_000,
+    lock: bool = True,
+    wait: float = 0.0,
+) -> ExportStats:
+    """Append the changes committed since the last run to the Parquet dataset at ``directory``.
+
+    ``directory`` is a local path or a pyarrow filesystem URI (``s3://bucket/prefix``). ``progress``:
+    None shows a bar on a terminal (stderr) for exports over a few seconds, False is quiet. ``wait``:
+    seconds to wait for another export on the same directory before failing with ``SourceError``.
+    ``compact=True`` then merges the small files of each partition (``capture.compact``).
+    """
+    _validate(progress, batch_rows, wait, table, schema)
+    filesystem, root = resolve_directory(directory)
+    enabled = sys.stderr.isatty() if progress is None else progress
+    name = sql.Identifier(schema, table)
+    files = written = exported = compacted = 0
+    with open_lock(os.fspath(directory), filesystem, root, enabled=lock) as held:
+        held.acquire(wait)
+        try:
+            conn = psycopg.connect(_libpq_dsn(source_dsn), autocommit=True)
+        except psycopg.Error as exc:
+            raise SourceError(f"cannot connect to the source database: {exc}") from exc
+        with conn:
+            conn.execute("SET client_encoding TO 'UTF8'")
+            state = read_dataset_state(filesystem, root)
+            delete_files(filesystem, [f.path for f in state.superseded] + state.temporary)
+            _check_prefix(conn, name, state)
+            watermark = state.watermark
+            if state.incomplete is not None:  # finish the unit a killed export left half written
+                first, last = state.incomplete
+                rows = _fetch(conn, name, first, last, None, from_lower=True)
+                if (
+                    rows.num_rows == 0
+                    or (rows["commit_position"][0].as_py(), rows["ordinal"][0].as_py()) != first
+                ):
+                    raise SourceError(
+                        f"cannot finish export unit {state.incomplete!r}: its first change is gone from "
+                        f"{schema}.{table}; re-export into an empty directory"
+                    )
+                f, b = _write_unit(filesystem, root, rows, skip=state.incomplete_parts)
+                files, written, exported, watermark = files + f, written + b, exported + rows.num_rows, last
+            total = 0
+            if enabled:
+                count = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, _key_condition(watermark, None))
+                ).fetchone()
+                total = exported + (int(count[0]) if count else 0)
+            bar = _Progress(enabled, total, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
+            while True:
+                held.renew()
+                rows = _fetch(conn, name, watermark, None, batch_rows)
+                if rows.num_rows == 0:
+                    break
+                f, b = _write_unit(filesystem, root, rows)
+                files, written, exported = files + f, written + b, exported + rows.num_rows
+                watermark = (rows["commit_position"][-1].as_py(), rows["ordinal"][-1].as_py())
+                bar.update(exported)
+            _export_schemas(conn, filesystem, root, schema, schemas_table)
+        if compact:
+            from capture.compact import compact_locked
+
+            compacted = compact_locked(filesystem, root).merged
+    stats = ExportStats(exported, files, written, watermark, compacted)
+    bar.finish(stats)
+    return stats

@@ -1,0 +1,323 @@
+"""The Parquet dataset on disk or in object storage: file naming, listing, watermark, atomic writes.
+
+Layout: ``DIR/relation=<schema.table>/date=<UTC date>/<name>.parquet`` and ``DIR/_bemi_tt/schemas.parquet``.
+Every data file's name records the range of ``(commit_position, ordinal)`` keys it stands for, so the
+dataset describes itself: no manifest or watermark file exists that could disagree with the data.
+
+* A *unit* file ``<first>-<last>-<k>of<n>-<rows>.parquet`` is part k of n of one export unit: all rows of
+  ``changes`` with keys in ``[first, last]``, split by partition (n partitions). A unit is complete when
+  its n parts are present (or a compacted file reaches past it, see below).
+* A *compacted* file ``<first>-<last>-c-<rows>.parquet`` holds every row of its partition with a key in
+  ``[first, last]``; it replaces the files of that partition whose ranges it contains.
+* Keys are written as 24 hex digits (16 for ``commit_position``, 8 for ``ordinal``), so names sort by key.
+
+Readers (``list_dataset_files``) keep, per partition, the files of complete units and compacted files that
+no bigger file contains. The watermark is the largest ``last`` among them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from capture.errors import ConfigurationError, SourceError
+
+__all__ = [
+    "DataFile",
+    "DatasetState",
+    "Key",
+    "compacted_name",
+    "format_key",
+    "list_dataset_files",
+    "partition_dir",
+    "read_dataset",
+    "read_dataset_state",
+    "resolve_directory",
+    "unit_name",
+    "write_atomic",
+]
+
+#: ``(commit_position, ordinal)``: the order of changes, unique per change.
+Key = tuple[int, int]
+
+META_DIR = "_bemi_tt"
+SCHEMAS_FILE = "schemas.parquet"
+#: Test hook: seconds to sleep after a file's bytes are written and before it becomes visible.
+TEST_DELAY_ENV = "BEMI_TT_EXPORT_TEST_DELAY"
+
+_NAME_RE = re.compile(
+    r"^(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-(?:(?P<k>[0-9]+)of(?P<n>[0-9]+)|c)-(?P<rows>[0-9]+)\.parquet$"
+)
+
+
+def format_key(key: Key) -> str:
+    """24 hex digits that sort like the key."""
+    commit_position, ordinal = key
+    if not (0 <= commit_position < 1 << 64 and 0 <= ordinal < 1 << 32):
+        raise SourceError(f"change key {key!r} is out of range; commit_position and ordinal must be >= 0")
+    return f"{commit_position:016x}{ordinal:08x}"
+
+
+def _parse_key(text: str) -> Key:
+    return int(text[:16], 16), int(text[16:], 16)
+
+
+def unit_name(first: Key, last: Key, part: int, parts: int, rows: int) -> str:
+    """File name of part ``part`` (1-based) of ``parts`` of the export unit ``[first, last]``."""
+    return f"{format_key(first)}-{format_key(last)}-{part}of{parts}-{rows}.parquet"
+
+
+def compacted_name(first: Key, last: Key, rows: int) -> str:
+    """File name of a compacted file holding its partition's rows with keys in ``[first, last]``."""
+    return f"{format_key(first)}-{format_key(last)}-c-{rows}.parquet"
+
+
+def partition_dir(schema: str, table: str, date: str) -> str:
+    """``relation=<schema.table>/date=<date>``, percent-encoding characters unsafe in a path segment."""
+    return f"relation={quote(f'{schema}.{table}', safe='')}/date={date}"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file of the dataset, described by its name."""
+
+    path: str
+    partition: str
+    first: Key
+    last: Key
+    rows: int
+    size: int
+    part: int | None = None  # None for a compacted file
+    parts: int | None = None
+
+    @property
+    def compacted(self) -> bool:
+        return self.part is None
+
+
+@dataclass
+class DatasetState:
+    """What a listing of the dataset says: readable files, watermark, and leftovers to clean up."""
+
+    filesystem: pafs.FileSystem
+    root: str
+    files: list[DataFile] = field(default_factory=list)  # complete and not superseded, by partition and key
+    watermark: Key | None = None
+    incomplete: tuple[Key, Key] | None = None  # the unit a crashed export left half written
+    incomplete_parts: set[str] = field(default_factory=set)  # names of that unit's parts present
+    superseded: list[DataFile] = field(default_factory=list)  # contained in a bigger file: safe to delete
+    temporary: list[str] = field(default_factory=list)  # temporary files left by a killed writer
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+def resolve_directory(directory: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and root path of a dataset directory (local path or URI such as ``s3://``)."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise ConfigurationError(f"export directory must be a non-empty path or URI, got {directory!r}")
+    directory = os.fspath(directory)
+    if "://" in directory:
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(directory)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise ConfigurationError(f"cannot open export directory {directory!r}: {exc}") from exc
+        return filesystem, path.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(directory)
+
+
+def _is_local(filesystem: pafs.FileSystem) -> bool:
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def _list(filesystem: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise SourceError(f"cannot list the export directory {root!r}: {exc}") from exc
+    return [info for info in infos if info.type == pafs.FileType.File]
+
+
+def read_dataset_state(filesystem: pafs.FileSystem, root: str) -> DatasetState:
+    """List the dataset and work out which files readers use, the watermark and what is left over."""
+    state = DatasetState(filesystem, root)
+    units: dict[tuple[Key, Key], list[DataFile]] = {}
+    compacted: list[DataFile] = []
+    prefix = root.rstrip("/") + "/"
+    for info in _list(filesystem, root):
+        rel = info.path[len(prefix) :] if info.path.startswith(prefix) else info.path
+        segments = rel.split("/")
+        if (
+            len(segments) != 3
+            or not segments[0].startswith("relation=")
+            or not segments[1].startswith("date=")
+        ):
+            continue
+        if segments[2].startswith(".") and segments[2].endswith(".tmp"):
+            state.temporary.append(info.path)
+            continue
+        match = _NAME_RE.match(segments[2])
+        if match is None:
+            continue
+        first, last = _parse_key(match["first"]), _parse_key(match["last"])
+        data_file = DataFile(
+            path=info.path,
+            partition=f"{segments[0]}/{segments[1]}",
+            first=first,
+            last=last,
+            rows=int(match["rows"]),
+            size=int(info.size or 0),
+            part=int(match["k"]) if match["k"] else None,
+            parts=int(match["n"]) if match["n"] else None,
+        )
+        if data_file.compacted:
+            compacted.append(data_file)
+        else:
+            units.setdefault((first, last), []).append(data_file)
+
+    # Compaction only ever runs when every unit is complete, so a compacted file vouches for every
+    # unit that ends at or before it, even if some of that unit's parts were merged away.
+    compacted_last = max((f.last for f in compacted), default=None)
+    candidates = list(compacted)
+    incomplete: list[tuple[Key, Key]] = []
+    for (first, last), parts in units.items():
+        expected = parts[0].parts or 0
+        if len({p.part for p in parts}) == expected or (
+            compacted_last is not None and last <= compacted_last
+        ):
+            candidates.extend(parts)
+        else:
+            incomplete.append((first, last))
+    if incomplete:
+        complete_last = max((f.last for f in candidates), default=None)
+        if len(incomplete) > 1 or (complete_last is not None and incomplete[0][0] <= complete_last):
+            raise SourceError(
+                f"export directory {root!r} has incomplete export units {sorted(incomplete)!r} that are not "
+                "the newest; it was written without a lock: re-export into an empty directory"
+            )
+        state.incomplete = incomplete[0]
+        state.incomplete_parts = {p.path.rsplit("/", 1)[-1] for p in units[incomplete[0]]}
+
+    by_partition: dict[str, list[DataFile]] = {}
+    for candidate in candidates:
+        by_partition.setdefault(candidate.partition, []).append(candidate)
+    for partition in sorted(by_partition):
+        files = sorted(by_partition[partition], key=lambda f: (f.first, (-f.last[0], -f.last[1])))
+        reach: Key | None = None
+        for data_file in files:
+            if reach is not None and data_file.last <= reach:
+                state.superseded.append(data_file)
+                continue
+            if reach is not None and data_file.first <= reach:
+                raise SourceError(
+                    f"export directory {root!r}: file {data_file.path!r} overlaps another file of its "
+                    "partition without containing it; re-export into an empty directory"
+                )
+            state.files.append(data_file)
+            reach = data_file.last
+    state.watermark = max((f.last for f in candidates), default=None)
+    return state
+
+
+def list_dataset_files(directory: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the data files a reader should read: no duplicate, no gap, even mid-compaction.
+
+    Files of a unit that a crashed export left half written are left out (they come back complete on the
+    next export), as are files a compacted file replaces. Paths are sorted by partition, then by key.
+    """
+    filesystem, root = resolve_directory(directory)
+    state = read_dataset_state(filesystem, root)
+    return filesystem, [f.path for f in state.files]
+
+
+def _test_delay() -> None:
+    delay = os.environ.get(TEST_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+def write_atomic(filesystem: pafs.FileSystem, path: str, data: pa.Buffer | bytes) -> None:
+    """Make ``path`` appear complete or not at all.
+
+    Locally: write a dot-prefixed temporary file in the same directory, fsync, rename, fsync the directory.
+    Object stores: the object is written with one upload of the finished bytes (a PUT, or a multipart
+    upload that only becomes visible when completed), never streamed from a writer that could fail midway.
+    """
+    directory, _, name = path.rpartition("/")
+    if _is_local(filesystem):
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as out:
+                out.write(memoryview(data))
+                out.flush()
+                os.fsync(out.fileno())
+            _test_delay()
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        return
+    filesystem.create_dir(directory, recursive=True)
+    _test_delay()
+    with filesystem.open_output_stream(path) as out:
+        out.write(data)
+
+
+def delete_files(filesystem: pafs.FileSystem, paths: Iterable[str]) -> int:
+    """Delete files that may already be gone; returns how many were deleted."""
+    deleted = 0
+    for path in paths:
+        try:
+            filesystem.delete_file(path)
+            deleted += 1
+        except FileNotFoundError:
+            continue
+    return deleted
+
+
+def read_dataset(directory: str, *, columns: list[str] | None = None, attempts: int = 5) -> pa.Table:
+    """All changes in the dataset as one Arrow table in key order, consistent even during compaction.
+
+    A file listed and then removed by a concurrent compaction makes it list again (up to ``attempts``).
+    """
+    import pyarrow.parquet as pq
+
+    if not isinstance(attempts, int) or attempts < 1:
+        raise ConfigurationError(f"attempts must be a positive integer, got {attempts!r}")
+    filesystem, root = resolve_directory(directory)
+    for attempt in range(attempts):
+        state = read_dataset_state(filesystem, root)
+        try:
+            tables = [pq.read_table(f.path, filesystem=filesystem, columns=columns) for f in state.files]
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        if not tables:
+            from capture.export import export_arrow_schema
+
+            schema = export_arrow_schema()
+            if columns is not None:
+                schema = pa.schema([schema.field(c) for c in columns])
+            return schema.empty_table()
+        table = pa.concat_tables(tables)
+        if columns is None or {"commit_position", "ordinal"} <= set(columns):
+            table = table.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
+        return table
+    raise AssertionError("unreachable")
