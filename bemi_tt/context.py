@@ -128,7 +128,7 @@ def _cap_sql(statement: str) -> str:
 
 
 def _path(parent: str, key: object) -> str:
-    return f"{parent}[{key!r}]" if parent else repr(key)
+    return f"{parent}[{key!r}]"
 
 
 def _check_text(text: str, where: str) -> None:
