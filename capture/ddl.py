@@ -1,0 +1,154 @@
+"""Schema changes into the WAL: an event trigger emitting ``bemi_ddl`` logical messages.
+
+Logical decoding carries no DDL, and ``ALTER TABLE ... ADD COLUMN ... DEFAULT x`` gives existing rows
+a value without any row change. The event trigger runs at the end of ``CREATE TABLE``, ``ALTER TABLE``
+(and ``CREATE TABLE AS`` / ``SELECT INTO``) and after ``DROP TABLE``, and emits, inside the same
+transaction, ``pg_logical_emit_message(true, 'bemi_ddl', json)`` with::
+
+    {"event": "ALTER TABLE", "schema": "public", "table": "todo",
+     "columns": [{"name": "id", "type": "integer", "type_oid": 23, "key": true}, ...,
+                 {"name": "done", "type": "boolean", "type_oid": 16, "key": false, "fill_text": "f"}]}
+
+``columns`` lists the table's columns after the command (generated columns excluded, as pgoutput does);
+``key`` marks primary key columns; ``fill_text`` is the text value that rows existing before the command
+take for the column (``pg_attribute.attmissingval``), absent when there is none. A dropped table has
+``"columns": null``. Partitions are skipped (changes are recorded under the partitioned root).
+The worker turns these into ``changes_schemas`` rows at the exact commit position of the DDL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+
+from capture.errors import ConfigurationError
+
+__all__ = ["ddl_tracking_installed", "install_ddl_tracking", "uninstall_ddl_tracking"]
+
+log = logging.getLogger(__name__)
+
+_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $bemi$
+DECLARE
+  obj record;
+  info record;
+BEGIN
+  FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_event_trigger_ddl_commands() AS e
+             WHERE e.classid = 'pg_catalog.pg_class'::regclass AND e.object_type IN ('table', 'table column')
+  LOOP
+    SELECT n.nspname, c.relname INTO info FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.oid = obj.objid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+        AND n.nspname <> 'information_schema' AND NOT starts_with(n.nspname, 'pg_');
+    IF NOT FOUND THEN
+      CONTINUE;
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
+      'event', obj.command_tag, 'schema', info.nspname, 'table', info.relname,
+      'columns', (
+        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+                 'name', a.attname, 'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
+                 'type_oid', a.atttypid, 'key', coalesce(a.attnum = ANY (i.indkey), false),
+                 'fill_text', CASE WHEN a.atthasmissing
+                                   THEN pg_catalog.array_to_string(a.attmissingval, '') END))
+               ORDER BY a.attnum)
+        FROM pg_catalog.pg_attribute a
+        LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+        WHERE a.attrelid = obj.objid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+      ))::text);
+  END LOOP;
+END
+$bemi$
+"""
+_DROP_FUNCTION = """
+CREATE OR REPLACE FUNCTION bemi_tt.emit_drop() RETURNS event_trigger LANGUAGE plpgsql AS $bemi$
+DECLARE
+  obj record;
+BEGIN
+  FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects() AS d
+             WHERE d.object_type = 'table' AND d.original AND NOT d.is_temporary
+  LOOP
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
+      'event', 'DROP TABLE', 'schema', obj.schema_name, 'table', obj.object_name,
+      'columns', NULL)::text);
+  END LOOP;
+END
+$bemi$
+"""
+
+
+_INSTALL = (
+    "CREATE SCHEMA IF NOT EXISTS bemi_tt",
+    _FUNCTIONS,
+    _DROP_FUNCTION,
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
+    "CREATE EVENT TRIGGER bemi_tt_ddl ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE',"
+    " 'CREATE TABLE AS', 'SELECT INTO') EXECUTE FUNCTION bemi_tt.emit_ddl()",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
+    "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
+    " EXECUTE FUNCTION bemi_tt.emit_drop()",
+)
+_UNINSTALL = (
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_ddl()",
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_drop()",
+)
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _run(conn: Any, statements: tuple[str, ...]) -> bool:
+    """Run ``statements`` atomically on a psycopg or SQLAlchemy connection; False without the privilege."""
+    if isinstance(conn, psycopg.Connection):
+        try:
+            with conn.transaction():
+                for statement in statements:
+                    conn.execute(statement.encode())
+        except psycopg.errors.InsufficientPrivilege:
+            log.warning(_NO_PRIVILEGE)
+            return False
+        return True
+    if not hasattr(conn, "exec_driver_sql") or not hasattr(conn, "begin_nested"):
+        raise ConfigurationError(f"expected a psycopg or SQLAlchemy Connection, got {type(conn).__name__}")
+    try:
+        with conn.begin_nested():
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    except Exception as exc:  # SQLAlchemy's DBAPIError; its driver may be psycopg 3 or psycopg2
+        orig = getattr(exc, "orig", None)
+        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if code != _INSUFFICIENT_PRIVILEGE:
+            raise
+        log.warning(_NO_PRIVILEGE)
+        return False
+    return True
+
+
+_NO_PRIVILEGE = (
+    "bemi_tt: only a superuser can create event triggers, so schema changes are not tracked exactly; "
+    "run bemi-tt install (or capture.ddl.install_ddl_tracking) as a superuser"
+)
+
+
+def install_ddl_tracking(conn: Any) -> bool:
+    """Create (or replace) the DDL event triggers on a psycopg or SQLAlchemy connection; idempotent.
+
+    Returns False (with a warning) when the role may not create event triggers (superuser only).
+    """
+    return _run(conn, _INSTALL)
+
+
+def uninstall_ddl_tracking(conn: Any) -> bool:
+    """Drop the DDL event triggers and their functions; idempotent. The ``bemi_tt`` schema stays."""
+    return _run(conn, _UNINSTALL)
+
+
+def ddl_tracking_installed(conn: psycopg.Connection) -> bool:
+    """Whether both DDL event triggers exist and are enabled."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('bemi_tt_ddl', 'bemi_tt_drop')"
+        " AND evtenabled <> 'D'"
+    ).fetchone()
+    return bool(row and row[0] == 2)

@@ -1,0 +1,239 @@
+"""Writing ``changes``: COPY in chunks, the slot's position in the same transaction, exactly once.
+
+A batch is one destination transaction: change rows are COPYed in chunks of ``chunk_rows`` (so a
+million-row source transaction is never held in memory), ``changes_schemas`` rows are upserted, and
+``changes_positions`` records the last written commit position for the slot — all committed together.
+The worker skips every source transaction whose commit position is at or below the recorded one, and
+advances the slot only after the commit, so a crash at any moment neither loses nor duplicates a change;
+``UNIQUE (commit_position, ordinal)`` turns any mistake into an error instead of a duplicate.
+
+Unchanged TOAST values the stitcher could not fill (``ChangeRow.missing``) are filled right after their
+chunk is COPYed, from the previous version of the same row in ``changes`` (pipelined, in order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+from psycopg import sql
+
+from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, schemas_ddl
+from capture.stitch import CHANGE_COLUMNS, ChangeRow, ColumnSpec, SchemaChange
+
+__all__ = ["POSITIONS_TABLE", "Position", "Sink", "positions_ddl"]
+
+#: One row per replication slot: the last source transaction written to ``changes``.
+POSITIONS_TABLE = "changes_positions"
+
+_NULL = "\\N"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def positions_ddl(schema: str = "public", table: str = POSITIONS_TABLE) -> sql.Composed:
+    """``CREATE TABLE IF NOT EXISTS`` for the per-slot positions (the exactly-once watermark)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {name} ("
+        " slot text PRIMARY KEY, commit_position bigint NOT NULL, end_position bigint NOT NULL,"
+        " committed_at timestamptz, snapshot_position bigint, snapshot_at timestamptz,"
+        " updated_at timestamptz NOT NULL DEFAULT now())"
+    ).format(name=sql.Identifier(schema, table))
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a slot's capture stands in the destination."""
+
+    commit_position: int
+    end_position: int
+    committed_at: datetime | None
+    snapshot_position: int | None
+
+
+def _text(value: str | None) -> str:
+    return "\\N" if value is None else value.translate(_ESCAPES)
+
+
+class Sink:
+    """The destination connection: schema set-up, chunked COPY, position bookkeeping, commit."""
+
+    def __init__(
+        self, conn: psycopg.Connection, slot: str, *, schema: str = "public", chunk_rows: int = 5000
+    ) -> None:
+        if conn.autocommit:
+            raise ValueError("the sink needs a connection with autocommit off")
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        self.conn = conn
+        self.slot = slot
+        self.schema = schema
+        self.chunk_rows = chunk_rows
+        self.changes = sql.Identifier(schema, CHANGES_TABLE)
+        self.schemas = sql.Identifier(schema, SCHEMAS_TABLE)
+        self.positions = sql.Identifier(schema, POSITIONS_TABLE)
+        self._copy = (
+            sql.SQL("COPY {} ({}) FROM STDIN")
+            .format(self.changes, sql.SQL(", ").join(sql.Identifier(c) for c in CHANGE_COLUMNS))
+            .as_bytes(conn)
+        )
+        self._buffer: list[str] = []
+        self._toast: list[ChangeRow] = []
+        self._last_committed_at: datetime | None = None
+        self._stamp = ""
+        self.pending = 0  # change rows written in the open transaction
+        self._mark: tuple[int, int, datetime | None] | None = None
+
+    # -- set-up and reading state -------------------------------------------------------------------
+    def setup(self) -> None:
+        """Create ``changes``, ``changes_schemas`` and ``changes_positions`` if missing."""
+        with self.conn.transaction():
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            for ddl in (changes_ddl(self.schema), schemas_ddl(self.schema), positions_ddl(self.schema)):
+                self.conn.execute(ddl)
+        self.conn.commit()
+
+    def position(self) -> Position | None:
+        """The last written position for this slot, or None before anything was written."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT commit_position, end_position, committed_at, snapshot_position FROM {} "
+                "WHERE slot = %s"
+            ).format(self.positions),
+            (self.slot,),
+        ).fetchone()
+        self.conn.rollback()
+        return None if row is None else Position(*row)
+
+    def known_columns(self) -> dict[tuple[str, str], tuple[ColumnSpec, ...]]:
+        """The last recorded column set of every table in ``changes_schemas``."""
+        rows = self.conn.execute(
+            sql.SQL(
+                'SELECT DISTINCT ON ("schema", "table") "schema", "table", columns FROM {} '
+                'ORDER BY "schema", "table", commit_position DESC, ordinal DESC'
+            ).format(self.schemas)
+        ).fetchall()
+        self.conn.rollback()
+        return {
+            (schema, table): tuple(
+                ColumnSpec(c["name"], c["type"], int(c["type_oid"]), bool(c["key"])) for c in columns
+            )
+            for schema, table, columns in rows
+        }
+
+    # -- writing -----------------------------------------------------------------------------------
+    def write(self, row: ChangeRow) -> None:
+        """Queue one change row; COPY the queue when it reaches ``chunk_rows``."""
+        if row.committed_at is not self._last_committed_at:
+            self._last_committed_at = row.committed_at
+            self._stamp = row.committed_at.isoformat()
+        pk = row.primary_key
+        xid = row.transaction_id
+        self._buffer.append(
+            f"{_NULL if pk is None else pk.translate(_ESCAPES)}\t{row.table.translate(_ESCAPES)}\t"
+            f"{row.operation}\t{row.before.translate(_ESCAPES)}\t{row.after.translate(_ESCAPES)}\t"
+            f"{row.context.translate(_ESCAPES)}\t{self._stamp}\t{row.schema.translate(_ESCAPES)}\t"
+            f"{row.database.translate(_ESCAPES)}\t{_NULL if xid is None else xid}\t{row.position}\t"
+            f"{row.commit_position}\t{row.ordinal}\n"
+        )
+        if row.missing:
+            self._toast.append(row)
+        self.pending += 1
+        if len(self._buffer) >= self.chunk_rows:
+            self.flush()
+
+    def write_many(self, rows: Iterable[ChangeRow]) -> None:
+        for row in rows:
+            self.write(row)
+
+    def flush(self) -> None:
+        """COPY the queued rows (inside the open transaction) and fill their unchanged TOAST values."""
+        if self._buffer:
+            data = "".join(self._buffer).encode()
+            self._buffer.clear()
+            with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
+                copy.write(data)
+        if self._toast:
+            self._fill_toast(self._toast)
+            self._toast.clear()
+
+    def _fill_toast(self, rows: list[ChangeRow]) -> None:
+        statement = sql.SQL(
+            "UPDATE {changes} AS c SET after = c.after || coalesce(("
+            " SELECT jsonb_object_agg(k.name, p.after -> k.name) FROM ("
+            '  SELECT after FROM {changes} AS p WHERE p."table" = c."table" AND p."schema" = c."schema"'
+            "  AND p.primary_key = c.primary_key AND p.operation <> 'DELETE' AND p.operation <> 'TRUNCATE'"
+            "  AND (p.commit_position, p.ordinal) < (c.commit_position, c.ordinal)"
+            "  ORDER BY p.commit_position DESC, p.ordinal DESC LIMIT 1) AS p,"
+            "  unnest(%s::text[]) AS k(name) WHERE p.after ? k.name), '{{}}')"
+            " WHERE c.commit_position = %s AND c.ordinal = %s"
+        ).format(changes=self.changes)
+        with self.conn.pipeline(), self.conn.cursor() as cur:
+            for row in rows:
+                if row.primary_key is not None:
+                    cur.execute(statement, (list(row.missing), row.commit_position, row.ordinal))
+
+    def write_schema(self, change: SchemaChange) -> None:
+        """Record a table's column set (the later of two at the same position wins)."""
+        self.conn.execute(
+            sql.SQL(
+                'INSERT INTO {} ("schema", "table", commit_position, ordinal, committed_at, columns) '
+                'VALUES (%s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT ("schema", "table", commit_position,'
+                " ordinal) DO UPDATE SET columns = EXCLUDED.columns"
+            ).format(self.schemas),
+            (
+                change.schema,
+                change.table,
+                change.commit_position,
+                change.ordinal,
+                change.committed_at,
+                change.columns,
+            ),
+        )
+
+    def mark(self, commit_position: int, end_position: int, committed_at: datetime | None) -> None:
+        """Note that the source transaction ending at ``end_position`` is fully written (not committed)."""
+        self._mark = (commit_position, end_position, committed_at)
+
+    def commit(self, *, snapshot_position: int | None = None) -> tuple[int, int] | None:
+        """Flush, record the marked position, COMMIT; return the committed (commit, end) position."""
+        self.flush()
+        mark, self._mark = self._mark, None
+        if mark is not None or snapshot_position is not None:
+            commit_position, end_position, committed_at = mark if mark is not None else (0, 0, None)
+            self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {p} AS p (slot, commit_position, end_position, committed_at,"
+                    " snapshot_position, snapshot_at, updated_at) VALUES (%s, %s, %s, %s, %s,"
+                    " CASE WHEN %s::bigint IS NULL THEN NULL ELSE now() END, now())"
+                    " ON CONFLICT (slot) DO UPDATE SET"
+                    " commit_position = greatest(p.commit_position, EXCLUDED.commit_position),"
+                    " end_position = greatest(p.end_position, EXCLUDED.end_position),"
+                    " committed_at = coalesce(EXCLUDED.committed_at, p.committed_at),"
+                    " snapshot_position = coalesce(EXCLUDED.snapshot_position, p.snapshot_position),"
+                    " snapshot_at = coalesce(EXCLUDED.snapshot_at, p.snapshot_at), updated_at = now()"
+                ).format(p=self.positions),
+                (
+                    self.slot,
+                    commit_position,
+                    end_position,
+                    committed_at,
+                    snapshot_position,
+                    snapshot_position,
+                ),
+            )
+        self.conn.commit()
+        self.pending = 0
+        if mark is None:
+            return None
+        return mark[0], mark[1]
+
+    def rollback(self) -> None:
+        """Drop everything written since the last commit."""
+        self._buffer.clear()
+        self._toast.clear()
+        self._mark = None
+        self.pending = 0
+        if not self.conn.closed:
+            self.conn.rollback()

@@ -1,0 +1,213 @@
+"""Reading the replication slot with psycopg 3: server checks, publication, slot, peek and advance.
+
+psycopg 3 cannot stream the replication protocol, so changes are read with
+``pg_logical_slot_peek_binary_changes(slot, upto_lsn, NULL, 'proto_version', '1', 'publication_names',
+pub, 'messages', 'true')`` through a server-side cursor, and the slot is moved with
+``pg_replication_slot_advance`` only after the destination committed what was read. Every peek decodes
+again from the slot's restart point, so calls are bounded by LSN (everything up to the WAL position at
+the start of the call), never by ``upto_nchanges``. A slot held by an open peek cursor cannot be advanced
+from another session: :meth:`SlotReader.peek` must be finished (or closed) before :meth:`advance`.
+
+Publication: ``FOR ALL TABLES WITH (publish_via_partition_root = true)``, so every user table — including
+tables created later — is published and partitions are recorded under their root. PostgreSQL cannot
+exclude tables from such a publication, so the worker's own tables (``changes``, ``changes_schemas``,
+``changes_positions``) are decoded too when the destination is the source database, and dropped by the
+stitcher (``ignored`` relations); that costs roughly one extra decoded row per captured change, measured
+by ``bench/capture_throughput.py``. Creating it needs a superuser (the startup check says so).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from capture.errors import ConfigurationError, SlotLostError, SourceError
+from capture.pgoutput import format_lsn
+
+__all__ = [
+    "SlotInfo",
+    "SlotReader",
+    "advance",
+    "check_server",
+    "check_slot",
+    "ensure_publication",
+    "ensure_slot",
+    "quote_ident",
+    "slot_info",
+]
+
+MIN_VERSION = 140000
+_SIMPLE_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a PostgreSQL identifier (pgoutput's ``publication_names`` option parses identifiers)."""
+    if _SIMPLE_IDENT.match(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _validate_name(what: str, name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"{what} must be a non-empty string, got {name!r}")
+
+
+def check_server(conn: psycopg.Connection) -> tuple[int, str]:
+    """Stop with a one-line fix unless the server can be captured; return (version_num, database)."""
+    row = conn.execute(
+        "SELECT current_setting('server_version_num')::int, current_setting('wal_level'),"
+        " current_database(), r.rolsuper, r.rolreplication, current_user"
+        " FROM pg_roles r WHERE r.rolname = current_user"
+    ).fetchone()
+    if row is None:
+        raise SourceError("cannot read the current role from pg_roles")
+    version, wal_level, database, superuser, replication, user = row
+    if version < MIN_VERSION:
+        raise ConfigurationError(
+            f"PostgreSQL {version // 10000} is too old: the capture worker needs PostgreSQL 14 or newer"
+        )
+    if wal_level != "logical":
+        raise ConfigurationError(
+            f"wal_level is {wal_level!r}: run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
+        )
+    if not (superuser or replication):
+        raise ConfigurationError(
+            f"role {user!r} cannot read replication slots: run ALTER ROLE {quote_ident(user)} REPLICATION;"
+        )
+    return int(version), str(database)
+
+
+def ensure_publication(conn: psycopg.Connection, name: str) -> bool:
+    """Create the publication on all tables if missing; return True when it was created."""
+    _validate_name("publication", name)
+    found = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if found is not None:
+        return False
+    statement = sql.SQL(
+        "CREATE PUBLICATION {} FOR ALL TABLES WITH (publish_via_partition_root = true)"
+    ).format(sql.Identifier(name))
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigurationError(
+            f"publication {name!r} is missing and this role may not create it: ask a superuser to run "
+            f"{statement.as_string(conn)};"
+        ) from None
+    except psycopg.errors.DuplicateObject:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """A replication slot's state (LSNs as ints)."""
+
+    name: str
+    plugin: str | None
+    database: str | None
+    confirmed_flush: int
+    restart: int
+    wal_status: str | None
+    active_pid: int | None
+    current: int
+
+
+def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:
+    """The slot's state, or None when it does not exist."""
+    row = conn.execute(
+        "SELECT slot_name, plugin, database, (coalesce(confirmed_flush_lsn, '0/0') - '0/0'::pg_lsn)::bigint,"
+        " (coalesce(restart_lsn, '0/0') - '0/0'::pg_lsn)::bigint, wal_status, active_pid,"
+        " (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    return SlotInfo(*row)
+
+
+def ensure_slot(conn: psycopg.Connection, slot: str, database: str) -> tuple[SlotInfo, bool]:
+    """The slot (created without a snapshot if missing) and whether it was created now."""
+    _validate_name("slot", slot)
+    info = slot_info(conn, slot)
+    created = False
+    if info is None:
+        try:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+            created = True
+        except psycopg.errors.DuplicateObject:
+            pass
+        info = slot_info(conn, slot)
+        assert info is not None
+    check_slot(info, database)
+    return info, created
+
+
+def check_slot(info: SlotInfo, database: str) -> None:
+    """Raise unless ``info`` is a usable pgoutput slot of ``database``."""
+    if info.wal_status == "lost":
+        raise SlotLostError(
+            f"replication slot {info.name!r} is lost (its WAL was removed): changes are missing; "
+            f"drop it with SELECT pg_drop_replication_slot('{info.name}'); and start again with --snapshot"
+        )
+    if info.plugin != "pgoutput" or info.database != database:
+        raise ConfigurationError(
+            f"replication slot {info.name!r} belongs to database {info.database!r} with plugin "
+            f"{info.plugin!r}, not {database!r} with pgoutput: pick another name with --slot"
+        )
+
+
+class SlotReader:
+    """Peeks a slot's changes through a server-side cursor on its own connection; advances it."""
+
+    def __init__(self, conn: psycopg.Connection, slot: str, publication: str, *, fetch: int = 5000) -> None:
+        _validate_name("slot", slot)
+        _validate_name("publication", publication)
+        if conn.autocommit:
+            raise ConfigurationError("the slot reader needs a connection with autocommit off")
+        self.conn = conn
+        self.slot = slot
+        self.publication = quote_ident(publication)
+        self.fetch = fetch
+        self._cursor: psycopg.ServerCursor | None = None
+
+    def peek(self, upto: int) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(lsn, pgoutput bytes)`` of the transactions committed before ``upto``."""
+        cur = self.conn.cursor(name="bemi_tt_peek", binary=True)
+        self._cursor = cur
+        cur.itersize = self.fetch
+        try:
+            cur.execute(
+                "SELECT (lsn - '0/0'::pg_lsn)::bigint, data FROM pg_logical_slot_peek_binary_changes("
+                "%s, %s::pg_lsn, NULL, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+                (self.slot, format_lsn(upto), self.publication),
+            )
+            while True:
+                rows = cur.fetchmany(self.fetch)
+                if not rows:
+                    break
+                yield from rows
+        except psycopg.errors.UndefinedObject as exc:
+            raise SlotLostError(f"replication slot {self.slot!r} vanished while reading it: {exc}") from exc
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            raise SlotLostError(f"replication slot {self.slot!r} can no longer be read: {exc}") from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the peek: close the cursor and its transaction (needed before advancing)."""
+        cur, self._cursor = self._cursor, None
+        if cur is not None and not self.conn.closed:
+            try:
+                cur.close()
+            finally:
+                self.conn.rollback()
+
+
+def advance(conn: psycopg.Connection, slot: str, lsn: int) -> None:
+    """Move the slot's confirmed position to ``lsn`` (never backwards; only after the write committed)."""
+    conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, format_lsn(lsn)))

@@ -1,0 +1,491 @@
+"""Pure: decoded pgoutput messages of transactions → ``changes`` rows with their statement's context.
+
+Feed messages in stream order to :meth:`Stitcher.feed`; it returns the change rows (and column-set
+changes) each message produces. No I/O: what pgoutput does not say (a table's real primary key, the
+``format_type`` text of its columns, whether it is one of the worker's own tables) the caller passes
+to :meth:`Stitcher.add_relation` with the Relation message.
+
+Rules (docs/architecture.md, "message protocol"):
+
+- Context: every row change gets the last ``bemi`` message before it in its transaction, ``{}`` when
+  there is none. A message that is not a JSON object becomes ``{"_bemi_error": ..., "_bemi_raw": ...}``.
+- ``ordinal`` counts the changes of a transaction from 0; ``position`` is the change's LSN,
+  ``commit_position`` the commit LSN, ``committed_at`` the commit time.
+- ``primary_key``: the table's primary key (from the catalog, given by the caller; else the replica
+  identity key columns pgoutput flags, unless the identity is FULL): one column as its text, a composite
+  key as a compact JSON array of the typed values, e.g. ``[1,"a"]``. Tables without a key get NULL.
+- ``before``: the old row pgoutput sent — the whole row with REPLICA IDENTITY FULL, only the key columns
+  with the default identity (sent for DELETE, and for UPDATE only when the key changed), ``{}`` when none
+  (an UPDATE under the default identity that kept its key). ``after``: the new row, ``{}`` for DELETE.
+  A key change is an UPDATE whose ``primary_key`` is the new key and whose ``before`` holds the old one.
+- Unchanged TOAST values (pgoutput's ``'u'``) are taken from the old row when it was sent (FULL);
+  otherwise the column is left out of ``after`` and named in :attr:`ChangeRow.missing`, for the sink
+  to fill from the previous version of that row in ``changes``.
+- Tables without a key: with REPLICA IDENTITY FULL, UPDATE and DELETE carry the whole old row in
+  ``before`` and ``primary_key`` is NULL. With REPLICA IDENTITY NOTHING (or no key at all) PostgreSQL
+  refuses UPDATE/DELETE on a published table and pgoutput sends no DELETE, so only INSERT and TRUNCATE
+  can be recorded.
+- TRUNCATE: one row per truncated table, NULL ``primary_key``, ``{}`` before and after.
+- ``bemi_ddl`` messages (capture/ddl.py) and Relation messages whose column set differs from the last
+  one known for a table produce :class:`SchemaChange` rows for ``changes_schemas``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from capture.pgoutput import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Message,
+    PgOutputMessage,
+    Relation,
+    Truncate,
+    TupleValue,
+    Update,
+    pg_timestamp_to_datetime,
+)
+from capture.values import TypeInfo, ValueEncoder, row_json
+
+__all__ = [
+    "CONTEXT_PREFIX",
+    "DDL_PREFIX",
+    "ChangeRow",
+    "ColumnSpec",
+    "SchemaChange",
+    "Stitcher",
+    "parse_context",
+]
+
+CONTEXT_PREFIX = "bemi"
+DDL_PREFIX = "bemi_ddl"
+EMPTY = "{}"
+
+
+class ChangeRow(NamedTuple):
+    """One row of ``changes`` (columns in COPY order, without ``id``) plus TOAST columns to fill."""
+
+    primary_key: str | None
+    table: str
+    operation: str
+    before: str
+    after: str
+    context: str
+    committed_at: datetime
+    schema: str
+    database: str
+    transaction_id: int
+    position: int
+    commit_position: int
+    ordinal: int
+    missing: tuple[str, ...] = ()
+
+
+#: The ``changes`` columns a :class:`ChangeRow` fills, in its field order.
+CHANGE_COLUMNS = ChangeRow._fields[:13]
+
+
+class ColumnSpec(NamedTuple):
+    """One column of a table version as stored in ``changes_schemas.columns``."""
+
+    name: str
+    type: str
+    type_oid: int
+    key: bool
+
+
+@dataclass(frozen=True)
+class SchemaChange:
+    """A table's column set valid from ``(commit_position, ordinal)`` on; ``columns`` is JSON text."""
+
+    schema: str
+    table: str
+    commit_position: int
+    ordinal: int
+    committed_at: datetime
+    columns: str
+
+
+@dataclass
+class _Table:
+    relation: Relation
+    ignored: bool
+    names: tuple[str, ...] = ()
+    encoder: ValueEncoder | None = None
+    key_indexes: tuple[int, ...] = ()  # primary key columns (catalog, else replica identity)
+    identity_indexes: tuple[int, ...] = ()  # columns of a 'K' old tuple
+    full_identity: bool = False
+
+
+def _strip_nul(value: Any) -> Any:
+    """jsonb cannot hold U+0000: replace it by the visible text ``\\u0000`` inside strings."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _error_context(reason: str, content: bytes) -> str:
+    raw = content.decode("utf-8", "replace").replace("\x00", "\\u0000")
+    return json.dumps({"_bemi_error": reason, "_bemi_raw": raw}, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_context(content: bytes) -> str:
+    """A ``bemi`` message's content as JSON object text; a clearly marked error object if it is not one."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _error_context(f"context is not valid UTF-8: {exc.reason} at byte {exc.start}", content)
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        return _error_context(f"context is not valid JSON: {exc}", content)
+    if not isinstance(value, dict):
+        return _error_context(f"context must be a JSON object, got {type(value).__name__}", content)
+    if "\\u0000" in text:
+        value = _strip_nul(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class Stitcher:
+    """Turns a stream of decoded messages into change rows; keeps relations across transactions.
+
+    ``database`` is the source database's name; ``type_info`` maps type OIDs to
+    :class:`capture.values.TypeInfo` (see ``values.TYPE_INFO_QUERY``); ``known_columns`` maps
+    ``(schema, table)`` to the last column set recorded in ``changes_schemas``; ``ignored_tables`` are
+    the worker's own tables, whose DDL is not recorded.
+    """
+
+    database: str
+    type_info: Mapping[int, TypeInfo]
+    known_columns: dict[tuple[str, str], tuple[ColumnSpec, ...]] = field(default_factory=dict)
+    ignored_tables: set[tuple[str, str]] = field(default_factory=set)
+    _tables: dict[int, _Table] = field(default_factory=dict)
+    _xid: int = 0
+    _commit_lsn: int = 0
+    _committed_at: datetime | None = None
+    _ordinal: int = 0
+    _context: str = EMPTY
+    _last_content: bytes | None = None
+    _last_context: str = EMPTY
+    _in_transaction: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.database, str) or not self.database:
+            raise ValueError(f"database must be a non-empty str, got {self.database!r}")
+
+    # -- relations ---------------------------------------------------------------------------------
+    def add_relation(
+        self,
+        relation: Relation,
+        *,
+        primary_key: Sequence[str] | None = None,
+        type_names: Sequence[str] | None = None,
+        ignored: bool = False,
+    ) -> list[SchemaChange]:
+        """Register a Relation message; returns a schema change when its column set is new.
+
+        ``primary_key``: the table's primary key column names from the catalog (None: use the replica
+        identity key flags unless the identity is FULL). ``type_names``: ``format_type`` text of each
+        column (defaults to the type OID as text). ``ignored``: the worker's own tables.
+        """
+        if not isinstance(relation, Relation):
+            raise TypeError(f"add_relation() takes a Relation, got {type(relation).__name__}")
+        if ignored:
+            self._tables[relation.oid] = _Table(relation, True)
+            return []
+        columns = relation.columns
+        names = tuple(c.name for c in columns)
+        identity = tuple(i for i, c in enumerate(columns) if c.key)
+        full = relation.replica_identity == "f"
+        if primary_key is not None:
+            position = {name: i for i, name in enumerate(names)}
+            keys = tuple(position[name] for name in primary_key if name in position)
+            if len(keys) != len(primary_key):
+                keys = () if full else identity
+        else:
+            keys = () if full else identity
+        encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
+        self._tables[relation.oid] = _Table(relation, False, names, encoder, keys, identity, full)
+        if type_names is None:
+            type_names = [str(c.type_oid) for c in columns]
+        key_set = set(keys)
+        spec = tuple(
+            ColumnSpec(c.name, type_names[i], c.type_oid, i in key_set) for i, c in enumerate(columns)
+        )
+        return self._schema_change(relation.namespace, relation.name, spec, None)
+
+    def _schema_change(
+        self, schema: str, table: str, spec: tuple[ColumnSpec, ...], fills: Mapping[str, str] | None
+    ) -> list[SchemaChange]:
+        if self.known_columns.get((schema, table)) == spec and not fills:
+            return []
+        self.known_columns[(schema, table)] = spec
+        if self._committed_at is None:
+            return []
+        parts = []
+        for col in spec:
+            item = json.dumps(
+                {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+            if fills and col.name in fills:
+                item = f'{item[:-1]},"fill":{fills[col.name]}}}'
+            parts.append(item)
+        return [
+            SchemaChange(
+                schema,
+                table,
+                self._commit_lsn,
+                self._ordinal,
+                self._committed_at,
+                "[" + ",".join(parts) + "]",
+            )
+        ]
+
+    def _ddl(self, content: bytes) -> list[SchemaChange]:
+        try:
+            event = json.loads(content.decode("utf-8"))
+            schema, table = str(event["schema"]), str(event["table"])
+            columns = event.get("columns")
+        except (ValueError, KeyError, TypeError):
+            return []  # not ours to interpret; never stop the worker
+        if (schema, table) in self.ignored_tables:
+            return []
+        if columns is None:  # a dropped table: nothing to record
+            self.known_columns.pop((schema, table), None)
+            return []
+        spec = []
+        fills: dict[str, str] = {}
+        for col in columns:
+            spec.append(
+                ColumnSpec(str(col["name"]), str(col["type"]), int(col["type_oid"]), bool(col["key"]))
+            )
+            fill = col.get("fill_text")
+            if fill is not None:
+                encoder = ValueEncoder([int(col["type_oid"])], self.type_info)
+                fills[str(col["name"])] = encoder.value_json(0, str(fill).encode())
+        return self._schema_change(schema, table, tuple(spec), fills)
+
+    # -- the stream --------------------------------------------------------------------------------
+    def feed(self, lsn: int, message: PgOutputMessage) -> list[ChangeRow | SchemaChange]:
+        """Process one message at ``lsn``; return the rows it produces (usually zero or one)."""
+        kind = type(message)
+        if kind is Insert or kind is Update or kind is Delete:
+            row = self._change(lsn, message)  # type: ignore[arg-type]
+            return [] if row is None else [row]
+        if kind is Message:
+            assert isinstance(message, Message)
+            if not message.transactional or not self._in_transaction:
+                return []
+            if message.prefix == CONTEXT_PREFIX:
+                content = message.content
+                if content != self._last_content:
+                    self._last_content = content
+                    self._last_context = parse_context(content)
+                self._context = self._last_context
+            elif message.prefix == DDL_PREFIX:
+                return list(self._ddl(message.content))
+            return []
+        if kind is Begin:
+            assert isinstance(message, Begin)
+            self._xid = message.xid
+            self._commit_lsn = message.final_lsn
+            self._committed_at = pg_timestamp_to_datetime(message.commit_time)
+            self._ordinal = 0
+            self._context = EMPTY
+            self._in_transaction = True
+            return []
+        if kind is Commit:
+            self._in_transaction = False
+            self._committed_at = None
+            return []
+        if kind is Relation:
+            assert isinstance(message, Relation)
+            if message.oid in self._tables and self._tables[message.oid].relation == message:
+                return []
+            return list(self.add_relation(message))
+        if kind is Truncate:
+            assert isinstance(message, Truncate)
+            return list(self._truncate(lsn, message))
+        return []  # Origin, Type: nothing to record
+
+    def feed_all(self, messages: Iterable[tuple[int, PgOutputMessage]]) -> list[ChangeRow | SchemaChange]:
+        """Convenience for tests and small streams: feed every ``(lsn, message)`` pair."""
+        out: list[ChangeRow | SchemaChange] = []
+        for lsn, message in messages:
+            out.extend(self.feed(lsn, message))
+        return out
+
+    def knows(self, relation_oid: int) -> bool:
+        """Whether a Relation message for ``relation_oid`` was registered."""
+        return relation_oid in self._tables
+
+    def _table(self, oid: int) -> _Table:
+        try:
+            return self._tables[oid]
+        except KeyError:
+            raise ValueError(f"change for relation {oid} before its Relation message") from None
+
+    def _next(self) -> int:
+        ordinal = self._ordinal
+        self._ordinal = ordinal + 1
+        return ordinal
+
+    def _truncate(self, lsn: int, message: Truncate) -> list[ChangeRow]:
+        rows = []
+        assert self._committed_at is not None
+        for oid in message.relation_oids:
+            table = self._table(oid)
+            if table.ignored:
+                continue
+            rel = table.relation
+            rows.append(
+                ChangeRow(
+                    None,
+                    rel.name,
+                    "TRUNCATE",
+                    EMPTY,
+                    EMPTY,
+                    self._context,
+                    self._committed_at,
+                    rel.namespace,
+                    self.database,
+                    self._xid,
+                    lsn,
+                    self._commit_lsn,
+                    self._next(),
+                )
+            )
+        return rows
+
+    def _key(
+        self, table: _Table, values: Sequence[TupleValue], fallback: Sequence[TupleValue] | None
+    ) -> str | None:
+        keys = table.key_indexes
+        if not keys:
+            return None
+        if len(keys) == 1:
+            raw = values[keys[0]]
+            if not isinstance(raw, bytes) and fallback is not None:
+                raw = fallback[keys[0]]
+            return raw.decode() if isinstance(raw, bytes) else None
+        assert table.encoder is not None
+        parts = []
+        for i in keys:
+            raw = values[i]
+            if raw is UNCHANGED and fallback is not None:
+                raw = fallback[i]
+            if raw is UNCHANGED:
+                return None
+            parts.append(table.encoder.value_json(i, raw))
+        return "[" + ",".join(parts) + "]"
+
+    def _row(
+        self, table: _Table, values: Sequence[TupleValue], indexes: Iterable[int] | None = None
+    ) -> tuple[str, tuple[str, ...]]:
+        """JSON object of ``values`` (only ``indexes`` if given) and the names of unchanged-TOAST columns."""
+        encoder = table.encoder
+        assert encoder is not None
+        if indexes is None and UNCHANGED not in values:
+            return encoder.row_json(values), ()  # type: ignore[arg-type]
+        encode = encoder.value_json
+        names = table.names
+        out_names: list[str] = []
+        fragments: list[str] = []
+        missing: list[str] = []
+        for i in range(len(values)) if indexes is None else indexes:
+            raw = values[i]
+            if raw is UNCHANGED:
+                missing.append(names[i])
+                continue
+            out_names.append(names[i])
+            fragments.append(encode(i, raw))
+        return row_json(out_names, fragments), tuple(missing)
+
+    def _change(self, lsn: int, message: Insert | Update | Delete) -> ChangeRow | None:
+        table = self._table(message.relation_oid)
+        if table.ignored:
+            return None
+        committed_at = self._committed_at
+        if committed_at is None:
+            raise ValueError(f"row change at lsn {lsn} outside a transaction (no Begin before it)")
+        rel = table.relation
+        if type(message) is Insert:
+            after, missing = self._row(table, message.new)
+            return ChangeRow(
+                self._key(table, message.new, None),
+                rel.name,
+                "CREATE",
+                EMPTY,
+                after,
+                self._context,
+                committed_at,
+                rel.namespace,
+                self.database,
+                self._xid,
+                lsn,
+                self._commit_lsn,
+                self._next(),
+                missing,
+            )
+        if type(message) is Update:
+            old = message.old
+            new = message.new
+            before = EMPTY
+            if old is not None:
+                indexes = table.identity_indexes if message.old_kind == "K" else None
+                before, _ = self._row(table, old, indexes)
+                if message.old_kind == "O" and UNCHANGED in new:
+                    new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
+            after, missing = self._row(table, new)
+            return ChangeRow(
+                self._key(table, new, old),
+                rel.name,
+                "UPDATE",
+                before,
+                after,
+                self._context,
+                committed_at,
+                rel.namespace,
+                self.database,
+                self._xid,
+                lsn,
+                self._commit_lsn,
+                self._next(),
+                missing,
+            )
+        assert isinstance(message, Delete)
+        indexes = table.identity_indexes if message.old_kind == "K" else None
+        before, _ = self._row(table, message.old, indexes)
+        return ChangeRow(
+            self._key(table, message.old, None),
+            rel.name,
+            "DELETE",
+            before,
+            EMPTY,
+            self._context,
+            committed_at,
+            rel.namespace,
+            self.database,
+            self._xid,
+            lsn,
+            self._commit_lsn,
+            self._next(),
+        )

@@ -1,0 +1,615 @@
+"""The capture loop: server checks, publication and slot set-up, snapshot, batches, signals, status.
+
+One iteration reads everything committed up to the current flushed WAL position with one peek call
+(capture/source.py), stitches it (capture/stitch.py) and writes it (capture/sink.py), committing the
+destination every ``batch_changes`` changes at a transaction boundary; once the peek is finished the slot
+is advanced. Source transactions already recorded in ``changes_positions`` are skipped, so restarts
+after any crash resume exactly where the last destination commit stopped.
+
+Own tables: when the destination is the source database, the worker's tables (``changes``,
+``changes_schemas``, ``changes_positions`` in the destination schema) are decoded by the all-tables
+publication and ignored (see capture/source.py for why and what it costs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from capture import source as src
+from capture.ddl import ddl_tracking_installed, install_ddl_tracking
+from capture.errors import ConfigurationError, SlotLostError
+from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
+from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
+from capture.sink import POSITIONS_TABLE, Position, Sink
+from capture.snapshot import write_snapshot
+from capture.stitch import ChangeRow, SchemaChange, Stitcher
+from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info
+
+__all__ = ["CaptureStats", "resolve_dsn", "run", "status"]
+
+log = logging.getLogger("capture")
+
+#: Session settings the value conversion relies on (capture/values.py).
+SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres"
+_B, _C, _R = ord("B"), ord("C"), ord("R")
+_IDLE_MIN, _IDLE_MAX = 0.02, 0.5
+_RETRY_MAX = 30.0
+
+
+@dataclass
+class CaptureStats:
+    """What one ``run`` did."""
+
+    changes: int = 0
+    transactions: int = 0
+    batches: int = 0
+    snapshot_rows: int = 0
+    skipped_transactions: int = 0
+    last_commit_position: int | None = None
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.changes / self.seconds if self.seconds else 0.0
+        return (
+            f"captured {self.changes} changes in {self.transactions} transactions "
+            f"({self.batches} batches, {self.snapshot_rows} snapshot rows) in {self.seconds:.1f} s"
+            f" ({rate:,.0f} changes/s)"
+        )
+
+
+def resolve_dsn(dsn: str | None) -> str:
+    """``dsn``, else ``BEMI_TT_DSN``, else ``DB_HOST``/``DB_PORT``/``DB_NAME``/``DB_USER``/``DB_PASSWORD``."""
+    if dsn is not None:
+        if not isinstance(dsn, str) or not dsn.strip():
+            raise ConfigurationError(f"dsn must be a non-empty connection string or URL, got {dsn!r}")
+        return dsn
+    env = os.environ.get("BEMI_TT_DSN")
+    if env:
+        return env
+    parts = {
+        key: os.environ.get(f"DB_{name}")
+        for key, name in (
+            ("host", "HOST"),
+            ("port", "PORT"),
+            ("dbname", "NAME"),
+            ("user", "USER"),
+            ("password", "PASSWORD"),
+        )
+    }
+    parts = {k: v for k, v in parts.items() if v}
+    if not parts:
+        raise ConfigurationError(
+            "no database given: pass --dsn postgresql://user@host/db, or set BEMI_TT_DSN, or DB_HOST, "
+            "DB_PORT, DB_NAME, DB_USER and DB_PASSWORD"
+        )
+    return make_conninfo(**parts)
+
+
+def _describe(dsn: str) -> str:
+    """Where ``dsn`` points, without its password (for logs)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparsable dsn>"
+    return f"{params.get('user') or ''}@{params.get('host') or 'localhost'}/{params.get('dbname') or ''}"
+
+
+def _connect(dsn: str, *, autocommit: bool) -> psycopg.Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, options=SESSION_OPTIONS, connect_timeout=10)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid connection string for {_describe(dsn)}: {exc}") from None
+
+
+def _identity(conn: psycopg.Connection) -> tuple[Any, ...]:
+    row = conn.execute("SELECT system_identifier, current_database() FROM pg_control_system()").fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+@contextmanager
+def _signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` (finish the batch, exit 0) when running on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        log.info("signal %s: finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class _Session:
+    """Connections and state of one connected run (rebuilt after a reconnect)."""
+
+    source_dsn: str
+    destination_dsn: str
+    slot: str
+    publication: str
+    schema: str
+    batch_changes: int
+    meta: psycopg.Connection
+    reader: src.SlotReader
+    sink: Sink
+    database: str
+    own: frozenset[tuple[str, str]]
+    type_info: dict[int, TypeInfo] = field(default_factory=dict)
+    relations: dict[Relation, tuple[list[str] | None, list[str]]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for conn in (self.reader.conn, self.sink.conn, self.meta):
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                log.debug("error closing a connection", exc_info=True)
+
+    def ignored(self, schema: str, table: str) -> bool:
+        return (schema, table) in self.own
+
+    def load_types(self) -> None:
+        self.type_info = load_type_info(self.meta.execute(TYPE_INFO_QUERY).fetchall())
+
+    def describe(self, rel: Relation) -> tuple[list[str] | None, list[str]]:
+        """(primary key column names from the catalog or None, format_type text per column)."""
+        known = self.relations.get(rel)
+        if known is not None:
+            return known
+        if any(c.type_oid not in self.type_info for c in rel.columns):
+            self.load_types()
+        row = self.meta.execute(
+            "SELECT (SELECT array_agg(format_type(t.oid, t.mod) ORDER BY t.n)"
+            "   FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS t(oid, mod, n)),"
+            " (SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i,"
+            "   unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
+            "   JOIN pg_attribute a ON a.attnum = k.attnum"
+            "   WHERE i.indrelid = %s AND i.indisprimary AND a.attrelid = %s)",
+            ([c.type_oid for c in rel.columns], [c.type_modifier for c in rel.columns], rel.oid, rel.oid),
+        ).fetchone()
+        assert row is not None
+        types = list(row[0] or [])
+        result = (list(row[1]) if row[1] else None, types)
+        self.relations[rel] = result
+        return result
+
+
+def _open(
+    source_dsn: str,
+    destination_dsn: str,
+    *,
+    slot: str,
+    publication: str,
+    schema: str,
+    batch_changes: int,
+    snapshot: bool | None,
+    stats: CaptureStats,
+) -> _Session:
+    """Connect, check the server, set up publication, slot, destination tables and the snapshot."""
+    meta = _connect(source_dsn, autocommit=True)
+    try:
+        src.check_server(meta)
+        database = str(meta.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
+        superuser = bool(
+            meta.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+        )  # type: ignore[index]
+        sink_conn = _connect(destination_dsn, autocommit=False)
+        sink = Sink(sink_conn, slot, schema=schema)
+        sink.setup()
+        same = _identity(meta) == _identity(sink_conn)
+        sink_conn.rollback()
+        own = (
+            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE))
+            if same
+            else frozenset()
+        )
+        if src.ensure_publication(meta, publication):
+            log.info("created publication %s for all tables", publication)
+        if not ddl_tracking_installed(meta):
+            if superuser:
+                install_ddl_tracking(meta)
+                log.info("installed schema-change tracking (event triggers bemi_tt_ddl, bemi_tt_drop)")
+            else:
+                log.warning("schema-change tracking is not installed: run bemi-tt install as a superuser")
+        position = sink.position()
+        info = src.slot_info(meta, slot)
+        if info is None and position is not None and position.end_position > 0 and not snapshot:
+            raise SlotLostError(
+                f"replication slot {slot!r} is gone but {_describe(destination_dsn)} holds changes captured "
+                "through it: changes made meanwhile are lost; restart with --snapshot to create a new slot "
+                "and record the current rows"
+            )
+        info, created = src.ensure_slot(meta, slot, database)
+        if created:
+            log.info("created replication slot %s at %s", slot, format_lsn(info.confirmed_flush))
+        reader_conn = _connect(source_dsn, autocommit=False)
+        session = _Session(
+            source_dsn,
+            destination_dsn,
+            slot,
+            publication,
+            schema,
+            batch_changes,
+            meta,
+            src.SlotReader(reader_conn, slot, publication),
+            sink,
+            database,
+            own,
+        )
+        session.load_types()
+        first = position is None or (position.end_position == 0 and position.snapshot_position is None)
+        if snapshot or (snapshot is None and first):
+            rows = write_snapshot(
+                source_dsn,
+                slot=slot,
+                publication=publication,
+                sink=sink,
+                database=database,
+                type_info=session.type_info,
+                ignored=session.ignored,
+                session_options=SESSION_OPTIONS,
+            )
+            stats.snapshot_rows += rows
+            log.info("snapshot: %d rows", rows)
+        return session
+    except BaseException:
+        meta.close()
+        raise
+
+
+def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event, stats: CaptureStats) -> bool:
+    """Read and write every transaction committed before ``upto``; True when the peek was finished."""
+    stitcher = Stitcher(
+        session.database, session.type_info, session.sink.known_columns(), ignored_tables=set(session.own)
+    )
+    sink = session.sink
+    batch = session.batch_changes
+    skipping = False
+    written = 0
+    transactions = 0
+    started = time.monotonic()
+    committed_at: datetime | None = None
+    feed = stitcher.feed
+    write = sink.write
+    finished = False
+    try:
+        for lsn, data in session.reader.peek(upto):
+            kind = data[0]
+            if skipping and kind != _B and kind != _C and kind != _R:
+                continue
+            message = decode(data)
+            if kind == _R:
+                assert isinstance(message, Relation)
+                key, types = session.describe(message)
+                changes = stitcher.add_relation(
+                    message,
+                    primary_key=key,
+                    type_names=types,
+                    ignored=session.ignored(message.namespace, message.name),
+                )
+                if not skipping:
+                    for change in changes:
+                        sink.write_schema(change)
+                continue
+            if kind == _B:
+                assert isinstance(message, Begin)
+                skipping = message.final_lsn <= last[0]
+                if skipping:
+                    stats.skipped_transactions += 1
+                feed(lsn, message)
+                continue
+            if kind == _C:
+                assert isinstance(message, Commit)
+                feed(lsn, message)
+                if skipping:
+                    continue
+                committed_at = _when(message.commit_time)
+                sink.mark(message.commit_lsn, message.end_lsn, committed_at)
+                transactions += 1
+                if sink.pending >= batch or stop.is_set():
+                    written += _commit(session, last, stats, transactions, upto, started, committed_at)
+                    transactions = 0
+                    started = time.monotonic()
+                    if stop.is_set():
+                        break
+                continue
+            for out in feed(lsn, message):
+                if type(out) is ChangeRow:
+                    write(out)
+                else:
+                    assert isinstance(out, SchemaChange)
+                    sink.write_schema(out)
+        else:
+            finished = True
+        if transactions:
+            written += _commit(session, last, stats, transactions, upto, started, committed_at)
+        else:
+            sink.rollback()
+    finally:
+        session.reader.close()
+    return finished
+
+
+def _when(commit_time: int) -> datetime:
+    from capture.pgoutput import pg_timestamp_to_datetime
+
+    return pg_timestamp_to_datetime(commit_time)
+
+
+def _commit(
+    session: _Session,
+    last: list[int],
+    stats: CaptureStats,
+    transactions: int,
+    upto: int,
+    started: float,
+    committed_at: datetime | None,
+) -> int:
+    count = session.sink.pending
+    done = session.sink.commit()
+    if done is not None:
+        last[0], last[1] = done
+    stats.changes += count
+    stats.transactions += transactions
+    stats.batches += 1
+    stats.last_commit_position = last[0]
+    lag = (datetime.now(timezone.utc) - committed_at).total_seconds() if committed_at else 0.0
+    elapsed = time.monotonic() - started
+    log.info(
+        "wrote %d changes in %d transactions up to %s (%.0f changes/s); lag %s bytes, %.3f s",
+        count,
+        transactions,
+        format_lsn(last[0]),
+        count / elapsed if elapsed > 0 else 0.0,
+        max(upto - last[1], 0),
+        lag,
+    )
+    return count
+
+
+def _advance(session: _Session, lsn: int) -> None:
+    info = src.slot_info(session.meta, session.slot)
+    if info is None:
+        raise SlotLostError(
+            f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
+        )
+    src.check_slot(info, session.database)
+    if lsn > info.confirmed_flush:
+        src.advance(session.meta, session.slot, lsn)
+
+
+def _flushed(meta: psycopg.Connection) -> int:
+    row = meta.execute("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _maybe_export(
+    destination: str, export_to: str | None, every: float, state: dict[str, float], force: bool = False
+) -> None:
+    if export_to is None:
+        return
+    now = time.monotonic()
+    if not force and now - state.get("last", 0.0) < every:
+        return
+    state["last"] = now
+    try:
+        from capture.export import export_parquet
+    except ImportError:  # pragma: no cover - the export module ships with the package
+        log.warning("capture.export is not available: --export-to ignored")
+        return
+    export_parquet(destination, export_to, progress=False)
+
+
+def run(
+    dsn: str | None = None,
+    *,
+    destination: str | None = None,
+    once: bool = False,
+    snapshot: bool | None = None,
+    slot: str = "bemi_tt",
+    publication: str = "bemi_tt",
+    export_to: str | None = None,
+    export_every: float = 60.0,
+    batch_changes: int = 50_000,
+    stop: threading.Event | None = None,
+    schema: str = "public",
+) -> CaptureStats:
+    """Capture changes from ``dsn`` into ``changes`` at ``destination`` (default: the same database).
+
+    ``once``: drain what was committed before the call, then return. Otherwise run until ``stop`` is set
+    or SIGTERM/SIGINT arrives (the current batch is finished). ``snapshot``: None records the existing rows
+    on the first start only; True records them again; False never.
+    """
+    source_dsn = resolve_dsn(dsn)
+    destination_dsn = source_dsn if destination is None else resolve_dsn(destination)
+    for label, value in (("slot", slot), ("publication", publication), ("schema", schema)):
+        if not isinstance(value, str) or not value:
+            raise ConfigurationError(f"{label} must be a non-empty name, got {value!r}")
+    if not isinstance(batch_changes, int) or isinstance(batch_changes, bool) or batch_changes < 1:
+        raise ConfigurationError(f"batch_changes must be a positive integer, got {batch_changes!r}")
+    if not isinstance(export_every, (int, float)) or export_every <= 0:
+        raise ConfigurationError(f"export_every must be a positive number of seconds, got {export_every!r}")
+    if snapshot is not None and not isinstance(snapshot, bool):
+        raise ConfigurationError(f"snapshot must be True, False or None, got {snapshot!r}")
+    stop = stop if stop is not None else threading.Event()
+    stats = CaptureStats()
+    started = time.monotonic()
+    export_state: dict[str, float] = {"last": time.monotonic()}
+    with _signals(stop):
+        retry = 0.5
+        target: list[int | None] = [None]
+        while not stop.is_set():
+            session: _Session | None = None
+            try:
+                session = _open(
+                    source_dsn,
+                    destination_dsn,
+                    slot=slot,
+                    publication=publication,
+                    schema=schema,
+                    batch_changes=batch_changes,
+                    snapshot=snapshot,
+                    stats=stats,
+                )
+                snapshot = False  # done (or not wanted): never again after a reconnect
+                log.info(
+                    "capturing %s (slot %s, publication %s) into %s",
+                    _describe(source_dsn),
+                    slot,
+                    publication,
+                    _describe(destination_dsn),
+                )
+                _loop(session, once, stop, stats, export_to, export_every, export_state, target)
+                break
+            except psycopg.OperationalError as exc:
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.warning("connection lost (%s); reconnecting in %.1f s", message, retry)
+                if stop.wait(retry):
+                    break
+                retry = min(retry * 2, _RETRY_MAX)
+            finally:
+                if session is not None:
+                    session.close()
+        _maybe_export(destination_dsn, export_to, export_every, export_state, force=export_to is not None)
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def _loop(
+    session: _Session,
+    once: bool,
+    stop: threading.Event,
+    stats: CaptureStats,
+    export_to: str | None,
+    export_every: float,
+    export_state: dict[str, float],
+    target_box: list[int | None],
+) -> None:
+    position = session.sink.position()
+    last = [position.commit_position, position.end_position] if position else [0, 0]
+    if once and target_box[0] is None:
+        target_box[0] = _flushed(session.meta)
+    idle = _IDLE_MIN
+    while not stop.is_set():
+        info = src.slot_info(session.meta, session.slot)
+        if info is None:
+            raise SlotLostError(
+                f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
+            )
+        src.check_slot(info, session.database)
+        if once:
+            upto = target_box[0]
+            assert upto is not None
+            if info.confirmed_flush >= upto:
+                return
+        else:
+            upto = _flushed(session.meta)
+        if upto <= info.confirmed_flush:
+            _maybe_export(session.destination_dsn, export_to, export_every, export_state)
+            stop.wait(idle)
+            idle = min(idle * 2, _IDLE_MAX)
+            continue
+        idle = _IDLE_MIN
+        if _drain(session, upto, last, stop, stats):
+            _advance(session, upto)
+        elif last[1]:
+            _advance(session, last[1])
+        _maybe_export(session.destination_dsn, export_to, export_every, export_state)
+        if once and _advance_done(session, upto):
+            return
+
+
+def _advance_done(session: _Session, upto: int) -> bool:
+    info = src.slot_info(session.meta, session.slot)
+    return info is not None and info.confirmed_flush >= upto
+
+
+def status(
+    dsn: str | None = None, *, destination: str | None = None, slot: str = "bemi_tt", schema: str = "public"
+) -> dict[str, object]:
+    """Slot lag and retained WAL (bytes), last captured commit time, changes count, and warnings."""
+    source_dsn = resolve_dsn(dsn)
+    destination_dsn = source_dsn if destination is None else resolve_dsn(destination)
+    if not isinstance(slot, str) or not slot:
+        raise ConfigurationError(f"slot must be a non-empty name, got {slot!r}")
+    result: dict[str, object] = {"slot": slot}
+    warnings: list[str] = []
+    with _connect(source_dsn, autocommit=True) as conn:
+        info = src.slot_info(conn, slot)
+    if info is None:
+        result.update(active=False, lag_bytes=None, retained_wal_bytes=None, wal_status=None)
+        warnings.append(f"replication slot {slot!r} does not exist: start bemi-tt capture")
+    else:
+        result.update(
+            active=info.active_pid is not None,
+            wal_status=info.wal_status,
+            lag_bytes=max(info.current - info.confirmed_flush, 0),
+            retained_wal_bytes=max(info.current - info.restart, 0),
+            confirmed_position=format_lsn(info.confirmed_flush),
+        )
+        if info.active_pid is None:
+            warnings.append(
+                f"replication slot {slot!r} is inactive: no capture worker is reading it, and it "
+                "retains WAL until one does"
+            )
+        if info.wal_status == "lost":
+            warnings.append(
+                f"replication slot {slot!r} is lost: changes are missing; restart with --snapshot"
+            )
+    with _connect(destination_dsn, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL",
+            (f"{_qualified(schema, CHANGES_TABLE)}", f"{_qualified(schema, POSITIONS_TABLE)}"),
+        ).fetchone()
+        assert exists is not None
+        changes = None
+        position: Position | None = None
+        if exists[0]:
+            row = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, CHANGES_TABLE))
+            ).fetchone()
+            changes = int(row[0]) if row else 0
+        if exists[1]:
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT commit_position, end_position, committed_at, snapshot_position FROM {}"
+                    " WHERE slot = %s"
+                ).format(sql.Identifier(schema, POSITIONS_TABLE)),
+                (slot,),
+            ).fetchone()
+            position = Position(*row) if row else None
+    result["changes"] = changes
+    result["last_captured_commit"] = (
+        position.committed_at.isoformat() if position and position.committed_at else None
+    )
+    result["last_captured_position"] = format_lsn(position.commit_position) if position else None
+    if changes is None:
+        warnings.append(f"no {CHANGES_TABLE} table in {_describe(destination_dsn)}: start bemi-tt capture")
+    result["warnings"] = warnings
+    return result
+
+
+def _qualified(schema: str, table: str) -> str:
+    return sql.Identifier(schema, table).as_string(None)
