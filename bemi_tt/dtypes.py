@@ -1,0 +1,227 @@
+"""PostgreSQL column types → pandas dtypes, and typed JSON rows (as ``changes.after`` holds them) → columns.
+
+The mapping (one place): ``smallint/integer/bigint`` → ``Int16/Int32/Int64``; ``boolean`` → ``boolean``;
+``real/double precision`` → ``float32/float64``; ``numeric`` → ``object`` of exact ``decimal.Decimal``
+(as psycopg and SQLAlchemy return it; pandas has no exact decimal dtype); ``timestamp with time zone`` →
+``datetime64[us, UTC]``; ``timestamp`` → ``datetime64[us]``; ``date``/``time`` → ``object`` of
+``datetime.date``/``datetime.time``; ``json/jsonb`` → ``object`` of dicts/lists; arrays → ``object`` of
+lists; ``bytea`` → ``object`` of ``bytes``; text, uuid, enums, intervals and the rest → ``string``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, time
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pajson
+
+__all__ = ["ColumnType", "column_type", "frame_from_json", "infer_type", "parse_json"]
+
+_PARAMS = re.compile(r"\([^)]*\)")
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    """How one PostgreSQL type becomes a pandas column."""
+
+    pg_type: str
+    dtype: Any  # the pandas dtype of the column
+    arrow: pa.DataType | None  # fast path: what the Arrow JSON reader parses it as (None: Python path)
+    convert: Callable[[Any], Any]  # Python path: JSON value (floats as Decimal) → Python value
+
+
+def _decimal(v: Any) -> Any:
+    return v if isinstance(v, Decimal) else Decimal(str(v))
+
+
+def _float(v: Any) -> float:
+    return float(v)
+
+
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _timestamp_tz(v: Any) -> Any:
+    try:
+        return pd.Timestamp(v).tz_convert("UTC").as_unit("us")
+    except (ValueError, TypeError):
+        return pd.NaT  # 'infinity', BC dates: outside what pandas holds
+
+
+def _timestamp(v: Any) -> Any:
+    try:
+        return pd.Timestamp(v).as_unit("us")
+    except (ValueError, TypeError):
+        return pd.NaT
+
+
+def _date(v: Any) -> Any:
+    try:
+        return date.fromisoformat(v)
+    except (ValueError, TypeError):
+        return v
+
+
+def _time(v: Any) -> Any:
+    try:
+        return time.fromisoformat(v)
+    except (ValueError, TypeError):
+        return v
+
+
+def _bytes(v: Any) -> Any:
+    return bytes.fromhex(v[2:]) if isinstance(v, str) and v.startswith("\\x") else v
+
+
+def _json_value(v: Any) -> Any:
+    """Nested json/jsonb: numbers as Python parses them (floats), like psycopg's json loader."""
+    if isinstance(v, Decimal):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def column_type(pg_type: str) -> ColumnType:
+    """The :class:`ColumnType` of a ``format_type`` text such as ``numeric(10,2)`` or ``integer[]``."""
+    text = pg_type.strip().lower()
+    if text.endswith("[]"):
+        element = column_type(text[:-2])
+        elem_convert = element.convert
+        if element.dtype == "datetime64[us, UTC]" or element.dtype == "datetime64[us]":
+            def elem_convert(v: Any, _c: Callable[[Any], Any] = element.convert) -> Any:
+                value = _c(v)
+                return value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
+
+        def convert_array(v: Any) -> Any:
+            if isinstance(v, list):
+                return [None if x is None else convert_array(x) if isinstance(x, list) else elem_convert(x)
+                        for x in v]
+            return v
+
+        return ColumnType(pg_type, object, None, convert_array)
+    params = _PARAMS.search(text)
+    base = _PARAMS.sub("", text).strip()
+    if base in ("smallint", "int2"):
+        return ColumnType(pg_type, pd.Int16Dtype(), pa.int16(), int)
+    if base in ("integer", "int", "int4"):
+        return ColumnType(pg_type, pd.Int32Dtype(), pa.int32(), int)
+    if base in ("bigint", "int8"):
+        return ColumnType(pg_type, pd.Int64Dtype(), pa.int64(), int)
+    if base in ("boolean", "bool"):
+        return ColumnType(pg_type, pd.BooleanDtype(), pa.bool_(), bool)
+    if base in ("real", "float4"):
+        return ColumnType(pg_type, np.dtype("float32"), pa.float32(), _float)
+    if base in ("double precision", "float8", "float"):
+        return ColumnType(pg_type, np.dtype("float64"), pa.float64(), _float)
+    if base in ("numeric", "decimal"):
+        arrow = None
+        if params:
+            parts = [p.strip() for p in params.group(0)[1:-1].split(",")]
+            precision = int(parts[0])
+            scale = int(parts[1]) if len(parts) > 1 else 0
+            if precision <= 38 and 0 <= scale <= precision:
+                arrow = pa.decimal128(precision, scale)
+        return ColumnType(pg_type, object, arrow, _decimal)
+    if base in ("timestamp with time zone", "timestamptz"):
+        return ColumnType(pg_type, "datetime64[us, UTC]", pa.timestamp("us", tz="UTC"), _timestamp_tz)
+    if base in ("timestamp without time zone", "timestamp"):
+        return ColumnType(pg_type, "datetime64[us]", pa.timestamp("us"), _timestamp)
+    if base == "date":
+        return ColumnType(pg_type, object, None, _date)
+    if base in ("time without time zone", "time"):
+        return ColumnType(pg_type, object, None, _time)
+    if base in ("json", "jsonb"):
+        return ColumnType(pg_type, object, None, _json_value)
+    if base == "bytea":
+        return ColumnType(pg_type, object, None, _bytes)
+    return ColumnType(pg_type, pd.StringDtype(), pa.string(), _str)
+
+
+def infer_type(value: Any) -> str:
+    """A PostgreSQL type name for a JSON value, used when a source has no column types for a table."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "bigint"
+    if isinstance(value, Decimal):
+        return "numeric"
+    if isinstance(value, float):
+        return "double precision"
+    if isinstance(value, (dict, list)):
+        return "jsonb"
+    return "text"
+
+
+def parse_json(text: str) -> Any:
+    """Typed JSON text → Python, numbers with a fraction as exact ``Decimal``."""
+    return json.loads(text, parse_float=Decimal)
+
+
+def _python_column(rows: Sequence[dict[str, Any]], name: str, kind: ColumnType) -> pd.Series:
+    convert = kind.convert
+    values = [None if (v := row.get(name)) is None else convert(v) for row in rows]
+    if kind.dtype is object:
+        series = pd.Series(values, dtype=object)
+        return series.where(series.notna(), None) if len(series) else series
+    if isinstance(kind.dtype, str) and kind.dtype.startswith("datetime64"):
+        return pd.Series(pd.array([pd.NaT if v is None else v for v in values], dtype=kind.dtype))
+    if isinstance(kind.dtype, np.dtype):
+        return pd.Series([np.nan if v is None else v for v in values], dtype=kind.dtype)
+    return pd.Series(pd.array(values, dtype=kind.dtype))
+
+
+_MAPPER = {pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
+           pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype(), pa.large_string(): pd.StringDtype()}
+
+
+def _arrow_columns(lines: bytes, fields: list[tuple[str, ColumnType]]) -> dict[str, pd.Series]:
+    schema = pa.schema([pa.field(name, kind.arrow) for name, kind in fields if kind.arrow is not None])
+    table = pajson.read_json(io.BytesIO(lines), parse_options=pajson.ParseOptions(
+        explicit_schema=schema, unexpected_field_behavior="ignore"))
+    out: dict[str, pd.Series] = {}
+    for name, kind in fields:
+        column = table[name]
+        if pa.types.is_decimal(column.type):
+            out[name] = pd.Series(column.to_pylist(), dtype=object)
+        elif pa.types.is_timestamp(column.type):
+            out[name] = pd.Series(column.to_pandas(coerce_temporal_nanoseconds=False)).astype(kind.dtype)
+        else:
+            out[name] = pd.Series(column.to_pandas(types_mapper=_MAPPER.get)).astype(kind.dtype)
+    return out
+
+
+def frame_from_json(afters: Sequence[str], columns: Sequence[tuple[str, ColumnType]]) -> pd.DataFrame:
+    """A DataFrame with one typed column per ``(name, type)`` from JSON object texts (absent keys → NULL).
+
+    Arrow's JSON reader parses the columns it can (numerics exactly, at the column's scale); the rest,
+    and everything when Arrow refuses a value (``"NaN"``, ``"infinity"``), go through Python.
+    """
+    fast = [(n, k) for n, k in columns if k.arrow is not None]
+    slow = [(n, k) for n, k in columns if k.arrow is None]
+    result: dict[str, pd.Series] = {}
+    if fast and afters:
+        try:
+            result = _arrow_columns("\n".join(afters).encode(), fast)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            slow = list(columns)
+    elif fast:
+        slow = list(columns)
+    if slow:
+        rows = [parse_json(a) for a in afters]
+        for name, kind in slow:
+            result[name] = _python_column(rows, name, kind)
+    frame = pd.DataFrame({name: result[name] for name, _ in columns}, index=pd.RangeIndex(len(afters)))
+    return frame

@@ -1,0 +1,541 @@
+"""Where the analysis API reads changes from: PostgreSQL ``changes``, a Parquet export, or memory.
+
+Every source does one thing: put the rows of ``changes`` (optionally one table's, up to a time) and of
+``changes_schemas`` into a DuckDB connection, so every operation runs the same SQL on every source.
+``connect(url_or_dir)`` sets the default source; the ``BEMI_TT_SOURCE`` environment variable does too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time, timezone
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import duckdb
+import pandas as pd
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from psycopg import sql
+
+from bemi_tt.timestamps import to_utc
+from capture.errors import ConfigurationError, SourceError
+from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, SCHEMAS_TABLE, changes_arrow_schema
+
+__all__ = [
+    "SOURCE_ENV",
+    "InMemorySource",
+    "ParquetSource",
+    "PostgresSource",
+    "Source",
+    "TableName",
+    "connect",
+    "get_source",
+    "json_text",
+]
+
+SOURCE_ENV = "BEMI_TT_SOURCE"
+
+#: ``(schema, table)``
+TableName = tuple[str, str]
+
+#: Columns of ``changes_schemas`` as the sources hand them to DuckDB (``columns`` is JSON text).
+SCHEMAS_ARROW = pa.schema([
+    ("schema", pa.string()), ("table", pa.string()), ("commit_position", pa.int64()),
+    ("ordinal", pa.int32()), ("committed_at", pa.timestamp("us", tz="UTC")), ("columns", pa.string()),
+])
+_ARROW_TYPES = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
+_MAX_POSITION = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an operation needs: one table (or all), the columns, and changes committed up to ``until``."""
+
+    table: TableName | None = None
+    columns: tuple[str, ...] | None = None
+    until: pd.Timestamp | None = None  # prefix of commit order whose committed_at <= until (per table)
+
+
+class Source(ABC):
+    """A place holding ``changes`` and ``changes_schemas``; loads them into DuckDB for an operation."""
+
+    @abstractmethod
+    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        """Create a view or table ``name`` in ``con`` with the rows of ``changes`` in ``scope``."""
+
+    @abstractmethod
+    def schemas(self, table: TableName | None = None) -> pa.Table:
+        """Rows of ``changes_schemas`` (of one table, or all) as Arrow with :data:`SCHEMAS_ARROW`."""
+
+    @abstractmethod
+    def tables(self, name: str | None = None) -> list[TableName]:
+        """Known tables, or those whose table name is ``name`` (cheap where the source allows)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
+
+
+# -- helpers shared by the DuckDB-backed sources ----------------------------------------------------
+def _duck_scope_sql(base: str, scope: Scope) -> tuple[str, list[Any]]:
+    cols = ", ".join(f'"{c}"' for c in scope.columns) if scope.columns else "*"
+    where: list[str] = []
+    params: list[Any] = []
+    if scope.table is not None:
+        where.append('"schema" = ? AND "table" = ?')
+        params += list(scope.table)
+    if scope.until is not None:
+        inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > ?"
+        if scope.table is not None:
+            inner += ' AND "schema" = ? AND "table" = ?'
+        where.append(f"commit_position < coalesce(({inner}), {_MAX_POSITION})")
+        params += [scope.until.to_pydatetime()] + (list(scope.table) if scope.table is not None else [])
+    text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
+    return text, params
+
+
+def _create_view(con: duckdb.DuckDBPyConnection, name: str, select: str, params: list[Any]) -> None:
+    # Views cannot hold parameters: materialise small parameterised scopes as a temp table instead.
+    if params:
+        con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS {select}', params)
+    else:
+        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {select}')
+
+
+class _ArrowBacked(Source):
+    """Shared logic of sources whose data DuckDB scans directly (Arrow tables or Parquet files)."""
+
+    def _tables_from(self, relation: duckdb.DuckDBPyRelation) -> list[TableName]:
+        rows = relation.fetchall()
+        return sorted({(str(s), str(t)) for s, t in rows})
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+def json_text(value: Any) -> str:
+    """Typed JSON text the way the capture worker writes values (numerics exact, ISO times, ``\\\\x`` hex)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Decimal):
+        return str(value) if value.is_finite() else json.dumps(str(value))
+    if isinstance(value, float):
+        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else json.dumps(
+            {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[str(value)])
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if isinstance(value, datetime):
+        return json.dumps(value.isoformat())
+    if isinstance(value, (date, time)):
+        return json.dumps(value.isoformat())
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return json.dumps("\\x" + bytes(value).hex())
+    if isinstance(value, UUID):
+        return json.dumps(str(value))
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{json_text(v)}"
+                              for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(json_text(v) for v in value) + "]"
+    raise ConfigurationError(f"cannot store {value!r} ({type(value).__name__}) as typed JSON: use JSON "
+                             "scalars, Decimal, datetime, date, time, bytes, UUID, dicts or lists")
+
+
+def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa.Table:
+    if isinstance(rows, pd.DataFrame):
+        rows = rows.to_dict("records")
+    records = list(rows)
+    out: dict[str, list[Any]] = {name: [] for name, _, _ in CHANGES_COLUMNS}
+    for i, row in enumerate(records):
+        if not isinstance(row, Mapping):
+            raise ConfigurationError(f"change #{i} is {type(row).__name__}, not a dict of changes columns")
+        unknown = set(row) - set(out)
+        if unknown:
+            raise ConfigurationError(f"change #{i} has unknown columns {sorted(unknown)!r}; the columns of "
+                                     f"changes are {list(out)!r}")
+        for required in ("table", "operation", "committed_at", "commit_position"):
+            if row.get(required) is None:
+                raise ConfigurationError(f"change #{i} has no {required!r}: every change needs table, "
+                                         "operation, committed_at and commit_position")
+        if row["operation"] not in ("CREATE", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT"):
+            raise ConfigurationError(f"change #{i} has operation {row['operation']!r}; use CREATE, UPDATE, "
+                                     "DELETE, TRUNCATE or SNAPSHOT")
+        for name in out:
+            value = row.get(name)
+            if name == "id" and value is None:
+                value = i + 1
+            elif name in ("before", "after", "context"):
+                value = "{}" if value is None else value if isinstance(value, str) else json_text(value)
+            elif name == "committed_at":
+                value = to_utc(value, f"change #{i} committed_at").to_pydatetime()
+            elif name == "schema" and value is None:
+                value = "public"
+            elif name == "database" and value is None:
+                value = "memory"
+            elif name == "position" and value is None:
+                value = row["commit_position"]
+            elif name == "ordinal" and value is None:
+                value = 0
+            out[name].append(value)
+    return pa.table({name: pa.array(values, type=_ARROW_TYPES[name]) for name, values in out.items()})
+
+
+def _schemas_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | None) -> pa.Table:
+    if rows is None:
+        return SCHEMAS_ARROW.empty_table()
+    if isinstance(rows, pd.DataFrame):
+        rows = rows.to_dict("records")
+    out: dict[str, list[Any]] = {f.name: [] for f in SCHEMAS_ARROW}
+    for i, row in enumerate(rows):
+        if "table" not in row or "columns" not in row or "commit_position" not in row:
+            raise ConfigurationError(f"schema row #{i} needs table, commit_position and columns, got "
+                                     f"{sorted(row)!r}")
+        out["schema"].append(row.get("schema") or "public")
+        out["table"].append(row["table"])
+        out["commit_position"].append(row["commit_position"])
+        out["ordinal"].append(row.get("ordinal") or 0)
+        out["committed_at"].append(to_utc(row.get("committed_at", "1970-01-01"), "committed_at").to_pydatetime())
+        columns = row["columns"]
+        out["columns"].append(columns if isinstance(columns, str) else json.dumps(list(columns)))
+    return pa.table(out, schema=SCHEMAS_ARROW)
+
+
+class InMemorySource(_ArrowBacked):
+    """Changes held in memory: a test double shipped with the library, built from dicts or a DataFrame.
+
+    ``changes``: rows with the columns of ``changes`` (``table``, ``operation``, ``committed_at`` and
+    ``commit_position`` required; ``before``/``after``/``context`` as dicts or JSON text). ``schemas``:
+    rows of ``changes_schemas`` (``table``, ``commit_position``, ``columns`` as a list of dicts).
+    """
+
+    def __init__(self, changes: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table = (),
+                 schemas: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table | None = None) -> None:
+        self.changes = (changes.select([f.name for f in changes_arrow_schema()]).cast(changes_arrow_schema())
+                        if isinstance(changes, pa.Table) else _changes_table(changes))
+        self._schemas = schemas.cast(SCHEMAS_ARROW) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
+
+    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        con.register(f"{name}__arrow", self.changes)
+        select, params = _duck_scope_sql(f'"{name}__arrow"', scope)
+        _create_view(con, name, select, params)
+
+    def schemas(self, table: TableName | None = None) -> pa.Table:
+        return _filter_schemas(self._schemas, table)
+
+    def tables(self, name: str | None = None) -> list[TableName]:
+        pairs = set(zip(self.changes["schema"].to_pylist(), self.changes["table"].to_pylist(), strict=False))
+        pairs |= set(zip(self._schemas["schema"].to_pylist(), self._schemas["table"].to_pylist(), strict=False))
+        return sorted(p for p in pairs if name is None or p[1] == name)
+
+    def describe(self) -> str:
+        return f"InMemorySource: {self.changes.num_rows} changes"
+
+
+def _filter_schemas(schemas: pa.Table, table: TableName | None) -> pa.Table:
+    if table is None:
+        return schemas
+    mask = [s == table[0] and t == table[1] for s, t in zip(schemas["schema"].to_pylist(),
+                                                          schemas["table"].to_pylist(), strict=False)]
+    return schemas.filter(pa.array(mask, type=pa.bool_()))
+
+
+# -- Parquet ----------------------------------------------------------------------------------------------
+def _list_dataset_files(directory: str) -> tuple[pafs.FileSystem, list[str]]:
+    try:
+        from capture.export import list_dataset_files  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        from capture.export_dataset import list_dataset_files
+    return list_dataset_files(directory)  # type: ignore[no-any-return, unused-ignore]
+
+
+def _partition_of(path: str) -> str:
+    for segment in path.split("/"):
+        if segment.startswith(("relation=", "table=")):
+            return segment.split("=", 1)[1]
+    return ""
+
+
+class ParquetSource(_ArrowBacked):
+    """A Parquet export directory, local or in an object store (``s3://bucket/prefix``)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+        if "://" not in self.directory and not os.path.isdir(self.directory):
+            raise ConfigurationError(f"export directory {self.directory!r} does not exist: run "
+                                     "`bemi-tt export` first or pass the directory it wrote")
+
+    def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
+        from urllib.parse import unquote
+
+        filesystem, paths = _list_dataset_files(self.directory)
+        if table is not None:
+            wanted = f"{table[0]}.{table[1]}"
+            paths = [p for p in paths if unquote(_partition_of(p)) == wanted]
+        return filesystem, paths
+
+    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        filesystem, paths = self._files(scope.table)
+        if not paths:
+            con.register(f"{name}__arrow", changes_arrow_schema().empty_table())
+            base = f'"{name}__arrow"'
+        elif isinstance(filesystem, pafs.LocalFileSystem):
+            listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+            cols = ", ".join(f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context")
+                             else f'"{c}"' for c, _, _ in CHANGES_COLUMNS)
+            con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
+                        f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)")
+            base = f'"{name}__files"'
+        else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)
+            dataset = pads.dataset(paths, filesystem=filesystem, format="parquet",
+                                   schema=changes_arrow_schema())
+            con.register(f"{name}__arrow", dataset)
+            base = f'"{name}__arrow"'
+        select, params = _duck_scope_sql(base, scope)
+        _create_view(con, name, select, params)
+
+    def schemas(self, table: TableName | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        from capture.export_dataset import META_DIR, SCHEMAS_FILE, resolve_directory
+
+        filesystem, root = resolve_directory(self.directory)
+        path = f"{root}/{META_DIR}/{SCHEMAS_FILE}"
+        if filesystem.get_file_info(path).type != pafs.FileType.File:
+            return SCHEMAS_ARROW.empty_table()
+        try:
+            raw = pq.read_table(path, filesystem=filesystem)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SourceError(f"cannot read {path!r}: {exc}; re-run `bemi-tt export`") from exc
+        raw = raw.select([f.name for f in SCHEMAS_ARROW])
+        raw = pa.table({f.name: raw[f.name].cast(f.type) for f in SCHEMAS_ARROW})
+        return _filter_schemas(raw, table)
+
+    def tables(self, name: str | None = None) -> list[TableName]:
+        from urllib.parse import unquote
+
+        _, paths = _list_dataset_files(self.directory)
+        pairs: set[TableName] = set()
+        for p in paths:
+            qualified = unquote(_partition_of(p))
+            schema, _, table = qualified.partition(".")
+            if table:
+                pairs.add((schema, table))
+        schemas = self.schemas()
+        pairs |= set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False))
+        return sorted(p for p in pairs if name is None or p[1] == name)
+
+    def describe(self) -> str:
+        return f"ParquetSource: {self.directory}"
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------------
+def _conninfo(url: str) -> str:
+    """libpq connection string for a ``postgresql[+driver]://`` URL or a key=value conninfo."""
+    if url.startswith(("postgresql+", "postgres+")):
+        _scheme, rest = url.split("://", 1)
+        url = "postgresql://" + rest
+    return url
+
+
+class PostgresSource(Source):
+    """A PostgreSQL database holding ``changes``; rows reach DuckDB through ``COPY ... TO STDOUT``."""
+
+    def __init__(self, dsn: str, *, schema: str = "public") -> None:
+        self.dsn = _conninfo(dsn)
+        self.schema = schema
+        try:
+            psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(f"source {dsn!r} is not a PostgreSQL URL or conninfo: {exc}") from None
+
+    @classmethod
+    def from_engine(cls, engine: Any) -> PostgresSource:
+        """Source for a SQLAlchemy engine or connection (any PostgreSQL driver)."""
+        url = engine.engine.url if hasattr(engine, "engine") else engine.url
+        if not str(url.get_backend_name()).startswith("postgres"):
+            raise ConfigurationError(f"engine {url!r} is not PostgreSQL: bemi_tt reads changes from PostgreSQL")
+        params: dict[str, Any] = {k: v for k, v in url.query.items() if isinstance(v, str)}
+        for key, value in (("host", url.host), ("port", url.port), ("user", url.username),
+                           ("password", url.password), ("dbname", url.database)):
+            if value is not None:
+                params[key] = str(value)
+        return cls(psycopg.conninfo.make_conninfo(**params))
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self.dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"cannot connect to the changes database: {exc}".strip()) from exc
+
+    def _name(self, table: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, table)
+
+    def query(self, scope: Scope) -> tuple[sql.Composed, list[Any]]:
+        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds)."""
+        wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
+        cols = sql.SQL(", ").join(
+            sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint") if c == "committed_at"
+            else sql.Identifier(c) for c in wanted)
+        where: list[sql.Composable] = []
+        params: list[Any] = []
+        table = self._name(CHANGES_TABLE)
+        if scope.table is not None:
+            where.append(sql.SQL('"schema" = %s AND "table" = %s'))
+            params += list(scope.table)
+        if scope.until is not None:
+            inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > %s").format(table)
+            params.append(scope.until.to_pydatetime())
+            if scope.table is not None:
+                inner = sql.SQL('{} AND "schema" = %s AND "table" = %s').format(inner)
+                params += list(scope.table)
+            where.append(sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION)))
+        query = sql.SQL("SELECT {} FROM {}").format(cols, table)
+        if where:
+            query = sql.SQL("{} WHERE {}").format(query, sql.SQL(" AND ").join(where))
+        return query, params
+
+    def fetch(self, scope: Scope) -> pa.Table:
+        """Rows of ``changes`` in ``scope`` as Arrow, read with ``COPY (...) TO STDOUT (FORMAT csv)``."""
+        wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
+        query, params = self.query(scope)
+        buffer = io.BytesIO()
+        with self._connect() as conn, conn.cursor() as cur:
+            copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(
+                sql.SQL(cur.mogrify(query, params)))  # COPY takes no parameters
+            try:
+                with cur.copy(copy_sql) as copy:
+                    for chunk in copy:
+                        buffer.write(chunk)
+            except psycopg.errors.UndefinedTable as exc:
+                raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                                  "worker (`bemi-tt capture`) on it first") from exc
+        types = {c: (pa.int64() if c == "committed_at" else _ARROW_TYPES[c]) for c in wanted}
+        if buffer.tell() == 0:
+            table = pa.table({c: pa.array([], type=t) for c, t in types.items()})
+        else:
+            buffer.seek(0)
+            table = pacsv.read_csv(
+                buffer,
+                read_options=pacsv.ReadOptions(column_names=list(wanted), block_size=1 << 24),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
+                                                     quoted_strings_can_be_null=False, null_values=[""]),
+            )
+        if "committed_at" in wanted:
+            i = table.schema.get_field_index("committed_at")
+            table = table.set_column(i, "committed_at",
+                                     table["committed_at"].cast(pa.timestamp("us")).cast(
+                                         pa.timestamp("us", tz="UTC")))
+        return table
+
+    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        con.register(f"{name}__arrow", self.fetch(scope))
+        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM "{name}__arrow"')
+
+    def schemas(self, table: TableName | None = None) -> pa.Table:
+        query = sql.SQL('SELECT "schema", "table", commit_position, ordinal, committed_at, columns::text '
+                        "FROM {}").format(self._name(SCHEMAS_TABLE))
+        params: list[Any] = []
+        if table is not None:
+            query = sql.SQL('{} WHERE "schema" = %s AND "table" = %s').format(query)
+            params = list(table)
+        with self._connect() as conn:
+            try:
+                rows = conn.execute(query, params).fetchall()
+            except psycopg.errors.UndefinedTable:
+                rows = []
+        return pa.table({f.name: pa.array([r[i] for r in rows], type=f.type)
+                         for i, f in enumerate(SCHEMAS_ARROW)})
+
+    def tables(self, name: str | None = None) -> list[TableName]:
+        found: set[TableName] = set()
+        with self._connect() as conn:
+            for table in (SCHEMAS_TABLE, CHANGES_TABLE):
+                query = sql.SQL('SELECT DISTINCT "schema", "table" FROM {}').format(self._name(table))
+                params: list[Any] = []
+                if name is not None:
+                    query = sql.SQL('{} WHERE "table" = %s').format(query)
+                    params = [name]
+                try:
+                    found |= {(str(s), str(t)) for s, t in conn.execute(query, params).fetchall()}
+                except psycopg.errors.UndefinedTable:
+                    if table == CHANGES_TABLE:
+                        raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the "
+                                          "capture worker (`bemi-tt capture`) on it first") from None
+                if found and name is not None:
+                    break
+        return sorted(found)
+
+    def describe(self) -> str:
+        params = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        return f"PostgresSource: database {params.get('dbname', '?')!s}"
+
+
+# -- choosing a source --------------------------------------------------------------------------------
+_default: Source | None = None
+_lock = threading.Lock()
+
+
+def as_source(value: Any) -> Source:
+    """A :class:`Source` for a URL, conninfo, directory, SQLAlchemy engine, or a Source itself."""
+    if isinstance(value, Source):
+        return value
+    if hasattr(value, "dialect") and (hasattr(value, "url") or hasattr(value, "engine")):
+        return PostgresSource.from_engine(value)
+    if isinstance(value, os.PathLike):
+        return ParquetSource(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"source {value!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
+                                 "a SQLAlchemy engine, a Parquet export directory or a Source")
+    text = value.strip()
+    if text.startswith(("postgresql://", "postgres://", "postgresql+", "postgres+")):
+        return PostgresSource(text)
+    if "://" in text or os.path.isdir(text):
+        return ParquetSource(text)
+    if "=" in text:
+        return PostgresSource(text)
+    raise ConfigurationError(f"source {value!r} is neither a PostgreSQL URL/conninfo nor an existing export "
+                             "directory: check the path or the URL")
+
+
+def connect(url_or_dir: Any) -> Source:
+    """Set (and return) the default source of the module-level functions ``as_of``, ``diff``, ..."""
+    global _default
+    source = as_source(url_or_dir)
+    with _lock:
+        _default = source
+    return source
+
+
+def get_source(source: Any = None) -> Source:
+    """``source`` if given, else the one set by :func:`connect`, else ``$BEMI_TT_SOURCE``."""
+    if source is not None:
+        return as_source(source)
+    if _default is not None:
+        return _default
+    env = os.environ.get(SOURCE_ENV)
+    if env:
+        return as_source(env)
+    raise ConfigurationError("no source of changes: call bemi_tt.connect(url_or_dir), set "
+                             f"{SOURCE_ENV}, or pass source=")
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
