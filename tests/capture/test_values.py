@@ -1,0 +1,475 @@
+"""capture.values: JSON of values decoded from the WAL equals PostgreSQL's ``to_jsonb`` of the same values."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from psycopg import sql
+
+from capture.errors import DecodeError
+from capture.pgoutput import UNCHANGED, Insert, Relation, decode
+from capture.values import (
+    BUILTIN_TYPES,
+    TYPE_INFO_QUERY,
+    TypeInfo,
+    ValueEncoder,
+    json_string,
+    load_type_info,
+    row_json,
+    text_to_json,
+)
+
+SETUP = [
+    "CREATE EXTENSION citext",
+    "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'with \"quote\"')",
+    "CREATE DOMAIN posint AS int CHECK (VALUE > 0)",
+    "CREATE DOMAIN money2 AS numeric(12, 2)",
+    "CREATE DOMAIN small_money AS money2 CHECK (VALUE < 1000)",
+    "CREATE DOMAIN label AS text",
+    "CREATE TYPE pair AS (a int, b text)",
+]
+
+#: family → (column type, SQL literals of the values inserted, one row each)
+FAMILIES: dict[str, tuple[str, list[str]]] = {
+    "int2": ("int2", ["0", "-32768", "32767"]),
+    "int4": ("int4", ["0", "-2147483648", "2147483647"]),
+    "int8": ("int8", ["-9223372036854775808", "9223372036854775807", "42"]),
+    "numeric": (
+        "numeric",
+        [
+            "0",
+            "-0.000001",
+            "123456789012345678901234567890.123456789012345678901234567890",
+            "1e-20",
+            "1e40",
+            "'NaN'",
+            "'Infinity'",
+            "'-Infinity'",
+        ],
+    ),
+    "numeric_scale": ("numeric(10, 2)", ["12.5", "-0.01", "99999999.99"]),
+    "float4": ("float4", ["0.1", "3.4028235e38", "1e-45", "-0", "'NaN'", "'Infinity'", "'-Infinity'"]),
+    "float8": ("float8", ["0.1", "1e300", "5e-324", "-2.5", "'NaN'", "'-Infinity'"]),
+    "bool": ("bool", ["true", "false"]),
+    "json": ("json", ['\'{"a": 1, "a": 2}\'', "'[1, 2.50, \"x\", null]'", "'\"s\"'", "'  {\"n\" : {}}  '"]),
+    "jsonb": (
+        "jsonb",
+        ['\'{"k": [1, {"x": 1.000000000000000000001}]}\'', "'\"\\\\u00e9\"'", "'[]'", "'1e3'"],
+    ),
+    "text": (
+        "text",
+        ["''", "'plain'", "E'q\"uote back\\\\slash\\nnew\\tline\\x01ctl'", "'ünïcödé 😀'", "'NULL'"],
+    ),
+    "varchar": ("varchar(20)", ["'a,b {c}'", "'  spaced  '"]),
+    "bpchar": ("char(5)", ["'ab'", "'abcde'"]),
+    "name": ("name", ["'some_name'"]),
+    "char": ('"char"', ["'x'"]),
+    "citext": ("citext", ["'MiXeD'"]),
+    "timestamptz": (
+        "timestamptz",
+        [
+            "'2026-11-27 10:00:00.123456+00'",
+            "'2026-11-27 10:00:00.5+02'",
+            "'1850-01-01 00:00:00+00'",
+            "'0044-03-15 10:00:00+00 BC'",
+            "'12345-01-01 00:00:00+00'",
+            "'infinity'",
+            "'-infinity'",
+        ],
+    ),
+    "timestamp": (
+        "timestamp",
+        ["'2026-11-27 10:00:00.123456'", "'2026-11-27 10:00:00'", "'0044-03-15 10:00:00 BC'", "'infinity'"],
+    ),
+    "date": ("date", ["'2026-11-27'", "'0044-03-15 BC'", "'-infinity'"]),
+    "time": ("time", ["'10:00:00.123'", "'23:59:59.999999'"]),
+    "timetz": ("timetz", ["'10:00:00+02'", "'10:00:00.5-03:30'"]),
+    "interval": ("interval", ["'1 day 02:00:00'", "'-1 year 3 months'", "'0.000001 seconds'"]),
+    "uuid": ("uuid", ["'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"]),
+    "bytea": ("bytea", ["'\\x0001ff'", "''"]),
+    "oid": ("oid", ["0", "4294967295"]),
+    "money": ("money", ["12.34"]),
+    "inet": ("inet", ["'192.168.0.1/24'"]),
+    "range": ("int4range", ["'[1,3)'", "'empty'"]),
+    "enum": ("mood", ["'happy'", "'with \"quote\"'"]),
+    "domain_int": ("posint", ["7"]),
+    "domain_numeric": ("money2", ["12.30"]),
+    "domain_over_domain": ("small_money", ["999.99"]),
+    "domain_text": ("label", ["'lab\"el'"]),
+    "int_array": (
+        "int4[]",
+        ["'{1,NULL,3}'", "'{}'", "'[0:1]={5,6}'", "'{{1,2},{3,NULL}}'", "'{{{1}},{{2}}}'"],
+    ),
+    "text_array": (
+        "text[]",
+        [
+            "ARRAY['NULL', NULL, 'a b', '', 'x\"y\\z', '{', ',', '}', 'null', ' lead']",
+            "'{{a,b},{c,d}}'",
+            "ARRAY[E'new\\nline', 'ü']",
+        ],
+    ),
+    "numeric_array": ("numeric[]", ["'{1.50,NaN,-0.001,Infinity}'"]),
+    "float_array": ("float8[]", ["'{0.1,-Infinity,NaN,1e300}'"]),
+    "bool_array": ("bool[]", ["'{t,f,NULL}'"]),
+    "jsonb_array": ("jsonb[]", ["ARRAY['{\"a\": [1, \"x,y\"]}'::jsonb, 'null', '\"s\"', NULL]"]),
+    "json_array": ("json[]", ["ARRAY['{\"a\": 1}'::json, '[2]']"]),
+    "timestamptz_array": (
+        "timestamptz[]",
+        ["ARRAY['2026-11-27 10:00:00+00'::timestamptz, 'infinity', NULL]"],
+    ),
+    "date_array": ("date[]", ["'{2026-01-01,NULL}'"]),
+    "bytea_array": ("bytea[]", ["ARRAY['\\x01'::bytea, '']"]),
+    "uuid_array": ("uuid[]", ["ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid]"]),
+    "enum_array": ("mood[]", ["ARRAY['sad', 'with \"quote\"']::mood[]"]),
+    "domain_array": ("posint[]", ["ARRAY[1, 2]::posint[]"]),
+    "box_array": ("box[]", ["'{(1,2),(3,4);(5,6),(7,8)}'"]),
+    "interval_array": ("interval[]", ["ARRAY['1 day'::interval]"]),
+    "citext_array": ("citext[]", ["ARRAY['a b'::citext, 'c']"]),
+}
+
+#: Deliberate differences from to_jsonb (see capture/values.py): a composite becomes its text.
+TEXT_INSTEAD_OF_OBJECT: dict[str, tuple[str, list[str]]] = {
+    "composite": ("pair", ["ROW(1, 'x y')"]),
+}
+
+
+@dataclass
+class Captured:
+    """Per table: the JSON the encoder made from the WAL, and to_jsonb of the same rows."""
+
+    from_wal: dict[str, list[str]]
+    from_sql: dict[str, list[Any]]
+    texts: dict[str, list[bytes | None]]
+
+
+def _tables() -> dict[str, tuple[str, list[str]]]:
+    return {**FAMILIES, **TEXT_INSTEAD_OF_OBJECT}
+
+
+def _read_wal(conn: psycopg.Connection, type_info: dict[int, TypeInfo]) -> tuple[dict, dict]:
+    relations: dict[int, Relation] = {}
+    encoders: dict[int, ValueEncoder] = {}
+    from_wal: dict[str, list[str]] = {}
+    texts: dict[str, list[bytes | None]] = {}
+    rows = conn.execute(
+        "SELECT data FROM pg_logical_slot_peek_binary_changes('values_slot', NULL, NULL,"
+        " 'proto_version', '1', 'publication_names', 'values_pub')"
+    ).fetchall()
+    for (data,) in rows:
+        message = decode(data)
+        if isinstance(message, Relation):
+            relations[message.oid] = message
+            encoders[message.oid] = ValueEncoder(
+                [c.type_oid for c in message.columns], type_info, names=[c.name for c in message.columns]
+            )
+        elif isinstance(message, Insert):
+            table = relations[message.relation_oid].name.removeprefix("t_")
+            encoder = encoders[message.relation_oid]
+            value = encoder.value_json(1, message.new[1])  # type: ignore[arg-type]
+            row = json.loads(encoder.row_json(message.new), parse_float=Decimal)  # type: ignore[arg-type]
+            assert row["v"] == exact(value)
+            from_wal.setdefault(table, []).append(value)
+            texts.setdefault(table, []).append(message.new[1])  # type: ignore[arg-type]
+    return from_wal, texts
+
+
+@pytest.fixture(scope="module")
+def server_db(pg_server: Any) -> Iterator[str]:
+    name = f"values_{os.getpid()}"
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = pg_server.dsn(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in SETUP:
+            conn.execute(statement)
+        for table, (column_type, _) in _tables().items():
+            conn.execute(
+                sql.SQL("CREATE TABLE {} (id serial PRIMARY KEY, v {})").format(
+                    sql.Identifier(f"t_{table}"), sql.SQL(column_type)
+                )
+            )
+        conn.execute("CREATE PUBLICATION values_pub FOR ALL TABLES")
+        conn.execute("SELECT pg_create_logical_replication_slot('values_slot', 'pgoutput')")
+        for table, (_, literals) in _tables().items():
+            for literal in literals:
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (v) VALUES ({})").format(
+                        sql.Identifier(f"t_{table}"), sql.SQL(literal)
+                    )
+                )
+    yield dsn
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL",
+            (name,),
+        )
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+            (name,),
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _capture(dsn: str, time_zone: str) -> Captured:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT set_config('TimeZone', %s, false), set_config('DateStyle', 'ISO', false)", (time_zone,)
+        )
+        type_info = load_type_info(conn.execute(TYPE_INFO_QUERY).fetchall())
+        from_wal, texts = _read_wal(conn, type_info)
+        from_sql = {}
+        for table in _tables():
+            rows = conn.execute(
+                sql.SQL("SELECT to_jsonb(v)::text FROM {} ORDER BY id").format(sql.Identifier(f"t_{table}"))
+            ).fetchall()
+            from_sql[table] = [row[0] for row in rows]
+    return Captured(from_wal, from_sql, texts)
+
+
+@pytest.fixture(scope="module")
+def utc(server_db: str) -> Captured:
+    return _capture(server_db, "UTC")
+
+
+@pytest.fixture(scope="module")
+def kolkata(server_db: str) -> Captured:
+    return _capture(server_db, "Asia/Kolkata")
+
+
+def exact(text: str | None) -> Any:
+    """Parse JSON keeping every number exact, so 0.1 and 0.10000000000000001 differ."""
+    return None if text is None else json.loads(text, parse_float=Decimal)
+
+
+# --------------------------------------------------------------------------- real server vs to_jsonb
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_value_json_equals_to_jsonb_of_the_same_value(utc: Captured, family: str) -> None:
+    wal = [exact(v) for v in utc.from_wal[family]]
+    expected = [exact(v) for v in utc.from_sql[family]]
+    assert len(wal) == len(FAMILIES[family][1])
+    assert wal == expected
+
+
+@pytest.mark.parametrize("family", ["timestamptz", "timestamptz_array", "timetz"])
+def test_timestamptz_follows_the_session_time_zone_like_to_jsonb(kolkata: Captured, family: str) -> None:
+    wal = [exact(v) for v in kolkata.from_wal[family]]
+    assert wal == [exact(v) for v in kolkata.from_sql[family]]
+
+
+def test_timestamptz_is_iso_8601_with_a_colon_offset(utc: Captured) -> None:
+    first = json.loads(utc.from_wal["timestamptz"][0])
+    assert first == "2026-11-27T10:00:00.123456+00:00"
+    assert datetime.fromisoformat(first) == datetime(2026, 11, 27, 10, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def test_numeric_digits_are_kept_verbatim_not_rounded_through_float(utc: Captured) -> None:
+    raw = utc.texts["numeric"][2]
+    assert raw is not None
+    encoder = ValueEncoder([1700])
+    assert encoder.value_json(0, raw) == raw.decode()
+    assert exact(encoder.value_json(0, raw)) == Decimal(raw.decode())
+    assert exact(ValueEncoder([1700]).value_json(0, b"12.50")) == Decimal("12.50")
+
+
+def test_composite_values_are_json_strings_of_their_text(utc: Captured) -> None:
+    (value,) = utc.from_wal["composite"]
+    assert json.loads(value) == '(1,"x y")'
+    assert json.loads(utc.from_sql["composite"][0]) == {"a": 1, "b": "x y"}  # the documented difference
+
+
+def test_builtin_type_table_matches_the_catalog(server_db: str) -> None:
+    with psycopg.connect(server_db) as conn:
+        catalog = load_type_info(conn.execute(TYPE_INFO_QUERY + " WHERE t.oid < 10000").fetchall())
+    for oid, info in BUILTIN_TYPES.items():
+        assert catalog[oid] == info, info.name
+
+
+def test_builtin_types_need_no_catalog(utc: Captured) -> None:
+    encoder = ValueEncoder([1185, 1231, 3807])
+    values = (b'{"2026-01-01 00:00:00+00",NULL}', b"{1.50,NaN}", b'{"{\\"a\\": 1}"}')
+    assert [exact(encoder.value_json(i, v)) for i, v in enumerate(values)] == [
+        ["2026-01-01T00:00:00+00:00", None],
+        [Decimal("1.50"), "NaN"],
+        [{"a": 1}],
+    ]
+
+
+# --------------------------------------------------------------------------- hypothesis against the server
+
+
+@pytest.fixture(scope="module")
+def conn(server_db: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(server_db, autocommit=True) as connection:
+        connection.execute("SET TimeZone = 'UTC'")
+        yield connection
+
+
+def server_says(conn: psycopg.Connection, value: object, pg_type: str) -> tuple[str, Any]:
+    query = sql.SQL("SELECT v::text, to_jsonb(v)::text FROM (SELECT %s::{} AS v) s").format(sql.SQL(pg_type))
+    row = conn.execute(query, (value,)).fetchone()
+    assert row is not None
+    return row[0], exact(row[1])
+
+
+finite_decimals = st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(
+    lambda d: abs(d.adjusted()) < 900
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.one_of(finite_decimals, st.sampled_from([Decimal("NaN"), Decimal("Infinity"), Decimal("-Infinity")]))
+)
+def test_numeric_is_exact_for_any_decimal(conn: psycopg.Connection, value: Decimal) -> None:
+    text, expected = server_says(conn, value, "numeric")
+    assert exact(text_to_json(text, 1700)) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_float8_matches_to_jsonb(conn: psycopg.Connection, value: float) -> None:
+    text, expected = server_says(conn, value, "float8")
+    assert exact(text_to_json(text, 701)) == expected
+
+
+text_without_nul = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(st.none(), text_without_nul), max_size=6))
+def test_text_arrays_match_to_jsonb(conn: psycopg.Connection, value: list[str | None]) -> None:
+    text, expected = server_says(conn, value, "text[]")
+    assert exact(text_to_json(text, 1009)) == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(timezone.utc)
+    )
+)
+def test_timestamptz_matches_to_jsonb(conn: psycopg.Connection, value: datetime) -> None:
+    text, expected = server_says(conn, value, "timestamptz")
+    assert exact(text_to_json(text, 1184)) == expected
+
+
+# --------------------------------------------------------------------------- pure properties
+
+
+@given(text_without_nul)
+def test_any_text_without_nul_round_trips_through_json(value: str) -> None:
+    encoded = ValueEncoder([25]).value_json(0, value.encode())
+    assert json.loads(encoded) == value
+
+
+@given(finite_decimals)
+def test_numeric_text_round_trips_exactly(value: Decimal) -> None:
+    text = format(value, "f")
+    assert exact(text_to_json(text, 1700)) == Decimal(text)
+    assert text_to_json(text, 1700) == text
+
+
+@given(
+    st.lists(
+        st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)), min_size=1, max_size=4), max_size=4
+    )
+)
+def test_nested_int_arrays_keep_their_shape(value: list[list[int | None]]) -> None:
+    width = len(value[0]) if value else 0
+    rows = [r[:width] + [None] * (width - len(r)) for r in value]  # rectangular, as PostgreSQL requires
+    text = (
+        "{" + ",".join("{" + ",".join("NULL" if v is None else str(v) for v in r) + "}" for r in rows) + "}"
+    )
+    assert json.loads(text_to_json(text, 1016)) == rows
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_row_json_renders_an_object_with_escaped_names() -> None:
+    assert row_json(['a"b', "c"], ["1", '"x"']) == '{"a\\"b":1,"c":"x"}'
+    assert json.loads(row_json([], [])) == {}
+
+
+def test_encoder_row_json_matches_value_json_per_column() -> None:
+    encoder = ValueEncoder([23, 25, 16, 1700], names=["id", "name", "ok", "amount"])
+    values = (b"1", b'say "hi"', b"t", None)
+    assert json.loads(encoder.row_json(values)) == {"id": 1, "name": 'say "hi"', "ok": True, "amount": None}
+    assert encoder.fragments(values) == ["1", '"say \\"hi\\""', "true", "null"]
+    assert encoder.row_json(values) == row_json(["id", "name", "ok", "amount"], encoder.fragments(values))
+
+
+def test_unknown_type_oid_becomes_a_json_string() -> None:
+    assert ValueEncoder([999999]).value_json(0, b'(1,"a")') == json_string('(1,"a")')
+
+
+def test_unchanged_toast_value_is_refused_not_stored_as_a_placeholder() -> None:
+    encoder = ValueEncoder([25, 23], names=["body", "n"])
+    with pytest.raises(ValueError, match="UNCHANGED"):
+        encoder.value_json(0, UNCHANGED)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="UNCHANGED"):
+        encoder.row_json((UNCHANGED, b"1"))  # type: ignore[arg-type]
+
+
+def test_invalid_utf8_raises_decode_error() -> None:
+    with pytest.raises(DecodeError, match="UTF-8"):
+        ValueEncoder([25]).value_json(0, b"\xff")
+
+
+def test_bad_boolean_text_raises_decode_error() -> None:
+    with pytest.raises(DecodeError, match="not valid text output"):
+        ValueEncoder([16]).value_json(0, b"yes")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        pytest.param(("int4",), {}, "type OIDs", id="str-oids"),
+        pytest.param(([23, -1],), {}, "type OIDs", id="negative-oid"),
+        pytest.param(([23],), {"names": ["a", "b"]}, "one column name per type OID", id="names-mismatch"),
+    ],
+)
+def test_encoder_validates_its_arguments(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ValueEncoder(*args, **kwargs)
+
+
+def test_row_json_validates_its_arguments() -> None:
+    with pytest.raises(ValueError, match="as many names"):
+        row_json(["a"], [])
+    with pytest.raises(ValueError, match=r"names=\.\.\."):
+        ValueEncoder([23]).row_json([b"1"])
+    with pytest.raises(ValueError, match="2 values for 1"):
+        ValueEncoder([23], names=["a"]).row_json([b"1", b"2"])
+
+
+def test_load_type_info_resolves_domains_and_enums_by_catalog_rows() -> None:
+    info = load_type_info(
+        [
+            (50000, "mood", "E", 0, 0, ","),
+            (50001, "_mood", "A", 50000, 0, ","),
+            (50002, "d", "N", 0, 1700, ","),
+        ]
+    )
+    encoder = ValueEncoder([50000, 50001, 50002], info)
+    assert [encoder.value_json(i, v) for i, v in enumerate([b"ok", b"{sad,ok}", b"1.10"])] == [
+        '"ok"',
+        '["sad","ok"]',
+        "1.10",
+    ]
+    with pytest.raises(ValueError, match="6 fields"):
+        load_type_info([(1, "x")])
