@@ -61,7 +61,7 @@ DECLARE
 BEGIN
   IF starts_with(query, '/*bemi:') AND strpos(query, '*/') > 0 THEN
     encoded := split_part(substr(query, 8), '*/', 1);
-    IF length(encoded) - length(replace(encoded, '=', '')) > 2
+    IF encoded = '' OR length(encoded) - length(replace(encoded, '=', '')) > 2
        OR length(encoded) % 4 <> 0
        OR encoded !~ '^[A-Za-z0-9+/]*={0,2}$' THEN
       encoded := NULL;
