@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
@@ -147,21 +149,33 @@ def _select_changes(name: sql.Composable) -> sql.Composed:
     return sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(columns), name)
 
 
-def _copy_csv(conn: psycopg.Connection, query: sql.Composed, types: dict[str, pa.DataType]) -> pa.Table:
-    """Run ``COPY (query) TO STDOUT (FORMAT csv)`` and parse it with pyarrow (fast, typed, NULL-exact)."""
-    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
-    with conn.cursor() as cur, cur.copy(statement) as copy:
-        data = b"".join(copy)
+def _parse_csv(data: bytes | bytearray, types: dict[str, pa.DataType]) -> pa.Table:
+    """Parse ``COPY ... (FORMAT csv)`` output with pyarrow: fast, typed, NULL and empty string kept apart."""
     if not data:
         return pa.table({name: pa.array([], t) for name, t in types.items()})
     return pacsv.read_csv(
-        pa.BufferReader(data),
+        pa.BufferReader(pa.py_buffer(data)),
         read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 23),
         parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
         ),
     )
+
+
+def _copy_csv(conn: psycopg.Connection, query: sql.Composed, types: dict[str, pa.DataType]) -> pa.Table:
+    """Run ``COPY (query) TO STDOUT (FORMAT csv)`` and parse it."""
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        data = b"".join(copy)
+    return _parse_csv(data, types)
+
+
+def _changes_table(raw: pa.Table) -> pa.Table:
+    """Parsed CSV columns to the export schema (epoch microseconds to UTC timestamps, JSON type)."""
+    index = raw.schema.get_field_index("committed_at")
+    raw = raw.set_column(index, "committed_at", pc.cast(raw["committed_at"], pa.timestamp("us", tz="UTC")))
+    return raw.cast(export_arrow_schema())
 
 
 def _key_condition(lower: Key | None, upper: Key | None, *, from_lower: bool = False) -> sql.Composable:
@@ -176,26 +190,55 @@ def _key_condition(lower: Key | None, upper: Key | None, *, from_lower: bool = F
     return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
 
-def _fetch(
+def _changes_query(name: sql.Composable, condition: sql.Composable) -> sql.Composed:
+    return sql.SQL("{} WHERE {} ORDER BY commit_position, ordinal").format(_select_changes(name), condition)
+
+
+def _fetch(conn: psycopg.Connection, name: sql.Composable, first: Key, last: Key) -> pa.Table:
+    """Rows with keys in ``[first, last]``, in key order."""
+    condition = _key_condition(first, last, from_lower=True)
+    return _changes_table(_copy_csv(conn, _changes_query(name, condition), _csv_types()))
+
+
+def _stream_units(
     conn: psycopg.Connection,
     name: sql.Composable,
-    lower: Key | None,
-    upper: Key | None,
-    limit: int | None,
-    *,
-    from_lower: bool = False,
-) -> pa.Table:
-    query = sql.SQL("{} WHERE {} ORDER BY commit_position, ordinal").format(
-        _select_changes(name), _key_condition(lower, upper, from_lower=from_lower)
+    after: Key | None,
+    batch_rows: int,
+    write: Callable[[pa.Table], None],
+) -> None:
+    """Read every row after ``after`` with one COPY, handing units of ``batch_rows`` rows to ``write``.
+
+    PostgreSQL sends one COPY message per row, so units are cut on row boundaries without parsing.
+    ``write`` runs in a second thread, overlapping the read of the next unit (pyarrow releases the GIL).
+    """
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(
+        _changes_query(name, _key_condition(after, None))
     )
-    if limit is not None:
-        query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(limit))
-    table = _copy_csv(conn, query, _csv_types())
-    index = table.schema.get_field_index("committed_at")
-    table = table.set_column(
-        index, "committed_at", pc.cast(table["committed_at"], pa.timestamp("us", tz="UTC"))
-    )
-    return table.cast(export_arrow_schema())
+    types = _csv_types()
+
+    def parse_and_write(data: bytearray, count: int) -> None:
+        table = _changes_table(_parse_csv(data, types))
+        if table.num_rows != count:
+            raise SourceError(f"parsed {table.num_rows} rows from a COPY of {count} rows; please report this")
+        write(table)
+
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="bemi_tt_export") as pool:
+        with conn.cursor() as cur, cur.copy(statement) as copy:
+            data, count = bytearray(), 0
+            for row in copy:
+                data += row
+                count += 1
+                if count == batch_rows:
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(parse_and_write, data, count)
+                    data, count = bytearray(), 0
+        if pending is not None:
+            pending.result()
+        if count:
+            parse_and_write(data, count)
 
 
 def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -235,12 +278,19 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
+def _first_key(table: pa.Table) -> Key:
+    return table["commit_position"][0].as_py(), table["ordinal"][0].as_py()
+
+
+def _last_key(table: pa.Table) -> Key:
+    return table["commit_position"][-1].as_py(), table["ordinal"][-1].as_py()
+
+
 def _write_unit(
     filesystem: pafs.FileSystem, root: str, table: pa.Table, skip: set[str] | None = None
 ) -> tuple[int, int]:
     """Write the files of one unit (all rows in ``table``); returns (files, bytes) written."""
-    first = (table["commit_position"][0].as_py(), table["ordinal"][0].as_py())
-    last = (table["commit_position"][-1].as_py(), table["ordinal"][-1].as_py())
+    first, last = _first_key(table), _last_key(table)
     groups = _split(table)
     files = written = 0
     for number, (directory, rows) in enumerate(groups, 1):
@@ -345,11 +395,8 @@ def export_parquet(
             watermark = state.watermark
             if state.incomplete is not None:  # finish the unit a killed export left half written
                 first, last = state.incomplete
-                rows = _fetch(conn, name, first, last, None, from_lower=True)
-                if (
-                    rows.num_rows == 0
-                    or (rows["commit_position"][0].as_py(), rows["ordinal"][0].as_py()) != first
-                ):
+                rows = _fetch(conn, name, first, last)
+                if rows.num_rows == 0 or _first_key(rows) != first:
                     raise SourceError(
                         f"cannot finish export unit {state.incomplete!r}: its first change is gone from "
                         f"{schema}.{table}; re-export into an empty directory"
@@ -363,15 +410,16 @@ def export_parquet(
                 ).fetchone()
                 total = exported + (int(count[0]) if count else 0)
             bar = _Progress(enabled, total, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
-            while True:
+
+            def write(rows: pa.Table) -> None:
+                nonlocal files, written, exported, watermark
                 held.renew()
-                rows = _fetch(conn, name, watermark, None, batch_rows)
-                if rows.num_rows == 0:
-                    break
                 f, b = _write_unit(filesystem, root, rows)
                 files, written, exported = files + f, written + b, exported + rows.num_rows
-                watermark = (rows["commit_position"][-1].as_py(), rows["ordinal"][-1].as_py())
+                watermark = _last_key(rows)
                 bar.update(exported)
+
+            _stream_units(conn, name, watermark, batch_rows, write)
             _export_schemas(conn, filesystem, root, schema, schemas_table)
         if compact:
             from capture.compact import compact_locked
