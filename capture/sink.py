@@ -13,7 +13,11 @@ chunk is COPYed, from the previous version of the same row in ``changes`` (pipel
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -29,6 +33,7 @@ __all__ = ["POSITIONS_TABLE", "Position", "Sink", "positions_ddl"]
 POSITIONS_TABLE = "changes_positions"
 
 _NULL = "\\N"
+_SPECIAL = re.compile(r"[\\\t\n\r]")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -52,8 +57,57 @@ class Position:
     snapshot_position: int | None
 
 
-def _text(value: str | None) -> str:
-    return "\\N" if value is None else value.translate(_ESCAPES)
+def _escape(value: str) -> str:
+    """``value`` for COPY's text format."""
+    return value.translate(_ESCAPES) if _SPECIAL.search(value) else value
+
+
+class _Copier:
+    """Runs COPY chunks on a background thread, so the server parses while Python stitches the next one.
+
+    At most two chunks wait; :meth:`wait` blocks until all are written and re-raises a COPY error.
+    """
+
+    def __init__(self, copy: Callable[[bytes], None]) -> None:
+        self._copy = copy
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def put(self, data: bytes) -> None:
+        if self._error is not None:
+            self.wait()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="bemi-tt-copy", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            try:
+                if data is None:
+                    return
+                if self._error is None:
+                    self._copy(data)
+            except BaseException as exc:  # handed to the main thread by wait()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Block until every queued chunk is written; raise the first COPY error."""
+        if self._thread is not None:
+            self._queue.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
 
 
 class Sink:
@@ -79,6 +133,8 @@ class Sink:
             .as_bytes(conn)
         )
         self._buffer: list[str] = []
+        self._prefixes: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+        self._copier = _Copier(self._copy_chunk)
         self._toast: list[ChangeRow] = []
         self._last_committed_at: datetime | None = None
         self._stamp = ""
@@ -128,13 +184,22 @@ class Sink:
         if row.committed_at is not self._last_committed_at:
             self._last_committed_at = row.committed_at
             self._stamp = row.committed_at.isoformat()
+        names = (row.table, row.schema, row.database)
+        prefix = self._prefixes.get(names)
+        if prefix is None:
+            prefix = self._prefixes[names] = tuple(_escape(n) for n in names)  # type: ignore[assignment]
         pk = row.primary_key
         xid = row.transaction_id
+        search = _SPECIAL.search
+        before = row.before
+        after = row.after
+        context = row.context
         self._buffer.append(
-            f"{_NULL if pk is None else pk.translate(_ESCAPES)}\t{row.table.translate(_ESCAPES)}\t"
-            f"{row.operation}\t{row.before.translate(_ESCAPES)}\t{row.after.translate(_ESCAPES)}\t"
-            f"{row.context.translate(_ESCAPES)}\t{self._stamp}\t{row.schema.translate(_ESCAPES)}\t"
-            f"{row.database.translate(_ESCAPES)}\t{_NULL if xid is None else xid}\t{row.position}\t"
+            f"{_NULL if pk is None else _escape(pk)}\t{prefix[0]}\t{row.operation}\t"
+            f"{before.translate(_ESCAPES) if search(before) else before}\t"
+            f"{after.translate(_ESCAPES) if search(after) else after}\t"
+            f"{context.translate(_ESCAPES) if search(context) else context}\t{self._stamp}\t{prefix[1]}\t"
+            f"{prefix[2]}\t{_NULL if xid is None else xid}\t{row.position}\t"
             f"{row.commit_position}\t{row.ordinal}\n"
         )
         if row.missing:
@@ -148,15 +213,19 @@ class Sink:
             self.write(row)
 
     def flush(self) -> None:
-        """COPY the queued rows (inside the open transaction) and fill their unchanged TOAST values."""
+        """Hand the queued rows to the COPY thread; fill unchanged TOAST values (after waiting for it)."""
         if self._buffer:
             data = "".join(self._buffer).encode()
             self._buffer.clear()
-            with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
-                copy.write(data)
+            self._copier.put(data)
         if self._toast:
+            self._copier.wait()
             self._fill_toast(self._toast)
             self._toast.clear()
+
+    def _copy_chunk(self, data: bytes) -> None:
+        with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
+            copy.write(data)
 
     def _fill_toast(self, rows: list[ChangeRow]) -> None:
         statement = sql.SQL(
@@ -176,6 +245,7 @@ class Sink:
 
     def write_schema(self, change: SchemaChange) -> None:
         """Record a table's column set (the later of two at the same position wins)."""
+        self._copier.wait()
         self.conn.execute(
             sql.SQL(
                 'INSERT INTO {} ("schema", "table", commit_position, ordinal, committed_at, columns) '
@@ -196,11 +266,14 @@ class Sink:
         """Note that the source transaction ending at ``end_position`` is fully written (not committed)."""
         self._mark = (commit_position, end_position, committed_at)
 
-    def commit(self, *, snapshot_position: int | None = None) -> tuple[int, int] | None:
+    def commit(
+        self, *, snapshot_position: int | None = None, initialize: bool = False
+    ) -> tuple[int, int] | None:
         """Flush, record the marked position, COMMIT; return the committed (commit, end) position."""
         self.flush()
+        self._copier.wait()
         mark, self._mark = self._mark, None
-        if mark is not None or snapshot_position is not None:
+        if mark is not None or snapshot_position is not None or initialize:
             commit_position, end_position, committed_at = mark if mark is not None else (0, 0, None)
             self.conn.execute(
                 sql.SQL(
@@ -231,9 +304,15 @@ class Sink:
 
     def rollback(self) -> None:
         """Drop everything written since the last commit."""
+        with contextlib.suppress(Exception):  # the transaction is being abandoned anyway
+            self._copier.wait()
         self._buffer.clear()
         self._toast.clear()
         self._mark = None
         self.pending = 0
         if not self.conn.closed:
             self.conn.rollback()
+
+    def close(self) -> None:
+        """Stop the COPY thread (the connection is the caller's)."""
+        self._copier.close()

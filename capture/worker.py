@@ -160,6 +160,7 @@ class _Session:
     relations: dict[Relation, tuple[list[str] | None, list[str]]] = field(default_factory=dict)
 
     def close(self) -> None:
+        self.sink.close()
         for conn in (self.reader.conn, self.sink.conn, self.meta):
             try:
                 conn.close()
@@ -258,7 +259,7 @@ def _open(
             own,
         )
         session.load_types()
-        first = position is None or (position.end_position == 0 and position.snapshot_position is None)
+        first = position is None
         if snapshot or (snapshot is None and first):
             rows = write_snapshot(
                 source_dsn,
@@ -272,6 +273,8 @@ def _open(
             )
             stats.snapshot_rows += rows
             log.info("snapshot: %d rows", rows)
+        elif position is None:
+            sink.commit(snapshot_position=None, initialize=True)  # first start without a snapshot
         return session
     except BaseException:
         meta.close()
