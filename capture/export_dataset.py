@@ -127,6 +127,9 @@ def resolve_directory(directory: str) -> tuple[pafs.FileSystem, str]:
         raise ConfigurationError(f"export directory must be a non-empty path or URI, got {directory!r}")
     directory = os.fspath(directory)
     if "://" in directory:
+        if directory.startswith("s3://") and "allow_delayed_open" not in directory:
+            # small objects then go up in one PutObject instead of a multipart upload
+            directory += ("&" if "?" in directory else "?") + "allow_delayed_open=true"
         try:
             filesystem, path = pafs.FileSystem.from_uri(directory)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
@@ -249,8 +252,9 @@ def write_atomic(filesystem: pafs.FileSystem, path: str, data: pa.Buffer | bytes
     """Make ``path`` appear complete or not at all.
 
     Locally: write a dot-prefixed temporary file in the same directory, fsync, rename, fsync the directory.
-    Object stores: the object is written with one upload of the finished bytes (a PUT, or a multipart
-    upload that only becomes visible when completed), never streamed from a writer that could fail midway.
+    Object stores: the finished bytes go up in one request, a single PUT (objects up to pyarrow's part
+    size, 10 MB) or a multipart upload of the complete buffer, which S3 shows only once it is completed;
+    never streamed from a Parquet writer that could fail midway.
     """
     directory, _, name = path.rpartition("/")
     if _is_local(filesystem):
@@ -273,8 +277,7 @@ def write_atomic(filesystem: pafs.FileSystem, path: str, data: pa.Buffer | bytes
         finally:
             os.close(descriptor)
         return
-    filesystem.create_dir(directory, recursive=True)
-    _test_delay()
+    _test_delay()  # object stores need no directories: none are created
     with filesystem.open_output_stream(path) as out:
         out.write(data)
 
