@@ -1,0 +1,270 @@
+"""capture/stitch.py: decoded messages of a transaction → change rows (pure, no server)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capture.pgoutput import (
+    UNCHANGED,
+    Begin,
+    Column,
+    Commit,
+    Delete,
+    Insert,
+    Message,
+    Relation,
+    Truncate,
+    Update,
+)
+from capture.stitch import ChangeRow, SchemaChange, Stitcher, parse_context
+
+INT4, TEXT, NUMERIC, BOOL = 23, 25, 1700, 16
+
+TODO = Relation(
+    1001,
+    "public",
+    "todo",
+    "d",
+    (
+        Column(True, "id", INT4, -1),
+        Column(False, "title", TEXT, -1),
+        Column(False, "price", NUMERIC, -1),
+    ),
+)
+PAIR = Relation(
+    1002,
+    "public",
+    "pair",
+    "d",
+    (
+        Column(True, "a", INT4, -1),
+        Column(True, "b", TEXT, -1),
+        Column(False, "v", BOOL, -1),
+    ),
+)
+FULL = Relation(1003, "public", "log", "f", (Column(True, "msg", TEXT, -1), Column(True, "n", INT4, -1)))
+
+
+def stitcher(*relations: Relation, **keys: list[str]) -> Stitcher:
+    s = Stitcher("db", {})
+    for rel in relations:
+        s.add_relation(rel, primary_key=keys.get(rel.name))
+    return s
+
+
+def txn(s: Stitcher, *messages: object, lsn: int = 1000, xid: int = 7) -> list[ChangeRow | SchemaChange]:
+    out = s.feed(lsn, Begin(lsn + 500, 10**15, xid))
+    for i, message in enumerate(messages):
+        out += s.feed(lsn + 8 * (i + 1), message)  # type: ignore[arg-type]
+    out += s.feed(lsn + 500, Commit(0, lsn + 500, lsn + 560, 10**15))
+    return out
+
+
+def ctx(obj: object) -> Message:
+    return Message(True, 0, "bemi", json.dumps(obj).encode())
+
+
+def test_each_change_gets_the_context_of_the_last_message_before_it() -> None:
+    s = stitcher(TODO)
+    rows = txn(
+        s,
+        Insert(1001, (b"1", b"a", b"1.5")),
+        ctx({"user": 1}),
+        Insert(1001, (b"2", b"b", None)),
+        ctx({"user": 2}),
+        Insert(1001, (b"3", b"c", None)),
+    )
+    assert [json.loads(r.context) for r in rows] == [{}, {"user": 1}, {"user": 2}]
+
+
+def test_context_does_not_leak_into_the_next_transaction() -> None:
+    s = stitcher(TODO)
+    txn(s, ctx({"user": 1}), Insert(1001, (b"1", b"a", None)))
+    [row] = txn(s, Insert(1001, (b"2", b"b", None)), lsn=5000)
+    assert row.context == "{}"
+
+
+def test_ordinal_and_positions_follow_the_transaction() -> None:
+    s = stitcher(TODO)
+    rows = txn(s, Insert(1001, (b"1", b"a", None)), Insert(1001, (b"2", b"b", None)), lsn=4000, xid=99)
+    assert [(r.ordinal, r.commit_position, r.transaction_id) for r in rows] == [(0, 4500, 99), (1, 4500, 99)]
+    assert [r.position for r in rows] == [4008, 4016]
+    assert rows[0].committed_at.year == 2031
+
+
+def test_numeric_stays_exact_and_rows_are_typed_json() -> None:
+    s = stitcher(TODO)
+    [row] = txn(s, Insert(1001, (b"1", b"a", b"12345678901234567890.123456789")))
+    after = json.loads(row.after, parse_float=Decimal)
+    assert after == {"id": 1, "title": "a", "price": Decimal("12345678901234567890.123456789")}
+    assert (row.primary_key, row.operation, row.before) == ("1", "CREATE", "{}")
+
+
+def test_composite_key_is_a_json_array_of_typed_values() -> None:
+    s = stitcher(PAIR)
+    [row] = txn(s, Insert(1002, (b"4", b"x y", b"t")))
+    assert row.primary_key == '[4,"x y"]'
+
+
+def test_delete_with_default_identity_records_the_key_in_before() -> None:
+    s = stitcher(PAIR)
+    [row] = txn(s, Delete(1002, "K", (b"4", b"x", None)))
+    assert (row.operation, json.loads(row.before), row.after) == ("DELETE", {"a": 4, "b": "x"}, "{}")
+
+
+def test_key_change_keeps_the_old_key_in_before_and_the_new_one_as_primary_key() -> None:
+    s = stitcher(TODO)
+    [row] = txn(s, Update(1001, "K", (b"1", None, None), (b"10", b"a", None)))
+    assert (row.primary_key, json.loads(row.before)) == ("10", {"id": 1})
+
+
+def test_full_identity_without_key_has_null_primary_key_and_the_whole_old_row() -> None:
+    s = stitcher(FULL)
+    [row] = txn(s, Update(1003, "O", (b"hi", b"1"), (b"hi", b"2")))
+    assert row.primary_key is None
+    assert json.loads(row.before) == {"msg": "hi", "n": 1}
+
+
+def test_full_identity_uses_the_catalog_primary_key() -> None:
+    s = stitcher(FULL, log=["n"])
+    [row] = txn(s, Delete(1003, "O", (b"hi", b"3")))
+    assert row.primary_key == "3"
+
+
+def test_unchanged_toast_is_taken_from_the_full_old_row() -> None:
+    rel = Relation(1004, "public", "doc", "f", (Column(True, "id", INT4, -1), Column(True, "body", TEXT, -1)))
+    s = stitcher(rel, doc=["id"])
+    [row] = txn(s, Update(1004, "O", (b"1", b"long"), (b"1", UNCHANGED)))
+    assert json.loads(row.after) == {"id": 1, "body": "long"}
+    assert row.missing == ()
+
+
+def test_unchanged_toast_without_old_row_is_left_for_the_sink() -> None:
+    s = stitcher(TODO)
+    [row] = txn(s, Update(1001, None, None, (b"1", UNCHANGED, b"2")))
+    assert json.loads(row.after) == {"id": 1, "price": 2}
+    assert row.missing == ("title",)
+
+
+def test_truncate_gives_one_row_per_table_and_skips_ignored_ones() -> None:
+    s = stitcher(TODO, PAIR)
+    s.add_relation(FULL, ignored=True)
+    rows = txn(s, ctx({"job": "reset"}), Truncate((1001, 1003, 1002), False, False))
+    assert [(r.table, r.operation, r.primary_key, r.ordinal) for r in rows] == [
+        ("todo", "TRUNCATE", None, 0),
+        ("pair", "TRUNCATE", None, 1),
+    ]
+    assert json.loads(rows[0].context) == {"job": "reset"}
+
+
+def test_changes_to_ignored_tables_produce_nothing() -> None:
+    s = Stitcher("db", {})
+    s.add_relation(TODO, ignored=True)
+    assert txn(s, Insert(1001, (b"1", b"a", None))) == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b"[1, 2]", id="array"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+        pytest.param(b'{"a": NaN}', id="nan"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_a_bad_context_is_marked_as_an_error_and_never_raises(content: bytes) -> None:
+    value = json.loads(parse_context(content))
+    assert set(value) == {"_bemi_error", "_bemi_raw"}
+
+
+def test_a_context_with_nul_is_kept_visible_without_a_nul() -> None:
+    value = parse_context(b'{"a": "x\\u0000y"}')
+    assert "\\u0000" not in value.replace("\\\\u0000", "")
+    assert json.loads(value) == {"a": "x\\u0000y"}
+
+
+def test_relation_with_a_new_column_set_records_a_schema_change() -> None:
+    s2 = stitcher(TODO)
+    s2.feed(9000, Begin(9500, 10**15, 1))
+    [change] = s2.add_relation(
+        Relation(1001, "public", "todo", "d", (*TODO.columns, Column(False, "done", BOOL, -1))),
+        type_names=["integer", "text", "numeric", "boolean"],
+    )
+    assert (change.table, change.commit_position, change.ordinal) == ("todo", 9500, 0)
+    assert json.loads(change.columns)[-1] == {"name": "done", "type": "boolean", "type_oid": 16, "key": False}
+    assert (
+        s2.add_relation(
+            Relation(1001, "public", "todo", "d", (*TODO.columns, Column(False, "done", BOOL, -1))),
+            type_names=["integer", "text", "numeric", "boolean"],
+        )
+        == []
+    )
+
+
+def test_ddl_message_records_columns_with_the_fill_of_existing_rows() -> None:
+    s = stitcher(TODO)
+    event = {
+        "event": "ALTER TABLE",
+        "schema": "public",
+        "table": "todo",
+        "columns": [
+            {"name": "id", "type": "integer", "type_oid": 23, "key": True},
+            {"name": "price", "type": "numeric(10,2)", "type_oid": 1700, "key": False, "fill_text": "9.50"},
+        ],
+    }
+    out = txn(s, Insert(1001, (b"1", b"a", None)), Message(True, 0, "bemi_ddl", json.dumps(event).encode()))
+    [change] = [c for c in out if isinstance(c, SchemaChange)]
+    assert change.ordinal == 1
+    columns = json.loads(change.columns, parse_float=Decimal)
+    assert columns[1]["fill"] == Decimal("9.50")
+    assert "fill" not in columns[0]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.binary(max_size=200) | st.dictionaries(st.text(), json_values).map(lambda d: json.dumps(d).encode())
+)
+def test_parse_context_always_returns_a_json_object(content: bytes) -> None:
+    value = json.loads(parse_context(content))
+    assert isinstance(value, dict)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.lists(
+            st.one_of(st.integers(0, 50), st.dictionaries(st.text(max_size=3), st.integers())), max_size=12
+        ),
+        max_size=5,
+    )
+)
+def test_stitching_matches_a_reference_model(transactions: list[list[object]]) -> None:
+    """Ints are inserts of that id, dicts are context messages: each row gets the last context before it."""
+    s = stitcher(TODO)
+    lsn = 100
+    for steps in transactions:
+        messages: list[object] = []
+        expected = []
+        current: dict[str, int] = {}
+        for step in steps:
+            if isinstance(step, dict):
+                current = step
+                messages.append(ctx(step))
+            else:
+                messages.append(Insert(1001, (str(step).encode(), None, None)))
+                expected.append((str(step), current, len(expected)))
+        rows = txn(s, *messages, lsn=lsn)
+        lsn += 10_000
+        assert [(r.primary_key, json.loads(r.context), r.ordinal) for r in rows] == expected  # type: ignore[union-attr]
