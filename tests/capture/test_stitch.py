@@ -245,7 +245,13 @@ def test_parse_context_always_returns_a_json_object(content: bytes) -> None:
 @given(
     st.lists(
         st.lists(
-            st.one_of(st.integers(0, 50), st.dictionaries(st.text(max_size=3), st.integers())), max_size=12
+            st.one_of(
+                st.integers(0, 50),
+                st.dictionaries(
+                    st.text(st.characters(blacklist_characters="\x00"), max_size=3), st.integers()
+                ),
+            ),
+            max_size=12,
         ),
         max_size=5,
     )
