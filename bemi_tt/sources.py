@@ -65,6 +65,8 @@ class Scope:
     table: TableName | None = None
     columns: tuple[str, ...] | None = None
     until: pd.Timestamp | None = None  # prefix of commit order whose committed_at <= until (per table)
+    since: pd.Timestamp | None = None  # committed_at >= since (plain time filter, for audits)
+    until_time: pd.Timestamp | None = None  # committed_at <= until_time (plain time filter, for audits)
 
 
 class Source(ABC):
@@ -97,6 +99,12 @@ def _duck_scope_sql(base: str, scope: Scope) -> tuple[str, list[Any]]:
     if scope.table is not None:
         where.append('"schema" = ? AND "table" = ?')
         params += list(scope.table)
+    if scope.since is not None:
+        where.append("committed_at >= ?")
+        params.append(scope.since.to_pydatetime())
+    if scope.until_time is not None:
+        where.append("committed_at <= ?")
+        params.append(scope.until_time.to_pydatetime())
     if scope.until is not None:
         inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > ?"
         if scope.table is not None:
@@ -387,38 +395,37 @@ class PostgresSource(Source):
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
 
-    def query(self, scope: Scope) -> tuple[sql.Composed, list[Any]]:
-        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds)."""
+    def query(self, scope: Scope) -> sql.Composed:
+        """The SELECT over ``changes`` for ``scope`` (values as literals: COPY takes no parameters)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
         cols = sql.SQL(", ").join(
             sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint") if c == "committed_at"
             else sql.Identifier(c) for c in wanted)
         where: list[sql.Composable] = []
-        params: list[Any] = []
         table = self._name(CHANGES_TABLE)
+        in_table: sql.Composable = sql.SQL("")
         if scope.table is not None:
-            where.append(sql.SQL('"schema" = %s AND "table" = %s'))
-            params += list(scope.table)
+            in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
+            where.append(sql.SQL("TRUE{}").format(in_table))
+        if scope.since is not None:
+            where.append(sql.SQL("committed_at >= {}").format(sql.Literal(scope.since.to_pydatetime())))
+        if scope.until_time is not None:
+            where.append(sql.SQL("committed_at <= {}").format(sql.Literal(scope.until_time.to_pydatetime())))
         if scope.until is not None:
-            inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > %s").format(table)
-            params.append(scope.until.to_pydatetime())
-            if scope.table is not None:
-                inner = sql.SQL('{} AND "schema" = %s AND "table" = %s').format(inner)
-                params += list(scope.table)
+            inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > {}{}").format(
+                table, sql.Literal(scope.until.to_pydatetime()), in_table)
             where.append(sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION)))
         query = sql.SQL("SELECT {} FROM {}").format(cols, table)
         if where:
             query = sql.SQL("{} WHERE {}").format(query, sql.SQL(" AND ").join(where))
-        return query, params
+        return query
 
     def fetch(self, scope: Scope) -> pa.Table:
         """Rows of ``changes`` in ``scope`` as Arrow, read with ``COPY (...) TO STDOUT (FORMAT csv)``."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
-        query, params = self.query(scope)
         buffer = io.BytesIO()
         with self._connect() as conn, conn.cursor() as cur:
-            copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(
-                sql.SQL(cur.mogrify(query, params)))  # COPY takes no parameters
+            copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(self.query(scope))
             try:
                 with cur.copy(copy_sql) as copy:
                     for chunk in copy:

@@ -76,7 +76,11 @@ class Layout:
         return [c for c in self.columns if not c.key]
 
 
-def _versions(source: Source, table: TableName) -> list[tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]]:
+#: A column set of a table: ((commit_position, ordinal), committed_at, columns).
+Version = tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]
+
+
+def _versions(source: Source, table: TableName) -> list[Version]:
     raw = source.schemas(table)
     out = []
     for cp, o, at, cols in zip(raw["commit_position"].to_pylist(), raw["ordinal"].to_pylist(),
@@ -86,10 +90,9 @@ def _versions(source: Source, table: TableName) -> list[tuple[tuple[int, int], p
     return out
 
 
-def layout_at(versions: list[tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]],
-              cut: int | None, ts: pd.Timestamp | None) -> Layout | None:
-    """The column set valid at the cut (changes with ``commit_position < cut``), or None if unknown."""
-    valid = [v for v in versions if (cut is None or v[0][0] < cut) and (ts is None or v[1] <= ts)]
+def layout_at(versions: list[Version], ts: pd.Timestamp | None) -> Layout | None:
+    """The column set valid at ``ts`` (None: the latest), or None when the source has no column sets."""
+    valid = [v for v in versions if ts is None or v[1] <= ts]
     if not valid:
         return None
     current = valid[-1][2]
@@ -123,7 +126,8 @@ def _infer_layout(keys: Sequence[str], afters: Sequence[str]) -> Layout:
     key = next((n for n in names if rows and all(
         r.get(n) is not None and (str(r[n]) if not isinstance(r[n], bool) else "") == k
         for r, k in zip(rows, keys, strict=False))), None)
-    return Layout(tuple(Column(n, column_type(t), n == key, None, None) for n, t in names.items()),
+    # jsonb does not keep key order: sort the names so that every source gives the same columns
+    return Layout(tuple(Column(n, column_type(names[n]), n == key, None, None) for n in sorted(names)),
                   inferred=True)
 
 
@@ -177,8 +181,12 @@ class State:
     frame: pd.DataFrame  # indexed by the key columns
 
 
+def _first(rows: list[Any]) -> Any:
+    return rows[0] if rows else None
+
+
 def _cut(con: duckdb.DuckDBPyConnection, rel: str) -> int | None:
-    row = con.execute(f"SELECT max(commit_position) FROM {rel}").fetchone()
+    row = _first(con.sql(f"SELECT max(commit_position) FROM {rel}").fetchall())
     return None if row is None or row[0] is None else int(row[0]) + 1
 
 
@@ -215,7 +223,7 @@ def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: 
     cut = _cut(con, f'"{name}"')
     if ts is not None and cut is None:
         _check_start(source, table, ts, versions)
-    layout = layout_at(versions, cut, ts)
+    layout = layout_at(versions, ts)
     old_key = old_key_sql(layout.keys if layout else [])
     query = latest_sql(f'"{name}"', old_key)
     params: list[Any] = []
@@ -231,11 +239,10 @@ def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: 
     return State(layout, keys, positions, _typed(layout, keys, positions, afters))
 
 
-def _check_start(source: Source, table: TableName, ts: pd.Timestamp,
-                 versions: list[tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]]) -> None:
+def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: list[Version]) -> None:
     con = duckdb.connect()
     source.load(con, "all_times", Scope(table=table, columns=("committed_at",)))
-    row = con.execute('SELECT min(committed_at) FROM "all_times"').fetchone()
+    row = _first(con.sql('SELECT min(committed_at) FROM "all_times"').fetchall())
     starts = [pd.Timestamp(row[0])] if row and row[0] is not None else []
     starts += [v[1] for v in versions]
     if starts and ts < min(starts):
@@ -297,7 +304,7 @@ def as_of(table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str 
     layout_key = None
     if key is not None:
         versions = _versions(src, name)
-        layout_key = layout_at(versions, None, when) or Layout(())
+        layout_key = layout_at(versions, when) or Layout(())
         layout_key = key_text(layout_key, key) if layout_key.keys or isinstance(key, str) else str(key)
     state = state_at(src, name, when, key=layout_key, con=con)
     frame = state.frame
@@ -391,9 +398,10 @@ def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> di
         FROM (SELECT k, max((cp, o)) AS at FROM gone GROUP BY k) g
         JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"""
     out = {row[0]: row[1:] for row in con.execute(query).fetchall()}
-    truncate = con.execute(f"SELECT operation, committed_at, CAST(context AS VARCHAR), commit_position, ordinal "
+    truncate = con.sql(f"SELECT operation, committed_at, CAST(context AS VARCHAR), commit_position, ordinal "
                            f"FROM {rel} WHERE operation = 'TRUNCATE' ORDER BY commit_position DESC, ordinal DESC "
-                           "LIMIT 1").fetchone()
+                           "LIMIT 1").fetchall()
+    truncate = _first(truncate)
     if truncate is not None:
         out = {k: v for k, v in out.items() if (v[3], v[4]) > (truncate[3], truncate[4])}
         out[""] = truncate
@@ -500,7 +508,7 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     if key is None:
         raise ConfigurationError("history() needs the key of one row, e.g. history('todo', 1)")
     versions = _versions(src, name)
-    layout = layout_at(versions, None, None)
+    layout = layout_at(versions, None)
     con = duckdb.connect()
     src.load(con, "h", Scope(table=name))
     if layout is None:
@@ -568,7 +576,7 @@ def _audit_frame(src: Source, table: str | None, since: Any, until: Any, operati
     if start is not None and end is not None and end < start:
         raise ConfigurationError(f"until {end.isoformat()} is before since {start.isoformat()}: swap them")
     con = duckdb.connect()
-    src.load(con, "a", Scope(table=name))
+    src.load(con, "a", Scope(table=name, since=start, until_time=end))
     where = ["TRUE"]
     params: list[Any] = []
     if start is not None:
@@ -623,24 +631,41 @@ def _finish_feed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def _column_order(src: Source) -> dict[TableName, dict[str, int]]:
+    """Per table, the position of each column in its latest column set (jsonb does not keep key order)."""
+    raw = src.schemas()
+    latest: dict[TableName, tuple[tuple[int, int], str]] = {}
+    for sch, tab, cp, o, cols in zip(raw["schema"].to_pylist(), raw["table"].to_pylist(),
+                                     raw["commit_position"].to_pylist(), raw["ordinal"].to_pylist(),
+                                     raw["columns"].to_pylist(), strict=True):
+        if (sch, tab) not in latest or latest[(sch, tab)][0] < (cp, o):
+            latest[(sch, tab)] = ((cp, o), cols)
+    return {t: {c["name"]: i for i, c in enumerate(json.loads(cols))} for t, (_, cols) in latest.items()}
+
+
 def audit(table: str | None = None, since: Any = None, until: Any = None, *, operation: Any = None,
           source: Any = None, **context_filters: Any) -> pd.DataFrame:
     """Who changed what, from where: changes in commit order with ``changed`` columns and the context keys
     as columns. ``audit(user_id=187234)`` keeps the changes made with that context value (a string filter
     also matches a number with the same text, as the CLI's ``--where user_id=187234`` does)."""
-    frame = _audit_frame(get_source(source), table, since, until, operation, context_filters)
+    src = get_source(source)
+    frame = _audit_frame(src, table, since, until, operation, context_filters)
     befores = [parse_json(v) for v in frame["before"]]
     afters = [parse_json(v) for v in frame["after"]]
+    order = _column_order(src)
     changed = []
-    for op, b, a in zip(frame["operation"], befores, afters, strict=False):
+    for sch, tab, op, b, a in zip(frame["schema"], frame["table"], frame["operation"], befores, afters,
+                                  strict=True):
         if op == "UPDATE" and b:
-            changed.append([k for k in a if b.get(k, a[k]) != a[k] or k not in b])
+            names = [k for k in a if b.get(k, a[k]) != a[k] or k not in b]
         elif op in ("CREATE", "SNAPSHOT", "UPDATE"):
-            changed.append(list(a))
+            names = list(a)
         elif op == "DELETE":
-            changed.append(list(b))
+            names = list(b)
         else:
-            changed.append([])
+            names = []
+        rank = order.get((sch, tab), {})
+        changed.append(sorted(names, key=lambda n, r=rank: (r.get(n, len(r)), n)))
     contexts = list(frame["context"])
     frame["before"] = pd.Series(befores, index=frame.index, dtype=object)
     frame["after"] = pd.Series(afters, index=frame.index, dtype=object)
