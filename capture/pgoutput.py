@@ -210,6 +210,19 @@ _n = 110
 _u = 117
 _b = 98
 
+# Row messages are built through their slot descriptors: a frozen dataclass's __init__ sets each
+# field with object.__setattr__, which costs more than decoding the tuple it carries.
+_new = object.__new__
+_insert_oid = Insert.__dict__["relation_oid"].__set__
+_insert_new = Insert.__dict__["new"].__set__
+_update_oid = Update.__dict__["relation_oid"].__set__
+_update_old_kind = Update.__dict__["old_kind"].__set__
+_update_old = Update.__dict__["old"].__set__
+_update_new = Update.__dict__["new"].__set__
+_delete_oid = Delete.__dict__["relation_oid"].__set__
+_delete_old_kind = Delete.__dict__["old_kind"].__set__
+_delete_old = Delete.__dict__["old"].__set__
+
 PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
@@ -304,7 +317,10 @@ def _insert(data: bytes, size: int) -> Insert:
     new, pos = _tuple(data, 6, size)
     if pos != size:
         raise DecodeError(f"{size - pos} trailing bytes after insert", pos)
-    return Insert(oid, new)
+    row = _new(Insert)
+    _insert_oid(row, oid)
+    _insert_new(row, new)
+    return row
 
 
 def _update(data: bytes, size: int) -> Update:
@@ -327,7 +343,12 @@ def _update(data: bytes, size: int) -> Update:
     new, pos = _tuple(data, pos, size)
     if pos != size:
         raise DecodeError(f"{size - pos} trailing bytes after update", pos)
-    return Update(oid, old_kind, old, new)
+    row = _new(Update)
+    _update_oid(row, oid)
+    _update_old_kind(row, old_kind)
+    _update_old(row, old)
+    _update_new(row, new)
+    return row
 
 
 def _delete(data: bytes, size: int) -> Delete:
@@ -340,7 +361,11 @@ def _delete(data: bytes, size: int) -> Delete:
     old, pos = _tuple(data, 6, size)
     if pos != size:
         raise DecodeError(f"{size - pos} trailing bytes after delete", pos)
-    return Delete(oid, "K" if marker == _K else "O", old)
+    row = _new(Delete)
+    _delete_oid(row, oid)
+    _delete_old_kind(row, "K" if marker == _K else "O")
+    _delete_old(row, old)
+    return row
 
 
 def _begin(data: bytes, size: int) -> Begin:

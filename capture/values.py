@@ -202,6 +202,8 @@ def _json(s: str) -> str:
 
 
 def _timestamptz(s: str) -> str:
+    if s[10:11] == " " and s[-3:-2] in ("+", "-") and s[4:5] == "-":  # 'YYYY-MM-DD hh:mm:ss[.f]+HH'
+        return '"' + s[:10] + "T" + s[11:] + ':00"'
     date, sep, rest = s.partition(" ")
     if not sep:
         return _json_string(s)  # 'infinity', '-infinity' or a DateStyle we do not parse
@@ -223,6 +225,19 @@ def _timestamp(s: str) -> str:
     if not sep:
         return _json_string(s)
     return '"' + date + "T" + rest + '"'
+
+
+def _number_bytes(raw: bytes) -> str:
+    s = raw.decode()
+    return '"' + s + '"' if s in _NON_FINITE else s
+
+
+def _text_bytes(raw: bytes) -> str:
+    return _json_string(raw.decode())
+
+
+def _timestamptz_bytes(raw: bytes) -> str:
+    return _timestamptz(raw.decode())
 
 
 _INTEGER_OIDS: Final = frozenset((20, 21, 23))
@@ -298,7 +313,7 @@ def _parse_array(s: str, delimiter: str) -> list[Any] | None:
         elif bare is not None:
             if current is None:
                 return None
-            bare = bare.strip()
+            bare = bare.strip(" \t\n\r\v\f")  # array_in's whitespace, not str.isspace()
             current.append(None if bare == "NULL" else _UNESCAPE.sub(r"\1", bare))
     if end != len(s) or current is not None or stack:
         return None
@@ -317,10 +332,17 @@ def _array_converter(element: Callable[[str], str], delimiter: str) -> Callable[
         )
 
     def convert(s: str) -> str:
-        items = _parse_array(s, delimiter)
-        if items is None:
+        if s[:1] == "{" and '"' not in s and "\\" not in s and s.find("{", 1) < 0:  # 1-D, nothing quoted
+            inner = s[1:-1]
+            if not inner:
+                return "[]"
+            items = inner.split(delimiter)
+            if "NULL" not in items:
+                return "[" + ",".join(map(element, items)) + "]"
+        parsed = _parse_array(s, delimiter)
+        if parsed is None:
             return _json_string(s)
-        return render(items)
+        return render(parsed)
 
     return convert
 
@@ -356,12 +378,25 @@ def _bytes_converter(oid: int, types: Mapping[int, TypeInfo]) -> Callable[[bytes
         return bytes.decode
     if base == 16:
         return {b"t": "true", b"f": "false"}.__getitem__
+    fast = _BYTES_CONVERTERS.get(base)
+    if fast is not None:
+        return fast
     convert = _str_converter(base, types)
+    if convert is _json_string:
+        return _text_bytes
 
     def from_bytes(raw: bytes) -> str:
         return convert(raw.decode())
 
     return from_bytes
+
+
+_BYTES_CONVERTERS: Final[Mapping[int, Callable[[bytes], str]]] = {
+    700: _number_bytes,
+    701: _number_bytes,
+    1700: _number_bytes,
+    1184: _timestamptz_bytes,
+}
 
 
 class ValueEncoder:
@@ -373,7 +408,7 @@ class ValueEncoder:
     placeholder must be replaced by its real value first (``ValueError`` otherwise).
     """
 
-    __slots__ = ("_converters", "_prefixes", "converters", "names")
+    __slots__ = ("_converters", "_prefixes", "_template", "converters", "names")
 
     def __init__(
         self,
@@ -394,6 +429,7 @@ class ValueEncoder:
         self._converters = self.converters
         self.names: tuple[str, ...] | None = None
         self._prefixes: tuple[str, ...] = ()
+        self._template = ""
         if names is not None:
             if isinstance(names, str) or len(names) != len(self.converters):
                 raise ValueError(
@@ -401,6 +437,7 @@ class ValueEncoder:
                 )
             self.names = tuple(names)
             self._prefixes = tuple(_json_string(n) + ":" for n in self.names)
+            self._template = "{" + ",".join(p.replace("%", "%%") + "%s" for p in self._prefixes) + "}"
 
     def value_json(self, index: int, raw: bytes | None) -> str:
         """JSON text of the value ``raw`` (text-format bytes, or None for NULL) of column ``index``."""
@@ -420,15 +457,8 @@ class ValueEncoder:
                 "build the ValueEncoder with names=... matching the Relation"
             )
         try:
-            return (
-                "{"
-                + ",".join(
-                    [
-                        p + ("null" if v is None else c(v))
-                        for p, c, v in zip(prefixes, self._converters, values, strict=False)
-                    ]
-                )
-                + "}"
+            return self._template % tuple(
+                ["null" if v is None else c(v) for c, v in zip(self._converters, values, strict=False)]
             )
         except (TypeError, AttributeError, KeyError, UnicodeDecodeError):
             for index, value in enumerate(values):

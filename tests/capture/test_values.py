@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
@@ -351,6 +351,7 @@ text_without_nul = st.text(st.characters(exclude_characters="\0", exclude_catego
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.one_of(st.none(), text_without_nul), max_size=6))
+@example(["", "\x1f", " \u2028 ", "NULL", "a,b", "{}", '"', "\\"])  # \x1f is unquoted: not array whitespace
 def test_text_arrays_match_to_jsonb(conn: psycopg.Connection, value: list[str | None]) -> None:
     text, expected = server_says(conn, value, "text[]")
     assert exact(text_to_json(text, 1009)) == expected
