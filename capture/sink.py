@@ -232,7 +232,7 @@ class Sink:
             "UPDATE {changes} AS c SET after = c.after || coalesce(("
             " SELECT jsonb_object_agg(k.name, p.after -> k.name) FROM ("
             '  SELECT after FROM {changes} AS p WHERE p."table" = c."table" AND p."schema" = c."schema"'
-            "  AND p.primary_key = c.primary_key AND p.operation <> 'DELETE' AND p.operation <> 'TRUNCATE'"
+            "  AND p.primary_key = %s AND p.operation <> 'DELETE' AND p.operation <> 'TRUNCATE'"
             "  AND (p.commit_position, p.ordinal) < (c.commit_position, c.ordinal)"
             "  ORDER BY p.commit_position DESC, p.ordinal DESC LIMIT 1) AS p,"
             "  unnest(%s::text[]) AS k(name) WHERE p.after ? k.name), '{{}}')"
@@ -241,7 +241,8 @@ class Sink:
         with self.conn.pipeline(), self.conn.cursor() as cur:
             for row in rows:
                 if row.primary_key is not None:
-                    cur.execute(statement, (list(row.missing), row.commit_position, row.ordinal))
+                    key = row.previous_key or row.primary_key
+                    cur.execute(statement, (key, list(row.missing), row.commit_position, row.ordinal))
 
     def write_schema(self, change: SchemaChange) -> None:
         """Record a table's column set (the later of two at the same position wins)."""

@@ -86,6 +86,7 @@ class ChangeRow(NamedTuple):
     commit_position: int
     ordinal: int
     missing: tuple[str, ...] = ()
+    previous_key: str | None = None  # where to look for ``missing`` values when the key changed
 
 
 #: The ``changes`` columns a :class:`ChangeRow` fills, in its field order.
@@ -455,6 +456,7 @@ class Stitcher:
                 if message.old_kind == "O" and UNCHANGED in new:
                     new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
             after, missing = self._row(table, new)
+            previous = self._key(table, old, None) if missing and old is not None else None
             return ChangeRow(
                 self._key(table, new, old),
                 rel.name,
@@ -470,6 +472,7 @@ class Stitcher:
                 self._commit_lsn,
                 self._next(),
                 missing,
+                previous,
             )
         assert isinstance(message, Delete)
         indexes = table.identity_indexes if message.old_kind == "K" else None
