@@ -294,33 +294,57 @@ def delete_files(filesystem: pafs.FileSystem, paths: Iterable[str]) -> int:
     return deleted
 
 
-def read_dataset(directory: str, *, columns: list[str] | None = None, attempts: int = 5) -> pa.Table:
-    """All changes in the dataset as one Arrow table in key order, consistent even during compaction.
+def read_dataset(directory: str, *, columns: list[str] | None = None, attempts: int = 10) -> pa.Table:
+    """Every change in the dataset as one Arrow table in key order; a consistent snapshot even mid-compaction.
 
-    A file listed and then removed by a concurrent compaction makes it list again (up to ``attempts``).
+    The snapshot is the watermark of the first listing. A file that a concurrent compaction removes
+    after the listing makes its partition list again and read the file that replaced it; rows past the
+    snapshot's watermark (from exports that finished meanwhile) are left out.
     """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if not isinstance(attempts, int) or attempts < 1:
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ConfigurationError(f"attempts must be a positive integer, got {attempts!r}")
-    filesystem, root = resolve_directory(directory)
-    for attempt in range(attempts):
-        state = read_dataset_state(filesystem, root)
-        try:
-            tables = [pq.read_table(f.path, filesystem=filesystem, columns=columns) for f in state.files]
-        except FileNotFoundError:
-            if attempt == attempts - 1:
-                raise
-            continue
-        if not tables:
-            from capture.export import export_arrow_schema
+    from capture.export import export_arrow_schema
 
-            schema = export_arrow_schema()
-            if columns is not None:
-                schema = pa.schema([schema.field(c) for c in columns])
-            return schema.empty_table()
-        table = pa.concat_tables(tables)
-        if columns is None or {"commit_position", "ordinal"} <= set(columns):
-            table = table.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
-        return table
-    raise AssertionError("unreachable")
+    schema = export_arrow_schema()
+    wanted = list(schema.names) if columns is None else list(columns)
+    unknown = [c for c in wanted if c not in schema.names]
+    if unknown:
+        raise ConfigurationError(f"unknown columns {unknown!r}; the dataset has {schema.names!r}")
+    needed = wanted + [c for c in ("commit_position", "ordinal") if c not in wanted]
+    filesystem, root = resolve_directory(directory)
+    state = read_dataset_state(filesystem, root)
+    watermark = state.watermark
+    by_partition: dict[str, list[DataFile]] = {}
+    for data_file in state.files:
+        by_partition.setdefault(data_file.partition, []).append(data_file)
+    tables: list[pa.Table] = []
+    past_watermark = False
+    for partition, files in by_partition.items():
+        for attempt in range(attempts):
+            try:
+                pieces = [pq.read_table(f.path, filesystem=filesystem, columns=needed) for f in files]
+                break
+            except FileNotFoundError:
+                if attempt == attempts - 1:
+                    raise SourceError(
+                        f"files of partition {partition!r} of {root!r} kept vanishing while read; retry later"
+                    ) from None
+                fresh = read_dataset_state(filesystem, root)
+                files = [
+                    f for f in fresh.files if f.partition == partition and watermark and f.first <= watermark
+                ]
+        past_watermark = past_watermark or any(watermark is not None and f.last > watermark for f in files)
+        tables.extend(pieces)
+    if not tables:
+        return pa.schema([schema.field(c) for c in wanted]).empty_table()
+    table = pa.concat_tables(tables)
+    if past_watermark and watermark is not None:
+        position, ordinal = watermark
+        cp, od = table["commit_position"], table["ordinal"]
+        keep = pc.or_(pc.less(cp, position), pc.and_(pc.equal(cp, position), pc.less_equal(od, ordinal)))
+        table = table.filter(keep)
+    table = table.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
+    return table.select(wanted)
