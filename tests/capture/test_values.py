@@ -264,6 +264,30 @@ def test_value_json_equals_to_jsonb_of_the_same_value(utc: Captured, family: str
     assert wal == expected
 
 
+def test_value_json_is_accepted_by_jsonb_and_equal_to_to_jsonb_on_the_server(
+    utc: Captured, server_db: str
+) -> None:
+    """What the worker stores in jsonb columns compares equal there too (jsonb numeric equality)."""
+    with psycopg.connect(server_db) as conn:
+        for family in FAMILIES:
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT count(*), count(*) FILTER (WHERE x.j IS NOT DISTINCT FROM to_jsonb(t.v))"
+                    " FROM {} t JOIN unnest(%s::jsonb[]) WITH ORDINALITY x(j, id) USING (id)"
+                ).format(sql.Identifier(f"t_{family}")),
+                (utc.from_wal[family],),
+            ).fetchone()
+            assert row == (len(FAMILIES[family][1]),) * 2, family
+
+
+def test_json_holding_a_nul_escape_is_kept_as_text_because_jsonb_cannot(conn: psycopg.Connection) -> None:
+    text = '{"a": "x\\u0000y"}'
+    encoded = text_to_json(text, 114)
+    assert json.loads(encoded) == text
+    row = conn.execute("SELECT %s::jsonb #>> '{}'", (encoded,)).fetchone()
+    assert row == (text,)
+
+
 @pytest.mark.parametrize("family", ["timestamptz", "timestamptz_array", "timetz"])
 def test_timestamptz_follows_the_session_time_zone_like_to_jsonb(kolkata: Captured, family: str) -> None:
     wal = [exact(v) for v in kolkata.from_wal[family]]
