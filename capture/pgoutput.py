@@ -8,7 +8,11 @@ used by round-trip tests and in-memory test doubles. No I/O, no logging. Malform
 Column values in tuples are ``bytes`` (PostgreSQL's text output, ``'t'``), ``None`` (SQL NULL,
 ``'n'``), :data:`UNCHANGED` (an unchanged TOASTed value the server did not send, ``'u'``) or a
 :class:`BinaryValue` (a ``bytes`` subclass, for ``'b'``, sent only when the ``binary`` option is on).
-Times are raw microseconds since 2000-01-01 UTC (:func:`pg_timestamp_to_datetime` converts them).
+Times are raw microseconds since 2000-01-01 UTC (:func:`pg_timestamp_to_datetime` converts them);
+a transaction replayed from a replication origin carries the origin's commit time. Names are decoded
+as UTF-8 (the database must use UTF8). Facts of pgoutput worth knowing: a key-only old tuple
+(``'K'``) has NULL in every non-key column; under REPLICA IDENTITY FULL every column of the Relation
+is flagged ``key``; TRUNCATE is preceded by a Relation for each truncated table.
 """
 
 from __future__ import annotations

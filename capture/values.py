@@ -10,18 +10,20 @@ rows decoded from the WAL and rows read with ``to_jsonb`` compare equal. Concret
   the fraction as PostgreSQL prints it, trailing zeros dropped); ``timestamp`` → the same without
   offset; ``'infinity'``/``'-infinity'`` stay those strings; BC values keep PostgreSQL's `` BC`` suffix.
 * ``date``, ``time``, ``timetz``, ``interval``, ``uuid``, ``bytea`` (``"\\\\x0102"``, hex kept), enums,
-  ranges, money, geometric types and anything unknown → a JSON string of PostgreSQL's text.
+  ranges, money, geometric types, ``oid`` (a string, as ``to_jsonb`` gives it) and anything unknown →
+  a JSON string of PostgreSQL's text.
 * arrays (any dimension, any lower bound, NULL elements, quoted elements) → JSON arrays whose
   elements follow these same rules by the element type; domains follow their base type.
 * SQL NULL → ``null``.
 
 Deliberate differences from ``to_jsonb``: composite (row) values are a JSON string of their text,
-not an object (pgoutput does not say the field types); a ``json`` value containing the escape
-``\\u0000`` (which ``jsonb`` cannot hold) becomes a JSON string of its text.
+not an object (pgoutput does not say the field types); so are types that ``to_jsonb`` renders through
+their own cast to json (e.g. ``hstore``); a ``json`` value containing the escape ``\\u0000`` (which
+``jsonb`` cannot hold) becomes a JSON string of its text.
 
 Input assumptions (the capture worker's session guarantees them): ``DateStyle`` ``ISO``, ``TimeZone``
 ``UTC`` (offsets then read ``+00:00``), ``extra_float_digits`` >= 1, a UTF-8 database, text format
-values (not pgoutput's ``binary`` option). Values in another ``DateStyle`` fall back to JSON strings.
+values (not pgoutput's ``binary`` option). Other ``DateStyle`` settings are not supported.
 
 Use: build one :class:`ValueEncoder` per Relation (``ValueEncoder(oids, type_info, names=names)``)
 and call ``encoder.row_json(values)`` for whole rows or ``encoder.value_json(i, raw)`` per value.

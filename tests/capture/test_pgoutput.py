@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -302,6 +304,14 @@ def test_malformed_input_raises_decode_error_naming_what_and_where(
         decode(data)
     assert info.value.offset == offset
     assert f"offset {offset}" in str(info.value)
+
+
+def test_unchanged_is_one_sentinel_that_survives_pickling_and_copying() -> None:
+    assert pickle.loads(pickle.dumps(UNCHANGED)) is UNCHANGED
+    assert copy.deepcopy(UNCHANGED) is UNCHANGED
+    update = Update(1, None, None, (b"1", UNCHANGED))
+    assert pickle.loads(pickle.dumps(update)) == update
+    assert repr(UNCHANGED) == "UNCHANGED"
 
 
 def test_decode_rejects_non_bytes_with_type_error() -> None:

@@ -31,6 +31,7 @@ from capture.values import (
 
 SETUP = [
     "CREATE EXTENSION citext",
+    "CREATE EXTENSION hstore",
     "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'with \"quote\"')",
     "CREATE DOMAIN posint AS int CHECK (VALUE > 0)",
     "CREATE DOMAIN money2 AS numeric(12, 2)",
@@ -140,6 +141,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
 #: Deliberate differences from to_jsonb (see capture/values.py): a composite becomes its text.
 TEXT_INSTEAD_OF_OBJECT: dict[str, tuple[str, list[str]]] = {
     "composite": ("pair", ["ROW(1, 'x y')"]),
+    "hstore": ("hstore", ["'a=>1'"]),
 }
 
 
@@ -309,10 +311,12 @@ def test_numeric_digits_are_kept_verbatim_not_rounded_through_float(utc: Capture
     assert exact(ValueEncoder([1700]).value_json(0, b"12.50")) == Decimal("12.50")
 
 
-def test_composite_values_are_json_strings_of_their_text(utc: Captured) -> None:
+def test_composite_and_json_castable_values_are_json_strings_of_their_text(utc: Captured) -> None:
     (value,) = utc.from_wal["composite"]
     assert json.loads(value) == '(1,"x y")'
     assert json.loads(utc.from_sql["composite"][0]) == {"a": 1, "b": "x y"}  # the documented difference
+    assert json.loads(utc.from_wal["hstore"][0]) == '"a"=>"1"'
+    assert json.loads(utc.from_sql["hstore"][0]) == {"a": "1"}  # to_jsonb uses hstore's own json cast
 
 
 def test_builtin_type_table_matches_the_catalog(server_db: str) -> None:
