@@ -168,7 +168,8 @@ class _Session:
                 log.debug("error closing a connection", exc_info=True)
 
     def ignored(self, schema: str, table: str) -> bool:
-        return (schema, table) in self.own
+        # schema bemi_tt holds tracking's own bookkeeping (bemi_tt.install), never application data
+        return schema == "bemi_tt" or (schema, table) in self.own
 
     def load_types(self) -> None:
         self.type_info = load_type_info(self.meta.execute(TYPE_INFO_QUERY).fetchall())
