@@ -9,6 +9,7 @@ lets DuckDB find the versions it needs, and returns a plain pandas DataFrame typ
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,20 @@ __all__ = ["as_of", "audit", "blame", "changes", "diff", "history"]
 
 #: Operations after which a row exists.
 PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
+
+
+_shared: duckdb.DuckDBPyConnection | None = None
+_shared_lock = threading.Lock()
+
+
+def _duck() -> duckdb.DuckDBPyConnection:
+    """A fresh connection to one in-process DuckDB database (opening a database per call costs ~50 ms);
+    temporary views and registered Arrow tables are private to each connection."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = duckdb.connect()
+        return _shared.cursor()
 
 
 # -- tables and their columns -----------------------------------------------------------------------
@@ -207,7 +222,7 @@ def _typed(layout: Layout, keys: list[str], positions: list[tuple[int, int]], af
             frame[column.name] = series
     key_names = layout.keys
     if key_names:
-        frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0])
+        frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0]).sort_index()
     else:
         frame.index = pd.Index(pd.array(keys, dtype=pd.StringDtype()), name="primary_key")
     return frame
@@ -216,7 +231,7 @@ def _typed(layout: Layout, keys: list[str], positions: list[tuple[int, int]], af
 def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: str | None = None,
              con: duckdb.DuckDBPyConnection | None = None, name: str = "c") -> State:
     """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
-    con = con or duckdb.connect()
+    con = con or _duck()
     source.load(con, name, Scope(table=table, until=ts, columns=(
         "primary_key", "operation", "before", "after", "commit_position", "ordinal", "committed_at")))
     versions = _versions(source, table)
@@ -240,7 +255,7 @@ def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: 
 
 
 def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: list[Version]) -> None:
-    con = duckdb.connect()
+    con = _duck()
     source.load(con, "all_times", Scope(table=table, columns=("committed_at",)))
     row = _first(con.sql('SELECT min(committed_at) FROM "all_times"').fetchall())
     starts = [pd.Timestamp(row[0])] if row and row[0] is not None else []
@@ -300,7 +315,7 @@ def as_of(table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str 
     src = get_source(source)
     name = resolve_table(src, table)
     when = to_utc(ts)
-    con = duckdb.connect()
+    con = _duck()
     layout_key = None
     if key is not None:
         versions = _versions(src, name)
@@ -420,7 +435,7 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     start, end = to_utc(t1, "t1"), to_utc(t2, "t2")
     if end < start:
         raise ConfigurationError(f"t2 {end.isoformat()} is before t1 {start.isoformat()}: swap them")
-    con = duckdb.connect()
+    con = _duck()
     old = state_at(src, name, start, con=con, name="c1")
     new = state_at(src, name, end, con=con, name="c2")
     layout = new.layout
@@ -478,7 +493,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
     that last set it. Indexed by the key and ``column``."""
     src = get_source(source)
     name = resolve_table(src, table)
-    con = duckdb.connect()
+    con = _duck()
     state = state_at(src, name, None, con=con)
     layout = state.layout
     wanted = None if key is None else key_text(layout, key)
@@ -509,7 +524,7 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
         raise ConfigurationError("history() needs the key of one row, e.g. history('todo', 1)")
     versions = _versions(src, name)
     layout = layout_at(versions, None)
-    con = duckdb.connect()
+    con = _duck()
     src.load(con, "h", Scope(table=name))
     if layout is None:
         sample = con.execute("SELECT primary_key, CAST(after AS VARCHAR) FROM h WHERE operation IN "
@@ -575,7 +590,7 @@ def _audit_frame(src: Source, table: str | None, since: Any, until: Any, operati
     end = to_utc(until, "until") if until is not None else None
     if start is not None and end is not None and end < start:
         raise ConfigurationError(f"until {end.isoformat()} is before since {start.isoformat()}: swap them")
-    con = duckdb.connect()
+    con = _duck()
     src.load(con, "a", Scope(table=name, since=start, until_time=end))
     where = ["TRUE"]
     params: list[Any] = []
