@@ -239,7 +239,10 @@ def _text_bytes(raw: bytes) -> str:
 
 
 def _timestamptz_bytes(raw: bytes) -> str:
-    return _timestamptz(raw.decode())
+    s = raw.decode()
+    if s[10:11] == " " and s[-3:-2] in ("+", "-") and s[4:5] == "-":  # the fast path of _timestamptz
+        return '"' + s[:10] + "T" + s[11:] + ':00"'
+    return _timestamptz(s)
 
 
 _INTEGER_OIDS: Final = frozenset((20, 21, 23))

@@ -385,14 +385,31 @@ def test_text_arrays_match_to_jsonb(conn: psycopg.Connection, value: list[str | 
     assert exact(text_to_json(text, 1009)) == expected
 
 
-@settings(max_examples=30, deadline=None)
+ZONES = [
+    "UTC",
+    "America/Sao_Paulo",
+    "Asia/Kolkata",
+    "Pacific/Chatham",
+    "America/St_Johns",
+    "Europe/Amsterdam",
+]
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     st.datetimes(
         min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(timezone.utc)
-    )
+    ),
+    st.sampled_from(ZONES),
 )
-def test_timestamptz_matches_to_jsonb(conn: psycopg.Connection, value: datetime) -> None:
-    text, expected = server_says(conn, value, "timestamptz")
+def test_timestamptz_matches_to_jsonb_in_any_session_time_zone(
+    conn: psycopg.Connection, value: datetime, zone: str
+) -> None:
+    conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+    try:
+        text, expected = server_says(conn, value, "timestamptz")
+    finally:
+        conn.execute("SET TimeZone = 'UTC'")
     assert exact(text_to_json(text, 1184)) == expected
 
 
