@@ -459,6 +459,14 @@ def test_encoder_row_json_matches_value_json_per_column() -> None:
     assert encoder.row_json(values) == row_json(["id", "name", "ok", "amount"], encoder.fragments(values))
 
 
+def test_row_json_handles_column_names_with_percent_signs_and_quotes() -> None:
+    names = ["100%", "%s", 'a"b', "ü"]
+    encoder = ValueEncoder([23, 25, 25, 16], names=names)
+    assert json.loads(encoder.row_json((b"1", b"%d", None, b"f"))) == dict(
+        zip(names, [1, "%d", None, False], strict=True)
+    )
+
+
 def test_unknown_type_oid_becomes_a_json_string() -> None:
     assert ValueEncoder([999999]).value_json(0, b'(1,"a")') == json_string('(1,"a")')
 
