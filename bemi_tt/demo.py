@@ -6,6 +6,7 @@ example), drains the capture worker once, then prints ``changes``, ``as_of`` at 
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -65,13 +66,17 @@ def run_demo(*, bindir: str | Path | None = None, out: TextIO = sys.stdout) -> N
         try:
             _TODO.metadata.create_all(engine)
             install(engine)
-            out.write(f"started PostgreSQL ({pg.dsn}); created table todo; installed tracking\n")
+            capture(pg.dsn, once=True)  # first start: creates the slot; history begins here
+            out.write(f"started PostgreSQL ({pg.dsn}); created table todo; installed tracking; "
+                      "started capture\n")
             t1, t2 = _workload(engine)
             capture(pg.dsn, once=True)
             _heading(out, "changes (captured from the WAL, with the application's context)")
             feed = changes(source=pg.dsn)
-            shown = feed[["primary_key", "table", "operation", "before", "after", "context", "committed_at"]]
-            with pd.option_context("display.width", 250, "display.max_colwidth", 70,
+            shown = feed[["primary_key", "table", "operation", "before", "after", "context", "committed_at"]].copy()
+            for column in ("before", "after", "context"):
+                shown[column] = shown[column].map(lambda value: json.dumps(value, default=str))
+            with pd.option_context("display.width", 250, "display.max_colwidth", 120,
                                    "display.max_columns", 20):
                 out.write(shown.to_string(index=False) + "\n")
                 _heading(out, f"as_of('todo', {t1.isoformat()})  -- after the three creates")
@@ -79,7 +84,7 @@ def run_demo(*, bindir: str | Path | None = None, out: TextIO = sys.stdout) -> N
                 _heading(out, f"as_of('todo', {t2.isoformat()})  -- now")
                 out.write(as_of("todo", t2, source=pg.dsn).to_string() + "\n")
                 _heading(out, "diff('todo', t1, t2)  -- what changed in between, and who did it")
-                out.write(diff("todo", t1, t2, source=pg.dsn).to_string(index=False) + "\n")
+                out.write(diff("todo", t1, t2, source=pg.dsn).to_string() + "\n")
         finally:
             engine.dispose()
     out.write("\nstopped the embedded PostgreSQL and removed its files\n")

@@ -101,3 +101,28 @@ def test_capture_once_from_the_command_line_exits_zero_and_writes_changes(
     assert row is not None
     assert row[0] == {"id": 5, "task": "Repeat", "is_completed": False}
     assert json.loads(json.dumps(row[1]))["source"] == "cli-test"
+
+
+def test_demo_story_diff_names_each_changed_cell_with_the_context_that_changed_it(
+    engine: sa.Engine, dsn: str, todo: sa.Table
+) -> None:
+    with bemi_tt.context(user_id=187234, endpoint="/todo", method="POST"), engine.begin() as conn:
+        for key, task in ((26, "Sleep"), (27, "Eat"), (28, "Repeat")):
+            conn.execute(todo.insert().values(id=key, task=task))
+    t1 = _now(engine)
+    with bemi_tt.context(user_id=187234, endpoint="/todo/complete", method="PUT"), engine.begin() as conn:
+        conn.execute(todo.update().where(todo.c.id == 26).values(is_completed=True))
+    with bemi_tt.context(user_id=187234, endpoint="/todo/27", method="DELETE"), engine.begin() as conn:
+        conn.execute(todo.delete().where(todo.c.id == 27))
+    t2 = _now(engine)
+    capture(dsn, once=True)
+
+    frame = bemi_tt.diff("todo", t1, t2, source=dsn).reset_index()
+    cells = {(int(r["id"]), r["column"], r["change"], str(r["old"]), str(r["new"]), r["endpoint"])
+             for _, r in frame.iterrows()}
+    assert cells == {
+        (26, "is_completed", "changed", "False", "True", "/todo/complete"),
+        (27, "task", "removed", "Eat", "None", "/todo/27"),
+        (27, "is_completed", "removed", "False", "None", "/todo/27"),
+    }
+    assert bemi_tt.diff("todo", t2, t2, source=dsn).empty
