@@ -137,7 +137,7 @@ def _csv_types() -> dict[str, pa.DataType]:
 
 
 def _select_changes(name: sql.Composable) -> sql.Composed:
-    columns = []
+    columns: list[sql.Composable] = []
     for column, _, _ in CHANGES_COLUMNS:
         ident = sql.Identifier(column)
         if column in JSON_COLUMNS:
@@ -389,6 +389,12 @@ def export_parquet(
             raise SourceError(f"cannot connect to the source database: {exc}") from exc
         with conn:
             conn.execute("SET client_encoding TO 'UTF8'")
+            found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name.as_string(conn),)).fetchone()
+            if not (found and found[0]):
+                raise ConfigurationError(
+                    f"table {schema}.{table} does not exist in the source database; run the capture worker "
+                    "first or pass the right table= and schema="
+                )
             state = read_dataset_state(filesystem, root)
             delete_files(filesystem, [f.path for f in state.superseded] + state.temporary)
             _check_prefix(conn, name, state)

@@ -252,3 +252,8 @@ def test_an_unreachable_database_raises_source_error(tmp_path: Path) -> None:
         export_parquet(
             "host=/nonexistent-socket-dir dbname=x connect_timeout=2", str(tmp_path), progress=False
         )
+
+
+def test_a_missing_changes_table_raises_configuration_error_naming_it(dsn: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"table public\.changes does not exist in the source"):
+        export_parquet(dsn, str(tmp_path), progress=False)
