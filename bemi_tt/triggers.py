@@ -52,27 +52,29 @@ _SETUP = (
     # Tables whose replica identity install changed, with the setting to restore.
     "CREATE TABLE IF NOT EXISTS bemi_tt.replica_identity_changes ("
     " relid oid PRIMARY KEY, previous \"char\" NOT NULL, previous_index oid)",
-    # The marker is only trusted when it is exactly /*bemi:<valid base64>*/ at the very start.
+    # The marker is only trusted when it is exactly /*bemi:<valid base64>*/ at the very start. A message
+    # is emitted only when it differs from the transaction's last one (executemany runs the same marked
+    # statement once per row); an unmarked statement after a context emits {} so it cannot inherit it.
+    # The trigger's WHEN clause (see _WHEN) skips the call when nothing can be emitted.
+    # Assignments, not PERFORM: plpgsql evaluates them on its fast path.
     r"""CREATE OR REPLACE FUNCTION bemi_tt.emit_context() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
   query text := current_query();
-  encoded text;
+  encoded text := substring(query
+    from '^/\*bemi:((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)\*/');
+  last text := current_setting('bemi_tt.last_context', true);
+  ignored text;
 BEGIN
-  IF starts_with(query, '/*bemi:') AND strpos(query, '*/') > 0 THEN
-    encoded := split_part(substr(query, 8), '*/', 1);
-    IF encoded = '' OR length(encoded) - length(replace(encoded, '=', '')) > 2
-       OR length(encoded) % 4 <> 0
-       OR encoded !~ '^[A-Za-z0-9+/]*={0,2}$' THEN
-      encoded := NULL;
+  ignored := set_config('bemi_tt.last_query', query, true);
+  IF encoded <> '' THEN
+    IF encoded IS DISTINCT FROM last THEN
+      ignored := pg_logical_emit_message(true, 'bemi', decode(encoded, 'base64'));
+      ignored := set_config('bemi_tt.last_context', encoded, true);
     END IF;
-  END IF;
-  IF encoded IS NOT NULL THEN
-    PERFORM pg_logical_emit_message(true, 'bemi', decode(encoded, 'base64'));
-    PERFORM set_config('bemi_tt.context_sent', 'on', true);
-  ELSIF current_setting('bemi_tt.context_sent', true) = 'on' THEN
-    -- an unmarked statement after a marked one: say "no context" so it cannot inherit the last one
-    PERFORM pg_logical_emit_message(true, 'bemi', '{}'::text);
+  ELSIF last <> '' THEN
+    ignored := pg_logical_emit_message(true, 'bemi', '{}'::text);
+    ignored := set_config('bemi_tt.last_context', '', true);
   END IF;
   RETURN NULL;
 END
@@ -106,7 +108,10 @@ BEGIN
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
   IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = 'bemi_tt_context') THEN
     EXECUTE 'CREATE TRIGGER bemi_tt_context BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON '
-      || target || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_context()';
+      || target || ' FOR EACH STATEMENT WHEN ((starts_with(current_query(), ''/*bemi:'')'
+      || ' OR current_setting(''bemi_tt.last_context'', true) <> '''')'
+      || ' AND current_query() IS DISTINCT FROM current_setting(''bemi_tt.last_query'', true))'
+      || ' EXECUTE FUNCTION bemi_tt.emit_context()';
     changed := true;
   END IF;
   IF replica_identity_full AND identity <> 'f' THEN

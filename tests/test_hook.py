@@ -156,6 +156,19 @@ def test_statements_in_one_transaction_each_get_their_own_context(tracked: sa.En
     ]
 
 
+def test_statement_repeated_after_a_rolled_back_savepoint_sends_its_context_again(
+    tracked: sa.Engine, dsn: str
+) -> None:
+    with context(step="x"), tracked.begin() as conn:
+        savepoint = conn.begin_nested()
+        conn.execute(INSERT, {"id": 1, "v": "a"})
+        savepoint.rollback()
+        conn.execute(INSERT, {"id": 1, "v": "a"})
+    events = read_events(dsn)
+    assert [(e.kind, without_sql(c)) for e, c in row_contexts(events)] == [("INSERT", {"step": "x"})]
+    assert [e.kind for e in events] == ["BEGIN", "MESSAGE", "INSERT", "COMMIT"]
+
+
 def test_one_message_per_statement_not_per_row(tracked: sa.Engine, dsn: str) -> None:
     with tracked.begin() as conn:
         conn.execute(items.insert(), [{"id": i, "v": "x"} for i in range(50)])
@@ -164,6 +177,21 @@ def test_one_message_per_statement_not_per_row(tracked: sa.Engine, dsn: str) -> 
     events = read_events(dsn)
     assert [e.kind for e in events].count("MESSAGE") == 1
     assert [without_sql(c) for e, c in row_contexts(events) if e.kind == "UPDATE"] == [{"job": "bulk"}] * 50
+
+
+def test_executemany_sends_one_message_while_the_context_stays_the_same(tracked: sa.Engine, dsn: str) -> None:
+    with tracked.begin() as conn:
+        conn.execute(items.insert(), [{"id": i, "v": "x"} for i in range(40)])
+    with context(job="many"), tracked.begin() as conn:  # cursor.executemany: one UPDATE per row
+        conn.execute(
+            items.update().where(items.c.id == sa.bindparam("key")).values(v=sa.bindparam("nv")),
+            [{"key": i, "nv": "y"} for i in range(40)],
+        )
+        conn.execute(items.delete().where(items.c.id < 5))
+    events = read_events(dsn)
+    messages = [without_sql(e.context()) for e in events if e.kind == "MESSAGE"]
+    assert messages == [{"job": "many"}, {"job": "many"}]  # the UPDATEs, then the DELETE (other SQL)
+    assert [without_sql(c) for _, c in row_contexts(events)][40:] == [{"job": "many"}] * 45
 
 
 def test_insertmanyvalues_batches_carry_the_context_with_capped_sql(tracked: sa.Engine, dsn: str) -> None:
