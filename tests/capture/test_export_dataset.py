@@ -110,7 +110,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     steps=steps,
     crash=st.none() | st.lists(st.booleans(), min_size=1, max_size=4),
