@@ -205,7 +205,7 @@ def _json(s: str) -> str:
 
 def _timestamptz(s: str) -> str:
     if s[10:11] == " " and s[-3:-2] in ("+", "-") and s[4:5] == "-":  # 'YYYY-MM-DD hh:mm:ss[.f]+HH'
-        return '"' + s[:10] + "T" + s[11:] + ':00"'
+        return '"' + s.replace(" ", "T", 1) + ':00"'
     date, sep, rest = s.partition(" ")
     if not sep:
         return _json_string(s)  # 'infinity', '-infinity' or a DateStyle we do not parse
@@ -239,10 +239,9 @@ def _text_bytes(raw: bytes) -> str:
 
 
 def _timestamptz_bytes(raw: bytes) -> str:
-    s = raw.decode()
-    if s[10:11] == " " and s[-3:-2] in ("+", "-") and s[4:5] == "-":  # the fast path of _timestamptz
-        return '"' + s[:10] + "T" + s[11:] + ':00"'
-    return _timestamptz(s)
+    if len(raw) > 19 and raw[10] == 32 and raw[-3] in (43, 45) and raw[4] == 45:  # ' ', '+', '-', '-'
+        return '"' + raw.decode().replace(" ", "T", 1) + ':00"'  # the fast path of _timestamptz
+    return _timestamptz(raw.decode())
 
 
 _INTEGER_OIDS: Final = frozenset((20, 21, 23))
@@ -336,7 +335,7 @@ def _array_converter(element: Callable[[str], str], delimiter: str) -> Callable[
             + "]"
         )
 
-    def convert(s: str) -> str:
+    def generic(s: str) -> str:
         if s[:1] == "{" and '"' not in s and "\\" not in s and s.find("{", 1) < 0:  # 1-D, nothing quoted
             inner = s[1:-1]
             if not inner:
@@ -349,6 +348,38 @@ def _array_converter(element: Callable[[str], str], delimiter: str) -> Callable[
             return _json_string(s)
         return render(parsed)
 
+    # 1-D arrays whose elements need no quoting in array_out (and so contain no delimiter, brace,
+    # quote, backslash or whitespace) are rendered with whole-string operations.
+    if delimiter == "," and element is _verbatim:
+
+        def convert(s: str) -> str:  # integers: the text between the braces is already JSON
+            if s[:1] == "{" and '"' not in s and "NULL" not in s and s.find("{", 1) < 0:
+                return "[" + s[1:-1] + "]"
+            return generic(s)
+
+    elif delimiter == "," and element is _number:
+
+        def convert(s: str) -> str:  # no 'N' or 'I': no NULL, NaN or Infinity element
+            if s[:1] == "{" and "N" not in s and "I" not in s and '"' not in s and s.find("{", 1) < 0:
+                return "[" + s[1:-1] + "]"
+            return generic(s)
+
+    elif delimiter == "," and element is _json_string:
+
+        def convert(s: str) -> str:  # escaping never makes a comma, so split after escaping once
+            if (
+                s[:1] == "{"
+                and s != "{}"
+                and '"' not in s
+                and "\\" not in s
+                and "NULL" not in s
+                and s.find("{", 1) < 0
+            ):
+                return "[" + _json_string(s[1:-1]).replace(",", '","') + "]"
+            return generic(s)
+
+    else:
+        convert = generic
     return convert
 
 
@@ -434,7 +465,7 @@ class ValueEncoder:
         self._converters = self.converters
         self.names: tuple[str, ...] | None = None
         self._prefixes: tuple[str, ...] = ()
-        self._template = ""
+        self._template: str | None = None
         if names is not None:
             if isinstance(names, str) or len(names) != len(self.converters):
                 raise ValueError(
@@ -455,17 +486,18 @@ class ValueEncoder:
 
     def row_json(self, values: Sequence[bytes | None]) -> str:
         """A whole row as a JSON object text, ``{"col":value,...}`` (needs ``names``)."""
-        prefixes = self._prefixes
-        if len(values) != len(prefixes) or self.names is None:
-            raise ValueError(
-                f"row has {len(values)} values for {len(prefixes)} named columns; "
-                "build the ValueEncoder with names=... matching the Relation"
-            )
         try:
-            return self._template % tuple(
-                ["null" if v is None else c(v) for c, v in zip(self._converters, values, strict=False)]
+            if len(values) != len(self._converters):
+                raise TypeError
+            return self._template % tuple(  # type: ignore[operator]
+                ["null" if v is None else c(v) for c, v in zip(self._converters, values)]  # noqa: B905
             )
         except (TypeError, AttributeError, KeyError, UnicodeDecodeError):
+            if self.names is None or len(values) != len(self._prefixes):
+                raise ValueError(
+                    f"row has {len(values)} values for {len(self._prefixes)} named columns; "
+                    "build the ValueEncoder with names=... matching the Relation"
+                ) from None
             for index, value in enumerate(values):
                 self.value_json(index, value)
             raise
