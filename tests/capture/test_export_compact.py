@@ -5,13 +5,21 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from export_rows import changes_rows, dataset_rows, fill, more
 
 from capture.compact import compact
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
-from capture.export_dataset import TEST_DELAY_ENV, read_dataset, read_dataset_state, resolve_directory
+from capture.export_dataset import (
+    TEST_DELAY_ENV,
+    list_dataset_files,
+    read_dataset,
+    read_dataset_state,
+    resolve_directory,
+)
 
 
 def _partitions(directory: Path) -> dict[str, int]:
@@ -60,20 +68,31 @@ def test_a_reader_running_during_compaction_never_sees_a_duplicate_or_a_gap(
     dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fill(dsn, 1500)
-    export_parquet(dsn, str(tmp_path), batch_rows=100, progress=False)
+    export_parquet(dsn, str(tmp_path), batch_rows=250, progress=False)
     expected = changes_rows(dsn)
     done = threading.Event()
     seen: list[bool] = []
     errors: list[BaseException] = []
 
+    listed: list[bool] = []
+
     def read_while_compacting() -> None:
         try:
             while not done.is_set():
                 seen.append(dataset_rows(read_dataset(str(tmp_path))) == expected)
+                filesystem, paths = list_dataset_files(str(tmp_path))
+                try:  # as a reader with its own engine does: the listed files, read as they are
+                    table = pa.concat_tables(pq.read_table(p, filesystem=filesystem) for p in paths)
+                except FileNotFoundError:
+                    continue  # replaced by the compaction after the listing: such a reader lists again
+                listed.append(
+                    dataset_rows(table.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")]))
+                    == expected
+                )
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    monkeypatch.setenv(TEST_DELAY_ENV, "0.03")  # slow each file down so reads interleave with the swaps
+    monkeypatch.setenv(TEST_DELAY_ENV, "0.05")  # slow each file down so reads interleave with the swaps
     reader = threading.Thread(target=read_while_compacting)
     reader.start()
     try:
@@ -85,6 +104,8 @@ def test_a_reader_running_during_compaction_never_sees_a_duplicate_or_a_gap(
     assert stats.written > 1
     assert len(seen) >= 2
     assert all(seen)
+    assert listed
+    assert all(listed)
 
 
 def test_bad_compaction_arguments_raise_configuration_error(tmp_path: Path) -> None:
