@@ -1,8 +1,9 @@
 """PostgreSQL column types → pandas dtypes, and typed JSON rows (as ``changes.after`` holds them) → columns.
 
 The mapping (one place): ``smallint/integer/bigint`` → ``Int16/Int32/Int64``; ``boolean`` → ``boolean``;
-``real/double precision`` → ``float32/float64``; ``numeric`` → ``object`` of exact ``decimal.Decimal``
-(as psycopg and SQLAlchemy return it; pandas has no exact decimal dtype); ``timestamp with time zone`` →
+``real/double precision`` → ``float32/float64``; ``numeric(p,s)`` → ``pd.ArrowDtype(pa.decimal128(p, s))``
+(exact, vectorised; scalars come out as ``decimal.Decimal``), unconstrained ``numeric`` → ``object`` of
+exact ``decimal.Decimal`` (no fixed scale fits every value); ``timestamp with time zone`` →
 ``datetime64[us, UTC]``; ``timestamp`` → ``datetime64[us]``; ``date``/``time`` → ``object`` of
 ``datetime.date``/``datetime.time``; ``json/jsonb`` → ``object`` of dicts/lists; arrays → ``object`` of
 lists; ``bytea`` → ``object`` of ``bytes``; text, uuid, enums, intervals and the rest → ``string``.
@@ -37,6 +38,7 @@ class ColumnType:
     dtype: Any  # the pandas dtype of the column
     arrow: pa.DataType | None  # fast path: what the Arrow JSON reader parses it as (None: Python path)
     convert: Callable[[Any], Any]  # Python path: JSON value (floats as Decimal) → Python value
+    duck: str | None = None  # DuckDB path: SQL turning ``{v}`` (the value's JSON text) into the type
 
 
 def _decimal(v: Any) -> Any:
@@ -112,20 +114,21 @@ def column_type(pg_type: str) -> ColumnType:
             return v
 
         return ColumnType(pg_type, object, None, convert_array)
+    precision = 0
     params = _PARAMS.search(text)
     base = _PARAMS.sub("", text).strip()
     if base in ("smallint", "int2"):
-        return ColumnType(pg_type, pd.Int16Dtype(), pa.int16(), int)
+        return ColumnType(pg_type, pd.Int16Dtype(), pa.int16(), int, "CAST({v} AS SMALLINT)")
     if base in ("integer", "int", "int4"):
-        return ColumnType(pg_type, pd.Int32Dtype(), pa.int32(), int)
+        return ColumnType(pg_type, pd.Int32Dtype(), pa.int32(), int, "CAST({v} AS INTEGER)")
     if base in ("bigint", "int8"):
-        return ColumnType(pg_type, pd.Int64Dtype(), pa.int64(), int)
+        return ColumnType(pg_type, pd.Int64Dtype(), pa.int64(), int, "CAST({v} AS BIGINT)")
     if base in ("boolean", "bool"):
-        return ColumnType(pg_type, pd.BooleanDtype(), pa.bool_(), bool)
+        return ColumnType(pg_type, pd.BooleanDtype(), pa.bool_(), bool, "CAST({v} AS BOOLEAN)")
     if base in ("real", "float4"):
-        return ColumnType(pg_type, np.dtype("float32"), pa.float32(), _float)
+        return ColumnType(pg_type, np.dtype("float32"), pa.float32(), _float, "CAST({v} AS REAL)")
     if base in ("double precision", "float8", "float"):
-        return ColumnType(pg_type, np.dtype("float64"), pa.float64(), _float)
+        return ColumnType(pg_type, np.dtype("float64"), pa.float64(), _float, "CAST({v} AS DOUBLE)")
     if base in ("numeric", "decimal"):
         arrow = None
         if params:
@@ -134,20 +137,26 @@ def column_type(pg_type: str) -> ColumnType:
             scale = int(parts[1]) if len(parts) > 1 else 0
             if precision <= 38 and 0 <= scale <= precision:
                 arrow = pa.decimal128(precision, scale)
-        return ColumnType(pg_type, object, arrow, _decimal)
+        # DuckDB reads JSON numbers as doubles: exact only up to 15 significant digits
+        duck = (f"CAST({{v}} AS DECIMAL({precision}, {scale}))" if arrow is not None and precision <= 15
+                else None)
+        dtype = pd.ArrowDtype(arrow) if arrow is not None else object
+        return ColumnType(pg_type, dtype, arrow, _decimal, duck)
     if base in ("timestamp with time zone", "timestamptz"):
-        return ColumnType(pg_type, "datetime64[us, UTC]", pa.timestamp("us", tz="UTC"), _timestamp_tz)
+        return ColumnType(pg_type, "datetime64[us, UTC]", pa.timestamp("us", tz="UTC"), _timestamp_tz,
+                          "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMPTZ) END")
     if base in ("timestamp without time zone", "timestamp"):
-        return ColumnType(pg_type, "datetime64[us]", pa.timestamp("us"), _timestamp)
+        return ColumnType(pg_type, "datetime64[us]", pa.timestamp("us"), _timestamp,
+                          "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMP) END")
     if base == "date":
-        return ColumnType(pg_type, object, None, _date)
+        return ColumnType(pg_type, object, None, _date, "CAST({v} AS DATE)")
     if base in ("time without time zone", "time"):
         return ColumnType(pg_type, object, None, _time)
     if base in ("json", "jsonb"):
         return ColumnType(pg_type, object, None, _json_value)
     if base == "bytea":
         return ColumnType(pg_type, object, None, _bytes)
-    return ColumnType(pg_type, pd.StringDtype(), pa.string(), _str)
+    return ColumnType(pg_type, pd.StringDtype(), pa.string(), _str, "{v}")
 
 
 def infer_type(value: Any) -> str:
@@ -173,6 +182,11 @@ def parse_json(text: str) -> Any:
 def _python_column(rows: Sequence[dict[str, Any]], name: str, kind: ColumnType) -> pd.Series:
     convert = kind.convert
     values = [None if (v := row.get(name)) is None else convert(v) for row in rows]
+    if isinstance(kind.dtype, pd.ArrowDtype):
+        try:
+            return pd.Series(pd.array(values, dtype=kind.dtype))
+        except (pa.ArrowInvalid, TypeError, ValueError):
+            return pd.Series(values, dtype=object)  # NaN: no Arrow decimal holds it
     if kind.dtype is object:
         series = pd.Series(values, dtype=object)
         return series.where(series.notna(), None) if len(series) else series
@@ -195,7 +209,7 @@ def _arrow_columns(lines: bytes, fields: list[tuple[str, ColumnType]]) -> dict[s
     for name, kind in fields:
         column = table[name]
         if pa.types.is_decimal(column.type):
-            out[name] = pd.Series(column.to_pylist(), dtype=object)
+            out[name] = pd.Series(pd.arrays.ArrowExtensionArray(column.cast(kind.arrow)))
         elif pa.types.is_timestamp(column.type):
             out[name] = pd.Series(column.to_pandas(coerce_temporal_nanoseconds=False)).astype(kind.dtype)
         else:
@@ -225,3 +239,38 @@ def frame_from_json(afters: Sequence[str], columns: Sequence[tuple[str, ColumnTy
             result[name] = _python_column(rows, name, kind)
     frame = pd.DataFrame({name: result[name] for name, _ in columns}, index=pd.RangeIndex(len(afters)))
     return frame
+
+
+def duck_select(columns: Sequence[tuple[str, ColumnType]], payload: str) -> tuple[str, str] | None:
+    """SQL select-list extracting the typed columns from the JSON text ``payload``, or None when some
+    column needs Python (exact numerics beyond 15 digits, arrays, json, bytea, time)."""
+    if any(kind.duck is None for _, kind in columns):
+        return None
+    if not columns:
+        return f"{payload} AS __j", ""
+    paths = ", ".join("'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
+                      for name, _ in columns)
+    parts = []
+    for i, (name, kind) in enumerate(columns, start=1):
+        expr = (kind.duck or "{v}").format(v=f"__j[{i}]")
+        parts.append(f'{expr} AS "{name.replace(chr(34), chr(34) * 2)}"')
+    return f"json_extract_string({payload}, [{paths}]) AS __j", ", ".join(parts)
+
+
+def frame_from_arrow(table: pa.Table, columns: Sequence[tuple[str, ColumnType]]) -> pd.DataFrame:
+    """The typed frame from DuckDB's Arrow result of :func:`duck_select` columns."""
+    out: dict[str, pd.Series] = {}
+    for name, kind in columns:
+        column = table[name]
+        if pa.types.is_decimal(column.type):
+            out[name] = pd.Series(pd.arrays.ArrowExtensionArray(column.cast(kind.arrow)))
+        elif pa.types.is_date(column.type):
+            out[name] = pd.Series(column.to_pylist(), dtype=object)
+        elif pa.types.is_timestamp(column.type):
+            series = pd.Series(column.to_pandas(coerce_temporal_nanoseconds=False))
+            if kind.dtype == "datetime64[us, UTC]":
+                series = series.dt.tz_convert("UTC")
+            out[name] = series.astype(kind.dtype)
+        else:
+            out[name] = pd.Series(column.to_pandas(types_mapper=_MAPPER.get)).astype(kind.dtype)
+    return pd.DataFrame(out, index=pd.RangeIndex(table.num_rows))

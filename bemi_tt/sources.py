@@ -92,35 +92,35 @@ class Source(ABC):
 
 
 # -- helpers shared by the DuckDB-backed sources ----------------------------------------------------
-def _duck_scope_sql(base: str, scope: Scope) -> tuple[str, list[Any]]:
+def _literal(value: Any) -> str:
+    """A DuckDB SQL literal (views cannot hold parameters)."""
+    if isinstance(value, pd.Timestamp):
+        return f"TIMESTAMPTZ '{value.isoformat()}'"
+    if isinstance(value, int):
+        return str(int(value))
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Scope) -> None:
+    """Create the temp view ``name`` over ``base`` with the rows in ``scope`` (the as-of cut computed first)."""
     cols = ", ".join(f'"{c}"' for c in scope.columns) if scope.columns else "*"
     where: list[str] = []
-    params: list[Any] = []
     if scope.table is not None:
-        where.append('"schema" = ? AND "table" = ?')
-        params += list(scope.table)
+        where.append(f'"schema" = {_literal(scope.table[0])} AND "table" = {_literal(scope.table[1])}')
     if scope.since is not None:
-        where.append("committed_at >= ?")
-        params.append(scope.since.to_pydatetime())
+        where.append(f"committed_at >= {_literal(scope.since)}")
     if scope.until_time is not None:
-        where.append("committed_at <= ?")
-        params.append(scope.until_time.to_pydatetime())
+        where.append(f"committed_at <= {_literal(scope.until_time)}")
     if scope.until is not None:
-        inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > ?"
-        if scope.table is not None:
-            inner += ' AND "schema" = ? AND "table" = ?'
-        where.append(f"commit_position < coalesce(({inner}), {_MAX_POSITION})")
-        params += [scope.until.to_pydatetime()] + (list(scope.table) if scope.table is not None else [])
+        inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"
+        if where:
+            inner += " AND " + " AND ".join(where)
+        rows = con.sql(inner).fetchall()
+        cut = rows[0][0] if rows and rows[0][0] is not None else None
+        if cut is not None:
+            where.append(f"commit_position < {int(cut)}")
     text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
-    return text, params
-
-
-def _create_view(con: duckdb.DuckDBPyConnection, name: str, select: str, params: list[Any]) -> None:
-    # Views cannot hold parameters: materialise small parameterised scopes as a temp table instead.
-    if params:
-        con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS {select}', params)
-    else:
-        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {select}')
+    con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {text}')
 
 
 class _ArrowBacked(Source):
@@ -241,8 +241,7 @@ class InMemorySource(_ArrowBacked):
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         con.register(f"{name}__arrow", self.changes)
-        select, params = _duck_scope_sql(f'"{name}__arrow"', scope)
-        _create_view(con, name, select, params)
+        _scope_view(con, name, f'"{name}__arrow"', scope)
 
     def schemas(self, table: TableName | None = None) -> pa.Table:
         return _filter_schemas(self._schemas, table)
@@ -315,8 +314,7 @@ class ParquetSource(_ArrowBacked):
                                    schema=changes_arrow_schema())
             con.register(f"{name}__arrow", dataset)
             base = f'"{name}__arrow"'
-        select, params = _duck_scope_sql(base, scope)
-        _create_view(con, name, select, params)
+        _scope_view(con, name, base, scope)
 
     def schemas(self, table: TableName | None = None) -> pa.Table:
         import pyarrow.parquet as pq

@@ -15,9 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from bemi_tt.dtypes import ColumnType, column_type, frame_from_json, infer_type, parse_json
+from bemi_tt.dtypes import (
+    ColumnType,
+    column_type,
+    duck_select,
+    frame_from_arrow,
+    frame_from_json,
+    infer_type,
+    parse_json,
+)
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
@@ -178,42 +188,67 @@ def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
 
 
 def latest_sql(rel: str, old_key: str, payload: str = "after") -> str:
-    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes."""
+    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes.
+
+    One aggregate finds each key's last change; key UPDATEs (the old key, read from ``before``) and
+    TRUNCATEs are two small side aggregates that remove the keys they made disappear."""
     return f"""
-        WITH {events_sql(rel, old_key, payload)},
-        latest AS (SELECT k, arg_max({{'op': op, 'payload': payload, 'cp': cp, 'o': o}}, (cp, o)) AS v FROM events GROUP BY k)
-        SELECT k, v.cp AS cp, v.o AS o, v.payload AS payload FROM latest, truncates
-        WHERE v.op IN ('CREATE', 'UPDATE', 'SNAPSHOT') AND (truncates.t IS NULL OR (v.cp, v.o) > truncates.t)"""
+        WITH latest AS (
+            SELECT primary_key AS k, max((commit_position, ordinal)) AS at,
+                   arg_max_null(CASE WHEN operation = 'DELETE' THEN NULL ELSE {payload} END,
+                                (commit_position, ordinal)) AS payload
+            FROM {rel} WHERE primary_key IS NOT NULL GROUP BY primary_key
+        ),
+        moved AS (
+            SELECT ok AS k, max((cp, o)) AS at FROM (
+                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}'
+            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk GROUP BY ok
+        ),
+        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')
+        SELECT latest.k AS k, latest.at[1] AS cp, latest.at[2] AS o, latest.payload AS payload
+        FROM latest LEFT JOIN moved ON moved.k = latest.k, truncates
+        WHERE latest.payload IS NOT NULL AND (moved.at IS NULL OR latest.at > moved.at)
+          AND (truncates.t IS NULL OR latest.at > truncates.t)"""
 
 
 @dataclass
 class State:
-    """A table's rows at a cut: primary key texts, positions of their versions, and the typed frame."""
+    """A table's rows at a cut: the typed frame (indexed by key, sorted) and, aligned with its rows, each
+    row's ``primary_key`` text and the position of the change that produced it."""
 
     layout: Layout
-    keys: list[str]
-    positions: list[tuple[int, int]]
-    frame: pd.DataFrame  # indexed by the key columns
+    frame: pd.DataFrame
+    key_texts: np.ndarray[Any, Any]
+    cps: np.ndarray[Any, Any]
+    ordinals: np.ndarray[Any, Any]
+
+    @property
+    def keys(self) -> list[str]:
+        return [str(k) for k in self.key_texts]
+
+    @property
+    def positions(self) -> list[tuple[int, int]]:
+        return list(zip(self.cps.tolist(), self.ordinals.tolist(), strict=True))
 
 
 def _first(rows: list[Any]) -> Any:
     return rows[0] if rows else None
 
 
-def _cut(con: duckdb.DuckDBPyConnection, rel: str) -> int | None:
-    row = _first(con.sql(f"SELECT max(commit_position) FROM {rel}").fetchall())
-    return None if row is None or row[0] is None else int(row[0]) + 1
-
-
-def _typed(layout: Layout, keys: list[str], positions: list[tuple[int, int]], afters: list[str]) -> pd.DataFrame:
-    frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
+def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
+    """Apply column fills (rows last changed before a column was added), index by the key and sort."""
+    keys = rows["k"].to_numpy(zero_copy_only=False)
+    cps = rows["cp"].to_numpy(zero_copy_only=False).astype(np.int64)
+    ordinals = rows["o"].to_numpy(zero_copy_only=False).astype(np.int64)
     for column in layout.columns:
         if column.since is None:
             continue
-        stale = [p < column.since for p in positions]
-        if any(stale):
+        stale = (cps < column.since[0]) | ((cps == column.since[0]) & (ordinals < column.since[1]))
+        if stale.any():
             mask = pd.Series(stale, index=frame.index)
-            fill = None if column.fill is None else frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
+            fill = None if column.fill is None else \
+                frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
             series = frame[column.name].copy()
             if fill is None:
                 series = series.where(~mask, None if series.dtype == object else pd.NA)
@@ -222,10 +257,13 @@ def _typed(layout: Layout, keys: list[str], positions: list[tuple[int, int]], af
             frame[column.name] = series
     key_names = layout.keys
     if key_names:
-        frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0]).sort_index()
+        frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0])
     else:
         frame.index = pd.Index(pd.array(keys, dtype=pd.StringDtype()), name="primary_key")
-    return frame
+    if not frame.index.is_monotonic_increasing:
+        order = frame.index.argsort()
+        frame, keys, cps, ordinals = frame.iloc[order], keys[order], cps[order], ordinals[order]
+    return State(layout, frame, keys, cps, ordinals)
 
 
 def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: str | None = None,
@@ -233,25 +271,37 @@ def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: 
     """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
     con = con or _duck()
     source.load(con, name, Scope(table=table, until=ts, columns=(
-        "primary_key", "operation", "before", "after", "commit_position", "ordinal", "committed_at")))
+        "primary_key", "operation", "before", "after", "commit_position", "ordinal")))
     versions = _versions(source, table)
-    cut = _cut(con, f'"{name}"')
-    if ts is not None and cut is None:
-        _check_start(source, table, ts, versions)
     layout = layout_at(versions, ts)
-    old_key = old_key_sql(layout.keys if layout else [])
-    query = latest_sql(f'"{name}"', old_key)
-    params: list[Any] = []
+    query = latest_sql(f'"{name}"', old_key_sql(layout.keys if layout else []))
     if key is not None:
-        query = f"SELECT * FROM ({query}) WHERE k = ?"
-        params = [key]
-    rows = con.sql(query + " ORDER BY cp, o", params=params).to_arrow_table()
-    keys = rows["k"].to_pylist()
-    positions = list(zip(rows["cp"].to_pylist(), rows["o"].to_pylist(), strict=False))
-    afters = [str(a) for a in rows["payload"].to_pylist()]
-    if layout is None:
-        layout = _infer_layout(keys, afters)
-    return State(layout, keys, positions, _typed(layout, keys, positions, afters))
+        query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
+    frame: pd.DataFrame | None = None
+    typed = duck_select([(c.name, c.kind) for c in layout.columns], "payload") if layout else None
+    if typed is not None and layout is not None:
+        inner, outer = typed
+        try:
+            rows = con.sql(f"SELECT k, cp, o{', ' + outer if outer else ''} FROM "
+                           f"(SELECT k, cp, o, {inner} FROM ({query}))").to_arrow_table()
+            frame = frame_from_arrow(rows, [(c.name, c.kind) for c in layout.columns])
+        except (duckdb.ConversionException, duckdb.InvalidInputException):
+            frame = None  # a value DuckDB cannot cast ("NaN" numeric, BC dates): the Python path decides
+    if frame is None:
+        rows = con.sql(query).to_arrow_table()
+    if ts is not None and rows.num_rows == 0:
+        _check_start(source, table, ts, versions)
+    if frame is None:
+        afters = [str(a) for a in rows["payload"].to_pylist()]
+        if layout is None:
+            layout = _infer_layout([str(k) for k in rows["k"].to_pylist()], afters)
+        frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
+    assert layout is not None
+    return _typed(layout, rows, frame)
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: list[Version]) -> None:

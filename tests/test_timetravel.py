@@ -8,6 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from timetravel_history import START, TODO_COLUMNS, History
 from timetravel_sources import KINDS, build_source
@@ -64,8 +65,8 @@ def test_as_of_dtypes_follow_the_postgresql_types(make: Make) -> None:
     t = _todo(h)
     frame = as_of("todo", t["created3"], source=make(h))
     assert str(frame.index.dtype) == "Int32"
-    assert frame.dtypes.to_dict() == {"task": pd.StringDtype(), "done": pd.BooleanDtype(), "price": object,
-                                      "due": "datetime64[us, UTC]"}
+    assert frame.dtypes.to_dict() == {"task": pd.StringDtype(), "done": pd.BooleanDtype(),
+                                      "price": pd.ArrowDtype(pa.decimal128(10, 2)), "due": "datetime64[us, UTC]"}
     assert frame.loc[1, "price"] == Decimal("1.50") and isinstance(frame.loc[1, "price"], Decimal)
     assert frame.loc[1, "due"] == pd.Timestamp("2026-02-01T10:00:00Z")
     assert pd.isna(frame.loc[3, "due"])

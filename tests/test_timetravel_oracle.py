@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(install is None or capture is None or export_par
 
 #: The dtype each column must have (docs: bemi_tt/dtypes.py), written out independently of the code.
 DTYPES: dict[str, Any] = {
-    "name": pd.StringDtype(), "qty": pd.Int64Dtype(), "price": object, "seen": "datetime64[us, UTC]",
+    "name": pd.StringDtype(), "qty": pd.Int64Dtype(), "price": pd.ArrowDtype(pa.decimal128(12, 3)), "seen": "datetime64[us, UTC]",
     "meta": object, "tags": object, "flag": pd.BooleanDtype(), "day": object, "blob": object,
     "ratio": "float64", "extra": pd.Int32Dtype(),
 }
