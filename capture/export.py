@@ -12,15 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from psycopg import sql
@@ -40,7 +37,15 @@ from capture.export_dataset import (
     write_atomic,
 )
 from capture.export_lock import open_lock
-from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, JSON_COLUMNS, SCHEMAS_TABLE, changes_arrow_schema
+from capture.export_read import (
+    copy_csv,
+    export_arrow_schema,
+    fetch_range,
+    key_condition,
+    schemas_arrow_schema,
+    stream_units,
+)
+from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 
 __all__ = [
     "ExportStats",
@@ -54,29 +59,6 @@ __all__ = [
 ROW_GROUP_ROWS = 128 * 1024
 #: Seconds before a progress bar appears when ``progress`` is left to auto-detect a terminal.
 PROGRESS_DELAY = 2.0
-
-
-def export_arrow_schema() -> pa.Schema:
-    """Arrow schema of exported files: ``changes_arrow_schema()`` with JSON columns as ``pa.json_()``."""
-    schema = changes_arrow_schema()
-    for name in JSON_COLUMNS:
-        index = schema.get_field_index(name)
-        schema = schema.set(index, pa.field(name, pa.json_(pa.string())))
-    return schema
-
-
-def schemas_arrow_schema() -> pa.Schema:
-    """Arrow schema of ``_bemi_tt/schemas.parquet`` (the ``changes_schemas`` table)."""
-    return pa.schema(
-        [
-            pa.field("schema", pa.string()),
-            pa.field("table", pa.string()),
-            pa.field("commit_position", pa.int64()),
-            pa.field("ordinal", pa.int32()),
-            pa.field("committed_at", pa.timestamp("us", tz="UTC")),
-            pa.field("columns", pa.json_(pa.string())),
-        ]
-    )
 
 
 @dataclass(frozen=True)
@@ -128,117 +110,6 @@ def _libpq_dsn(source_dsn: str) -> str:
     if sep and scheme.startswith(("postgresql+", "postgres+")):
         return f"postgresql://{rest}"  # a SQLAlchemy URL such as postgresql+psycopg://...
     return source_dsn
-
-
-def _csv_types() -> dict[str, pa.DataType]:
-    types = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
-    types["committed_at"] = pa.int64()  # read as epoch microseconds, exact
-    return types
-
-
-def _select_changes(name: sql.Composable) -> sql.Composed:
-    columns: list[sql.Composable] = []
-    for column, _, _ in CHANGES_COLUMNS:
-        ident = sql.Identifier(column)
-        if column in JSON_COLUMNS:
-            columns.append(sql.SQL("{}::text").format(ident))
-        elif column == "committed_at":
-            columns.append(sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint").format(ident))
-        else:
-            columns.append(ident)
-    return sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(columns), name)
-
-
-def _parse_csv(data: bytes | bytearray, types: dict[str, pa.DataType]) -> pa.Table:
-    """Parse ``COPY ... (FORMAT csv)`` output with pyarrow: fast, typed, NULL and empty string kept apart."""
-    if not data:
-        return pa.table({name: pa.array([], t) for name, t in types.items()})
-    return pacsv.read_csv(
-        pa.BufferReader(pa.py_buffer(data)),
-        read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 23),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
-        ),
-    )
-
-
-def _copy_csv(conn: psycopg.Connection, query: sql.Composed, types: dict[str, pa.DataType]) -> pa.Table:
-    """Run ``COPY (query) TO STDOUT (FORMAT csv)`` and parse it."""
-    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
-    with conn.cursor() as cur, cur.copy(statement) as copy:
-        data = b"".join(copy)
-    return _parse_csv(data, types)
-
-
-def _changes_table(raw: pa.Table) -> pa.Table:
-    """Parsed CSV columns to the export schema (epoch microseconds to UTC timestamps, JSON type)."""
-    index = raw.schema.get_field_index("committed_at")
-    raw = raw.set_column(index, "committed_at", pc.cast(raw["committed_at"], pa.timestamp("us", tz="UTC")))
-    return raw.cast(export_arrow_schema())
-
-
-def _key_condition(lower: Key | None, upper: Key | None, *, from_lower: bool = False) -> sql.Composable:
-    parts = []
-    if lower is not None:
-        operator = sql.SQL(">=" if from_lower else ">")
-        parts.append(
-            sql.SQL("(commit_position, ordinal) {} ({}, {})").format(operator, *map(sql.Literal, lower))
-        )
-    if upper is not None:
-        parts.append(sql.SQL("(commit_position, ordinal) <= ({}, {})").format(*map(sql.Literal, upper)))
-    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
-
-
-def _changes_query(name: sql.Composable, condition: sql.Composable) -> sql.Composed:
-    return sql.SQL("{} WHERE {} ORDER BY commit_position, ordinal").format(_select_changes(name), condition)
-
-
-def _fetch(conn: psycopg.Connection, name: sql.Composable, first: Key, last: Key) -> pa.Table:
-    """Rows with keys in ``[first, last]``, in key order."""
-    condition = _key_condition(first, last, from_lower=True)
-    return _changes_table(_copy_csv(conn, _changes_query(name, condition), _csv_types()))
-
-
-def _stream_units(
-    conn: psycopg.Connection,
-    name: sql.Composable,
-    after: Key | None,
-    batch_rows: int,
-    write: Callable[[pa.Table], None],
-) -> None:
-    """Read every row after ``after`` with one COPY, handing units of ``batch_rows`` rows to ``write``.
-
-    PostgreSQL sends one COPY message per row, so units are cut on row boundaries without parsing.
-    ``write`` runs in a second thread, overlapping the read of the next unit (pyarrow releases the GIL).
-    """
-    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(
-        _changes_query(name, _key_condition(after, None))
-    )
-    types = _csv_types()
-
-    def parse_and_write(data: bytearray, count: int) -> None:
-        table = _changes_table(_parse_csv(data, types))
-        if table.num_rows != count:
-            raise SourceError(f"parsed {table.num_rows} rows from a COPY of {count} rows; please report this")
-        write(table)
-
-    pending: Future[None] | None = None
-    with ThreadPoolExecutor(1, thread_name_prefix="bemi_tt_export") as pool:
-        with conn.cursor() as cur, cur.copy(statement) as copy:
-            data, count = bytearray(), 0
-            for row in copy:
-                data += row
-                count += 1
-                if count == batch_rows:
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(parse_and_write, data, count)
-                    data, count = bytearray(), 0
-        if pending is not None:
-            pending.result()
-        if count:
-            parse_and_write(data, count)
 
 
 def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -321,7 +192,7 @@ def _export_schemas(
         ).format(sql.Identifier(schema, table))
         types = {f.name: f.type for f in schemas_arrow_schema()}
         types["committed_at"], types["columns"] = pa.int64(), pa.string()
-        rows = _copy_csv(conn, query, types)
+        rows = copy_csv(conn, query, types)
         rows = rows.set_column(4, "committed_at", pc.cast(rows["committed_at"], pa.timestamp("us", tz="UTC")))
         target = rows.cast(schemas_arrow_schema())
     data = parquet_bytes(target)
@@ -333,7 +204,7 @@ def _check_prefix(conn: psycopg.Connection, name: sql.Composable, state: Dataset
     """Fail if ``changes`` has more rows at or below the watermark than the dataset: they would be lost."""
     if state.watermark is None:
         return
-    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, _key_condition(None, state.watermark))
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(None, state.watermark))
     row = conn.execute(query).fetchone()
     behind = int(row[0]) if row else 0
     if behind > state.rows:
@@ -401,7 +272,7 @@ def export_parquet(
             watermark = state.watermark
             if state.incomplete is not None:  # finish the unit a killed export left half written
                 first, last = state.incomplete
-                rows = _fetch(conn, name, first, last)
+                rows = fetch_range(conn, name, first, last)
                 if rows.num_rows == 0 or _first_key(rows) != first:
                     raise SourceError(
                         f"cannot finish export unit {state.incomplete!r}: its first change is gone from "
@@ -412,7 +283,7 @@ def export_parquet(
             total = 0
             if enabled:
                 count = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, _key_condition(watermark, None))
+                    sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(watermark, None))
                 ).fetchone()
                 total = exported + (int(count[0]) if count else 0)
             bar = _Progress(enabled, total, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
@@ -425,7 +296,7 @@ def export_parquet(
                 watermark = _last_key(rows)
                 bar.update(exported)
 
-            _stream_units(conn, name, watermark, batch_rows, write)
+            stream_units(conn, name, watermark, batch_rows, write)
             _export_schemas(conn, filesystem, root, schema, schemas_table)
         if compact:
             from capture.compact import compact_locked

@@ -306,7 +306,7 @@ def read_dataset(directory: str, *, columns: list[str] | None = None, attempts: 
 
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ConfigurationError(f"attempts must be a positive integer, got {attempts!r}")
-    from capture.export import export_arrow_schema
+    from capture.export_read import export_arrow_schema
 
     schema = export_arrow_schema()
     wanted = list(schema.names) if columns is None else list(columns)

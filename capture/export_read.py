@@ -1,0 +1,166 @@
+"""Reading ``changes`` out of PostgreSQL as Arrow, fast: one ``COPY ... (FORMAT csv)`` parsed by pyarrow.
+
+JSON columns travel as ``jsonb::text`` and ``committed_at`` as exact epoch microseconds; pyarrow's CSV
+reader keeps NULL (unquoted empty) apart from the empty string (quoted). ``stream_units`` cuts one COPY
+into units of rows on message boundaries (PostgreSQL sends one COPY message per row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from capture.errors import SourceError
+from capture.export_dataset import Key
+from capture.schema import CHANGES_COLUMNS, JSON_COLUMNS, changes_arrow_schema
+
+__all__ = [
+    "changes_table",
+    "copy_csv",
+    "export_arrow_schema",
+    "fetch_range",
+    "key_condition",
+    "parse_csv",
+    "schemas_arrow_schema",
+    "stream_units",
+]
+
+
+def export_arrow_schema() -> pa.Schema:
+    """Arrow schema of exported files: ``changes_arrow_schema()`` with JSON columns as ``pa.json_()``."""
+    schema = changes_arrow_schema()
+    for name in JSON_COLUMNS:
+        index = schema.get_field_index(name)
+        schema = schema.set(index, pa.field(name, pa.json_(pa.string())))
+    return schema
+
+
+def schemas_arrow_schema() -> pa.Schema:
+    """Arrow schema of ``_bemi_tt/schemas.parquet`` (the ``changes_schemas`` table)."""
+    return pa.schema(
+        [
+            pa.field("schema", pa.string()),
+            pa.field("table", pa.string()),
+            pa.field("commit_position", pa.int64()),
+            pa.field("ordinal", pa.int32()),
+            pa.field("committed_at", pa.timestamp("us", tz="UTC")),
+            pa.field("columns", pa.json_(pa.string())),
+        ]
+    )
+
+
+def _csv_types() -> dict[str, pa.DataType]:
+    types = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
+    types["committed_at"] = pa.int64()  # read as epoch microseconds, exact
+    return types
+
+
+def _select_changes(name: sql.Composable) -> sql.Composed:
+    columns: list[sql.Composable] = []
+    for column, _, _ in CHANGES_COLUMNS:
+        ident = sql.Identifier(column)
+        if column in JSON_COLUMNS:
+            columns.append(sql.SQL("{}::text").format(ident))
+        elif column == "committed_at":
+            columns.append(sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint").format(ident))
+        else:
+            columns.append(ident)
+    return sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(columns), name)
+
+
+def parse_csv(data: bytes | bytearray, types: dict[str, pa.DataType]) -> pa.Table:
+    """Parse ``COPY ... (FORMAT csv)`` output with pyarrow: fast, typed, NULL and empty string kept apart."""
+    if not data:
+        return pa.table({name: pa.array([], t) for name, t in types.items()})
+    return pacsv.read_csv(
+        pa.BufferReader(pa.py_buffer(data)),
+        read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 23),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+        ),
+    )
+
+
+def copy_csv(conn: psycopg.Connection, query: sql.Composed, types: dict[str, pa.DataType]) -> pa.Table:
+    """Run ``COPY (query) TO STDOUT (FORMAT csv)`` and parse it."""
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        data = b"".join(copy)
+    return parse_csv(data, types)
+
+
+def changes_table(raw: pa.Table) -> pa.Table:
+    """Parsed CSV columns to the export schema (epoch microseconds to UTC timestamps, JSON type)."""
+    index = raw.schema.get_field_index("committed_at")
+    raw = raw.set_column(index, "committed_at", pc.cast(raw["committed_at"], pa.timestamp("us", tz="UTC")))
+    return raw.cast(export_arrow_schema())
+
+
+def key_condition(lower: Key | None, upper: Key | None, *, from_lower: bool = False) -> sql.Composable:
+    parts = []
+    if lower is not None:
+        operator = sql.SQL(">=" if from_lower else ">")
+        parts.append(
+            sql.SQL("(commit_position, ordinal) {} ({}, {})").format(operator, *map(sql.Literal, lower))
+        )
+    if upper is not None:
+        parts.append(sql.SQL("(commit_position, ordinal) <= ({}, {})").format(*map(sql.Literal, upper)))
+    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+
+
+def _changes_query(name: sql.Composable, condition: sql.Composable) -> sql.Composed:
+    return sql.SQL("{} WHERE {} ORDER BY commit_position, ordinal").format(_select_changes(name), condition)
+
+
+def fetch_range(conn: psycopg.Connection, name: sql.Composable, first: Key, last: Key) -> pa.Table:
+    """Rows with keys in ``[first, last]``, in key order."""
+    condition = key_condition(first, last, from_lower=True)
+    return changes_table(copy_csv(conn, _changes_query(name, condition), _csv_types()))
+
+
+def stream_units(
+    conn: psycopg.Connection,
+    name: sql.Composable,
+    after: Key | None,
+    batch_rows: int,
+    write: Callable[[pa.Table], None],
+) -> None:
+    """Read every row after ``after`` with one COPY, handing units of ``batch_rows`` rows to ``write``.
+
+    PostgreSQL sends one COPY message per row, so units are cut on row boundaries without parsing.
+    ``write`` runs in a second thread, overlapping the read of the next unit (pyarrow releases the GIL).
+    """
+    statement = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(
+        _changes_query(name, key_condition(after, None))
+    )
+    types = _csv_types()
+
+    def parse_and_write(data: bytearray, count: int) -> None:
+        table = changes_table(parse_csv(data, types))
+        if table.num_rows != count:
+            raise SourceError(f"parsed {table.num_rows} rows from a COPY of {count} rows; please report this")
+        write(table)
+
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="bemi_tt_export") as pool:
+        with conn.cursor() as cur, cur.copy(statement) as copy:
+            data, count = bytearray(), 0
+            for row in copy:
+                data += row
+                count += 1
+                if count == batch_rows:
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(parse_and_write, data, count)
+                    data, count = bytearray(), 0
+        if pending is not None:
+            pending.result()
+        if count:
+            parse_and_write(data, count)
