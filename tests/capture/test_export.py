@@ -257,3 +257,21 @@ def test_an_unreachable_database_raises_source_error(tmp_path: Path) -> None:
 def test_a_missing_changes_table_raises_configuration_error_naming_it(dsn: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"table public\.changes does not exist in the source"):
         export_parquet(dsn, str(tmp_path), progress=False)
+
+
+def test_a_file_uri_directory_works_like_a_local_path(dsn: str, tmp_path: Path) -> None:
+    fill(dsn, 40)
+    assert export_parquet(dsn, tmp_path.as_uri(), progress=False).changes == 40
+    assert dataset_rows(read_dataset(str(tmp_path))) == changes_rows(dsn)
+    assert export_parquet(dsn, str(tmp_path), progress=False).changes == 0
+
+
+def test_read_dataset_reads_chosen_columns_and_rejects_unknown_ones(
+    dsn: str, filled: list[tuple], tmp_path: Path
+) -> None:
+    export_parquet(dsn, str(tmp_path), progress=False)
+    table = read_dataset(str(tmp_path), columns=["table", "after"])
+    assert table.column_names == ["table", "after"]
+    assert table["after"].to_pylist() == [row[5] for row in changes_rows(dsn)]
+    with pytest.raises(ConfigurationError, match=r"unknown columns \['nope'\]"):
+        read_dataset(str(tmp_path), columns=["nope"])
