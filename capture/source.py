@@ -194,7 +194,9 @@ class SlotReader:
         except psycopg.errors.UndefinedObject as exc:
             raise SlotLostError(f"replication slot {self.slot!r} vanished while reading it: {exc}") from exc
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:
-            raise SlotLostError(f"replication slot {self.slot!r} can no longer be read: {exc}") from exc
+            if "can no longer" in str(exc) or "invalidated" in str(exc):
+                raise SlotLostError(f"replication slot {self.slot!r} can no longer be read: {exc}") from exc
+            raise
         finally:
             self.close()
 
