@@ -85,7 +85,12 @@ def compact_locked(filesystem: pafs.FileSystem, root: str, target_bytes: int = T
 
 
 def compact(
-    directory: str, *, target_bytes: int = TARGET_BYTES, lock: bool = True, wait: float = 0.0
+    directory: str,
+    *,
+    target_bytes: int = TARGET_BYTES,
+    lock: bool = True,
+    wait: float = 0.0,
+    lease_seconds: float = 60.0,
 ) -> CompactStats:
     """Merge the small files of each partition of the export at ``directory`` (takes the export lock)."""
     if not isinstance(target_bytes, int) or isinstance(target_bytes, bool) or target_bytes < 1:
@@ -93,6 +98,6 @@ def compact(
     if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
         raise ConfigurationError(f"wait must be a number of seconds >= 0, got {wait!r}")
     filesystem, root = resolve_directory(directory)
-    with open_lock(os.fspath(directory), filesystem, root, enabled=lock) as held:
+    with open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds) as held:
         held.acquire(wait)
         return compact_locked(filesystem, root, target_bytes)

@@ -239,20 +239,24 @@ def export_parquet(
     batch_rows: int = 200_000,
     lock: bool = True,
     wait: float = 0.0,
+    lease_seconds: float = 60.0,
 ) -> ExportStats:
     """Append the changes committed since the last run to the Parquet dataset at ``directory``.
 
     ``directory`` is a local path or a pyarrow filesystem URI (``s3://bucket/prefix``). ``progress``:
     None shows a bar on a terminal (stderr) for exports over a few seconds, False is quiet. ``wait``:
-    seconds to wait for another export on the same directory before failing with ``SourceError``.
+    seconds to wait for another export on the same directory before failing with ``SourceError``;
+    ``lease_seconds``: how long an S3 lock outlives a killed export (``capture.export_lock``).
     ``compact=True`` then merges the small files of each partition (``capture.compact``).
     """
     _validate(progress, batch_rows, wait, table, schema)
+    if not isinstance(lease_seconds, (int, float)) or isinstance(lease_seconds, bool) or lease_seconds <= 0:
+        raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
     filesystem, root = resolve_directory(directory)
     enabled = sys.stderr.isatty() if progress is None else progress
     name = sql.Identifier(schema, table)
     files = written = exported = compacted = 0
-    with open_lock(os.fspath(directory), filesystem, root, enabled=lock) as held:
+    with open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds) as held:
         held.acquire(wait)
         try:
             conn = psycopg.connect(_libpq_dsn(source_dsn), autocommit=True)

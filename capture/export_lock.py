@@ -3,8 +3,9 @@
 * Local directories: ``DIR/_bemi_tt/lock`` held with ``fcntl.flock``; the kernel releases it when the
   process dies, even on SIGKILL, so a crash never leaves a stale lock.
 * S3: a lease object ``DIR/_bemi_tt/lock`` created with a conditional PUT (``If-None-Match: *``) and
-  renewed or released with ``If-Match: <etag>``; a lease whose holder died expires after
-  ``lease_seconds`` and is taken over with ``If-Match`` too, so two exporters can never both win.
+  renewed (a heartbeat every quarter of ``lease_seconds``, and before every unit) or released with
+  ``If-Match: <etag>``; a lease whose holder died expires after ``lease_seconds`` (its holder's clock)
+  and is taken over with ``If-Match`` too, so two exporters can never both win.
   Needs ``boto3`` (pyarrow's S3 filesystem cannot make conditional requests).
 * Other filesystems have no lock: pass ``lock=False`` and make sure only one export runs.
 """
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from types import TracebackType
@@ -125,6 +127,10 @@ class _S3Lease(DatasetLock):
         self.lease_seconds = lease_seconds
         self.owner = f"{uuid.uuid4().hex} pid {os.getpid()} on {socket.gethostname()}"
         self.etag: str | None = None
+        self.lost: SourceError | None = None
+        self.mutex = threading.Lock()
+        self.stop = threading.Event()
+        self.heartbeat: threading.Thread | None = None
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_seconds}).encode()
@@ -173,20 +179,41 @@ class _S3Lease(DatasetLock):
             if time.monotonic() >= deadline:
                 raise _busy(f"s3://{self.root}", holder)
             time.sleep(_POLL_SECONDS)
+        self.heartbeat = threading.Thread(target=self._beat, name="bemi_tt_export_lease", daemon=True)
+        self.heartbeat.start()
+
+    def _beat(self) -> None:
+        """Extend the lease every quarter of its length while the export runs."""
+        while not self.stop.wait(max(self.lease_seconds / 4, 0.2)):
+            try:
+                self._extend()
+            except SourceError as exc:
+                self.lost = exc
+                return
+
+    def _extend(self) -> None:
+        with self.mutex:
+            try:
+                reply = self.client.put_object(
+                    Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag
+                )
+            except self.client_error as exc:
+                raise SourceError(
+                    f"lost the export lock s3://{self.bucket}/{self.key} (lease expired and taken over); "
+                    "rerun the export, it resumes from the dataset's watermark"
+                ) from exc
+            self.etag = reply["ETag"]
 
     def renew(self) -> None:
-        try:
-            reply = self.client.put_object(
-                Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag
-            )
-        except self.client_error as exc:
-            raise SourceError(
-                f"lost the export lock s3://{self.bucket}/{self.key} (lease expired and taken over); "
-                "rerun the export, it resumes from the dataset's watermark"
-            ) from exc
-        self.etag = reply["ETag"]
+        if self.lost is not None:
+            raise self.lost
+        self._extend()
 
     def release(self) -> None:
+        self.stop.set()
+        if self.heartbeat is not None:
+            self.heartbeat.join()
+            self.heartbeat = None
         if self.etag is not None:
             with contextlib.suppress(self.client_error):  # taken over after expiry: not ours to delete
                 self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
@@ -199,7 +226,7 @@ def open_lock(
     root: str,
     *,
     enabled: bool = True,
-    lease_seconds: float = 600.0,
+    lease_seconds: float = 60.0,
 ) -> DatasetLock:
     """The lock implementation for a dataset directory (not yet acquired)."""
     if not enabled:

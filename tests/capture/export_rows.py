@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from capture.export_dataset import TEST_DELAY_ENV
 from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
 
 TABLES = [
@@ -153,3 +159,19 @@ def dataset_rows(table: Any) -> list[tuple]:
     names = [name for name, _, _ in CHANGES_COLUMNS]
     columns = [table[name].to_pylist() for name in names]
     return list(zip(*columns, strict=True))
+
+
+def run_and_kill(code: str, until: Callable[[], bool]) -> None:
+    """Run Python ``code`` in a subprocess with slowed file writes; SIGKILL it once ``until()`` holds."""
+    env = {**os.environ, TEST_DELAY_ENV: "0.05"}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not until():
+            assert process.poll() is None, "the subprocess ended before the moment to kill it"
+            assert time.monotonic() < deadline, "the subprocess never reached the moment to kill it"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL

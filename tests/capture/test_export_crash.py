@@ -6,21 +6,14 @@ bytes are written and before it becomes visible, so the kill lands while files a
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from export_rows import changes_rows, dataset_rows, fill
+from export_rows import changes_rows, dataset_rows, fill, run_and_kill
 
 from capture.compact import compact
 from capture.export import export_parquet
 from capture.export_dataset import (
-    TEST_DELAY_ENV,
     DatasetState,
     read_dataset,
     read_dataset_state,
@@ -30,21 +23,6 @@ from capture.export_dataset import (
 
 def _state(directory: Path) -> DatasetState:
     return read_dataset_state(*resolve_directory(str(directory)))
-
-
-def _run_and_kill(code: str, until: Callable[[], bool]) -> None:
-    env = {**os.environ, TEST_DELAY_ENV: "0.05"}
-    process = subprocess.Popen([sys.executable, "-c", code], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not until():
-            assert process.poll() is None, "the subprocess ended before the moment to kill it"
-            assert time.monotonic() < deadline, "the subprocess never reached the moment to kill it"
-            time.sleep(0.01)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
 
 
 def _all_visible_files_are_whole(directory: Path) -> None:
@@ -60,7 +38,7 @@ def test_a_kill_during_export_then_a_rerun_gives_exactly_the_changes(dsn: str, t
         state = _state(tmp_path)
         return state.watermark is not None and state.incomplete is not None and bool(state.temporary)
 
-    _run_and_kill(code, mid_unit)
+    run_and_kill(code, mid_unit)
     _all_visible_files_are_whole(tmp_path)
     expected = changes_rows(dsn)
     state = _state(tmp_path)
@@ -86,7 +64,7 @@ def test_a_kill_during_compaction_leaves_the_dataset_correct_and_a_rerun_finishe
     def some_compacted() -> bool:
         return any(f.compacted for f in _state(tmp_path).files)
 
-    _run_and_kill(code, some_compacted)
+    run_and_kill(code, some_compacted)
     _all_visible_files_are_whole(tmp_path)
     assert dataset_rows(read_dataset(str(tmp_path))) == expected
 

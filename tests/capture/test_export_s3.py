@@ -11,12 +11,12 @@ import boto3
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
-from export_rows import changes_rows, dataset_rows, fill, more
+from export_rows import changes_rows, dataset_rows, fill, more, run_and_kill
 from moto.server import ThreadedMotoServer
 
 from capture.errors import SourceError
 from capture.export import export_parquet
-from capture.export_dataset import list_dataset_files, read_dataset, resolve_directory
+from capture.export_dataset import list_dataset_files, read_dataset, read_dataset_state, resolve_directory
 from capture.export_lock import open_lock
 
 CREDENTIALS = {
@@ -125,3 +125,26 @@ def test_an_unreadable_s3_lease_counts_as_expired(dsn: str, s3_endpoint: str, bu
     client.close()
     fill(dsn, 5)
     assert export_parquet(dsn, _uri(s3_endpoint, bucket), progress=False).changes == 5
+
+
+def test_a_kill_during_an_s3_export_then_a_rerun_gives_exactly_the_changes(
+    dsn: str, s3_endpoint: str, bucket: str
+) -> None:
+    uri = _uri(s3_endpoint, bucket)
+    fill(dsn, 1200)
+    code = f"import capture.export as e; e.export_parquet({dsn!r}, {uri!r}, batch_rows=300, lease_seconds=1)"
+
+    def mid_unit() -> bool:
+        state = read_dataset_state(*resolve_directory(uri))
+        return state.watermark is not None and state.incomplete is not None
+
+    run_and_kill(code, mid_unit)
+    expected = changes_rows(dsn)
+    assert "exports/bemi/_bemi_tt/lock" in _keys(s3_endpoint, bucket)  # the dead exporter's lease
+    before = dataset_rows(read_dataset(uri))
+    assert before == expected[: len(before)]
+
+    stats = export_parquet(dsn, uri, progress=False, wait=60)  # waits the lease out, then takes it over
+    assert stats.changes == len(expected) - len(before)
+    assert dataset_rows(read_dataset(uri)) == expected
+    assert read_dataset_state(*resolve_directory(uri)).incomplete is None
