@@ -148,3 +148,17 @@ def test_a_kill_during_an_s3_export_then_a_rerun_gives_exactly_the_changes(
     assert stats.changes == len(expected) - len(before)
     assert dataset_rows(read_dataset(uri)) == expected
     assert read_dataset_state(*resolve_directory(uri)).incomplete is None
+
+
+def test_a_running_exports_lease_is_kept_alive_past_its_length_by_the_heartbeat(
+    s3_endpoint: str, bucket: str
+) -> None:
+    uri = _uri(s3_endpoint, bucket)
+    filesystem, root = resolve_directory(uri)
+    with open_lock(uri, filesystem, root, lease_seconds=2.0) as held:
+        held.acquire(0)
+        time.sleep(3.0)  # longer than the lease: only the heartbeat keeps it
+        with pytest.raises(SourceError, match="lease held by"):
+            open_lock(uri, filesystem, root).acquire(0)
+        held.renew()
+    assert "exports/bemi/_bemi_tt/lock" not in _keys(s3_endpoint, bucket)
