@@ -115,11 +115,12 @@ def _libpq_dsn(source_dsn: str) -> str:
 def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
     """Rows grouped by partition directory (sorted by name), each group still in key order."""
     dates = pc.strftime(table["committed_at"], format="%Y-%m-%d")
-    combined = pc.binary_join_element_wise(table["schema"], table["table"], dates, "\x1f").combine_chunks()
+    # NUL separates the parts: PostgreSQL names can hold any other character
+    combined = pc.binary_join_element_wise(table["schema"], table["table"], dates, "\x00").combine_chunks()
     encoded = combined.dictionary_encode()
     directories = []
     for value in encoded.dictionary.to_pylist():
-        schema, name, date = value.split("\x1f")
+        schema, name, date = value.split("\x00")
         directories.append(partition_dir(schema, name, date))
     names = sorted(set(directories))
     if len(names) == 1:

@@ -26,6 +26,7 @@ TABLES = [
     ("public", "naïve/odd=name%"),
     ("a.b", "c"),  # same partition directory as ("a", "b.c"): both share it
     ("a", "b.c"),
+    ("public", "unit\x1fseparator"),  # control characters are legal in quoted names
 ]
 START = dt.datetime(2026, 3, 28, 22, 0, tzinfo=dt.timezone.utc)
 COLUMNS = [name for name, _, _ in CHANGES_COLUMNS if name != "id"]
