@@ -194,11 +194,26 @@ def _normalize_mapping(value: Mapping[Any, Any], where: str, decimals: list[str]
 
 
 _DECIMAL_SLOT = re.compile(r'"\\u0000(\d+)"')
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _fast_json(value: Mapping[str, Any]) -> str | None:
+    """JSON of a flat context of plain scalars (the common case) without the walk; None if not that case."""
+    for key, item in value.items():
+        if type(key) is not str or type(item) not in _SCALARS:
+            return None
+    try:
+        text = _ENCODER.encode(value)
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):  # NaN, lone surrogates: the walk names the key
+        return None
+    return None if "\\u0000" in text else text
 
 
 def _dumps(value: Any, decimals: list[str] | None = None) -> str:
     """Compact UTF-8 JSON; Decimals (held as NUL-tagged slots, NUL being banned in user text) go in exact."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = _ENCODER.encode(value)
     if decimals:
         text = _DECIMAL_SLOT.sub(lambda m: decimals[int(m.group(1))], text)
     return text
@@ -216,8 +231,10 @@ def encode_context(value: Mapping[str, Any] | None) -> EncodedContext | None:
         )
     if not value:
         return None
-    decimals: list[str] = []
-    text = _dumps(_normalize_mapping(value, "", decimals), decimals)
+    text = _fast_json(value)
+    if text is None:
+        decimals: list[str] = []
+        text = _dumps(_normalize_mapping(value, "", decimals), decimals)
     raw = text.encode("utf-8")
     if len(raw) > _settings.max_bytes:
         raise ConfigurationError(

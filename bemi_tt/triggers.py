@@ -1,13 +1,16 @@
 """Install and remove context tracking in a database: ``install(engine)``, ``uninstall(engine)``.
 
-``install`` creates schema ``bemi_tt`` with the statement-level trigger function ``emit_context()``
-(it turns the hook's ``/*bemi:<base64>*/`` marker into one ``pg_logical_emit_message(true, 'bemi', ...)``
-per statement), puts a ``BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ... FOR EACH STATEMENT`` trigger
-on every user table (partitioned parents and each partition: a statement trigger fires only on the table
-the statement names), optionally sets ``REPLICA IDENTITY FULL`` (remembering the old setting), and adds
-an event trigger that does the same for tables created later. A role that may not create event triggers
-gets a NOTICE and a log warning: call ``install`` again after creating tables (e.g. in each migration).
-Everything is idempotent; ``uninstall`` removes exactly what ``install`` created.
+``install`` creates schema ``bemi_tt`` with the statement-level trigger function ``emit_context()``: it
+turns the hook's ``/*bemi:<base64>*/`` marker into ``pg_logical_emit_message(true, 'bemi', <json>)``, at
+most once per statement and only when the context differs from the transaction's last message (so an
+executemany of 100k rows emits one message); an unmarked statement after a context emits ``{}``. The
+trigger (``BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ... FOR EACH STATEMENT``, with a ``WHEN`` clause
+that skips the call when there is nothing to emit) goes on every user table: partitioned parents and each
+partition, as a statement trigger fires only on the table the statement names. ``install`` optionally
+sets ``REPLICA IDENTITY FULL`` (remembering the old setting), and adds an event trigger doing the same for
+tables created later. A role that may not create event triggers gets a NOTICE and a log warning: call
+``install`` again after creating tables (e.g. at the end of each migration). Everything is idempotent;
+``uninstall`` removes exactly what ``install`` created.
 
 All identifier quoting happens in the database (``quote_ident`` over catalog names), so the SQL sent
 from here is constant text, identical on every driver.
