@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
@@ -23,6 +23,7 @@ import duckdb
 import pandas as pd
 import psycopg
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -393,14 +394,9 @@ class PostgresSource(Source):
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
 
-    def query(self, scope: Scope) -> sql.Composed:
-        """The SELECT over ``changes`` for ``scope`` (values as literals: COPY takes no parameters)."""
-        wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
-        cols = sql.SQL(", ").join(
-            sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint") if c == "committed_at"
-            else sql.Identifier(c) for c in wanted)
-        where: list[sql.Composable] = []
-        table = self._name(CHANGES_TABLE)
+    def where(self, scope: Scope) -> sql.Composable:
+        """The WHERE condition of ``scope`` on ``changes`` (values as literals: COPY takes no parameters)."""
+        where: list[sql.Composable] = [sql.SQL("TRUE")]
         in_table: sql.Composable = sql.SQL("")
         if scope.table is not None:
             in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
@@ -411,44 +407,149 @@ class PostgresSource(Source):
             where.append(sql.SQL("committed_at <= {}").format(sql.Literal(scope.until_time.to_pydatetime())))
         if scope.until is not None:
             inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > {}{}").format(
-                table, sql.Literal(scope.until.to_pydatetime()), in_table)
-            where.append(sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION)))
-        query = sql.SQL("SELECT {} FROM {}").format(cols, table)
-        if where:
-            query = sql.SQL("{} WHERE {}").format(query, sql.SQL(" AND ").join(where))
-        return query
+                self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table)
+            where.append(sql.SQL("commit_position < coalesce(({}), {})").format(
+                inner, sql.Literal(_MAX_POSITION)))
+        return sql.SQL(" AND ").join(where)
 
-    def fetch(self, scope: Scope) -> pa.Table:
-        """Rows of ``changes`` in ``scope`` as Arrow, read with ``COPY (...) TO STDOUT (FORMAT csv)``."""
+    def query(self, scope: Scope) -> sql.Composed:
+        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
+        cols = sql.SQL(", ").join(
+            sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint") if c == "committed_at"
+            else sql.Identifier(c) for c in wanted)
+        return sql.SQL("SELECT {} FROM {} WHERE {}").format(cols, self._name(CHANGES_TABLE), self.where(scope))
+
+    def copy_arrow(self, query: sql.Composable, types: Mapping[str, pa.DataType],
+                   conn: psycopg.Connection[Any] | None = None) -> pa.Table:
+        """Run ``query`` through ``COPY ... TO STDOUT (FORMAT csv)`` into an Arrow table of ``types``."""
         buffer = io.BytesIO()
-        with self._connect() as conn, conn.cursor() as cur:
-            copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(self.query(scope))
-            try:
-                with cur.copy(copy_sql) as copy:
+        copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+        try:
+            if conn is None:
+                with self._connect() as own, own.cursor() as cur, cur.copy(copy_sql) as copy:
                     for chunk in copy:
                         buffer.write(chunk)
-            except psycopg.errors.UndefinedTable as exc:
-                raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
-                                  "worker (`bemi-tt capture`) on it first") from exc
-        types = {c: (pa.int64() if c == "committed_at" else _ARROW_TYPES[c]) for c in wanted}
+            else:
+                with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                    for chunk in copy:
+                        buffer.write(chunk)
+        except psycopg.errors.UndefinedTable as exc:
+            raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                              "worker (`bemi-tt capture`) on it first") from exc
         if buffer.tell() == 0:
-            table = pa.table({c: pa.array([], type=t) for c, t in types.items()})
+            return pa.table({c: pa.array([], type=t) for c, t in types.items()})
+        buffer.seek(0)
+        return pacsv.read_csv(
+            buffer,
+            read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types=dict(types), strings_can_be_null=True,
+                                                 quoted_strings_can_be_null=False, null_values=[""]),
+        )
+
+    def agg_arrow(self, query: sql.Composable, types: Mapping[str, pa.DataType],
+                  conn: psycopg.Connection[Any], *, flags: bool = False) -> tuple[pa.Table, Any]:
+        """Like :meth:`copy_arrow`, but PostgreSQL joins the CSV lines into one value: psycopg reads COPY
+        output one row per Python call, far slower than one big value for hundreds of thousands of rows."""
+        fields = []
+        for i, (_, arrow_type) in enumerate(types.items()):
+            column = sql.Identifier(f"c{i}")
+            if pa.types.is_string(arrow_type):
+                fields.append(sql.SQL("""coalesce('"' || replace({}, '"', '""') || '"', '')""").format(column))
+            else:
+                fields.append(sql.SQL("coalesce({}::text, '')").format(column))
+        names = sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(len(types)))
+        if flags:  # the query's two last columns: keep the row (boolean), and a bigint to take the min of
+            names = sql.SQL(", ").join([names, sql.SQL("keep"), sql.SQL("extra")])
+            joined = sql.SQL(
+                "SELECT convert_to(string_agg({}, E'\\n') FILTER (WHERE keep), 'UTF8'), min(extra) "
+                "FROM ({}) AS q ({})").format(sql.SQL(" || ',' || ").join(fields), query, names)
         else:
-            buffer.seek(0)
-            table = pacsv.read_csv(
-                buffer,
-                read_options=pacsv.ReadOptions(column_names=list(wanted), block_size=1 << 24),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
-                                                     quoted_strings_can_be_null=False, null_values=[""]),
-            )
+            joined = sql.SQL("SELECT convert_to(string_agg({}, E'\\n'), 'UTF8'), NULL FROM ({}) AS q ({})").format(
+                sql.SQL(" || ',' || ").join(fields), query, names)
+        try:
+            with conn.cursor(binary=True) as cur:
+                row = cur.execute(joined).fetchone()
+        except psycopg.errors.UndefinedTable as exc:
+            raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                              "worker (`bemi-tt capture`) on it first") from exc
+        data, value = (row[0], row[1]) if row else (None, None)
+        if not data:
+            return pa.table({c: pa.array([], type=t) for c, t in types.items()}), value
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types=dict(types), strings_can_be_null=True,
+                                                 quoted_strings_can_be_null=False, null_values=[""]),
+        ), value
+
+    def fetch(self, scope: Scope) -> pa.Table:
+        """Rows of ``changes`` in ``scope`` as Arrow."""
+        wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
+        types = {c: (pa.int64() if c == "committed_at" else _ARROW_TYPES[c]) for c in wanted}
+        table = self.copy_arrow(self.query(scope), types)
         if "committed_at" in wanted:
             i = table.schema.get_field_index("committed_at")
             table = table.set_column(i, "committed_at",
                                      table["committed_at"].cast(pa.timestamp("us")).cast(
                                          pa.timestamp("us", tz="UTC")))
         return table
+
+    def latest(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str],
+               latest_sql: Callable[[str, str, str, str], str]) -> None:
+        """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` in two steps: the
+        positions of every change (small columns, old keys computed in PostgreSQL) to find each key's last
+        change in DuckDB, then only those changes' ``after`` through a temporary table join."""
+        if not keys:
+            old_key: sql.Composable = sql.SQL("NULL::text")
+            normalise = "old_key"
+        elif len(keys) == 1:
+            old_key = sql.SQL("before ->> {}").format(sql.Literal(keys[0]))
+            normalise = "old_key"
+        else:
+            old_key = sql.SQL("jsonb_build_array({})::text").format(
+                sql.SQL(", ").join(sql.SQL("before -> {}").format(sql.Literal(k)) for k in keys))
+            normalise = "CAST(json(old_key) AS VARCHAR)"
+        # one scan: the rows committed up to ``until`` and, for the prefix rule, the first position after it
+        until = sql.Literal(scope.until.to_pydatetime()) if scope.until is not None else None
+        positions = sql.SQL(
+            "SELECT primary_key, operation, commit_position, ordinal, "
+            "CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END AS old_key, {}, {} "
+            "FROM {} WHERE {}").format(
+                old_key,
+                sql.SQL("committed_at <= {}").format(until) if until is not None else sql.SQL("TRUE"),
+                sql.SQL("CASE WHEN committed_at > {} THEN commit_position END").format(until)
+                if until is not None else sql.SQL("NULL::bigint"),
+                self._name(CHANGES_TABLE),
+                self.where(Scope(table=scope.table, since=scope.since, until_time=scope.until_time)))
+        with self._connect() as conn:
+            steps, cut = self.agg_arrow(positions, {"primary_key": pa.string(), "operation": pa.string(),
+                                                    "commit_position": pa.int64(), "ordinal": pa.int32(),
+                                                    "old_key": pa.string()}, conn, flags=True)
+            if cut is not None:
+                steps = steps.filter(pa.compute.less(steps["commit_position"], pa.scalar(int(cut), pa.int64())))
+            con.register(f"{name}__positions", steps)
+            winners = con.sql(latest_sql(f'"{name}__positions"', normalise, "''",
+                                         "operation = 'UPDATE' AND old_key IS NOT NULL")).to_arrow_table()
+            conn.execute("BEGIN")
+            conn.execute("CREATE TEMP TABLE bemi_tt_winners (cp bigint, o integer) ON COMMIT DROP")
+            data = io.BytesIO()
+            pacsv.write_csv(winners.select(["cp", "o"]), data, pacsv.WriteOptions(include_header=False))
+            with conn.cursor() as cur, cur.copy("COPY bemi_tt_winners FROM STDIN (FORMAT csv)") as copy:
+                copy.write(data.getvalue())
+            conn.execute("ANALYZE bemi_tt_winners")
+            afters, _ = self.agg_arrow(sql.SQL(
+                "SELECT c.commit_position, c.ordinal, c.after::text FROM {} c "
+                "JOIN bemi_tt_winners w ON c.commit_position = w.cp AND c.ordinal = w.o WHERE {}").format(
+                    self._name(CHANGES_TABLE), self.where(Scope(table=scope.table))),
+                {"cp": pa.int64(), "o": pa.int32(), "payload": pa.string()}, conn)
+            conn.execute("COMMIT")
+        con.register(f"{name}__winners", winners.select(["k", "cp", "o"]))
+        con.register(f"{name}__afters", afters)
+        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT w.k, w.cp, w.o, a.payload '
+                    f'FROM "{name}__winners" w JOIN "{name}__afters" a USING (cp, o)')
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         con.register(f"{name}__arrow", self.fetch(scope))

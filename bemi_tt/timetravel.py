@@ -28,7 +28,7 @@ from bemi_tt.dtypes import (
     infer_type,
     parse_json,
 )
-from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
+from bemi_tt.sources import PostgresSource, Scope, Source, TableName, get_source, json_text
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
 
@@ -187,7 +187,8 @@ def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
         truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')"""
 
 
-def latest_sql(rel: str, old_key: str, payload: str = "after") -> str:
+def latest_sql(rel: str, old_key: str, payload: str = "after",
+               updates: str = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'") -> str:
     """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes.
 
     One aggregate finds each key's last change; key UPDATEs (the old key, read from ``before``) and
@@ -202,7 +203,7 @@ def latest_sql(rel: str, old_key: str, payload: str = "after") -> str:
         moved AS (
             SELECT ok AS k, max((cp, o)) AS at FROM (
                 SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}'
+                FROM {rel} WHERE {updates}
             ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk GROUP BY ok
         ),
         truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')
@@ -270,11 +271,17 @@ def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: 
              con: duckdb.DuckDBPyConnection | None = None, name: str = "c") -> State:
     """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
     con = con or _duck()
-    source.load(con, name, Scope(table=table, until=ts, columns=(
-        "primary_key", "operation", "before", "after", "commit_position", "ordinal")))
     versions = _versions(source, table)
     layout = layout_at(versions, ts)
-    query = latest_sql(f'"{name}"', old_key_sql(layout.keys if layout else []))
+    keys = layout.keys if layout else []
+    scope = Scope(table=table, until=ts, columns=(
+        "primary_key", "operation", "before", "after", "commit_position", "ordinal"))
+    if isinstance(source, PostgresSource):
+        source.latest(con, f"{name}_latest", scope, keys, latest_sql)
+        query = f'SELECT * FROM "{name}_latest"'
+    else:
+        source.load(con, name, scope)
+        query = latest_sql(f'"{name}"', old_key_sql(keys))
     if key is not None:
         query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
     frame: pd.DataFrame | None = None

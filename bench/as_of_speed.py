@@ -57,19 +57,22 @@ WITH raw AS (
                          WHEN lag(dice) OVER (PARTITION BY k ORDER BY v) < 5 AND v > 1 THEN 'CREATE'
                          ELSE 'UPDATE' END AS operation
     FROM raw
-)
-SELECT CAST(k AS VARCHAR) AS primary_key, 'bench' AS "table", operation,
-       CASE WHEN operation = 'DELETE' THEN '{"id": ' || k || '}' ELSE '{}' END AS before,
-       CASE WHEN operation = 'DELETE' THEN '{}' ELSE
+), rows AS (
+    SELECT i, k, v, operation, CASE WHEN operation = 'DELETE' THEN '{}' ELSE
            '{"id": ' || k || ', "qty": ' || (i % 1000) || ', "name": "item ' || k || ' version ' || v ||
            '", "price": ' || (i % 100000) // 100 || '.' || lpad(CAST(i % 100 AS VARCHAR), 2, '0') ||
            ', "updated_at": "' || strftime(TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_microseconds(i * 1000),
-                                           '%Y-%m-%dT%H:%M:%S.%f') || '+00:00"}' END AS after,
-       '{"user_id": ' || (i % 97) || '}' AS context,
+                                           '%Y-%m-%dT%H:%M:%S.%f') || '+00:00"}' END AS after
+    FROM ops
+)
+-- before: the old row, as REPLICA IDENTITY FULL (what bemi_tt.install sets) records it
+SELECT CAST(k AS VARCHAR) AS primary_key, 'bench' AS "table", operation,
+       CASE WHEN operation = 'CREATE' THEN '{}' ELSE lag(after) OVER (PARTITION BY k ORDER BY v) END AS before,
+       after, '{"user_id": ' || (i % 97) || '}' AS context,
        TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_microseconds(i * 1000) AS committed_at,
        'public' AS "schema", 'bench' AS "database", i // 100 AS transaction_id,
        i * 16 AS "position", (i // 100) * 1600 + 1600 AS commit_position, CAST(i % 100 AS INTEGER) AS ordinal
-FROM ops ORDER BY i
+FROM rows ORDER BY i
 """
 
 
