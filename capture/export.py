@@ -9,6 +9,7 @@ duplicates a change. ``DIR/_bemi_tt/schemas.parquet`` is rewritten (atomically) 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 import time
@@ -59,6 +60,9 @@ __all__ = [
 ROW_GROUP_ROWS = 128 * 1024
 #: Seconds before a progress bar appears when ``progress`` is left to auto-detect a terminal.
 PROGRESS_DELAY = 2.0
+#: Columns with few distinct values: dictionary-encoded (on JSON columns it only costs time and space).
+DICTIONARY_COLUMNS = ["table", "operation", "schema", "database"]
+_EPOCH = dt.date(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -114,14 +118,20 @@ def _libpq_dsn(source_dsn: str) -> str:
 
 def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
     """Rows grouped by partition directory (sorted by name), each group still in key order."""
-    dates = pc.strftime(table["committed_at"], format="%Y-%m-%d")
-    # NUL separates the parts: PostgreSQL names can hold any other character
-    combined = pc.binary_join_element_wise(table["schema"], table["table"], dates, "\x00").combine_chunks()
+    # NUL separates schema and table: PostgreSQL names can hold any other character
+    relations = pc.binary_join_element_wise(table["schema"], table["table"], "\x00").combine_chunks()
+    relations = relations.dictionary_encode()
+    days = pc.cast(pc.cast(table["committed_at"], pa.date32()), pa.int32()).combine_chunks()  # UTC dates
+    combined = pc.add(
+        pc.shift_left(relations.indices.cast(pa.int64()), 32), pc.add(days.cast(pa.int64()), 1 << 31)
+    )
     encoded = combined.dictionary_encode()
     directories = []
+    names_of = relations.dictionary.to_pylist()
     for value in encoded.dictionary.to_pylist():
-        schema, name, date = value.split("\x00")
-        directories.append(partition_dir(schema, name, date))
+        schema, name = names_of[value >> 32].split("\x00")
+        day = _EPOCH + dt.timedelta(days=(value & 0xFFFFFFFF) - (1 << 31))
+        directories.append(partition_dir(schema, name, day.isoformat()))
     names = sorted(set(directories))
     if len(names) == 1:
         return [(names[0], table)]
@@ -146,7 +156,14 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
         if "ordinal" in names
         else None
     )
-    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS, sorting_columns=sorting)
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        row_group_size=ROW_GROUP_ROWS,
+        sorting_columns=sorting,
+        use_dictionary=[c for c in DICTIONARY_COLUMNS if c in names],
+    )
     return sink.getvalue()
 
 

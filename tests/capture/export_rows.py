@@ -95,6 +95,8 @@ def generate(
             schema, table = rng.choice(TABLES)
             operation = rng.choice(["CREATE", "UPDATE", "DELETE", "SNAPSHOT", "TRUNCATE"])
             key = rng.choice([None, "", str(rng.randrange(10**6)), json.dumps([rng.randrange(9), 'x,"y"'])])
+            if rng.random() < 0.001:
+                key = "a text key with a\nline feed and a\r\ncarriage return"  # raw breaks inside a CSV value
             before = "{}" if operation in ("CREATE", "SNAPSHOT") else _json(rng)
             after = "{}" if operation in ("DELETE", "TRUNCATE") else _json(rng)
             context = rng.choice(
