@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from capture import source as src
 from capture.ddl import ddl_tracking_installed, install_ddl_tracking
-from capture.errors import ConfigurationError, SlotLostError
+from capture.errors import ConfigurationError, SlotLostError, SourceError
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.sink import POSITIONS_TABLE, Position, Sink
@@ -210,6 +210,7 @@ def _open(
 ) -> _Session:
     """Connect, check the server, set up publication, slot, destination tables and the snapshot."""
     meta = _connect(source_dsn, autocommit=True)
+    opened: list[psycopg.Connection] = [meta]
     try:
         src.check_server(meta)
         database = str(meta.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
@@ -217,6 +218,7 @@ def _open(
             meta.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         )  # type: ignore[index]
         sink_conn = _connect(destination_dsn, autocommit=False)
+        opened.append(sink_conn)
         sink = Sink(sink_conn, slot, schema=schema)
         sink.setup()
         same = _identity(meta) == _identity(sink_conn)
@@ -246,6 +248,7 @@ def _open(
         if created:
             log.info("created replication slot %s at %s", slot, format_lsn(info.confirmed_flush))
         reader_conn = _connect(source_dsn, autocommit=False)
+        opened.append(reader_conn)
         session = _Session(
             source_dsn,
             destination_dsn,
@@ -278,7 +281,8 @@ def _open(
             sink.commit(snapshot_position=None, initialize=True)  # first start without a snapshot
         return session
     except BaseException:
-        meta.close()
+        for conn in opened:
+            conn.close()
         raise
 
 
@@ -290,6 +294,7 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
     sink = session.sink
     batch = session.batch_changes
     skipping = False
+    produced = False
     written = 0
     transactions = 0
     started = time.monotonic()
@@ -312,7 +317,8 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
                     type_names=types,
                     ignored=session.ignored(message.namespace, message.name),
                 )
-                if not skipping:
+                if not skipping and changes:
+                    produced = True
                     for change in changes:
                         sink.write_schema(change)
                 continue
@@ -321,24 +327,25 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
                 skipping = message.final_lsn <= last[0]
                 if skipping:
                     stats.skipped_transactions += 1
+                produced = False
                 feed(lsn, message)
                 continue
             if kind == _C:
                 assert isinstance(message, Commit)
                 feed(lsn, message)
-                if skipping:
-                    continue
-                committed_at = _when(message.commit_time)
-                sink.mark(message.commit_lsn, message.end_lsn, committed_at)
-                transactions += 1
-                if sink.pending >= batch or stop.is_set():
+                if produced and not skipping:  # transactions touching only ignored tables leave no mark
+                    committed_at = _when(message.commit_time)
+                    sink.mark(message.commit_lsn, message.end_lsn, committed_at)
+                    transactions += 1
+                if transactions and (sink.pending >= batch or stop.is_set()):
                     written += _commit(session, last, stats, transactions, upto, started, committed_at)
                     transactions = 0
                     started = time.monotonic()
-                    if stop.is_set():
-                        break
+                if stop.is_set():
+                    break
                 continue
             for out in feed(lsn, message):
+                produced = True
                 if type(out) is ChangeRow:
                     write(out)
                 else:
@@ -464,6 +471,7 @@ def run(
     with _signals(stop):
         retry = 0.5
         target: list[int | None] = [None]
+        opened = False
         while not stop.is_set():
             session: _Session | None = None
             try:
@@ -478,6 +486,7 @@ def run(
                     stats=stats,
                 )
                 snapshot = False  # done (or not wanted): never again after a reconnect
+                opened = True
                 log.info(
                     "capturing %s (slot %s, publication %s) into %s",
                     _describe(source_dsn),
@@ -489,6 +498,8 @@ def run(
                 break
             except psycopg.OperationalError as exc:
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if not opened:
+                    raise SourceError(f"cannot start capturing {_describe(source_dsn)}: {message}") from None
                 log.warning("connection lost (%s); reconnecting in %.1f s", message, retry)
                 if stop.wait(retry):
                     break
