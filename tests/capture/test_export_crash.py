@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from export_rows import changes_rows, dataset_rows, fill, run_and_kill
 
+import capture.export
 from capture.compact import compact
 from capture.export import export_parquet
 from capture.export_dataset import (
@@ -91,4 +93,27 @@ def test_files_left_by_a_crash_between_compacted_file_and_deletes_are_ignored_th
 
     export_parquet(dsn, str(tmp_path), progress=False)
     assert not any(path.exists() for path in restored)
+    assert dataset_rows(read_dataset(str(tmp_path))) == expected
+
+
+def test_a_failing_write_stops_the_export_with_its_error_and_a_rerun_completes(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(dsn, 1200)
+    real = capture.export._write_unit
+    calls = []
+
+    def fail_on_second_unit(*args: object, **kwargs: object) -> tuple[int, int]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(capture.export, "_write_unit", fail_on_second_unit)
+    with pytest.raises(OSError, match="disk full"):
+        export_parquet(dsn, str(tmp_path), batch_rows=200, progress=False)
+    monkeypatch.undo()
+    expected = changes_rows(dsn)
+    assert dataset_rows(read_dataset(str(tmp_path))) == expected[:200]
+    assert export_parquet(dsn, str(tmp_path), batch_rows=200, progress=False).changes == 1000
     assert dataset_rows(read_dataset(str(tmp_path))) == expected
