@@ -448,29 +448,28 @@ class PostgresSource(Source):
                                                  quoted_strings_can_be_null=False, null_values=[""]),
         )
 
-    def agg_arrow(self, query: sql.Composable, types: Mapping[str, pa.DataType],
-                  conn: psycopg.Connection[Any], *, flags: bool = False) -> tuple[pa.Table, Any]:
-        """Like :meth:`copy_arrow`, but PostgreSQL joins the CSV lines into one value: psycopg reads COPY
-        output one row per Python call, far slower than one big value for hundreds of thousands of rows."""
-        fields = []
-        for i, (_, arrow_type) in enumerate(types.items()):
-            column = sql.Identifier(f"c{i}")
+    def agg_arrow(self, fields: Sequence[tuple[str, sql.Composable, pa.DataType]], source: sql.Composable,
+                  conn: psycopg.Connection[Any], *, keep: sql.Composable | None = None,
+                  extra: sql.Composable | None = None) -> tuple[pa.Table, Any]:
+        """``SELECT fields FROM source`` as Arrow, PostgreSQL joining the rows into one CSV value: psycopg
+        reads COPY output one row per Python call, far slower for hundreds of thousands of rows.
+
+        ``keep``: only rows where it holds become CSV lines; ``extra``: also return ``min(extra)`` over all
+        rows of ``source`` (one scan for both)."""
+        parts = []
+        for _, expr, arrow_type in fields:
             if pa.types.is_string(arrow_type):
-                fields.append(sql.SQL("""coalesce('"' || replace({}, '"', '""') || '"', '')""").format(column))
+                parts.append(sql.SQL("""coalesce('"' || replace({}, '"', '""') || '"', '')""").format(expr))
             else:
-                fields.append(sql.SQL("coalesce({}::text, '')").format(column))
-        names = sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in range(len(types)))
-        if flags:  # the query's two last columns: keep the row (boolean), and a bigint to take the min of
-            names = sql.SQL(", ").join([names, sql.SQL("keep"), sql.SQL("extra")])
-            joined = sql.SQL(
-                "SELECT convert_to(string_agg({}, E'\\n') FILTER (WHERE keep), 'UTF8'), min(extra) "
-                "FROM ({}) AS q ({})").format(sql.SQL(" || ',' || ").join(fields), query, names)
-        else:
-            joined = sql.SQL("SELECT convert_to(string_agg({}, E'\\n'), 'UTF8'), NULL FROM ({}) AS q ({})").format(
-                sql.SQL(" || ',' || ").join(fields), query, names)
+                parts.append(sql.SQL("coalesce(({})::text, '')").format(expr))
+        query = sql.SQL("SELECT convert_to(string_agg({}, E'\\n'){}, 'UTF8'), {} FROM {}").format(
+            sql.SQL(" || ',' || ").join(parts),
+            sql.SQL(" FILTER (WHERE {})").format(keep) if keep is not None else sql.SQL(""),
+            sql.SQL("min({})").format(extra) if extra is not None else sql.SQL("NULL"), source)
+        types = {name: arrow_type for name, _, arrow_type in fields}
         try:
             with conn.cursor(binary=True) as cur:
-                row = cur.execute(joined).fetchone()
+                row = cur.execute(query).fetchone()
         except psycopg.errors.UndefinedTable as exc:
             raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
                               "worker (`bemi-tt capture`) on it first") from exc
@@ -481,7 +480,7 @@ class PostgresSource(Source):
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 24),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=dict(types), strings_can_be_null=True,
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
                                                  quoted_strings_can_be_null=False, null_values=[""]),
         ), value
 
@@ -514,20 +513,23 @@ class PostgresSource(Source):
             normalise = "CAST(json(old_key) AS VARCHAR)"
         # one scan: the rows committed up to ``until`` and, for the prefix rule, the first position after it
         until = sql.Literal(scope.until.to_pydatetime()) if scope.until is not None else None
-        positions = sql.SQL(
-            "SELECT primary_key, operation, commit_position, ordinal, "
-            "CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END AS old_key, {}, {} "
-            "FROM {} WHERE {}").format(
-                old_key,
-                sql.SQL("committed_at <= {}").format(until) if until is not None else sql.SQL("TRUE"),
-                sql.SQL("CASE WHEN committed_at > {} THEN commit_position END").format(until)
-                if until is not None else sql.SQL("NULL::bigint"),
-                self._name(CHANGES_TABLE),
-                self.where(Scope(table=scope.table, since=scope.since, until_time=scope.until_time)))
+        fields = [
+            ("primary_key", sql.SQL("primary_key"), pa.string()),
+            ("operation", sql.SQL("operation"), pa.string()),
+            ("commit_position", sql.SQL("commit_position"), pa.int64()),
+            ("ordinal", sql.SQL("ordinal"), pa.int32()),
+            ("old_key", sql.SQL("CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END").format(
+                old_key), pa.string()),
+        ]
+        rows = sql.SQL("{} WHERE {}").format(
+            self._name(CHANGES_TABLE),
+            self.where(Scope(table=scope.table, since=scope.since, until_time=scope.until_time)))
         with self._connect() as conn:
-            steps, cut = self.agg_arrow(positions, {"primary_key": pa.string(), "operation": pa.string(),
-                                                    "commit_position": pa.int64(), "ordinal": pa.int32(),
-                                                    "old_key": pa.string()}, conn, flags=True)
+            steps, cut = self.agg_arrow(
+                fields, rows, conn,
+                keep=sql.SQL("committed_at <= {}").format(until) if until is not None else None,
+                extra=sql.SQL("commit_position) FILTER (WHERE committed_at > {}").format(until)
+                if until is not None else None)
             if cut is not None:
                 steps = steps.filter(pa.compute.less(steps["commit_position"], pa.scalar(int(cut), pa.int64())))
             con.register(f"{name}__positions", steps)
@@ -540,11 +542,12 @@ class PostgresSource(Source):
             with conn.cursor() as cur, cur.copy("COPY bemi_tt_winners FROM STDIN (FORMAT csv)") as copy:
                 copy.write(data.getvalue())
             conn.execute("ANALYZE bemi_tt_winners")
-            afters, _ = self.agg_arrow(sql.SQL(
-                "SELECT c.commit_position, c.ordinal, c.after::text FROM {} c "
-                "JOIN bemi_tt_winners w ON c.commit_position = w.cp AND c.ordinal = w.o WHERE {}").format(
-                    self._name(CHANGES_TABLE), self.where(Scope(table=scope.table))),
-                {"cp": pa.int64(), "o": pa.int32(), "payload": pa.string()}, conn)
+            afters, _ = self.agg_arrow(
+                [("cp", sql.SQL("c.commit_position"), pa.int64()), ("o", sql.SQL("c.ordinal"), pa.int32()),
+                 ("payload", sql.SQL("c.after::text"), pa.string())],
+                sql.SQL("{} c JOIN bemi_tt_winners w ON c.commit_position = w.cp AND c.ordinal = w.o "
+                        "WHERE {}").format(self._name(CHANGES_TABLE), self.where(Scope(table=scope.table))),
+                conn)
             conn.execute("COMMIT")
         con.register(f"{name}__winners", winners.select(["k", "cp", "o"]))
         con.register(f"{name}__afters", afters)
@@ -621,10 +624,11 @@ def as_source(value: Any) -> Source:
                              "directory: check the path or the URL")
 
 
-def connect(url_or_dir: Any) -> Source:
-    """Set (and return) the default source of the module-level functions ``as_of``, ``diff``, ..."""
+def connect(url_or_dir: Any) -> Source | None:
+    """Set (and return) the default source of the module-level functions ``as_of``, ``diff``, ...;
+    ``connect(None)`` forgets it (``$BEMI_TT_SOURCE`` applies again)."""
     global _default
-    source = as_source(url_or_dir)
+    source = None if url_or_dir is None else as_source(url_or_dir)
     with _lock:
         _default = source
     return source
