@@ -13,7 +13,7 @@ import datetime as dt
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 import psycopg
@@ -37,7 +37,7 @@ from capture.export_dataset import (
     unit_name,
     write_atomic,
 )
-from capture.export_lock import open_lock
+from capture.export_lock import DatasetLock, open_lock
 from capture.export_read import (
     copy_csv,
     export_arrow_schema,
@@ -85,8 +85,9 @@ class ExportStats:
 class _Progress:
     """A one-line progress bar on a terminal (stderr); silent when disabled."""
 
-    def __init__(self, enabled: bool, total: int, stream: IO[str], delay: float) -> None:
-        self.enabled, self.total, self.stream, self.delay = enabled, total, stream, delay
+    def __init__(self, enabled: bool, stream: IO[str], delay: float) -> None:
+        self.enabled, self.stream, self.delay = enabled, stream, delay
+        self.total = 0
         self.started = time.monotonic()
         self.shown = False
 
@@ -272,8 +273,7 @@ def export_parquet(
         raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
     filesystem, root = resolve_directory(directory)
     enabled = sys.stderr.isatty() if progress is None else progress
-    name = sql.Identifier(schema, table)
-    files = written = exported = compacted = 0
+    bar = _Progress(enabled, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
     with open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds) as held:
         held.acquire(wait)
         try:
@@ -281,49 +281,65 @@ def export_parquet(
         except psycopg.Error as exc:
             raise SourceError(f"cannot connect to the source database: {exc}") from exc
         with conn:
-            conn.execute("SET client_encoding TO 'UTF8'")
-            found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name.as_string(conn),)).fetchone()
-            if not (found and found[0]):
-                raise ConfigurationError(
-                    f"table {schema}.{table} does not exist in the source database; run the capture worker "
-                    "first or pass the right table= and schema="
-                )
-            state = read_dataset_state(filesystem, root)
-            delete_files(filesystem, [f.path for f in state.superseded] + state.temporary)
-            _check_prefix(conn, name, state)
-            watermark = state.watermark
-            if state.incomplete is not None:  # finish the unit a killed export left half written
-                first, last = state.incomplete
-                rows = fetch_range(conn, name, first, last)
-                if rows.num_rows == 0 or _first_key(rows) != first:
-                    raise SourceError(
-                        f"cannot finish export unit {state.incomplete!r}: its first change is gone from "
-                        f"{schema}.{table}; re-export into an empty directory"
-                    )
-                f, b = _write_unit(filesystem, root, rows, skip=state.incomplete_parts)
-                files, written, exported, watermark = files + f, written + b, exported + rows.num_rows, last
-            total = 0
-            if enabled:
-                count = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(watermark, None))
-                ).fetchone()
-                total = exported + (int(count[0]) if count else 0)
-            bar = _Progress(enabled, total, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
-
-            def write(rows: pa.Table) -> None:
-                nonlocal files, written, exported, watermark
-                held.renew()
-                f, b = _write_unit(filesystem, root, rows)
-                files, written, exported = files + f, written + b, exported + rows.num_rows
-                watermark = _last_key(rows)
-                bar.update(exported)
-
-            stream_units(conn, name, watermark, batch_rows, write)
-            _export_schemas(conn, filesystem, root, schema, schemas_table)
+            try:
+                stats = _export(conn, filesystem, root, (schema, table, schemas_table), batch_rows, held, bar)
+            except psycopg.Error as exc:
+                raise SourceError(f"reading {schema}.{table} from the source database failed: {exc}") from exc
         if compact:
             from capture.compact import compact_locked
 
-            compacted = compact_locked(filesystem, root).merged
-    stats = ExportStats(exported, files, written, watermark, compacted)
+            stats = replace(stats, compacted_files=compact_locked(filesystem, root).merged)
     bar.finish(stats)
     return stats
+
+
+def _export(
+    conn: psycopg.Connection,
+    filesystem: pafs.FileSystem,
+    root: str,
+    names: tuple[str, str, str],
+    batch_rows: int,
+    held: DatasetLock,
+    bar: _Progress,
+) -> ExportStats:
+    """One export run, under the lock: clean up, finish a half-written unit, stream the rest, schemas."""
+    schema, table, schemas_table = names
+    name = sql.Identifier(schema, table)
+    conn.execute("SET client_encoding TO 'UTF8'")
+    found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name.as_string(conn),)).fetchone()
+    if not (found and found[0]):
+        raise ConfigurationError(
+            f"table {schema}.{table} does not exist in the source database; run the capture worker first "
+            "or pass the right table= and schema="
+        )
+    state = read_dataset_state(filesystem, root)
+    delete_files(filesystem, [f.path for f in state.superseded] + state.temporary)
+    _check_prefix(conn, name, state)
+    files = written = exported = 0
+    watermark = state.watermark
+    if state.incomplete is not None:  # finish the unit a killed export left half written
+        first, last = state.incomplete
+        rows = fetch_range(conn, name, first, last)
+        if rows.num_rows == 0 or _first_key(rows) != first:
+            raise SourceError(
+                f"cannot finish export unit {state.incomplete!r}: its first change is gone from "
+                f"{schema}.{table}; re-export into an empty directory"
+            )
+        files, written = _write_unit(filesystem, root, rows, skip=state.incomplete_parts)
+        exported, watermark = rows.num_rows, last
+    if bar.enabled:
+        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(watermark, None))
+        count = conn.execute(query).fetchone()
+        bar.total = exported + (int(count[0]) if count else 0)
+
+    def write(rows: pa.Table) -> None:
+        nonlocal files, written, exported, watermark
+        held.renew()
+        f, b = _write_unit(filesystem, root, rows)
+        files, written, exported = files + f, written + b, exported + rows.num_rows
+        watermark = _last_key(rows)
+        bar.update(exported)
+
+    stream_units(conn, name, watermark, batch_rows, write)
+    _export_schemas(conn, filesystem, root, schema, schemas_table)
+    return ExportStats(exported, files, written, watermark)
