@@ -234,14 +234,14 @@ def _check_prefix(conn: psycopg.Connection, name: sql.Composable, state: Dataset
         )
 
 
-def _validate(progress: object, batch_rows: object, wait: object, table: object, schema: object) -> None:
+def _validate(progress: object, batch_rows: object, wait: object, names: dict[str, object]) -> None:
     if progress is not None and not isinstance(progress, bool):
         raise ConfigurationError(f"progress must be True, False or None (auto), got {progress!r}")
     if not isinstance(batch_rows, int) or isinstance(batch_rows, bool) or batch_rows < 1:
         raise ConfigurationError(f"batch_rows must be a positive integer, got {batch_rows!r}")
     if not isinstance(wait, (int, float)) or isinstance(wait, bool) or wait < 0:
         raise ConfigurationError(f"wait must be a number of seconds >= 0, got {wait!r}")
-    for label, value in (("table", table), ("schema", schema)):
+    for label, value in names.items():
         if not isinstance(value, str) or not value:
             raise ConfigurationError(f"{label} must be a non-empty identifier, got {value!r}")
 
@@ -268,7 +268,9 @@ def export_parquet(
     ``lease_seconds``: how long an S3 lock outlives a killed export (``capture.export_lock``).
     ``compact=True`` then merges the small files of each partition (``capture.compact``).
     """
-    _validate(progress, batch_rows, wait, table, schema)
+    _validate(progress, batch_rows, wait, {"table": table, "schema": schema, "schemas_table": schemas_table})
+    if not isinstance(compact, bool):
+        raise ConfigurationError(f"compact must be True or False, got {compact!r}")
     if not isinstance(lease_seconds, (int, float)) or isinstance(lease_seconds, bool) or lease_seconds <= 0:
         raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
     filesystem, root = resolve_directory(directory)
