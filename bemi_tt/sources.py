@@ -311,9 +311,11 @@ class ParquetSource(_ArrowBacked):
                         f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)")
             base = f'"{name}__files"'
         else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)
-            dataset = pads.dataset(paths, filesystem=filesystem, format="parquet",
-                                   schema=changes_arrow_schema())
-            con.register(f"{name}__arrow", dataset)
+            dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
+            plain = pa.schema([pa.field(f.name, pa.string()) if isinstance(f.type, pa.ExtensionType) else f
+                               for f in dataset.schema])
+            con.register(f"{name}__arrow", pads.dataset(paths, filesystem=filesystem, format="parquet",
+                                                        schema=plain))
             base = f'"{name}__arrow"'
         _scope_view(con, name, base, scope)
 
