@@ -245,8 +245,8 @@ def main() -> None:
             workers.append(args.changes / seconds)
             rss.append(peak)
             print(
-                f"run {i + 1}: pg_recvlogical {floors[-1]:,.0f} changes/s, worker {workers[-1]:,.0f} changes/s"
-                f" ({workers[-1] / floors[-1]:.2f}x), peak RSS {peak:.0f} MB"
+                f"run {i + 1}: pg_recvlogical {floors[-1]:,.0f} changes/s, worker {workers[-1]:,.0f}"
+                f" changes/s ({workers[-1] / floors[-1]:.2f}x), peak RSS {peak:.0f} MB"
             )
         floor, rate = statistics.median(floors), statistics.median(workers)
         print(
@@ -256,7 +256,8 @@ def main() -> None:
         seconds, peak = worker(source, same, "same")
         print(
             f"changes in the source database (own writes decoded and skipped): "
-            f"{args.changes / seconds:,.0f} changes/s ({args.changes / seconds / floor:.2f}x), peak RSS {peak:.0f} MB"
+            f"{args.changes / seconds:,.0f} changes/s ({args.changes / seconds / floor:.2f}x),"
+            f" peak RSS {peak:.0f} MB"
         )
 
         big = pg.url(database="bench_big")
