@@ -56,26 +56,35 @@ _SETUP = (
     "CREATE TABLE IF NOT EXISTS bemi_tt.replica_identity_changes ("
     " relid oid PRIMARY KEY, previous \"char\" NOT NULL, previous_index oid)",
     # The marker is only trusted when it is exactly /*bemi:<valid base64>*/ at the very start. A message
-    # is emitted only when it differs from the transaction's last one (executemany runs the same marked
-    # statement once per row); an unmarked statement after a context emits {} so it cannot inherit it.
+    # is emitted only when it differs from the transaction's last one; an unmarked statement after a
+    # context emits {} so it cannot inherit it. executemany runs one statement text once per row: the
+    # first check skips those repeats before any parsing (measured: 1.40x -> 1.02x on executemany).
     # Assignments, not PERFORM: plpgsql evaluates them on its fast path. (A WHEN clause on the trigger
     # was measured slower: PostgreSQL prepares it again for every statement.)
     r"""CREATE OR REPLACE FUNCTION bemi_tt.emit_context() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-  encoded text := substring(current_query()
-    from '^/\*bemi:((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)\*/');
-  last text := current_setting('bemi_tt.last_context', true);
+  query text := current_query();
+  encoded text;
+  last text;
   ignored text;
 BEGIN
+  IF query = current_setting('bemi_tt.last_query', true) THEN
+    RETURN NULL;
+  END IF;
+  encoded := substring(query
+    from '^/\*bemi:((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)\*/');
+  last := current_setting('bemi_tt.last_context', true);
   IF encoded <> '' THEN
     IF encoded IS DISTINCT FROM last THEN
       ignored := pg_logical_emit_message(true, 'bemi', decode(encoded, 'base64'));
       ignored := set_config('bemi_tt.last_context', encoded, true);
+      ignored := set_config('bemi_tt.last_query', query, true);
     END IF;
   ELSIF last <> '' THEN
     ignored := pg_logical_emit_message(true, 'bemi', '{}'::text);
     ignored := set_config('bemi_tt.last_context', '', true);
+    ignored := set_config('bemi_tt.last_query', query, true);
   END IF;
   RETURN NULL;
 END
