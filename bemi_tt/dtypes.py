@@ -103,14 +103,17 @@ def column_type(pg_type: str) -> ColumnType:
         element = column_type(text[:-2])
         elem_convert = element.convert
         if element.dtype == "datetime64[us, UTC]" or element.dtype == "datetime64[us]":
+
             def elem_convert(v: Any, _c: Callable[[Any], Any] = element.convert) -> Any:
                 value = _c(v)
                 return value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
 
         def convert_array(v: Any) -> Any:
             if isinstance(v, list):
-                return [None if x is None else convert_array(x) if isinstance(x, list) else elem_convert(x)
-                        for x in v]
+                return [
+                    None if x is None else convert_array(x) if isinstance(x, list) else elem_convert(x)
+                    for x in v
+                ]
             return v
 
         return ColumnType(pg_type, object, None, convert_array)
@@ -138,16 +141,27 @@ def column_type(pg_type: str) -> ColumnType:
             if precision <= 38 and 0 <= scale <= precision:
                 arrow = pa.decimal128(precision, scale)
         # DuckDB reads JSON numbers as doubles: exact only up to 15 significant digits
-        duck = (f"CAST({{v}} AS DECIMAL({precision}, {scale}))" if arrow is not None and precision <= 15
-                else None)
+        duck = (
+            f"CAST({{v}} AS DECIMAL({precision}, {scale}))" if arrow is not None and precision <= 15 else None
+        )
         dtype = pd.ArrowDtype(arrow) if arrow is not None else object
         return ColumnType(pg_type, dtype, arrow, _decimal, duck)
     if base in ("timestamp with time zone", "timestamptz"):
-        return ColumnType(pg_type, "datetime64[us, UTC]", pa.timestamp("us", tz="UTC"), _timestamp_tz,
-                          "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMPTZ) END")
+        return ColumnType(
+            pg_type,
+            "datetime64[us, UTC]",
+            pa.timestamp("us", tz="UTC"),
+            _timestamp_tz,
+            "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMPTZ) END",
+        )
     if base in ("timestamp without time zone", "timestamp"):
-        return ColumnType(pg_type, "datetime64[us]", pa.timestamp("us"), _timestamp,
-                          "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMP) END")
+        return ColumnType(
+            pg_type,
+            "datetime64[us]",
+            pa.timestamp("us"),
+            _timestamp,
+            "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMP) END",
+        )
     if base == "date":
         return ColumnType(pg_type, object, None, _date, "CAST({v} AS DATE)")
     if base in ("time without time zone", "time"):
@@ -197,14 +211,22 @@ def _python_column(rows: Sequence[dict[str, Any]], name: str, kind: ColumnType) 
     return pd.Series(pd.array(values, dtype=kind.dtype))
 
 
-_MAPPER = {pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
-           pa.bool_(): pd.BooleanDtype(), pa.string(): pd.StringDtype(), pa.large_string(): pd.StringDtype()}
+_MAPPER = {
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.bool_(): pd.BooleanDtype(),
+    pa.string(): pd.StringDtype(),
+    pa.large_string(): pd.StringDtype(),
+}
 
 
 def _arrow_columns(lines: bytes, fields: list[tuple[str, ColumnType]]) -> dict[str, pd.Series]:
     schema = pa.schema([pa.field(name, kind.arrow) for name, kind in fields if kind.arrow is not None])
-    table = pajson.read_json(io.BytesIO(lines), parse_options=pajson.ParseOptions(
-        explicit_schema=schema, unexpected_field_behavior="ignore"))
+    table = pajson.read_json(
+        io.BytesIO(lines),
+        parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+    )
     out: dict[str, pd.Series] = {}
     for name, kind in fields:
         column = table[name]
@@ -248,8 +270,9 @@ def duck_select(columns: Sequence[tuple[str, ColumnType]], payload: str) -> tupl
         return None
     if not columns:
         return f"{payload} AS __j", ""
-    paths = ", ".join("'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
-                      for name, _ in columns)
+    paths = ", ".join(
+        "'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'" for name, _ in columns
+    )
     parts = []
     for i, (name, kind) in enumerate(columns, start=1):
         expr = (kind.duck or "{v}").format(v=f"__j[{i}]")

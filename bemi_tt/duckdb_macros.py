@@ -25,10 +25,12 @@ from bemi_tt.timetravel import latest_sql
 
 __all__ = ["duckdb"]
 
-_MATCH = "(c.\"table\" = tbl OR c.\"schema\" || '.' || c.\"table\" = tbl)"
-_OLD_KEY = ("CASE WHEN len(__keys) = 1 THEN json_extract_string(before, '/' || __keys[1]) "
-            "WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(before, '/' || x)))"
-            " AS VARCHAR) END")
+_MATCH = '(c."table" = tbl OR c."schema" || \'.\' || c."table" = tbl)'
+_OLD_KEY = (
+    "CASE WHEN len(__keys) = 1 THEN json_extract_string(before, '/' || __keys[1]) "
+    "WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(before, '/' || x)))"
+    " AS VARCHAR) END"
+)
 
 
 def _macros() -> list[str]:
@@ -61,12 +63,14 @@ def _typed_macro(schema: str, table: str, columns: list[dict[str, Any]]) -> str 
         pointer = "'/" + col["name"].replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
         quoted = '"' + col["name"].replace('"', '""') + '"'
         duck = column_type(str(col["type"])).duck
-        value = f"json_extract_string(\"row\", {pointer})"
-        expr = duck.format(v=value) if duck else f"json_extract(\"row\", {pointer})"
+        value = f'json_extract_string("row", {pointer})'
+        expr = duck.format(v=value) if duck else f'json_extract("row", {pointer})'
         selects.append(f"{expr} AS {quoted}")
     qualified = f"{schema}.{table}".replace("'", "''")
-    return (f"CREATE OR REPLACE MACRO {name}(ts) AS TABLE SELECT {', '.join(selects)} "
-            f"FROM as_of('{qualified}', ts)")
+    return (
+        f"CREATE OR REPLACE MACRO {name}(ts) AS TABLE SELECT {', '.join(selects)} "
+        f"FROM as_of('{qualified}', ts)"
+    )
 
 
 def duckdb(source: Any = None) -> _duckdb.DuckDBPyConnection:
@@ -84,12 +88,16 @@ def duckdb(source: Any = None) -> _duckdb.DuckDBPyConnection:
         position = (row["commit_position"], row["ordinal"])
         if key not in latest or latest[key][0] < position:
             latest[key] = (position, json.loads(row["columns"]))
-    keys = pa.table({
-        "schema": pa.array([k[0] for k in latest], pa.string()),
-        "table": pa.array([k[1] for k in latest], pa.string()),
-        "keys": pa.array([[c["name"] for c in cols if c.get("key")] for _, cols in latest.values()],
-                         pa.list_(pa.string())),
-    })
+    keys = pa.table(
+        {
+            "schema": pa.array([k[0] for k in latest], pa.string()),
+            "table": pa.array([k[1] for k in latest], pa.string()),
+            "keys": pa.array(
+                [[c["name"] for c in cols if c.get("key")] for _, cols in latest.values()],
+                pa.list_(pa.string()),
+            ),
+        }
+    )
     con.register("bemi_tt_keys", keys)
     for statement in _macros():
         con.execute(statement)

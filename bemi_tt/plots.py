@@ -21,15 +21,27 @@ def _pick_frequency(times: pd.Series) -> str:
     if times.empty:
         return "D"
     span = times.max() - times.min()
-    for freq, limit in (("s", pd.Timedelta(minutes=2)), ("min", pd.Timedelta(hours=2)),
-                        ("h", pd.Timedelta(days=3)), ("D", pd.Timedelta(days=120))):
+    for freq, limit in (
+        ("s", pd.Timedelta(minutes=2)),
+        ("min", pd.Timedelta(hours=2)),
+        ("h", pd.Timedelta(days=3)),
+        ("D", pd.Timedelta(days=120)),
+    ):
         if span <= limit:
             return freq
     return "W"
 
 
-def activity(table: str | None = None, since: Any = None, until: Any = None, *, by: str = "table",
-             freq: str = "auto", source: Any = None, **context_filters: Any) -> pd.DataFrame:
+def activity(
+    table: str | None = None,
+    since: Any = None,
+    until: Any = None,
+    *,
+    by: str = "table",
+    freq: str = "auto",
+    source: Any = None,
+    **context_filters: Any,
+) -> pd.DataFrame:
     """Changes counted per time bucket (rows) and per ``by`` value (columns): ``by`` is ``"table"``,
     ``"operation"`` or a context key such as ``"user_id"``."""
     if not isinstance(by, str) or not by:
@@ -38,8 +50,14 @@ def activity(table: str | None = None, since: Any = None, until: Any = None, *, 
         raise ConfigurationError(f"freq {freq!r} is not one of {list(_FREQUENCIES)!r}")
     feed = audit(table, since, until, source=source, **context_filters)
     if by == "table":
-        groups = pd.Series([t if sch == "public" else f"{sch}.{t}" for sch, t in
-                            zip(feed["schema"], feed["table"], strict=True)], index=feed.index, dtype=object)
+        groups = pd.Series(
+            [
+                t if sch == "public" else f"{sch}.{t}"
+                for sch, t in zip(feed["schema"], feed["table"], strict=True)
+            ],
+            index=feed.index,
+            dtype=object,
+        )
     elif by in feed.columns and by not in ("committed_at", "before", "after", "changed"):
         groups = feed[by].map(lambda v: "(none)" if v is None else str(v))
     else:
@@ -54,8 +72,17 @@ def activity(table: str | None = None, since: Any = None, until: Any = None, *, 
     return counts.sort_index()
 
 
-def plot_activity(table: str | None = None, since: Any = None, until: Any = None, *, by: str = "table",
-                  freq: str = "auto", source: Any = None, ax: Any = None, **context_filters: Any) -> Any:
+def plot_activity(
+    table: str | None = None,
+    since: Any = None,
+    until: Any = None,
+    *,
+    by: str = "table",
+    freq: str = "auto",
+    source: Any = None,
+    ax: Any = None,
+    **context_filters: Any,
+) -> Any:
     """Stacked bars of changes over time per table (or per ``by`` value); returns the matplotlib Axes."""
     counts = activity(table, since, until, by=by, freq=freq, source=source, **context_filters)
     try:

@@ -23,7 +23,7 @@ import duckdb
 import pandas as pd
 import psycopg
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -51,10 +51,16 @@ SOURCE_ENV = "BEMI_TT_SOURCE"
 TableName = tuple[str, str]
 
 #: Columns of ``changes_schemas`` as the sources hand them to DuckDB (``columns`` is JSON text).
-SCHEMAS_ARROW = pa.schema([
-    ("schema", pa.string()), ("table", pa.string()), ("commit_position", pa.int64()),
-    ("ordinal", pa.int32()), ("committed_at", pa.timestamp("us", tz="UTC")), ("columns", pa.string()),
-])
+SCHEMAS_ARROW = pa.schema(
+    [
+        ("schema", pa.string()),
+        ("table", pa.string()),
+        ("commit_position", pa.int64()),
+        ("ordinal", pa.int32()),
+        ("committed_at", pa.timestamp("us", tz="UTC")),
+        ("columns", pa.string()),
+    ]
+)
 _ARROW_TYPES = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
 _MAX_POSITION = (1 << 63) - 1
 
@@ -103,7 +109,7 @@ def _literal(value: Any) -> str:
 
 
 def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Scope) -> None:
-    """Create the temp view ``name`` over ``base`` with the rows in ``scope`` (the as-of cut computed first)."""
+    """Create the temp view ``name`` over ``base`` with the rows in ``scope`` (as-of cut computed first)."""
     cols = ", ".join(f'"{c}"' for c in scope.columns) if scope.columns else "*"
     where: list[str] = []
     if scope.table is not None:
@@ -144,8 +150,11 @@ def json_text(value: Any) -> str:
     if isinstance(value, Decimal):
         return str(value) if value.is_finite() else json.dumps(str(value))
     if isinstance(value, float):
-        return repr(value) if value == value and value not in (float("inf"), float("-inf")) else json.dumps(
-            {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[str(value)])
+        return (
+            repr(value)
+            if value == value and value not in (float("inf"), float("-inf"))
+            else json.dumps({"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[str(value)])
+        )
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, pd.Timestamp):
@@ -159,12 +168,17 @@ def json_text(value: Any) -> str:
     if isinstance(value, UUID):
         return json.dumps(str(value))
     if isinstance(value, Mapping):
-        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{json_text(v)}"
-                              for k, v in value.items()) + "}"
+        return (
+            "{"
+            + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{json_text(v)}" for k, v in value.items())
+            + "}"
+        )
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(json_text(v) for v in value) + "]"
-    raise ConfigurationError(f"cannot store {value!r} ({type(value).__name__}) as typed JSON: use JSON "
-                             "scalars, Decimal, datetime, date, time, bytes, UUID, dicts or lists")
+    raise ConfigurationError(
+        f"cannot store {value!r} ({type(value).__name__}) as typed JSON: use JSON "
+        "scalars, Decimal, datetime, date, time, bytes, UUID, dicts or lists"
+    )
 
 
 def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa.Table:
@@ -177,15 +191,21 @@ def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa.Table
             raise ConfigurationError(f"change #{i} is {type(row).__name__}, not a dict of changes columns")
         unknown = set(row) - set(out)
         if unknown:
-            raise ConfigurationError(f"change #{i} has unknown columns {sorted(unknown)!r}; the columns of "
-                                     f"changes are {list(out)!r}")
+            raise ConfigurationError(
+                f"change #{i} has unknown columns {sorted(unknown)!r}; the columns of "
+                f"changes are {list(out)!r}"
+            )
         for required in ("table", "operation", "committed_at", "commit_position"):
             if row.get(required) is None:
-                raise ConfigurationError(f"change #{i} has no {required!r}: every change needs table, "
-                                         "operation, committed_at and commit_position")
+                raise ConfigurationError(
+                    f"change #{i} has no {required!r}: every change needs table, "
+                    "operation, committed_at and commit_position"
+                )
         if row["operation"] not in ("CREATE", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT"):
-            raise ConfigurationError(f"change #{i} has operation {row['operation']!r}; use CREATE, UPDATE, "
-                                     "DELETE, TRUNCATE or SNAPSHOT")
+            raise ConfigurationError(
+                f"change #{i} has operation {row['operation']!r}; use CREATE, UPDATE, "
+                "DELETE, TRUNCATE or SNAPSHOT"
+            )
         for name in out:
             value = row.get(name)
             if name == "id" and value is None:
@@ -214,13 +234,16 @@ def _schemas_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | None) -> p
     out: dict[str, list[Any]] = {f.name: [] for f in SCHEMAS_ARROW}
     for i, row in enumerate(rows):
         if "table" not in row or "columns" not in row or "commit_position" not in row:
-            raise ConfigurationError(f"schema row #{i} needs table, commit_position and columns, got "
-                                     f"{sorted(row)!r}")
+            raise ConfigurationError(
+                f"schema row #{i} needs table, commit_position and columns, got {sorted(row)!r}"
+            )
         out["schema"].append(row.get("schema") or "public")
         out["table"].append(row["table"])
         out["commit_position"].append(row["commit_position"])
         out["ordinal"].append(row.get("ordinal") or 0)
-        out["committed_at"].append(to_utc(row.get("committed_at", "1970-01-01"), "committed_at").to_pydatetime())
+        out["committed_at"].append(
+            to_utc(row.get("committed_at", "1970-01-01"), "committed_at").to_pydatetime()
+        )
         columns = row["columns"]
         out["columns"].append(columns if isinstance(columns, str) else json.dumps(list(columns)))
     return pa.table(out, schema=SCHEMAS_ARROW)
@@ -234,11 +257,19 @@ class InMemorySource(_ArrowBacked):
     rows of ``changes_schemas`` (``table``, ``commit_position``, ``columns`` as a list of dicts).
     """
 
-    def __init__(self, changes: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table = (),
-                 schemas: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table | None = None) -> None:
-        self.changes = (changes.select([f.name for f in changes_arrow_schema()]).cast(changes_arrow_schema())
-                        if isinstance(changes, pa.Table) else _changes_table(changes))
-        self._schemas = schemas.cast(SCHEMAS_ARROW) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
+    def __init__(
+        self,
+        changes: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table = (),
+        schemas: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table | None = None,
+    ) -> None:
+        self.changes = (
+            changes.select([f.name for f in changes_arrow_schema()]).cast(changes_arrow_schema())
+            if isinstance(changes, pa.Table)
+            else _changes_table(changes)
+        )
+        self._schemas = (
+            schemas.cast(SCHEMAS_ARROW) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
+        )
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         con.register(f"{name}__arrow", self.changes)
@@ -249,7 +280,9 @@ class InMemorySource(_ArrowBacked):
 
     def tables(self, name: str | None = None) -> list[TableName]:
         pairs = set(zip(self.changes["schema"].to_pylist(), self.changes["table"].to_pylist(), strict=False))
-        pairs |= set(zip(self._schemas["schema"].to_pylist(), self._schemas["table"].to_pylist(), strict=False))
+        pairs |= set(
+            zip(self._schemas["schema"].to_pylist(), self._schemas["table"].to_pylist(), strict=False)
+        )
         return sorted(p for p in pairs if name is None or p[1] == name)
 
     def describe(self) -> str:
@@ -259,8 +292,10 @@ class InMemorySource(_ArrowBacked):
 def _filter_schemas(schemas: pa.Table, table: TableName | None) -> pa.Table:
     if table is None:
         return schemas
-    mask = [s == table[0] and t == table[1] for s, t in zip(schemas["schema"].to_pylist(),
-                                                          schemas["table"].to_pylist(), strict=False)]
+    mask = [
+        s == table[0] and t == table[1]
+        for s, t in zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False)
+    ]
     return schemas.filter(pa.array(mask, type=pa.bool_()))
 
 
@@ -286,8 +321,10 @@ class ParquetSource(_ArrowBacked):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
         if "://" not in self.directory and not os.path.isdir(self.directory):
-            raise ConfigurationError(f"export directory {self.directory!r} does not exist: run "
-                                     "`bemi-tt export` first or pass the directory it wrote")
+            raise ConfigurationError(
+                f"export directory {self.directory!r} does not exist: run "
+                "`bemi-tt export` first or pass the directory it wrote"
+            )
 
     def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
         from urllib.parse import unquote
@@ -305,17 +342,26 @@ class ParquetSource(_ArrowBacked):
             base = f'"{name}__arrow"'
         elif isinstance(filesystem, pafs.LocalFileSystem):
             listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-            cols = ", ".join(f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context")
-                             else f'"{c}"' for c, _, _ in CHANGES_COLUMNS)
-            con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
-                        f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)")
+            cols = ", ".join(
+                f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context") else f'"{c}"'
+                for c, _, _ in CHANGES_COLUMNS
+            )
+            con.execute(
+                f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
+                f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
+            )
             base = f'"{name}__files"'
         else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)
             dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
-            plain = pa.schema([pa.field(f.name, pa.string()) if isinstance(f.type, pa.ExtensionType) else f
-                               for f in dataset.schema])
-            con.register(f"{name}__arrow", pads.dataset(paths, filesystem=filesystem, format="parquet",
-                                                        schema=plain))
+            plain = pa.schema(
+                [
+                    pa.field(f.name, pa.string()) if isinstance(f.type, pa.ExtensionType) else f
+                    for f in dataset.schema
+                ]
+            )
+            con.register(
+                f"{name}__arrow", pads.dataset(paths, filesystem=filesystem, format="parquet", schema=plain)
+            )
             base = f'"{name}__arrow"'
         _scope_view(con, name, base, scope)
 
@@ -379,10 +425,17 @@ class PostgresSource(Source):
         """Source for a SQLAlchemy engine or connection (any PostgreSQL driver)."""
         url = engine.engine.url if hasattr(engine, "engine") else engine.url
         if not str(url.get_backend_name()).startswith("postgres"):
-            raise ConfigurationError(f"engine {url!r} is not PostgreSQL: bemi_tt reads changes from PostgreSQL")
+            raise ConfigurationError(
+                f"engine {url!r} is not PostgreSQL: bemi_tt reads changes from PostgreSQL"
+            )
         params: dict[str, Any] = {k: v for k, v in url.query.items() if isinstance(v, str)}
-        for key, value in (("host", url.host), ("port", url.port), ("user", url.username),
-                           ("password", url.password), ("dbname", url.database)):
+        for key, value in (
+            ("host", url.host),
+            ("port", url.port),
+            ("user", url.username),
+            ("password", url.password),
+            ("dbname", url.database),
+        ):
             if value is not None:
                 params[key] = str(value)
         return cls(psycopg.conninfo.make_conninfo(**params))
@@ -409,21 +462,32 @@ class PostgresSource(Source):
             where.append(sql.SQL("committed_at <= {}").format(sql.Literal(scope.until_time.to_pydatetime())))
         if scope.until is not None:
             inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > {}{}").format(
-                self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table)
-            where.append(sql.SQL("commit_position < coalesce(({}), {})").format(
-                inner, sql.Literal(_MAX_POSITION)))
+                self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table
+            )
+            where.append(
+                sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION))
+            )
         return sql.SQL(" AND ").join(where)
 
     def query(self, scope: Scope) -> sql.Composed:
         """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
         cols = sql.SQL(", ").join(
-            sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint") if c == "committed_at"
-            else sql.Identifier(c) for c in wanted)
-        return sql.SQL("SELECT {} FROM {} WHERE {}").format(cols, self._name(CHANGES_TABLE), self.where(scope))
+            sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint")
+            if c == "committed_at"
+            else sql.Identifier(c)
+            for c in wanted
+        )
+        return sql.SQL("SELECT {} FROM {} WHERE {}").format(
+            cols, self._name(CHANGES_TABLE), self.where(scope)
+        )
 
-    def copy_arrow(self, query: sql.Composable, types: Mapping[str, pa.DataType],
-                   conn: psycopg.Connection[Any] | None = None) -> pa.Table:
+    def copy_arrow(
+        self,
+        query: sql.Composable,
+        types: Mapping[str, pa.DataType],
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> pa.Table:
         """Run ``query`` through ``COPY ... TO STDOUT (FORMAT csv)`` into an Arrow table of ``types``."""
         buffer = io.BytesIO()
         copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
@@ -437,8 +501,10 @@ class PostgresSource(Source):
                     for chunk in copy:
                         buffer.write(chunk)
         except psycopg.errors.UndefinedTable as exc:
-            raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
-                              "worker (`bemi-tt capture`) on it first") from exc
+            raise SourceError(
+                f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                "worker (`bemi-tt capture`) on it first"
+            ) from exc
         if buffer.tell() == 0:
             return pa.table({c: pa.array([], type=t) for c, t in types.items()})
         buffer.seek(0)
@@ -446,13 +512,23 @@ class PostgresSource(Source):
             buffer,
             read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 24),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=dict(types), strings_can_be_null=True,
-                                                 quoted_strings_can_be_null=False, null_values=[""]),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict(types),
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                null_values=[""],
+            ),
         )
 
-    def agg_arrow(self, fields: Sequence[tuple[str, sql.Composable, pa.DataType]], source: sql.Composable,
-                  conn: psycopg.Connection[Any], *, keep: sql.Composable | None = None,
-                  extra: sql.Composable | None = None) -> tuple[pa.Table, Any]:
+    def agg_arrow(
+        self,
+        fields: Sequence[tuple[str, sql.Composable, pa.DataType]],
+        source: sql.Composable,
+        conn: psycopg.Connection[Any],
+        *,
+        keep: sql.Composable | None = None,
+        extra: sql.Composable | None = None,
+    ) -> tuple[pa.Table, Any]:
         """``SELECT fields FROM source`` as Arrow, PostgreSQL joining the rows into one CSV value: psycopg
         reads COPY output one row per Python call, far slower for hundreds of thousands of rows.
 
@@ -467,14 +543,18 @@ class PostgresSource(Source):
         query = sql.SQL("SELECT convert_to(string_agg({}, E'\\n'){}, 'UTF8'), {} FROM {}").format(
             sql.SQL(" || ',' || ").join(parts),
             sql.SQL(" FILTER (WHERE {})").format(keep) if keep is not None else sql.SQL(""),
-            sql.SQL("min({})").format(extra) if extra is not None else sql.SQL("NULL"), source)
+            sql.SQL("min({})").format(extra) if extra is not None else sql.SQL("NULL"),
+            source,
+        )
         types = {name: arrow_type for name, _, arrow_type in fields}
         try:
             with conn.cursor(binary=True) as cur:
                 row = cur.execute(query).fetchone()
         except psycopg.errors.UndefinedTable as exc:
-            raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
-                              "worker (`bemi-tt capture`) on it first") from exc
+            raise SourceError(
+                f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                "worker (`bemi-tt capture`) on it first"
+            ) from exc
         data, value = (row[0], row[1]) if row else (None, None)
         if not data:
             return pa.table({c: pa.array([], type=t) for c, t in types.items()}), value
@@ -482,8 +562,12 @@ class PostgresSource(Source):
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 24),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True,
-                                                 quoted_strings_can_be_null=False, null_values=[""]),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types,
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                null_values=[""],
+            ),
         ), value
 
     def fetch(self, scope: Scope) -> pa.Table:
@@ -493,13 +577,21 @@ class PostgresSource(Source):
         table = self.copy_arrow(self.query(scope), types)
         if "committed_at" in wanted:
             i = table.schema.get_field_index("committed_at")
-            table = table.set_column(i, "committed_at",
-                                     table["committed_at"].cast(pa.timestamp("us")).cast(
-                                         pa.timestamp("us", tz="UTC")))
+            table = table.set_column(
+                i,
+                "committed_at",
+                table["committed_at"].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+            )
         return table
 
-    def latest(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str],
-               latest_sql: Callable[[str, str, str, str], str]) -> None:
+    def latest(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        name: str,
+        scope: Scope,
+        keys: Sequence[str],
+        latest_sql: Callable[[str, str, str, str], str],
+    ) -> None:
         """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` in two steps: the
         positions of every change (small columns, old keys computed in PostgreSQL) to find each key's last
         change in DuckDB, then only those changes' ``after`` through a temporary table join."""
@@ -511,7 +603,8 @@ class PostgresSource(Source):
             normalise = "old_key"
         else:
             old_key = sql.SQL("jsonb_build_array({})::text").format(
-                sql.SQL(", ").join(sql.SQL("before -> {}").format(sql.Literal(k)) for k in keys))
+                sql.SQL(", ").join(sql.SQL("before -> {}").format(sql.Literal(k)) for k in keys)
+            )
             normalise = "CAST(json(old_key) AS VARCHAR)"
         # one scan: the rows committed up to ``until`` and, for the prefix rule, the first position after it
         until = sql.Literal(scope.until.to_pydatetime()) if scope.until is not None else None
@@ -520,23 +613,38 @@ class PostgresSource(Source):
             ("operation", sql.SQL("operation"), pa.string()),
             ("commit_position", sql.SQL("commit_position"), pa.int64()),
             ("ordinal", sql.SQL("ordinal"), pa.int32()),
-            ("old_key", sql.SQL("CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END").format(
-                old_key), pa.string()),
+            (
+                "old_key",
+                sql.SQL("CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END").format(
+                    old_key
+                ),
+                pa.string(),
+            ),
         ]
         rows = sql.SQL("{} WHERE {}").format(
             self._name(CHANGES_TABLE),
-            self.where(Scope(table=scope.table, since=scope.since, until_time=scope.until_time)))
+            self.where(Scope(table=scope.table, since=scope.since, until_time=scope.until_time)),
+        )
         with self._connect() as conn:
             steps, cut = self.agg_arrow(
-                fields, rows, conn,
+                fields,
+                rows,
+                conn,
                 keep=sql.SQL("committed_at <= {}").format(until) if until is not None else None,
                 extra=sql.SQL("commit_position) FILTER (WHERE committed_at > {}").format(until)
-                if until is not None else None)
+                if until is not None
+                else None,
+            )
             if cut is not None:
-                steps = steps.filter(pa.compute.less(steps["commit_position"], pa.scalar(int(cut), pa.int64())))
+                steps = steps.filter(
+                    pa.compute.less(steps["commit_position"], pa.scalar(int(cut), pa.int64()))
+                )
             con.register(f"{name}__positions", steps)
-            winners = con.sql(latest_sql(f'"{name}__positions"', normalise, "''",
-                                         "operation = 'UPDATE' AND old_key IS NOT NULL")).to_arrow_table()
+            winners = con.sql(
+                latest_sql(
+                    f'"{name}__positions"', normalise, "''", "operation = 'UPDATE' AND old_key IS NOT NULL"
+                )
+            ).to_arrow_table()
             conn.execute("BEGIN")
             conn.execute("CREATE TEMP TABLE bemi_tt_winners (cp bigint, o integer) ON COMMIT DROP")
             data = io.BytesIO()
@@ -545,24 +653,32 @@ class PostgresSource(Source):
                 copy.write(data.getvalue())
             conn.execute("ANALYZE bemi_tt_winners")
             afters, _ = self.agg_arrow(
-                [("cp", sql.SQL("c.commit_position"), pa.int64()), ("o", sql.SQL("c.ordinal"), pa.int32()),
-                 ("payload", sql.SQL("c.after::text"), pa.string())],
-                sql.SQL("{} c JOIN bemi_tt_winners w ON c.commit_position = w.cp AND c.ordinal = w.o "
-                        "WHERE {}").format(self._name(CHANGES_TABLE), self.where(Scope(table=scope.table))),
-                conn)
+                [
+                    ("cp", sql.SQL("c.commit_position"), pa.int64()),
+                    ("o", sql.SQL("c.ordinal"), pa.int32()),
+                    ("payload", sql.SQL("c.after::text"), pa.string()),
+                ],
+                sql.SQL(
+                    "{} c JOIN bemi_tt_winners w ON c.commit_position = w.cp AND c.ordinal = w.o WHERE {}"
+                ).format(self._name(CHANGES_TABLE), self.where(Scope(table=scope.table))),
+                conn,
+            )
             conn.execute("COMMIT")
         con.register(f"{name}__winners", winners.select(["k", "cp", "o"]))
         con.register(f"{name}__afters", afters)
-        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT w.k, w.cp, w.o, a.payload '
-                    f'FROM "{name}__winners" w JOIN "{name}__afters" a USING (cp, o)')
+        con.execute(
+            f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT w.k, w.cp, w.o, a.payload '
+            f'FROM "{name}__winners" w JOIN "{name}__afters" a USING (cp, o)'
+        )
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         con.register(f"{name}__arrow", self.fetch(scope))
         con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM "{name}__arrow"')
 
     def schemas(self, table: TableName | None = None) -> pa.Table:
-        query = sql.SQL('SELECT "schema", "table", commit_position, ordinal, committed_at, columns::text '
-                        "FROM {}").format(self._name(SCHEMAS_TABLE))
+        query = sql.SQL(
+            'SELECT "schema", "table", commit_position, ordinal, committed_at, columns::text FROM {}'
+        ).format(self._name(SCHEMAS_TABLE))
         params: list[Any] = []
         if table is not None:
             query = sql.SQL('{} WHERE "schema" = %s AND "table" = %s').format(query)
@@ -572,8 +688,9 @@ class PostgresSource(Source):
                 rows = conn.execute(query, params).fetchall()
             except psycopg.errors.UndefinedTable:
                 rows = []
-        return pa.table({f.name: pa.array([r[i] for r in rows], type=f.type)
-                         for i, f in enumerate(SCHEMAS_ARROW)})
+        return pa.table(
+            {f.name: pa.array([r[i] for r in rows], type=f.type) for i, f in enumerate(SCHEMAS_ARROW)}
+        )
 
     def tables(self, name: str | None = None) -> list[TableName]:
         found: set[TableName] = set()
@@ -588,8 +705,10 @@ class PostgresSource(Source):
                     found |= {(str(s), str(t)) for s, t in conn.execute(query, params).fetchall()}
                 except psycopg.errors.UndefinedTable:
                     if table == CHANGES_TABLE:
-                        raise SourceError(f"database has no {self.schema}.{CHANGES_TABLE} table: run the "
-                                          "capture worker (`bemi-tt capture`) on it first") from None
+                        raise SourceError(
+                            f"database has no {self.schema}.{CHANGES_TABLE} table: run the "
+                            "capture worker (`bemi-tt capture`) on it first"
+                        ) from None
                 if found and name is not None:
                     break
         return sorted(found)
@@ -613,8 +732,10 @@ def as_source(value: Any) -> Source:
     if isinstance(value, os.PathLike):
         return ParquetSource(value)
     if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"source {value!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
-                                 "a SQLAlchemy engine, a Parquet export directory or a Source")
+        raise ConfigurationError(
+            f"source {value!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
+            "a SQLAlchemy engine, a Parquet export directory or a Source"
+        )
     text = value.strip()
     if text.startswith(("postgresql://", "postgres://", "postgresql+", "postgres+")):
         return PostgresSource(text)
@@ -622,8 +743,10 @@ def as_source(value: Any) -> Source:
         return ParquetSource(text)
     if "=" in text:
         return PostgresSource(text)
-    raise ConfigurationError(f"source {value!r} is neither a PostgreSQL URL/conninfo nor an existing export "
-                             "directory: check the path or the URL")
+    raise ConfigurationError(
+        f"source {value!r} is neither a PostgreSQL URL/conninfo nor an existing export "
+        "directory: check the path or the URL"
+    )
 
 
 def connect(url_or_dir: Any) -> Source | None:
@@ -645,8 +768,9 @@ def get_source(source: Any = None) -> Source:
     env = os.environ.get(SOURCE_ENV)
     if env:
         return as_source(env)
-    raise ConfigurationError("no source of changes: call bemi_tt.connect(url_or_dir), set "
-                             f"{SOURCE_ENV}, or pass source=")
+    raise ConfigurationError(
+        f"no source of changes: call bemi_tt.connect(url_or_dir), set {SOURCE_ENV}, or pass source="
+    )
 
 
 def _utc(value: datetime) -> datetime:

@@ -68,8 +68,10 @@ def resolve_table(source: Source, table: str) -> TableName:
         public = [c for c in candidates if c[0] == "public"]
         if public:
             return public[0]
-        raise ConfigurationError(f"table {table!r} is ambiguous: it exists in schemas "
-                                 f"{sorted(c[0] for c in candidates)!r}; write it as 'schema.{name}'")
+        raise ConfigurationError(
+            f"table {table!r} is ambiguous: it exists in schemas "
+            f"{sorted(c[0] for c in candidates)!r}; write it as 'schema.{name}'"
+        )
     known = ", ".join(f"{s}.{t}" if s != "public" else t for s, t in source.tables()) or "none"
     raise ConfigurationError(f"unknown table {table!r}: the source has changes for: {known}")
 
@@ -108,8 +110,13 @@ Version = tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]
 def _versions(source: Source, table: TableName) -> list[Version]:
     raw = source.schemas(table)
     out = []
-    for cp, o, at, cols in zip(raw["commit_position"].to_pylist(), raw["ordinal"].to_pylist(),
-                               raw["committed_at"].to_pylist(), raw["columns"].to_pylist(), strict=False):
+    for cp, o, at, cols in zip(
+        raw["commit_position"].to_pylist(),
+        raw["ordinal"].to_pylist(),
+        raw["committed_at"].to_pylist(),
+        raw["columns"].to_pylist(),
+        strict=False,
+    ):
         out.append(((int(cp), int(o)), pd.Timestamp(at), json.loads(cols)))
     out.sort(key=lambda v: v[0])
     return out
@@ -146,14 +153,26 @@ def _infer_layout(keys: Sequence[str], afters: Sequence[str]) -> Layout:
     rows = [parse_json(a) for a in afters]
     for row in rows:
         for name, value in row.items():
-            if name not in names or (names[name] == "text" and value is not None and not isinstance(value, str)):
+            if name not in names or (
+                names[name] == "text" and value is not None and not isinstance(value, str)
+            ):
                 names[name] = "text" if value is None else infer_type(value)
-    key = next((n for n in names if rows and all(
-        r.get(n) is not None and (str(r[n]) if not isinstance(r[n], bool) else "") == k
-        for r, k in zip(rows, keys, strict=False))), None)
+    key = next(
+        (
+            n
+            for n in names
+            if rows
+            and all(
+                r.get(n) is not None and (str(r[n]) if not isinstance(r[n], bool) else "") == k
+                for r, k in zip(rows, keys, strict=False)
+            )
+        ),
+        None,
+    )
     # jsonb does not keep key order: sort the names so that every source gives the same columns
-    return Layout(tuple(Column(n, column_type(names[n]), n == key, None, None) for n in sorted(names)),
-                  inferred=True)
+    return Layout(
+        tuple(Column(n, column_type(names[n]), n == key, None, None) for n in sorted(names)), inferred=True
+    )
 
 
 # -- the SQL that finds current versions ------------------------------------------------------------
@@ -176,7 +195,8 @@ def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
     UPDATE); TRUNCATE rows are kept apart in ``truncates``."""
     return f"""
         events AS (
-            SELECT primary_key AS k, commit_position AS cp, ordinal AS o, operation AS op, {payload} AS payload
+            SELECT primary_key AS k, commit_position AS cp, ordinal AS o, operation AS op,
+                   {payload} AS payload
             FROM {rel} WHERE operation <> 'TRUNCATE' AND primary_key IS NOT NULL
             UNION ALL
             SELECT ok, cp, o, 'DELETE', NULL FROM (
@@ -187,8 +207,12 @@ def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
         truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')"""
 
 
-def latest_sql(rel: str, old_key: str, payload: str = "after",
-               updates: str = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'") -> str:
+def latest_sql(
+    rel: str,
+    old_key: str,
+    payload: str = "after",
+    updates: str = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'",
+) -> str:
     """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes.
 
     One aggregate finds each key's last change; key UPDATEs (the old key, read from ``before``) and
@@ -248,8 +272,11 @@ def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
         stale = (cps < column.since[0]) | ((cps == column.since[0]) & (ordinals < column.since[1]))
         if stale.any():
             mask = pd.Series(stale, index=frame.index)
-            fill = None if column.fill is None else \
-                frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
+            fill = (
+                None
+                if column.fill is None
+                else frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
+            )
             series = frame[column.name].copy()
             if fill is None:
                 series = series.where(~mask, None if series.dtype == object else pd.NA)
@@ -267,15 +294,25 @@ def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
     return State(layout, frame, keys, cps, ordinals)
 
 
-def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: str | None = None,
-             con: duckdb.DuckDBPyConnection | None = None, name: str = "c") -> State:
+def state_at(
+    source: Source,
+    table: TableName,
+    ts: pd.Timestamp | None,
+    *,
+    key: str | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+    name: str = "c",
+) -> State:
     """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
     con = con or _duck()
     versions = _versions(source, table)
     layout = layout_at(versions, ts)
     keys = layout.keys if layout else []
-    scope = Scope(table=table, until=ts, columns=(
-        "primary_key", "operation", "before", "after", "commit_position", "ordinal"))
+    scope = Scope(
+        table=table,
+        until=ts,
+        columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
+    )
     if isinstance(source, PostgresSource):
         source.latest(con, f"{name}_latest", scope, keys, latest_sql)
         query = f'SELECT * FROM "{name}_latest"'
@@ -289,8 +326,10 @@ def state_at(source: Source, table: TableName, ts: pd.Timestamp | None, *, key: 
     if typed is not None and layout is not None:
         inner, outer = typed
         try:
-            rows = con.sql(f"SELECT k, cp, o{', ' + outer if outer else ''} FROM "
-                           f"(SELECT k, cp, o, {inner} FROM ({query}))").to_arrow_table()
+            rows = con.sql(
+                f"SELECT k, cp, o{', ' + outer if outer else ''} FROM "
+                f"(SELECT k, cp, o, {inner} FROM ({query}))"
+            ).to_arrow_table()
             frame = frame_from_arrow(rows, [(c.name, c.kind) for c in layout.columns])
         except (duckdb.ConversionException, duckdb.InvalidInputException):
             frame = None  # a value DuckDB cannot cast ("NaN" numeric, BC dates): the Python path decides
@@ -318,8 +357,10 @@ def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: l
     starts = [pd.Timestamp(row[0])] if row and row[0] is not None else []
     starts += [v[1] for v in versions]
     if starts and ts < min(starts):
-        raise ConfigurationError(f"ts {ts.isoformat()} is before the history of {table[0]}.{table[1]} starts "
-                                 f"({min(starts).isoformat()}): pass a later time")
+        raise ConfigurationError(
+            f"ts {ts.isoformat()} is before the history of {table[0]}.{table[1]} starts "
+            f"({min(starts).isoformat()}): pass a later time"
+        )
 
 
 def key_text(layout: Layout, key: Any) -> str:
@@ -361,9 +402,10 @@ def _columns_arg(columns: Any, layout: Layout) -> list[str] | None:
     return wanted
 
 
-# -- public API -----------------------------------------------------------------------------------------------
-def as_of(table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str | None = None,
-          source: Any = None) -> pd.DataFrame:
+# -- public API ------------------------------------------------------------------------------------------
+def as_of(
+    table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str | None = None, source: Any = None
+) -> pd.DataFrame:
     """The rows of ``table`` after every transaction committed at or before ``ts``, indexed by primary key.
 
     ``ts``: datetime (naive means UTC), ISO 8601 string or pandas Timestamp. ``key=`` keeps one row,
@@ -413,25 +455,50 @@ def _context_columns(frame: pd.DataFrame, contexts: Sequence[str | None]) -> pd.
     columns = {}
     for k in names:
         label = k if k not in frame.columns else f"context.{k}"
-        columns[label] = pd.Series([ctx.get(k) if isinstance(ctx, dict) else None for ctx in parsed],
-                                   index=frame.index, dtype=object)
+        columns[label] = pd.Series(
+            [ctx.get(k) if isinstance(ctx, dict) else None for ctx in parsed], index=frame.index, dtype=object
+        )
     return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1) if columns else frame
 
 
-def _origins(source: Source, table: TableName, layout: Layout, ts: pd.Timestamp | None,
-             con: duckdb.DuckDBPyConnection, name: str = "o") -> dict[tuple[str, str], tuple[Any, ...]]:
-    """For every present (key, column): the change that last set the value — (cp, o, op, committed_at, ctx)."""
-    source.load(con, name, Scope(table=table, until=ts, columns=(
-        "primary_key", "operation", "before", "after", "context", "commit_position", "ordinal", "committed_at")))
+def _origins(
+    source: Source,
+    table: TableName,
+    layout: Layout,
+    ts: pd.Timestamp | None,
+    con: duckdb.DuckDBPyConnection,
+    name: str = "o",
+) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """For every present (key, column): the change that last set its value (cp, o, op, committed_at, ctx)."""
+    source.load(
+        con,
+        name,
+        Scope(
+            table=table,
+            until=ts,
+            columns=(
+                "primary_key",
+                "operation",
+                "before",
+                "after",
+                "context",
+                "commit_position",
+                "ordinal",
+                "committed_at",
+            ),
+        ),
+    )
     rel = f'"{name}"'
     old_key = old_key_sql(layout.keys)
     query = f"""
         WITH {events_sql(rel, old_key, "after")},
         births AS (
-            SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ('CREATE', 'UPDATE', 'SNAPSHOT')) AS gone FROM events GROUP BY k
+            SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ('CREATE', 'UPDATE', 'SNAPSHOT')) AS gone
+            FROM events GROUP BY k
         ),
         versions AS (
-            SELECT c.primary_key AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op, c.committed_at,
+            SELECT c.primary_key AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op,
+                   c.committed_at,
                    CAST(c.context AS VARCHAR) AS context, CAST(c.after AS VARCHAR) AS after
             FROM {rel} c JOIN births b ON b.k = c.primary_key, truncates
             WHERE c.operation IN ('CREATE', 'UPDATE', 'SNAPSHOT')
@@ -440,14 +507,16 @@ def _origins(source: Source, table: TableName, layout: Layout, ts: pd.Timestamp 
         ),
         cells AS (
             SELECT k, cp, o, op, committed_at, context, col,
-                   CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1')) AS VARCHAR) AS val
+                   CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1')) AS VARCHAR)
+                       AS val
             FROM versions, unnest(json_keys(after)) AS u(col)
         ),
         marked AS (
             SELECT *, lag(val) OVER w AS prev, row_number() OVER w AS n FROM cells
             WINDOW w AS (PARTITION BY k, col ORDER BY cp, o)
         )
-        SELECT k, col, arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at, 'context': context}}, (cp, o)) AS v FROM marked
+        SELECT k, col, arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at,
+                                 'context': context}}, (cp, o)) AS v FROM marked
         WHERE n = 1 OR val IS DISTINCT FROM prev GROUP BY k, col"""
     out = {}
     for k, col, v in con.execute(query).fetchall():
@@ -462,17 +531,20 @@ def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> di
         WITH gone AS (
             SELECT primary_key AS k, commit_position AS cp, ordinal AS o FROM {rel} WHERE operation = 'DELETE'
             UNION ALL
-            SELECT ok, cp, o FROM (SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                                   FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}')
+            SELECT ok, cp, o FROM (
+                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}')
             WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
         )
         SELECT g.k, c.operation, c.committed_at, CAST(c.context AS VARCHAR), c.commit_position, c.ordinal
         FROM (SELECT k, max((cp, o)) AS at FROM gone GROUP BY k) g
         JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"""
     out = {row[0]: row[1:] for row in con.execute(query).fetchall()}
-    truncate = con.sql(f"SELECT operation, committed_at, CAST(context AS VARCHAR), commit_position, ordinal "
-                           f"FROM {rel} WHERE operation = 'TRUNCATE' ORDER BY commit_position DESC, ordinal DESC "
-                           "LIMIT 1").fetchall()
+    truncate = con.sql(
+        f"SELECT operation, committed_at, CAST(context AS VARCHAR), commit_position, ordinal "
+        f"FROM {rel} WHERE operation = 'TRUNCATE' ORDER BY commit_position DESC, ordinal DESC "
+        "LIMIT 1"
+    ).fetchall()
     truncate = _first(truncate)
     if truncate is not None:
         out = {k: v for k, v in out.items() if (v[3], v[4]) > (truncate[3], truncate[4])}
@@ -501,15 +573,22 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     old_cols = ["__index__", *old.frame.columns]
     new_cols = ["__index__", *new.frame.columns]
     all_cols = list(dict.fromkeys([*new.frame.columns, *old.frame.columns]))
-    origins = _origins(src, name, layout, end, con) if old.keys != new.keys or old.positions != new.positions \
+    origins = (
+        _origins(src, name, layout, end, con)
+        if old.keys != new.keys or old.positions != new.positions
         else {}
+    )
     gone = _gone_events(con, '"o"', layout) if origins or set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
     for k in list(dict.fromkeys([*new.keys, *old.keys])):
         o_row = dict(zip(old_cols, old_rows[k], strict=False)) if k in old_rows else None
         n_row = dict(zip(new_cols, new_rows[k], strict=False)) if k in new_rows else None
-        if o_row is not None and n_row is not None and old_cols == new_cols and all(
-                _same(a, b) for a, b in zip(old_rows[k], new_rows[k], strict=False)):
+        if (
+            o_row is not None
+            and n_row is not None
+            and old_cols == new_cols
+            and all(_same(a, b) for a, b in zip(old_rows[k], new_rows[k], strict=False))
+        ):
             continue
         index = (n_row or o_row)["__index__"]  # type: ignore[index]
         change = "added" if o_row is None else "removed" if n_row is None else "changed"
@@ -524,18 +603,34 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
             else:
                 origin = origins.get((k, col))
                 op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
-            records.append({"__index__": index, "column": col, "change": change, "old": _plain(before),
-                            "new": _plain(after), "operation": op, "committed_at": at, "__ctx__": ctx})
+            records.append(
+                {
+                    "__index__": index,
+                    "column": col,
+                    "change": change,
+                    "old": _plain(before),
+                    "new": _plain(after),
+                    "operation": op,
+                    "committed_at": at,
+                    "__ctx__": ctx,
+                }
+            )
     return _indexed_cells(records, layout, "diff")
 
 
 def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> pd.DataFrame:
     keys = layout.keys or ["primary_key"]
     index_rows = [(*(r["__index__"] if len(keys) > 1 else (r["__index__"],)), r["column"]) for r in records]
-    index = pd.MultiIndex.from_tuples(index_rows, names=[*keys, "column"]) if records else \
-        pd.MultiIndex.from_arrays([[] for _ in [*keys, "column"]], names=[*keys, "column"])
-    columns = ["change", "old", "new", "operation", "committed_at"] if what == "diff" else \
-        ["value", "operation", "committed_at"]
+    index = (
+        pd.MultiIndex.from_tuples(index_rows, names=[*keys, "column"])
+        if records
+        else pd.MultiIndex.from_arrays([[] for _ in [*keys, "column"]], names=[*keys, "column"])
+    )
+    columns = (
+        ["change", "old", "new", "operation", "committed_at"]
+        if what == "diff"
+        else ["value", "operation", "committed_at"]
+    )
     data = {c: pd.Series([r[c] for r in records], index=index, dtype=object) for c in columns}
     frame = pd.DataFrame(data, index=index)
     frame["committed_at"] = pd.to_datetime(frame["committed_at"], utc=True).astype("datetime64[us, UTC]")
@@ -564,8 +659,16 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
         for col in state.frame.columns:
             origin = origins.get((k, col))
             op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
-            records.append({"__index__": values["__index__"], "column": col, "value": _plain(values[col]),
-                            "operation": op, "committed_at": at, "__ctx__": ctx})
+            records.append(
+                {
+                    "__index__": values["__index__"],
+                    "column": col,
+                    "value": _plain(values[col]),
+                    "operation": op,
+                    "committed_at": at,
+                    "__ctx__": ctx,
+                }
+            )
     return _indexed_cells(records, layout, "blame")
 
 
@@ -584,8 +687,10 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     con = _duck()
     src.load(con, "h", Scope(table=name))
     if layout is None:
-        sample = con.execute("SELECT primary_key, CAST(after AS VARCHAR) FROM h WHERE operation IN "
-                             "('CREATE', 'UPDATE', 'SNAPSHOT') LIMIT 1000").fetchall()
+        sample = con.execute(
+            "SELECT primary_key, CAST(after AS VARCHAR) FROM h WHERE operation IN "
+            "('CREATE', 'UPDATE', 'SNAPSHOT') LIMIT 1000"
+        ).fetchall()
         layout = _infer_layout([s[0] for s in sample], [s[1] for s in sample])
     wanted = key_text(layout, key)
     old_key = old_key_sql(layout.keys)
@@ -627,21 +732,24 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
         changed.append([c for c in row if previous is None or not _same(previous[c], row[c])])
         previous = row
     when = pd.Series(pd.to_datetime([r[5] for r in picked], utc=True), dtype="datetime64[us, UTC]")
-    frame = pd.DataFrame({
-        "operation": pd.Series([r[2] for r in picked], dtype=pd.StringDtype()),
-        "committed_at": when,
-        "valid_from": when,
-        "valid_to": when.shift(-1),
-        "changed": pd.Series(changed, dtype=object),
-        "commit_position": pd.Series([r[3] for r in picked], dtype=pd.Int64Dtype()),
-        "ordinal": pd.Series([r[4] for r in picked], dtype=pd.Int32Dtype()),
-    })
+    frame = pd.DataFrame(
+        {
+            "operation": pd.Series([r[2] for r in picked], dtype=pd.StringDtype()),
+            "committed_at": when,
+            "valid_from": when,
+            "valid_to": when.shift(-1),
+            "changed": pd.Series(changed, dtype=object),
+            "commit_position": pd.Series([r[3] for r in picked], dtype=pd.Int64Dtype()),
+            "ordinal": pd.Series([r[4] for r in picked], dtype=pd.Int32Dtype()),
+        }
+    )
     frame = pd.concat([frame, values], axis=1)
     return _context_columns(frame, [r[8] for r in picked])
 
 
-def _audit_frame(src: Source, table: str | None, since: Any, until: Any, operation: Any,
-                 filters: dict[str, Any]) -> pd.DataFrame:
+def _audit_frame(
+    src: Source, table: str | None, since: Any, until: Any, operation: Any, filters: dict[str, Any]
+) -> pd.DataFrame:
     name = resolve_table(src, table) if table is not None else None
     start = to_utc(since, "since") if since is not None else None
     end = to_utc(until, "until") if until is not None else None
@@ -661,14 +769,17 @@ def _audit_frame(src: Source, table: str | None, since: Any, until: Any, operati
         ops = [operation] if isinstance(operation, str) else list(operation)
         bad = [o for o in ops if o not in ("CREATE", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT")]
         if bad:
-            raise ConfigurationError(f"operation {bad!r} is unknown: use CREATE, UPDATE, DELETE, TRUNCATE or "
-                                     "SNAPSHOT")
+            raise ConfigurationError(
+                f"operation {bad!r} is unknown: use CREATE, UPDATE, DELETE, TRUNCATE or SNAPSHOT"
+            )
         where.append("operation IN (" + ", ".join("?" for _ in ops) + ")")
         params += ops
     for k, value in filters.items():
         path = "/" + k.replace("~", "~0").replace("/", "~1")
         if value is None:
-            where.append("json_extract(context, ?) IS NULL OR CAST(json_extract(context, ?) AS VARCHAR) = 'null'")
+            where.append(
+                "json_extract(context, ?) IS NULL OR CAST(json_extract(context, ?) AS VARCHAR) = 'null'"
+            )
             params += [path, path]
         elif isinstance(value, str):
             where.append("json_extract_string(context, ?) = ?")
@@ -676,16 +787,24 @@ def _audit_frame(src: Source, table: str | None, since: Any, until: Any, operati
         else:
             where.append("CAST(json_extract(context, ?) AS VARCHAR) = CAST(CAST(? AS JSON) AS VARCHAR)")
             params += [path, json_text(value)]
-    return con.execute(f"""
+    return con.execute(
+        f"""
         SELECT committed_at, "schema", "table", operation, primary_key, CAST(before AS VARCHAR) AS before,
                CAST(after AS VARCHAR) AS after, CAST(context AS VARCHAR) AS context, transaction_id,
                commit_position, ordinal
         FROM a WHERE {" AND ".join(f"({w})" for w in where)} ORDER BY commit_position, ordinal""",
-                       params).fetch_df()
+        params,
+    ).fetch_df()
 
 
-def changes(table: str | None = None, since: Any = None, until: Any = None, *, operation: Any = None,
-            source: Any = None) -> pd.DataFrame:
+def changes(
+    table: str | None = None,
+    since: Any = None,
+    until: Any = None,
+    *,
+    operation: Any = None,
+    source: Any = None,
+) -> pd.DataFrame:
     """The raw change feed in commit order, ``before``/``after``/``context`` as dicts (numbers exact)."""
     frame = _audit_frame(get_source(source), table, since, until, operation, {})
     for col in ("before", "after", "context"):
@@ -697,8 +816,11 @@ def _finish_feed(frame: pd.DataFrame) -> pd.DataFrame:
     frame["committed_at"] = pd.to_datetime(frame["committed_at"], utc=True).astype("datetime64[us, UTC]")
     for col in ("schema", "table", "operation", "primary_key"):
         frame[col] = frame[col].astype(pd.StringDtype())
-    for col, dtype in (("transaction_id", pd.Int64Dtype()), ("commit_position", pd.Int64Dtype()),
-                       ("ordinal", pd.Int32Dtype())):
+    for col, dtype in (
+        ("transaction_id", pd.Int64Dtype()),
+        ("commit_position", pd.Int64Dtype()),
+        ("ordinal", pd.Int32Dtype()),
+    ):
         frame[col] = frame[col].astype(dtype)
     return frame.reset_index(drop=True)
 
@@ -707,16 +829,28 @@ def _column_order(src: Source) -> dict[TableName, dict[str, int]]:
     """Per table, the position of each column in its latest column set (jsonb does not keep key order)."""
     raw = src.schemas()
     latest: dict[TableName, tuple[tuple[int, int], str]] = {}
-    for sch, tab, cp, o, cols in zip(raw["schema"].to_pylist(), raw["table"].to_pylist(),
-                                     raw["commit_position"].to_pylist(), raw["ordinal"].to_pylist(),
-                                     raw["columns"].to_pylist(), strict=True):
+    for sch, tab, cp, o, cols in zip(
+        raw["schema"].to_pylist(),
+        raw["table"].to_pylist(),
+        raw["commit_position"].to_pylist(),
+        raw["ordinal"].to_pylist(),
+        raw["columns"].to_pylist(),
+        strict=True,
+    ):
         if (sch, tab) not in latest or latest[(sch, tab)][0] < (cp, o):
             latest[(sch, tab)] = ((cp, o), cols)
     return {t: {c["name"]: i for i, c in enumerate(json.loads(cols))} for t, (_, cols) in latest.items()}
 
 
-def audit(table: str | None = None, since: Any = None, until: Any = None, *, operation: Any = None,
-          source: Any = None, **context_filters: Any) -> pd.DataFrame:
+def audit(
+    table: str | None = None,
+    since: Any = None,
+    until: Any = None,
+    *,
+    operation: Any = None,
+    source: Any = None,
+    **context_filters: Any,
+) -> pd.DataFrame:
     """Who changed what, from where: changes in commit order with ``changed`` columns and the context keys
     as columns. ``audit(user_id=187234)`` keeps the changes made with that context value (a string filter
     also matches a number with the same text, as the CLI's ``--where user_id=187234`` does)."""
@@ -726,8 +860,9 @@ def audit(table: str | None = None, since: Any = None, until: Any = None, *, ope
     afters = [parse_json(v) for v in frame["after"]]
     order = _column_order(src)
     changed = []
-    for sch, tab, op, b, a in zip(frame["schema"], frame["table"], frame["operation"], befores, afters,
-                                  strict=True):
+    for sch, tab, op, b, a in zip(
+        frame["schema"], frame["table"], frame["operation"], befores, afters, strict=True
+    ):
         if op == "UPDATE" and b:
             names = [k for k in a if b.get(k, a[k]) != a[k] or k not in b]
         elif op in ("CREATE", "SNAPSHOT", "UPDATE"):
@@ -744,4 +879,3 @@ def audit(table: str | None = None, since: Any = None, until: Any = None, *, ope
     frame.insert(5, "changed", pd.Series(changed, index=frame.index, dtype=object))
     frame = _finish_feed(frame.drop(columns=["context"]))
     return _context_columns(frame, contexts)
-

@@ -41,11 +41,13 @@ from capture.export import export_parquet, list_dataset_files
 from capture.schema import changes_ddl, schemas_ddl
 
 TABLE = "bench"
-COLUMNS = ('[{"name":"id","type":"integer","type_oid":23,"key":true},'
-           '{"name":"name","type":"text","type_oid":25,"key":false},'
-           '{"name":"qty","type":"integer","type_oid":23,"key":false},'
-           '{"name":"price","type":"numeric(10,2)","type_oid":1700,"key":false},'
-           '{"name":"updated_at","type":"timestamp with time zone","type_oid":1184,"key":false}]')
+COLUMNS = (
+    '[{"name":"id","type":"integer","type_oid":23,"key":true},'
+    '{"name":"name","type":"text","type_oid":25,"key":false},'
+    '{"name":"qty","type":"integer","type_oid":23,"key":false},'
+    '{"name":"price","type":"numeric(10,2)","type_oid":1700,"key":false},'
+    '{"name":"updated_at","type":"timestamp with time zone","type_oid":1184,"key":false}]'
+)
 
 GENERATE = """
 WITH raw AS (
@@ -67,7 +69,8 @@ WITH raw AS (
 )
 -- before: the old row, as REPLICA IDENTITY FULL (what bemi_tt.install sets) records it
 SELECT CAST(k AS VARCHAR) AS primary_key, 'bench' AS "table", operation,
-       CASE WHEN operation = 'CREATE' THEN '{}' ELSE lag(after) OVER (PARTITION BY k ORDER BY v) END AS before,
+       CASE WHEN operation = 'CREATE' THEN '{}'
+            ELSE lag(after) OVER (PARTITION BY k ORDER BY v) END AS before,
        after, '{"user_id": ' || (i % 97) || '}' AS context,
        TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_microseconds(i * 1000) AS committed_at,
        'public' AS "schema", 'bench' AS "database", i // 100 AS transaction_id,
@@ -92,9 +95,11 @@ def load_postgres(dsn: str, table: pa.Table) -> None:
         with conn.cursor() as cur, cur.copy(f"COPY changes ({columns}) FROM STDIN (FORMAT csv)") as copy:
             view = buffer.getbuffer()
             for start in range(0, len(view), 1 << 20):
-                copy.write(view[start:start + (1 << 20)])
-        conn.execute("INSERT INTO changes_schemas VALUES ('public', %s, 1600, 0, '2026-01-01', %s::jsonb)",
-                     (TABLE, COLUMNS))
+                copy.write(view[start : start + (1 << 20)])
+        conn.execute(
+            "INSERT INTO changes_schemas VALUES ('public', %s, 1600, 0, '2026-01-01', %s::jsonb)",
+            (TABLE, COLUMNS),
+        )
         conn.execute("VACUUM ANALYZE changes")
 
 
@@ -124,8 +129,10 @@ def run(dsn: str, workdir: Path, keys: int, versions: int, runs: int) -> dict[st
     middle = table["committed_at"][table.num_rows // 2].as_py()
     _, files = list_dataset_files(str(directory))
     listed = ", ".join(f"'{f}'" for f in files)
-    floor_sql = (f"SELECT count(*), sum(length(CAST(after AS VARCHAR))), max(commit_position) "
-                 f"FROM read_parquet([{listed}])")
+    floor_sql = (
+        f"SELECT count(*), sum(length(CAST(after AS VARCHAR))), max(commit_position) "
+        f"FROM read_parquet([{listed}])"
+    )
     con = duckdb.connect()
     parquet, postgres = ParquetSource(directory), PostgresSource(dsn)
 
@@ -158,8 +165,11 @@ def main() -> None:
             r = run(dsn, Path(tmp), args.keys, versions, args.runs)
             floors.append(r)
             floor = r["floor"]
-            print(f"\n{int(r['changes']):,} changes ({args.keys:,} keys x {versions} versions), as_of at the middle "
-                  f"of history -> {int(r['rows']):,} rows; median of {args.runs} runs")
+            print(
+                f"\n{int(r['changes']):,} changes ({args.keys:,} keys x {versions} versions), "
+                f"as_of at the middle "
+                f"of history -> {int(r['rows']):,} rows; median of {args.runs} runs"
+            )
             for name in ("floor", "as_of parquet", "DISTINCT ON", "as_of postgres"):
                 print(f"  {name:<16} {r[name] * 1000:9.1f} ms  {r[name] / floor:6.2f}x floor")
             print(f"  as_of postgres / DISTINCT ON: {r['as_of postgres'] / r['DISTINCT ON']:.2f}x")

@@ -65,11 +65,14 @@ def test_no_source_at_all_says_how_to_set_one(no_default: None) -> None:
         as_of("todo", "2026-01-01")
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param("postgresql://user@localhost/app", id="url"),
-    pytest.param("postgresql+psycopg://user@localhost/app", id="sqlalchemy-url"),
-    pytest.param("host=/tmp dbname=app", id="conninfo"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("postgresql://user@localhost/app", id="url"),
+        pytest.param("postgresql+psycopg://user@localhost/app", id="sqlalchemy-url"),
+        pytest.param("host=/tmp dbname=app", id="conninfo"),
+    ],
+)
 def test_postgresql_urls_and_conninfo_strings_make_a_postgres_source(text: str) -> None:
     source = as_source(text)
     assert isinstance(source, PostgresSource) and "+psycopg" not in source.dsn
@@ -81,11 +84,14 @@ def test_a_sqlalchemy_engine_is_a_source(engine: sa.Engine, dsn: str) -> None:
     assert list(as_of("todo", h.clock, source=engine)["task"]) == ["Sleep", "Eat"]
 
 
-@pytest.mark.parametrize("bad", [
-    pytest.param("", id="empty"),
-    pytest.param(42, id="number"),
-    pytest.param("no-such-directory", id="missing-dir"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param("", id="empty"),
+        pytest.param(42, id="number"),
+        pytest.param("no-such-directory", id="missing-dir"),
+    ],
+)
 def test_unusable_sources_are_clear_errors(bad: object) -> None:
     with pytest.raises(ConfigurationError, match="source"):
         as_source(bad)
@@ -97,20 +103,32 @@ def test_missing_export_directory_names_the_path(tmp_path: Path) -> None:
 
 
 def test_database_without_changes_table_says_to_run_the_worker(dsn: str) -> None:
-    with pytest.raises(SourceError, match="no public.changes table: run the capture worker"):
+    with pytest.raises(SourceError, match=r"no public\.changes table: run the capture worker"):
         as_of("todo", "2026-01-01", source=dsn)
 
 
 def test_in_memory_source_rejects_rows_it_cannot_hold() -> None:
     with pytest.raises(ConfigurationError, match="operation 'MERGE'"):
-        InMemorySource([{"table": "t", "operation": "MERGE", "committed_at": "2026-01-01", "commit_position": 1}])
+        InMemorySource(
+            [{"table": "t", "operation": "MERGE", "committed_at": "2026-01-01", "commit_position": 1}]
+        )
     with pytest.raises(ConfigurationError, match="unknown columns"):
-        InMemorySource([{"table": "t", "operation": "CREATE", "committed_at": "2026-01-01",
-                         "commit_position": 1, "colour": "red"}])
+        InMemorySource(
+            [
+                {
+                    "table": "t",
+                    "operation": "CREATE",
+                    "committed_at": "2026-01-01",
+                    "commit_position": 1,
+                    "colour": "red",
+                }
+            ]
+        )
 
 
-def test_parquet_export_in_s3_reads_like_the_local_one(dsn: str, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_export_in_s3_reads_like_the_local_one(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server_module = pytest.importorskip("moto.server")
     import pyarrow.fs as pafs
 
@@ -123,14 +141,18 @@ def test_parquet_export_in_s3_reads_like_the_local_one(dsn: str, tmp_path: Path,
         host, port = server.get_host_and_port()
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        uri = (f"s3://bucket/export?endpoint_override=http://{host}:{port}&scheme=http&region=us-east-1"
-               "&allow_bucket_creation=true")
+        uri = (
+            f"s3://bucket/export?endpoint_override=http://{host}:{port}&scheme=http&region=us-east-1"
+            "&allow_bucket_creation=true"
+        )
         s3, _ = pafs.FileSystem.from_uri(uri)
         s3.create_dir("bucket")
         pafs.copy_files(str(tmp_path / "export"), "bucket/export", destination_filesystem=s3)
         remote = as_source(uri)
         assert isinstance(remote, ParquetSource)
-        pd.testing.assert_frame_equal(as_of("todo", h.clock, source=remote), as_of("todo", h.clock, source=local))
+        pd.testing.assert_frame_equal(
+            as_of("todo", h.clock, source=remote), as_of("todo", h.clock, source=local)
+        )
     finally:
         server.stop()
 
@@ -147,10 +169,22 @@ def test_postgres_source_reads_a_changes_table_in_another_schema(dsn: str) -> No
         conn.execute(changes_ddl("audit"))
         conn.execute(schemas_ddl("audit"))
         for r in rows:
-            conn.execute('INSERT INTO audit.changes (primary_key, "table", operation, after, committed_at, "schema", '
-                         '"database", "position", commit_position, ordinal) VALUES (%s, %s, %s, %s::jsonb, %s, %s, '
-                         '%s, %s, %s, %s)', [r["primary_key"], r["table"], r["operation"], r["after"],
-                                             r["committed_at"], r["schema"], r["database"], r["position"],
-                                             r["commit_position"], r["ordinal"]])
+            conn.execute(
+                'INSERT INTO audit.changes (primary_key, "table", operation, after, committed_at, "schema", '
+                '"database", "position", commit_position, ordinal) VALUES (%s, %s, %s, %s::jsonb, %s, %s, '
+                "%s, %s, %s, %s)",
+                [
+                    r["primary_key"],
+                    r["table"],
+                    r["operation"],
+                    r["after"],
+                    r["committed_at"],
+                    r["schema"],
+                    r["database"],
+                    r["position"],
+                    r["commit_position"],
+                    r["ordinal"],
+                ],
+            )
     frame = as_of("todo", h.clock, source=PostgresSource(dsn, schema="audit"))
     assert sorted(frame["task"]) == ["Eat", "Sleep"]

@@ -36,16 +36,31 @@ def _todo(h: History) -> dict[str, datetime]:
     """Row 1 created then renamed; row 2 created then deleted; row 3 created later."""
     times = {}
     h.columns("todo", TODO_COLUMNS)
-    row1 = {"id": 1, "task": "Sleep", "done": False, "price": Decimal("1.50"), "due": "2026-02-01T10:00:00+00:00"}
+    row1 = {
+        "id": 1,
+        "task": "Sleep",
+        "done": False,
+        "price": Decimal("1.50"),
+        "due": "2026-02-01T10:00:00+00:00",
+    }
     times["created"] = h.create("todo", "1", row1, {"user_id": 187234, "endpoint": "/todo"})
     row2 = {"id": 2, "task": "Eat", "done": None, "price": None, "due": None}
     h.create("todo", "2", row2, {"user_id": 7})
     times["before_update"] = h.clock
-    times["updated"] = h.update("todo", "1", row1, {**row1, "task": "Sleep well", "done": True},
-                                {"user_id": 187234, "endpoint": "/todo/complete"})
+    times["updated"] = h.update(
+        "todo",
+        "1",
+        row1,
+        {**row1, "task": "Sleep well", "done": True},
+        {"user_id": 187234, "endpoint": "/todo/complete"},
+    )
     times["deleted"] = h.delete("todo", "2", row2, {"user_id": 7, "endpoint": "/todo/2"})
-    times["created3"] = h.create("todo", "3", {"id": 3, "task": "Run", "done": False, "price": Decimal("10.00"),
-                                               "due": None}, {"user_id": 9})
+    times["created3"] = h.create(
+        "todo",
+        "3",
+        {"id": 3, "task": "Run", "done": False, "price": Decimal("10.00"), "due": None},
+        {"user_id": 9},
+    )
     return times
 
 
@@ -65,8 +80,12 @@ def test_as_of_dtypes_follow_the_postgresql_types(make: Make) -> None:
     t = _todo(h)
     frame = as_of("todo", t["created3"], source=make(h))
     assert str(frame.index.dtype) == "Int32"
-    assert frame.dtypes.to_dict() == {"task": pd.StringDtype(), "done": pd.BooleanDtype(),
-                                      "price": pd.ArrowDtype(pa.decimal128(10, 2)), "due": "datetime64[us, UTC]"}
+    assert frame.dtypes.to_dict() == {
+        "task": pd.StringDtype(),
+        "done": pd.BooleanDtype(),
+        "price": pd.ArrowDtype(pa.decimal128(10, 2)),
+        "due": "datetime64[us, UTC]",
+    }
     assert frame.loc[1, "price"] == Decimal("1.50") and isinstance(frame.loc[1, "price"], Decimal)
     assert frame.loc[1, "due"] == pd.Timestamp("2026-02-01T10:00:00Z")
     assert pd.isna(frame.loc[3, "due"])
@@ -84,7 +103,9 @@ def test_as_of_before_history_starts_says_when_it_starts(make: Make) -> None:
     h = History()
     _todo(h)
     source = make(h)
-    with pytest.raises(ConfigurationError, match=r"before the history of public\.todo starts \(2026-01-01T00:00:01"):
+    with pytest.raises(
+        ConfigurationError, match=r"before the history of public\.todo starts \(2026-01-01T00:00:01"
+    ):
         as_of("todo", START, source=source)
 
 
@@ -104,8 +125,9 @@ def test_as_of_accepts_schema_qualified_names_and_naive_utc_times(make: Make) ->
     expected = as_of("todo", t["updated"], source=source)
     pd.testing.assert_frame_equal(as_of("public.todo", naive, source=source), expected)
     pd.testing.assert_frame_equal(as_of("todo", t["updated"].isoformat(), source=source), expected)
-    pd.testing.assert_frame_equal(as_of("todo", pd.Timestamp(t["updated"]).tz_convert("Europe/Paris"),
-                                        source=source), expected)
+    pd.testing.assert_frame_equal(
+        as_of("todo", pd.Timestamp(t["updated"]).tz_convert("Europe/Paris"), source=source), expected
+    )
 
 
 def test_as_of_key_returns_one_row_and_columns_selects(make: Make) -> None:
@@ -159,7 +181,9 @@ def test_as_of_snapshot_rows_are_rows_that_existed_when_tracking_began(make: Mak
     h = History()
     h.begin()
     h.columns("todo", TODO_COLUMNS)
-    h.create("todo", "1", {"id": 1, "task": "old", "done": True, "price": None, "due": None}, operation="SNAPSHOT")
+    h.create(
+        "todo", "1", {"id": 1, "task": "old", "done": True, "price": None, "due": None}, operation="SNAPSHOT"
+    )
     began = h.commit()
     source = make(h)
     assert as_of("todo", began, source=source).loc[1, "task"] == "old"
@@ -168,7 +192,10 @@ def test_as_of_snapshot_rows_are_rows_that_existed_when_tracking_began(make: Mak
 def test_as_of_added_column_takes_its_fill_for_older_rows_and_dropped_column_goes(make: Make) -> None:
     h = History()
     t = _todo(h)
-    with_points = [*TODO_COLUMNS, {"name": "points", "type": "bigint", "type_oid": 20, "key": False, "fill": 5}]
+    with_points = [
+        *TODO_COLUMNS,
+        {"name": "points", "type": "bigint", "type_oid": 20, "key": False, "fill": 5},
+    ]
     added = h.columns("todo", with_points)
     row3 = {"id": 3, "task": "Run", "done": False, "price": Decimal("10.00"), "due": None}
     updated = h.update("todo", "3", row3, {**row3, "points": 9})
@@ -184,9 +211,14 @@ def test_as_of_added_column_takes_its_fill_for_older_rows_and_dropped_column_goe
 
 def test_as_of_composite_key_gives_a_multiindex(make: Make) -> None:
     h = History()
-    h.columns("pairs", [{"name": "a", "type": "integer", "type_oid": 23, "key": True},
-                        {"name": "b", "type": "text", "type_oid": 25, "key": True},
-                        {"name": "v", "type": "integer[]", "type_oid": 1007, "key": False}])
+    h.columns(
+        "pairs",
+        [
+            {"name": "a", "type": "integer", "type_oid": 23, "key": True},
+            {"name": "b", "type": "text", "type_oid": 25, "key": True},
+            {"name": "v", "type": "integer[]", "type_oid": 1007, "key": False},
+        ],
+    )
     h.create("pairs", '[1,"x"]', {"a": 1, "b": "x", "v": [1, None, 3]})
     h.create("pairs", '[1,"y"]', {"a": 1, "b": "y", "v": None})
     moved = h.update("pairs", '[2,"y"]', {"a": 1, "b": "y", "v": None}, {"a": 2, "b": "y", "v": []})
@@ -233,7 +265,7 @@ def test_diff_reports_added_removed_and_changed_cells_with_their_context(make: M
 def test_diff_rejects_t2_before_t1(make: Make) -> None:
     h = History()
     t = _todo(h)
-    with pytest.raises(ConfigurationError, match="t2 .* is before t1"):
+    with pytest.raises(ConfigurationError, match=r"t2 .* is before t1"):
         diff("todo", t["updated"], t["created"], source=make(h))
 
 
@@ -294,7 +326,9 @@ def test_blame_names_the_change_that_set_each_current_value(make: Make) -> None:
     frame = blame("todo", source=make(h))
     assert frame.loc[(1, "task"), "endpoint"] == "/todo/complete"
     assert frame.loc[(1, "price"), "endpoint"] == "/todo"
-    assert frame.loc[(1, "price"), "operation"] == "CREATE" and frame.loc[(1, "task"), "operation"] == "UPDATE"
+    assert (
+        frame.loc[(1, "price"), "operation"] == "CREATE" and frame.loc[(1, "task"), "operation"] == "UPDATE"
+    )
     assert frame.loc[(1, "price"), "value"] == Decimal("1.50")
     one = frame.xs(3, level="id")
     assert set(one["user_id"]) == {9}

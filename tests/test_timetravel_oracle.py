@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import psycopg
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 
@@ -26,14 +26,24 @@ except ImportError:  # pragma: no cover - the pipeline modules are built by othe
 from bemi_tt.sources import ParquetSource, PostgresSource
 from bemi_tt.timetravel import as_of, diff
 
-pytestmark = pytest.mark.skipif(install is None or capture is None or export_parquet is None,
-                                reason="needs bemi_tt.triggers, capture.worker and capture.export")
+pytestmark = pytest.mark.skipif(
+    install is None or capture is None or export_parquet is None,
+    reason="needs bemi_tt.triggers, capture.worker and capture.export",
+)
 
 #: The dtype each column must have (docs: bemi_tt/dtypes.py), written out independently of the code.
 DTYPES: dict[str, Any] = {
-    "name": pd.StringDtype(), "qty": pd.Int64Dtype(), "price": pd.ArrowDtype(pa.decimal128(12, 3)), "seen": "datetime64[us, UTC]",
-    "meta": object, "tags": object, "flag": pd.BooleanDtype(), "day": object, "blob": object,
-    "ratio": "float64", "extra": pd.Int32Dtype(),
+    "name": pd.StringDtype(),
+    "qty": pd.Int64Dtype(),
+    "price": pd.ArrowDtype(pa.decimal128(12, 3)),
+    "seen": "datetime64[us, UTC]",
+    "meta": object,
+    "tags": object,
+    "flag": pd.BooleanDtype(),
+    "day": object,
+    "blob": object,
+    "ratio": "float64",
+    "extra": pd.Int32Dtype(),
 }
 CREATE = """CREATE TABLE item (
     id integer PRIMARY KEY, name text, qty bigint, price numeric(12,3), seen timestamptz, meta jsonb,
@@ -48,11 +58,13 @@ def _value(rng: random.Random, column: str) -> Any:
     if column == "qty":
         return rng.choice([0, -1, 2**40, rng.randrange(1000)])
     if column == "price":
-        return Decimal(rng.randrange(-10**9, 10**9)) / 1000
+        return Decimal(rng.randrange(-(10**9), 10**9)) / 1000
     if column == "seen":
         return datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=rng.randrange(10**13))
     if column == "meta":
-        return psycopg.types.json.Jsonb(rng.choice([{"a": 1}, {"n": [1, 2.5, None], "s": "x"}, [1, "two"], {}]))
+        return psycopg.types.json.Jsonb(
+            rng.choice([{"a": 1}, {"n": [1, 2.5, None], "s": "x"}, [1, "two"], {}])
+        )
     if column == "tags":
         return rng.choice([[], ["a"], ["b", None, 'c"d'], ["x,y", "{z}"]])
     if column == "flag":
@@ -94,13 +106,17 @@ def _copy(conn: psycopg.Connection[Any]) -> tuple[datetime, pd.DataFrame]:
 
 
 def _workload(dsn: str, seed: int) -> list[tuple[datetime, pd.DataFrame]]:
-    """Interleaved transactions on two connections (disjoint ids: no lock waits); copies after some commits."""
+    """Interleaved transactions on two connections (disjoint ids: no lock waits); copies after commits."""
     rng = random.Random(seed)
     copies = []
     columns = ["name", "qty", "price", "seen", "meta", "tags", "flag", "day", "blob", "ratio"]
     live: dict[int, set[int]] = {0: set(), 1: set()}  # ids by parity: connection 0 even, 1 odd
     next_id = [2, 1]
-    with psycopg.connect(dsn, autocommit=True) as watcher, psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
+    with (
+        psycopg.connect(dsn, autocommit=True) as watcher,
+        psycopg.connect(dsn) as a,
+        psycopg.connect(dsn) as b,
+    ):
         conns = [a, b]
 
         def ops(side: int, count: int) -> None:
@@ -113,16 +129,22 @@ def _workload(dsn: str, seed: int) -> list[tuple[datetime, pd.DataFrame]]:
                     next_id[side] += 2
                     cols = ["id", *columns]
                     placeholders = ", ".join(["%s"] * len(cols))
-                    conn.execute(f"INSERT INTO item ({', '.join(cols)}) VALUES ({placeholders})",
-                                 [new, *(_value(rng, c) for c in columns)])
+                    conn.execute(
+                        f"INSERT INTO item ({', '.join(cols)}) VALUES ({placeholders})",
+                        [new, *(_value(rng, c) for c in columns)],
+                    )
                     live[side].add(new)
                 elif choice < 0.75:
                     col = rng.choice(columns)
-                    conn.execute(f"UPDATE item SET {col} = %s WHERE id = %s", [_value(rng, col), rng.choice(ids)])
+                    conn.execute(
+                        f"UPDATE item SET {col} = %s WHERE id = %s", [_value(rng, col), rng.choice(ids)]
+                    )
                 elif choice < 0.85:
                     old, new = rng.choice(ids), next_id[side]
                     next_id[side] += 2
-                    conn.execute("UPDATE item SET id = %s, name = %s WHERE id = %s", [new, _value(rng, "name"), old])
+                    conn.execute(
+                        "UPDATE item SET id = %s, name = %s WHERE id = %s", [new, _value(rng, "name"), old]
+                    )
                     live[side] = (live[side] - {old}) | {new}
                 else:
                     victim = rng.choice(ids)

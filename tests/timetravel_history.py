@@ -47,37 +47,89 @@ class History:
         if not self.open:
             self._next_commit()
         row.setdefault("schema", "public")
-        self.changes.append({**row, "commit_position": self.position, "ordinal": self.ordinal,
-                             "committed_at": self.clock, "position": self.position + self.ordinal,
-                             "transaction_id": self.position})
+        self.changes.append(
+            {
+                **row,
+                "commit_position": self.position,
+                "ordinal": self.ordinal,
+                "committed_at": self.clock,
+                "position": self.position + self.ordinal,
+                "transaction_id": self.position,
+            }
+        )
         self.ordinal += 1
         return self.clock
 
     def columns(self, table: str, columns: Sequence[Mapping[str, Any]], schema: str = "public") -> datetime:
         if not self.open:
             self._next_commit()
-        self.schemas.append({"schema": schema, "table": table, "commit_position": self.position,
-                             "ordinal": self.ordinal, "committed_at": self.clock, "columns": list(columns)})
+        self.schemas.append(
+            {
+                "schema": schema,
+                "table": table,
+                "commit_position": self.position,
+                "ordinal": self.ordinal,
+                "committed_at": self.clock,
+                "columns": list(columns),
+            }
+        )
         return self.clock
 
-    def create(self, table: str, pk: str, after: Mapping[str, Any], context: Mapping[str, Any] | None = None,
-               operation: str = "CREATE") -> datetime:
-        return self._add(table=table, operation=operation, primary_key=pk, before={}, after=dict(after),
-                         context=dict(context or {}))
+    def create(
+        self,
+        table: str,
+        pk: str,
+        after: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+        operation: str = "CREATE",
+    ) -> datetime:
+        return self._add(
+            table=table,
+            operation=operation,
+            primary_key=pk,
+            before={},
+            after=dict(after),
+            context=dict(context or {}),
+        )
 
-    def update(self, table: str, pk: str, before: Mapping[str, Any], after: Mapping[str, Any],
-               context: Mapping[str, Any] | None = None) -> datetime:
-        return self._add(table=table, operation="UPDATE", primary_key=pk, before=dict(before), after=dict(after),
-                         context=dict(context or {}))
+    def update(
+        self,
+        table: str,
+        pk: str,
+        before: Mapping[str, Any],
+        after: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+    ) -> datetime:
+        return self._add(
+            table=table,
+            operation="UPDATE",
+            primary_key=pk,
+            before=dict(before),
+            after=dict(after),
+            context=dict(context or {}),
+        )
 
-    def delete(self, table: str, pk: str, before: Mapping[str, Any],
-               context: Mapping[str, Any] | None = None) -> datetime:
-        return self._add(table=table, operation="DELETE", primary_key=pk, before=dict(before), after={},
-                         context=dict(context or {}))
+    def delete(
+        self, table: str, pk: str, before: Mapping[str, Any], context: Mapping[str, Any] | None = None
+    ) -> datetime:
+        return self._add(
+            table=table,
+            operation="DELETE",
+            primary_key=pk,
+            before=dict(before),
+            after={},
+            context=dict(context or {}),
+        )
 
     def truncate(self, table: str, context: Mapping[str, Any] | None = None) -> datetime:
-        return self._add(table=table, operation="TRUNCATE", primary_key=None, before={}, after={},
-                         context=dict(context or {}))
+        return self._add(
+            table=table,
+            operation="TRUNCATE",
+            primary_key=None,
+            before={},
+            after={},
+            context=dict(context or {}),
+        )
 
     def between(self, t: datetime) -> datetime:
         """A time after ``t`` and before the next commit."""

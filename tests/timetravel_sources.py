@@ -1,4 +1,4 @@
-"""Build the same change history as every kind of source: in memory, PostgreSQL ``changes``, Parquet export."""
+"""Build one change history as every kind of source: in memory, PostgreSQL ``changes``, Parquet export."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
 KINDS = ("memory", "postgres", "parquet")
 
 
-def write_changes(dsn: str, changes: Sequence[Mapping[str, Any]],
-                  schemas: Sequence[Mapping[str, Any]] | None = None) -> None:
-    """Create ``changes``/``changes_schemas`` in ``dsn`` and insert the rows (normalised like the memory source)."""
+def write_changes(
+    dsn: str, changes: Sequence[Mapping[str, Any]], schemas: Sequence[Mapping[str, Any]] | None = None
+) -> None:
+    """Create ``changes``/``changes_schemas`` in ``dsn`` and insert the rows (normalised as in memory)."""
     memory = InMemorySource(changes, schemas)
     names = [name for name, _, _ in CHANGES_COLUMNS if name != "id"]
     rows = memory.changes.select(names).to_pylist()
@@ -31,21 +32,39 @@ def write_changes(dsn: str, changes: Sequence[Mapping[str, Any]],
                 cur.executemany(
                     sql.SQL("INSERT INTO changes ({}) VALUES ({})").format(
                         sql.SQL(", ").join(sql.Identifier(n) for n in names),
-                        sql.SQL(", ").join(sql.SQL("%s::jsonb" if n in ("before", "after", "context") else "%s")
-                                           for n in names)),
-                    [[r[n] for n in names] for r in rows])
+                        sql.SQL(", ").join(
+                            sql.SQL("%s::jsonb" if n in ("before", "after", "context") else "%s")
+                            for n in names
+                        ),
+                    ),
+                    [[r[n] for n in names] for r in rows],
+                )
             if schema_rows:
                 cur.executemany(
                     'INSERT INTO changes_schemas ("schema", "table", commit_position, ordinal, committed_at, '
                     "columns) VALUES (%s, %s, %s, %s, %s, %s::jsonb)",
-                    [[r["schema"], r["table"], r["commit_position"], r["ordinal"], r["committed_at"],
-                      r["columns"] if isinstance(r["columns"], str) else json.dumps(r["columns"])]
-                     for r in schema_rows])
+                    [
+                        [
+                            r["schema"],
+                            r["table"],
+                            r["commit_position"],
+                            r["ordinal"],
+                            r["committed_at"],
+                            r["columns"] if isinstance(r["columns"], str) else json.dumps(r["columns"]),
+                        ]
+                        for r in schema_rows
+                    ],
+                )
 
 
-def build_source(kind: str, changes: Sequence[Mapping[str, Any]],
-                 schemas: Sequence[Mapping[str, Any]] | None = None, *,
-                 dsn: str | None = None, tmp_path: Path | None = None) -> Source:
+def build_source(
+    kind: str,
+    changes: Sequence[Mapping[str, Any]],
+    schemas: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    dsn: str | None = None,
+    tmp_path: Path | None = None,
+) -> Source:
     """The history as a source of ``kind``; postgres and parquet need the test's database (``dsn``)."""
     if kind == "memory":
         return InMemorySource(changes, schemas)
