@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ __all__ = ["POSITIONS_TABLE", "Position", "Sink", "positions_ddl"]
 POSITIONS_TABLE = "changes_positions"
 
 _NULL = "\\N"
-_SPECIAL = re.compile(r"[\\\t\n\r]")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -59,7 +57,9 @@ class Position:
 
 def _escape(value: str) -> str:
     """``value`` for COPY's text format."""
-    return value.translate(_ESCAPES) if _SPECIAL.search(value) else value
+    if "\\" in value or "\n" in value or "\t" in value or "\r" in value:  # 4 C scans beat one regex
+        return value.translate(_ESCAPES)
+    return value
 
 
 class _Copier:
@@ -134,6 +134,8 @@ class Sink:
         )
         self._buffer: list[str] = []
         self._prefixes: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+        self._context_in = ""
+        self._context_out = ""
         self._copier = _Copier(self._copy_chunk)
         self._toast: list[ChangeRow] = []
         self._last_committed_at: datetime | None = None
@@ -190,17 +192,16 @@ class Sink:
             prefix = self._prefixes[names] = tuple(_escape(n) for n in names)  # type: ignore[assignment]
         pk = row.primary_key
         xid = row.transaction_id
-        search = _SPECIAL.search
         before = row.before
         after = row.after
         context = row.context
+        if context is not self._context_in:
+            self._context_in = context
+            self._context_out = _escape(context)
         self._buffer.append(
-            f"{_NULL if pk is None else _escape(pk)}\t{prefix[0]}\t{row.operation}\t"
-            f"{before.translate(_ESCAPES) if search(before) else before}\t"
-            f"{after.translate(_ESCAPES) if search(after) else after}\t"
-            f"{context.translate(_ESCAPES) if search(context) else context}\t{self._stamp}\t{prefix[1]}\t"
-            f"{prefix[2]}\t{_NULL if xid is None else xid}\t{row.position}\t"
-            f"{row.commit_position}\t{row.ordinal}\n"
+            f"{_NULL if pk is None else _escape(pk)}\t{prefix[0]}\t{row.operation}\t{_escape(before)}\t"
+            f"{_escape(after)}\t{self._context_out}\t{self._stamp}\t{prefix[1]}\t{prefix[2]}\t"
+            f"{_NULL if xid is None else xid}\t{row.position}\t{row.commit_position}\t{row.ordinal}\n"
         )
         if row.missing:
             self._toast.append(row)

@@ -289,7 +289,7 @@ class Stitcher:
         """Process one message at ``lsn``; return the rows it produces (usually zero or one)."""
         kind = type(message)
         if kind is Insert or kind is Update or kind is Delete:
-            row = self._change(lsn, message)  # type: ignore[arg-type]
+            row = self.change(lsn, message)  # type: ignore[arg-type]
             return [] if row is None else [row]
         if kind is Message:
             assert isinstance(message, Message)
@@ -420,8 +420,11 @@ class Stitcher:
             fragments.append(encode(i, raw))
         return row_json(out_names, fragments), tuple(missing)
 
-    def _change(self, lsn: int, message: Insert | Update | Delete) -> ChangeRow | None:
-        table = self._table(message.relation_oid)
+    def change(self, lsn: int, message: Insert | Update | Delete) -> ChangeRow | None:
+        """The row of one Insert, Update or Delete (None for ignored tables): the fast path of ``feed``."""
+        table = self._tables.get(message.relation_oid)
+        if table is None:
+            table = self._table(message.relation_oid)
         if table.ignored:
             return None
         committed_at = self._committed_at
@@ -429,23 +432,21 @@ class Stitcher:
             raise ValueError(f"row change at lsn {lsn} outside a transaction (no Begin before it)")
         rel = table.relation
         if type(message) is Insert:
-            after, missing = self._row(table, message.new)
-            return ChangeRow(
-                self._key(table, message.new, None),
-                rel.name,
-                "CREATE",
-                EMPTY,
-                after,
-                self._context,
-                committed_at,
-                rel.namespace,
-                self.database,
-                self._xid,
-                lsn,
-                self._commit_lsn,
-                self._next(),
-                missing,
-            )
+            new = message.new
+            if UNCHANGED in new:  # never sent for inserts; kept exact all the same
+                after, missing = self._row(table, new)
+            else:
+                after, missing = table.encoder.row_json(new), ()  # type: ignore[union-attr, arg-type]
+            keys = table.key_indexes
+            if len(keys) == 1:
+                raw = new[keys[0]]
+                key = raw.decode() if isinstance(raw, bytes) else None
+            else:
+                key = self._key(table, new, None)
+            ordinal = self._ordinal
+            self._ordinal = ordinal + 1
+            return ChangeRow(key, rel.name, "CREATE", EMPTY, after, self._context, committed_at,
+                             rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal, missing)
         if type(message) is Update:
             old = message.old
             new = message.new

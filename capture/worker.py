@@ -44,7 +44,7 @@ log = logging.getLogger("capture")
 
 #: Session settings the value conversion relies on (capture/values.py).
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres"
-_B, _C, _R = ord("B"), ord("C"), ord("R")
+_B, _C, _R, _I, _U, _D = (ord(c) for c in "BCRIUD")
 _IDLE_MIN, _IDLE_MAX = 0.02, 0.5
 _RETRY_MAX = 30.0
 
@@ -300,6 +300,7 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
     started = time.monotonic()
     committed_at: datetime | None = None
     feed = stitcher.feed
+    to_row = stitcher.change
     write = sink.write
     finished = False
     try:
@@ -343,6 +344,12 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
                     started = time.monotonic()
                 if stop.is_set():
                     break
+                continue
+            if kind in (_I, _U, _D):
+                row = to_row(lsn, message)  # type: ignore[arg-type]
+                if row is not None:
+                    produced = True
+                    write(row)
                 continue
             for out in feed(lsn, message):
                 produced = True
