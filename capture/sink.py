@@ -154,6 +154,7 @@ class Sink:
 
     def position(self) -> Position | None:
         """The last written position for this slot, or None before anything was written."""
+        self._copier.wait()
         row = self.conn.execute(
             sql.SQL(
                 "SELECT commit_position, end_position, committed_at, snapshot_position FROM {} "
@@ -166,6 +167,7 @@ class Sink:
 
     def known_columns(self) -> dict[tuple[str, str], tuple[ColumnSpec, ...]]:
         """The last recorded column set of every table in ``changes_schemas``."""
+        self._copier.wait()
         rows = self.conn.execute(
             sql.SQL(
                 'SELECT DISTINCT ON ("schema", "table") "schema", "table", columns FROM {} '

@@ -176,6 +176,7 @@ class Stitcher:
     type_info: Mapping[int, TypeInfo]
     known_columns: dict[tuple[str, str], tuple[ColumnSpec, ...]] = field(default_factory=dict)
     ignored_tables: set[tuple[str, str]] = field(default_factory=set)
+    ignored_schemas: set[str] = field(default_factory=set)
     _tables: dict[int, _Table] = field(default_factory=dict)
     _xid: int = 0
     _commit_lsn: int = 0
@@ -267,7 +268,7 @@ class Stitcher:
             columns = event.get("columns")
         except (ValueError, KeyError, TypeError):
             return []  # not ours to interpret; never stop the worker
-        if (schema, table) in self.ignored_tables:
+        if (schema, table) in self.ignored_tables or schema in self.ignored_schemas:
             return []
         if columns is None:  # a dropped table: nothing to record
             self.known_columns.pop((schema, table), None)

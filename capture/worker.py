@@ -291,6 +291,7 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
     stitcher = Stitcher(
         session.database, session.type_info, session.sink.known_columns(), ignored_tables=set(session.own)
     )
+    stitcher.ignored_schemas.add("bemi_tt")
     sink = session.sink
     batch = session.batch_changes
     skipping = False
