@@ -102,7 +102,7 @@ def duckdb(source: Any = None) -> _duckdb.DuckDBPyConnection:
     for statement in _macros():
         con.execute(statement)
     for (schema, table), (_, columns) in latest.items():
-        statement = _typed_macro(schema, table, columns)
-        if statement is not None:
-            con.execute(statement)
+        typed = _typed_macro(schema, table, columns)
+        if typed is not None:
+            con.execute(typed)
     return con

@@ -286,6 +286,11 @@ def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
     key_names = layout.keys
     if key_names:
         frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0])
+    elif not layout.inferred:  # no primary key: rows in commit order of their last change
+        order = np.lexsort((ordinals, cps))
+        frame, keys, cps, ordinals = frame.iloc[order], keys[order], cps[order], ordinals[order]
+        frame.index = pd.RangeIndex(len(frame))
+        return State(layout, frame, keys, cps, ordinals)
     else:
         frame.index = pd.Index(pd.array(keys, dtype=pd.StringDtype()), name="primary_key")
     if not frame.index.is_monotonic_increasing:
@@ -313,7 +318,11 @@ def state_at(
         until=ts,
         columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
     )
-    if isinstance(source, PostgresSource):
+    if layout is not None and not keys:  # a table without a primary key: rows are matched by content
+        source.load(con, name, scope)
+        con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
+        query = f'SELECT * FROM "{name}_keyless"'
+    elif isinstance(source, PostgresSource):
         source.latest(con, f"{name}_latest", scope, keys, latest_sql)
         query = f'SELECT * FROM "{name}_latest"'
     else:
@@ -344,6 +353,37 @@ def state_at(
         frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
     assert layout is not None
     return _typed(layout, rows, frame)
+
+
+def _keyless_rows(con: duckdb.DuckDBPyConnection, rel: str) -> pa.Table:
+    """Rows of a table without a primary key, replayed in commit order: an UPDATE or DELETE (whose
+    ``before`` is the whole old row, REPLICA IDENTITY FULL) replaces or removes one row equal to it."""
+    changes = con.sql(
+        f"SELECT operation, CAST(before AS VARCHAR), CAST(after AS VARCHAR), commit_position, ordinal "
+        f"FROM {rel} ORDER BY commit_position, ordinal"
+    ).fetchall()
+    live: dict[str, list[tuple[int, int]]] = {}
+    for operation, before, after, cp, o in changes:
+        if operation == "TRUNCATE":
+            live.clear()
+            continue
+        if operation in ("UPDATE", "DELETE"):
+            stack = live.get(before)
+            if stack:
+                stack.pop()
+                if not stack:
+                    del live[before]
+        if operation in PRESENT:
+            live.setdefault(after, []).append((cp, o))
+    rows = sorted((position, after) for after, positions in live.items() for position in positions)
+    return pa.table(
+        {
+            "k": pa.array([f"{cp}:{o}" for (cp, o), _ in rows], pa.string()),
+            "cp": pa.array([cp for (cp, _), _ in rows], pa.int64()),
+            "o": pa.array([o for (_, o), _ in rows], pa.int32()),
+            "payload": pa.array([after for _, after in rows], pa.string()),
+        }
+    )
 
 
 def _sql_text(value: str) -> str:
@@ -415,12 +455,11 @@ def as_of(
     name = resolve_table(src, table)
     when = to_utc(ts)
     con = _duck()
-    layout_key = None
+    wanted: str | None = None
     if key is not None:
-        versions = _versions(src, name)
-        layout_key = layout_at(versions, when) or Layout(())
-        layout_key = key_text(layout_key, key) if layout_key.keys or isinstance(key, str) else str(key)
-    state = state_at(src, name, when, key=layout_key, con=con)
+        layout = layout_at(_versions(src, name), when) or Layout(())
+        wanted = key_text(layout, key) if layout.keys or isinstance(key, str) else str(key)
+    state = state_at(src, name, when, key=wanted, con=con)
     frame = state.frame
     picked = _columns_arg(columns, state.layout)
     return frame[picked] if picked is not None else frame
@@ -871,8 +910,8 @@ def audit(
             names = list(b)
         else:
             names = []
-        rank = order.get((sch, tab), {})
-        changed.append(sorted(names, key=lambda n, r=rank: (r.get(n, len(r)), n)))
+        rank: dict[str, int] = order.get((sch, tab), {})
+        changed.append(sorted(names, key=lambda n: (rank.get(n, len(rank)), n)))
     contexts = list(frame["context"])
     frame["before"] = pd.Series(befores, index=frame.index, dtype=object)
     frame["after"] = pd.Series(afters, index=frame.index, dtype=object)

@@ -340,3 +340,23 @@ def test_blame_key_keeps_one_row(make: Make) -> None:
     frame = blame("todo", key=1, source=make(h))
     assert set(frame.index.get_level_values("id")) == {1}
     assert list(frame.index.get_level_values("column")) == ["task", "done", "price", "due"]
+
+
+def test_as_of_table_without_primary_key_matches_rows_by_content(make: Make) -> None:
+    h = History()
+    h.columns(
+        "log",
+        [
+            {"name": "msg", "type": "text", "type_oid": 25, "key": False},
+            {"name": "n", "type": "integer", "type_oid": 23, "key": False},
+        ],
+    )
+    h.create("log", None, {"msg": "a", "n": 1})
+    h.create("log", None, {"msg": "a", "n": 1})  # a duplicate row
+    h.create("log", None, {"msg": "b", "n": 2})
+    updated = h.update("log", None, {"msg": "a", "n": 1}, {"msg": "a", "n": 5})
+    deleted = h.delete("log", None, {"msg": "b", "n": 2})
+    source = make(h)
+    assert sorted(as_of("log", updated, source=source)["n"].tolist()) == [1, 2, 5]
+    frame = as_of("log", deleted, source=source)
+    assert sorted(frame["n"].tolist()) == [1, 5] and list(frame.index) == [0, 1]
