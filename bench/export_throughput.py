@@ -25,7 +25,7 @@ from psycopg import sql
 from capture.export import export_parquet
 from capture.schema import changes_ddl
 
-TABLE = "changes"
+TABLE = "bench_export_changes"  # never the real changes table of a --dsn database
 
 FILL = """
 INSERT INTO {table} (primary_key, "table", operation, before, after, context, committed_at, "schema",
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+        else:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE)))
     return 0
 
 
