@@ -410,11 +410,24 @@ def _conninfo(url: str) -> str:
 
 
 class PostgresSource(Source):
-    """A PostgreSQL database holding ``changes``; rows reach DuckDB through ``COPY ... TO STDOUT``."""
+    """A PostgreSQL database holding ``changes``; rows reach DuckDB through ``COPY`` or one CSV value.
 
-    def __init__(self, dsn: str, *, schema: str = "public") -> None:
+    ``mirror=True`` keeps each table's changes in memory (Arrow) once read, and on every later call reads
+    only the changes committed since (by ``(commit_position, ordinal)``, which the worker writes in
+    order): repeated calls in a notebook then run at in-memory DuckDB speed, at the cost of memory.
+    """
+
+    #: Rows per read when filling a mirror.
+    MIRROR_CHUNK = 250_000
+
+    def __init__(self, dsn: str, *, schema: str = "public", mirror: bool = False) -> None:
         self.dsn = _conninfo(dsn)
         self.schema = schema
+        if not isinstance(mirror, bool):
+            raise ConfigurationError(f"mirror must be True or False, got {mirror!r}")
+        self.mirror = mirror
+        self._mirrors: dict[TableName, pa.Table] = {}
+        self._mirror_lock = threading.Lock()
         try:
             psycopg.conninfo.conninfo_to_dict(self.dsn)
         except psycopg.ProgrammingError as exc:
@@ -672,8 +685,66 @@ class PostgresSource(Source):
         )
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        if self.mirror and scope.table is not None:
+            con.register(f"{name}__arrow", self.mirrored(scope.table))
+            _scope_view(con, name, f'"{name}__arrow"', scope)
+            return
         con.register(f"{name}__arrow", self.fetch(scope))
         con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM "{name}__arrow"')
+
+    def mirrored(self, table: TableName) -> pa.Table:
+        """All changes of ``table``, from memory plus those committed since the last call."""
+        with self._mirror_lock:
+            known = self._mirrors.get(table)
+            parts = [known] if known is not None else []
+            last = None
+            if known is not None and known.num_rows:
+                last = (known["commit_position"][-1].as_py(), known["ordinal"][-1].as_py())
+            names = [c for c, _, _ in CHANGES_COLUMNS]
+            fields = [
+                (c, sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint"), pa.int64())
+                if c == "committed_at"
+                else (c, sql.SQL("{}::text").format(sql.Identifier(c)), pa.string())
+                if c in ("before", "after", "context")
+                else (c, sql.Identifier(c), _ARROW_TYPES[c])
+                for c in names
+            ]
+            with self._connect() as conn:
+                while True:
+                    after = (
+                        sql.SQL("TRUE")
+                        if last is None
+                        else sql.SQL("(commit_position, ordinal) > ({}, {})").format(
+                            sql.Literal(last[0]), sql.Literal(last[1])
+                        )
+                    )
+                    chunk, _ = self.agg_arrow(
+                        fields,
+                        sql.SQL(
+                            "(SELECT * FROM {} WHERE {} AND {} ORDER BY commit_position, ordinal "
+                            "LIMIT {}) AS c"
+                        ).format(
+                            self._name(CHANGES_TABLE),
+                            self.where(Scope(table=table)),
+                            after,
+                            sql.Literal(self.MIRROR_CHUNK),
+                        ),
+                        conn,
+                    )
+                    if chunk.num_rows == 0:
+                        break
+                    chunk = chunk.set_column(
+                        names.index("committed_at"),
+                        "committed_at",
+                        chunk["committed_at"].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+                    )
+                    parts.append(chunk)
+                    last = (chunk["commit_position"][-1].as_py(), chunk["ordinal"][-1].as_py())
+                    if chunk.num_rows < self.MIRROR_CHUNK:
+                        break
+            result = pa.concat_tables(parts) if parts else changes_arrow_schema().empty_table()
+            self._mirrors[table] = result
+            return result
 
     def schemas(self, table: TableName | None = None) -> pa.Table:
         query = sql.SQL(

@@ -322,7 +322,7 @@ def state_at(
         source.load(con, name, scope)
         con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
         query = f'SELECT * FROM "{name}_keyless"'
-    elif isinstance(source, PostgresSource):
+    elif isinstance(source, PostgresSource) and not source.mirror:
         source.latest(con, f"{name}_latest", scope, keys, latest_sql)
         query = f'SELECT * FROM "{name}_latest"'
     else:

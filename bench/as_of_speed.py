@@ -13,7 +13,9 @@ as the worker creates it) and exported to Parquet with the real exporter. Each t
   (``SELECT count(*), sum(length(after)), max(commit_position) ...``);
 * ``as_of`` on the Parquet source, returning the typed DataFrame;
 * a hand-written ``DISTINCT ON`` query on PostgreSQL (rows fetched as text, untyped);
-* ``as_of`` on the PostgreSQL source, returning the typed DataFrame.
+* ``as_of`` on the PostgreSQL source, returning the typed DataFrame;
+* the same with ``PostgresSource(mirror=True)``: its first call (reads the table's changes into memory)
+  and later calls (read only what is new, then run in memory).
 
 Ratios are against the floor measured in the same run. Growth: the same keys with 20 and 40 versions.
 """
@@ -113,6 +115,8 @@ def median_time(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+NAMES = ("floor", "as_of parquet", "DISTINCT ON", "as_of postgres", "mirror first call", "mirror warm")
+
 DISTINCT_ON = f"""
 SELECT primary_key, after::text FROM (
     SELECT DISTINCT ON (primary_key) primary_key, operation, after FROM changes
@@ -145,7 +149,10 @@ def run(dsn: str, workdir: Path, keys: int, versions: int, runs: int) -> dict[st
     results["as_of parquet"], frame = median_time(lambda: as_of(TABLE, middle, source=parquet), runs)
     results["DISTINCT ON"], rows = median_time(distinct_on, runs)
     results["as_of postgres"], frame_pg = median_time(lambda: as_of(TABLE, middle, source=postgres), runs)
-    assert len(frame) == len(frame_pg) == rows, (len(frame), len(frame_pg), rows)
+    mirrored = PostgresSource(dsn, mirror=True)
+    results["mirror first call"], _ = median_time(lambda: as_of(TABLE, middle, source=mirrored), 1)
+    results["mirror warm"], frame_mirror = median_time(lambda: as_of(TABLE, middle, source=mirrored), runs)
+    assert len(frame) == len(frame_pg) == len(frame_mirror) == rows, (len(frame), len(frame_pg), rows)
     results["rows"] = float(len(frame))
     results["changes"] = float(table.num_rows)
     return results
@@ -170,14 +177,15 @@ def main() -> None:
                 f"as_of at the middle "
                 f"of history -> {int(r['rows']):,} rows; median of {args.runs} runs"
             )
-            for name in ("floor", "as_of parquet", "DISTINCT ON", "as_of postgres"):
-                print(f"  {name:<16} {r[name] * 1000:9.1f} ms  {r[name] / floor:6.2f}x floor")
-            print(f"  as_of postgres / DISTINCT ON: {r['as_of postgres'] / r['DISTINCT ON']:.2f}x")
+            for name in NAMES:
+                print(f"  {name:<18} {r[name] * 1000:9.1f} ms  {r[name] / floor:6.2f}x floor")
+            print(f"  as_of postgres / DISTINCT ON: {r['as_of postgres'] / r['DISTINCT ON']:.2f}x; "
+                  f"mirror warm / DISTINCT ON: {r['mirror warm'] / r['DISTINCT ON']:.2f}x")
         if len(floors) > 1:
             print("\ngrowth with history length (relative to the first length):")
-            for name in ("floor", "as_of parquet", "DISTINCT ON", "as_of postgres"):
+            for name in NAMES:
                 row = "  ".join(f"{r[name] / floors[0][name]:5.2f}x" for r in floors)
-                print(f"  {name:<16} {row}")
+                print(f"  {name:<18} {row}")
 
 
 if __name__ == "__main__":

@@ -188,3 +188,16 @@ def test_postgres_source_reads_a_changes_table_in_another_schema(dsn: str) -> No
             )
     frame = as_of("todo", h.clock, source=PostgresSource(dsn, schema="audit"))
     assert sorted(frame["task"]) == ["Eat", "Sleep"]
+
+
+def test_mirrored_postgres_source_matches_and_reads_only_new_changes(dsn: str) -> None:
+    h = _history()
+    write_changes(dsn, h.changes, h.schemas)
+    plain, mirrored = PostgresSource(dsn), PostgresSource(dsn, mirror=True)
+    mirrored.MIRROR_CHUNK = 1  # several reads per fill
+    pd.testing.assert_frame_equal(as_of("todo", h.clock, source=mirrored), as_of("todo", h.clock, source=plain))
+    first = len(h.changes)
+    h.update("todo", "1", {}, {"id": 1, "task": "Later", "done": True, "price": None, "due": None})
+    write_changes(dsn, h.changes[first:])
+    assert as_of("todo", h.clock, source=mirrored).loc[1, "task"] == "Later"
+    assert mirrored.mirrored(("public", "todo")).num_rows == len(h.changes)
