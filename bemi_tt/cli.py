@@ -22,13 +22,15 @@ def _print_frame(frame: Any, fmt: str) -> None:
     if fmt == "csv":
         frame.to_csv(sys.stdout)
     elif fmt == "json":
-        sys.stdout.write(frame.to_json(orient="table", date_format="iso", default_handler=str, indent=1) + "\n")
+        text = frame.to_json(orient="table", date_format="iso", default_handler=str, indent=1)
+        sys.stdout.write(text + "\n")
     else:
         import pandas as pd
 
         with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200,
                                "display.max_colwidth", 60):
-            print(frame.to_string() if len(frame) else f"(no rows) columns: {', '.join(map(str, frame.columns))}")
+            columns = ", ".join(map(str, frame.columns))
+            print(frame.to_string() if len(frame) else f"(no rows) columns: {columns}")
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -77,7 +79,9 @@ def _export(args: argparse.Namespace) -> int:
     from capture.export import export_parquet
 
     progress = False if args.quiet else None
-    export_parquet(args.dsn, args.to, compact=args.compact, progress=progress)
+    stats = export_parquet(args.dsn, args.to, compact=args.compact, progress=progress, wait=args.wait or 0.0)
+    if not args.quiet and not sys.stderr.isatty():  # on a terminal the library printed its final line
+        print(stats)
     return 0
 
 
@@ -184,7 +188,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", required=True, help="PostgreSQL URL of the database holding `changes`")
     p.add_argument("--to", required=True, metavar="DIR", help="dataset directory: a local path or s3://...")
     p.add_argument("--compact", action="store_true", help="merge the small files of each partition")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no final line")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="wait up to this long for another export of the same directory to finish "
+                        "(default: fail at once)")
 
     p = command("as-of", _as_of, "Print a table as it was at a time.")
     p.add_argument("table", help="table name, e.g. todo or public.todo")

@@ -73,7 +73,8 @@ def run_demo(*, bindir: str | Path | None = None, out: TextIO = sys.stdout) -> N
             capture(pg.dsn, once=True)
             _heading(out, "changes (captured from the WAL, with the application's context)")
             feed = changes(source=pg.dsn)
-            shown = feed[["primary_key", "table", "operation", "before", "after", "context", "committed_at"]].copy()
+            seed_columns = ["primary_key", "table", "operation", "before", "after", "context", "committed_at"]
+            shown = feed[seed_columns].copy()
             for column in ("before", "after", "context"):
                 shown[column] = shown[column].map(lambda value: json.dumps(value, default=str))
             with pd.option_context("display.width", 250, "display.max_colwidth", 120,

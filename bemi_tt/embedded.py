@@ -192,7 +192,9 @@ class EmbeddedPostgres:
                 if time.monotonic() > deadline:
                     tail = self.log_tail()
                     self.stop()
-                    raise ConfigurationError(f"PostgreSQL did not accept connections in 30 s: {tail}") from None
+                    raise ConfigurationError(
+                        f"PostgreSQL did not accept connections in 30 s: {tail}"
+                    ) from None
                 time.sleep(0.05)
 
     def log_tail(self, lines: int = 20) -> str:

@@ -41,7 +41,7 @@ def test_embedded_server_has_logical_wal_and_removes_its_files_on_exit() -> None
     assert not _alive(pid)
 
 
-def test_embedded_server_dies_with_a_crashed_caller_and_its_files_are_cleaned_next_time(tmp_path: Path) -> None:
+def test_embedded_server_dies_with_a_crashed_caller_and_its_files_are_cleaned_next_time() -> None:
     script = textwrap.dedent(
         """
         import os, sys
@@ -69,7 +69,7 @@ def test_embedded_server_dies_with_a_crashed_caller_and_its_files_are_cleaned_ne
 
 def test_bindir_without_binaries_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BEMI_TT_PG_BINDIR", str(tmp_path))
-    with pytest.raises(ConfigurationError, match="BEMI_TT_PG_BINDIR=.*no 'postgres'"):
+    with pytest.raises(ConfigurationError, match=r"BEMI_TT_PG_BINDIR=.*no 'postgres'"):
         find_bindir()
 
 

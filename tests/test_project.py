@@ -6,10 +6,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +39,8 @@ def test_version_is_defined_once() -> None:
     import bemi_tt
 
     assert bemi_tt.__version__ == _pyproject()["project"]["version"]
-    hits = [p for p in (ROOT / "bemi_tt").rglob("*.py") if re.search(r"__version__\s*=\s*['\"]\d", p.read_text())]
+    pattern = re.compile(r"__version__\s*=\s*['\"]\d")
+    hits = [p for p in (ROOT / "bemi_tt").rglob("*.py") if pattern.search(p.read_text())]
     assert hits == []
 
 
