@@ -138,7 +138,8 @@ def latency(pg: EmbeddedPostgres, source: str, rate: int, seconds: float) -> lis
             "latency",
             "--no-snapshot",
             "--quiet",
-        ]
+        ],
+        stdout=subprocess.DEVNULL,
     )
     samples: list[float] = []
     stop = threading.Event()

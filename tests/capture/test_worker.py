@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -260,3 +262,50 @@ def test_sigterm_finishes_the_batch_and_exits_zero(dsn: str) -> None:
 def test_python_m_capture_reports_errors_in_one_line() -> None:
     result = run_module("--dsn", "host=/nonexistent-dir dbname=x connect_timeout=1", "--once", timeout=60)
     assert result.returncode != 0
+
+
+def test_worker_reconnects_after_its_connections_are_killed(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def background() -> None:
+        try:
+            run(dsn, stop=stop)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+            _wait_until(conn, "SELECT count(*) = 1 FROM changes")
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+            assert killed is not None and killed[0] >= 2
+            conn.execute("INSERT INTO t VALUES (2)")
+            _wait_until(conn, "SELECT count(*) = 2 FROM changes")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors
+
+
+def _wait_until(conn: psycopg.Connection, query: str) -> None:
+    deadline = time.monotonic() + 60
+    while conn.execute(query).fetchone() != (True,):
+        assert time.monotonic() < deadline, f"timed out waiting for {query}"
+        time.sleep(0.05)
+
+
+def test_export_to_writes_the_parquet_dataset(dsn: str, tmp_path: Path) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    run(dsn, once=True, export_to=str(tmp_path / "export"))
+    assert list((tmp_path / "export").rglob("*.parquet"))
