@@ -191,7 +191,7 @@ class Sink:
         names = (row.table, row.schema, row.database)
         prefix = self._prefixes.get(names)
         if prefix is None:
-            prefix = self._prefixes[names] = tuple(_escape(n) for n in names)  # type: ignore[assignment]
+            prefix = self._prefixes[names] = (_escape(names[0]), _escape(names[1]), _escape(names[2]))
         pk = row.primary_key
         xid = row.transaction_id
         before = row.before

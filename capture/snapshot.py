@@ -228,7 +228,7 @@ def write_snapshot(
                             database,
                             None,
                             position,
-                            position,  # type: ignore[arg-type]
+                            position,
                             ordinal,
                         )
                     )

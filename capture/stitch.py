@@ -49,6 +49,7 @@ from capture.pgoutput import (
     Relation,
     Truncate,
     TupleValue,
+    Unchanged,
     Update,
     pg_timestamp_to_datetime,
 )
@@ -81,7 +82,7 @@ class ChangeRow(NamedTuple):
     committed_at: datetime
     schema: str
     database: str
-    transaction_id: int
+    transaction_id: int | None  # NULL for SNAPSHOT rows
     position: int
     commit_position: int
     ordinal: int
@@ -394,7 +395,7 @@ class Stitcher:
             raw = values[i]
             if raw is UNCHANGED and fallback is not None:
                 raw = fallback[i]
-            if raw is UNCHANGED:
+            if isinstance(raw, Unchanged):
                 return None
             parts.append(table.encoder.value_json(i, raw))
         return "[" + ",".join(parts) + "]"
@@ -414,7 +415,7 @@ class Stitcher:
         missing: list[str] = []
         for i in range(len(values)) if indexes is None else indexes:
             raw = values[i]
-            if raw is UNCHANGED:
+            if isinstance(raw, Unchanged):
                 missing.append(names[i])
                 continue
             out_names.append(names[i])

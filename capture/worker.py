@@ -89,13 +89,13 @@ def resolve_dsn(dsn: str | None) -> str:
             ("password", "PASSWORD"),
         )
     }
-    parts = {k: v for k, v in parts.items() if v}
-    if not parts:
+    given = {k: v for k, v in parts.items() if v}
+    if not given:
         raise ConfigurationError(
             "no database given: pass --dsn postgresql://user@host/db, or set BEMI_TT_DSN, or DB_HOST, "
             "DB_PORT, DB_NAME, DB_USER and DB_PASSWORD"
         )
-    return make_conninfo(**parts)
+    return make_conninfo("", **given)
 
 
 def _describe(dsn: str) -> str:
@@ -213,10 +213,11 @@ def _open(
     opened: list[psycopg.Connection] = [meta]
     try:
         src.check_server(meta)
-        database = str(meta.execute("SELECT current_database()").fetchone()[0])  # type: ignore[index]
-        superuser = bool(
-            meta.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-        )  # type: ignore[index]
+        row = meta.execute(
+            "SELECT current_database(), rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        assert row is not None
+        database, superuser = str(row[0]), bool(row[1])
         sink_conn = _connect(destination_dsn, autocommit=False)
         opened.append(sink_conn)
         sink = Sink(sink_conn, slot, schema=schema)
