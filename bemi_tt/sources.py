@@ -417,9 +417,6 @@ class PostgresSource(Source):
     order): repeated calls in a notebook then run at in-memory DuckDB speed, at the cost of memory.
     """
 
-    #: Rows per read when filling a mirror.
-    MIRROR_CHUNK = 250_000
-
     def __init__(self, dsn: str, *, schema: str = "public", mirror: bool = False) -> None:
         self.dsn = _conninfo(dsn)
         self.schema = schema
@@ -701,47 +698,26 @@ class PostgresSource(Source):
             if known is not None and known.num_rows:
                 last = (known["commit_position"][-1].as_py(), known["ordinal"][-1].as_py())
             names = [c for c, _, _ in CHANGES_COLUMNS]
-            fields = [
-                (c, sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint"), pa.int64())
-                if c == "committed_at"
-                else (c, sql.SQL("{}::text").format(sql.Identifier(c)), pa.string())
-                if c in ("before", "after", "context")
-                else (c, sql.Identifier(c), _ARROW_TYPES[c])
-                for c in names
-            ]
-            with self._connect() as conn:
-                while True:
-                    after = (
-                        sql.SQL("TRUE")
-                        if last is None
-                        else sql.SQL("(commit_position, ordinal) > ({}, {})").format(
-                            sql.Literal(last[0]), sql.Literal(last[1])
-                        )
-                    )
-                    chunk, _ = self.agg_arrow(
-                        fields,
-                        sql.SQL(
-                            "(SELECT * FROM {} WHERE {} AND {} ORDER BY commit_position, ordinal "
-                            "LIMIT {}) AS c"
-                        ).format(
-                            self._name(CHANGES_TABLE),
-                            self.where(Scope(table=table)),
-                            after,
-                            sql.Literal(self.MIRROR_CHUNK),
-                        ),
-                        conn,
-                    )
-                    if chunk.num_rows == 0:
-                        break
-                    chunk = chunk.set_column(
-                        names.index("committed_at"),
-                        "committed_at",
-                        chunk["committed_at"].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
-                    )
-                    parts.append(chunk)
-                    last = (chunk["commit_position"][-1].as_py(), chunk["ordinal"][-1].as_py())
-                    if chunk.num_rows < self.MIRROR_CHUNK:
-                        break
+            newer = (
+                sql.SQL("TRUE")
+                if last is None
+                else sql.SQL("(commit_position, ordinal) > ({}, {})").format(
+                    sql.Literal(last[0]), sql.Literal(last[1])
+                )
+            )
+            query = sql.SQL("{} AND {} ORDER BY commit_position, ordinal").format(
+                self.query(Scope(table=table)), newer
+            )
+            chunk = self.copy_arrow(
+                query, {c: pa.int64() if c == "committed_at" else _ARROW_TYPES[c] for c in names}
+            )
+            if chunk.num_rows:
+                chunk = chunk.set_column(
+                    names.index("committed_at"),
+                    "committed_at",
+                    chunk["committed_at"].cast(pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
+                )
+                parts.append(chunk)
             result = pa.concat_tables(parts) if parts else changes_arrow_schema().empty_table()
             self._mirrors[table] = result
             return result

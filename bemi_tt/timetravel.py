@@ -190,6 +190,20 @@ def old_key_sql(keys: Sequence[str], column: str = "before") -> str:
     return f"CAST(to_json([{parts}]) AS VARCHAR)"
 
 
+def updates_sql(keys: Sequence[str]) -> str:
+    """The UPDATEs whose ``before`` may hold another key (a key UPDATE), without parsing every ``before``:
+    jsonb text puts short names first, so ``{"id": <primary_key>,`` at the start proves the key is kept."""
+    where = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'"
+    if len(keys) == 1:
+        name = json.dumps(keys[0], ensure_ascii=False).replace("'", "''")
+        where += (
+            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || primary_key || ',')"
+            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || CAST(to_json(primary_key) AS"
+            " VARCHAR) || ',')"
+        )
+    return where
+
+
 def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
     """One event per key and change: present (with ``payload``) or gone (DELETE, or the old key of a key
     UPDATE); TRUNCATE rows are kept apart in ``truncates``."""
@@ -327,7 +341,7 @@ def state_at(
         query = f'SELECT * FROM "{name}_latest"'
     else:
         source.load(con, name, scope)
-        query = latest_sql(f'"{name}"', old_key_sql(keys))
+        query = latest_sql(f'"{name}"', old_key_sql(keys), "after", updates_sql(keys))
     if key is not None:
         query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
     frame: pd.DataFrame | None = None
