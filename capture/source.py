@@ -177,6 +177,11 @@ class SlotReader:
 
     def peek(self, upto: int) -> Iterator[tuple[int, bytes]]:
         """Yield ``(lsn, pgoutput bytes)`` of the transactions committed before ``upto``."""
+        for rows in self.peek_batches(upto):
+            yield from rows
+
+    def peek_batches(self, upto: int) -> Iterator[list[tuple[int, bytes]]]:
+        """Like :meth:`peek`, a list of up to ``fetch`` messages at a time (less overhead per message)."""
         cur = self.conn.cursor(name="bemi_tt_peek", binary=True)
         self._cursor = cur
         cur.itersize = self.fetch
@@ -190,7 +195,7 @@ class SlotReader:
                 rows = cur.fetchmany(self.fetch)
                 if not rows:
                     break
-                yield from rows
+                yield rows
         except psycopg.errors.UndefinedObject as exc:
             raise SlotLostError(f"replication slot {self.slot!r} vanished while reading it: {exc}") from exc
         except psycopg.errors.ObjectNotInPrerequisiteState as exc:

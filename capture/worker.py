@@ -304,64 +304,67 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
     feed = stitcher.feed
     to_row = stitcher.change
     write = sink.write
-    finished = False
     try:
-        for lsn, data in session.reader.peek(upto):
-            kind = data[0]
-            if skipping and kind != _B and kind != _C and kind != _R:
-                continue
-            message = decode(data)
-            if kind == _R:
-                assert isinstance(message, Relation)
-                key, types = session.describe(message)
-                changes = stitcher.add_relation(
-                    message,
-                    primary_key=key,
-                    type_names=types,
-                    ignored=session.ignored(message.namespace, message.name),
-                )
-                if not skipping and changes:
+        stopped = False
+        for rows in session.reader.peek_batches(upto):
+            for lsn, data in rows:
+                kind = data[0]
+                if skipping and kind != _B and kind != _C and kind != _R:
+                    continue
+                message = decode(data)
+                if kind in (_I, _U, _D):
+                    row = to_row(lsn, message)  # type: ignore[arg-type]
+                    if row is not None:
+                        produced = True
+                        write(row)
+                    continue
+                if kind == _R:
+                    assert isinstance(message, Relation)
+                    key, types = session.describe(message)
+                    changes = stitcher.add_relation(
+                        message,
+                        primary_key=key,
+                        type_names=types,
+                        ignored=session.ignored(message.namespace, message.name),
+                    )
+                    if not skipping and changes:
+                        produced = True
+                        for change in changes:
+                            sink.write_schema(change)
+                    continue
+                if kind == _B:
+                    assert isinstance(message, Begin)
+                    skipping = message.final_lsn <= last[0]
+                    if skipping:
+                        stats.skipped_transactions += 1
+                    produced = False
+                    feed(lsn, message)
+                    continue
+                if kind == _C:
+                    assert isinstance(message, Commit)
+                    feed(lsn, message)
+                    if produced and not skipping:  # transactions touching only ignored tables leave no mark
+                        committed_at = _when(message.commit_time)
+                        sink.mark(message.commit_lsn, message.end_lsn, committed_at)
+                        transactions += 1
+                    if transactions and (sink.pending >= batch or stop.is_set()):
+                        written += _commit(session, last, stats, transactions, upto, started, committed_at)
+                        transactions = 0
+                        started = time.monotonic()
+                    if stop.is_set():
+                        stopped = True
+                        break
+                    continue
+                for out in feed(lsn, message):
                     produced = True
-                    for change in changes:
-                        sink.write_schema(change)
-                continue
-            if kind == _B:
-                assert isinstance(message, Begin)
-                skipping = message.final_lsn <= last[0]
-                if skipping:
-                    stats.skipped_transactions += 1
-                produced = False
-                feed(lsn, message)
-                continue
-            if kind == _C:
-                assert isinstance(message, Commit)
-                feed(lsn, message)
-                if produced and not skipping:  # transactions touching only ignored tables leave no mark
-                    committed_at = _when(message.commit_time)
-                    sink.mark(message.commit_lsn, message.end_lsn, committed_at)
-                    transactions += 1
-                if transactions and (sink.pending >= batch or stop.is_set()):
-                    written += _commit(session, last, stats, transactions, upto, started, committed_at)
-                    transactions = 0
-                    started = time.monotonic()
-                if stop.is_set():
-                    break
-                continue
-            if kind in (_I, _U, _D):
-                row = to_row(lsn, message)  # type: ignore[arg-type]
-                if row is not None:
-                    produced = True
-                    write(row)
-                continue
-            for out in feed(lsn, message):
-                produced = True
-                if type(out) is ChangeRow:
-                    write(out)
-                else:
-                    assert isinstance(out, SchemaChange)
-                    sink.write_schema(out)
-        else:
-            finished = True
+                    if type(out) is ChangeRow:
+                        write(out)
+                    else:
+                        assert isinstance(out, SchemaChange)
+                        sink.write_schema(out)
+            if stopped:
+                break
+        finished = not stopped
         if transactions:
             written += _commit(session, last, stats, transactions, upto, started, committed_at)
         else:
