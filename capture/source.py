@@ -38,6 +38,7 @@ __all__ = [
     "ensure_slot",
     "quote_ident",
     "slot_info",
+    "tables_without_identity",
 ]
 
 MIN_VERSION = 140000
@@ -100,6 +101,19 @@ def ensure_publication(conn: psycopg.Connection, name: str) -> bool:
     except psycopg.errors.DuplicateObject:
         return False
     return True
+
+
+def tables_without_identity(conn: psycopg.Connection) -> list[str]:
+    """User tables whose UPDATE and DELETE PostgreSQL refuses while they are published (no key, no FULL)."""
+    rows = conn.execute(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema'"
+        " AND NOT starts_with(n.nspname, 'pg_') AND (c.relreplident = 'n' OR (c.relreplident = 'd'"
+        " AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))"
+        " ORDER BY 1"
+    ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 @dataclass(frozen=True)

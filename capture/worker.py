@@ -231,6 +231,14 @@ def _open(
         )
         if src.ensure_publication(meta, publication):
             log.info("created publication %s for all tables", publication)
+        unkeyed = src.tables_without_identity(meta)
+        if unkeyed:
+            log.warning(
+                "tables without a primary key or replica identity cannot be updated or deleted from while"
+                " published: %s; run ALTER TABLE <table> REPLICA IDENTITY FULL; for each"
+                " (bemi-tt install does)",
+                ", ".join(unkeyed[:10]) + (" ..." if len(unkeyed) > 10 else ""),
+            )
         if not ddl_tracking_installed(meta):
             if superuser:
                 install_ddl_tracking(meta)

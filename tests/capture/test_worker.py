@@ -309,3 +309,15 @@ def test_export_to_writes_the_parquet_dataset(dsn: str, tmp_path: Path) -> None:
         conn.execute("INSERT INTO t VALUES (1)")
     run(dsn, once=True, export_to=str(tmp_path / "export"))
     assert list((tmp_path / "export").rglob("*.parquet"))
+
+
+def test_tables_that_publishing_would_break_are_named_with_the_fix(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE keyless (v int)")
+        conn.execute("CREATE TABLE keyed (id int PRIMARY KEY)")
+    with caplog.at_level("WARNING", logger="capture"):
+        run(dsn, once=True)
+    [message] = [r.getMessage() for r in caplog.records if "replica identity" in r.getMessage()]
+    assert "public.keyless" in message and "keyed," not in message and "REPLICA IDENTITY FULL" in message
