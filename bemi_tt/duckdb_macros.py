@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from bemi_tt.dtypes import column_type
 from bemi_tt.sources import Scope, get_source
-from bemi_tt.timetravel import latest_sql
+from bemi_tt.state import latest_sql
 
 __all__ = ["duckdb"]
 

@@ -1,0 +1,457 @@
+"""The rows of a table at a point of its history, as DuckDB finds them: the engine under ``as_of``.
+
+A table's column sets come from ``changes_schemas`` (or are inferred from the rows when a source has
+none); each key's last change up to a cut is one ``arg_max`` over ``(commit_position, ordinal)``; key
+UPDATEs (the old key, read from ``before``) and TRUNCATEs remove the keys they made disappear. Order is
+always commit order, never time: ``state_at(t)`` is the state after the longest prefix of the table's
+commits whose ``committed_at <= t``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from bemi_tt.dtypes import (
+    ColumnType,
+    column_type,
+    duck_select,
+    frame_from_arrow,
+    frame_from_json,
+    infer_type,
+    parse_json,
+)
+from bemi_tt.sources import PostgresSource, Scope, Source, TableName, json_text
+from capture.errors import ConfigurationError
+
+#: Operations after which a row exists.
+PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
+
+
+_shared: duckdb.DuckDBPyConnection | None = None
+_shared_lock = threading.Lock()
+
+
+def _duck() -> duckdb.DuckDBPyConnection:
+    """A fresh connection to one in-process DuckDB database (opening a database per call costs ~50 ms);
+    temporary views and registered Arrow tables are private to each connection."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = duckdb.connect()
+        return _shared.cursor()
+
+
+# -- tables and their columns -----------------------------------------------------------------------
+def resolve_table(source: Source, table: str) -> TableName:
+    """``"todo"`` or ``"schema.todo"`` → ``(schema, table)``; unknown or ambiguous names are errors."""
+    if not isinstance(table, str) or not table.strip():
+        raise ConfigurationError(f"table must be a table name such as 'todo' or 'public.todo', got {table!r}")
+    name = table.strip()
+    schema, dot, bare = name.partition(".")
+    candidates = source.tables(bare if dot else name)
+    if dot:
+        candidates = [c for c in candidates if c[0] == schema]
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        public = [c for c in candidates if c[0] == "public"]
+        if public:
+            return public[0]
+        raise ConfigurationError(
+            f"table {table!r} is ambiguous: it exists in schemas "
+            f"{sorted(c[0] for c in candidates)!r}; write it as 'schema.{name}'"
+        )
+    known = ", ".join(f"{s}.{t}" if s != "public" else t for s, t in source.tables()) or "none"
+    raise ConfigurationError(f"unknown table {table!r}: the source has changes for: {known}")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column as ``changes_schemas`` describes it at some point of history."""
+
+    name: str
+    kind: ColumnType
+    key: bool
+    since: tuple[int, int] | None  # rows last changed before this took ``fill`` (column added later)
+    fill: str | None  # JSON text
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The columns of a table at a point of history (or inferred from the rows when no schema exists)."""
+
+    columns: tuple[Column, ...]
+    inferred: bool = False
+
+    @property
+    def keys(self) -> list[str]:
+        return [c.name for c in self.columns if c.key]
+
+    @property
+    def values(self) -> list[Column]:
+        return [c for c in self.columns if not c.key]
+
+
+#: A column set of a table: ((commit_position, ordinal), committed_at, columns).
+Version = tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]
+
+
+def _versions(source: Source, table: TableName) -> list[Version]:
+    raw = source.schemas(table)
+    out = []
+    for cp, o, at, cols in zip(
+        raw["commit_position"].to_pylist(),
+        raw["ordinal"].to_pylist(),
+        raw["committed_at"].to_pylist(),
+        raw["columns"].to_pylist(),
+        strict=False,
+    ):
+        out.append(((int(cp), int(o)), pd.Timestamp(at), json.loads(cols)))
+    out.sort(key=lambda v: v[0])
+    return out
+
+
+def layout_at(versions: list[Version], ts: pd.Timestamp | None) -> Layout | None:
+    """The column set valid at ``ts`` (None: the latest), or None when the source has no column sets."""
+    valid = [v for v in versions if ts is None or v[1] <= ts]
+    if not valid:
+        return None
+    current = valid[-1][2]
+    columns = []
+    for spec in current:
+        name = spec["name"]
+        since: tuple[int, int] | None = None
+        fill: str | None = None
+        for i in range(len(valid) - 1, -1, -1):
+            found = next((c for c in valid[i][2] if c["name"] == name), None)
+            if found is None:
+                break
+            if i == 0:
+                since, fill = None, None
+            else:
+                since = valid[i][0]
+                fill = json.dumps(found["fill"]) if "fill" in found else None
+        if since is not None and all(any(c["name"] == name for c in v[2]) for v in valid):
+            since = None
+        columns.append(Column(name, column_type(spec["type"]), bool(spec.get("key")), since, fill))
+    return Layout(tuple(columns))
+
+
+def _infer_layout(keys: Sequence[str], afters: Sequence[str]) -> Layout:
+    names: dict[str, str] = {}
+    rows = [parse_json(a) for a in afters]
+    for row in rows:
+        for name, value in row.items():
+            if name not in names or (
+                names[name] == "text" and value is not None and not isinstance(value, str)
+            ):
+                names[name] = "text" if value is None else infer_type(value)
+    key = next(
+        (
+            n
+            for n in names
+            if rows
+            and all(
+                r.get(n) is not None and (str(r[n]) if not isinstance(r[n], bool) else "") == k
+                for r, k in zip(rows, keys, strict=False)
+            )
+        ),
+        None,
+    )
+    # jsonb does not keep key order: sort the names so that every source gives the same columns
+    return Layout(
+        tuple(Column(n, column_type(names[n]), n == key, None, None) for n in sorted(names)), inferred=True
+    )
+
+
+# -- the SQL that finds current versions ------------------------------------------------------------
+def _pointer(name: str) -> str:
+    return "'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
+
+
+def old_key_sql(keys: Sequence[str], column: str = "before") -> str:
+    """SQL text of the key a ``before`` object holds, written like ``changes.primary_key``."""
+    if not keys:
+        return "NULL"
+    if len(keys) == 1:
+        return f"json_extract_string({column}, {_pointer(keys[0])})"
+    parts = ", ".join(f"json_extract({column}, {_pointer(k)})" for k in keys)
+    return f"CAST(to_json([{parts}]) AS VARCHAR)"
+
+
+def updates_sql(keys: Sequence[str]) -> str:
+    """The UPDATEs whose ``before`` may hold another key (a key UPDATE), without parsing every ``before``:
+    jsonb text puts short names first, so ``{"id": <primary_key>,`` at the start proves the key is kept."""
+    where = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'"
+    if len(keys) == 1:
+        name = json.dumps(keys[0], ensure_ascii=False).replace("'", "''")
+        where += (
+            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || primary_key || ',')"
+            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || CAST(to_json(primary_key) AS"
+            " VARCHAR) || ',')"
+        )
+    return where
+
+
+def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
+    """One event per key and change: present (with ``payload``) or gone (DELETE, or the old key of a key
+    UPDATE); TRUNCATE rows are kept apart in ``truncates``."""
+    return f"""
+        events AS (
+            SELECT primary_key AS k, commit_position AS cp, ordinal AS o, operation AS op,
+                   {payload} AS payload
+            FROM {rel} WHERE operation <> 'TRUNCATE' AND primary_key IS NOT NULL
+            UNION ALL
+            SELECT ok, cp, o, 'DELETE', NULL FROM (
+                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}'
+            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
+        ),
+        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')"""
+
+
+def latest_sql(
+    rel: str,
+    old_key: str,
+    payload: str = "after",
+    updates: str = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'",
+) -> str:
+    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes.
+
+    One aggregate finds each key's last change; key UPDATEs (the old key, read from ``before``) and
+    TRUNCATEs are two small side aggregates that remove the keys they made disappear."""
+    return f"""
+        WITH latest AS (
+            SELECT primary_key AS k, max((commit_position, ordinal)) AS at,
+                   arg_max_null(CASE WHEN operation = 'DELETE' THEN NULL ELSE {payload} END,
+                                (commit_position, ordinal)) AS payload
+            FROM {rel} WHERE primary_key IS NOT NULL GROUP BY primary_key
+        ),
+        moved AS (
+            SELECT ok AS k, max((cp, o)) AS at FROM (
+                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+                FROM {rel} WHERE {updates}
+            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk GROUP BY ok
+        ),
+        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')
+        SELECT latest.k AS k, latest.at[1] AS cp, latest.at[2] AS o, latest.payload AS payload
+        FROM latest LEFT JOIN moved ON moved.k = latest.k, truncates
+        WHERE latest.payload IS NOT NULL AND (moved.at IS NULL OR latest.at > moved.at)
+          AND (truncates.t IS NULL OR latest.at > truncates.t)"""
+
+
+@dataclass
+class State:
+    """A table's rows at a cut: the typed frame (indexed by key, sorted) and, aligned with its rows, each
+    row's ``primary_key`` text and the position of the change that produced it."""
+
+    layout: Layout
+    frame: pd.DataFrame
+    key_texts: np.ndarray[Any, Any]
+    cps: np.ndarray[Any, Any]
+    ordinals: np.ndarray[Any, Any]
+
+    @property
+    def keys(self) -> list[str]:
+        return [str(k) for k in self.key_texts]
+
+    @property
+    def positions(self) -> list[tuple[int, int]]:
+        return list(zip(self.cps.tolist(), self.ordinals.tolist(), strict=True))
+
+
+def _first(rows: list[Any]) -> Any:
+    return rows[0] if rows else None
+
+
+def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
+    """Apply column fills (rows last changed before a column was added), index by the key and sort."""
+    keys = rows["k"].to_numpy(zero_copy_only=False)
+    cps = rows["cp"].to_numpy(zero_copy_only=False).astype(np.int64)
+    ordinals = rows["o"].to_numpy(zero_copy_only=False).astype(np.int64)
+    for column in layout.columns:
+        if column.since is None:
+            continue
+        stale = (cps < column.since[0]) | ((cps == column.since[0]) & (ordinals < column.since[1]))
+        if stale.any():
+            mask = pd.Series(stale, index=frame.index)
+            fill = (
+                None
+                if column.fill is None
+                else frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
+            )
+            series = frame[column.name].copy()
+            if fill is None:
+                series = series.where(~mask, None if series.dtype == object else pd.NA)
+            else:
+                series = series.astype(object).where(~mask, fill).astype(series.dtype)
+            frame[column.name] = series
+    key_names = layout.keys
+    if key_names:
+        frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0])
+    elif not layout.inferred:  # no primary key: rows in commit order of their last change
+        order = np.lexsort((ordinals, cps))
+        frame, keys, cps, ordinals = frame.iloc[order], keys[order], cps[order], ordinals[order]
+        frame.index = pd.RangeIndex(len(frame))
+        return State(layout, frame, keys, cps, ordinals)
+    else:
+        frame.index = pd.Index(pd.array(keys, dtype=pd.StringDtype()), name="primary_key")
+    if not frame.index.is_monotonic_increasing:
+        order = frame.index.argsort()
+        frame, keys, cps, ordinals = frame.iloc[order], keys[order], cps[order], ordinals[order]
+    return State(layout, frame, keys, cps, ordinals)
+
+
+def state_at(
+    source: Source,
+    table: TableName,
+    ts: pd.Timestamp | None,
+    *,
+    key: str | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+    name: str = "c",
+) -> State:
+    """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
+    con = con or _duck()
+    versions = _versions(source, table)
+    layout = layout_at(versions, ts)
+    keys = layout.keys if layout else []
+    scope = Scope(
+        table=table,
+        until=ts,
+        columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
+    )
+    if layout is not None and not keys:  # a table without a primary key: rows are matched by content
+        source.load(con, name, scope)
+        con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
+        query = f'SELECT * FROM "{name}_keyless"'
+    elif isinstance(source, PostgresSource) and not source.mirror:
+        source.latest(con, f"{name}_latest", scope, keys, latest_sql)
+        query = f'SELECT * FROM "{name}_latest"'
+    else:
+        source.load(con, name, scope)
+        query = latest_sql(f'"{name}"', old_key_sql(keys), "after", updates_sql(keys))
+    if key is not None:
+        query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
+    frame: pd.DataFrame | None = None
+    typed = duck_select([(c.name, c.kind) for c in layout.columns], "payload") if layout else None
+    if typed is not None and layout is not None:
+        inner, outer = typed
+        try:
+            rows = con.sql(
+                f"SELECT k, cp, o{', ' + outer if outer else ''} FROM "
+                f"(SELECT k, cp, o, {inner} FROM ({query}))"
+            ).to_arrow_table()
+            frame = frame_from_arrow(rows, [(c.name, c.kind) for c in layout.columns])
+        except (duckdb.ConversionException, duckdb.InvalidInputException):
+            frame = None  # a value DuckDB cannot cast ("NaN" numeric, BC dates): the Python path decides
+    if frame is None:
+        rows = con.sql(query).to_arrow_table()
+    if ts is not None and rows.num_rows == 0:
+        _check_start(source, table, ts, versions)
+    if frame is None:
+        afters = [str(a) for a in rows["payload"].to_pylist()]
+        if layout is None:
+            layout = _infer_layout([str(k) for k in rows["k"].to_pylist()], afters)
+        frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
+    assert layout is not None
+    return _typed(layout, rows, frame)
+
+
+def _keyless_rows(con: duckdb.DuckDBPyConnection, rel: str) -> pa.Table:
+    """Rows of a table without a primary key, replayed in commit order: an UPDATE or DELETE (whose
+    ``before`` is the whole old row, REPLICA IDENTITY FULL) replaces or removes one row equal to it."""
+    changes = con.sql(
+        f"SELECT operation, CAST(before AS VARCHAR), CAST(after AS VARCHAR), commit_position, ordinal "
+        f"FROM {rel} ORDER BY commit_position, ordinal"
+    ).fetchall()
+    live: dict[str, list[tuple[int, int]]] = {}
+    for operation, before, after, cp, o in changes:
+        if operation == "TRUNCATE":
+            live.clear()
+            continue
+        if operation in ("UPDATE", "DELETE"):
+            stack = live.get(before)
+            if stack:
+                stack.pop()
+                if not stack:
+                    del live[before]
+        if operation in PRESENT:
+            live.setdefault(after, []).append((cp, o))
+    rows = sorted((position, after) for after, positions in live.items() for position in positions)
+    return pa.table(
+        {
+            "k": pa.array([f"{cp}:{o}" for (cp, o), _ in rows], pa.string()),
+            "cp": pa.array([cp for (cp, _), _ in rows], pa.int64()),
+            "o": pa.array([o for (_, o), _ in rows], pa.int32()),
+            "payload": pa.array([after for _, after in rows], pa.string()),
+        }
+    )
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: list[Version]) -> None:
+    con = _duck()
+    source.load(con, "all_times", Scope(table=table, columns=("committed_at",)))
+    row = _first(con.sql('SELECT min(committed_at) FROM "all_times"').fetchall())
+    starts = [pd.Timestamp(row[0])] if row and row[0] is not None else []
+    starts += [v[1] for v in versions]
+    if starts and ts < min(starts):
+        raise ConfigurationError(
+            f"ts {ts.isoformat()} is before the history of {table[0]}.{table[1]} starts "
+            f"({min(starts).isoformat()}): pass a later time"
+        )
+
+
+def key_text(layout: Layout, key: Any) -> str:
+    """A user's key (a scalar, a tuple for composite keys, or a dict of key columns) as ``primary_key``."""
+    names = layout.keys
+    if isinstance(key, dict):
+        missing = [n for n in names if n not in key]
+        if missing:
+            raise ConfigurationError(f"key {key!r} lacks key columns {missing!r}")
+        key = tuple(key[n] for n in names) if len(names) > 1 else key[names[0]]
+    if isinstance(key, (tuple, list)):
+        if len(names) > 1 and len(key) != len(names):
+            raise ConfigurationError(f"key {key!r} has {len(key)} values; the key of this table is {names!r}")
+        if len(key) == 1:
+            key = key[0]
+        else:
+            return json_text(list(key))
+    if isinstance(key, str):
+        return key
+    if key is None or (isinstance(key, float) and key != key):
+        raise ConfigurationError(f"key {key!r} is not a key value: pass the primary key of one row")
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if hasattr(key, "item") and not isinstance(key, (int, float)):
+        key = key.item()
+    return str(key)
+
+
+def _columns_arg(columns: Any, layout: Layout) -> list[str] | None:
+    if columns is None:
+        return None
+    if isinstance(columns, str):
+        columns = [columns]
+    wanted = list(columns)
+    known = [c.name for c in layout.values]
+    bad = [c for c in wanted if c not in known]
+    if bad:
+        raise ConfigurationError(f"unknown columns {bad!r}: the table has {known!r}")
+    return wanted
+
+
+# -- public API ------------------------------------------------------------------------------------------
