@@ -385,13 +385,21 @@ class ParquetSource(_ArrowBacked):
     def tables(self, name: str | None = None) -> list[TableName]:
         from urllib.parse import unquote
 
-        _, paths = _list_dataset_files(self.directory)
+        import pyarrow.parquet as pq
+
+        filesystem, paths = _list_dataset_files(self.directory)
         pairs: set[TableName] = set()
+        ambiguous: list[str] = []
         for p in paths:
             qualified = unquote(_partition_of(p))
-            schema, _, table = qualified.partition(".")
-            if table:
+            if qualified.count(".") == 1:
+                schema, _, table = qualified.partition(".")
                 pairs.add((schema, table))
+            else:  # "a.b.c" is ("a.b", "c") or ("a", "b.c"): the file's rows say which
+                ambiguous.append(p)
+        for p in ambiguous:
+            names = pq.read_table(p, columns=["schema", "table"], filesystem=filesystem)
+            pairs |= set(zip(names["schema"].to_pylist(), names["table"].to_pylist(), strict=True))
         schemas = self.schemas()
         pairs |= set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False))
         return sorted(p for p in pairs if name is None or p[1] == name)

@@ -201,3 +201,16 @@ def test_mirrored_postgres_source_matches_and_reads_only_new_changes(dsn: str) -
     write_changes(dsn, h.changes[first:])
     assert as_of("todo", h.clock, source=mirrored).loc[1, "task"] == "Later"
     assert mirrored.mirrored(("public", "todo")).num_rows == len(h.changes)
+
+
+def test_parquet_source_tells_apart_tables_whose_qualified_names_share_a_partition(
+    dsn: str, tmp_path: Path
+) -> None:
+    h = History()
+    h.create("c", "1", {"id": 1, "v": "schema a.b, table c"}, schema="a.b")
+    h.create("b.c", "1", {"id": 1, "v": "schema a, table b.c"}, schema="a")
+    write_changes(dsn, h.changes)
+    source = export_source(dsn, tmp_path / "export")
+    assert source.tables() == [("a", "b.c"), ("a.b", "c")]
+    assert list(as_of("a.b.c", h.clock, source=source)["v"]) == ["schema a, table b.c"]
+    assert list(as_of("c", h.clock, source=source)["v"]) == ["schema a.b, table c"]

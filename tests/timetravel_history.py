@@ -78,12 +78,14 @@ class History:
     def create(
         self,
         table: str,
-        pk: str,
+        pk: str | None,
         after: Mapping[str, Any],
         context: Mapping[str, Any] | None = None,
         operation: str = "CREATE",
+        schema: str = "public",
     ) -> datetime:
         return self._add(
+            schema=schema,
             table=table,
             operation=operation,
             primary_key=pk,
@@ -95,7 +97,7 @@ class History:
     def update(
         self,
         table: str,
-        pk: str,
+        pk: str | None,
         before: Mapping[str, Any],
         after: Mapping[str, Any],
         context: Mapping[str, Any] | None = None,
@@ -110,7 +112,7 @@ class History:
         )
 
     def delete(
-        self, table: str, pk: str, before: Mapping[str, Any], context: Mapping[str, Any] | None = None
+        self, table: str, pk: str | None, before: Mapping[str, Any], context: Mapping[str, Any] | None = None
     ) -> datetime:
         return self._add(
             table=table,
