@@ -112,7 +112,7 @@ def _sql_part(statement: str) -> str:
             _sql_part_cache.clear()
         part = _sql_part_cache[statement] = base64.b64encode(
             f'"{SQL_KEY}":{json.dumps(_cap_sql(statement), ensure_ascii=False)}}}'.encode(
-                "utf-8", "surrogatepass"
+                "utf-8", "replace"
             )
         ).decode("ascii")
     return part
