@@ -117,12 +117,14 @@ def test_partitioned_table_emits_one_message_per_statement(engine: sa.Engine, ds
             conn.execute(sa.text("UPDATE p SET v = 'c'"))
         with context(via="partition"):
             conn.execute(sa.text("INSERT INTO p_low VALUES (2, 'd')"))
+        with context(via="truncate"):
+            conn.execute(sa.text("TRUNCATE p"))  # fires the parent's and each partition's trigger
     events = read_events(dsn)
     messages = [without_sql(e.context()) for e in events if e.kind == "MESSAGE"]
-    assert messages == [{"via": "parent"}, {"via": "parent"}, {"via": "partition"}]
+    assert messages == [{"via": "parent"}, {"via": "parent"}, {"via": "partition"}, {"via": "truncate"}]
     assert [(e.kind, without_sql(c)["via"]) for e, c in row_contexts(events)] == [
         ("INSERT", "parent"), ("INSERT", "parent"), ("UPDATE", "parent"), ("UPDATE", "parent"),
-        ("INSERT", "partition"),
+        ("INSERT", "partition"), ("TRUNCATE", "truncate"),
     ]
 
 
