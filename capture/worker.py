@@ -107,9 +107,18 @@ def _describe(dsn: str) -> str:
     return f"{params.get('user') or ''}@{params.get('host') or 'localhost'}/{params.get('dbname') or ''}"
 
 
+def session_options(dsn: str) -> str:
+    """The dsn's own ``options`` followed by the settings value conversion needs."""
+    try:
+        own = conninfo_to_dict(dsn).get("options")
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid connection string for {_describe(dsn)}: {exc}") from None
+    return f"{own} {SESSION_OPTIONS}" if own else SESSION_OPTIONS
+
+
 def _connect(dsn: str, *, autocommit: bool) -> psycopg.Connection:
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, options=SESSION_OPTIONS, connect_timeout=10)
+        return psycopg.connect(dsn, autocommit=autocommit, options=session_options(dsn), connect_timeout=10)
     except psycopg.ProgrammingError as exc:
         raise ConfigurationError(f"invalid connection string for {_describe(dsn)}: {exc}") from None
 
@@ -247,7 +256,7 @@ def _open(
                 log.warning("schema-change tracking is not installed: run bemi-tt install as a superuser")
         position = sink.position()
         info = src.slot_info(meta, slot)
-        if info is None and position is not None and position.end_position > 0 and not snapshot:
+        if info is None and position is not None and not snapshot:
             raise SlotLostError(
                 f"replication slot {slot!r} is gone but {_describe(destination_dsn)} holds changes captured "
                 "through it: changes made meanwhile are lost; restart with --snapshot to create a new slot "
@@ -282,7 +291,7 @@ def _open(
                 database=database,
                 type_info=session.type_info,
                 ignored=session.ignored,
-                session_options=SESSION_OPTIONS,
+                session_options=session_options(source_dsn),
             )
             stats.snapshot_rows += rows
             log.info("snapshot: %d rows", rows)
