@@ -32,6 +32,23 @@ __all__ = ["POSITIONS_TABLE", "Position", "Sink", "positions_ddl"]
 POSITIONS_TABLE = "changes_positions"
 
 _NULL = "\\N"
+#: COPY column order: the columns a transaction's rows share first, so they are formatted once.
+_COPY_COLUMNS = (
+    "table",
+    "schema",
+    "database",
+    "transaction_id",
+    "committed_at",
+    "commit_position",
+    "context",
+    "operation",
+    "primary_key",
+    "before",
+    "after",
+    "position",
+    "ordinal",
+)
+assert sorted(_COPY_COLUMNS) == sorted(CHANGE_COLUMNS)
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -129,17 +146,15 @@ class Sink:
         self.positions = sql.Identifier(schema, POSITIONS_TABLE)
         self._copy = (
             sql.SQL("COPY {} ({}) FROM STDIN")
-            .format(self.changes, sql.SQL(", ").join(sql.Identifier(c) for c in CHANGE_COLUMNS))
+            .format(self.changes, sql.SQL(", ").join(sql.Identifier(c) for c in _COPY_COLUMNS))
             .as_bytes(conn)
         )
         self._buffer: list[str] = []
-        self._prefixes: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+        self._shared_key: tuple[str, str, int] | None = None
+        self._shared = ""
         self._context_in = ""
-        self._context_out = ""
         self._copier = _Copier(self._copy_chunk)
         self._toast: list[ChangeRow] = []
-        self._last_committed_at: datetime | None = None
-        self._stamp = ""
         self.pending = 0  # change rows written in the open transaction
         self._mark: tuple[int, int, datetime | None] | None = None
 
@@ -185,25 +200,21 @@ class Sink:
     # -- writing -----------------------------------------------------------------------------------
     def write(self, row: ChangeRow) -> None:
         """Queue one change row; COPY the queue when it reaches ``chunk_rows``."""
-        if row.committed_at is not self._last_committed_at:
-            self._last_committed_at = row.committed_at
-            self._stamp = row.committed_at.isoformat()
-        names = (row.table, row.schema, row.database)
-        prefix = self._prefixes.get(names)
-        if prefix is None:
-            prefix = self._prefixes[names] = (_escape(names[0]), _escape(names[1]), _escape(names[2]))
+        # the columns shared by a transaction's rows of one table are formatted once (see _COPY_COLUMNS)
+        shared = (row.table, row.schema, row.commit_position)
+        if shared != self._shared_key or row.context is not self._context_in:
+            self._shared_key = shared
+            self._context_in = row.context
+            xid = row.transaction_id
+            self._shared = (
+                f"{_escape(row.table)}\t{_escape(row.schema)}\t{_escape(row.database)}\t"
+                f"{_NULL if xid is None else xid}\t{row.committed_at.isoformat()}\t{row.commit_position}\t"
+                f"{_escape(row.context)}\t"
+            )
         pk = row.primary_key
-        xid = row.transaction_id
-        before = row.before
-        after = row.after
-        context = row.context
-        if context is not self._context_in:
-            self._context_in = context
-            self._context_out = _escape(context)
         self._buffer.append(
-            f"{_NULL if pk is None else _escape(pk)}\t{prefix[0]}\t{row.operation}\t{_escape(before)}\t"
-            f"{_escape(after)}\t{self._context_out}\t{self._stamp}\t{prefix[1]}\t{prefix[2]}\t"
-            f"{_NULL if xid is None else xid}\t{row.position}\t{row.commit_position}\t{row.ordinal}\n"
+            f"{self._shared}{row.operation}\t{_NULL if pk is None else _escape(pk)}\t{_escape(row.before)}\t"
+            f"{_escape(row.after)}\t{row.position}\t{row.ordinal}\n"
         )
         if row.missing:
             self._toast.append(row)
