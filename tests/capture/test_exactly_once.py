@@ -105,9 +105,11 @@ def test_killed_worker_writes_exactly_what_an_uninterrupted_one_writes(
     try:
         while not done.is_set():
             worker = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(rng.uniform(0.3, 1.5))
-            os.kill(worker.pid, signal.SIGKILL)
-            _, err = worker.communicate()
+            try:
+                time.sleep(rng.uniform(0.3, 1.5))
+            finally:
+                os.kill(worker.pid, signal.SIGKILL)
+                _, err = worker.communicate()
             assert worker.returncode == -signal.SIGKILL, err.decode()
             kills += 1
     finally:
