@@ -9,7 +9,7 @@ advances the slot only after the commit, so a crash at any moment neither loses 
 
 Unchanged TOAST values the stitcher could not fill (``ChangeRow.missing``) are filled right after their
 chunk is COPYed, from the previous version of the same row in ``changes`` (pipelined, in order);
-when that row was never captured (no snapshot, key changed twice in one batch...) the column stays absent.
+when that row was never captured (e.g. tracking started without a snapshot) the column stays absent.
 
 Chunks are COPYed by a background thread (at most two waiting), so PostgreSQL parses one chunk while
 Python stitches the next; every other use of the connection waits for it first.
