@@ -8,6 +8,7 @@ The hot path is a dict lookup: the context is encoded when set, each statement i
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import event
@@ -31,22 +32,26 @@ _TOKEN = re.compile(
 _classified: dict[str, bool] = {}
 
 
-def _words(statement: str) -> list[str]:
-    return [m.group(2).upper() for m in _TOKEN.finditer(statement) if m.group(2)]
+def _words(statement: str) -> Iterator[str]:
+    """Upper-cased keywords and names, outside literals and comments, lazily (most need only the first)."""
+    for match in _TOKEN.finditer(statement):
+        if match.group(2):
+            yield match.group(2).upper()
 
 
 def _classify(statement: str) -> bool:
     words = _words(statement)
-    if not words:
-        return False
-    if words[0] in WRITE_KEYWORDS:
-        return True
-    if words[0] != "WITH":
+    first = next(words, None)
+    if first is None or first in WRITE_KEYWORDS:
+        return first is not None
+    if first != "WITH":
         return False
     # A data-modifying CTE: any DML keyword that is not a locking clause (FOR [NO KEY] UPDATE).
-    for i, word in enumerate(words):
-        if word in _DML and not (word == "UPDATE" and i and words[i - 1] in {"FOR", "KEY"}):
+    previous = first
+    for word in words:
+        if word in _DML and not (word == "UPDATE" and previous in {"FOR", "KEY"}):
             return True
+        previous = word
     return False
 
 

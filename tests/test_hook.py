@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import orm
 from sqlalchemy.ext.asyncio import create_async_engine
 from wal_messages import create_slot, read_events, row_contexts, without_sql
@@ -340,6 +342,18 @@ def test_other_dialects_are_left_untouched() -> None:
 )
 def test_is_write_recognises_writes_only(statement: str, expected: bool) -> None:
     assert is_write(statement) is expected
+
+
+@given(
+    prefix=st.lists(
+        st.sampled_from([" ", "\n", "\t", "-- INSERT INTO x\n", "/* DELETE FROM x */", "/* a\n b */"]),
+        max_size=5,
+    ).map("".join),
+    statement=st.sampled_from(["INSERT INTO t VALUES (1)", "SELECT 1", "WITH x AS (DELETE FROM t) SELECT 1",
+                               "SELECT 1 FOR UPDATE", "truncate t", "VALUES (1)"]),
+)
+def test_leading_whitespace_and_comments_never_change_the_classification(prefix: str, statement: str) -> None:
+    assert is_write(prefix + statement) is is_write(statement)
 
 
 def test_is_write_rejects_non_strings() -> None:
