@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from bemi_tt import hook as _hook  # noqa: F401  (registers the SQLAlchemy hook on import)
-from bemi_tt.context import Bemi, context, get_context, set_context
+from bemi_tt.context import Bemi, configure_context, context, get_context, set_context
 from capture.errors import BemiError, ConfigurationError, DecodeError, SlotLostError, SourceError
 
 try:
@@ -67,6 +67,7 @@ __all__ = [
     "audit",
     "blame",
     "changes",
+    "configure_context",
     "connect",
     "context",
     "diff",

@@ -51,7 +51,7 @@ def test_public_api_is_exactly_this() -> None:
     assert set(bemi_tt.__all__) == {
         "Bemi", "BemiError", "BemiFastAPIMiddleware", "ConfigurationError", "DecodeError",
         "EmbeddedPostgres", "SlotLostError", "SourceError", "__version__", "as_of", "audit", "blame",
-        "changes", "connect", "context", "diff", "duckdb", "export_parquet", "get_context", "history",
+        "changes", "configure_context", "connect", "context", "diff", "duckdb", "export_parquet", "get_context", "history",
         "install", "plot_activity", "set_context", "uninstall",
     }
     for name in bemi_tt.__all__:
