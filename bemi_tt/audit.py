@@ -20,7 +20,8 @@ __all__ = ["audit", "changes"]
 
 def _context_columns(frame: pd.DataFrame, contexts: Sequence[str | None]) -> pd.DataFrame:
     """Add one column per context key (``context.<key>`` when the name is taken)."""
-    parsed = [parse_json(c) if c else {} for c in contexts]
+    memo: dict[str, Any] = {}
+    parsed = [memo[c] if c in memo else memo.setdefault(c, parse_json(c)) if c else {} for c in contexts]
     names: dict[str, None] = {}
     for ctx in parsed:
         for k in ctx if isinstance(ctx, dict) else ():

@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from bemi_tt.audit import _context_columns, audit, changes
 from bemi_tt.dtypes import frame_from_json
@@ -25,6 +26,7 @@ from bemi_tt.state import (
     _duck,
     _first,
     _infer_layout,
+    _pointer,
     _versions,
     events_sql,
     key_text,
@@ -32,6 +34,7 @@ from bemi_tt.state import (
     old_key_sql,
     resolve_table,
     state_at,
+    updates_sql,
 )
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
@@ -87,8 +90,10 @@ def _origins(
     ts: pd.Timestamp | None,
     con: duckdb.DuckDBPyConnection,
     name: str = "o",
+    keys: Sequence[str] | None = None,
 ) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """For every present (key, column): the change that last set its value (cp, o, op, committed_at, ctx)."""
+    """For every present (key, column): the change that last set its value (cp, o, op, committed_at, ctx);
+    ``keys`` limits the work to those primary keys."""
     source.load(
         con,
         name,
@@ -109,11 +114,15 @@ def _origins(
     )
     rel = f'"{name}"'
     old_key = old_key_sql(layout.keys)
+    wanted = ""
+    if keys is not None:
+        con.register(f"{name}_keys", pa.table({"k": pa.array(list(keys), pa.string())}))
+        wanted = f'WHERE k IN (SELECT k FROM "{name}_keys")'
     query = f"""
         WITH {events_sql(rel, old_key, "after")},
         births AS (
             SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ('CREATE', 'UPDATE', 'SNAPSHOT')) AS gone
-            FROM events GROUP BY k
+            FROM events {wanted} GROUP BY k
         ),
         versions AS (
             SELECT c.primary_key AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op,
@@ -137,9 +146,46 @@ def _origins(
         SELECT k, col, arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at,
                                  'context': context}}, (cp, o)) AS v FROM marked
         WHERE n = 1 OR val IS DISTINCT FROM prev GROUP BY k, col"""
+    names = [c.name for c in layout.columns]
+    if names:  # known columns: one window over the versions, the columns compared side by side
+        paths = ", ".join(_pointer(n) for n in names)
+        changed = ", ".join(
+            f"(n = 1 OR v[{i}] IS DISTINCT FROM p[{i}]) AS ch{i}" for i in range(1, len(names) + 1)
+        )
+        picks = ", ".join(
+            f"arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at, 'context': context}}, "
+            f"(cp, o)) FILTER (WHERE ch{i}) AS c{i}"
+            for i in range(1, len(names) + 1)
+        )
+        query = (
+            query[: query.index("        cells AS (")]
+            + f"""
+        valued AS (
+            SELECT k, cp, o, op, committed_at, context,
+                   CAST(json_extract(after, [{paths}]) AS VARCHAR[]) AS v FROM versions
+        ),
+        marked AS (
+            SELECT *, lag(v) OVER w AS p, row_number() OVER w AS n FROM valued
+            WINDOW w AS (PARTITION BY k ORDER BY cp, o)
+        ),
+        flagged AS (SELECT k, cp, o, op, committed_at, context, {changed} FROM marked)
+        SELECT k, {picks} FROM flagged GROUP BY k"""
+        )
+        out: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for row in con.sql(query).fetchall():
+            for name, v in zip(names, row[1:], strict=True):
+                if v is not None:
+                    out[(row[0], name)] = (
+                        v["cp"],
+                        v["o"],
+                        v["op"],
+                        v["committed_at"],
+                        v["context"],
+                    )
+        return out
     out = {}
     for k, col, v in con.execute(query).fetchall():
-        out[(k, col)] = (v["cp"], v["o"], v["op"], pd.Timestamp(v["committed_at"]), v["context"])
+        out[(k, col)] = (v["cp"], v["o"], v["op"], v["committed_at"], v["context"])
     return out
 
 
@@ -187,26 +233,41 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     old = state_at(src, name, start, con=con, name="c1")
     new = state_at(src, name, end, con=con, name="c2")
     layout = new.layout
-    old_rows = dict(zip(old.keys, old.frame.itertuples(index=True, name=None), strict=False))
-    new_rows = dict(zip(new.keys, new.frame.itertuples(index=True, name=None), strict=False))
     old_cols = ["__index__", *old.frame.columns]
     new_cols = ["__index__", *new.frame.columns]
     all_cols = list(dict.fromkeys([*new.frame.columns, *old.frame.columns]))
-    origins = (
-        _origins(src, name, layout, end, con)
-        if old.keys != new.keys or old.positions != new.positions
-        else {}
-    )
-    gone = _gone_events(con, '"o"', layout) if origins or set(old_rows) - set(new_rows) else {}
+    # a key whose row comes from the same change at both times is unchanged (unless the columns changed)
+    old_at = dict(zip(old.keys, old.positions, strict=True))
+    new_at = dict(zip(new.keys, new.positions, strict=True))
+    touched = [
+        k
+        for k in dict.fromkeys([*new.keys, *old.keys])
+        if old_cols != new_cols or old_at.get(k) != new_at.get(k)
+    ]
+    if not touched:
+        return _indexed_cells([], layout, "diff")
+    wanted = set(touched)
+    old_rows = {
+        k: row
+        for k, row in zip(old.keys, old.frame.itertuples(index=True, name=None), strict=True)
+        if k in wanted
+    }
+    new_rows = {
+        k: row
+        for k, row in zip(new.keys, new.frame.itertuples(index=True, name=None), strict=True)
+        if k in wanted
+    }
+    origins = _origins(src, name, layout, end, con, keys=[k for k in touched if k in new_rows])
+    gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
-    for k in list(dict.fromkeys([*new.keys, *old.keys])):
-        o_row = dict(zip(old_cols, old_rows[k], strict=False)) if k in old_rows else None
-        n_row = dict(zip(new_cols, new_rows[k], strict=False)) if k in new_rows else None
+    for k in touched:
+        o_row = dict(zip(old_cols, old_rows[k], strict=True)) if k in old_rows else None
+        n_row = dict(zip(new_cols, new_rows[k], strict=True)) if k in new_rows else None
         if (
             o_row is not None
             and n_row is not None
             and old_cols == new_cols
-            and all(_same(a, b) for a, b in zip(old_rows[k], new_rows[k], strict=False))
+            and all(_same(a, b) for a, b in zip(old_rows[k], new_rows[k], strict=True))
         ):
             continue
         index = (n_row or o_row)["__index__"]  # type: ignore[index]
@@ -265,10 +326,13 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
     src = get_source(source)
     name = resolve_table(src, table)
     con = _duck()
-    state = state_at(src, name, None, con=con)
+    wanted = None
+    if key is not None:
+        known = layout_at(_versions(src, name), None) or Layout(())
+        wanted = key_text(known, key) if known.keys or isinstance(key, str) else str(key)
+    state = state_at(src, name, None, con=con, key=wanted)
     layout = state.layout
-    wanted = None if key is None else key_text(layout, key)
-    origins = _origins(src, name, layout, None, con)
+    origins = _origins(src, name, layout, None, con, keys=None if wanted is None else [wanted])
     cols = ["__index__", *state.frame.columns]
     records = []
     for k, row in zip(state.keys, state.frame.itertuples(index=True, name=None), strict=False):
@@ -313,20 +377,29 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
         layout = _infer_layout([s[0] for s in sample], [s[1] for s in sample])
     wanted = key_text(layout, key)
     old_key = old_key_sql(layout.keys)
-    rows = con.execute(f"""
-        SELECT primary_key, {old_key} AS old_key, operation, commit_position, ordinal, committed_at,
-               CAST(before AS VARCHAR), CAST(after AS VARCHAR), CAST(context AS VARCHAR)
-        FROM h ORDER BY commit_position, ordinal""").fetchall()
     # follow the row through key updates, in both directions
+    moves = [
+        (pk, old)
+        for pk, old in con.sql(
+            f"SELECT primary_key, {old_key} FROM h WHERE {updates_sql(layout.keys)}"
+        ).fetchall()
+        if old is not None and old != pk
+    ]
     names = {wanted}
     for _ in range(100):
         grown = set(names)
-        for r in rows:
-            if r[2] == "UPDATE" and r[1] is not None and r[1] != r[0] and (r[0] in grown or r[1] in grown):
-                grown |= {r[0], r[1]}
+        for pk, old in moves:
+            if pk in grown or old in grown:
+                grown |= {pk, old}
         if grown == names:
             break
         names = grown
+    con.register("h_names", pa.table({"k": pa.array(sorted(names), pa.string())}))
+    rows = con.sql(f"""
+        SELECT primary_key, {old_key} AS old_key, operation, commit_position, ordinal, committed_at,
+               CAST(before AS VARCHAR), CAST(after AS VARCHAR), CAST(context AS VARCHAR)
+        FROM h WHERE primary_key IN (SELECT k FROM h_names) OR operation = 'TRUNCATE'
+        ORDER BY commit_position, ordinal""").fetchall()
     picked = []
     exists = False
     for r in rows:
