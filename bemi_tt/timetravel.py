@@ -16,8 +16,8 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from bemi_tt.audit import _context_columns, audit, changes
 from bemi_tt.dtypes import frame_from_json
+from bemi_tt.feed import _context_columns, audit, changes
 from bemi_tt.sources import Scope, Source, TableName, get_source
 from bemi_tt.state import (
     PRESENT,

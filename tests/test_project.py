@@ -3,6 +3,8 @@ command has help and is documented in the README."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import subprocess
 import sys
@@ -51,11 +53,15 @@ def test_public_api_is_exactly_this() -> None:
     assert set(bemi_tt.__all__) == {
         "Bemi", "BemiError", "BemiFastAPIMiddleware", "ConfigurationError", "DecodeError",
         "EmbeddedPostgres", "SlotLostError", "SourceError", "__version__", "as_of", "audit", "blame",
-        "changes", "configure_context", "connect", "context", "diff", "duckdb", "export_parquet", "get_context", "history",
-        "install", "plot_activity", "set_context", "uninstall",
+        "changes", "configure_context", "connect", "context", "diff", "duckdb", "export_parquet",
+        "get_context", "history", "install", "plot_activity", "set_context", "uninstall",
     }
+    # Import every submodule first: a submodule named like a public function would shadow it.
+    for path in (ROOT / "bemi_tt").glob("*.py"):
+        importlib.import_module(f"bemi_tt.{path.stem}" if path.stem != "__init__" else "bemi_tt")
     for name in bemi_tt.__all__:
-        assert getattr(bemi_tt, name) is not None
+        value = getattr(bemi_tt, name)
+        assert value is not None and not inspect.ismodule(value), name
 
 
 def test_importing_bemi_tt_does_not_import_pandas_or_duckdb() -> None:
