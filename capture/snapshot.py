@@ -12,6 +12,9 @@ before every one they miss. ``ordinal`` counts rows across tables; ``transaction
 Tables are streamed with ``COPY (SELECT ...) TO STDOUT`` (text format, exactly the values pgoutput
 would send) and written in chunks inside one destination transaction, with a progress line on a
 terminal. Running it again (``--snapshot``) adds a newer complete snapshot at a newer position.
+The capture slot's transactions committed before ``P`` are written first, in the same destination
+transaction (``before_rows``), so rows enter ``changes`` in ``(commit_position, ordinal)`` order, as
+the incremental Parquet export requires.
 """
 
 from __future__ import annotations
@@ -174,10 +177,14 @@ def write_snapshot(
     ignored: Callable[[str, str], bool],
     session_options: str,
     progress: bool | None = None,
+    before_rows: Callable[[int], None] | None = None,
 ) -> int:
     """Copy every tracked table as SNAPSHOT rows, consistent with a fresh slot point; return rows written.
 
     The capture slot must already exist (so it retains every transaction after the snapshot point).
+    ``before_rows(point)`` runs once the snapshot is taken and before any row is written (the worker
+    writes the slot's transactions committed before ``point`` there, in the same destination
+    transaction, so ``changes`` stays inserted in key order); the rows are committed with them.
     """
     show = _Progress(sys.stderr.isatty() if progress is None else progress)
     with (
@@ -190,6 +197,8 @@ def write_snapshot(
         row = conn.execute("SELECT now()").fetchone()
         assert row is not None
         taken_at: datetime = row[0]
+        if before_rows is not None:
+            before_rows(point)
         position = point - 1
         ordinal = 0
         for table in snapshot_tables(conn, publication, ignored):

@@ -283,6 +283,15 @@ def _open(
         session.load_types()
         first = position is None
         if snapshot or (snapshot is None and first):
+            last = [position.commit_position, position.end_position] if position else [0, 0]
+            drained: list[int] = []
+
+            def drain_backlog(point: int) -> None:
+                # the slot's transactions committed before the snapshot's point go first, in the same
+                # destination transaction, so `changes` is inserted in (commit_position, ordinal) order
+                if _drain(session, point, last, threading.Event(), stats, below=point, commit=False):
+                    drained.append(point)
+
             rows = write_snapshot(
                 source_dsn,
                 slot=slot,
@@ -292,7 +301,10 @@ def _open(
                 type_info=session.type_info,
                 ignored=session.ignored,
                 session_options=session_options(source_dsn),
+                before_rows=drain_backlog,
             )
+            if drained:
+                _advance(session, drained[0])
             stats.snapshot_rows += rows
             log.info("snapshot: %d rows", rows)
         elif position is None:
@@ -304,8 +316,21 @@ def _open(
         raise
 
 
-def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event, stats: CaptureStats) -> bool:
-    """Read and write every transaction committed before ``upto``; True when the peek was finished."""
+def _drain(
+    session: _Session,
+    upto: int,
+    last: list[int],
+    stop: threading.Event,
+    stats: CaptureStats,
+    *,
+    below: int | None = None,
+    commit: bool = True,
+) -> bool:
+    """Read and write every transaction committed before ``upto``; True when the peek was finished.
+
+    ``below``: stop before the first transaction whose commit position is at or after it. ``commit``
+    False writes everything in one destination transaction and leaves it open (for the snapshot).
+    """
     stitcher = Stitcher(
         session.database, session.type_info, session.sink.known_columns(), ignored_tables=set(session.own)
     )
@@ -322,7 +347,7 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
     to_row = stitcher.change
     write = sink.write
     try:
-        stopped = False
+        stopped = reached = False
         for rows in session.reader.peek_batches(upto):
             for lsn, data in rows:
                 kind = data[0]
@@ -351,6 +376,9 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
                     continue
                 if kind == _B:
                     assert isinstance(message, Begin)
+                    if below is not None and message.final_lsn >= below:
+                        stopped = reached = True
+                        break
                     skipping = message.final_lsn <= last[0]
                     if skipping:
                         stats.skipped_transactions += 1
@@ -364,7 +392,7 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
                         committed_at = _when(message.commit_time)
                         sink.mark(message.commit_lsn, message.end_lsn, committed_at)
                         transactions += 1
-                    if transactions and (sink.pending >= batch or stop.is_set()):
+                    if commit and transactions and (sink.pending >= batch or stop.is_set()):
                         written += _commit(session, last, stats, transactions, upto, started, committed_at)
                         transactions = 0
                         started = time.monotonic()
@@ -381,8 +409,11 @@ def _drain(session: _Session, upto: int, last: list[int], stop: threading.Event,
                         sink.write_schema(out)
             if stopped:
                 break
-        finished = not stopped
-        if transactions:
+        finished = reached or not stopped
+        if not commit:
+            stats.changes += sink.pending
+            stats.transactions += transactions
+        elif transactions:
             written += _commit(session, last, stats, transactions, upto, started, committed_at)
         else:
             sink.rollback()
@@ -446,8 +477,14 @@ def _flushed(meta: psycopg.Connection) -> int:
 
 
 def _maybe_export(
-    destination: str, export_to: str | None, every: float, state: dict[str, float], force: bool = False
+    destination: str,
+    export_to: str | None,
+    every: float,
+    state: dict[str, float],
+    force: bool = False,
+    schema: str = "public",
 ) -> None:
+    """Export ``changes`` to Parquet every ``every`` seconds; a busy directory never stops capturing."""
     if export_to is None:
         return
     now = time.monotonic()
@@ -459,7 +496,10 @@ def _maybe_export(
     except ImportError:  # pragma: no cover - the export module ships with the package
         log.warning("capture.export is not available: --export-to ignored")
         return
-    export_parquet(destination, export_to, progress=False)
+    try:
+        export_parquet(destination, export_to, progress=False, schema=schema)
+    except SourceError as exc:  # another export holds the directory, or the dataset needs attention
+        log.warning("export to %s skipped: %s", export_to, exc)
 
 
 def run(
@@ -536,7 +576,9 @@ def run(
             finally:
                 if session is not None:
                     session.close()
-        _maybe_export(destination_dsn, export_to, export_every, export_state, force=export_to is not None)
+        _maybe_export(
+            destination_dsn, export_to, export_every, export_state, force=export_to is not None, schema=schema
+        )
     stats.seconds = time.monotonic() - started
     return stats
 
@@ -571,7 +613,9 @@ def _loop(
         else:
             upto = _flushed(session.meta)
         if upto <= info.confirmed_flush:
-            _maybe_export(session.destination_dsn, export_to, export_every, export_state)
+            _maybe_export(
+                session.destination_dsn, export_to, export_every, export_state, schema=session.schema
+            )
             stop.wait(idle)
             idle = min(idle * 2, _IDLE_MAX)
             continue
@@ -580,7 +624,7 @@ def _loop(
             _advance(session, upto)
         elif last[1]:
             _advance(session, last[1])
-        _maybe_export(session.destination_dsn, export_to, export_every, export_state)
+        _maybe_export(session.destination_dsn, export_to, export_every, export_state, schema=session.schema)
         if once and _advance_done(session, upto):
             return
 

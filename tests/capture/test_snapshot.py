@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import psycopg
 
@@ -102,3 +103,35 @@ def test_snapshot_false_never_records_existing_rows(dsn: str) -> None:
     assert run(dsn, once=True, snapshot=False).snapshot_rows == 0
     assert run(dsn, once=True).snapshot_rows == 0
     assert snapshot_rows(dsn) == []
+
+
+def test_snapshot_again_writes_the_backlog_first_so_changes_stay_in_key_order(
+    dsn: str, tmp_path: Path
+) -> None:
+    from capture.export import export_parquet
+    from capture.export_dataset import read_dataset
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+        conn.execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 20) g")
+    run(dsn, once=True)
+    directory = str(tmp_path / "export")
+    export_parquet(dsn, directory, progress=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a backlog the slot holds, not yet captured
+        for i in range(1, 6):
+            conn.execute("UPDATE t SET v = %s WHERE id = %s", (i, i))
+        conn.execute("DELETE FROM t WHERE id = 20")
+    stats = run(dsn, once=True, snapshot=True)
+    assert (stats.snapshot_rows, stats.changes) == (19, 6)
+    with psycopg.connect(dsn) as conn:
+        by_id = conn.execute("SELECT commit_position, ordinal, operation FROM changes ORDER BY id").fetchall()
+    assert by_id == sorted(by_id)
+    assert [op for *_, op in by_id] == ["SNAPSHOT"] * 20 + ["UPDATE"] * 5 + ["DELETE"] + ["SNAPSHOT"] * 19
+    export_parquet(dsn, directory, progress=False)  # would stop: rows inserted below its watermark
+    table = read_dataset(directory)
+    assert table.num_rows == len(by_id)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE t SET v = -1 WHERE id = 1")
+    assert run(dsn, once=True).changes == 1
+    export_parquet(dsn, directory, progress=False)
+    assert read_dataset(directory).num_rows == len(by_id) + 1

@@ -321,3 +321,26 @@ def test_tables_that_publishing_would_break_are_named_with_the_fix(
         run(dsn, once=True)
     [message] = [r.getMessage() for r in caplog.records if "replica identity" in r.getMessage()]
     assert "public.keyless" in message and "keyed," not in message and "REPLICA IDENTITY FULL" in message
+
+
+def test_export_to_a_busy_directory_warns_and_keeps_capturing(
+    dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pyarrow.fs as pafs
+
+    from capture.export_lock import open_lock
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    directory = str(tmp_path / "export")
+    with open_lock(directory, pafs.LocalFileSystem(), directory) as held, caplog.at_level("WARNING"):
+        held.acquire(0)
+        stats = run(dsn, once=True, export_to=directory)
+    assert stats.snapshot_rows == 1
+    assert any("export to" in r.getMessage() and "another export" in r.getMessage() for r in caplog.records)
+    assert not list((tmp_path / "export").rglob("*.parquet"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert run(dsn, once=True, export_to=directory).changes == 1  # the lock is free again: exported
+    assert list((tmp_path / "export").rglob("*.parquet"))
