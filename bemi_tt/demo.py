@@ -10,9 +10,12 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["run_demo"]
 
@@ -48,6 +51,15 @@ def _workload(engine: sa.Engine) -> tuple[datetime, datetime]:
     return after_create, _server_now(engine)
 
 
+def _left_aligned(frame: pd.DataFrame) -> str:
+    """A plain text table with left-aligned cells: JSON reads better flush left than pandas' default."""
+    cells = [[str(c) for c in frame.columns]]
+    cells += [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(frame.columns))]
+    lines = ("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return "\n".join(lines)
+
+
 def _heading(out: TextIO, text: str) -> None:
     out.write(f"\n== {text}\n")
 
@@ -79,7 +91,7 @@ def run_demo(*, bindir: str | Path | None = None, out: TextIO = sys.stdout) -> N
                 shown[column] = shown[column].map(lambda value: json.dumps(value, default=str))
             with pd.option_context("display.width", 250, "display.max_colwidth", 120,
                                    "display.max_columns", 20):
-                out.write(shown.to_string(index=False) + "\n")
+                out.write(_left_aligned(shown) + "\n")
                 _heading(out, f"as_of('todo', {t1.isoformat()})  -- after the three creates")
                 out.write(as_of("todo", t1, source=pg.dsn).to_string() + "\n")
                 _heading(out, f"as_of('todo', {t2.isoformat()})  -- now")
