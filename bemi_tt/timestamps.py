@@ -27,6 +27,9 @@ def to_utc(value: Any, name: str = "ts") -> pd.Timestamp:
             raise ConfigurationError(
                 f"{name}={value!r} is empty: pass an ISO 8601 time such as '2026-01-31T12:00:00+00:00'"
             )
+        if text.lower() in ("now", "today"):  # pandas reads these as *local* naive times: be explicit
+            now = pd.Timestamp.now(tz="UTC")
+            return now.floor("D") if text.lower() == "today" else now.as_unit("us")
         try:
             parsed = pd.Timestamp(text)
         except (ValueError, TypeError) as exc:

@@ -50,3 +50,19 @@ def test_to_utc_takes_a_date_as_its_midnight_utc() -> None:
 def test_to_utc_rejects_non_times_naming_the_value(value: object, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         to_utc(value, "ts")
+
+
+def test_now_is_the_current_utc_instant_whatever_the_local_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        before = pd.Timestamp.now(tz="UTC")
+        parsed = to_utc("now")
+        after = pd.Timestamp.now(tz="UTC")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert before <= parsed <= after and str(parsed.tz) == "UTC"
+    assert to_utc("today") == before.floor("D")
