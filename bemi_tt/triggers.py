@@ -237,6 +237,21 @@ def _check_flag(value: object) -> None:
         raise ConfigurationError(f"replica_identity_full must be True or False, got {value!r}")
 
 
+def _engine(target: str | sa.URL) -> Engine:
+    """An engine on psycopg 3 (the core driver) for a URL or a libpq ``key=value`` connection string."""
+    if isinstance(target, str) and "://" not in target:
+        import psycopg
+
+        return sa.create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(target))
+    try:
+        url = sa.make_url(target)
+    except sa.exc.ArgumentError:
+        raise ConfigurationError(f"not a database URL: {target!r}") from None
+    if url.drivername in ("postgresql", "postgres"):  # SQLAlchemy would pick psycopg2, an optional extra
+        url = url.set(drivername="postgresql+psycopg")
+    return sa.create_engine(url)
+
+
 @contextmanager
 def _connection(target: Engine | Connection | str | sa.URL) -> Iterator[Connection]:
     """A connection in a transaction: a passed Connection as is (the caller commits), else our own."""
@@ -248,7 +263,7 @@ def _connection(target: Engine | Connection | str | sa.URL) -> Iterator[Connecti
             yield conn
         return
     if isinstance(target, (str, sa.URL)):
-        engine = sa.create_engine(target)
+        engine = _engine(target)
         try:
             with engine.begin() as conn:
                 yield conn
