@@ -32,11 +32,13 @@ Rules (docs/architecture.md, "message protocol"):
 
 from __future__ import annotations
 
+import enum
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from capture.pgoutput import (
     UNCHANGED,
@@ -52,8 +54,9 @@ from capture.pgoutput import (
     Unchanged,
     Update,
     pg_timestamp_to_datetime,
+    text_tuple,
 )
-from capture.values import TypeInfo, ValueEncoder, row_json
+from capture.values import TypeInfo, ValueEncoder, json_string, row_json
 
 __all__ = [
     "CONTEXT_PREFIX",
@@ -68,6 +71,16 @@ __all__ = [
 CONTEXT_PREFIX = "bemi"
 DDL_PREFIX = "bemi_ddl"
 EMPTY = "{}"
+
+
+class _Fallback(enum.Enum):
+    NOT_HANDLED = "not handled"
+
+
+#: What :meth:`Stitcher.change_data` returns for a message it leaves to ``decode`` + ``change``.
+NOT_HANDLED: Final = _Fallback.NOT_HANDLED
+_I, _U, _D, _N, _K = (ord(c) for c in "IUDNK")
+_u32_from = struct.Struct(">I").unpack_from
 
 
 class ChangeRow(NamedTuple):
@@ -124,6 +137,55 @@ class _Table:
     key_indexes: tuple[int, ...] = ()  # primary key columns (catalog, else replica identity)
     identity_indexes: tuple[int, ...] = ()  # columns of a 'K' old tuple
     full_identity: bool = False
+    #: ``parse(data)``: (after JSON, raw key values) of an Insert / Update-without-old-tuple, or None
+    parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] | None = None
+
+
+def _compile_parser(
+    encoder: ValueEncoder, key_indexes: tuple[int, ...]
+) -> Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None]:
+    """A function reading one relation's new tuple (at byte 6) straight into its ``after`` JSON.
+
+    Generated per relation with every column unrolled (no per-value calls but the type's converter):
+    returns None for anything but text and NULL values filling the message exactly, so ``decode``
+    handles (or reports) the rest. Converters may raise on malformed values; callers fall back then.
+    """
+    assert encoder.names is not None
+    count = len(encoder.converters)
+    template = "{" + ",".join(json_string(n).replace("%", "%%") + ":%s" for n in encoder.names) + "}"
+    lines = [
+        "def parse(data):",
+        f"    if data[6] != {count >> 8} or data[7] != {count & 0xFF}:",
+        "        return None",
+        "    pos = 8",
+    ]
+    for i in range(count):
+        lines += [
+            "    kind = data[pos]",
+            "    if kind == 116:",
+            "        start = pos + 5",
+            "        pos = start + u32(data, pos + 1)[0]",
+            f"        v{i} = data[start:pos]",
+            f"        j{i} = c{i}(v{i})",
+            "    elif kind == 110:",
+            f"        v{i} = None",
+            f"        j{i} = 'null'",
+            "        pos += 1",
+            "    else:",
+            "        return None",
+        ]
+    values = "".join(f"j{i}, " for i in range(count))
+    keys = "".join(f"v{i}, " for i in key_indexes)
+    lines += [
+        "    if pos != len(data):",
+        "        return None",
+        f"    return template % ({values}), ({keys})",
+    ]
+    namespace: dict[str, Any] = {f"c{i}": c for i, c in enumerate(encoder.converters)}
+    namespace.update(template=template, u32=_u32_from)
+    exec(compile("\n".join(lines), f"<capture row parser of {count} columns>", "exec"), namespace)
+    parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] = namespace["parse"]
+    return parse
 
 
 def _strip_nul(value: Any) -> Any:
@@ -224,7 +286,8 @@ class Stitcher:
         else:
             keys = () if full else identity
         encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
-        self._tables[relation.oid] = _Table(relation, False, names, encoder, keys, identity, full)
+        parse = _compile_parser(encoder, keys)
+        self._tables[relation.oid] = _Table(relation, False, names, encoder, keys, identity, full, parse)
         if type_names is None:
             type_names = [str(c.type_oid) for c in columns]
         key_set = set(keys)
@@ -421,6 +484,62 @@ class Stitcher:
             out_names.append(names[i])
             fragments.append(encode(i, raw))
         return row_json(out_names, fragments), tuple(missing)
+
+    def change_data(self, lsn: int, data: bytes) -> ChangeRow | _Fallback | None:
+        """The row of an Insert, Update or Delete message given as pgoutput bytes, or :data:`NOT_HANDLED`.
+
+        The worker's fast path, equal to ``change(lsn, decode(data))`` for the common messages (every
+        value text or NULL; Update without old tuple; Delete with a key-only old tuple) and for rows of
+        ignored tables; anything else (and anything malformed) is :data:`NOT_HANDLED`.
+        """
+        size = len(data)
+        kind = data[0] if size >= 8 else 0
+        if kind != _I and kind != _U and kind != _D:
+            return NOT_HANDLED
+        table = self._tables.get(_u32_from(data, 1)[0])
+        if table is None:
+            return NOT_HANDLED
+        if table.ignored:
+            return None
+        committed_at = self._committed_at
+        marker = data[5]
+        if committed_at is None or marker != (_K if kind == _D else _N):
+            return NOT_HANDLED
+        keys = table.key_indexes
+        try:
+            if kind == _D:
+                parsed = text_tuple(data, 6)
+                if parsed is None or parsed[1] != size:
+                    return NOT_HANDLED
+                values = parsed[0]
+                before, _ = self._row(table, values, table.identity_indexes)
+                after = EMPTY
+                operation = "DELETE"
+                key_values: Sequence[bytes | None] = [values[i] for i in keys]
+            else:
+                assert table.parse is not None
+                result = table.parse(data)
+                if result is None:
+                    return NOT_HANDLED
+                after, key_values = result
+                before = EMPTY
+                operation = "CREATE" if kind == _I else "UPDATE"
+            if len(keys) == 1:
+                raw = key_values[0]
+                key = None if raw is None else raw.decode()
+            elif keys:
+                assert table.encoder is not None
+                encode = table.encoder.value_json
+                key = "[" + ",".join([encode(i, v) for i, v in zip(keys, key_values, strict=True)]) + "]"
+            else:
+                key = None
+        except Exception:  # malformed: the general path reports it exactly
+            return NOT_HANDLED
+        ordinal = self._ordinal
+        self._ordinal = ordinal + 1
+        rel = table.relation
+        return ChangeRow(key, rel.name, operation, before, after, self._context, committed_at,
+                         rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal)
 
     def change(self, lsn: int, message: Insert | Update | Delete) -> ChangeRow | None:
         """The row of one Insert, Update or Delete (None for ignored tables): the fast path of ``feed``."""

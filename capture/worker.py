@@ -35,7 +35,7 @@ from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.sink import POSITIONS_TABLE, Position, Sink
 from capture.snapshot import write_snapshot
-from capture.stitch import ChangeRow, SchemaChange, Stitcher
+from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
 from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info
 
 __all__ = ["CaptureStats", "resolve_dsn", "run", "status"]
@@ -345,6 +345,7 @@ def _drain(
     committed_at: datetime | None = None
     feed = stitcher.feed
     to_row = stitcher.change
+    from_data = stitcher.change_data
     write = sink.write
     try:
         stopped = reached = False
@@ -353,13 +354,15 @@ def _drain(
                 kind = data[0]
                 if skipping and kind != _B and kind != _C and kind != _R:
                     continue
-                message = decode(data)
                 if kind in (_I, _U, _D):
-                    row = to_row(lsn, message)  # type: ignore[arg-type]
+                    row = from_data(lsn, data)
+                    if row is NOT_HANDLED:
+                        row = to_row(lsn, decode(data))  # type: ignore[arg-type]
                     if row is not None:
                         produced = True
                         write(row)
                     continue
+                message = decode(data)
                 if kind == _R:
                     assert isinstance(message, Relation)
                     key, types = session.describe(message)

@@ -274,3 +274,63 @@ def test_stitching_matches_a_reference_model(transactions: list[list[object]]) -
         rows = txn(s, *messages, lsn=lsn)
         lsn += 10_000
         assert [(r.primary_key, json.loads(r.context), r.ordinal) for r in rows] == expected  # type: ignore[union-attr]
+
+
+_TYPES = st.sampled_from([INT4, TEXT, NUMERIC, BOOL, 20, 1184, 3802, 1007, 2950])
+_VALUE = st.one_of(
+    st.none(),
+    st.just(UNCHANGED),
+    st.sampled_from([b"1", b"-7", b"t", b"f", b"2.50", b"NaN", b'{"a": [1, "x\\ty"]}', b"{1,NULL,3}"]),
+    st.sampled_from([b"2026-11-27 10:00:00.5+00", b"infinity", b"2026-01-01 00:00:00+05:30", b"\xff"]),
+    st.text(max_size=8).map(str.encode),
+)
+
+
+@settings(max_examples=300)
+@given(
+    types=st.lists(_TYPES, min_size=1, max_size=5),
+    key=st.sampled_from(["none", "one", "two"]),
+    identity=st.sampled_from("dfn"),
+    data=st.data(),
+)
+def test_the_fast_path_from_bytes_equals_decoding_then_stitching(
+    types: list[int], key: str, identity: str, data: st.DataObject
+) -> None:
+    from capture.errors import BemiError
+    from capture.pgoutput import decode, encode
+    from capture.stitch import NOT_HANDLED
+
+    names = [f"c{i}" for i in range(len(types))]
+    keys = {"none": [], "one": names[:1], "two": names[:2]}[key]
+    columns = tuple(Column(n in keys, n, t, -1) for n, t in zip(names, types, strict=True))
+    rel = Relation(5000, "public", "t", identity, columns)
+    width = len(types) + data.draw(st.sampled_from([0, 0, 0, 1, -1]))
+    values = tuple(data.draw(_VALUE) for _ in range(max(width, 0)))
+    old = tuple(data.draw(_VALUE) for _ in range(len(types)))
+    message = data.draw(
+        st.sampled_from(
+            [
+                Insert(rel.oid, values),
+                Update(rel.oid, None, None, values),
+                Update(rel.oid, "K", old, values),
+                Update(rel.oid, "O", old, values),
+                Delete(rel.oid, "K", values),
+                Delete(rel.oid, "O", values),
+            ]
+        )
+    )
+    raw = encode(message)
+    raw = raw[: data.draw(st.integers(0, len(raw)))] if data.draw(st.booleans()) else raw
+    outcomes = []
+    for fast in (True, False):
+        s = Stitcher("db", {})
+        s.add_relation(rel, primary_key=keys or None)
+        s.feed(1, Begin(100, 0, 7))
+        try:
+            row = s.change_data(10, raw) if fast else NOT_HANDLED
+            if row is NOT_HANDLED:
+                row = s.change(10, decode(raw))  # type: ignore[arg-type]
+            outcomes.append(("row", row, s._ordinal))
+        except (BemiError, ValueError, TypeError, IndexError) as exc:
+            outcomes.append(("error", type(exc).__name__, str(exc)))
+    assert outcomes[0] == outcomes[1]
