@@ -23,6 +23,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -30,6 +31,8 @@ import psycopg
 from psycopg import sql
 
 from bemi_tt.embedded import EmbeddedPostgres, find_bindir
+from capture.schema import changes_ddl
+from capture.stitch import CHANGE_COLUMNS
 from capture.worker import run
 
 LOAD = """
@@ -94,6 +97,38 @@ def worker(dsn: str, destination: str, slot: str) -> tuple[float, float]:
     if process.returncode != 0:
         raise SystemExit(f"worker failed with exit code {process.returncode}")
     return seconds, usage.ru_maxrss / 1024
+
+
+def write_floor(destination: str, rows: int = 200_000) -> float:
+    """Changes/s of COPYing (text format, like the worker) up to ``rows`` captured rows into an empty
+    ``changes`` table with the same DDL: what the destination alone costs, whatever the worker does."""
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in CHANGE_COLUMNS)
+    with psycopg.connect(destination) as conn, tempfile.TemporaryFile() as spool:
+        # spooled through a file: holding the rows in memory would inflate the next worker's peak RSS
+        with conn.cursor() as cur, cur.copy(
+            sql.SQL("COPY (SELECT {} FROM changes ORDER BY id LIMIT {}) TO STDOUT").format(
+                columns, sql.Literal(rows)
+            )
+        ) as copy:
+            count = 0
+            for chunk in copy:
+                count += bytes(chunk).count(b"\n")
+                spool.write(chunk)
+        conn.execute("DROP TABLE IF EXISTS changes_write_floor")
+        conn.execute(changes_ddl("public", "changes_write_floor"))
+        conn.commit()
+        spool.seek(0)
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(
+            sql.SQL("COPY changes_write_floor ({}) FROM STDIN").format(columns)
+        ) as copy:
+            while piece := spool.read(1 << 20):
+                copy.write(piece)
+        conn.commit()
+        seconds = time.perf_counter() - started
+        conn.execute("DROP TABLE changes_write_floor")
+        conn.commit()
+    return count / seconds
 
 
 def recvlogical(dsn: str, slot: str, endpos: str) -> float:
@@ -236,7 +271,7 @@ def main() -> None:
                 " FROM pg_replication_slots WHERE slot_name = 'same'"
             ).fetchone()[0]  # type: ignore[index]
         print(f"backlog: {args.changes:,} changes, {int(wal) / 2**20:.0f} MB of WAL, built in {built:.1f} s")
-        floors, workers, rss = [], [], []
+        floors, workers, rss, writes = [], [], [], []
         for i in range(args.runs):
             floors.append(args.changes / recvlogical(source, f"floor_{i}", endpos))
             seconds, peak = worker(source, pg.url(database=f"bench_dest_{i}"), f"worker_{i}")
@@ -245,14 +280,20 @@ def main() -> None:
                 raise SystemExit(f"worker captured {captured} changes, expected {args.changes}")
             workers.append(args.changes / seconds)
             rss.append(peak)
+            writes.append(write_floor(pg.url(database=f"bench_dest_{i}")))
             print(
                 f"run {i + 1}: pg_recvlogical {floors[-1]:,.0f} changes/s, worker {workers[-1]:,.0f}"
-                f" changes/s ({workers[-1] / floors[-1]:.2f}x), peak RSS {peak:.0f} MB"
+                f" changes/s ({workers[-1] / floors[-1]:.2f}x), peak RSS {peak:.0f} MB;"
+                f" COPY into changes alone {writes[-1]:,.0f} rows/s"
             )
-        floor, rate = statistics.median(floors), statistics.median(workers)
+        floor, rate, write = statistics.median(floors), statistics.median(workers), statistics.median(writes)
         print(
             f"median: pg_recvlogical {floor:,.0f} changes/s, worker {rate:,.0f} changes/s, "
             f"ratio {rate / floor:.2f}x (goal >= 0.5x), peak RSS {max(rss):.0f} MB"
+        )
+        print(
+            f"destination bound: COPY of the captured rows into an empty changes table alone "
+            f"{write:,.0f} rows/s ({write / floor:.2f}x pg_recvlogical; worker {rate / write:.2f}x of it)"
         )
         seconds, peak = worker(source, same, "same")
         print(
