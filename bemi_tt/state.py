@@ -335,7 +335,8 @@ def state_at(
         con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
         query = f'SELECT * FROM "{name}_keyless"'
     elif isinstance(source, PostgresSource) and not source.mirror:
-        source.latest(con, f"{name}_latest", scope, keys, latest_sql)
+        if not source.winners(con, f"{name}_latest", scope, keys):
+            source.latest(con, f"{name}_latest", scope, keys, latest_sql)
         query = f'SELECT * FROM "{name}_latest"'
     else:
         source.load(con, name, scope)
