@@ -56,7 +56,14 @@ from capture.pgoutput import (
     pg_timestamp_to_datetime,
     text_tuple,
 )
-from capture.values import TypeInfo, ValueEncoder, json_string, row_json
+from capture.values import (
+    INLINE_EXPRESSIONS,
+    INLINE_NAMESPACE,
+    TypeInfo,
+    ValueEncoder,
+    json_string,
+    row_json,
+)
 
 __all__ = [
     "CONTEXT_PREFIX",
@@ -141,6 +148,13 @@ class _Table:
     parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] | None = None
 
 
+def _inline(converter: Callable[[bytes], str], i: int) -> str:
+    expression = INLINE_EXPRESSIONS.get(converter)
+    if expression is None:
+        return f"c{i}(v{i})"
+    return expression.format(v=f"v{i}", t=f"t{i}")
+
+
 def _compile_parser(
     encoder: ValueEncoder, key_indexes: tuple[int, ...]
 ) -> Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None]:
@@ -166,7 +180,7 @@ def _compile_parser(
             "        start = pos + 5",
             "        pos = start + u32(data, pos + 1)[0]",
             f"        v{i} = data[start:pos]",
-            f"        j{i} = c{i}(v{i})",
+            f"        j{i} = {_inline(encoder.converters[i], i)}",
             "    elif kind == 110:",
             f"        v{i} = None",
             f"        j{i} = 'null'",
@@ -182,6 +196,7 @@ def _compile_parser(
         f"    return template % ({values}), ({keys})",
     ]
     namespace: dict[str, Any] = {f"c{i}": c for i, c in enumerate(encoder.converters)}
+    namespace.update(INLINE_NAMESPACE)
     namespace.update(template=template, u32=_u32_from)
     exec(compile("\n".join(lines), f"<capture row parser of {count} columns>", "exec"), namespace)
     parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] = namespace["parse"]

@@ -43,6 +43,8 @@ from capture.errors import DecodeError
 
 __all__ = [
     "BUILTIN_TYPES",
+    "INLINE_EXPRESSIONS",
+    "INLINE_NAMESPACE",
     "TYPE_INFO_QUERY",
     "TypeInfo",
     "ValueEncoder",
@@ -243,6 +245,23 @@ def _timestamptz_bytes(raw: bytes) -> str:
         return '"' + raw.decode().replace(" ", "T", 1) + ':00"'  # the fast path of _timestamptz
     return _timestamptz(raw.decode())
 
+
+#: Python expressions equal to calling the hot bytes converters on ``{v}`` (for generated row parsers,
+#: capture/stitch.py), with the names they use in :data:`INLINE_NAMESPACE`. Keep in step with the functions.
+INLINE_EXPRESSIONS: Final[Mapping[Callable[[bytes], str], str]] = {
+    bytes.decode: "{v}.decode()",
+    _text_bytes: "_json_string({v}.decode())",
+    _number_bytes: "({t} if ({t} := {v}.decode()) not in _NON_FINITE else '\"' + {t} + '\"')",
+    _timestamptz_bytes: (
+        "('\"' + {v}.decode().replace(' ', 'T', 1) + ':00\"' if len({v}) > 19 and {v}[10] == 32"
+        " and {v}[-3] in (43, 45) and {v}[4] == 45 else _timestamptz({v}.decode()))"
+    ),
+}
+INLINE_NAMESPACE: Final[Mapping[str, Any]] = {
+    "_json_string": _json_string,
+    "_NON_FINITE": _NON_FINITE,
+    "_timestamptz": _timestamptz,
+}
 
 _INTEGER_OIDS: Final = frozenset((20, 21, 23))
 _SCALARS: Final[Mapping[int, Callable[[str], str]]] = {

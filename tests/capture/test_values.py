@@ -527,3 +527,27 @@ def test_load_type_info_resolves_domains_and_enums_by_catalog_rows() -> None:
     ]
     with pytest.raises(ValueError, match="6 fields"):
         load_type_info([(1, "x")])
+
+
+@settings(max_examples=400)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=40),
+        st.text(max_size=30).map(str.encode),
+        st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1.50", b"2026-11-27 10:00:00.5+00",
+                         b"2026-11-27 10:00:00+05:30", b"0044-03-15 12:00:00+00 BC", b"infinity"]),
+    )
+)
+def test_inline_expressions_equal_the_converters_they_replace(raw: bytes) -> None:
+    from capture.values import INLINE_EXPRESSIONS, INLINE_NAMESPACE
+
+    def outcome(function: Any, *args: Any) -> tuple[str, Any]:
+        try:
+            return "ok", function(*args)
+        except Exception as exc:
+            return "error", type(exc)
+
+    for converter, expression in INLINE_EXPRESSIONS.items():
+        code = expression.format(v="v", t="t")
+        inline = outcome(eval, code, dict(INLINE_NAMESPACE), {"v": raw})
+        assert inline == outcome(converter, raw), (converter, raw)
