@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -40,6 +41,8 @@ from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
 
 __all__ = ["as_of", "audit", "blame", "changes", "diff", "history"]
+
+_NAT = np.iinfo(np.int64).min  # NaT as int64
 
 
 def as_of(
@@ -126,7 +129,7 @@ def _origins(
         ),
         versions AS (
             SELECT c.primary_key AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op,
-                   c.committed_at,
+                   epoch_us(c.committed_at) AS committed_at,
                    CAST(c.context AS VARCHAR) AS context, CAST(c.after AS VARCHAR) AS after
             FROM {rel} c JOIN births b ON b.k = c.primary_key, truncates
             WHERE c.operation IN ('CREATE', 'UPDATE', 'SNAPSHOT')
@@ -157,6 +160,7 @@ def _origins(
             f"(cp, o)) FILTER (WHERE ch{i}) AS c{i}"
             for i in range(1, len(names) + 1)
         )
+        structs = ", ".join(f"c{i}" for i in range(1, len(names) + 1))
         query = (
             query[: query.index("        cells AS (")]
             + f"""
@@ -168,21 +172,19 @@ def _origins(
             SELECT *, lag(v) OVER w AS p, row_number() OVER w AS n FROM valued
             WINDOW w AS (PARTITION BY k ORDER BY cp, o)
         ),
-        flagged AS (SELECT k, cp, o, op, committed_at, context, {changed} FROM marked)
-        SELECT k, {picks} FROM flagged GROUP BY k"""
+        flagged AS (SELECT k, cp, o, op, committed_at, context, {changed} FROM marked),
+        picked AS (SELECT k, {picks} FROM flagged GROUP BY k),
+        cells AS (
+            SELECT k, unnest(range(0, {len(names)})) AS i, unnest([{structs}]) AS v FROM picked
         )
-        out: dict[tuple[str, str], tuple[Any, ...]] = {}
-        for row in con.sql(query).fetchall():
-            for name, v in zip(names, row[1:], strict=True):
-                if v is not None:
-                    out[(row[0], name)] = (
-                        v["cp"],
-                        v["o"],
-                        v["op"],
-                        v["committed_at"],
-                        v["context"],
-                    )
-        return out
+        SELECT k, i, v.cp, v.o, v.op, v.committed_at, v.context FROM cells WHERE v IS NOT NULL"""
+        )
+        got = con.sql(query).to_arrow_table()
+        columns = [got.column(j).to_pylist() for j in range(got.num_columns)]
+        return {
+            (k, names[i]): (cp, o, op, at, ctx)
+            for k, i, cp, o, op, at, ctx in zip(*columns, strict=True)
+        }
     out = {}
     for k, col, v in con.execute(query).fetchall():
         out[(k, col)] = (v["cp"], v["o"], v["op"], v["committed_at"], v["context"])
@@ -201,12 +203,13 @@ def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> di
                 FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}')
             WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
         )
-        SELECT g.k, c.operation, c.committed_at, CAST(c.context AS VARCHAR), c.commit_position, c.ordinal
+        SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR), c.commit_position,
+               c.ordinal
         FROM (SELECT k, max((cp, o)) AS at FROM gone GROUP BY k) g
         JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"""
     out = {row[0]: row[1:] for row in con.execute(query).fetchall()}
     truncate = con.sql(
-        f"SELECT operation, committed_at, CAST(context AS VARCHAR), commit_position, ordinal "
+        f"SELECT operation, epoch_us(committed_at), CAST(context AS VARCHAR), commit_position, ordinal "
         f"FROM {rel} WHERE operation = 'TRUNCATE' ORDER BY commit_position DESC, ordinal DESC "
         "LIMIT 1"
     ).fetchall()
@@ -215,6 +218,15 @@ def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> di
         out = {k: v for k, v in out.items() if (v[3], v[4]) > (truncate[3], truncate[4])}
         out[""] = truncate
     return out
+
+
+def _rows_of(state: Any, wanted: set[str]) -> dict[str, tuple[Any, ...]]:
+    """``primary_key`` text → (index, *values) of the state's rows whose key is in ``wanted`` (only those
+    rows are turned into Python values)."""
+    keys = state.key_texts
+    picked = [i for i, k in enumerate(keys.tolist()) if k in wanted]
+    rows = state.frame.iloc[picked].itertuples(index=True, name=None)
+    return {str(keys[i]): row for i, row in zip(picked, rows, strict=True)}
 
 
 def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
@@ -247,16 +259,8 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     if not touched:
         return _indexed_cells([], layout, "diff")
     wanted = set(touched)
-    old_rows = {
-        k: row
-        for k, row in zip(old.keys, old.frame.itertuples(index=True, name=None), strict=True)
-        if k in wanted
-    }
-    new_rows = {
-        k: row
-        for k, row in zip(new.keys, new.frame.itertuples(index=True, name=None), strict=True)
-        if k in wanted
-    }
+    old_rows = _rows_of(old, wanted)
+    new_rows = _rows_of(new, wanted)
     origins = _origins(src, name, layout, end, con, keys=[k for k in touched if k in new_rows])
     gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
@@ -313,7 +317,11 @@ def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> 
     )
     data = {c: pd.Series([r[c] for r in records], index=index, dtype=object) for c in columns}
     frame = pd.DataFrame(data, index=index)
-    frame["committed_at"] = pd.to_datetime(frame["committed_at"], utc=True).astype("datetime64[us, UTC]")
+    # committed_at arrives as epoch microseconds (None: unknown)
+    micros = np.array(
+        [_NAT if r["committed_at"] is None else r["committed_at"] for r in records], dtype=np.int64
+    ).view("datetime64[us]")
+    frame["committed_at"] = pd.Series(micros, index=index).dt.tz_localize("UTC")
     for c in ("change", "operation"):
         if c in frame:
             frame[c] = frame[c].astype(pd.StringDtype())
