@@ -182,8 +182,7 @@ def _origins(
         got = con.sql(query).to_arrow_table()
         columns = [got.column(j).to_pylist() for j in range(got.num_columns)]
         return {
-            (k, names[i]): (cp, o, op, at, ctx)
-            for k, i, cp, o, op, at, ctx in zip(*columns, strict=True)
+            (k, names[i]): (cp, o, op, at, ctx) for k, i, cp, o, op, at, ctx in zip(*columns, strict=True)
         }
     out = {}
     for k, col, v in con.execute(query).fetchall():
@@ -264,26 +263,22 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     origins = _origins(src, name, layout, end, con, keys=[k for k in touched if k in new_rows])
     gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
-    for k in touched:
-        o_row = dict(zip(old_cols, old_rows[k], strict=True)) if k in old_rows else None
-        n_row = dict(zip(new_cols, new_rows[k], strict=True)) if k in new_rows else None
-        if (
-            o_row is not None
-            and n_row is not None
-            and old_cols == new_cols
-            and all(_same(a, b) for a, b in zip(old_rows[k], new_rows[k], strict=True))
-        ):
-            continue
-        index = (n_row or o_row)["__index__"]  # type: ignore[index]
+    old_pos = {c: i for i, c in enumerate(old_cols)}
+    new_pos = {c: i for i, c in enumerate(new_cols)}
+    for k in touched:  # an unchanged row gives no cell (every column compares the same)
+        o_row, n_row = old_rows.get(k), new_rows.get(k)
+        index = (n_row or o_row)[0]  # type: ignore[index]
         change = "added" if o_row is None else "removed" if n_row is None else "changed"
+        if change == "removed":
+            event = gone.get(k) or gone.get("")
+            removal = (event[0], event[1], event[2]) if event else (None, None, None)
         for col in all_cols:
-            before = o_row.get(col) if o_row else None
-            after = n_row.get(col) if n_row else None
+            before = o_row[old_pos[col]] if o_row is not None and col in old_pos else None
+            after = n_row[new_pos[col]] if n_row is not None and col in new_pos else None
             if change == "changed" and _same(before, after):
                 continue
             if change == "removed":
-                event = gone.get(k) or gone.get("")
-                op, at, ctx = (event[0], event[1], event[2]) if event else (None, None, None)
+                op, at, ctx = removal
             else:
                 origin = origins.get((k, col))
                 op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
