@@ -643,7 +643,9 @@ class PostgresSource(Source):
         ).fetchone()
         return None if row is None else int(row[0])
 
-    def _winner_rows(self, scope: Scope, cut: int | None) -> tuple[pa.Table, int]:
+    def _winner_rows(
+        self, conn: psycopg.Connection[Any], scope: Scope, cut: int | None
+    ) -> tuple[pa.Table, int]:
         """Each key's last change before ``cut`` (``table`` index, no heap read but the winners): present
         ones as (k, cp, o, payload), and how many winners belong to another schema (then unusable)."""
         assert scope.table is not None
@@ -665,7 +667,7 @@ class PostgresSource(Source):
             changes=self._name(CHANGES_TABLE),
             below=below,
         )
-        with self._connect() as conn, conn.cursor(binary=True) as cur:
+        with conn.cursor(binary=True) as cur:
             keys, payloads, foreign = cur.execute(query).fetchone()  # type: ignore[misc]
         if not keys:
             return _WINNERS.empty_table(), int(foreign or 0)
@@ -759,16 +761,13 @@ class PostgresSource(Source):
         if scope.table is None or len(keys) > 1 or scope.since is not None or scope.until_time is not None:
             return False
         key = keys[0] if keys else None
-        cut: int | None = None
-        if scope.until is not None:
-            with self._connect() as conn:
-                cut = self._cut_hint(conn, scope)
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1) as pool, self._connect() as conn:
+            cut = self._cut_hint(conn, scope) if scope.until is not None else None
             for _ in range(2):
                 side = pool.submit(self._side_effects, scope, cut, key)
-                rows, foreign = self._winner_rows(scope, cut)
+                rows, foreign = self._winner_rows(conn, scope, cut)
                 moved, truncate, late = side.result()
                 if late is None:
                     break
@@ -778,6 +777,9 @@ class PostgresSource(Source):
         if foreign:
             return False  # another schema's table of the same name interleaves: the index cannot tell
         con.register(f"{name}__winners", rows)
+        if not moved.num_rows and truncate is None:
+            con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM "{name}__winners"')
+            return True
         con.register(f"{name}__moved", moved)
         gone = f"AND (w.cp, w.o) > ({int(truncate[0])}, {int(truncate[1])})" if truncate is not None else ""
         con.execute(
