@@ -63,6 +63,8 @@ SCHEMAS_ARROW = pa.schema(
 )
 _ARROW_TYPES = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
 _MAX_POSITION = (1 << 63) - 1
+#: How many changes the cut hint looks at after its binary search (bounds the work for quiet tables).
+_HINT_WALK = 200_000
 #: Rows present at a cut, as the PostgreSQL source hands them to DuckDB.
 _WINNERS = pa.schema([("k", pa.string()), ("cp", pa.int64()), ("o", pa.int32()), ("payload", pa.string())])
 
@@ -632,14 +634,17 @@ class PostgresSource(Source):
                 high = middle
             else:
                 low = middle + 1
-        # from the commit before: a commit's changes may carry different times (then a later one is first)
+        # from the commit before (a commit's changes may carry different times, then a later one is
+        # first), looking at a bounded number of changes: a table quiet since ``until`` finds none (no hint)
         row = conn.execute(
             sql.SQL(
-                "SELECT commit_position FROM {changes} WHERE commit_position >= coalesce("
+                'SELECT commit_position FROM (SELECT commit_position, committed_at, "schema", "table"'
+                " FROM {changes} WHERE commit_position >= coalesce("
                 "(SELECT max(commit_position) FROM {changes} WHERE commit_position < %s), %s)"
-                ' AND committed_at > %s AND "schema" = %s AND "table" = %s ORDER BY commit_position LIMIT 1'
+                " ORDER BY commit_position, ordinal LIMIT %s) s"
+                ' WHERE committed_at > %s AND "schema" = %s AND "table" = %s ORDER BY commit_position LIMIT 1'
             ).format(changes=changes),
-            (low, low, until, *scope.table),
+            (low, low, _HINT_WALK, until, *scope.table),
         ).fetchone()
         return None if row is None else int(row[0])
 
