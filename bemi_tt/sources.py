@@ -753,7 +753,7 @@ class PostgresSource(Source):
             if text
             else pa.schema([("ok", pa.string()), ("cp", pa.int64()), ("o", pa.int32())]).empty_table()
         )
-        return moved, (tuple(truncate) if truncate else None), first_late  # type: ignore[return-value]
+        return moved, (tuple(truncate) if truncate else None), first_late
 
     def winners(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]) -> bool:
         """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` for a table with one

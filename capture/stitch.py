@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
+from capture.errors import DecodeError
 from capture.pgoutput import (
     UNCHANGED,
     Begin,
@@ -484,6 +485,12 @@ class Stitcher:
         """JSON object of ``values`` (only ``indexes`` if given) and the names of unchanged-TOAST columns."""
         encoder = table.encoder
         assert encoder is not None
+        if len(values) != len(table.names):
+            rel = table.relation
+            raise DecodeError(
+                f"a tuple of {len(values)} values for {rel.namespace}.{rel.name}, whose Relation message "
+                f"has {len(table.names)} columns: the stream is corrupt or out of order"
+            )
         if indexes is None and UNCHANGED not in values:
             return encoder.row_json(values), ()  # type: ignore[arg-type]
         encode = encoder.value_json

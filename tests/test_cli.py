@@ -86,8 +86,10 @@ def test_uninstall_removes_tracking(tracked: str) -> None:
 @pytest.mark.parametrize(
     "args,message",
     [
-        pytest.param(["audit", "--where", "user_id"], "--where takes KEY=VALUE, got 'user_id'", id="bad-where"),
-        pytest.param(["as-of", "todo", "yesterday-ish"], "'yesterday-ish' is not an ISO 8601 time", id="bad-ts"),
+        pytest.param(["audit", "--where", "user_id"], "--where takes KEY=VALUE, got 'user_id'",
+                     id="bad-where"),
+        pytest.param(["as-of", "todo", "yesterday-ish"], "'yesterday-ish' is not an ISO 8601 time",
+                     id="bad-ts"),
         pytest.param(["as-of", "nope", "now"], "nope", id="unknown-table"),
     ],
 )

@@ -334,3 +334,10 @@ def test_the_fast_path_from_bytes_equals_decoding_then_stitching(
         except (BemiError, ValueError, TypeError, IndexError) as exc:
             outcomes.append(("error", type(exc).__name__, str(exc)))
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_tuple_longer_than_its_relation_is_a_decode_error_not_an_index_error() -> None:
+    from capture.errors import DecodeError
+
+    with pytest.raises(DecodeError, match=r"4 values for public.todo, whose Relation message has 3 columns"):
+        txn(stitcher(TODO), Insert(1001, (b"1", b"x", b"2", UNCHANGED)))
