@@ -204,6 +204,22 @@ def _compile_parser(
     return parse
 
 
+def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
+    """``primary_key`` from the key columns' values: one column as its text, several as a JSON array."""
+    if len(key_values) == 1:
+        raw = key_values[0]
+        return raw.decode() if isinstance(raw, bytes) else None
+    if not key_values:
+        return None
+    assert table.encoder is not None
+    parts = []
+    for i, raw in zip(table.key_indexes, key_values, strict=True):
+        if isinstance(raw, Unchanged):
+            return None
+        parts.append(table.encoder.value_json(i, raw))
+    return "[" + ",".join(parts) + "]"
+
+
 def _strip_nul(value: Any) -> Any:
     """jsonb cannot hold U+0000: replace it by the visible text ``\\u0000`` inside strings."""
     if isinstance(value, str):
@@ -425,10 +441,15 @@ class Stitcher:
         except KeyError:
             raise ValueError(f"change for relation {oid} before its Relation message") from None
 
-    def _next(self) -> int:
+    def _emit(self, rel: Relation, key: str | None, operation: str, before: str, after: str, lsn: int,
+              missing: tuple[str, ...] = (), previous: str | None = None) -> ChangeRow:
+        """A change row of the current transaction, taking the next ordinal."""
+        assert self._committed_at is not None
         ordinal = self._ordinal
         self._ordinal = ordinal + 1
-        return ordinal
+        return ChangeRow(key, rel.name, operation, before, after, self._context, self._committed_at,
+                         rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal,
+                         missing, previous)
 
     def _truncate(self, lsn: int, message: Truncate) -> list[ChangeRow]:
         rows = []
@@ -437,47 +458,21 @@ class Stitcher:
             table = self._table(oid)
             if table.ignored:
                 continue
-            rel = table.relation
-            rows.append(
-                ChangeRow(
-                    None,
-                    rel.name,
-                    "TRUNCATE",
-                    EMPTY,
-                    EMPTY,
-                    self._context,
-                    self._committed_at,
-                    rel.namespace,
-                    self.database,
-                    self._xid,
-                    lsn,
-                    self._commit_lsn,
-                    self._next(),
-                )
-            )
+            rows.append(self._emit(table.relation, None, "TRUNCATE", EMPTY, EMPTY, lsn))
         return rows
 
     def _key(
         self, table: _Table, values: Sequence[TupleValue], fallback: Sequence[TupleValue] | None
     ) -> str | None:
+        """``primary_key`` of a tuple; key values it lacks (unchanged TOAST) come from ``fallback``."""
         keys = table.key_indexes
-        if not keys:
-            return None
-        if len(keys) == 1:
-            raw = values[keys[0]]
-            if not isinstance(raw, bytes) and fallback is not None:
-                raw = fallback[keys[0]]
-            return raw.decode() if isinstance(raw, bytes) else None
-        assert table.encoder is not None
-        parts = []
-        for i in keys:
-            raw = values[i]
-            if raw is UNCHANGED and fallback is not None:
-                raw = fallback[i]
-            if isinstance(raw, Unchanged):
-                return None
-            parts.append(table.encoder.value_json(i, raw))
-        return "[" + ",".join(parts) + "]"
+        if fallback is None:
+            return _key_text(table, [values[i] for i in keys])
+        single = len(keys) == 1
+        return _key_text(table, [
+            fallback[i] if values[i] is UNCHANGED or (single and values[i] is None) else values[i]
+            for i in keys
+        ])
 
     def _row(
         self, table: _Table, values: Sequence[TupleValue], indexes: Iterable[int] | None = None
@@ -546,22 +541,10 @@ class Stitcher:
                 after, key_values = result
                 before = EMPTY
                 operation = "CREATE" if kind == _I else "UPDATE"
-            if len(keys) == 1:
-                raw = key_values[0]
-                key = None if raw is None else raw.decode()
-            elif keys:
-                assert table.encoder is not None
-                encode = table.encoder.value_json
-                key = "[" + ",".join([encode(i, v) for i, v in zip(keys, key_values, strict=True)]) + "]"
-            else:
-                key = None
+            key = _key_text(table, key_values)
         except Exception:  # malformed: the general path reports it exactly
             return NOT_HANDLED
-        ordinal = self._ordinal
-        self._ordinal = ordinal + 1
-        rel = table.relation
-        return ChangeRow(key, rel.name, operation, before, after, self._context, committed_at,
-                         rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal)
+        return self._emit(table.relation, key, operation, before, after, lsn)
 
     def change(self, lsn: int, message: Insert | Update | Delete) -> ChangeRow | None:
         """The row of one Insert, Update or Delete (None for ignored tables): the fast path of ``feed``."""
@@ -580,16 +563,7 @@ class Stitcher:
                 after, missing = self._row(table, new)
             else:
                 after, missing = table.encoder.row_json(new), ()  # type: ignore[union-attr, arg-type]
-            keys = table.key_indexes
-            if len(keys) == 1:
-                raw = new[keys[0]]
-                key = raw.decode() if isinstance(raw, bytes) else None
-            else:
-                key = self._key(table, new, None)
-            ordinal = self._ordinal
-            self._ordinal = ordinal + 1
-            return ChangeRow(key, rel.name, "CREATE", EMPTY, after, self._context, committed_at,
-                             rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal, missing)
+            return self._emit(rel, self._key(table, new, None), "CREATE", EMPTY, after, lsn, missing)
         if type(message) is Update:
             old = message.old
             new = message.new
@@ -601,38 +575,9 @@ class Stitcher:
                     new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
             after, missing = self._row(table, new)
             previous = self._key(table, old, None) if missing and old is not None else None
-            return ChangeRow(
-                self._key(table, new, old),
-                rel.name,
-                "UPDATE",
-                before,
-                after,
-                self._context,
-                committed_at,
-                rel.namespace,
-                self.database,
-                self._xid,
-                lsn,
-                self._commit_lsn,
-                self._next(),
-                missing,
-                previous,
-            )
+            key = self._key(table, new, old)
+            return self._emit(rel, key, "UPDATE", before, after, lsn, missing, previous)
         assert isinstance(message, Delete)
         indexes = table.identity_indexes if message.old_kind == "K" else None
         before, _ = self._row(table, message.old, indexes)
-        return ChangeRow(
-            self._key(table, message.old, None),
-            rel.name,
-            "DELETE",
-            before,
-            EMPTY,
-            self._context,
-            committed_at,
-            rel.namespace,
-            self.database,
-            self._xid,
-            lsn,
-            self._commit_lsn,
-            self._next(),
-        )
+        return self._emit(rel, self._key(table, message.old, None), "DELETE", before, EMPTY, lsn)
