@@ -10,14 +10,18 @@ import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from timetravel_history import History
+from timetravel_sources import KINDS, Make, build_source
 
 from bemi_tt.embedded import EmbeddedPostgres
+from bemi_tt.sources import Source
 
 
 @dataclass
@@ -144,3 +148,15 @@ def engine(pg_server: Server, database: str) -> Iterator[sa.Engine]:
     eng = sa.create_engine(pg_server.sqlalchemy_url(database))
     yield eng
     eng.dispose()
+
+
+@pytest.fixture(params=KINDS)
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Make:
+    """Turn a History into a source of each kind (PostgreSQL and Parquet use this test's database)."""
+    kind = request.param
+
+    def build(h: History) -> Source:
+        dsn = request.getfixturevalue("dsn") if kind != "memory" else None
+        return build_source(kind, h.changes, h.schemas, dsn=dsn, tmp_path=tmp_path)
+
+    return build

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
 from timetravel_history import TODO_COLUMNS, History
-from timetravel_sources import KINDS, build_source
+from timetravel_sources import Make, build_source
 
 from bemi_tt.duckdb_macros import duckdb
-from bemi_tt.sources import Source, connect
+from bemi_tt.sources import connect
 from bemi_tt.timetravel import as_of
-
-Make = Callable[[History], Source]
-
-
-@pytest.fixture(params=KINDS)
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Make:
-    kind = request.param
-
-    def build(h: History) -> Source:
-        dsn = request.getfixturevalue("dsn") if kind != "memory" else None
-        return build_source(kind, h.changes, h.schemas, dsn=dsn, tmp_path=tmp_path)
-
-    return build
 
 
 def _history() -> tuple[History, list]:

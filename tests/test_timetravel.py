@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pytest
 from timetravel_history import START, TODO_COLUMNS, History
-from timetravel_sources import KINDS, build_source
+from timetravel_sources import Make
 
-from bemi_tt.sources import Source
 from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
 from capture.errors import ConfigurationError
-
-Make = Callable[[History], Source]
-
-
-@pytest.fixture(params=KINDS)
-def make(request: pytest.FixtureRequest, tmp_path: Path) -> Make:
-    """Turn a History into a source of each kind (PostgreSQL and Parquet use a fresh database)."""
-    kind = request.param
-
-    def build(h: History) -> Source:
-        dsn = request.getfixturevalue("dsn") if kind != "memory" else None
-        return build_source(kind, h.changes, h.schemas, dsn=dsn, tmp_path=tmp_path)
-
-    return build
 
 
 def _todo(h: History) -> dict[str, datetime]:

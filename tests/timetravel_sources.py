@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -13,7 +13,12 @@ from psycopg import sql
 from bemi_tt.sources import InMemorySource, ParquetSource, PostgresSource, Source
 from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
 
+if TYPE_CHECKING:
+    from timetravel_history import History
+
 KINDS = ("memory", "postgres", "parquet")
+#: Builds a source of one kind from a History (the ``make`` fixture in conftest.py).
+Make = Callable[["History"], Source]
 
 
 def write_changes(
