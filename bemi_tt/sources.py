@@ -372,11 +372,14 @@ class ParquetSource(_ArrowBacked):
     def schemas(self, table: TableName | None = None) -> pa.Table:
         import pyarrow.parquet as pq
 
-        from capture.export_dataset import META_DIR, SCHEMAS_FILE, resolve_directory
+        from capture.export_dataset import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE, resolve_directory
 
         filesystem, root = resolve_directory(self.directory)
-        path = f"{root}/{META_DIR}/{SCHEMAS_FILE}"
-        if filesystem.get_file_info(path).type != pafs.FileType.File:
+        for file_name in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE):  # the first release wrote the legacy name
+            path = f"{root}/{META_DIR}/{file_name}"
+            if filesystem.get_file_info(path).type == pafs.FileType.File:
+                break
+        else:
             return SCHEMAS_ARROW.empty_table()
         try:
             raw = pq.read_table(path, filesystem=filesystem)

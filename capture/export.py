@@ -4,7 +4,9 @@ Each run reads the rows after the dataset's watermark in key order (``COPY ... (
 pyarrow), in units of ``batch_rows`` changes, and writes one zstd Parquet file per partition touched by
 a unit (naming and listing rules: ``capture.export_dataset``). A unit half written by a killed export is
 finished first, from the key range its surviving file names record, so a rerun neither skips nor
-duplicates a change. ``DIR/_bemi_tt/schemas.parquet`` is rewritten (atomically) with ``changes_schemas``.
+duplicates a change. ``DIR/_bemi_tt/schemas.pq`` is rewritten (atomically) with ``changes_schemas``.
+The first export into a directory records which ``changes`` table it exports (``_bemi_tt/dataset.json``);
+every later one refuses a directory recorded for another, or holding files that are not an export's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from psycopg import sql
 
 from capture.errors import ConfigurationError, SourceError
 from capture.export_dataset import (
+    IDENTITY_FILE,
+    LEGACY_SCHEMAS_FILE,
     META_DIR,
     SCHEMAS_FILE,
     DatasetState,
@@ -33,17 +37,22 @@ from capture.export_dataset import (
     list_dataset_files,
     partition_dir,
     read_dataset_state,
+    read_identity,
+    refuse_foreign_files,
     resolve_directory,
     unit_name,
     write_atomic,
+    write_identity,
 )
 from capture.export_lock import DatasetLock, open_lock
 from capture.export_read import (
+    IDENTIFYING_COLUMNS,
     copy_csv,
     export_arrow_schema,
     fetch_range,
     key_condition,
     schemas_arrow_schema,
+    source_identity,
     stream_units,
 )
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
@@ -197,7 +206,7 @@ def _write_unit(
 def _export_schemas(
     conn: psycopg.Connection, filesystem: pafs.FileSystem, root: str, schema: str, table: str
 ) -> int:
-    """Rewrite ``_bemi_tt/schemas.parquet`` from the ``changes_schemas`` table (empty when it is missing)."""
+    """Rewrite ``_bemi_tt/schemas.pq`` from the ``changes_schemas`` table (empty when it is missing)."""
     target = pa.table({f.name: pa.array([], f.type) for f in schemas_arrow_schema()})
     exists = conn.execute(
         "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, table).as_string(conn),)
@@ -216,7 +225,45 @@ def _export_schemas(
         target = rows.cast(schemas_arrow_schema())
     data = parquet_bytes(target)
     write_atomic(filesystem, f"{root}/{META_DIR}/{SCHEMAS_FILE}", data)
+    legacy = f"{root}/{META_DIR}/{LEGACY_SCHEMAS_FILE}"  # the first release's name, matched by **/*.parquet
+    if filesystem.get_file_info(legacy).type == pafs.FileType.File:
+        delete_files(filesystem, [legacy])
     return int(data.size)
+
+
+def _claim(
+    conn: psycopg.Connection, name: sql.Identifier, state: DatasetState, schema: str, table: str
+) -> None:
+    """Make sure the directory holds this ``changes`` table's export (or nothing) before touching it.
+
+    A directory recorded for another table, database or server is refused, as is one holding files that
+    are not an export's. One without a record (empty, or exported by the first release) is adopted, after
+    checking that its newest change is this table's, and the record is written.
+    """
+    identity = source_identity(conn, schema, table)
+    recorded = read_identity(state.filesystem, state.root)
+    record = f"{state.root}/{META_DIR}/{IDENTITY_FILE}"
+    if recorded is not None and not recorded.same_source(identity):
+        raise ConfigurationError(
+            f"export directory {state.root!r} holds the export of {recorded.describe()}, not of "
+            f"{identity.describe()}: export each into its own directory (if this is the same database moved "
+            f"to another server, delete {record!r}: the next export checks the data and adopts it)"
+        )
+    refuse_foreign_files(state)
+    if recorded is not None:
+        return
+    files = state.files + state.incomplete_files
+    if files:  # the first release wrote no record: adopt its export if its newest change is this table's
+        newest = max(files, key=lambda f: f.last)
+        exported = pq.read_table(newest.path, filesystem=state.filesystem, columns=list(IDENTIFYING_COLUMNS))
+        source = fetch_range(conn, name, newest.last, newest.last).select(list(IDENTIFYING_COLUMNS))
+        if source.to_pylist() != exported.slice(exported.num_rows - 1).to_pylist():
+            raise ConfigurationError(
+                f"export directory {state.root!r} holds an export whose newest change {newest.last!r} "
+                f"({newest.path!r}) is not in {identity.describe()}: it is another database's export; "
+                "export into an empty directory"
+            )
+    write_identity(state.filesystem, state.root, identity)
 
 
 def _check_prefix(conn: psycopg.Connection, name: sql.Composable, state: DatasetState) -> None:
@@ -315,6 +362,7 @@ def _export(
             "or pass the right table= and schema="
         )
     state = read_dataset_state(filesystem, root)
+    _claim(conn, name, state, schema, table)
     delete_files(filesystem, [f.path for f in state.superseded] + state.temporary)
     _check_prefix(conn, name, state)
     files = written = exported = 0

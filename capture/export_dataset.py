@@ -1,6 +1,9 @@
 """The Parquet dataset on disk or in object storage: file naming, listing, watermark, atomic writes.
 
-Layout: ``DIR/relation=<schema.table>/date=<UTC date>/<name>.parquet`` and ``DIR/_bemi_tt/schemas.parquet``.
+Layout: ``DIR/relation=<schema.table>/date=<UTC date>/<name>.parquet``, plus ``DIR/_bemi_tt/``: ``schemas.pq``
+(``changes_schemas`` as Parquet), ``dataset.json`` (which ``changes`` table the dataset exports) and ``lock``.
+Only change files end in ``.parquet``, so ``read_parquet('DIR/**/*.parquet', hive_partitioning=true)`` reads
+exactly them (the first release named the sidecar ``schemas.parquet``: read, removed by the next export).
 Every data file's name records the range of ``(commit_position, ordinal)`` keys it stands for, so the
 dataset describes itself: no manifest or watermark file exists that could disagree with the data.
 
@@ -17,12 +20,13 @@ no bigger file contains. The watermark is the largest ``last`` among them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -32,6 +36,7 @@ from capture.errors import ConfigurationError, SourceError
 
 __all__ = [
     "DataFile",
+    "DatasetIdentity",
     "DatasetState",
     "Key",
     "compacted_name",
@@ -40,16 +45,25 @@ __all__ = [
     "partition_dir",
     "read_dataset",
     "read_dataset_state",
+    "read_identity",
+    "refuse_foreign_files",
     "resolve_directory",
     "unit_name",
     "write_atomic",
+    "write_identity",
 ]
 
 #: ``(commit_position, ordinal)``: the order of changes, unique per change.
 Key = tuple[int, int]
 
 META_DIR = "_bemi_tt"
-SCHEMAS_FILE = "schemas.parquet"
+#: ``changes_schemas`` as Parquet, named so that no ``**/*.parquet`` glob of the dataset matches it.
+SCHEMAS_FILE = "schemas.pq"
+#: The first release's name of the sidecar: read when ``SCHEMAS_FILE`` is missing, deleted by exports.
+LEGACY_SCHEMAS_FILE = "schemas.parquet"
+#: The dataset's identity record (``DatasetIdentity``), written by the first export into a directory.
+IDENTITY_FILE = "dataset.json"
+_IDENTITY_FORMAT = "bemi_tt changes export"
 #: Test hook: seconds to sleep after a file's bytes are written and before it becomes visible.
 TEST_DELAY_ENV = "BEMI_TT_EXPORT_TEST_DELAY"
 
@@ -103,6 +117,75 @@ class DataFile:
         return self.part is None
 
 
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """Which ``changes`` table a dataset exports; an export refuses a directory recorded for another one."""
+
+    system_identifier: str  # pg_control_system() of the server, "" when the role may not read it
+    database: str
+    table: str  # schema-qualified, e.g. "public.changes"
+
+    def describe(self) -> str:
+        server = self.system_identifier or "unknown"
+        return f"table {self.table} of database {self.database!r} (server system identifier {server})"
+
+    def same_source(self, other: DatasetIdentity) -> bool:
+        known = self.system_identifier and other.system_identifier
+        return (self.database, self.table) == (other.database, other.table) and (
+            not known or self.system_identifier == other.system_identifier
+        )
+
+
+def _identity_path(root: str) -> str:
+    return f"{root}/{META_DIR}/{IDENTITY_FILE}"
+
+
+def read_identity(filesystem: pafs.FileSystem, root: str) -> DatasetIdentity | None:
+    """The identity recorded in ``DIR/_bemi_tt/dataset.json``; None when there is none (first release)."""
+    path = _identity_path(root)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            raw = stream.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        raise SourceError(f"cannot read the dataset identity {path!r}: {exc}") from exc
+    try:
+        record = json.loads(raw)
+        if record.get("format") != _IDENTITY_FORMAT:
+            raise ValueError(f"format is {record.get('format')!r}")
+        return DatasetIdentity(
+            str(record["system_identifier"]), str(record["database"]), str(record["table"])
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"{path!r} is not a bemi_tt dataset identity ({exc}): the directory holds something else; "
+            "export into an empty directory"
+        ) from None
+
+
+def write_identity(filesystem: pafs.FileSystem, root: str, identity: DatasetIdentity) -> None:
+    """Record (atomically) which ``changes`` table the dataset at ``root`` exports."""
+    record = {"format": _IDENTITY_FORMAT, "version": 1, **asdict(identity)}
+    write_atomic(filesystem, _identity_path(root), json.dumps(record, indent=1).encode() + b"\n")
+
+
+def refuse_foreign_files(state: DatasetState, limit: int = 3) -> None:
+    """Fail if the directory holds files that are not part of a bemi_tt export: readers would mix them in."""
+    if not state.foreign:
+        return
+    prefix = state.root.rstrip("/") + "/"
+    shown = [p[len(prefix) :] if p.startswith(prefix) else p for p in state.foreign[:limit]]
+    more = f" and {len(state.foreign) - limit} more" if len(state.foreign) > limit else ""
+    raise ConfigurationError(
+        f"export directory {state.root!r} holds {len(state.foreign)} files that are not part of a bemi_tt "
+        f"export ({', '.join(map(repr, shown))}{more}); readers of the directory would mix them with the "
+        "changes: export into an empty directory, or move those files away"
+    )
+
+
 @dataclass
 class DatasetState:
     """What a listing of the dataset says: readable files, watermark, and leftovers to clean up."""
@@ -115,6 +198,8 @@ class DatasetState:
     incomplete_parts: set[str] = field(default_factory=set)  # names of that unit's parts present
     superseded: list[DataFile] = field(default_factory=list)  # contained in a bigger file: safe to delete
     temporary: list[str] = field(default_factory=list)  # temporary files left by a killed writer
+    incomplete_files: list[DataFile] = field(default_factory=list)  # the parts of ``incomplete`` present
+    foreign: list[str] = field(default_factory=list)  # files that are not part of a bemi_tt export
 
     @property
     def rows(self) -> int:
@@ -159,17 +244,24 @@ def read_dataset_state(filesystem: pafs.FileSystem, root: str) -> DatasetState:
     for info in _list(filesystem, root):
         rel = info.path[len(prefix) :] if info.path.startswith(prefix) else info.path
         segments = rel.split("/")
+        temporary = segments[-1].startswith(".") and segments[-1].endswith(".tmp")
+        if segments[0] == META_DIR:  # the sidecar, identity record, lock (and their temporary files)
+            if temporary and len(segments) == 2:
+                state.temporary.append(info.path)
+            continue
         if (
             len(segments) != 3
             or not segments[0].startswith("relation=")
             or not segments[1].startswith("date=")
         ):
+            state.foreign.append(info.path)
             continue
-        if segments[2].startswith(".") and segments[2].endswith(".tmp"):
+        if temporary:
             state.temporary.append(info.path)
             continue
         match = _NAME_RE.match(segments[2])
         if match is None:
+            state.foreign.append(info.path)
             continue
         first, last = _parse_key(match["first"]), _parse_key(match["last"])
         data_file = DataFile(
@@ -208,6 +300,7 @@ def read_dataset_state(filesystem: pafs.FileSystem, root: str) -> DatasetState:
                 "the newest; it was written without a lock: re-export into an empty directory"
             )
         state.incomplete = incomplete[0]
+        state.incomplete_files = units[incomplete[0]]
         state.incomplete_parts = {p.path.rsplit("/", 1)[-1] for p in units[incomplete[0]]}
 
     by_partition: dict[str, list[DataFile]] = {}

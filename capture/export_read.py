@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from capture.errors import SourceError
-from capture.export_dataset import Key
+from capture.export_dataset import DatasetIdentity, Key
 from capture.schema import CHANGES_COLUMNS, JSON_COLUMNS, changes_arrow_schema
 
 __all__ = [
@@ -28,8 +28,13 @@ __all__ = [
     "key_condition",
     "parse_csv",
     "schemas_arrow_schema",
+    "source_identity",
     "stream_units",
 ]
+
+#: Columns that identify a change: a dataset's newest change must have them in the source to be adopted.
+IDENTIFYING_COLUMNS = ("commit_position", "ordinal", "transaction_id", "schema", "table", "operation",
+                       "primary_key", "committed_at")
 
 
 def export_arrow_schema() -> pa.Schema:
@@ -41,8 +46,19 @@ def export_arrow_schema() -> pa.Schema:
     return schema
 
 
+def source_identity(conn: psycopg.Connection, schema: str, table: str) -> DatasetIdentity:
+    """The identity of the ``changes`` table read through ``conn``: server, database, qualified table."""
+    try:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+        system = str(row[0]) if row else ""
+    except psycopg.errors.InsufficientPrivilege:  # some hosted servers revoke it: database and table remain
+        system = ""
+    name = conn.execute("SELECT current_database()").fetchone()
+    return DatasetIdentity(system, str(name[0]) if name else "", f"{schema}.{table}")
+
+
 def schemas_arrow_schema() -> pa.Schema:
-    """Arrow schema of ``_bemi_tt/schemas.parquet`` (the ``changes_schemas`` table)."""
+    """Arrow schema of ``_bemi_tt/schemas.pq`` (the ``changes_schemas`` table)."""
     return pa.schema(
         [
             pa.field("schema", pa.string()),

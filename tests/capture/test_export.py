@@ -141,7 +141,7 @@ def test_schemas_table_is_exported_to_the_meta_directory_and_ignored_by_readers(
                 (position, dt.datetime(2026, 3, 28, tzinfo=dt.timezone.utc), json.dumps(cols)),
             )
     export_parquet(dsn, str(tmp_path), progress=False)
-    schemas = pq.read_table(tmp_path / "_bemi_tt" / "schemas.parquet")
+    schemas = pq.read_table(tmp_path / "_bemi_tt" / "schemas.pq")
     assert schemas.schema.field("columns").type == pa.json_(pa.string())
     assert schemas["commit_position"].to_pylist() == [500, rows[10][11]]
     assert [json.loads(c) for c in schemas["columns"].to_pylist()] == [columns[:1], columns]
@@ -153,7 +153,7 @@ def test_schemas_file_is_empty_and_typed_when_there_is_no_schemas_table(dsn: str
     with psycopg.connect(dsn) as conn:
         conn.execute("DROP TABLE changes_schemas")
     export_parquet(dsn, str(tmp_path), progress=False)
-    schemas = pq.read_table(tmp_path / "_bemi_tt" / "schemas.parquet")
+    schemas = pq.read_table(tmp_path / "_bemi_tt" / "schemas.pq")
     assert schemas.num_rows == 0
     assert schemas.schema.field("committed_at").type == pa.timestamp("us", tz="UTC")
 

@@ -85,8 +85,9 @@ def test_s3_holds_only_whole_data_objects_and_no_directory_markers_or_lock(
     fill(dsn, 300)
     export_parquet(dsn, _uri(s3_endpoint, bucket), batch_rows=100, progress=False)
     keys = _keys(s3_endpoint, bucket)
-    assert "exports/bemi/_bemi_tt/schemas.parquet" in keys
-    data = [k for k in keys if k != "exports/bemi/_bemi_tt/schemas.parquet"]
+    meta = {"exports/bemi/_bemi_tt/schemas.pq", "exports/bemi/_bemi_tt/dataset.json"}
+    assert meta <= set(keys)
+    data = [k for k in keys if k not in meta]
     assert data
     assert all(k.startswith("exports/bemi/relation=") and k.endswith(".parquet") for k in data)
 
