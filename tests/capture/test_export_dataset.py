@@ -152,11 +152,17 @@ def test_two_incomplete_units_are_reported_as_a_dataset_written_without_a_lock(t
         read_dataset_state(*resolve_directory(str(tmp_path)))
 
 
-def test_files_that_are_not_data_files_are_ignored(tmp_path: Path) -> None:
+def test_files_that_are_not_data_files_are_ignored_by_readers_and_reported_as_foreign(tmp_path: Path) -> None:
     (tmp_path / "_bemi_tt").mkdir()
-    (tmp_path / "_bemi_tt" / "schemas.parquet").write_bytes(b"")
+    for name in ("schemas.parquet", "schemas.pq", "dataset.json", "lock"):
+        (tmp_path / "_bemi_tt" / name).write_bytes(b"")
+    (tmp_path / "_bemi_tt" / ".schemas.pq.0123.tmp").write_bytes(b"")
     (tmp_path / PARTITIONS[0]).mkdir(parents=True)
     (tmp_path / PARTITIONS[0] / "notes.parquet").write_bytes(b"")
     (tmp_path / "README").write_bytes(b"")
     state = read_dataset_state(*resolve_directory(str(tmp_path)))
-    assert (state.files, state.watermark, state.temporary) == ([], None, [])
+    assert (state.files, state.watermark) == ([], None)
+    assert state.temporary == [str(tmp_path / "_bemi_tt" / ".schemas.pq.0123.tmp")]
+    assert sorted(state.foreign) == sorted(
+        [str(tmp_path / PARTITIONS[0] / "notes.parquet"), str(tmp_path / "README")]
+    )

@@ -8,13 +8,16 @@ import time
 from collections.abc import Iterator
 
 import boto3
+import psycopg
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
+from conftest import drop_database
 from export_rows import changes_rows, dataset_rows, fill, more, run_and_kill
 from moto.server import ThreadedMotoServer
+from psycopg import sql
 
-from capture.errors import SourceError
+from capture.errors import ConfigurationError, SourceError
 from capture.export import export_parquet
 from capture.export_dataset import list_dataset_files, read_dataset, read_dataset_state, resolve_directory
 from capture.export_lock import open_lock
@@ -163,3 +166,30 @@ def test_a_running_exports_lease_is_kept_alive_past_its_length_by_the_heartbeat(
             open_lock(uri, filesystem, root).acquire(0)
         held.renew()
     assert "exports/bemi/_bemi_tt/lock" not in _keys(s3_endpoint, bucket)
+
+
+def test_an_s3_export_refuses_another_databases_prefix_and_foreign_objects(
+    dsn: str, database: str, pg_server, s3_endpoint: str, bucket: str  # type: ignore[no-untyped-def]
+) -> None:
+    uri = _uri(s3_endpoint, bucket)
+    fill(dsn, 100)
+    export_parquet(dsn, uri, progress=False)
+    other = f"{database}_s3other"
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
+    try:
+        fill(pg_server.dsn(other), 100, seed=5)
+        before = _keys(s3_endpoint, bucket)
+        with pytest.raises(ConfigurationError, match=rf"holds the export of table public.changes of database "
+                           rf"'{database}'.*not of table public.changes of database '{other}'"):
+            export_parquet(pg_server.dsn(other), uri, progress=False)
+        assert _keys(s3_endpoint, bucket) == before
+    finally:
+        drop_database(pg_server, other)
+
+    client = boto3.client("s3", endpoint_url=f"http://{s3_endpoint}")
+    client.put_object(Bucket=bucket, Key="exports/bemi/other/part-0.parquet", Body=b"x")
+    client.close()
+    with pytest.raises(ConfigurationError, match=r"holds 1 files that are not part of a bemi_tt export "
+                       r"\('other/part-0.parquet'\)"):
+        export_parquet(dsn, uri, progress=False)
