@@ -184,6 +184,20 @@ def _open_to_all(tree: Path) -> None:
             path.chmod(stat.S_IMODE(mode) | 0o444 | (0o111 if mode & stat.S_IXUSR else 0))
 
 
+def _remove_stale_staging(root: Path) -> None:
+    """Delete half-made copies (``.<pid>-<name>.<uuid>.tmp``) whose process is gone."""
+    for path in root.glob(".*.tmp"):
+        try:
+            pid = int(path.name[1:].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _reachable_copy(bindir: Path, user: str) -> Path:
     """``bin`` of a copy of the installation holding ``bindir`` that ``user`` can execute.
 
@@ -209,8 +223,9 @@ def _reachable_copy(bindir: Path, user: str) -> Path:
             tried.append(f"{root} (not a directory owned by uid {os.geteuid()}, closed to writes by others)")
             continue
         target = root / name
+        _remove_stale_staging(root)
         if not target.is_dir():
-            staging = root / f".{name}.{uuid.uuid4().hex}.tmp"
+            staging = root / f".{os.getpid()}-{name}.{uuid.uuid4().hex}.tmp"
             try:
                 for part in parts:
                     shutil.copytree(part, staging / part.relative_to(top), symlinks=True)
