@@ -6,9 +6,12 @@
 Values: JSON types; ``datetime``/``date``/``time`` as ISO 8601 strings, ``UUID`` as its string,
 ``Decimal`` as an exact JSON number, ``Enum`` as its value, tuples as arrays, sets as arrays sorted by
 their JSON text. Anything else is a ``TypeError`` naming the key. Strings holding NUL (PostgreSQL text
-cannot), lone surrogates, NaN/infinity, the reserved key ``"SQL"`` and contexts larger than
+cannot), lone surrogates, NaN/infinity, numbers outside PostgreSQL ``numeric``'s range (jsonb stores
+numbers as numeric), nesting deeper than ``MAX_CONTEXT_DEPTH`` (128: the context object is level 1, each
+dict, list, tuple or set inside it one more), the reserved key ``"SQL"`` and contexts larger than
 ``max_bytes`` (UTF-8 JSON, default 1 MiB; see :func:`configure_context`) are a ``ConfigurationError``
-(a ``ValueError``). An empty context is the same as no context: statements carry nothing.
+(a ``ValueError``), raised before anything reaches the database. An empty context is the same as no
+context: statements carry nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from capture.errors import ConfigurationError
+from capture.stitch import MAX_CONTEXT_DEPTH, numeric_literal_fits
 
 __all__ = [
     "Bemi",
@@ -144,16 +148,34 @@ def _check_text(text: str, where: str) -> None:
         ) from None
 
 
-def _normalize(value: Any, where: str, decimals: list[str]) -> Any:
-    """A plain JSON-able copy of ``value`` (see the module docstring for the accepted types)."""
+def _out_of_range(where: str, text: str) -> ConfigurationError:
+    shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+    return ConfigurationError(
+        f"context value at key {where} is {shown}, outside the range of PostgreSQL numeric (which jsonb "
+        "stores numbers as: at most 131072 digits before the point and 16383 after); pass it as a str"
+    )
+
+
+def _normalize(value: Any, where: str, decimals: list[str], depth: int) -> Any:
+    """A plain JSON-able copy of ``value`` (see the module docstring); ``depth``: its container's level."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, enum.Enum):
-        return _normalize(value.value, where, decimals)
+        return _normalize(value.value, where, decimals, depth)
     if isinstance(value, str):
         _check_text(value, f"value at key {where}")
         return str(value)
     if isinstance(value, int):
+        if value.bit_length() > 1000:  # only huge ints can overflow numeric or Python's int-to-text limit
+            try:
+                text = str(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"context value at key {where} is an int too long for Python to write as text "
+                    "(sys.get_int_max_str_digits()); pass it as a Decimal or str"
+                ) from None
+            if not numeric_literal_fits(text):
+                raise _out_of_range(where, text)
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -162,18 +184,23 @@ def _normalize(value: Any, where: str, decimals: list[str]) -> Any:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ConfigurationError(f"context value at key {where} is {value!r}, which JSON cannot hold")
-        decimals.append(str(value))
+        text = str(value)
+        if not numeric_literal_fits(text):
+            raise _out_of_range(where, text)
+        decimals.append(text)
         return f"\x00{len(decimals) - 1}"
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, Mapping):
-        return _normalize_mapping(value, where, decimals)
+        return _normalize_mapping(value, where, decimals, depth + 1)
     if isinstance(value, (list, tuple)):
-        return [_normalize(item, _path(where, i), decimals) for i, item in enumerate(value)]
+        _check_depth(depth + 1, where)
+        return [_normalize(item, _path(where, i), decimals, depth + 1) for i, item in enumerate(value)]
     if isinstance(value, (set, frozenset)):
-        items = [_normalize(item, f"{where} (set item)", decimals) for item in value]
+        _check_depth(depth + 1, where)
+        items = [_normalize(item, f"{where} (set item)", decimals, depth + 1) for item in value]
         return sorted(items, key=_dumps)
     raise TypeError(
         f"context value at key {where} is of type {type(value).__name__}, which is not JSON; "
@@ -181,7 +208,18 @@ def _normalize(value: Any, where: str, decimals: list[str]) -> Any:
     )
 
 
-def _normalize_mapping(value: Mapping[Any, Any], where: str, decimals: list[str]) -> dict[str, Any]:
+def _check_depth(depth: int, where: str) -> None:
+    if depth > MAX_CONTEXT_DEPTH:
+        raise ConfigurationError(
+            f"context is nested {depth} levels deep at key {where}, over the limit of {MAX_CONTEXT_DEPTH} "
+            "levels (or a dict or list contains itself); flatten it"
+        )
+
+
+def _normalize_mapping(
+    value: Mapping[Any, Any], where: str, decimals: list[str], depth: int
+) -> dict[str, Any]:
+    _check_depth(depth, where)
     out: dict[str, Any] = {}
     for key, item in value.items():
         if not isinstance(key, str):
@@ -189,7 +227,7 @@ def _normalize_mapping(value: Mapping[Any, Any], where: str, decimals: list[str]
                 f"context key {_path(where, key)} is of type {type(key).__name__}; JSON keys must be str"
             )
         _check_text(key, f"key {_path(where, key)}")
-        out[str(key)] = _normalize(item, _path(where, key), decimals)
+        out[str(key)] = _normalize(item, _path(where, key), decimals, depth)
     return out
 
 
@@ -234,7 +272,7 @@ def encode_context(value: Mapping[str, Any] | None) -> EncodedContext | None:
     text = _fast_json(value)
     if text is None:
         decimals: list[str] = []
-        text = _dumps(_normalize_mapping(value, "", decimals), decimals)
+        text = _dumps(_normalize_mapping(value, "", decimals, 1), decimals)
     raw = text.encode("utf-8")
     if len(raw) > _settings.max_bytes:
         raise ConfigurationError(

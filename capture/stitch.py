@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,41 +221,171 @@ def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
     return "[" + ",".join(parts) + "]"
 
 
-def _strip_nul(value: Any) -> Any:
-    """jsonb cannot hold U+0000: replace it by the visible text ``\\u0000`` inside strings."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\\u0000")
-    if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    return value
+#: Deepest nesting of a context (the object itself is level 1): ``set_context`` refuses deeper ones and
+#: the worker stores them as an error. jsonb would take a few thousand levels, Python's json about 1000.
+MAX_CONTEXT_DEPTH = 128
+#: Largest ``bemi`` message the worker stores as a context (jsonb's binary form, up to ~5x the text, must
+#: stay under its 256 MB limit); ``set_context``'s own limit (1 MiB by default) is far below.
+MAX_CONTEXT_BYTES = 16 * 1024 * 1024
+#: numeric's limits (PostgreSQL's numeric.c): at most 16383 digits after the point, the first digit at
+#: most at 10^131071, an exponent below INT_MAX / 2 (PostgreSQL 15: exclusive, 18: inclusive).
+_NUMERIC_MAX_SCALE = 16383
+_NUMERIC_MAX_POWER = 131071
+_NUMERIC_MAX_EXPONENT = 1073741822
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def numeric_literal_fits(literal: str) -> bool:
+    """Whether a JSON number literal fits PostgreSQL's ``numeric`` (as jsonb stores it), exactly.
+
+    Mirrors ``numeric_in``: the scale is the digits after the point minus the exponent (at least 0), the
+    weight is the power of ten of the first non-zero digit; zero has no weight.
+    """
+    if len(literal) < 300 and "e" not in literal and "E" not in literal:
+        return True  # the common case: too few digits to overflow
+    mantissa, _, exp_text = literal.lower().partition("e")
+    exponent = 0
+    if exp_text:
+        digits = exp_text.lstrip("+-").lstrip("0")
+        if len(digits) > 10:
+            return False
+        exponent = int(digits or "0")
+        if exponent > _NUMERIC_MAX_EXPONENT:
+            return False
+        if exp_text[0] == "-":
+            exponent = -exponent
+    whole, _, fraction = mantissa.lstrip("-").partition(".")
+    if len(fraction) - exponent > _NUMERIC_MAX_SCALE:
+        return False
+    digits = whole + fraction
+    stripped = digits.lstrip("0")
+    if not stripped:
+        return True
+    power = len(whole) - 1 - (len(digits) - len(stripped)) + exponent
+    return power <= _NUMERIC_MAX_POWER
+
+
+class _ContextRejected(ValueError):
+    """A JSON context that jsonb cannot store; the message is the reason."""
+
+
+def _check_number(literal: str) -> int:
+    if not numeric_literal_fits(literal):
+        raise _ContextRejected(
+            f"context number {_shorten(literal)} is outside the range of PostgreSQL numeric"
+        )
+    return 0  # the value itself is never used: the text travels verbatim
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise _ContextRejected(f"context is not valid JSON: {name} is not a JSON value")
+
+
+#: Checks every number as written and keeps none (the text is what travels).
+_DECODER = json.JSONDecoder(
+    parse_float=_check_number, parse_int=_check_number, parse_constant=_reject_constant
+)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (an object or array is one level), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _check_strings(items: Iterable[Any]) -> None:
+    """Raise if a string among ``items`` (or in their arrays) holds a lone surrogate (objects are checked
+    by their own hook call)."""
+    stack = list(items)
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _ContextRejected(
+                    "context holds a lone surrogate escape (\\ud800-\\udfff), which jsonb cannot store"
+                ) from None
+        elif type(item) is list:
+            stack.extend(item)
+
+
+def _check_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: every key and value, also of duplicate keys jsonb drops (its parser sees them)."""
+    _check_strings(key for key, _ in pairs)
+    _check_strings(value for _, value in pairs)
+    return {}
+
+
+#: Only for texts with a surrogate escape: checks each string as written (the plain decoder would let a
+#: duplicate key hide one); returns empty objects, the values are not needed.
+_SURROGATE_DECODER = json.JSONDecoder(
+    object_pairs_hook=_check_pairs,
+    parse_float=_check_number,
+    parse_int=_check_number,
+    parse_constant=_reject_constant,
+)
 
 
 def _error_context(reason: str, content: bytes) -> str:
+    if len(content) > MAX_CONTEXT_BYTES:
+        content = content[:MAX_CONTEXT_BYTES]
     raw = content.decode("utf-8", "replace").replace("\x00", "\\u0000")
     return json.dumps({"_bemi_error": reason, "_bemi_raw": raw}, ensure_ascii=False, separators=(",", ":"))
 
 
 def parse_context(content: bytes) -> str:
-    """A ``bemi`` message's content as JSON object text; a clearly marked error object if it is not one."""
+    """A ``bemi`` message's content as JSON object text that jsonb stores exactly as the sender wrote it.
+
+    The text is kept verbatim (never re-encoded: jsonb keeps ``10.10``, ``1e400`` and long decimals
+    exactly; Python floats would not), only checked against what jsonb rejects. ``\\u0000`` escapes,
+    which jsonb cannot hold, become the visible text ``\\\\u0000``. Anything else jsonb would refuse (not
+    UTF-8, not a JSON object, lone surrogate escapes, numbers outside numeric's range, nesting deeper than
+    :data:`MAX_CONTEXT_DEPTH`, over :data:`MAX_CONTEXT_BYTES`) gives ``{"_bemi_error": <reason>,
+    "_bemi_raw": <text>}``, so no message can stop the worker.
+    """
+    if len(content) > MAX_CONTEXT_BYTES:
+        return _error_context(
+            f"context is {len(content)} bytes, over the worker's limit of {MAX_CONTEXT_BYTES}", content
+        )
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
         return _error_context(f"context is not valid UTF-8: {exc.reason} at byte {exc.start}", content)
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        value = _DECODER.decode(text)
+    except _ContextRejected as exc:
+        return _error_context(str(exc), content)
+    except RecursionError:
+        return _error_context(f"context is nested deeper than {MAX_CONTEXT_DEPTH} levels", content)
+    except ValueError as exc:
         return _error_context(f"context is not valid JSON: {exc}", content)
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         return _error_context(f"context must be a JSON object, got {type(value).__name__}", content)
-    if "\\u0000" in text:
-        value = _strip_nul(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if text.count("{") + text.count("[") > MAX_CONTEXT_DEPTH and _depth(value) > MAX_CONTEXT_DEPTH:
+        return _error_context(f"context is nested deeper than {MAX_CONTEXT_DEPTH} levels", content)
+    if "\\u" in text:
+        if _SURROGATE_ESCAPE.search(text):
+            try:
+                _SURROGATE_DECODER.decode(text)
+            except _ContextRejected as exc:
+                return _error_context(str(exc), content)
+        if "\\u0000" in text:
+            text = _NUL_ESCAPE.sub(r"\1\\\\u0000", text)
+    return text
 
 
 @dataclass
