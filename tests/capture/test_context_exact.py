@@ -88,13 +88,16 @@ _ESCAPES = [
 ]
 
 
+_PLAIN = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+
+
 @st.composite
 def strings(draw: st.DrawFn) -> Doc:
     text, expected = ['"'], ['"']
     for _ in range(draw(st.integers(0, 4))):
         if draw(st.booleans()):
             # never surrogates nor NUL (their escapes come below); any other character, quotes included
-            plain = draw(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8))
+            plain = draw(st.text(_PLAIN, max_size=8))
             ascii_only = draw(st.booleans())
             part = json.dumps(plain, ensure_ascii=ascii_only)[1:-1]
             text.append(part)
@@ -149,7 +152,7 @@ values = st.recursive(_SCALARS, _containers, max_leaves=12)
 @st.composite
 def deep(draw: st.DrawFn) -> Doc:
     """A value inside N arrays or objects, N around the depth limit (the context object adds one)."""
-    levels = draw(st.sampled_from([MAX_CONTEXT_DEPTH - 2, MAX_CONTEXT_DEPTH - 1, MAX_CONTEXT_DEPTH, 400, 1200]))
+    levels = draw(st.sampled_from([*range(MAX_CONTEXT_DEPTH - 2, MAX_CONTEXT_DEPTH + 1), 400, 1200]))
     doc = draw(_SCALARS)
     opener, closer = draw(st.sampled_from([("[", "]"), ('{"k":', "}")]))
     return Doc(opener * levels + doc.text + closer * levels, opener * levels + doc.expected + closer * levels,
