@@ -127,6 +127,54 @@ def test_lone_surrogate_is_rejected() -> None:
         set_context({"s": "\ud800"})
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    """``{"a": {"a": ... {}}}``: ``levels`` dicts in all, the outer one included."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_a_10000_deep_context_is_a_configuration_error_naming_the_limit_and_the_key_path() -> None:
+    pattern = r"nested 129 levels deep at key \['a'\]\['a'\].*limit of 128"
+    with pytest.raises(ConfigurationError, match=pattern) as exc:
+        set_context(_nested(10_000))
+    assert str(exc.value).count("['a']") == 128
+    assert current_encoded() is None
+
+
+def test_a_context_at_the_depth_limit_is_accepted_and_one_level_more_is_not() -> None:
+    set_context(_nested(128))
+    set_context({"list": [[[]]], **_nested(125)})
+    with pytest.raises(ConfigurationError, match="nested 129 levels"):
+        set_context({"list": [_nested(127)]})
+
+
+def test_a_context_that_contains_itself_is_a_configuration_error() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ConfigurationError, match="contains itself"):
+        set_context({"loop": loop})
+
+
+@pytest.mark.parametrize(
+    "number",
+    [Decimal("1E+131072"), Decimal("-1E-16384"), Decimal("0E-16384"), 10**131072],
+    ids=["too-large", "too-small", "zero-scale-too-long", "huge-int"],
+)
+def test_numbers_outside_postgresql_numeric_are_rejected_at_set_time(number: Any) -> None:
+    with pytest.raises(ConfigurationError, match="key \\['n'\\]"):
+        set_context({"n": number})
+
+
+def test_numbers_at_numeric_limits_keep_their_exact_digits() -> None:
+    enc = encode_context(
+        {"big": Decimal("9.9E+131071"), "small": Decimal("1E-16383"), "money": Decimal("10.10")}
+    )
+    assert enc is not None
+    assert enc.json == '{"big":9.9E+131071,"small":1E-16383,"money":10.10}'
+
+
 def test_sql_key_is_reserved_for_the_statement_text() -> None:
     with pytest.raises(ConfigurationError, match="'SQL' is reserved"):
         set_context({"SQL": "mine"})

@@ -21,7 +21,7 @@ from capture.pgoutput import (
     Truncate,
     Update,
 )
-from capture.stitch import ChangeRow, SchemaChange, Stitcher, parse_context
+from capture.stitch import MAX_CONTEXT_BYTES, ChangeRow, SchemaChange, Stitcher, parse_context
 
 INT4, TEXT, NUMERIC, BOOL = 23, 25, 1700, 16
 
@@ -187,6 +187,68 @@ def test_a_context_with_nul_is_kept_visible_without_a_nul() -> None:
     value = parse_context(b'{"a": "x\\u0000y"}')
     assert "\\u0000" not in value.replace("\\\\u0000", "")
     assert json.loads(value) == {"a": "x\\u0000y"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"amount": 10.10, "long": 0.1000000000000000000001, "big": 1e16, "zero": -0.0}',
+        '{"huge": 1E+400, "tiny": 1e-16383, "edge": 9.9e131071}',
+        '{ "key \\"quoted\\" \\\\ slash" :\n [1, {"é": "\\ud83d\\ude00"}] }',
+    ],
+    ids=["decimals", "exponents", "escapes"],
+)
+def test_a_context_travels_as_the_text_the_application_wrote(text: str) -> None:
+    assert parse_context(text.encode()) == text
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(b'{"a": "\\ud800"}', "lone surrogate", id="lone-high-surrogate"),
+        pytest.param(b'{"a": ["\\uDC00"]}', "lone surrogate", id="lone-low-surrogate"),
+        pytest.param(b'{"\\ud800x": 1}', "lone surrogate", id="in-a-key"),
+        pytest.param(b'{"a": "\\ud800", "a": 1}', "lone surrogate", id="hidden-by-a-duplicate-key"),
+        pytest.param(b'{"a": 1e131072}', "numeric", id="over-numeric"),
+        pytest.param(b'{"a": 1.5e-16383}', "numeric", id="under-numeric"),
+        pytest.param(b'{"a": 0e-16384}', "numeric", id="zero-with-too-long-a-scale"),
+        pytest.param(b'{"a": 1e00000000000000000000000000000000000000000000000000000099999999999}', "numeric",
+                     id="huge-exponent"),
+        pytest.param(b'{"a": ' + b"[" * 128 + b"]" * 128 + b"}", "deeper than 128", id="depth-129"),
+        pytest.param(b'{"a": ' + b"[" * 10000 + b"]" * 10000 + b"}", "deeper than 128", id="depth-10001"),
+    ],
+)
+def test_a_context_jsonb_cannot_store_is_an_error_object(content: bytes, reason: str) -> None:
+    value = json.loads(parse_context(content))
+    assert set(value) == {"_bemi_error", "_bemi_raw"}
+    assert reason in value["_bemi_error"]
+    assert value["_bemi_raw"] == content.decode()
+
+
+def test_a_context_at_the_depth_limit_is_kept() -> None:
+    text = '{"a": ' + "[" * 127 + "]" * 127 + "}"
+    assert parse_context(text.encode()) == text
+
+
+def test_a_context_over_the_worker_size_limit_is_an_error_object_with_its_raw_text_cut() -> None:
+    content = b'{"a": "' + b"x" * MAX_CONTEXT_BYTES + b'"}'
+    value = json.loads(parse_context(content))
+    assert "over the worker's limit" in value["_bemi_error"]
+    assert len(value["_bemi_raw"]) == MAX_CONTEXT_BYTES
+
+
+def test_only_real_nul_escapes_become_visible_text() -> None:
+    # \u0000 escapes (also after an escaped backslash) become the text \u0000; \\u0000 already is text
+    content = rb'{"a": "\u0000|\\u0000|\\\u0000|\u0000\u0000"}'
+    assert json.loads(parse_context(content)) == {"a": "\\u0000|\\u0000|\\\\u0000|\\u0000\\u0000"}
+
+
+def test_a_poisoned_context_marks_its_rows_and_the_next_context_applies_again() -> None:
+    s = stitcher(TODO)
+    rows = txn(s, Message(True, 0, "bemi", b'{"n": 1e999999}'), Insert(1001, (b"1", b"a", None)))
+    rows += txn(s, ctx({"ok": 1}), Insert(1001, (b"2", b"b", None)))
+    assert "numeric" in json.loads(rows[0].context)["_bemi_error"]  # type: ignore[union-attr]
+    assert json.loads(rows[1].context) == {"ok": 1}  # type: ignore[union-attr]
 
 
 def test_relation_with_a_new_column_set_records_a_schema_change() -> None:
