@@ -8,7 +8,10 @@ to :meth:`Stitcher.add_relation` with the Relation message.
 Rules (docs/architecture.md, "message protocol"):
 
 - Context: every row change gets the last ``bemi`` message before it in its transaction, ``{}`` when
-  there is none. A message that is not a JSON object becomes ``{"_bemi_error": ..., "_bemi_raw": ...}``.
+  there is none. The message's JSON text is kept as written (jsonb then holds exactly ``'<text>'::jsonb``;
+  ``\u0000`` escapes become the visible text ``\\u0000``); one jsonb cannot store (not UTF-8, not a JSON
+  object, lone surrogate escapes, numbers outside numeric's range, deeper than 128 levels, over 16 MiB)
+  becomes ``{"_bemi_error": ..., "_bemi_raw": ...}`` (see :func:`parse_context`).
 - ``ordinal`` counts the changes of a transaction from 0; ``position`` is the change's LSN,
   ``commit_position`` the commit LSN, ``committed_at`` the commit time.
 - ``primary_key``: the table's primary key (from the catalog, given by the caller; else the replica
