@@ -9,7 +9,7 @@ Rules (docs/architecture.md, "message protocol"):
 
 - Context: every row change gets the last ``bemi`` message before it in its transaction, ``{}`` when
   there is none. The message's JSON text is kept as written (jsonb then holds exactly ``'<text>'::jsonb``;
-  ``\u0000`` escapes become the visible text ``\\u0000``); one jsonb cannot store (not UTF-8, not a JSON
+  ``\\u0000`` escapes become the visible text ``\\\\u0000``); one jsonb cannot store (not UTF-8, not a JSON
   object, lone surrogate escapes, numbers outside numeric's range, deeper than 128 levels, over 16 MiB)
   becomes ``{"_bemi_error": ..., "_bemi_raw": ...}`` (see :func:`parse_context`).
 - ``ordinal`` counts the changes of a transaction from 0; ``position`` is the change's LSN,
