@@ -332,9 +332,10 @@ class EmbeddedPostgres:
             try:
                 with psycopg.connect(self.dsn, connect_timeout=2) as conn:
                     level = conn.execute("SHOW wal_level").fetchone()
-                if level is None or level[0] != "logical":
+                expected = self.settings["wal_level"]  # "replica" on request: tests of what install says
+                if level is None or level[0] != expected:
                     self.stop()
-                    raise ConfigurationError(f"wal_level is {level!r} after start, expected 'logical'")
+                    raise ConfigurationError(f"wal_level is {level!r} after start, expected {expected!r}")
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:

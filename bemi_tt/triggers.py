@@ -92,21 +92,26 @@ END
 $fn$""",
     # Which tables carry the trigger: ordinary and partitioned user tables, not temporary or unlogged
     # (not decoded), not extension members, not bemi_tt's own, not the capture worker's tables.
+    # Catalog names are qualified (pg_catalog is searched first anyway): these functions also run inside
+    # the SECURITY DEFINER event trigger function, where nothing may depend on the caller's search_path.
     """CREATE OR REPLACE FUNCTION bemi_tt.trackable(rel oid) RETURNS boolean
 LANGUAGE sql STABLE AS $fn$
   SELECT EXISTS (
-    SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = rel AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bemi_tt')
       AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-      AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+      AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass
                       AND d.objid = c.oid AND d.deptype = 'e')
       AND NOT (c.relname IN ('changes', 'changes_schemas') AND EXISTS (
-        SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
+        SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
         AND NOT a.attisdropped)))
 $fn$""",
+    # REPLICA IDENTITY FULL is skipped for a table with a VIRTUAL generated column (PostgreSQL 18): no
+    # publication can publish those, and PostgreSQL refuses UPDATE/DELETE on a published table whose
+    # identity holds an unpublished generated column. Its primary key stays the identity.
     """CREATE OR REPLACE FUNCTION bemi_tt.track_table(rel oid, replica_identity_full boolean)
-RETURNS boolean LANGUAGE plpgsql AS $fn$
+RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   target text;
   identity "char";
@@ -115,31 +120,40 @@ BEGIN
   IF NOT bemi_tt.trackable(rel) THEN
     RETURN false;
   END IF;
-  SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relreplident INTO target, identity
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
-  IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = rel AND tgname = 'bemi_tt_context') THEN
+  SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname), c.relreplident
+  INTO target, identity
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'bemi_tt_context') THEN
     EXECUTE 'CREATE TRIGGER bemi_tt_context BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON '
       || target || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_context()';
     changed := true;
   END IF;
   IF replica_identity_full AND identity <> 'f' THEN
-    INSERT INTO bemi_tt.replica_identity_changes (relid, previous, previous_index)
-    SELECT rel, identity, (SELECT indexrelid FROM pg_index WHERE indrelid = rel AND indisreplident)
-    ON CONFLICT (relid) DO NOTHING;
-    EXECUTE 'ALTER TABLE ' || target || ' REPLICA IDENTITY FULL';
-    changed := true;
+    IF EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = rel AND attgenerated = 'v'
+               AND NOT attisdropped) THEN
+      RAISE NOTICE 'bemi_tt: table % keeps its replica identity: it has a virtual generated column, '
+        'which no publication can carry (UPDATE and DELETE would fail under REPLICA IDENTITY FULL)',
+        target;
+    ELSE
+      INSERT INTO bemi_tt.replica_identity_changes (relid, previous, previous_index)
+      SELECT rel, identity,
+        (SELECT indexrelid FROM pg_catalog.pg_index WHERE indrelid = rel AND indisreplident)
+      ON CONFLICT (relid) DO NOTHING;
+      EXECUTE 'ALTER TABLE ' || target || ' REPLICA IDENTITY FULL';
+      changed := true;
+    END IF;
   END IF;
   RETURN changed;
 END
 $fn$""",
     """CREATE OR REPLACE FUNCTION bemi_tt.track_all(replica_identity_full boolean)
-RETURNS integer LANGUAGE sql AS $fn$
+RETURNS integer LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $fn$
   SELECT (count(*) FILTER (WHERE t.changed))::integer FROM (
-    SELECT bemi_tt.track_table(c.oid, replica_identity_full) AS changed FROM pg_class c
+    SELECT bemi_tt.track_table(c.oid, replica_identity_full) AS changed FROM pg_catalog.pg_class c
     WHERE bemi_tt.trackable(c.oid) ORDER BY c.oid) t
 $fn$""",
     """CREATE OR REPLACE FUNCTION bemi_tt.untrack_all() RETURNS integer
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   r record;
   n integer := 0;
@@ -169,25 +183,47 @@ BEGIN
   RETURN n;
 END
 $fn$""",
+    # Functions are executable by PUBLIC by default. These alter tables; they run with the caller's
+    # rights, but only the installing role (and the event trigger, below) has any business calling them.
+    "REVOKE ALL ON FUNCTION bemi_tt.track_table(oid, boolean), bemi_tt.track_all(boolean),"
+    " bemi_tt.untrack_all() FROM PUBLIC",
 )
 
+# The event trigger fires for every role's DDL, and a function runs with its caller's rights: as the
+# caller, the bookkeeping INSERT (and tables of other roles) fail and would abort the caller's CREATE TABLE.
+# So it runs as its owner, the installing role (SECURITY DEFINER, with a fixed search_path). That is safe
+# because nobody can call an event-trigger function directly, and it only touches the tables of the
+# command that fired it, which the caller just created or altered (so was allowed to). When the owner
+# may not alter such a table (install was run by a non-superuser), the DDL still succeeds, with a WARNING.
 _EVENT_FUNCTION = """CREATE OR REPLACE FUNCTION bemi_tt.track_new_tables() RETURNS event_trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   r record;
 BEGIN
-  FOR r IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
-    PERFORM bemi_tt.track_table(r.objid, {replica_identity_full});
+  FOR r IN SELECT DISTINCT e.objid FROM pg_catalog.pg_event_trigger_ddl_commands() e
+           WHERE e.object_type = 'table' LOOP
+    BEGIN
+      PERFORM bemi_tt.track_table(r.objid, {replica_identity_full});
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE WARNING 'bemi_tt: table % gets no context trigger: role % (which installed bemi_tt) may not '
+        'alter it: %', r.objid::pg_catalog.regclass, current_user, SQLERRM
+        USING HINT = 'run bemi_tt.install(engine) as a superuser or as the owner of the table';
+    END;
   END LOOP;
 END
 $fn$"""
 
+_REVOKE_EVENT_FUNCTION = "REVOKE ALL ON FUNCTION bemi_tt.track_new_tables() FROM PUBLIC"
 _EVENT_TRIGGER = (
     "CREATE EVENT TRIGGER bemi_tt_track_new_tables ON ddl_command_end"
     " WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')"
     " EXECUTE FUNCTION bemi_tt.track_new_tables()"
 )
 _HAS_EVENT_TRIGGER = "SELECT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'bemi_tt_track_new_tables')"
+_NO_EVENT_TRIGGER_MESSAGE = (
+    "bemi_tt: this role may not create event triggers, so tables created later get no context "
+    "trigger; call bemi_tt.install(engine) again after creating tables (e.g. in each migration)"
+)
 _NO_EVENT_TRIGGER_NOTICE = (
     "DO $$ BEGIN RAISE NOTICE 'bemi_tt: this role may not create event triggers, so tables created "
     "later get no context trigger; call bemi_tt.install(engine) again after creating tables'; END $$"
@@ -210,13 +246,50 @@ _SCHEMA_EMPTY = (
 )
 
 
+_WAL_LEVEL_MESSAGE = (
+    "bemi_tt: wal_level is {level!r}, so the capture worker cannot read changes (it needs 'logical'): "
+    "run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
+)
+# Constant SQL, so that offline (Alembic --sql) installs warn too.
+_WAL_LEVEL_WARNING = (
+    "DO $$ BEGIN IF pg_catalog.current_setting('wal_level') <> 'logical' THEN RAISE WARNING '%', "
+    "pg_catalog.format('" + _WAL_LEVEL_MESSAGE.replace("{level!r}", "%L").replace("'", "''")
+    + "', pg_catalog.current_setting('wal_level')); END IF; END $$"
+)
+_TRACKING_FUNCTIONS = (
+    "bemi_tt.emit_context()",
+    "bemi_tt.trackable(oid)",
+    "bemi_tt.track_table(oid, boolean)",
+    "bemi_tt.track_all(boolean)",
+    "bemi_tt.untrack_all()",
+    "bemi_tt.track_new_tables()",
+)
+# Roles owning install's functions that the current role cannot act as (CREATE OR REPLACE would fail).
+_OTHER_OWNERS = (
+    "SELECT pg_catalog.string_agg(DISTINCT r.rolname::text, ', ') FROM pg_catalog.unnest(ARRAY["
+    + ", ".join(f"pg_catalog.to_regprocedure('{f}')" for f in _TRACKING_FUNCTIONS)
+    + "]) AS f(oid) JOIN pg_catalog.pg_proc p ON p.oid = f.oid"
+    " JOIN pg_catalog.pg_roles r ON r.oid = p.proowner"
+    " WHERE NOT pg_catalog.pg_has_role(p.proowner, 'USAGE')"
+)
+
+
 @dataclass(frozen=True)
 class Installation:
-    """What ``install`` did: tables it changed (trigger or replica identity) and whether new tables
-    are tracked automatically (``False``: the role may not create event triggers)."""
+    """What ``install`` did: tables it changed (trigger or replica identity), whether new tables are
+    tracked automatically (``False``: the role may not create event triggers), the server's ``wal_level``
+    (capture needs ``'logical'``) and ``warnings``: one line per problem, each naming its fix (already
+    logged on the ``bemi_tt`` logger; a command line tool should print them)."""
 
     tables_changed: int
     event_trigger: bool
+    wal_level: str = "logical"
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def capture_ready(self) -> bool:
+        """Whether the capture worker can read this server's changes (``wal_level = logical``)."""
+        return self.wal_level == "logical"
 
 
 def install_statements(*, replica_identity_full: bool = True) -> list[str]:
@@ -224,8 +297,10 @@ def install_statements(*, replica_identity_full: bool = True) -> list[str]:
     _check_flag(replica_identity_full)
     flag = "true" if replica_identity_full else "false"
     return [
+        _WAL_LEVEL_WARNING,
         *_SETUP,
         _EVENT_FUNCTION.format(replica_identity_full=flag),
+        _REVOKE_EVENT_FUNCTION,
         f"SELECT bemi_tt.track_all({flag})",
         "DROP EVENT TRIGGER IF EXISTS bemi_tt_track_new_tables",
         _EVENT_TRIGGER,
@@ -297,16 +372,37 @@ def install(
     """
     _check_flag(replica_identity_full)
     statements = install_statements(replica_identity_full=replica_identity_full)
+    warnings: list[str] = []
     with _connection(target) as conn:
         _check_postgresql(conn)
-        for statement in statements[:-2]:
+        wal_level = str(_run(conn, "SELECT pg_catalog.current_setting('wal_level')"))
+        if wal_level != "logical":
+            warnings.append(_WAL_LEVEL_MESSAGE.format(level=wal_level))
+            log.warning(warnings[-1])
+        owners = _run(conn, _OTHER_OWNERS)
+        if owners:
+            # Installed by another role (e.g. a superuser, before this role's migrations): its functions
+            # cannot be replaced from here, and its event trigger already tracks the tables created later.
+            event_trigger = bool(_run(conn, _HAS_EVENT_TRIGGER))
+            warnings.append(
+                f"bemi_tt: tracking was installed by role {owners} and is left as it is; to update it, run "
+                "bemi_tt.install(engine) as that role or a superuser"
+                + ("" if event_trigger else ", then again after creating tables")
+            )
+            log.info(warnings[-1])
+            return Installation(0, event_trigger, wal_level, tuple(warnings))
+        changed = 0
+        for statement in statements[1:-2]:  # the wal_level warning was handled above
             result = _run(conn, statement)
-        changed = int(result or 0)
+            if statement.startswith("SELECT bemi_tt.track_all"):
+                changed = int(result or 0)
         event_trigger = bool(_run(conn, _HAS_EVENT_TRIGGER))
         if not event_trigger:
             event_trigger = _create_event_trigger(conn)
+            if not event_trigger:
+                warnings.append(_NO_EVENT_TRIGGER_MESSAGE)
         _ddl_tracking(conn, "install_ddl_tracking")
-    return Installation(tables_changed=changed, event_trigger=event_trigger)
+    return Installation(changed, event_trigger, wal_level, tuple(warnings))
 
 
 def _create_event_trigger(conn: Connection) -> bool:
@@ -319,10 +415,7 @@ def _create_event_trigger(conn: Connection) -> bool:
         if code != _INSUFFICIENT_PRIVILEGE:
             raise
         _run(conn, _NO_EVENT_TRIGGER_NOTICE)
-        log.warning(
-            "bemi_tt: this role may not create event triggers, so tables created later get no context "
-            "trigger; call bemi_tt.install(engine) again after creating tables (e.g. in each migration)"
-        )
+        log.warning(_NO_EVENT_TRIGGER_MESSAGE)
         return False
     return True
 

@@ -9,11 +9,16 @@ transaction, ``pg_logical_emit_message(true, 'bemi_ddl', json)`` with::
      "columns": [{"name": "id", "type": "integer", "type_oid": 23, "key": true}, ...,
                  {"name": "done", "type": "boolean", "type_oid": 16, "key": false, "fill_text": "f"}]}
 
-``columns`` lists the table's columns after the command (generated columns excluded, as pgoutput does);
+``columns`` lists the table's columns after the command, those pgoutput sends: no generated columns
+before PostgreSQL 18, STORED ones from 18 on (the worker's publication sets ``publish_generated_columns``);
 ``key`` marks primary key columns; ``fill_text`` is the text value that rows existing before the command
 take for the column (``pg_attribute.attmissingval``), absent when there is none. A dropped table has
 ``"columns": null``. Partitions are skipped (changes are recorded under the partitioned root).
 The worker turns these into ``changes_schemas`` rows at the exact commit position of the DDL.
+
+The functions fire for every role's DDL and run with that role's rights: they only read the catalog
+(readable by everyone) and call ``pg_logical_emit_message`` (executable by everyone), so no role's DDL
+can fail on a privilege; ``search_path`` is fixed so the caller's setting cannot change what they call.
 """
 
 from __future__ import annotations
@@ -30,18 +35,21 @@ __all__ = ["ddl_tracking_installed", "install_ddl_tracking", "uninstall_ddl_trac
 log = logging.getLogger(__name__)
 
 _FUNCTIONS = """
-CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $bemi$
+CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   obj record;
   info record;
+  -- PostgreSQL 18 publishes STORED generated columns (the worker's publication asks for them)
+  gencols boolean := pg_catalog.current_setting('server_version_num')::int >= 180000;
 BEGIN
-  FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_event_trigger_ddl_commands() AS e
+  FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
              WHERE e.classid = 'pg_catalog.pg_class'::regclass AND e.object_type IN ('table', 'table column')
   LOOP
     SELECT n.nspname, c.relname INTO info FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       WHERE c.oid = obj.objid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-        AND n.nspname <> 'information_schema' AND NOT starts_with(n.nspname, 'pg_');
+        AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_');
     IF NOT FOUND THEN
       CONTINUE;
     END IF;
@@ -56,18 +64,20 @@ BEGIN
                ORDER BY a.attnum)
         FROM pg_catalog.pg_attribute a
         LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
-        WHERE a.attrelid = obj.objid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+        WHERE a.attrelid = obj.objid AND a.attnum > 0 AND NOT a.attisdropped
+          AND (a.attgenerated = '' OR a.attgenerated = 's' AND gencols)
       ))::text);
   END LOOP;
 END
 $bemi$
 """
 _DROP_FUNCTION = """
-CREATE OR REPLACE FUNCTION bemi_tt.emit_drop() RETURNS event_trigger LANGUAGE plpgsql AS $bemi$
+CREATE OR REPLACE FUNCTION bemi_tt.emit_drop() RETURNS event_trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   obj record;
 BEGIN
-  FOR obj IN SELECT * FROM pg_event_trigger_dropped_objects() AS d
+  FOR obj IN SELECT * FROM pg_catalog.pg_event_trigger_dropped_objects() AS d
              WHERE d.object_type = 'table' AND d.original AND NOT d.is_temporary
   LOOP
     PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(

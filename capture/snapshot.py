@@ -41,7 +41,7 @@ _UNESCAPE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "
 
 @dataclass(frozen=True)
 class SnapshotTable:
-    """A published table to copy: its columns (no generated ones) and primary key."""
+    """A published table to copy: its published columns and primary key."""
 
     schema: str
     name: str
@@ -68,14 +68,19 @@ def snapshot_tables(
     conn: psycopg.Connection, publication: str, ignored: Callable[[str, str], bool]
 ) -> list[SnapshotTable]:
     """The tables of ``publication`` (partitioned roots, not partitions), minus ignored ones."""
+    # the columns pgoutput sends: STORED generated ones too when the publication publishes them (PG 18)
+    pub = conn.execute(
+        "SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = %s", (publication,)
+    ).fetchone()
+    published = "a.attgenerated IN ('', 's')" if pub is not None and pub[0] == "s" else "a.attgenerated = ''"
     rows = conn.execute(
         "SELECT n.nspname, c.relname, c.oid, c.reltuples::bigint,"
         " (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a"
-        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),"
+        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND " + published + "),"
         " (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FROM pg_attribute a"
-        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),"
+        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND " + published + "),"
         " (SELECT array_agg(a.atttypid::int8 ORDER BY a.attnum) FROM pg_attribute a"
-        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''),"
+        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND " + published + "),"
         " (SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i,"
         "   unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
         "   JOIN pg_attribute a ON a.attnum = k.attnum WHERE i.indrelid = c.oid AND i.indisprimary"

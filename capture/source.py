@@ -8,7 +8,8 @@ again from the slot's restart point, so calls are bounded by LSN (everything up 
 the start of the call), never by ``upto_nchanges``. A slot held by an open peek cursor cannot be advanced
 from another session: :meth:`SlotReader.peek` must be finished (or closed) before :meth:`advance`.
 
-Publication: ``FOR ALL TABLES WITH (publish_via_partition_root = true)``, so every user table — including
+Publication: ``FOR ALL TABLES WITH (publish_via_partition_root = true)`` (plus
+``publish_generated_columns = stored`` on PostgreSQL 18), so every user table — including
 tables created later — is published and partitions are recorded under their root. PostgreSQL cannot
 exclude tables from such a publication, so the worker's own tables (``changes``, ``changes_schemas``,
 ``changes_positions``) are decoded too when the destination is the source database, and dropped by the
@@ -18,6 +19,7 @@ by ``bench/capture_throughput.py``. Creating it needs a superuser (the startup c
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +44,9 @@ __all__ = [
 ]
 
 MIN_VERSION = 140000
+#: First version whose publications can carry (STORED) generated columns.
+GENERATED_COLUMNS_VERSION = 180000
+log = logging.getLogger("capture")
 _SIMPLE_IDENT = re.compile(r"^[a-z_][a-z0-9_$]*$")
 
 
@@ -83,14 +88,27 @@ def check_server(conn: psycopg.Connection) -> tuple[int, str]:
 
 
 def ensure_publication(conn: psycopg.Connection, name: str) -> bool:
-    """Create the publication on all tables if missing; return True when it was created."""
+    """Create the publication on all tables if missing; return True when it was created.
+
+    On PostgreSQL 18 it publishes STORED generated columns (``publish_generated_columns = stored``),
+    also when it was created earlier without: PostgreSQL refuses UPDATE and DELETE on a published table
+    whose replica identity (FULL, set by ``bemi_tt.install``) holds an unpublished generated column.
+    """
     _validate_name("publication", name)
-    found = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    gencols = conn.info.server_version >= GENERATED_COLUMNS_VERSION
+    found = conn.execute(
+        "SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = %s", (name,)
+    ).fetchone()
     if found is not None:
+        if gencols and found[0] == "n":
+            _publish_generated_columns(conn, name)
         return False
-    statement = sql.SQL(
-        "CREATE PUBLICATION {} FOR ALL TABLES WITH (publish_via_partition_root = true)"
-    ).format(sql.Identifier(name))
+    options = "publish_via_partition_root = true"
+    if gencols:
+        options += ", publish_generated_columns = stored"
+    statement = sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES WITH (" + options + ")").format(
+        sql.Identifier(name)
+    )
     try:
         conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege:
@@ -101,6 +119,27 @@ def ensure_publication(conn: psycopg.Connection, name: str) -> bool:
     except psycopg.errors.DuplicateObject:
         return False
     return True
+
+
+def _publish_generated_columns(conn: psycopg.Connection, name: str) -> None:
+    """Make an existing publication (from an earlier version) publish STORED generated columns."""
+    statement = sql.SQL("ALTER PUBLICATION {} SET (publish_generated_columns = stored)").format(
+        sql.Identifier(name)
+    )
+    try:
+        conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege:
+        # not fatal for capture itself, but the application's writes to such tables fail: say so loudly
+        log.warning(
+            "publication %s does not publish generated columns, so UPDATE and DELETE fail on tables with a"
+            " STORED generated column and REPLICA IDENTITY FULL; ask its owner or a superuser to run %s;",
+            name,
+            statement.as_string(conn),
+        )
+        if not conn.autocommit:
+            conn.rollback()
+    else:
+        log.info("publication %s now publishes generated columns", name)
 
 
 def tables_without_identity(conn: psycopg.Connection) -> list[str]:
