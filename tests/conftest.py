@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +160,25 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Make:
         return build_source(kind, h.changes, h.schemas, dsn=dsn, tmp_path=tmp_path)
 
     return build
+
+
+@pytest.fixture
+def make_role(pg_server: Server, database: str) -> Iterator[Callable[[str, str], str]]:
+    """``make_role(suffix, attributes)`` creates a login role unique to this test (roles are cluster-wide,
+    e.g. attributes ``"REPLICATION"``) and returns its name; each is dropped with what it owns at teardown."""
+    created: list[str] = []
+
+    def create(suffix: str, attributes: str = "") -> str:
+        name = f"{database}_{suffix}"
+        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN " + attributes).format(sql.Identifier(name)))
+        created.append(name)
+        return name
+
+    yield create
+    for name in reversed(created):
+        for dsn in (pg_server.dsn(database), pg_server.admin_dsn):  # DROP OWNED works per database
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+        with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

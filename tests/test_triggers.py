@@ -15,6 +15,7 @@ from wal_messages import create_slot, read_events, row_contexts, without_sql
 
 import bemi_tt.hook  # noqa: F401  (activates the hook)
 from bemi_tt.context import context, set_context
+from bemi_tt.embedded import EmbeddedPostgres
 from bemi_tt.triggers import EVENT_TRIGGER, TRIGGER, install, install_statements, uninstall
 from capture.errors import ConfigurationError
 from capture.schema import changes_ddl, schemas_ddl
@@ -255,3 +256,41 @@ def test_install_statements_are_constant_sql_for_offline_migrations() -> None:
     on, off = install_statements(), install_statements(replica_identity_full=False)
     assert on != off and len(on) == len(off)
     assert any("CREATE EVENT TRIGGER" in s for s in on)
+
+
+def test_install_on_wal_level_replica_says_capture_cannot_work_and_writes_still_work(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with EmbeddedPostgres(settings={"wal_level": "replica"}) as pg:
+        eng = sa.create_engine(pg.url("postgresql+psycopg"))
+        try:
+            with eng.begin() as conn:
+                conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+            with caplog.at_level(logging.WARNING, logger="bemi_tt"):
+                report = install(eng)
+            assert report.wal_level == "replica" and not report.capture_ready
+            assert len(report.warnings) == 1 and "ALTER SYSTEM SET wal_level = logical" in report.warnings[0]
+            assert report.warnings[0] in caplog.text
+            assert (report.tables_changed, report.event_trigger) == (1, True)  # the migration still works
+            with context(user="x"), eng.begin() as conn:
+                conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+                conn.execute(sa.text("CREATE TABLE later (id int PRIMARY KEY)"))
+                conn.execute(sa.text("UPDATE t SET id = 2"))
+        finally:
+            eng.dispose()
+    assert install_statements()[0].startswith("DO $$") and "wal_level" in install_statements()[0]
+
+
+def test_a_table_with_a_virtual_generated_column_keeps_its_identity_so_updates_work(
+    engine: sa.Engine, dsn: str, pg_server: Any
+) -> None:
+    if pg_server.version < 180000:
+        pytest.skip("virtual generated columns arrived in PostgreSQL 18")
+    table = "CREATE TABLE {} (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) VIRTUAL)"
+    _exec(dsn, table.format("v"), "INSERT INTO v (id, a) VALUES (1, 1)",
+          "CREATE PUBLICATION p FOR ALL TABLES WITH (publish_generated_columns = stored)")
+    install(engine)
+    _exec(dsn, table.format("later"), "INSERT INTO later (id, a) VALUES (1, 1)")
+    assert _identities(dsn) == {"v": "d", "later": "d"}
+    assert _triggered(dsn) == {("public", "v"), ("public", "later")}
+    _exec(dsn, "UPDATE v SET a = 2", "DELETE FROM v", "UPDATE later SET a = 2")  # FULL would refuse these
