@@ -12,6 +12,15 @@ tables created later. A role that may not create event triggers gets a NOTICE an
 ``install`` again after creating tables (e.g. at the end of each migration). Everything is idempotent;
 ``uninstall`` removes exactly what ``install`` created.
 
+Roles: the event trigger fires for every role's DDL, so its function runs as the installing role
+(``SECURITY DEFINER``, ``search_path = pg_catalog, pg_temp``) and only on the tables of the command that
+fired it; the functions that alter tables on request (``track_table``, ``track_all``, ``untrack_all``) are
+not executable by PUBLIC. Where the installing role may not alter a new table, the DDL succeeds with a
+WARNING. ``install`` by a role that cannot replace another role's installation leaves it as it is.
+On PostgreSQL 18, a table with a VIRTUAL generated column keeps its replica identity (no publication can
+carry such a column, and PostgreSQL refuses UPDATE/DELETE when FULL identity includes it).
+``install`` also reports ``wal_level`` (capture needs ``logical``) in :class:`Installation` and the log.
+
 All identifier quoting happens in the database (``quote_ident`` over catalog names), so the SQL sent
 from here is constant text, identical on every driver.
 """
