@@ -218,4 +218,4 @@ def test_a_worker_that_may_not_update_an_old_publication_names_the_fix(
     _exec(dsn, "CREATE PUBLICATION bemi_tt FOR ALL TABLES WITH (publish_via_partition_root = true)")
     with caplog.at_level(logging.WARNING, logger="capture"):
         run(make_conninfo(dsn, user=worker), once=True)  # capture itself still works
-    assert "ALTER PUBLICATION bemi_tt SET (publish_generated_columns = stored);" in caplog.text
+    assert 'ALTER PUBLICATION "bemi_tt" SET (publish_generated_columns = stored);' in caplog.text
