@@ -14,9 +14,10 @@ tables created later. A role that may not create event triggers gets a NOTICE an
 
 Roles: the event trigger fires for every role's DDL, so its function runs as the installing role
 (``SECURITY DEFINER``, ``search_path = pg_catalog, pg_temp``) and only on the tables of the command that
-fired it; the functions that alter tables on request (``track_table``, ``track_all``, ``untrack_all``) are
-not executable by PUBLIC. Where the installing role may not alter a new table, the DDL succeeds with a
-WARNING. ``install`` by a role that cannot replace another role's installation leaves it as it is.
+fired it; the functions that alter tables on request (``track_table``, ``track_all``, ``untrack_all``,
+``restore_identity``) are not executable by PUBLIC. Where the installing role may not alter a new table,
+the DDL succeeds with a WARNING. ``install`` by a role that cannot create in schema ``bemi_tt`` or replace
+another role's functions there leaves tracking as it is (a warning says who can update it).
 On PostgreSQL 18, a table with a VIRTUAL generated column keeps its replica identity (no publication can
 carry such a column, and PostgreSQL refuses UPDATE/DELETE when FULL identity includes it).
 ``install`` also reports ``wal_level`` (capture needs ``logical``) in :class:`Installation` and the log.
@@ -116,14 +117,44 @@ LANGUAGE sql STABLE AS $fn$
         SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
         AND NOT a.attisdropped)))
 $fn$""",
-    # REPLICA IDENTITY FULL is skipped for a table with a VIRTUAL generated column (PostgreSQL 18): no
-    # publication can publish those, and PostgreSQL refuses UPDATE/DELETE on a published table whose
-    # identity holds an unpublished generated column. Its primary key stays the identity.
+    # Puts back the replica identity install replaced (recorded in replica_identity_changes), if the table
+    # still has FULL; forgets the record either way.
+    """CREATE OR REPLACE FUNCTION bemi_tt.restore_identity(rel oid) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  r record;
+  found_it boolean;
+BEGIN
+  SELECT pg_catalog.quote_ident(ns.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS target, p.previous,
+         (SELECT pg_catalog.quote_ident(i.relname) FROM pg_catalog.pg_class i
+          JOIN pg_catalog.pg_index x ON x.indexrelid = i.oid
+          WHERE i.oid = p.previous_index AND x.indrelid = c.oid) AS index_name
+  INTO r
+  FROM bemi_tt.replica_identity_changes p JOIN pg_catalog.pg_class c ON c.oid = p.relid
+  JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace
+  WHERE p.relid = rel AND c.relreplident = 'f';
+  found_it := FOUND;
+  DELETE FROM bemi_tt.replica_identity_changes WHERE relid = rel;
+  IF NOT found_it THEN
+    RETURN false;
+  END IF;
+  EXECUTE 'ALTER TABLE ' || r.target || ' REPLICA IDENTITY ' || CASE
+    WHEN r.previous = 'n' THEN 'NOTHING'
+    WHEN r.previous = 'i' AND r.index_name IS NOT NULL THEN 'USING INDEX ' || r.index_name
+    ELSE 'DEFAULT' END;
+  RETURN true;
+END
+$fn$""",
+    # REPLICA IDENTITY FULL only where it works: not on a table with a VIRTUAL generated column
+    # (PostgreSQL 18), which no publication can carry; PostgreSQL refuses UPDATE/DELETE on a published table
+    # whose identity holds an unpublished generated column. Such a table keeps (or, when the column was
+    # added after install set FULL, gets back) its own identity, usually the primary key.
     """CREATE OR REPLACE FUNCTION bemi_tt.track_table(rel oid, replica_identity_full boolean)
 RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   target text;
   identity "char";
+  has_virtual boolean;
   changed boolean := false;
 BEGIN
   IF NOT bemi_tt.trackable(rel) THEN
@@ -137,20 +168,24 @@ BEGIN
       || target || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_context()';
     changed := true;
   END IF;
-  IF replica_identity_full AND identity <> 'f' THEN
-    IF EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = rel AND attgenerated = 'v'
-               AND NOT attisdropped) THEN
-      RAISE NOTICE 'bemi_tt: table % keeps its replica identity: it has a virtual generated column, '
-        'which no publication can carry (UPDATE and DELETE would fail under REPLICA IDENTITY FULL)',
-        target;
-    ELSE
-      INSERT INTO bemi_tt.replica_identity_changes (relid, previous, previous_index)
-      SELECT rel, identity,
-        (SELECT indexrelid FROM pg_catalog.pg_index WHERE indrelid = rel AND indisreplident)
-      ON CONFLICT (relid) DO NOTHING;
-      EXECUTE 'ALTER TABLE ' || target || ' REPLICA IDENTITY FULL';
-      changed := true;
-    END IF;
+  has_virtual := EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = rel AND attgenerated = 'v'
+                         AND NOT attisdropped);
+  IF has_virtual AND identity = 'f' AND bemi_tt.restore_identity(rel) THEN
+    RAISE NOTICE 'bemi_tt: table % is back to its previous replica identity: it has a virtual generated '
+      'column, which no publication can carry (UPDATE and DELETE would fail under REPLICA IDENTITY FULL)',
+      target;
+    changed := true;
+  ELSIF has_virtual AND replica_identity_full AND identity <> 'f' THEN
+    RAISE NOTICE 'bemi_tt: table % keeps its replica identity: it has a virtual generated column, '
+      'which no publication can carry (UPDATE and DELETE would fail under REPLICA IDENTITY FULL)',
+      target;
+  ELSIF replica_identity_full AND identity <> 'f' THEN
+    INSERT INTO bemi_tt.replica_identity_changes (relid, previous, previous_index)
+    SELECT rel, identity,
+      (SELECT indexrelid FROM pg_catalog.pg_index WHERE indrelid = rel AND indisreplident)
+    ON CONFLICT (relid) DO NOTHING;
+    EXECUTE 'ALTER TABLE ' || target || ' REPLICA IDENTITY FULL';
+    changed := true;
   END IF;
   RETURN changed;
 END
@@ -168,26 +203,15 @@ DECLARE
   n integer := 0;
 BEGIN
   FOR r IN
-    SELECT quote_ident(ns.nspname) || '.' || quote_ident(c.relname) AS target
-    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace ns ON ns.oid = c.relnamespace
-    WHERE t.tgname = 'bemi_tt_context' AND t.tgfoid = 'bemi_tt.emit_context()'::regprocedure
+    SELECT pg_catalog.quote_ident(ns.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS target
+    FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+    JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace
+    WHERE t.tgname = 'bemi_tt_context' AND t.tgfoid = 'bemi_tt.emit_context()'::pg_catalog.regprocedure
   LOOP
     EXECUTE 'DROP TRIGGER bemi_tt_context ON ' || r.target;
     n := n + 1;
   END LOOP;
-  FOR r IN
-    SELECT quote_ident(ns.nspname) || '.' || quote_ident(c.relname) AS target, p.previous,
-           (SELECT quote_ident(i.relname) FROM pg_class i JOIN pg_index x ON x.indexrelid = i.oid
-            WHERE i.oid = p.previous_index AND x.indrelid = c.oid) AS index_name
-    FROM bemi_tt.replica_identity_changes p JOIN pg_class c ON c.oid = p.relid
-    JOIN pg_namespace ns ON ns.oid = c.relnamespace
-    WHERE c.relreplident = 'f'
-  LOOP
-    EXECUTE 'ALTER TABLE ' || r.target || ' REPLICA IDENTITY ' || CASE
-      WHEN r.previous = 'n' THEN 'NOTHING'
-      WHEN r.previous = 'i' AND r.index_name IS NOT NULL THEN 'USING INDEX ' || r.index_name
-      ELSE 'DEFAULT' END;
-  END LOOP;
+  PERFORM bemi_tt.restore_identity(p.relid) FROM bemi_tt.replica_identity_changes p ORDER BY p.relid;
   DELETE FROM bemi_tt.replica_identity_changes;
   RETURN n;
 END
@@ -195,7 +219,7 @@ $fn$""",
     # Functions are executable by PUBLIC by default. These alter tables; they run with the caller's
     # rights, but only the installing role (and the event trigger, below) has any business calling them.
     "REVOKE ALL ON FUNCTION bemi_tt.track_table(oid, boolean), bemi_tt.track_all(boolean),"
-    " bemi_tt.untrack_all() FROM PUBLIC",
+    " bemi_tt.untrack_all(), bemi_tt.restore_identity(oid) FROM PUBLIC",
 )
 
 # The event trigger fires for every role's DDL, and a function runs with its caller's rights: as the
@@ -245,6 +269,7 @@ _TEARDOWN = (
     "DROP FUNCTION IF EXISTS bemi_tt.untrack_all()",
     "DROP FUNCTION IF EXISTS bemi_tt.track_all(boolean)",
     "DROP FUNCTION IF EXISTS bemi_tt.track_table(oid, boolean)",
+    "DROP FUNCTION IF EXISTS bemi_tt.restore_identity(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.trackable(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_context()",
     "DROP TABLE IF EXISTS bemi_tt.replica_identity_changes",
@@ -266,20 +291,19 @@ _WAL_LEVEL_WARNING = (
     + "', pg_catalog.current_setting('wal_level')); END IF; END $$"
 )
 _TRACKING_FUNCTIONS = (
-    "bemi_tt.emit_context()",
-    "bemi_tt.trackable(oid)",
-    "bemi_tt.track_table(oid, boolean)",
-    "bemi_tt.track_all(boolean)",
-    "bemi_tt.untrack_all()",
-    "bemi_tt.track_new_tables()",
+    "emit_context", "trackable", "track_table", "track_all", "untrack_all", "restore_identity",
+    "track_new_tables",
 )
-# Roles owning install's functions that the current role cannot act as (CREATE OR REPLACE would fail).
+# Roles owning schema bemi_tt or install's functions that the current role cannot act as: CREATE in the
+# schema or CREATE OR REPLACE of those functions would fail. (Catalog joins, not to_regprocedure: that
+# fails without USAGE on the schema.)
 _OTHER_OWNERS = (
-    "SELECT pg_catalog.string_agg(DISTINCT r.rolname::text, ', ') FROM pg_catalog.unnest(ARRAY["
-    + ", ".join(f"pg_catalog.to_regprocedure('{f}')" for f in _TRACKING_FUNCTIONS)
-    + "]) AS f(oid) JOIN pg_catalog.pg_proc p ON p.oid = f.oid"
-    " JOIN pg_catalog.pg_roles r ON r.oid = p.proowner"
-    " WHERE NOT pg_catalog.pg_has_role(p.proowner, 'USAGE')"
+    "SELECT pg_catalog.string_agg(DISTINCT r.rolname::text, ', ') FROM pg_catalog.pg_namespace n"
+    " CROSS JOIN LATERAL (SELECT n.nspowner WHERE NOT pg_catalog.has_schema_privilege(n.oid, 'CREATE')"
+    "  UNION ALL SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.pronamespace = n.oid"
+    "  AND p.proname IN (" + ", ".join(f"'{f}'" for f in _TRACKING_FUNCTIONS) + ")"
+    "  AND NOT pg_catalog.pg_has_role(p.proowner, 'USAGE')) AS o(owner)"
+    " JOIN pg_catalog.pg_roles r ON r.oid = o.owner WHERE n.nspname = 'bemi_tt'"
 )
 
 
@@ -390,15 +414,16 @@ def install(
             log.warning(warnings[-1])
         owners = _run(conn, _OTHER_OWNERS)
         if owners:
-            # Installed by another role (e.g. a superuser, before this role's migrations): its functions
-            # cannot be replaced from here, and its event trigger already tracks the tables created later.
+            # Installed by another role (e.g. a superuser, before this role's migrations), or schema bemi_tt
+            # made by a superuser's capture worker: nothing can be created or replaced from here (and doing
+            # so must not break the migration); an event trigger, if any, tracks the tables created later.
             event_trigger = bool(_run(conn, _HAS_EVENT_TRIGGER))
             warnings.append(
-                f"bemi_tt: tracking was installed by role {owners} and is left as it is; to update it, run "
-                "bemi_tt.install(engine) as that role or a superuser"
-                + ("" if event_trigger else ", then again after creating tables")
+                f"bemi_tt: schema bemi_tt and its functions belong to role {owners}, so this role leaves "
+                "tracking as it is; to install or update it, run bemi_tt.install(engine) as that role or "
+                "a superuser" + ("" if event_trigger else " (until then, new tables are not tracked)")
             )
-            log.info(warnings[-1])
+            log.log(logging.INFO if event_trigger else logging.WARNING, warnings[-1])
             return Installation(0, event_trigger, wal_level, tuple(warnings))
         changed = 0
         for statement in statements[1:-2]:  # the wal_level warning was handled above

@@ -123,10 +123,28 @@ def test_install_again_as_the_application_role_after_a_superuser_install_changes
     finally:
         eng.dispose()
     assert (report.tables_changed, report.event_trigger) == (0, True)
-    assert report.warnings and "installed by role postgres" in report.warnings[0]
-    assert "installed by role postgres" in caplog.text
+    assert report.warnings and "belong to role postgres" in report.warnings[0]
+    assert "belong to role postgres" in caplog.text
     _exec(make_conninfo(dsn, user=app), "CREATE TABLE later (id int PRIMARY KEY)")
     assert _tracking(dsn) == {"later": (True, "f")}
+
+
+def test_install_as_the_application_role_after_a_superuser_worker_made_the_schema_does_not_fail(
+    pg_server: Any, database: str, dsn: str, make_role: MakeRole, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_role("app", "")
+    _grant_create(dsn, database, app)
+    run(dsn, once=True)  # a superuser worker installs schema-change tracking: schema bemi_tt is its own
+    _exec(make_conninfo(dsn, user=app), "CREATE TABLE a (id int PRIMARY KEY)")
+    eng = _app_engine(pg_server, database, app)
+    try:
+        with caplog.at_level(logging.WARNING, logger="bemi_tt"):
+            report = install(eng)
+    finally:
+        eng.dispose()
+    assert (report.tables_changed, report.event_trigger) == (0, False)
+    assert "run bemi_tt.install(engine) as that role or a superuser" in report.warnings[0]
+    assert report.warnings[0] in caplog.text
 
 
 def test_install_by_a_non_superuser_owner_leaves_every_roles_ddl_working(

@@ -289,8 +289,15 @@ def test_a_table_with_a_virtual_generated_column_keeps_its_identity_so_updates_w
     table = "CREATE TABLE {} (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) VIRTUAL)"
     _exec(dsn, table.format("v"), "INSERT INTO v (id, a) VALUES (1, 1)",
           "CREATE PUBLICATION p FOR ALL TABLES WITH (publish_generated_columns = stored)")
+    _create(dsn, "public", "plain")
+    _exec(dsn, "INSERT INTO plain VALUES (1, 'x')")
     install(engine)
-    _exec(dsn, table.format("later"), "INSERT INTO later (id, a) VALUES (1, 1)")
-    assert _identities(dsn) == {"v": "d", "later": "d"}
-    assert _triggered(dsn) == {("public", "v"), ("public", "later")}
-    _exec(dsn, "UPDATE v SET a = 2", "DELETE FROM v", "UPDATE later SET a = 2")  # FULL would refuse these
+    assert _identities(dsn) == {"v": "d", "plain": "f"}
+    _exec(dsn, table.format("later"), "INSERT INTO later (id, a) VALUES (1, 1)",
+          "ALTER TABLE plain ADD COLUMN w int GENERATED ALWAYS AS (id * 2) VIRTUAL")
+    assert _identities(dsn) == {"v": "d", "later": "d", "plain": "d"}  # plain is back to its own
+    assert _triggered(dsn) == {("public", "v"), ("public", "later"), ("public", "plain")}
+    _exec(dsn, "UPDATE v SET a = 2", "DELETE FROM v", "UPDATE later SET a = 2",  # FULL would refuse these
+          "UPDATE plain SET v = 'y'")
+    uninstall(engine)
+    assert _identities(dsn) == {"v": "d", "later": "d", "plain": "d"} and _triggered(dsn) == set()
