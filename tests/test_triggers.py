@@ -4,6 +4,7 @@ tables created later, replica identity and its restoration, roles without event-
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -258,10 +259,29 @@ def test_install_statements_are_constant_sql_for_offline_migrations() -> None:
     assert any("CREATE EVENT TRIGGER" in s for s in on)
 
 
+class _ReplicaServer(EmbeddedPostgres):
+    """An embedded server with ``wal_level=replica``: EmbeddedPostgres refuses to start without ``logical``
+    (its readiness check asserts it), which is exactly what this server must not have."""
+
+    def __init__(self) -> None:
+        super().__init__(settings={"wal_level": "replica"})
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(self.dsn, connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 def test_install_on_wal_level_replica_says_capture_cannot_work_and_writes_still_work(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with EmbeddedPostgres(settings={"wal_level": "replica"}) as pg:
+    with _ReplicaServer() as pg:
         eng = sa.create_engine(pg.url("postgresql+psycopg"))
         try:
             with eng.begin() as conn:
