@@ -34,6 +34,7 @@ to :func:`load_type_info`.
 from __future__ import annotations
 
 import re
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string  # the C implementation when available
@@ -52,6 +53,7 @@ __all__ = [
     "load_type_info",
     "row_json",
     "text_to_json",
+    "uses_composite",
 ]
 
 json_string: Final = _json_string
@@ -65,6 +67,7 @@ class TypeInfo:
     ``category`` is ``typcategory`` ('A' array, 'B' bool, 'E' enum, 'N' numeric, 'S' string, ...);
     ``element_oid`` is ``typelem`` for arrays (0 otherwise); ``base_oid`` is ``typbasetype`` for
     domains (0 otherwise); ``delimiter`` is ``typdelim`` (',' except e.g. ``box`` with ';').
+    ``attributes`` and ``dropped_attributes`` describe a composite type's fields (``pg_attribute``).
     """
 
     oid: int
@@ -73,25 +76,55 @@ class TypeInfo:
     element_oid: int = 0
     base_oid: int = 0
     delimiter: str = ","
+    #: Composite (row) types: ``(name, type OID)`` of each live attribute in ``attnum`` order; else None.
+    attributes: tuple[tuple[str, int], ...] | None = None
+    #: Composite types: how many dropped attributes the catalog still holds.
+    dropped_attributes: int = 0
 
 
 #: The SQL that loads every type's :class:`TypeInfo` fields, in order, for :func:`load_type_info`.
+#: Composite types (``typtype = 'c'``, table row types included) also get their live attributes'
+#: names and type OIDs in ``attnum`` order and the count of dropped ones.
 TYPE_INFO_QUERY: Final = (
     "SELECT t.oid::int8, t.typname::text, t.typcategory::text, "
     "CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0 END::int8, "
-    "t.typbasetype::int8, t.typdelim::text FROM pg_catalog.pg_type t"
+    "t.typbasetype::int8, t.typdelim::text, c.names, c.oids, coalesce(c.dropped, 0)::int8 "
+    "FROM pg_catalog.pg_type t LEFT JOIN LATERAL ("
+    "SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE NOT a.attisdropped), '{}')"
+    " AS names, coalesce(array_agg(a.atttypid::int8 ORDER BY a.attnum) FILTER (WHERE NOT a.attisdropped),"
+    " '{}') AS oids, count(*) FILTER (WHERE a.attisdropped) AS dropped"
+    " FROM pg_catalog.pg_attribute a WHERE a.attrelid = t.typrelid AND a.attnum > 0"
+    ") c ON t.typtype = 'c'"
 )
 
 
 def load_type_info(rows: Iterable[Sequence[Any]]) -> dict[int, TypeInfo]:
-    """Map OID → :class:`TypeInfo` from the rows of :data:`TYPE_INFO_QUERY` (built-ins included)."""
+    """Map OID → :class:`TypeInfo` from the rows of :data:`TYPE_INFO_QUERY` (built-ins included).
+
+    Rows of 6 fields (no attribute columns) are accepted too: their composite types stay unknown.
+    """
     result = dict(BUILTIN_TYPES)
     for row in rows:
-        if len(row) != 6:
-            raise ValueError(f"type info row must have 6 fields as TYPE_INFO_QUERY returns, got {row!r}")
-        oid, name, category, element_oid, base_oid, delimiter = row
+        if len(row) not in (6, 9):
+            raise ValueError(f"type info row must have 6 or 9 fields as TYPE_INFO_QUERY returns, got {row!r}")
+        oid, name, category, element_oid, base_oid, delimiter = row[:6]
+        attributes = None
+        dropped = 0
+        if len(row) == 9 and row[6] is not None:
+            names, oids = row[6], row[7] or ()
+            if len(names) != len(oids):
+                raise ValueError(f"type info row has {len(names)} attribute names, {len(oids)} OIDs: {row!r}")
+            attributes = tuple((str(n), int(o)) for n, o in zip(names, oids, strict=True))
+            dropped = int(row[8] or 0)
         info = TypeInfo(
-            int(oid), str(name), str(category), int(element_oid or 0), int(base_oid or 0), str(delimiter)
+            int(oid),
+            str(name),
+            str(category),
+            int(element_oid or 0),
+            int(base_oid or 0),
+            str(delimiter),
+            attributes,
+            dropped,
         )
         result[info.oid] = info
     return result
@@ -402,6 +435,107 @@ def _array_converter(element: Callable[[str], str], delimiter: str) -> Callable[
     return convert
 
 
+# --------------------------------------------------------------------------- composites (record_out text)
+
+
+def _parse_record(s: str) -> list[str | None] | None:
+    """The fields (None for NULL) of record_out text ``(a,"b c",)``, read as record_in does; None if not one.
+
+    record_out leaves a NULL field empty and quotes a field that is empty or holds a quote, backslash,
+    parenthesis, comma or white space, doubling quotes and backslashes inside; record_in also takes
+    ``\\x`` as ``x`` and ``""`` inside quotes as one quote.
+    """
+    if len(s) < 2 or s[0] != "(" or s[-1] != ")":
+        return None
+    inner = s[1:-1]
+    if '"' not in inner and "\\" not in inner:
+        if "(" in inner or ")" in inner:
+            return None  # record_out always quotes these
+        return [field or None for field in inner.split(",")]
+    fields: list[str | None] = []
+    part: list[str] = []
+    seen = False  # the field has content (an empty quoted "" is the empty string, not NULL)
+    quoted = False
+    i = 0
+    n = len(inner)
+    while i < n:
+        ch = inner[i]
+        i += 1
+        if ch == "\\":
+            if i >= n:
+                return None
+            part.append(inner[i])
+            i += 1
+            seen = True
+        elif ch == '"':
+            seen = True
+            if not quoted:
+                quoted = True
+            elif i < n and inner[i] == '"':
+                part.append('"')
+                i += 1
+            else:
+                quoted = False
+        elif ch == "," and not quoted:
+            fields.append("".join(part) if seen else None)
+            part = []
+            seen = False
+        elif (ch == "(" or ch == ")") and not quoted:
+            return None
+        else:
+            part.append(ch)
+            seen = True
+    if quoted:
+        return None
+    fields.append("".join(part) if seen else None)
+    return fields
+
+
+def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) -> Callable[[str], str]:
+    """record_out text → the JSON object ``to_jsonb`` gives, each field converted by its own type.
+
+    The attributes are looked up in ``types`` at each call (not when the converter is built), so a
+    catalog reloaded into the same mapping (the worker's, after ALTER TYPE) applies to every encoder
+    at once. The text has one field per attribute the type had when the row was written: with more
+    attributes known now and none ever dropped, the text's fields are the first ones (ADD ATTRIBUTE
+    appends); any other count mismatch keeps the value as a JSON string of its text.
+    """
+    built: list[Any] = [None, (), ()]  # attributes, name prefixes, converters
+
+    def convert(s: str) -> str:
+        info = types.get(oid)
+        attributes = info.attributes if info is not None else None
+        if attributes is None:
+            return _json_string(s)
+        if attributes is not built[0]:
+            built[1] = tuple(_json_string(name) + ":" for name, _ in attributes)
+            built[2] = tuple(_str_converter(t, types, depth + 1) for _, t in attributes)
+            built[0] = attributes
+        prefixes: tuple[str, ...] = built[1]
+        converters: tuple[Callable[[str], str], ...] = built[2]
+        if not prefixes and s == "()":
+            return "{}"
+        fields = _parse_record(s)
+        if fields is None:
+            return _json_string(s)
+        if len(fields) != len(prefixes) and (
+            len(fields) > len(prefixes) or info is None or info.dropped_attributes
+        ):
+            return _json_string(s)  # written under other attributes than the catalog's now
+        return (
+            "{"
+            + ",".join(
+                [
+                    prefix + ("null" if field is None else convert_field(field))
+                    for prefix, convert_field, field in zip(prefixes, converters, fields)  # noqa: B905
+                ]
+            )
+            + "}"
+        )
+
+    return convert
+
+
 # --------------------------------------------------------------------------- resolution
 
 
@@ -418,7 +552,24 @@ def _str_converter(oid: int, types: Mapping[int, TypeInfo], depth: int = 0) -> C
     if info.category == "A" and info.element_oid:
         element = _str_converter(info.element_oid, types, depth + 1)
         return _array_converter(element, info.delimiter)
+    if info.attributes is not None:
+        return _composite_converter(oid, types, depth)
     return _json_string
+
+
+def uses_composite(type_oids: Iterable[int], types: Mapping[int, TypeInfo]) -> bool:
+    """Whether any of ``type_oids`` is or holds a composite type (through domains and arrays)."""
+    for oid in type_oids:
+        for _ in range(32):
+            info = types.get(oid)
+            if info is None:
+                break
+            if info.attributes is not None:
+                return True
+            oid = info.base_oid or (info.element_oid if info.category == "A" else 0)
+            if not oid:
+                break
+    return False
 
 
 def _bytes_converter(oid: int, types: Mapping[int, TypeInfo]) -> Callable[[bytes], str]:
@@ -476,7 +627,10 @@ class ValueEncoder:
             isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in column_type_oids
         ):
             raise ValueError(f"column_type_oids must be a sequence of type OIDs, got {column_type_oids!r}")
-        types: Mapping[int, TypeInfo] = BUILTIN_TYPES if type_info is None else {**BUILTIN_TYPES, **type_info}
+        # a live view, not a copy: composite converters read attributes reloaded into type_info later
+        types: Mapping[int, TypeInfo] = (
+            BUILTIN_TYPES if type_info is None else ChainMap(type_info, BUILTIN_TYPES)  # type: ignore[arg-type]
+        )
         #: One ``bytes -> JSON text`` function per column (NULL not handled: test ``is None`` first).
         self.converters: tuple[Callable[[bytes], str], ...] = tuple(
             _bytes_converter(oid, types) for oid in column_type_oids

@@ -36,7 +36,7 @@ from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.sink import POSITIONS_TABLE, Position, Sink
 from capture.snapshot import write_snapshot
 from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
-from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info
+from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info, uses_composite
 
 __all__ = ["CaptureStats", "resolve_dsn", "run", "status"]
 
@@ -181,15 +181,24 @@ class _Session:
         return schema == "bemi_tt" or (schema, table) in self.own
 
     def load_types(self) -> None:
-        self.type_info = load_type_info(self.meta.execute(TYPE_INFO_QUERY).fetchall())
+        # in place: stitchers and their encoders hold this mapping and read composite attributes from it
+        self.type_info.update(load_type_info(self.meta.execute(TYPE_INFO_QUERY).fetchall()))
 
     def describe(self, rel: Relation) -> tuple[list[str] | None, list[str]]:
-        """(primary key column names from the catalog or None, format_type text per column)."""
+        """(primary key column names from the catalog or None, format_type text per column).
+
+        Reloads the type catalog for a column of an unknown type and for every Relation message of a
+        table with composite columns: pgoutput sends one at a table's first change in each peek (and
+        after the table itself changes), never after ALTER TYPE, so this is when the worker catches up
+        with attributes added, dropped or renamed since it last looked.
+        """
+        if any(c.type_oid not in self.type_info for c in rel.columns) or uses_composite(
+            [c.type_oid for c in rel.columns], self.type_info
+        ):
+            self.load_types()
         known = self.relations.get(rel)
         if known is not None:
             return known
-        if any(c.type_oid not in self.type_info for c in rel.columns):
-            self.load_types()
         row = self.meta.execute(
             "SELECT (SELECT array_agg(format_type(t.oid, t.mod) ORDER BY t.n)"
             "   FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS t(oid, mod, n)),"

@@ -38,6 +38,11 @@ SETUP = [
     "CREATE DOMAIN small_money AS money2 CHECK (VALUE < 1000)",
     "CREATE DOMAIN label AS text",
     "CREATE TYPE pair AS (a int, b text)",
+    "CREATE TYPE outer_pair AS (p pair, ps pair[], n numeric, at timestamptz, m mood, tags text[])",
+    "CREATE DOMAIN pair_d AS pair",
+    "CREATE TYPE holder AS (o outer_pair, d pair_d, j jsonb, \"we,ird \"\"name\"\"\" text)",
+    "CREATE TYPE nothing AS ()",
+    "CREATE TYPE one AS (x text)",
 ]
 
 #: family → (column type, SQL literals of the values inserted, one row each)
@@ -136,11 +141,40 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "box_array": ("box[]", ["'{(1,2),(3,4);(5,6),(7,8)}'"]),
     "interval_array": ("interval[]", ["ARRAY['1 day'::interval]"]),
     "citext_array": ("citext[]", ["ARRAY['a b'::citext, 'c']"]),
+    "composite": (
+        "pair",
+        [
+            "ROW(1, 'x y')",
+            "ROW(NULL, NULL)",
+            "ROW(-2, '')",
+            "ROW(3, E'q\"uo,te (paren) back\\\\slash\\nünï 😀')",
+            "ROW(4, 'NULL')",
+            "ROW(5, '()')",
+        ],
+    ),
+    "composite_nested": (
+        "outer_pair",
+        [
+            "ROW(ROW(1, 'a\"b'), ARRAY[ROW(2, 'c,d'), NULL, ROW(NULL, '')]::pair[], 1.50,"
+            " '2026-11-27 10:00:00.5+00', 'with \"quote\"', ARRAY['x y', NULL, '{', '\\'])",
+            "ROW(NULL, '{}', 'NaN', 'infinity', NULL, '{}')",
+        ],
+    ),
+    "composite_deep": (
+        "holder",
+        [
+            "ROW(ROW(ROW(1, ')'), NULL, 1e-20, NULL, 'ok', NULL), ROW(7, 'd'), '{\"k\": [1, \"(x,y)\"]}', ' s ')",
+            "ROW(NULL, NULL, NULL, NULL)",
+        ],
+    ),
+    "composite_array": ("pair[]", ["ARRAY[ROW(1, 'x'), ROW(2, NULL), NULL]::pair[]", "'{}'"]),
+    "composite_domain": ("pair_d", ["ROW(9, 'dom')"]),
+    "composite_empty": ("nothing", ["ROW()"]),
+    "composite_single": ("one", ["ROW(NULL)", "ROW('')", "ROW('a')"]),
 }
 
-#: Deliberate differences from to_jsonb (see capture/values.py): a composite becomes its text.
+#: Deliberate differences from to_jsonb (see capture/values.py): hstore becomes its text.
 TEXT_INSTEAD_OF_OBJECT: dict[str, tuple[str, list[str]]] = {
-    "composite": ("pair", ["ROW(1, 'x y')"]),
     "hstore": ("hstore", ["'a=>1'"]),
 }
 
@@ -311,10 +345,13 @@ def test_numeric_digits_are_kept_verbatim_not_rounded_through_float(utc: Capture
     assert exact(ValueEncoder([1700]).value_json(0, b"12.50")) == Decimal("12.50")
 
 
-def test_composite_and_json_castable_values_are_json_strings_of_their_text(utc: Captured) -> None:
-    (value,) = utc.from_wal["composite"]
-    assert json.loads(value) == '(1,"x y")'
-    assert json.loads(utc.from_sql["composite"][0]) == {"a": 1, "b": "x y"}  # the documented difference
+def test_composite_value_json_is_the_object_to_jsonb_gives(utc: Captured) -> None:
+    assert utc.texts["composite"][0] == b'(1,"x y")'
+    assert json.loads(utc.from_wal["composite"][0]) == {"a": 1, "b": "x y"}
+    assert json.loads(utc.from_wal["composite_empty"][0]) == {}
+
+
+def test_json_castable_values_are_json_strings_of_their_text(utc: Captured) -> None:
     assert json.loads(utc.from_wal["hstore"][0]) == '"a"=>"1"'
     assert json.loads(utc.from_sql["hstore"][0]) == {"a": "1"}  # to_jsonb uses hstore's own json cast
 
@@ -525,7 +562,7 @@ def test_load_type_info_resolves_domains_and_enums_by_catalog_rows() -> None:
         '["sad","ok"]',
         "1.10",
     ]
-    with pytest.raises(ValueError, match="6 fields"):
+    with pytest.raises(ValueError, match="6 or 9 fields"):
         load_type_info([(1, "x")])
 
 
