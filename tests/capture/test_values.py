@@ -163,7 +163,8 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "composite_deep": (
         "holder",
         [
-            "ROW(ROW(ROW(1, ')'), NULL, 1e-20, NULL, 'ok', NULL), ROW(7, 'd'), '{\"k\": [1, \"(x,y)\"]}', ' s ')",
+            "ROW(ROW(ROW(1, ')'), NULL, 1e-20, NULL, 'ok', NULL), ROW(7, 'd'),"
+            " '{\"k\": [1, \"(x,y)\"]}', ' s ')",
             "ROW(NULL, NULL, NULL, NULL)",
         ],
     ),
