@@ -41,7 +41,9 @@ numbers = st.one_of(
 )
 moments = st.one_of(
     st.none(),
-    st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(timezone.utc)),
+    st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(timezone.utc)
+    ),
 )
 items = st.one_of(
     st.none(),
