@@ -15,11 +15,26 @@ rows decoded from the WAL and rows read with ``to_jsonb`` compare equal. Concret
 * arrays (any dimension, any lower bound, NULL elements, quoted elements) → JSON arrays whose
   elements follow these same rules by the element type; domains follow their base type.
 * SQL NULL → ``null``.
+* composite (row) values, also nested, in arrays and behind domains → the JSON object ``to_jsonb``
+  gives: attribute names from the catalog, each field converted by its own type, NULL fields
+  ``null``. pgoutput sends only record_out text, so the attributes come from :data:`TYPE_INFO_QUERY`.
 
-Deliberate differences from ``to_jsonb``: composite (row) values are a JSON string of their text,
-not an object (pgoutput does not say the field types); so are types that ``to_jsonb`` renders through
-their own cast to json (e.g. ``hstore``); a ``json`` value containing the escape ``\\u0000`` (which
-``jsonb`` cannot hold) becomes a JSON string of its text.
+Composites and ALTER TYPE: the text has one field per attribute the type had when the row was
+written (logical decoding prints it with the catalog of that moment), but the names and types can
+only come from the catalog as it is when the worker reads: pgoutput sends no attributes and does not
+re-send a Relation or Type message after ``ALTER TYPE`` (only at a table's first change in each
+decoding session, i.e. each peek, and after the table itself changes), so the worker reloads the
+catalog whenever a Relation message of a table with composite columns arrives, and encoders read
+attributes from the reloaded mapping. Exact: every change read before its type is altered again (the
+usual case: a running worker peeks every few seconds and reloads the catalog each time); a change
+written before ``ADD ATTRIBUTE`` but read after it, as long as the type never had an attribute
+dropped (its fields are then the first attributes). Not exact (the catalog keeps no history): a
+change read after a later ``RENAME ATTRIBUTE`` carries the new name; one read after a later
+``DROP ATTRIBUTE`` (or any other field-count mismatch) stays a JSON string of its text.
+
+Deliberate differences from ``to_jsonb``: types that ``to_jsonb`` renders through their own cast to
+json (e.g. ``hstore``) are a JSON string of their text, also inside composites; a ``json`` value
+containing the escape ``\\u0000`` (which ``jsonb`` cannot hold) becomes a JSON string of its text.
 
 Input assumptions (the capture worker's session guarantees them): ``DateStyle`` ``ISO``, ``TimeZone``
 ``UTC`` (offsets then read ``+00:00``), ``extra_float_digits`` >= 1, a UTF-8 database, text format
@@ -28,7 +43,8 @@ values (not pgoutput's ``binary`` option). Other ``DateStyle`` settings are not 
 Use: build one :class:`ValueEncoder` per Relation (``ValueEncoder(oids, type_info, names=names)``)
 and call ``encoder.row_json(values)`` for whole rows or ``encoder.value_json(i, raw)`` per value.
 Types beyond the built-in table come from the catalog: run :data:`TYPE_INFO_QUERY` and pass its rows
-to :func:`load_type_info`.
+to :func:`load_type_info` (rows without its attribute columns leave composites JSON strings of their
+text); reload into the same mapping (``dict.update``) and existing encoders follow the new attributes.
 """
 
 from __future__ import annotations
