@@ -250,32 +250,60 @@ def _wait_until(conn: psycopg.Connection, query: str) -> None:
         time.sleep(0.05)
 
 
+class Worker:
+    """``run(dsn, stop=...)`` in a thread: one worker session across the statements of a test."""
+
+    def __init__(self, dsn: str) -> None:
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(dsn,))
+
+    def _run(self, dsn: str) -> None:
+        try:
+            run(dsn, stop=self.stop)
+        except BaseException as exc:  # pragma: no cover - reported by __exit__
+            self.errors.append(exc)
+
+    def __enter__(self) -> Worker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.errors
+
+
 def test_a_running_worker_reloads_the_attributes_after_alter_type(dsn: str) -> None:
     """One worker session across ALTER TYPE: the re-sent Relation of the next peek reloads the catalog."""
     with connect(dsn) as conn:
         _pair_table(conn)
     run(dsn, once=True)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def background() -> None:
-        try:
-            run(dsn, stop=stop)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=background)
-    thread.start()
     expected = []
-    try:
-        with connect(dsn) as conn:
-            for n, statement in enumerate([None, *ALTERATIONS], start=1):
-                if statement is not None:
-                    conn.execute(statement.encode())
-                expected.append(_insert_pair(conn))
-                _wait_until(conn, f"SELECT count(*) = {n} FROM changes WHERE \"table\" = 'p'")
-            assert _history(conn) == expected
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors
+    with Worker(dsn), connect(dsn) as conn:
+        for n, statement in enumerate([None, *ALTERATIONS], start=1):
+            if statement is not None:
+                conn.execute(statement.encode())
+            expected.append(_insert_pair(conn))
+            _wait_until(conn, f"SELECT count(*) = {n} FROM changes WHERE \"table\" = 'p'")
+        assert _history(conn) == expected
+
+
+def test_a_running_worker_converts_values_of_types_created_after_it_started(dsn: str) -> None:
+    """The catalog reloaded for an unknown type reaches the encoders of the same batch."""
+    with connect(dsn) as conn:
+        conn.execute("CREATE TABLE warm (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with Worker(dsn), connect(dsn) as conn:
+        conn.execute("INSERT INTO warm VALUES (1)")
+        _wait_until(conn, "SELECT count(*) = 1 FROM changes")  # the worker's session has loaded its types
+        conn.execute("CREATE DOMAIN amount AS numeric")
+        conn.execute("CREATE TYPE point2 AS (x amount, y amount)")
+        conn.execute("CREATE TABLE q (id int PRIMARY KEY, a amount, p point2)")
+        conn.execute("INSERT INTO q VALUES (1, 1.50, ROW(2.5, NULL))")
+        _wait_until(conn, "SELECT count(*) = 1 FROM changes WHERE \"table\" = 'q'")
+        row = conn.execute(
+            "SELECT after = (SELECT to_jsonb(q) FROM q), after::text FROM changes WHERE \"table\" = 'q'"
+        ).fetchone()
+    assert row is not None
+    assert row[0], row[1]
