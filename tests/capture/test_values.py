@@ -43,6 +43,8 @@ SETUP = [
     "CREATE TYPE holder AS (o outer_pair, d pair_d, j jsonb, \"we,ird \"\"name\"\"\" text)",
     "CREATE TYPE nothing AS ()",
     "CREATE TYPE one AS (x text)",
+    "CREATE TABLE row_source (k int, gone int, \"Weird Name\" text, g int GENERATED ALWAYS AS (-k) STORED)",
+    "ALTER TABLE row_source DROP COLUMN gone",
 ]
 
 #: family → (column type, SQL literals of the values inserted, one row each)
@@ -172,6 +174,7 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "composite_domain": ("pair_d", ["ROW(9, 'dom')"]),
     "composite_empty": ("nothing", ["ROW()"]),
     "composite_single": ("one", ["ROW(NULL)", "ROW('')", "ROW('a')"]),
+    "composite_table_row": ("row_source", ["ROW(1, 'é', 2)", "ROW(NULL, NULL, NULL)"]),
 }
 
 #: Deliberate differences from to_jsonb (see capture/values.py): hstore becomes its text.
