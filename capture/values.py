@@ -49,6 +49,7 @@ text); reload into the same mapping (``dict.update``) and existing encoders foll
 
 from __future__ import annotations
 
+import json
 import re
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -517,6 +518,7 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
     appends); any other count mismatch keeps the value as a JSON string of its text.
     """
     built: list[Any] = [None, (), ()]  # attributes, name prefixes, converters
+    render = _render_record
 
     def convert(s: str) -> str:
         info = types.get(oid)
@@ -534,22 +536,34 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
         fields = _parse_record(s)
         if fields is None:
             return _json_string(s)
-        if len(fields) != len(prefixes) and (
-            len(fields) > len(prefixes) or info is None or info.dropped_attributes
-        ):
+        if len(fields) == len(prefixes):
+            return render(prefixes, converters, fields)
+        if len(fields) > len(prefixes) or info is None or info.dropped_attributes:
             return _json_string(s)  # written under other attributes than the catalog's now
-        return (
-            "{"
-            + ",".join(
-                [
-                    prefix + ("null" if field is None else convert_field(field))
-                    for prefix, convert_field, field in zip(prefixes, converters, fields)  # noqa: B905
-                ]
-            )
-            + "}"
-        )
+        try:  # the first attributes; checked, since a catalog read in a race could still mislead
+            result = render(prefixes, converters, fields)
+            json.loads(result)
+        except (ValueError, KeyError):
+            return _json_string(s)
+        return result
 
     return convert
+
+
+def _render_record(
+    prefixes: Sequence[str], converters: Sequence[Callable[[str], str]], fields: Sequence[str | None]
+) -> str:
+    """The JSON object of record fields, paired with the first ``len(fields)`` attributes."""
+    return (
+        "{"
+        + ",".join(
+            [
+                prefix + ("null" if field is None else convert_field(field))
+                for prefix, convert_field, field in zip(prefixes, converters, fields)  # noqa: B905
+            ]
+        )
+        + "}"
+    )
 
 
 # --------------------------------------------------------------------------- resolution

@@ -664,3 +664,10 @@ def test_load_type_info_reads_composite_attributes() -> None:
     assert info[60000] == expected
     assert info[60001].attributes is None
     assert text_to_json('{"(1,x)",NULL}', 60001, info) == '[{"a":1,"b":"x"},null]'
+
+
+def test_fewer_fields_that_do_not_fit_the_first_attributes_stay_text() -> None:
+    """A catalog read in a race (e.g. DROP ATTRIBUTE during a snapshot) never yields invalid JSON."""
+    misread = TypeInfo(60000, "pair", "C", attributes=(("a", 23), ("b", 16), ("c", 25)))
+    assert text_to_json("(x,y)", 60000, {60000: misread}) == '"(x,y)"'  # 'x' is no int4
+    assert text_to_json("(1,y)", 60000, {60000: misread}) == '"(1,y)"'  # 'y' is no bool
