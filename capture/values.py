@@ -471,41 +471,43 @@ def _parse_record(s: str) -> list[str | None] | None:
         return [field or None for field in inner.split(",")]
     fields: list[str | None] = []
     part: list[str] = []
-    seen = False  # the field has content (an empty quoted "" is the empty string, not NULL)
-    quoted = False
-    i = 0
-    n = len(inner)
-    while i < n:
-        ch = inner[i]
-        i += 1
-        if ch == "\\":
-            if i >= n:
-                return None
-            part.append(inner[i])
-            i += 1
+    seen = False  # the field has content (a quoted "" is the empty string, not NULL)
+    end = 0
+    for match in _RECORD_TOKENS.finditer(inner):
+        if match.start() != end:
+            return None  # an unquoted parenthesis, an unterminated quote or a lone backslash
+        end = match.end()
+        quoted, escaped, bare = match.groups()
+        if quoted is not None:
+            if "\\" in quoted or '""' in quoted:
+                quoted = _RECORD_UNESCAPE.sub(_unescape, quoted)
+            part.append(quoted)
             seen = True
-        elif ch == '"':
+        elif escaped is not None:
+            part.append(escaped)
             seen = True
-            if not quoted:
-                quoted = True
-            elif i < n and inner[i] == '"':
-                part.append('"')
-                i += 1
-            else:
-                quoted = False
-        elif ch == "," and not quoted:
+        elif bare is not None:
+            part.append(bare)
+            seen = True
+        else:  # the comma between fields
             fields.append("".join(part) if seen else None)
             part = []
             seen = False
-        elif (ch == "(" or ch == ")") and not quoted:
-            return None
-        else:
-            part.append(ch)
-            seen = True
-    if quoted:
+    if end != len(inner):
         return None
     fields.append("".join(part) if seen else None)
     return fields
+
+
+_RECORD_TOKENS: Final = re.compile(  # the quoted form unrolled ([^"\\]* never overlaps \\. or ""): linear
+    r'"([^"\\]*(?:(?:\\.|"")[^"\\]*)*)"|\\(.)|([^,"\\()]+)|,', re.DOTALL
+)
+_RECORD_UNESCAPE: Final = re.compile(r'\\(.)|""', re.DOTALL)
+
+
+def _unescape(match: re.Match[str]) -> str:
+    escaped = match.group(1)
+    return '"' if escaped is None else escaped
 
 
 def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) -> Callable[[str], str]:
