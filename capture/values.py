@@ -517,10 +517,14 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
     catalog reloaded into the same mapping (the worker's, after ALTER TYPE) applies to every encoder
     at once. The text has one field per attribute the type had when the row was written: with more
     attributes known now and none ever dropped, the text's fields are the first ones (ADD ATTRIBUTE
-    appends); any other count mismatch keeps the value as a JSON string of its text.
+    appends); any other count mismatch keeps the value as a JSON string of its text. So does a result
+    that is not valid JSON: a catalog newer than the row (DROP then ADD ATTRIBUTE, ALTER ATTRIBUTE TYPE
+    after the last column of the type was dropped) can pair a field with another type, and invalid
+    JSON would make the jsonb COPY fail on every retry.
     """
     built: list[Any] = [None, (), ()]  # attributes, name prefixes, converters
     render = _render_record
+    check = _strict_json
 
     def convert(s: str) -> str:
         info = types.get(oid)
@@ -538,18 +542,26 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
         fields = _parse_record(s)
         if fields is None:
             return _json_string(s)
-        if len(fields) == len(prefixes):
-            return render(prefixes, converters, fields)
-        if len(fields) > len(prefixes) or info is None or info.dropped_attributes:
+        if len(fields) != len(prefixes) and (
+            len(fields) > len(prefixes) or info is None or info.dropped_attributes
+        ):
             return _json_string(s)  # written under other attributes than the catalog's now
-        try:  # the first attributes; checked, since a catalog read in a race could still mislead
+        try:
             result = render(prefixes, converters, fields)
-            json.loads(result)
+            check(result)  # the catalog can be newer than the row (see above): never let a misfit through
         except (ValueError, KeyError):
             return _json_string(s)
         return result
 
     return convert
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+#: Parses JSON as jsonb would accept it (no NaN/Infinity literals); raises ValueError otherwise.
+_strict_json: Final = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 def _render_record(

@@ -671,3 +671,11 @@ def test_fewer_fields_that_do_not_fit_the_first_attributes_stay_text() -> None:
     misread = TypeInfo(60000, "pair", "C", attributes=(("a", 23), ("b", 16), ("c", 25)))
     assert text_to_json("(x,y)", 60000, {60000: misread}) == '"(x,y)"'  # 'x' is no int4
     assert text_to_json("(1,y)", 60000, {60000: misread}) == '"(1,y)"'  # 'y' is no bool
+
+
+def test_a_field_that_does_not_fit_its_attribute_type_keeps_the_value_as_text() -> None:
+    """E.g. DROP then ADD ATTRIBUTE before the worker read the row: the count fits, the types do not."""
+    pair = TypeInfo(60000, "pair", "C", attributes=(("b", 25), ("c", 23)), dropped_attributes=1)
+    assert text_to_json("(1,x)", 60000, {60000: pair}) == '"(1,x)"'
+    assert text_to_json("(1,NaN)", 60000, {60000: pair}) == '"(1,NaN)"'  # jsonb takes no NaN literal
+    assert text_to_json("(x,1)", 60000, {60000: pair}) == '{"b":"x","c":1}'
