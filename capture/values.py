@@ -30,7 +30,9 @@ usual case: a running worker peeks every few seconds and reloads the catalog eac
 written before ``ADD ATTRIBUTE`` but read after it, as long as the type never had an attribute
 dropped (its fields are then the first attributes). Not exact (the catalog keeps no history): a
 change read after a later ``RENAME ATTRIBUTE`` carries the new name; one read after a later
-``DROP ATTRIBUTE`` (or any other field-count mismatch) stays a JSON string of its text.
+``DROP ATTRIBUTE`` (any other field-count mismatch, or fields that do not fit the attributes' types)
+stays a JSON string of its text, so a stale pairing can never make invalid JSON. SNAPSHOT rows use
+the catalog loaded just before the snapshot: an ALTER TYPE while it is copied falls under the same rules.
 
 Deliberate differences from ``to_jsonb``: types that ``to_jsonb`` renders through their own cast to
 json (e.g. ``hstore``) are a JSON string of their text, also inside composites; a ``json`` value
