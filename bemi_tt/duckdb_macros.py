@@ -19,7 +19,7 @@ from typing import Any
 import duckdb as _duckdb
 import pyarrow as pa
 
-from bemi_tt.dtypes import column_type
+from bemi_tt.dtypes import spec_type
 from bemi_tt.sources import Scope, get_source
 from bemi_tt.state import latest_sql
 
@@ -62,7 +62,7 @@ def _typed_macro(schema: str, table: str, columns: list[dict[str, Any]]) -> str 
     for col in columns:
         pointer = "'/" + col["name"].replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
         quoted = '"' + col["name"].replace('"', '""') + '"'
-        duck = column_type(str(col["type"])).duck
+        duck = spec_type(col).macro
         value = f'json_extract_string("row", {pointer})'
         expr = duck.format(v=value) if duck else f'json_extract("row", {pointer})'
         selects.append(f"{expr} AS {quoted}")

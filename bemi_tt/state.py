@@ -28,6 +28,8 @@ from bemi_tt.dtypes import (
     frame_from_json,
     infer_type,
     parse_json,
+    spec_type,
+    typed_series,
 )
 from bemi_tt.sources import PostgresSource, Scope, Source, TableName, json_text
 from capture.errors import ConfigurationError
@@ -142,7 +144,7 @@ def layout_at(versions: list[Version], ts: pd.Timestamp | None) -> Layout | None
                 fill = json.dumps(found["fill"]) if "fill" in found else None
         if since is not None and all(any(c["name"] == name for c in v[2]) for v in valid):
             since = None
-        columns.append(Column(name, column_type(spec["type"]), bool(spec.get("key")), since, fill))
+        columns.append(Column(name, spec_type(spec), bool(spec.get("key")), since, fill))
     return Layout(tuple(columns))
 
 
@@ -273,6 +275,13 @@ def _first(rows: list[Any]) -> Any:
     return rows[0] if rows else None
 
 
+def _values(series: pd.Series) -> list[Any]:
+    """A column's values as :func:`typed_series` takes them: None for NULL (NaN is NULL only in float64)."""
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind == "f":
+        return [None if v != v else v for v in series.tolist()]
+    return [None if v is None or v is pd.NA or v is pd.NaT else v for v in series.tolist()]
+
+
 def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
     """Apply column fills (rows last changed before a column was added), index by the key and sort."""
     keys = rows["k"].to_numpy(zero_copy_only=False)
@@ -283,18 +292,13 @@ def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
             continue
         stale = (cps < column.since[0]) | ((cps == column.since[0]) & (ordinals < column.since[1]))
         if stale.any():
-            mask = pd.Series(stale, index=frame.index)
             fill = (
                 None
                 if column.fill is None
                 else frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
             )
-            series = frame[column.name].copy()
-            if fill is None:
-                series = series.where(~mask, None if series.dtype == object else pd.NA)
-            else:
-                series = series.astype(object).where(~mask, fill).astype(series.dtype)
-            frame[column.name] = series
+            values = [fill if old else v for v, old in zip(_values(frame[column.name]), stale, strict=True)]
+            frame[column.name] = typed_series(values, column.kind).set_axis(frame.index)
     key_names = layout.keys
     if key_names:
         frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0])
