@@ -238,7 +238,10 @@ def spec_type(spec: Mapping[str, Any]) -> ColumnType:
     """The :class:`ColumnType` of one ``changes_schemas`` column: a domain by its base type (the worker
     records ``base_type`` for domain columns), every other type by its ``format_type`` text."""
     base = spec.get("base_type")
-    return column_type(str(base) if base else str(spec["type"]))
+    if not base:
+        return column_type(str(spec["type"]))
+    base = str(base)  # a pg_type typname: arrays are "_int4"
+    return column_type(f"{base[1:]}[]" if base.startswith("_") else base)
 
 
 def infer_type(value: Any) -> str:

@@ -53,26 +53,90 @@ def _duck() -> duckdb.DuckDBPyConnection:
 
 
 # -- tables and their columns -----------------------------------------------------------------------
+def _quoted_parts(name: str) -> list[str] | None:
+    """``public."my.table"`` → ``["public", "my.table"]``: a dotted list of identifiers, double-quoted ones
+    with ``""`` for a quote, unquoted ones as written; None when ``name`` is not of that form."""
+    parts: list[str] = []
+    i = 0
+    while True:
+        if name.startswith('"', i):
+            part, i = "", i + 1
+            while True:
+                close = name.find('"', i)
+                if close < 0:
+                    return None
+                part += name[i:close]
+                if name.startswith('"', close + 1):
+                    part, i = part + '"', close + 2
+                    continue
+                i = close + 1
+                break
+        else:
+            stop = name.find(".", i)
+            part = name[i:] if stop < 0 else name[i:stop]
+            if not part or '"' in part:
+                return None
+            i += len(part)
+        parts.append(part)
+        if i == len(name):
+            return parts if len(parts) <= 2 else None
+        if name[i] != ".":
+            return None
+        i += 1
+
+
+def _identifier(text: str) -> str:
+    return (
+        text
+        if text and '"' not in text and "." not in text and text.strip() == text
+        else ('"' + text.replace('"', '""') + '"')
+    )
+
+
+def table_label(table: TableName) -> str:
+    """How errors name a table: ``todo`` (schema public), ``app.todo``, or quoted where a name holds a dot
+    or a quote (``public."my.table"``); :func:`resolve_table` reads each label back to that one table."""
+    schema, name = table
+    if _identifier(schema) == schema and _identifier(name) == name:
+        return name if schema == "public" else f"{schema}.{name}"
+    return f"{_identifier(schema)}.{_identifier(name)}"
+
+
 def resolve_table(source: Source, table: str) -> TableName:
-    """``"todo"`` or ``"schema.todo"`` → ``(schema, table)``; unknown or ambiguous names are errors."""
+    """A table name → ``(schema, table)``, exactly: ``todo`` (any schema, public first), ``schema.todo``,
+    a name holding dots as it is (``my.table``) or quoted (``public."my.table"``); unknown or ambiguous
+    names are a :class:`ConfigurationError` listing the names that work."""
+    if isinstance(table, str) and "\x00" in table:
+        raise ConfigurationError(
+            f"table {table!r} holds a NUL character, which no PostgreSQL name can: pass the table's name, "
+            "such as 'todo' or 'public.todo'"
+        )
     if not isinstance(table, str) or not table.strip():
         raise ConfigurationError(f"table must be a table name such as 'todo' or 'public.todo', got {table!r}")
-    name = table.strip()
-    schema, dot, bare = name.partition(".")
-    candidates = source.tables(bare if dot else name)
-    if dot:
-        candidates = [c for c in candidates if c[0] == schema]
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        public = [c for c in candidates if c[0] == "public"]
-        if public:
+    name = table.strip() if table.strip() != table and not source.tables(table) else table
+    # every reading of the text: the whole text as a table name, or split at one of its dots
+    readings: list[tuple[str | None, str]] = [(None, name)]
+    readings += [(name[:i], name[i + 1 :]) for i, ch in enumerate(name) if ch == "."]
+    quoted = _quoted_parts(name) if '"' in name else None
+    if quoted is not None:
+        readings.append((None, quoted[0]) if len(quoted) == 1 else (quoted[0], quoted[1]))
+    found: list[TableName] = []
+    for schema, bare in readings:
+        for candidate in source.tables(bare):
+            if (schema is None or candidate[0] == schema) and candidate not in found:
+                found.append(candidate)
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        plain = [c for c in found if c[1] == name]
+        public = [c for c in plain if c[0] == "public"]
+        if public and len(plain) == len(found):  # a bare name in several schemas: public, as PostgreSQL
             return public[0]
         raise ConfigurationError(
-            f"table {table!r} is ambiguous: it exists in schemas "
-            f"{sorted(c[0] for c in candidates)!r}; write it as 'schema.{name}'"
+            f"table {table!r} is ambiguous: it names {', '.join(table_label(c) for c in found)}; "
+            "pass one of these"
         )
-    known = ", ".join(f"{s}.{t}" if s != "public" else t for s, t in source.tables()) or "none"
+    known = ", ".join(table_label(t) for t in source.tables()) or "none"
     raise ConfigurationError(f"unknown table {table!r}: the source has changes for: {known}")
 
 

@@ -391,6 +391,18 @@ def parse_context(content: bytes) -> str:
     return text
 
 
+def column_json(col: ColumnSpec, type_info: Mapping[int, TypeInfo]) -> str:
+    """One column of ``changes_schemas.columns``; a domain also gets ``base_type``, the ``typname`` of the
+    type under all its domains (``int4``), so that readers type its values like the base type's."""
+    item: dict[str, Any] = {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key}
+    info, seen = type_info.get(col.type_oid), 0
+    while info is not None and info.base_oid and seen < 32:  # domains over domains
+        info, seen = type_info.get(info.base_oid), seen + 1
+    if seen and info is not None:
+        item["base_type"] = info.name
+    return json.dumps(item, ensure_ascii=False, separators=(",", ":"))
+
+
 @dataclass
 class Stitcher:
     """Turns a stream of decoded messages into change rows; keeps relations across transactions.
@@ -472,11 +484,7 @@ class Stitcher:
             return []
         parts = []
         for col in spec:
-            item = json.dumps(
-                {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key},
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
+            item = column_json(col, self.type_info)
             if fills and col.name in fills:
                 item = f'{item[:-1]},"fill":{fills[col.name]}}}'
             parts.append(item)
