@@ -280,6 +280,8 @@ def typed_series(values: Sequence[Any], kind: ColumnType) -> pd.Series:
     value apart from NULL, a column that can: ``double[pyarrow]`` for floats with NaN (NULL is ``<NA>``),
     ``object`` for numerics with NaN and timestamps with infinity or years past 294246 (kept as text)."""
     if isinstance(kind.dtype, pd.ArrowDtype):
+        if any(isinstance(v, Decimal) and not v.is_finite() for v in values):
+            return pd.Series(values, dtype=object)  # NaN, Infinity: no Arrow decimal holds them
         try:
             return pd.Series(pd.array(values, dtype=kind.dtype))
         except (pa.ArrowInvalid, TypeError, ValueError):
@@ -289,7 +291,10 @@ def typed_series(values: Sequence[Any], kind: ColumnType) -> pd.Series:
     if isinstance(kind.dtype, str) and kind.dtype.startswith("datetime64"):
         if any(v is not None and not isinstance(v, pd.Timestamp) for v in values):
             return pd.Series(values, dtype=object)
-        return pd.Series(pd.array([pd.NaT if v is None else v for v in values], dtype=kind.dtype))
+        # through numpy: pandas turns tz-aware Timestamps outside the nanosecond range into wrong years
+        nat = np.datetime64("NaT", "us")
+        stamps = pd.Series(np.array([nat if v is None else v.as_unit("us").asm8 for v in values], "M8[us]"))
+        return stamps.dt.tz_localize("UTC") if kind.dtype == "datetime64[us, UTC]" else stamps
     if isinstance(kind.dtype, np.dtype):
         if _has_nan(values):  # float64 shows NULL as NaN: Arrow keeps NULL and NaN apart
             nan_kept = pa.array(values, type=kind.arrow, from_pandas=False)

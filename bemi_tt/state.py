@@ -93,13 +93,49 @@ def _identifier(text: str) -> str:
     )
 
 
-def table_label(table: TableName) -> str:
-    """How errors name a table: ``todo`` (schema public), ``app.todo``, or quoted where a name holds a dot
-    or a quote (``public."my.table"``); :func:`resolve_table` reads each label back to that one table."""
+def _readings(name: str) -> list[tuple[str | None, str]]:
+    """Every (schema or None for any, table) that ``name`` can mean: the whole text as a table name, the
+    text split at one of its dots, and the quoted-identifier reading (``public."my.table"``)."""
+    readings: list[tuple[str | None, str]] = [(None, name)]
+    readings += [(name[:i], name[i + 1 :]) for i, ch in enumerate(name) if ch == "."]
+    quoted = _quoted_parts(name) if '"' in name else None
+    if quoted is not None:
+        readings.append((None, quoted[0]) if len(quoted) == 1 else (quoted[0], quoted[1]))
+    return readings
+
+
+def _matches(readings: list[tuple[str | None, str]], tables: list[TableName]) -> list[TableName]:
+    found: list[TableName] = []
+    for schema, bare in readings:
+        for candidate in tables:
+            if candidate[1] == bare and (schema is None or candidate[0] == schema) and candidate not in found:
+                found.append(candidate)
+    return found
+
+
+def _pick(name: str, found: list[TableName]) -> TableName | None:
+    """The one table ``found`` for ``name``; a bare name in several schemas means public's, as in
+    PostgreSQL's default search path; None when ambiguous."""
+    if len(found) == 1:
+        return found[0]
+    public = [c for c in found if c[0] == "public" and c[1] == name]
+    if public and all(c[1] == name for c in found):
+        return public[0]
+    return None
+
+
+def table_label(table: TableName, known: list[TableName] | None = None) -> str:
+    """How errors name a table: ``todo`` (schema public), ``app.todo``, quoted where a name holds a dot or a
+    quote (``public."my.table"``), fully quoted (``"my"."table"``) where a shorter label would also name
+    another of the ``known`` tables; :func:`resolve_table` reads each label back to that one table."""
     schema, name = table
     if _identifier(schema) == schema and _identifier(name) == name:
-        return name if schema == "public" else f"{schema}.{name}"
-    return f"{_identifier(schema)}.{_identifier(name)}"
+        label = name if schema == "public" else f"{schema}.{name}"
+    else:
+        label = f"{_identifier(schema)}.{_identifier(name)}"
+    if known is not None and _pick(label, _matches(_readings(label), known)) != table:
+        label = '"' + schema.replace('"', '""') + '"."' + name.replace('"', '""') + '"'
+    return label
 
 
 def resolve_table(source: Source, table: str) -> TableName:
@@ -114,29 +150,21 @@ def resolve_table(source: Source, table: str) -> TableName:
     if not isinstance(table, str) or not table.strip():
         raise ConfigurationError(f"table must be a table name such as 'todo' or 'public.todo', got {table!r}")
     name = table.strip() if table.strip() != table and not source.tables(table) else table
-    # every reading of the text: the whole text as a table name, or split at one of its dots
-    readings: list[tuple[str | None, str]] = [(None, name)]
-    readings += [(name[:i], name[i + 1 :]) for i, ch in enumerate(name) if ch == "."]
-    quoted = _quoted_parts(name) if '"' in name else None
-    if quoted is not None:
-        readings.append((None, quoted[0]) if len(quoted) == 1 else (quoted[0], quoted[1]))
-    found: list[TableName] = []
-    for schema, bare in readings:
-        for candidate in source.tables(bare):
-            if (schema is None or candidate[0] == schema) and candidate not in found:
-                found.append(candidate)
-    if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        plain = [c for c in found if c[1] == name]
-        public = [c for c in plain if c[0] == "public"]
-        if public and len(plain) == len(found):  # a bare name in several schemas: public, as PostgreSQL
-            return public[0]
+    readings = _readings(name)
+    # ask the source only about the table names the text can mean (an index lookup each on PostgreSQL)
+    tables = sorted({t for bare in dict.fromkeys(b for _, b in readings) for t in source.tables(bare)})
+    found = _matches(readings, tables)
+    picked = _pick(name, found)
+    if picked is not None:
+        return picked
+    if found:
+        every = source.tables()
         raise ConfigurationError(
-            f"table {table!r} is ambiguous: it names {', '.join(table_label(c) for c in found)}; "
+            f"table {table!r} is ambiguous: it names {', '.join(table_label(c, every) for c in found)}; "
             "pass one of these"
         )
-    known = ", ".join(table_label(t) for t in source.tables()) or "none"
+    every = source.tables()
+    known = ", ".join(table_label(t, every) for t in every) or "none"
     raise ConfigurationError(f"unknown table {table!r}: the source has changes for: {known}")
 
 
