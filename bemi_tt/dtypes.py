@@ -64,6 +64,16 @@ _DUCK_GUARD = (
 )
 
 
+#: SQL path: PostgreSQL's " BC" timestamps as DuckDB's (whose CAST ignores " BC" and reads 44 BC as 44 AD):
+#: the BC date, plus the time of day, minus the offset (naive result; UTC for timestamptz)
+_SQL_BC = (
+    "CAST(CAST(regexp_extract({v}, '^([0-9]+-[0-9]+-[0-9]+)', 1) || ' (BC)' AS DATE) AS TIMESTAMP)"
+    " + CAST(regexp_extract({v}, 'T([0-9:.]+)', 1) AS INTERVAL)"
+    " - coalesce(CAST(nullif(ltrim(regexp_extract({v}, '([+-][0-9:]+) BC$', 1), '+'), '') AS INTERVAL),"
+    " INTERVAL 0 SECOND)"
+)
+
+
 def _decimal(v: Any) -> Any:
     return v if isinstance(v, Decimal) else Decimal(str(v))
 
@@ -210,7 +220,8 @@ def column_type(pg_type: str) -> ColumnType:
             pa.timestamp("us", tz="UTC"),
             _timestamp_tz,
             _DUCK_GUARD.format(cast="CAST({v} AS TIMESTAMPTZ)"),
-            "CAST({v} AS TIMESTAMPTZ)",
+            f"CASE WHEN ends_with({{v}}, ' BC') THEN timezone('UTC', {_SQL_BC}) "
+            "ELSE CAST({v} AS TIMESTAMPTZ) END",
         )
     if base in ("timestamp without time zone", "timestamp"):
         return ColumnType(
@@ -219,11 +230,16 @@ def column_type(pg_type: str) -> ColumnType:
             pa.timestamp("us"),
             _timestamp,
             _DUCK_GUARD.format(cast="CAST({v} AS TIMESTAMP)"),
-            "CAST({v} AS TIMESTAMP)",
+            f"CASE WHEN ends_with({{v}}, ' BC') THEN {_SQL_BC} ELSE CAST({{v}} AS TIMESTAMP) END",
         )
     if base == "date":
         return ColumnType(
-            pg_type, object, None, _date, _DUCK_GUARD.format(cast="CAST({v} AS DATE)"), "CAST({v} AS DATE)"
+            pg_type,
+            object,
+            None,
+            _date,
+            _DUCK_GUARD.format(cast="CAST({v} AS DATE)"),
+            "CAST(CASE WHEN ends_with({v}, ' BC') THEN replace({v}, ' BC', ' (BC)') ELSE {v} END AS DATE)",
         )
     if base in ("time without time zone", "time"):
         return ColumnType(pg_type, object, None, _time)

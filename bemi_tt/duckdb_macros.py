@@ -6,7 +6,8 @@
     con.sql("SELECT * FROM history('todo', '1')")
 
 The macros run the same SQL as :func:`bemi_tt.as_of` (``timetravel.latest_sql``), so SQL users get the same
-rows; the typed ``as_of_<table>`` macros use the same casts as the DataFrame path (json, arrays, bytea and
+rows; the typed ``as_of_<table>`` macros type columns by the same mapping as the DataFrame path, as DuckDB
+holds them (timestamp infinity and BC years included; domains by their base type; json, arrays, bytea and
 numerics beyond 15 digits stay JSON there: exact values need the Python path).
 """
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from timetravel_history import History
 from timetravel_sources import Make
 
+from bemi_tt.duckdb_macros import duckdb as bemi_duckdb
 from bemi_tt.sources import PostgresSource
 from bemi_tt.timetravel import as_of, blame, diff, history
 from bemi_tt.triggers import install
@@ -170,6 +171,26 @@ def test_diff_history_and_blame_tell_null_from_nan(make: Make) -> None:
     cells = blame("weird", source=source)
     assert {c: _kind(v) for (_, c), v in cells["value"].items()} == {"n": "NaN", "f": "NaN"}
     assert cells.loc[(1, "f"), "committed_at"] == pd.Timestamp(t2)
+
+
+def test_typed_duckdb_macros_keep_infinity_bc_and_nan(make: Make) -> None:
+    h = History()
+    h.columns("weird", [c for c in WEIRD_COLUMNS if c["name"] in ("id", "ts", "tz", "f", "d")])
+    for i, row in WEIRD_ROWS.items():
+        h.create("weird", str(i), {"id": i, **{c: row[c] for c in ("ts", "tz", "f", "d")}})
+    con = bemi_duckdb(make(h))
+    con.execute("SET TimeZone = 'UTC'")
+    rows = con.sql(
+        "SELECT id, CAST(ts AS VARCHAR), CAST(tz AS VARCHAR), CAST(f AS VARCHAR), CAST(d AS VARCHAR) "
+        f"FROM as_of_weird(TIMESTAMPTZ '{h.clock.isoformat()}') ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        (1, "infinity", "infinity", "nan", "infinity"),
+        (2, "-infinity", "-infinity", "inf", "-infinity"),
+        (3, "0044-03-15 (BC) 12:00:00", "0044-03-15 (BC) 12:00:00+00", "-inf", "0044-03-15 (BC)"),
+        (4, None, None, None, None),
+        (5, "2026-01-31 12:00:00", "2026-01-31 12:00:00+00", "0.5", "2026-01-31"),
+    ]
 
 
 # -- table names -------------------------------------------------------------------------------------------
