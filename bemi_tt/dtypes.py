@@ -99,12 +99,12 @@ def _pg_timestamp(v: Any, utc: bool) -> Any:
     294246), so such a value never looks like NULL."""
     if not isinstance(v, str):
         return v
-    if not v.endswith(" BC"):
+    if v[4:5] == "-" and v[10:11] == "T" and not v.endswith(" BC"):  # four-digit years: pandas parses
         try:
             parsed = pd.Timestamp(v)
             return (parsed.tz_convert("UTC") if utc else parsed).as_unit("us")
         except (ValueError, TypeError, OverflowError):
-            pass  # 'infinity', years past 9999: below
+            pass
     match = _PG_TIMESTAMP.fullmatch(v)
     if match is None:
         return v
