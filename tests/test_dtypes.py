@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timetravel_history import History
 
 from bemi_tt.dtypes import column_type, frame_from_json, spec_type
+from bemi_tt.sources import InMemorySource
+from bemi_tt.timetravel import as_of
 
 _CYCLE_DAYS = 146097  # days in 400 Gregorian years: the calendar repeats
 
@@ -140,3 +143,41 @@ def test_timestamp_arrays_keep_bc_and_infinity() -> None:
     first = column.iloc[0]
     assert first[0] == "infinity" and first[2] is None
     assert isinstance(first[1], pd.Timestamp) and first[1].year == -43
+
+
+_stamps = st.tuples(
+    st.integers(-4712, 294_000),
+    st.integers(1, 12),
+    st.integers(1, 28),
+    st.integers(0, 86_400_000_000 - 1),
+    st.one_of(st.none(), st.integers(-15 * 3600, 15 * 3600)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.one_of(st.none(), _stamps), min_size=1, max_size=5))
+def test_as_of_reads_every_timestamp_like_the_python_mapping(values: list[Any]) -> None:
+    """The DuckDB path of as_of (casts, Arrow) gives each instant the Python mapping gives, or hands over."""
+    columns = [
+        {"name": "id", "type": "integer", "type_oid": 23, "key": True},
+        {"name": "tz", "type": "timestamp with time zone", "type_oid": 1184, "key": False},
+        {"name": "ts", "type": "timestamp without time zone", "type_oid": 1114, "key": False},
+    ]
+    rows = []
+    for i, value in enumerate(values):
+        tz = ts = None
+        if value is not None:
+            year, month, day, micros, offset = value
+            tz = _pg_text(year, month, day, micros, offset or 0)
+            ts = _pg_text(year, month, day, micros, None)
+        rows.append({"id": i, "tz": tz, "ts": ts})
+    h = History()
+    h.columns("t", columns)
+    for row in rows:
+        h.create("t", str(row["id"]), row)
+    frame = as_of("t", h.clock, source=InMemorySource(h.changes, h.schemas))
+    expected = frame_from_json(
+        [json.dumps(r) for r in rows], [("tz", spec_type(columns[1])), ("ts", spec_type(columns[2]))]
+    )
+    expected.index = pd.Index(pd.array(range(len(rows)), dtype="Int32"), name="id")
+    pd.testing.assert_frame_equal(frame, expected)
