@@ -1,12 +1,21 @@
 """PostgreSQL column types → pandas dtypes, and typed JSON rows (as ``changes.after`` holds them) → columns.
 
-The mapping (one place): ``smallint/integer/bigint`` → ``Int16/Int32/Int64``; ``boolean`` → ``boolean``;
-``real/double precision`` → ``float32/float64``; ``numeric(p,s)`` → ``pd.ArrowDtype(pa.decimal128(p, s))``
-(exact, vectorised; scalars come out as ``decimal.Decimal``), unconstrained ``numeric`` → ``object`` of
-exact ``decimal.Decimal`` (no fixed scale fits every value); ``timestamp with time zone`` →
-``datetime64[us, UTC]``; ``timestamp`` → ``datetime64[us]``; ``date``/``time`` → ``object`` of
+The mapping (one place, used by ``as_of``, ``diff``, ``history``, ``blame`` and the typed DuckDB macros):
+``smallint/integer/bigint`` → ``Int16/Int32/Int64``; ``boolean`` → ``boolean``; ``real/double precision`` →
+``float32/float64``; ``numeric(p,s)`` → ``pd.ArrowDtype(pa.decimal128(p, s))`` (exact, vectorised; scalars
+come out as ``decimal.Decimal``), unconstrained ``numeric`` → ``object`` of exact ``decimal.Decimal`` (no
+fixed scale fits every value); ``timestamp with time zone`` → ``datetime64[us, UTC]``; ``timestamp`` →
+``datetime64[us]`` (BC years as astronomical years: 44 BC is -43); ``date``/``time`` → ``object`` of
 ``datetime.date``/``datetime.time``; ``json/jsonb`` → ``object`` of dicts/lists; arrays → ``object`` of
-lists; ``bytea`` → ``object`` of ``bytes``; text, uuid, enums, intervals and the rest → ``string``.
+lists; ``bytea`` → ``object`` of ``bytes``; a domain → its base type (``base_type`` in ``changes_schemas``);
+text, uuid, enums, intervals and the rest → ``string``.
+
+Every value PostgreSQL can store stays distinguishable; where the usual dtype cannot hold a column's values
+the column (only that one) takes a dtype that can: floats holding NaN → ``double[pyarrow]``/``float[pyarrow]``
+(NULL is ``<NA>``, NaN is NaN; in ``float64`` NaN would mean NULL); numerics holding NaN or ±Infinity →
+``object`` of ``Decimal``; timestamps holding ``infinity``/``-infinity`` or years past 294246 → ``object``
+of ``pd.Timestamp``, such values kept as PostgreSQL's text (``"infinity"``); dates that ``datetime.date``
+cannot hold (infinity, BC) stay their text too.
 """
 
 from __future__ import annotations
