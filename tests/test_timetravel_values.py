@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -16,10 +17,11 @@ from timetravel_history import History
 from timetravel_sources import Make
 
 from bemi_tt.duckdb_macros import duckdb as bemi_duckdb
-from bemi_tt.sources import PostgresSource
+from bemi_tt.sources import ParquetSource, PostgresSource
 from bemi_tt.timetravel import as_of, blame, diff, history
 from bemi_tt.triggers import install
 from capture.errors import ConfigurationError
+from capture.export import export_parquet
 from capture.worker import run as capture
 
 WEIRD_COLUMNS = [
@@ -311,7 +313,9 @@ def _as_text(value: Any, column: str) -> str | None:
     return str(value)
 
 
-def test_end_to_end_as_of_equals_the_live_table_value_by_value(dsn: str, engine: sa.Engine) -> None:
+def test_end_to_end_as_of_equals_the_live_table_value_by_value(
+    dsn: str, engine: sa.Engine, tmp_path: Path
+) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(LIVE_TABLE)
         conn.execute("INSERT INTO odd VALUES " + LIVE_VALUES[0] + ", " + LIVE_VALUES[1])
@@ -323,9 +327,12 @@ def test_end_to_end_as_of_equals_the_live_table_value_by_value(dsn: str, engine:
         conn.execute("UPDATE odd SET f = NULL WHERE id = 4")
         live = _live(conn)
     capture(dsn, once=True)
-    frame = as_of("odd", pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=1), source=PostgresSource(dsn))
-    assert frame["qty"].dtype == "Int32"
-    assert sorted(frame.index) == sorted(live)
-    for key, row in live.items():
-        got = {c: _as_text(frame.loc[key, c], c) for c in row}
-        assert got == row, f"row {key}"
+    export_parquet(dsn, str(tmp_path / "export"), progress=False)
+    later = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=1)
+    for source in (PostgresSource(dsn), ParquetSource(tmp_path / "export")):
+        frame = as_of("odd", later, source=source)
+        assert frame["qty"].dtype == "Int32", source
+        assert sorted(frame.index) == sorted(live), source
+        for key, row in live.items():
+            got = {c: _as_text(frame.loc[key, c], c) for c in row}
+            assert got == row, f"row {key} from {source}"
