@@ -348,8 +348,8 @@ def _check_flag(value: object) -> None:
 
 def _engine(target: str | sa.URL) -> Engine:
     """An engine on psycopg 3 (the core driver) for a URL or a libpq ``key=value`` connection string."""
-    if isinstance(target, str):
-        check_dsn(target)  # malformed: ConfigurationError, password redacted
+    if isinstance(target, str) and ("://" not in target or target.startswith("postgres")):
+        check_dsn(target)  # malformed: ConfigurationError, password redacted (other dialects: below)
     if isinstance(target, str) and "://" not in target:
         import psycopg
 
