@@ -68,6 +68,11 @@ def _print_frame(frame: Any, fmt: str) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from bemi_tt.demo import run_demo
 
+    if args.bindir is not None and not os.path.isfile(os.path.join(args.bindir, "initdb")):
+        raise ConfigurationError(
+            f"--bindir {args.bindir!r} holds no PostgreSQL 'initdb': pass the bin directory of a PostgreSQL "
+            "installation, e.g. /usr/lib/postgresql/15/bin"
+        )
     run_demo(bindir=args.bindir)
     return 0
 
@@ -120,9 +125,19 @@ def _source(args: argparse.Namespace) -> Any:
     return args.source  # None lets the library use BEMI_TT_SOURCE
 
 
+def _check_times(**times: str | None) -> None:
+    """Parse the time arguments before anything connects: a typo is bad usage, not a failed connection."""
+    from bemi_tt.timestamps import to_utc
+
+    for name, value in times.items():
+        if value is not None:
+            to_utc(value, name)
+
+
 def _as_of(args: argparse.Namespace) -> int:
     from bemi_tt.timetravel import as_of
 
+    _check_times(ts=args.ts)
     _print_frame(as_of(args.table, args.ts, key=args.key, source=_source(args)), args.format)
     return 0
 
@@ -130,6 +145,7 @@ def _as_of(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     from bemi_tt.timetravel import diff
 
+    _check_times(t1=args.t1, t2=args.t2)
     _print_frame(diff(args.table, args.t1, args.t2, source=_source(args)), args.format)
     return 0
 
@@ -150,6 +166,7 @@ def _audit(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigurationError(f"--where takes KEY=VALUE, got {item!r}")
         filters[key] = value
+    _check_times(since=args.since, until=args.until)
     frame = audit(args.table, since=args.since, until=args.until, source=_source(args), **filters)
     _print_frame(frame, args.format)
     return 0
