@@ -142,7 +142,8 @@ def redact(text: object, *dsns: object) -> str:
 def one_line(text: object) -> str:
     """``text`` on one line: libpq's multi-line messages (detail, hint, one line per host) joined by '; '."""
     lines = [line.strip() for line in str(text).splitlines()]
-    return "; ".join(line for line in lines if line) or type(text).__name__
+    joined = "; ".join(line for line in lines if line)
+    return joined or (type(text).__name__ if isinstance(text, BaseException) else "")
 
 
 def _libpq_form(dsn: str) -> str:

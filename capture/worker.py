@@ -36,9 +36,9 @@ from capture.errors import (
     BemiError,
     ConfigurationError,
     ConnectionFailedError,
+    OperationalError,
     SlotInUseError,
     SlotLostError,
-    SourceError,
 )
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
@@ -573,8 +573,8 @@ def _maybe_export(
         return
     try:
         export_parquet(destination, export_to, progress=False, schema=schema)
-    except SourceError as exc:  # another export holds the directory, or the dataset needs attention
-        log.warning("export to %s skipped: %s", export_to, exc)
+    except OperationalError as exc:  # a busy directory, a full disk, a dataset that needs attention
+        log.warning("export to %s skipped: %s", export_to, redact(exc, destination))
 
 
 def run(

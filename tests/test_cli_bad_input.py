@@ -15,13 +15,17 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import hypothesis.strategies as st
 import psycopg
 import pytest
+from hypothesis import given, settings
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bemi_tt.cli import main
+from capture.dsn import MASK, redact
 
 SECRET = "Pw_s3cret_Marker"  # must never appear in any output
 COMMANDS = ["install", "uninstall", "capture", "status", "export", "as-of", "diff", "history", "audit"]
@@ -376,3 +380,43 @@ def test_environment_passwords_are_redacted_too(
     monkeypatch.setenv("BEMI_TT_DSN", f"postgresql://u:{SECRET}@127.0.0.1:{CLOSED}/x?foo=bar")
     line = _check(capsys, ["status"], 2)
     assert "BEMI_TT_DSN" in line
+
+
+# -- the mechanism itself: whatever the password, no message built from its connection string shows it -----
+_PASSWORDS = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zs", "Zl", "Zp")),
+    min_size=3,
+    max_size=24,
+)
+
+
+def _libpq_message(dsn: str) -> str:
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        return str(exc)
+    return ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(password=_PASSWORDS, user=st.sampled_from(["u", "app_user"]))
+def test_redact_removes_any_password_from_messages_about_its_connection_string(
+    password: str, user: str
+) -> None:
+    quoted = password.replace("\\", "\\\\").replace("'", "\\'")
+    for dsn in (
+        f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:5432/db",  # the right spelling
+        f"postgresql://{user}:{password}@127.0.0.1:5432/db",  # raw: often malformed, libpq quotes parts
+        f"postgresql+psycopg://{user}:{password}@127.0.0.1/db?sslmode=disable",
+        f"host=127.0.0.1 user={user} password='{quoted}' dbname=db",
+        f"postgresql://{user}@127.0.0.1/db?password={quote(password, safe='')}",
+    ):
+        message = f"cannot use {dsn!r} ({dsn}): {_libpq_message(dsn)}"
+        redacted = redact(message, dsn)
+        assert password not in redacted, (dsn, redacted)
+        assert quote(password, safe="") not in redacted or quote(password, safe="") == MASK
+
+
+def test_redact_keeps_what_is_not_a_password() -> None:
+    text = 'cannot connect to app@db.example:5432/shop: password authentication failed for user "app"'
+    assert redact(text, "postgresql://app:hunter22@db.example:5432/shop") == text
