@@ -51,8 +51,11 @@ class PrivilegeError(OperationalError):
     """The database role lacks a privilege the operation needs; the message names the GRANT."""
 
 
-class StorageError(OperationalError):
-    """Files cannot be written or read: the disk is full, read-only, or permissions forbid it."""
+class StorageError(OperationalError, OSError):
+    """Files cannot be written or read: the disk is full, read-only, or permissions forbid it.
+
+    Also an ``OSError``, so code that caught the operating system's error keeps working.
+    """
 
 
 class SlotInUseError(OperationalError):
