@@ -159,18 +159,18 @@ def _lock_slot(conn: psycopg.Connection, slot: str) -> None:
         conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_SLOT_LOCK_CLASS, slot))
     except psycopg.errors.LockNotAvailable:
         row = conn.execute(
-            "SELECT l.pid, a.application_name, a.client_addr::text FROM pg_locks l"
-            " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+            "SELECT l.pid, a.client_addr::text FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
             " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND l.classid = %s::bigint::oid AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid",
             (_SLOT_LOCK_CLASS, slot),
         ).fetchone()
         pid = int(row[0]) if row else None
-        holder = f" (server process pid {pid}" + (f", client {row[2]}" if row and row[2] else "") + ")"
+        client = f", client {row[1]}" if row and row[1] else ""
+        holder = f" (server process pid {pid}{client})" if pid else ""
         raise SlotInUseError(
-            f"replication slot {slot!r} is in use by another capture worker{holder if pid else ''}: run one "
-            "worker per slot, stop the other one or pass another --slot",
+            f"replication slot {slot!r} is in use by another capture worker{holder}: run one worker per "
+            "slot, stop the other one or pass another --slot",
             pid,
         ) from None
     finally:

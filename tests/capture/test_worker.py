@@ -473,3 +473,20 @@ def test_export_to_a_busy_directory_warns_and_keeps_capturing(
         conn.execute("INSERT INTO t VALUES (2)")
     assert run(dsn, once=True, export_to=directory).changes == 1  # the lock is free again: exported
     assert list((tmp_path / "export").rglob("*.parquet"))
+
+
+def test_a_peek_whose_connection_was_terminated_closes_without_raising(dsn: str) -> None:
+    from capture.source import SlotReader
+    from capture.worker import _flushed
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("INSERT INTO t SELECT generate_series(1, 100)")
+        reader = SlotReader(psycopg.connect(dsn), "bemi_tt", "bemi_tt", fetch=10)
+        batches = reader.peek_batches(_flushed(admin))
+        assert next(batches)  # the peek is open, its server-side cursor half read
+        admin.execute("SELECT pg_terminate_backend(%s)", (reader.conn.info.backend_pid,))
+        batches.close()  # what a worker's teardown does after losing the connection
+    assert reader.conn.closed
