@@ -135,7 +135,9 @@ def generate(keys: int, versions: int) -> pa.Table:
         .replace("$step", str(step))
         .replace("$users", str(USERS))
     )
-    return duckdb.connect().execute(sql_text).to_arrow_table()
+    relation = duckdb.connect().sql(sql_text)
+    assert relation is not None
+    return relation.to_arrow_table()
 
 
 def load_postgres(dsn: str, table: pa.Table) -> None:
@@ -248,8 +250,6 @@ def operation_call(spec: dict[str, Any]) -> Callable[[], Any]:
         "audit(user_id=)": lambda: bemi_tt.audit(user_id=user, source=src),
         "changes()": lambda: bemi_tt.changes(source=src),
     }
-    for name in ("as_of", "history", "blame", "diff", "audit", "changes"):
-        getattr(bemi_tt, name)  # import the lazily loaded modules before the baseline
     return calls[spec["operation"]]
 
 
@@ -375,9 +375,21 @@ def fixed_call(spec: dict[str, Any]) -> Callable[[], Any]:
     return call
 
 
+def _preload() -> None:
+    """Import what any measurement may use (pandas, bemi_tt's lazily loaded analysis modules), so that
+    operations and floors start from the same baseline and no import is counted as a result's memory."""
+    import pandas  # noqa: F401  (DuckDB's .df() would import it inside the first call)
+
+    import bemi_tt
+
+    for name in ("as_of", "audit", "blame", "changes", "connect", "diff", "history"):
+        getattr(bemi_tt, name)
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Time ``--runs`` calls and measure the first one's peak RSS growth; errors become a result."""
     try:
+        _preload()
         build = {"op": operation_call, "floor": floor_call, "fixed": fixed_call}[spec["kind"]]
         call = build(spec)
         gc.collect()
@@ -428,7 +440,7 @@ def run_isolated(spec: dict[str, Any], workdir: Path, timeout: float) -> dict[st
         return {"error": f"timed out after {timeout:.0f} s (--timeout)"}
     if out_path.exists():
         return dict(json.loads(out_path.read_text()))
-    tail = (done.stderr.strip().splitlines() or [""])[-1]
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": f"subprocess exited {done.returncode}: {tail}"[:300], "stderr": done.stderr[-4000:]}
 
 
@@ -481,8 +493,30 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
+def _megabytes(row: dict[str, Any], key: str) -> str:
+    return _fmt(row[key] / 1e6 if key in row else None, "{:.1f}" if row.get(key, 0) >= 1e6 else "{:.3f}")
+
+
+def _note(row: dict[str, Any]) -> str:
+    notes = [row.get("error"), row.get("floor_error") and f"floor: {row['floor_error']}", row.get("check")]
+    return "; ".join(n for n in notes if n)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("operation", "source", "median s", "floor s", "ratio", "goal", "met?", "peak MB", "result MB")
+    """One line per operation and source; errors and failed checks in the last column."""
+    header = (
+        "operation",
+        "source",
+        "median s",
+        "floor s",
+        "ratio",
+        "goal",
+        "met?",
+        "peak MB",
+        "result MB",
+        "floor MB",
+        "note",
+    )
     lines = [header]
     for r in rows:
         lines.append(
@@ -494,23 +528,21 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 _fmt(r.get("ratio"), "{:.2f}x"),
                 r["goal"],
                 r["met"],
-                _fmt(r.get("peak_bytes", 0) / 1e6 if "peak_bytes" in r else None, "{:.1f}"),
-                _fmt(r.get("result_bytes", 0) / 1e6 if "result_bytes" in r else None, "{:.2f}"),
+                _megabytes(r, "peak_bytes"),
+                _megabytes(r, "result_bytes"),
+                _megabytes(r, "floor_peak_bytes"),
+                _note(r),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    left = {0, 1, 5, 6, 10}
     for n, line in enumerate(lines):
-        print(
-            "  ".join(
-                cell.ljust(w) if i < 2 or i in (5, 6) else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-            )
+        cells = (
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
         )
+        print("  ".join(cells).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
-    for r in rows:
-        for note in filter(None, (r.get("error"), r.get("floor_error"), r.get("check"))):
-            print(f"  {r['operation']} on {r['source']}: {note}")
 
 
 def checks(rows: list[dict[str, Any]]) -> None:
