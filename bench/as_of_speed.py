@@ -638,8 +638,12 @@ def main() -> None:
                 rows.append(row)
         checks(rows)
         as_of_seconds = {r["source"]: r.get("seconds") for r in rows if r["operation"] == "as_of"}
+        parquet_floor = {r["operation"]: r.get("floor_seconds") for r in rows if r["source"] == "parquet"}
         for r in rows:
             judge(r, as_of_seconds.get(r["source"]), fixed_bytes)
+            if r["source"] == "postgres" and r.get("seconds") and parquet_floor.get(r["operation"]):
+                # for the JSON only: the PostgreSQL source held to the Parquet floor as well
+                r["ratio_to_parquet_floor"] = r["seconds"] / parquet_floor[r["operation"]]
         print(f"\npeak memory goal: <= 3x the result's size + {fixed_bytes / 1e6:.1f} MB fixed cost\n")
         print_table(rows)
         args.out.mkdir(parents=True, exist_ok=True)
