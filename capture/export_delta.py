@@ -1,0 +1,299 @@
+"""Exactly-once export of ``changes`` to an append-only Delta Lake table (``export_parquet(..., format="delta")``).
+
+The table at ``DIR`` has the columns and types of the Parquet export (JSON columns as Delta ``string``) plus
+the partition columns ``relation`` (``"<schema>.<table>"``) and ``date`` (UTC date of ``committed_at``):
+what a Hive-aware reader of the Parquet export sees. It reuses the Parquet export's reading (one COPY cut
+into units, ``capture.export_read``), its lock (``capture.export_lock``), its identity record
+(``_bemi_tt/dataset.json``) and its schema sidecar (``_bemi_tt/schemas.pq``): Delta ignores ``_`` folders.
+
+Exactly once: each unit is one Delta commit that carries two application transactions, the key
+``(commit_position, ordinal)`` of its last change (``commit_position`` is a PostgreSQL ``bigint`` and the
+ordinal an ``integer``, so each fits a transaction version). They are part of the table's snapshot state
+(kept through checkpoints and log cleanup), so the watermark is read back from the table itself: a killed
+export leaves at most unreferenced data files, and the rerun continues after the last commit. The commit
+metadata names the keys and row count of the unit (``bemi_tt.first_key``, ``bemi_tt.last_key``, ...).
+Needs the ``deltalake`` package (``pip install 'bemi-tt[delta]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from psycopg import sql
+
+from capture.errors import ConfigurationError, SourceError
+from capture.export import (
+    ROW_GROUP_ROWS,
+    ExportStats,
+    _check_prefix,
+    _claim,
+    _export_schemas,
+    _first_key,
+    _last_key,
+    _Progress,
+)
+from capture.export_dataset import (
+    DatasetState,
+    Key,
+    _test_delay,
+    format_key,
+    is_delta_table,
+    read_dataset_state,
+    resolve_directory,
+)
+from capture.export_lock import DatasetLock
+from capture.export_read import export_arrow_schema, key_condition, stream_units
+from capture.schema import JSON_COLUMNS, changes_arrow_schema
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
+
+__all__ = [
+    "APP_ID_ORDINAL",
+    "APP_ID_POSITION",
+    "PARTITION_COLUMNS",
+    "compact_delta",
+    "delta_arrow_schema",
+    "delta_watermark",
+    "export_delta_locked",
+    "open_delta_table",
+    "read_delta",
+    "table_uri",
+]
+
+#: Application transaction ids whose versions are the last exported key's two halves.
+APP_ID_POSITION = "bemi_tt.export.commit_position"
+APP_ID_ORDINAL = "bemi_tt.export.ordinal"
+PARTITION_COLUMNS = ["relation", "date"]
+#: Compaction (Delta optimize) merges a partition's files up to about this size.
+TARGET_BYTES = 128 * 1024 * 1024
+
+
+def _deltalake() -> Any:
+    try:
+        import deltalake
+    except ImportError as exc:
+        raise ConfigurationError(
+            "a Delta export needs the deltalake package: pip install 'bemi-tt[delta]' (or format='parquet')"
+        ) from exc
+    return deltalake
+
+
+def delta_arrow_schema() -> pa.Schema:
+    """Arrow schema of the Delta table: the ``changes`` columns (JSON as text), then the partition columns."""
+    return changes_arrow_schema().append(pa.field("relation", pa.string())).append(pa.field("date", pa.date32()))
+
+
+def table_uri(directory: str) -> tuple[str, dict[str, str]]:
+    """The deltalake table URI and storage options of an export directory (local path or ``s3://`` URI).
+
+    pyarrow's URI options (``endpoint_override``, ``scheme``, ``region``) become deltalake's; credentials
+    come from the environment, as for pyarrow.
+    """
+    filesystem, root = resolve_directory(directory)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return root, {}
+    parts = urlsplit(str(directory))
+    if parts.scheme != "s3":
+        raise ConfigurationError(
+            f"a Delta export supports local directories and s3:// URIs, not {directory!r}"
+        )
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    options: dict[str, str] = {}
+    if "endpoint_override" in query:
+        endpoint = query["endpoint_override"]
+        if "://" not in endpoint:
+            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    if "region" in query:
+        options["AWS_REGION"] = query["region"]
+    # commits are created with a conditional PUT (If-None-Match), so two writers can never both win
+    options["conditional_put"] = "etag"
+    return f"s3://{root}", options
+
+
+def open_delta_table(directory: str) -> DeltaTable:
+    """The current snapshot of the Delta table at ``directory``."""
+    deltalake = _deltalake()
+    uri, options = table_uri(directory)
+    try:
+        table: DeltaTable = deltalake.DeltaTable(uri, storage_options=options or None)
+    except deltalake.exceptions.TableNotFoundError:
+        raise ConfigurationError(
+            f"{directory!r} holds no Delta table: run `bemi-tt export --format delta` first"
+        ) from None
+    except (deltalake.exceptions.DeltaError, OSError) as exc:
+        raise SourceError(f"cannot open the Delta table {directory!r}: {exc}") from exc
+    protocol = table.protocol()
+    if protocol.min_reader_version > 1 and (protocol.reader_features or []):
+        raise SourceError(
+            f"the Delta table {directory!r} needs reader features {protocol.reader_features!r} that bemi_tt "
+            "does not read (it was changed by another tool): re-export into an empty directory"
+        )
+    return table
+
+
+def delta_watermark(table: DeltaTable) -> Key | None:
+    """The key of the last exported change, from the table's application transactions."""
+    position = table.transaction_version(APP_ID_POSITION)
+    ordinal = table.transaction_version(APP_ID_ORDINAL)
+    if position is None and ordinal is None:
+        return None
+    if position is None or ordinal is None:
+        raise SourceError(
+            f"the Delta table {table.table_uri!r} records only half of its export watermark "
+            f"({APP_ID_POSITION}={position!r}, {APP_ID_ORDINAL}={ordinal!r}): re-export into an empty directory"
+        )
+    return int(position), int(ordinal)
+
+
+def _delta_rows(rows: pa.Table) -> pa.Table:
+    """Export rows (JSON-typed columns) as the Delta table's rows: JSON as text, partition columns added."""
+    columns = [
+        pc.cast(rows[n], pa.string()) if n in JSON_COLUMNS else rows[n] for n in changes_arrow_schema().names
+    ]
+    relation = pc.binary_join_element_wise(rows["schema"], rows["table"], ".")
+    date = pc.cast(rows["committed_at"], pa.date32())  # the timestamps are UTC
+    return pa.Table.from_arrays([*columns, relation, date], schema=delta_arrow_schema())
+
+
+def _writer_properties(deltalake: Any) -> Any:
+    return deltalake.WriterProperties(compression="ZSTD", max_row_group_size=ROW_GROUP_ROWS)
+
+
+def _commit_properties(deltalake: Any, metadata: Mapping[str, str], last: Key | None = None) -> Any:
+    transactions = (
+        [deltalake.Transaction(APP_ID_POSITION, last[0]), deltalake.Transaction(APP_ID_ORDINAL, last[1])]
+        if last is not None
+        else None
+    )
+    return deltalake.CommitProperties(custom_metadata=dict(metadata), app_transactions=transactions)
+
+
+@dataclass
+class _DeltaState(DatasetState):
+    """What ``_check_prefix`` needs of a Delta table: its watermark and row count."""
+
+    row_count: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.row_count
+
+
+def _refuse_parquet_export(directory: str, state: DatasetState) -> None:
+    if state.files or state.incomplete_files:
+        raise ConfigurationError(
+            f"export directory {directory!r} holds a Parquet export: export with format='parquet' "
+            "(the default) there, or export the Delta table into an empty directory"
+        )
+
+
+def _file_sizes(table: DeltaTable) -> dict[str, int]:
+    actions = pa.table(table.get_add_actions(flatten=True))
+    return dict(zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True))
+
+
+def export_delta_locked(
+    conn: psycopg.Connection,
+    directory: str,
+    filesystem: pafs.FileSystem,
+    root: str,
+    names: tuple[str, str, str],
+    batch_rows: int,
+    held: DatasetLock,
+    bar: _Progress,
+) -> ExportStats:
+    """One Delta export run, under the export lock: claim, create the table if needed, append the units."""
+    deltalake = _deltalake()
+    schema, table_name, schemas_table = names
+    name = sql.Identifier(schema, table_name)
+    uri, options = table_uri(directory)
+    exists = is_delta_table(filesystem, root)
+    listing = read_dataset_state(filesystem, root)
+    _refuse_parquet_export(directory, listing)
+    # a Delta table's data files are not named like a Parquet export's: only an empty directory is checked
+    foreign = [] if exists else listing.foreign
+    _claim(conn, name, DatasetState(filesystem, root, foreign=foreign), schema, table_name)
+    if not exists:
+        deltalake.DeltaTable.create(
+            uri,
+            delta_arrow_schema(),
+            mode="ignore",
+            partition_by=PARTITION_COLUMNS,
+            name=table_name,
+            description=f"bemi_tt change log of {schema}.{table_name}",
+            storage_options=options or None,
+            commit_properties=_commit_properties(deltalake, {"bemi_tt.source": f"{schema}.{table_name}"}),
+        )
+    delta = open_delta_table(directory)
+    watermark = delta_watermark(delta)
+    before = _file_sizes(delta)
+    _check_prefix(conn, name, _DeltaState(filesystem, root, watermark=watermark, row_count=delta.count()))
+    exported = 0
+    if bar.enabled:
+        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(watermark, None))
+        count = conn.execute(query).fetchone()
+        bar.total = int(count[0]) if count else 0
+
+    def write(rows: pa.Table) -> None:
+        nonlocal exported, watermark
+        held.renew()
+        first, last = _first_key(rows), _last_key(rows)
+        metadata = {
+            "bemi_tt.first_key": format_key(first),
+            "bemi_tt.last_key": format_key(last),
+            "bemi_tt.first_commit_position": str(first[0]),
+            "bemi_tt.last_commit_position": str(last[0]),
+            "bemi_tt.rows": str(rows.num_rows),
+        }
+        _test_delay()
+        deltalake.write_deltalake(
+            delta,
+            _delta_rows(rows),
+            mode="append",
+            partition_by=PARTITION_COLUMNS,
+            writer_properties=_writer_properties(deltalake),
+            commit_properties=_commit_properties(deltalake, metadata, last),
+        )
+        exported += rows.num_rows
+        watermark = last
+        bar.update(exported)
+
+    stream_units(conn, name, watermark, batch_rows, write)
+    _export_schemas(conn, filesystem, root, schema, schemas_table)
+    added = {path: size for path, size in _file_sizes(delta).items() if path not in before}
+    return ExportStats(exported, len(added), sum(added.values()), watermark)
+
+
+def compact_delta(directory: str, target_bytes: int = TARGET_BYTES) -> int:
+    """Delta optimize (bin-packing compaction) under the caller's lock; returns how many files it merged."""
+    deltalake = _deltalake()
+    delta = open_delta_table(directory)
+    metrics = delta.optimize.compact(
+        target_size=target_bytes,
+        writer_properties=_writer_properties(deltalake),
+        commit_properties=_commit_properties(deltalake, {"bemi_tt.operation": "compact"}),
+    )
+    return int(metrics.get("numFilesRemoved", 0))
+
+
+def read_delta(directory: str, *, version: int | None = None) -> pa.Table:
+    """Every change in the Delta table (at ``version``, default the latest) in key order, typed like
+    ``capture.export_dataset.read_dataset`` (JSON columns as ``pa.json_()``)."""
+    delta = open_delta_table(directory)
+    if version is not None:
+        delta.load_as_version(version)
+    raw = delta.to_pyarrow_table(columns=changes_arrow_schema().names)
+    raw = raw.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
+    return raw.cast(changes_arrow_schema()).cast(export_arrow_schema())
+
