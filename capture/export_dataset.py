@@ -229,7 +229,8 @@ def resolve_directory(directory: str) -> tuple[pafs.FileSystem, str]:
 def is_delta_table(filesystem: pafs.FileSystem, root: str) -> bool:
     """Whether ``root`` holds a Delta table (a ``_delta_log/`` directory) rather than a Parquet export."""
     try:
-        return filesystem.get_file_info(f"{root}/{DELTA_LOG_DIR}").type == pafs.FileType.Directory
+        info = filesystem.get_file_info(f"{root}/{DELTA_LOG_DIR}")
+        return bool(info.type == pafs.FileType.Directory)
     except OSError as exc:
         raise SourceError(f"cannot look into the export directory {root!r}: {exc}") from exc
 

@@ -1,4 +1,4 @@
-"""Exactly-once export of ``changes`` to an append-only Delta Lake table (``export_parquet(..., format="delta")``).
+"""Exactly-once export of ``changes`` to an append-only Delta Lake table (``format="delta"``).
 
 The table at ``DIR`` has the columns and types of the Parquet export (JSON columns as Delta ``string``) plus
 the partition columns ``relation`` (``"<schema>.<table>"``) and ``date`` (UTC date of ``committed_at``):
@@ -88,7 +88,8 @@ def _deltalake() -> Any:
 
 def delta_arrow_schema() -> pa.Schema:
     """Arrow schema of the Delta table: the ``changes`` columns (JSON as text), then the partition columns."""
-    return changes_arrow_schema().append(pa.field("relation", pa.string())).append(pa.field("date", pa.date32()))
+    partitions = [pa.field("relation", pa.string()), pa.field("date", pa.date32())]
+    return pa.schema([*changes_arrow_schema(), *partitions])
 
 
 def table_uri(directory: str) -> tuple[str, dict[str, str]]:
@@ -151,7 +152,8 @@ def delta_watermark(table: DeltaTable) -> Key | None:
     if position is None or ordinal is None:
         raise SourceError(
             f"the Delta table {table.table_uri!r} records only half of its export watermark "
-            f"({APP_ID_POSITION}={position!r}, {APP_ID_ORDINAL}={ordinal!r}): re-export into an empty directory"
+            f"({APP_ID_POSITION}={position!r}, {APP_ID_ORDINAL}={ordinal!r}): "
+            "re-export into an empty directory"
         )
     return int(position), int(ordinal)
 
