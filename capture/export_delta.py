@@ -3,20 +3,25 @@
 The table at ``DIR`` has the columns and types of the Parquet export (JSON columns as Delta ``string``) plus
 the partition columns ``relation`` (``"<schema>.<table>"``) and ``date`` (UTC date of ``committed_at``):
 what a Hive-aware reader of the Parquet export sees. It reuses the Parquet export's reading (one COPY cut
-into units, ``capture.export_read``), its lock (``capture.export_lock``), its identity record
-(``_bemi_tt/dataset.json``) and its schema sidecar (``_bemi_tt/schemas.pq``): Delta ignores ``_`` folders.
+into units, ``capture.export_read``), its partition split, Parquet writer and atomic writes
+(``capture.export``), its lock (``capture.export_lock``), its identity record (``_bemi_tt/dataset.json``)
+and its schema sidecar (``_bemi_tt/schemas.pq``); Delta ignores ``_`` folders. ``deltalake`` (delta-rs)
+only commits the files to the transaction log.
 
 Exactly once: each unit is one Delta commit that carries two application transactions, the key
 ``(commit_position, ordinal)`` of its last change (``commit_position`` is a PostgreSQL ``bigint`` and the
 ordinal an ``integer``, so each fits a transaction version). They are part of the table's snapshot state
 (kept through checkpoints and log cleanup), so the watermark is read back from the table itself: a killed
-export leaves at most unreferenced data files, and the rerun continues after the last commit. The commit
-metadata names the keys and row count of the unit (``bemi_tt.first_key``, ``bemi_tt.last_key``, ...).
+export leaves at most files no commit references, and the rerun continues after the last commit (writing
+the unfinished unit's files again under the same names). The commit metadata names the keys and row count
+of the unit (``bemi_tt.first_key``, ``bemi_tt.last_key``, ...). ``compact=True`` runs Delta's optimize.
 Needs the ``deltalake`` package (``pip install 'bemi-tt[delta]'``).
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,19 +43,23 @@ from capture.export import (
     _first_key,
     _last_key,
     _Progress,
+    _split,
+    parquet_bytes,
 )
 from capture.export_dataset import (
     DatasetState,
     Key,
     _test_delay,
+    delete_files,
     format_key,
     is_delta_table,
     read_dataset_state,
     resolve_directory,
+    write_atomic,
 )
 from capture.export_lock import DatasetLock
 from capture.export_read import export_arrow_schema, key_condition, stream_units
-from capture.schema import JSON_COLUMNS, changes_arrow_schema
+from capture.schema import changes_arrow_schema
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -72,6 +81,8 @@ __all__ = [
 APP_ID_POSITION = "bemi_tt.export.commit_position"
 APP_ID_ORDINAL = "bemi_tt.export.ordinal"
 PARTITION_COLUMNS = ["relation", "date"]
+#: Columns whose min/max go into each file's Delta statistics.
+STATS_COLUMNS = ("commit_position", "ordinal", "position")
 #: Compaction (Delta optimize) merges a partition's files up to about this size.
 TARGET_BYTES = 128 * 1024 * 1024
 
@@ -158,14 +169,59 @@ def delta_watermark(table: DeltaTable) -> Key | None:
     return int(position), int(ordinal)
 
 
-def _delta_rows(rows: pa.Table) -> pa.Table:
-    """Export rows (JSON-typed columns) as the Delta table's rows: JSON as text, partition columns added."""
-    columns = [
-        pc.cast(rows[n], pa.string()) if n in JSON_COLUMNS else rows[n] for n in changes_arrow_schema().names
-    ]
-    relation = pc.binary_join_element_wise(rows["schema"], rows["table"], ".")
-    date = pc.cast(rows["committed_at"], pa.date32())  # the timestamps are UTC
-    return pa.Table.from_arrays([*columns, relation, date], schema=delta_arrow_schema())
+def _file_stats(rows: pa.Table) -> str:
+    """Delta file statistics: row count, and min/max of the key columns (lets readers skip files by key)."""
+    minimum: dict[str, int] = {}
+    maximum: dict[str, int] = {}
+    for column in STATS_COLUMNS:
+        bounds = pc.min_max(rows[column])
+        minimum[column], maximum[column] = bounds["min"].as_py(), bounds["max"].as_py()
+    nulls = {column: rows[column].null_count for column in STATS_COLUMNS}
+    return json.dumps(
+        {"numRecords": rows.num_rows, "minValues": minimum, "maxValues": maximum, "nullCount": nulls}
+    )
+
+
+def _commit_unit(
+    deltalake: Any, delta: DeltaTable, filesystem: pafs.FileSystem, root: str, rows: pa.Table
+) -> None:
+    """Write one unit's files (one per partition, as the Parquet export splits it), then commit them.
+
+    The files are written with the Parquet export's writer and atomic writes; until the commit they are
+    invisible to Delta readers. Their names are the unit's key range, so the rerun after a kill writes
+    the same names again (the split is deterministic) instead of leaving more unreferenced files.
+    """
+    first, last = _first_key(rows), _last_key(rows)
+    groups = _split(rows.cast(changes_arrow_schema()))  # JSON columns as plain text: Delta has no JSON type
+    actions = []
+    for number, (directory, part) in enumerate(groups, 1):
+        name = f"part-{format_key(first)}-{format_key(last)}-{number}of{len(groups)}.zstd.parquet"
+        data = parquet_bytes(part)
+        write_atomic(filesystem, f"{root}/{directory}/{name}", data)
+        schema, table = part["schema"][0].as_py(), part["table"][0].as_py()
+        values = {"relation": f"{schema}.{table}", "date": directory.rsplit("date=", 1)[1]}
+        modified = int(time.time() * 1000)
+        actions.append(
+            deltalake.transaction.AddAction(
+                f"{directory}/{name}", data.size, values, modified, True, _file_stats(part)
+            )
+        )
+    metadata = {
+        "bemi_tt.first_key": format_key(first),
+        "bemi_tt.last_key": format_key(last),
+        "bemi_tt.first_commit_position": str(first[0]),
+        "bemi_tt.last_commit_position": str(last[0]),
+        "bemi_tt.rows": str(rows.num_rows),
+    }
+    _test_delay()  # test hook: the files are there, the commit not yet
+    delta.create_write_transaction(
+        actions,
+        "append",
+        delta_arrow_schema(),
+        partition_by=PARTITION_COLUMNS,
+        commit_properties=_commit_properties(deltalake, metadata, last),
+    )
+    delta.update_incremental()  # the next unit's commit reads from this one (else: a conflict on our own txn)
 
 
 def _writer_properties(deltalake: Any) -> Any:
@@ -226,6 +282,7 @@ def export_delta_locked(
     # a Delta table's data files are not named like a Parquet export's: only an empty directory is checked
     foreign = [] if exists else listing.foreign
     _claim(conn, name, DatasetState(filesystem, root, foreign=foreign), schema, table_name)
+    delete_files(filesystem, listing.temporary)  # left by a killed writer, never referenced
     if not exists:
         deltalake.DeltaTable.create(
             uri,
@@ -250,25 +307,9 @@ def export_delta_locked(
     def write(rows: pa.Table) -> None:
         nonlocal exported, watermark
         held.renew()
-        first, last = _first_key(rows), _last_key(rows)
-        metadata = {
-            "bemi_tt.first_key": format_key(first),
-            "bemi_tt.last_key": format_key(last),
-            "bemi_tt.first_commit_position": str(first[0]),
-            "bemi_tt.last_commit_position": str(last[0]),
-            "bemi_tt.rows": str(rows.num_rows),
-        }
-        _test_delay()
-        deltalake.write_deltalake(
-            delta,
-            _delta_rows(rows),
-            mode="append",
-            partition_by=PARTITION_COLUMNS,
-            writer_properties=_writer_properties(deltalake),
-            commit_properties=_commit_properties(deltalake, metadata, last),
-        )
+        _commit_unit(deltalake, delta, filesystem, root, rows)
         exported += rows.num_rows
-        watermark = last
+        watermark = _last_key(rows)
         bar.update(exported)
 
     stream_units(conn, name, watermark, batch_rows, write)
