@@ -17,6 +17,7 @@ from conftest import Server, drop_database
 from deltalake import DeltaTable
 from export_rows import changes_rows, dataset_rows, fill, insert, more, run_and_kill
 from psycopg import sql
+from test_export_s3 import bucket, s3_endpoint  # noqa: F401  (the moto S3 server fixtures)
 
 import bemi_tt
 from bemi_tt.delta_source import DeltaSource
@@ -234,3 +235,25 @@ def test_connect_recognises_a_delta_export_and_lists_its_tables(dsn: str, tmp_pa
         assert source.tables("c") == [("a.b", "c")]
     finally:
         bemi_tt.connect(None)
+
+
+def test_export_to_s3_is_exact_across_reruns_and_readable_as_a_source(
+    dsn: str, s3_endpoint: str, bucket: str  # noqa: F811  (fixtures from test_export_s3)
+) -> None:
+    uri = f"s3://{bucket}/exports/delta?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    rows = fill(dsn, 700)
+    assert _export_uri(dsn, uri, batch_rows=300).changes == 700  # type: ignore[attr-defined]
+    more(dsn, rows, 200)
+    assert _export_uri(dsn, uri, batch_rows=300, compact=True).changes == 200  # type: ignore[attr-defined]
+    assert _export_uri(dsn, uri).changes == 0  # type: ignore[attr-defined]
+    expected = changes_rows(dsn)
+    assert dataset_rows(read_delta(uri)) == expected
+    source = as_source(uri)
+    assert isinstance(source, DeltaSource)
+    assert set(source.tables()) == {(r[8], r[2]) for r in expected}
+    todo = bemi_tt.changes("todo", source=source)
+    assert len(todo) == sum(1 for r in expected if (r[8], r[2]) == ("public", "todo"))
+
+
+def _export_uri(dsn: str, uri: str, **options: object) -> object:
+    return export_parquet(dsn, uri, format="delta", progress=False, **options)  # type: ignore[arg-type]
