@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pyarrow as pa
@@ -54,11 +54,18 @@ from capture.export_dataset import (
     format_key,
     is_delta_table,
     read_dataset_state,
+    read_identity,
     resolve_directory,
     write_atomic,
 )
-from capture.export_lock import DatasetLock
-from capture.export_read import export_arrow_schema, key_condition, stream_units
+from capture.export_lock import DatasetLock, _s3_client_options
+from capture.export_read import (
+    IDENTIFYING_COLUMNS,
+    export_arrow_schema,
+    fetch_range,
+    key_condition,
+    stream_units,
+)
 from capture.schema import changes_arrow_schema
 
 if TYPE_CHECKING:
@@ -117,17 +124,14 @@ def table_uri(directory: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(
             f"a Delta export supports local directories and s3:// URIs, not {directory!r}"
         )
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    client = _s3_client_options(str(directory))  # the same reading of the URI as the S3 lock's
     options: dict[str, str] = {}
-    if "endpoint_override" in query:
-        endpoint = query["endpoint_override"]
-        if "://" not in endpoint:
-            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
-        options["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
+    if "endpoint_url" in client:
+        options["AWS_ENDPOINT_URL"] = client["endpoint_url"]
+        if client["endpoint_url"].startswith("http://"):
             options["AWS_ALLOW_HTTP"] = "true"
-    if "region" in query:
-        options["AWS_REGION"] = query["region"]
+    if "region_name" in client:
+        options["AWS_REGION"] = client["region_name"]
     # commits are created with a conditional PUT (If-None-Match), so two writers can never both win
     options["conditional_put"] = "etag"
     return f"s3://{root}", options
@@ -256,6 +260,23 @@ def _refuse_parquet_export(directory: str, state: DatasetState) -> None:
         )
 
 
+def _check_adoptable(conn: psycopg.Connection, name: sql.Identifier, directory: str) -> None:
+    """A Delta table without an identity record is adopted only if its newest change is this table's."""
+    delta = open_delta_table(directory)
+    last = delta_watermark(delta)
+    if last is None:
+        return
+    columns = list(IDENTIFYING_COLUMNS)
+    newest = (pc.field("commit_position") == last[0]) & (pc.field("ordinal") == last[1])
+    exported = delta.to_pyarrow_dataset().to_table(columns=columns, filter=newest)
+    source = fetch_range(conn, name, last, last).select(columns)
+    if source.to_pylist() != exported.to_pylist():
+        raise ConfigurationError(
+            f"export directory {directory!r} holds a Delta export whose newest change {last!r} is not in "
+            f"{name.as_string(conn)}: it is another database's export; export into an empty directory"
+        )
+
+
 def _file_sizes(table: DeltaTable) -> dict[str, int]:
     actions = pa.table(table.get_add_actions(flatten=True))
     return dict(zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True))
@@ -281,6 +302,8 @@ def export_delta_locked(
     _refuse_parquet_export(directory, listing)
     # a Delta table's data files are not named like a Parquet export's: only an empty directory is checked
     foreign = [] if exists else listing.foreign
+    if exists and read_identity(filesystem, root) is None:
+        _check_adoptable(conn, name, directory)
     _claim(conn, name, DatasetState(filesystem, root, foreign=foreign), schema, table_name)
     delete_files(filesystem, listing.temporary)  # left by a killed writer, never referenced
     if not exists:

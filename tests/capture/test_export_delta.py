@@ -257,3 +257,20 @@ def test_export_to_s3_is_exact_across_reruns_and_readable_as_a_source(
 
 def _export_uri(dsn: str, uri: str, **options: object) -> object:
     return export_parquet(dsn, uri, format="delta", progress=False, **options)  # type: ignore[arg-type]
+
+
+def test_a_delta_export_without_its_identity_record_is_adopted_only_by_its_own_database(
+    dsn: str, other_dsn: str, tmp_path: Path
+) -> None:
+    rows = fill(dsn, 300)
+    fill(other_dsn, 300, seed=3)
+    _export(dsn, tmp_path)
+    record = tmp_path / "_bemi_tt" / "dataset.json"
+    record.unlink()
+    with pytest.raises(ConfigurationError, match="another database's export"):
+        _export(other_dsn, tmp_path)
+    assert not record.exists()
+    more(dsn, rows, 40)
+    assert _export(dsn, tmp_path).changes == 40  # type: ignore[attr-defined]
+    assert record.is_file()
+    assert _rows(tmp_path) == changes_rows(dsn)
