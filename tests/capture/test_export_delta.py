@@ -24,8 +24,9 @@ from bemi_tt.delta_source import DeltaSource
 from bemi_tt.sources import as_source
 from capture.errors import ConfigurationError, SourceError
 from capture.export import export_parquet
-from capture.export_dataset import format_key, read_dataset
+from capture.export_dataset import format_key, read_dataset, resolve_directory
 from capture.export_delta import APP_ID_ORDINAL, APP_ID_POSITION, delta_watermark, read_delta
+from capture.export_lock import open_lock
 
 
 @pytest.fixture
@@ -274,3 +275,13 @@ def test_a_delta_export_without_its_identity_record_is_adopted_only_by_its_own_d
     assert _export(dsn, tmp_path).changes == 40  # type: ignore[attr-defined]
     assert record.is_file()
     assert _rows(tmp_path) == changes_rows(dsn)
+
+
+def test_a_second_export_while_one_holds_the_directory_lock_fails_at_once(dsn: str, tmp_path: Path) -> None:
+    fill(dsn, 100)
+    filesystem, root = resolve_directory(str(tmp_path))
+    with open_lock(str(tmp_path), filesystem, root) as held:
+        held.acquire(0)
+        with pytest.raises(SourceError, match="another export or compaction is running"):
+            _export(dsn, tmp_path)
+    assert _export(dsn, tmp_path).changes == 100  # type: ignore[attr-defined]
