@@ -43,7 +43,7 @@ from capture.errors import (
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.signing import ContextKey, KeyRing, keys_from_env
-from capture.sink import POSITIONS_TABLE, Position, Sink
+from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE, Position, Sink
 from capture.snapshot import write_snapshot
 from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
 from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info, uses_composite
@@ -305,7 +305,7 @@ def _open(
         same = _identity(meta) == _identity(sink_conn)
         sink_conn.rollback()
         own = (
-            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE))
+            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE, DIGESTS_TABLE))
             if same
             else frozenset()
         )

@@ -115,7 +115,8 @@ def test_signature_copied_onto_another_context_does_not_verify(
     tampered = payload.replace(b'"user_id":7', b'"user_id":1')
     assert tampered != payload
     with psycopg.connect(_as(dsn, app_role), autocommit=True) as conn:
-        conn.execute(f"/*bemi:{base64.b64encode(tampered).decode()}*/INSERT INTO todo VALUES (1, 'x')".encode())
+        forged = f"/*bemi:{base64.b64encode(tampered).decode()}*/INSERT INTO todo VALUES (1, 'x')"
+        conn.execute(forged.encode())
         # the genuine marker replayed with another statement verifies: replay is out of scope (signing.py)
         replayed = marked[: marked.index("*/") + 2] + "INSERT INTO todo VALUES (2, 'y')"
         conn.execute(replayed.encode())
