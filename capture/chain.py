@@ -60,6 +60,7 @@ __all__ = [
     "digest_with",
     "header_prefix",
     "row_digest",
+    "verify",
     "verify_changes",
     "verify_export",
     "verify_rows",
@@ -551,3 +552,15 @@ def verify_export(directory: str, *, anchors: Iterable[Anchor | str] = ()) -> Ve
     """
     kept = [a if isinstance(a, Anchor) else Anchor.parse(a) for a in anchors]
     return verify_rows(_export_rows(directory), source=f"the export {directory!r}", anchors=kept)
+
+
+def verify(source: Any, *, schema: str = "public", anchors: Iterable[Anchor | str] = ()) -> Verified:
+    """``bemi_tt.verify``: :func:`verify_export` for an export directory (local or ``s3://``), else
+    :func:`verify_changes` for a PostgreSQL URL, libpq string or psycopg connection."""
+    import os
+
+    if isinstance(source, os.PathLike) or (
+        isinstance(source, str) and (source.startswith(("s3://", "file://")) or os.path.isdir(source))
+    ):
+        return verify_export(os.fspath(source), anchors=anchors)
+    return verify_changes(source, schema=schema, anchors=anchors)

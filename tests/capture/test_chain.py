@@ -194,6 +194,7 @@ def test_verify_passes_on_an_intact_history(captured: str) -> None:
     assert result.unhashed == 0
     assert result.head == chain_head(captured)
     assert "6 changes verified" in str(result)
+    assert bemi_tt.verify(captured) == 6
 
 
 def _execute(dsn: str, statement: str, params: tuple[Any, ...] = ()) -> None:
@@ -340,6 +341,7 @@ def test_export_carries_the_chain_and_verifies(captured: str, tmp_path: Path) ->
     result = verify_export(str(tmp_path))
     assert result == 6
     assert verify_export(str(tmp_path), anchors=[str(chain_head(captured))]) == 6
+    assert bemi_tt.verify(tmp_path) == 6
 
 
 def _rewrite(tmp_path: Path, change: Callable[[pa.Table], pa.Table]) -> None:
