@@ -28,8 +28,6 @@ import contextlib
 import datetime as dt
 import enum
 import functools
-import hashlib
-import hmac
 import inspect
 import json
 import math
@@ -42,7 +40,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from capture.errors import ConfigurationError
-from capture.signing import SIGNATURE_MEMBER, ContextKey, keys_from_env, signature_member
+from capture.signing import SIGNATURE_MEMBER, ContextKey, HeadSigner, keys_from_env
 from capture.stitch import MAX_CONTEXT_DEPTH, numeric_literal_fits
 
 __all__ = [
@@ -130,9 +128,8 @@ class EncodedContext:
     b64_head: str
     #: statement text -> statement to send (marker + statement); filled by the hook.
     statements: dict[str, str] = field(default_factory=dict)
-    #: signing: the key id and the HMAC state after the head's bytes (copied per statement), or None.
-    key_id: str | None = None
-    mac: Any = None
+    #: signing: the HMAC state after the head's bytes (copied per statement), or None.
+    signer: HeadSigner | None = None
 
     def marked(self, statement: str) -> str:
         """The statement with this context's ``/*bemi:...*/`` marker prepended (cached)."""
@@ -140,15 +137,11 @@ class EncodedContext:
         if done is None:
             if len(self.statements) >= _STATEMENT_CACHE_LIMIT:
                 self.statements.clear()
-            if self.mac is None:
+            if self.signer is None:
                 payload = self.b64_head + _sql_part(statement)
             else:
                 raw, b64 = _sql_member(statement)
-                mac = self.mac.copy()
-                mac.update(raw)
-                assert self.key_id is not None
-                sig = base64.b64encode(signature_member(self.key_id, mac.hexdigest())).decode("ascii")
-                payload = self.b64_head + b64 + sig
+                payload = self.b64_head + b64 + base64.b64encode(self.signer.member(raw)).decode("ascii")
             done = self.statements[statement] = f"/*bemi:{payload}*/{statement}"
         return done
 
@@ -353,8 +346,7 @@ def encode_context(value: Mapping[str, Any] | None) -> EncodedContext | None:
         data=dict(value),
         json=text,
         b64_head=base64.b64encode(head).decode("ascii"),
-        key_id=None if key is None else key.id,
-        mac=None if key is None else hmac.new(key.secret, head, hashlib.sha256),
+        signer=None if key is None else HeadSigner(key, head),
     )
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "MIN_KEY_BYTES",
     "SIGNATURE_MEMBER",
     "ContextKey",
+    "HeadSigner",
     "KeyRing",
     "key_id",
     "keys_from_env",
@@ -93,6 +94,30 @@ class ContextKey:
     def sign(self, message: bytes) -> bytes:
         """The signature member that goes after ``message`` (an unfinished JSON object)."""
         return signature_member(self.id, hmac.digest(self.secret, message, "sha256").hex())
+
+
+class HeadSigner:
+    """HMAC-SHA256 of ``head + tail`` for many tails, the head hashed once (the hook: one per context).
+
+    RFC 2104 by hand on hashlib states: the inner hash after ``key ^ ipad`` and the head, and the outer
+    hash after ``key ^ opad``, are copied per tail (C copies; ``hmac.HMAC.copy`` costs ~10x more).
+    """
+
+    def __init__(self, key: ContextKey, head: bytes) -> None:
+        secret = key.secret if len(key.secret) <= 64 else hashlib.sha256(key.secret).digest()
+        secret = secret.ljust(64, b"\0")
+        self.key_id = key.id
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in secret))
+        self._inner.update(head)
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in secret))
+
+    def member(self, tail: bytes) -> bytes:
+        """The signature member closing ``head + tail``."""
+        inner = self._inner.copy()
+        inner.update(tail)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return signature_member(self.key_id, outer.hexdigest())
 
 
 def signature_member(kid: str, mac_hex: str) -> bytes:

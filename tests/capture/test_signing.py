@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import re
 from collections.abc import Iterator
@@ -18,12 +19,14 @@ from capture.errors import ConfigurationError
 from capture.signing import (
     MIN_KEY_BYTES,
     ContextKey,
+    HeadSigner,
     KeyRing,
     key_id,
     keys_from_env,
     load_key_file,
     open_context,
     parse_keys,
+    signature_member,
 )
 from capture.stitch import parse_context
 
@@ -89,6 +92,13 @@ def test_signing_key_is_validated_and_reported_by_id() -> None:
         configure_context(signing_key="abc")
     assert configure_context(signing_key=KEY).signing_key_id == key_id(KEY.encode())
     assert configure_context(signing_key=None).signing_key_id is None
+
+
+@given(st.binary(min_size=1, max_size=200), st.binary(max_size=300), st.binary(max_size=100))
+def test_head_signer_is_hmac_sha256_of_head_and_tail(secret: bytes, head: bytes, tail: bytes) -> None:
+    key = ContextKey(key_id(secret), secret)
+    member = HeadSigner(key, head).member(tail)
+    assert member == signature_member(key.id, hmac.digest(secret, head + tail, "sha256").hex())
 
 
 def test_context_may_not_use_the_signature_member() -> None:
