@@ -60,6 +60,7 @@ __all__ = [
     "digest_with",
     "header_prefix",
     "row_digest",
+    "value_digest",
     "verify",
     "verify_changes",
     "verify_export",
@@ -156,13 +157,16 @@ def digest_with(
     before: str | None,
     after: str | None,
     context_digest: bytes,
+    before_digest: bytes | None = None,
+    after_digest: bytes | None = None,
 ) -> bytes:
-    """The row digest (raw bytes) from a :func:`header_prefix` and the row's own columns."""
+    """The row digest (raw bytes) from a :func:`header_prefix` and the row's own columns
+    (``before_digest``/``after_digest``: their value digests when the caller has them)."""
     pk = "null" if primary_key is None else _json_str(primary_key)
     h = hashlib.sha256(prefix)
     h.update(f"{_json_str(operation)},{pk},{int(position)},{int(ordinal)}]".encode("utf-8", "surrogatepass"))
-    h.update(_value_digest(before))
-    h.update(_value_digest(after))
+    h.update(_value_digest(before) if before_digest is None else before_digest)
+    h.update(_value_digest(after) if after_digest is None else after_digest)
     h.update(context_digest)
     return h.digest()
 
@@ -199,6 +203,9 @@ def row_digest(
 def context_digest(context: str) -> bytes:
     """The value digest of a context (cache it per distinct context)."""
     return _value_digest(context)
+
+
+value_digest = _value_digest
 
 
 class Chain:

@@ -34,7 +34,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from capture.chain import GENESIS, Chain, context_digest, digest_with, header_prefix
+from capture.chain import GENESIS, Chain, context_digest, digest_with, header_prefix, value_digest
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import CHANGE_COLUMNS, ChangeRow, ColumnSpec, SchemaChange
 
@@ -205,6 +205,9 @@ class Sink:
         self._shared_verified: bool | None = None
         self._context_digest = b""
         self._context_digests: dict[str, bytes] = {}
+        #: digests of recent ``after`` images: under REPLICA IDENTITY FULL the next UPDATE/DELETE of the
+        #: row sends the same image as its ``before`` (same encoder, same text), so it is not parsed twice
+        self._after_digests: dict[str, bytes] = {}
         self._since_digest = 0  # rows chained since the last stored digest (committed)
         self._pending_digest = 0
 
@@ -291,8 +294,16 @@ class Sink:
             self._prefix = header_prefix(
                 schema, table, row.database, verified, row.committed_at, row.transaction_id, commit
             )
+        known = self._after_digests
+        before_digest = known.pop(before, None) if before != "{}" else None
+        after_digest = value_digest(after)
+        if after != "{}":
+            if len(known) >= 16384:
+                known.clear()
+            known[after] = after_digest
         digest = digest_with(
-            self._prefix, operation, pk, position, ordinal, before, after, self._context_digest
+            self._prefix, operation, pk, position, ordinal, before, after, self._context_digest,
+            before_digest, after_digest,
         )
         chain_hash = self._chain.add(digest)
         self._chain_key = (commit, ordinal)
