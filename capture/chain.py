@@ -87,14 +87,14 @@ def canonical_number(literal: str) -> str:
 
 
 def _tag_number(literal: str) -> str:
-    # NUL-tagged: jsonb strings cannot hold a NUL, so no string of a stored value looks like this
-    return "\x00" + canonical_number(literal)
+    # NUL-tagged on both sides (encoded as \u0000): jsonb strings cannot hold a NUL, so no string of a
+    # stored value looks like this, and two plain replaces (no regex, no Python per match) untag it
+    return "\x00" + canonical_number(literal) + "\x00"
 
 
 #: Decoders made once (``json.loads`` with hooks builds a decoder per call: 10 us of a 13 us call).
 _DECODER = json.JSONDecoder(parse_float=_tag_number)
 _DECODER_ALL = json.JSONDecoder(parse_float=_tag_number, parse_int=_tag_number)
-_TAGGED = re.compile(r'"\\u0000(-?[0-9.]+)"')
 
 
 def canonical_json(text: str) -> str:
@@ -106,7 +106,9 @@ def canonical_json(text: str) -> str:
     except ValueError:  # an integer longer than Python's int-to-text limit: keep every number as text
         value = _DECODER_ALL.decode(text)
     out = _ENCODER.encode(value)
-    return _TAGGED.sub(r"\1", out) if "\\u0000" in out else out
+    if "\\u0000" in out:
+        out = out.replace('"\\u0000', "").replace('\\u0000"', "")
+    return out
 
 
 def _value_digest(text: str | None) -> bytes:
