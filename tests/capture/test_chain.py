@@ -366,3 +366,31 @@ def test_verify_export_names_the_row_after_a_value_changed_in_a_parquet_file(
     pq.write_table(table, files[0])
     with pytest.raises(ChainError, match=rf"commit_position {target[0]}, ordinal {target[1]}.*was altered"):
         verify_export(str(tmp_path))
+
+
+def test_sink_stores_and_logs_a_digest_every_n_rows_and_verify_checks_them(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import datetime as dt
+    import logging
+
+    from capture.sink import Sink
+    from capture.stitch import ChangeRow
+
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    with psycopg.connect(dsn) as conn, caplog.at_level(logging.INFO, logger="capture"):
+        sink = Sink(conn, "s", digest_every=2)
+        sink.setup()
+        for cp in (10, 20, 30):
+            sink.write(ChangeRow(str(cp), "t", "CREATE", "{}", f'{{"id": {cp}}}', "{}", at, "public", "d",
+                                 cp, cp, cp, 0))
+            sink.mark(cp, cp, at)
+            sink.commit()
+        sink.close()
+        digests = conn.execute("SELECT commit_position FROM changes_digests ORDER BY 1").fetchall()
+    assert digests == [(20,)]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chain digest ")]
+    assert len(logged) == 1
+    anchor = Anchor.parse(logged[0].removeprefix("chain digest "))
+    assert (anchor.commit_position, anchor.ordinal) == (20, 0)
+    assert verify_changes(dsn, anchors=[anchor]) == 3
