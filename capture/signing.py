@@ -36,6 +36,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from capture.errors import ConfigurationError
 
@@ -104,12 +105,18 @@ class HeadSigner:
     """
 
     def __init__(self, key: ContextKey, head: bytes) -> None:
-        secret = key.secret if len(key.secret) <= 64 else hashlib.sha256(key.secret).digest()
-        secret = secret.ljust(64, b"\0")
+        pads = _PADS.get(key.secret)
+        if pads is None:  # once per key: set_context pays two C hash copies, not the key schedule
+            secret = key.secret if len(key.secret) <= 64 else hashlib.sha256(key.secret).digest()
+            secret = secret.ljust(64, b"\0")
+            pads = _PADS[key.secret] = (
+                hashlib.sha256(bytes(b ^ 0x36 for b in secret)),
+                hashlib.sha256(bytes(b ^ 0x5C for b in secret)),
+            )
         self.key_id = key.id
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in secret))
+        self._inner = pads[0].copy()
         self._inner.update(head)
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in secret))
+        self._outer = pads[1]
 
     def member(self, tail: bytes) -> bytes:
         """The signature member closing ``head + tail``."""
@@ -118,6 +125,10 @@ class HeadSigner:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return signature_member(self.key_id, outer.hexdigest())
+
+
+#: key secret -> (inner, outer) hash states after the padded key (a handful of keys per process)
+_PADS: dict[bytes, tuple[Any, Any]] = {}
 
 
 def signature_member(kid: str, mac_hex: str) -> bytes:
