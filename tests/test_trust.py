@@ -125,10 +125,10 @@ def test_signature_copied_onto_another_context_does_not_verify(
     assert [(r[2]["user_id"], r[3]) for r in rows] == [(1, False), (7, True)]
 
 
-def test_direct_pg_logical_emit_message_is_stored_unverified(
-    engine: sa.Engine, dsn: str, todo: sa.Table
+def test_direct_pg_logical_emit_message_from_a_non_superuser_is_stored_unverified(
+    engine: sa.Engine, dsn: str, todo: sa.Table, app_role: str
 ) -> None:
-    with psycopg.connect(dsn) as conn:  # direct emission (superuser here; revoking it is the lead's part)
+    with psycopg.connect(_as(dsn, app_role)) as conn:  # the trigger needs it executable by the app role
         conn.execute("SELECT pg_logical_emit_message(true, 'bemi', '{\"user_id\": 1}')")
         conn.execute("INSERT INTO todo VALUES (1, 'direct')")
     capture(dsn, once=True, context_keys=[KEY])
