@@ -421,9 +421,13 @@ def _connect(dsn: Any) -> Any:
 
     if isinstance(dsn, psycopg.Connection):
         return dsn
-    if not isinstance(dsn, str):
-        raise ConfigurationError(f"dsn must be a PostgreSQL URL or libpq string, got {type(dsn).__name__}")
-    return psycopg.connect(dsn)
+    from capture.dsn import check_dsn, connect_error
+
+    libpq = check_dsn(dsn, what="dsn")  # names a bad value without its password
+    try:
+        return psycopg.connect(libpq)
+    except psycopg.Error as exc:
+        raise connect_error(exc, dsn, what="the database holding changes") from None
 
 
 def _recorded(conn: Any, schema: str) -> tuple[Anchor | None, list[Anchor]]:
