@@ -5,10 +5,20 @@
     ├── SourceError          a database or Parquet source cannot be read or is inconsistent
     │   └── SlotLostError    the replication slot vanished or its WAL was removed
     └── DecodeError          malformed pgoutput bytes (what, and at which offset)
+
+    UserWarning
+    └── StaleWarning         an answer about "now" misses commits the capture worker has not written yet
 """
 
 from __future__ import annotations
 
-from capture.errors import BemiError, ConfigurationError, DecodeError, SlotLostError, SourceError
+from capture.errors import (
+    BemiError,
+    ConfigurationError,
+    DecodeError,
+    SlotLostError,
+    SourceError,
+    StaleWarning,
+)
 
-__all__ = ["BemiError", "ConfigurationError", "DecodeError", "SlotLostError", "SourceError"]
+__all__ = ["BemiError", "ConfigurationError", "DecodeError", "SlotLostError", "SourceError", "StaleWarning"]

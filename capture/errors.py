@@ -5,11 +5,14 @@
     ├── SourceError          a database or Parquet source cannot be read or is inconsistent
     │   └── SlotLostError    the replication slot vanished or its WAL was removed
     └── DecodeError          malformed pgoutput bytes (what, and at which offset)
+
+    UserWarning
+    └── StaleWarning         an answer about "now" misses commits the capture worker has not written yet
 """
 
 from __future__ import annotations
 
-__all__ = ["BemiError", "ConfigurationError", "DecodeError", "SlotLostError", "SourceError"]
+__all__ = ["BemiError", "ConfigurationError", "DecodeError", "SlotLostError", "SourceError", "StaleWarning"]
 
 
 class BemiError(Exception):
@@ -34,3 +37,7 @@ class DecodeError(BemiError):
     def __init__(self, message: str, offset: int | None = None) -> None:
         self.offset = offset
         super().__init__(message if offset is None else f"{message} (at byte offset {offset})")
+
+
+class StaleWarning(UserWarning):
+    """An answer about the present misses commits: the capture worker is behind (``bemi_tt.freshness()``)."""
