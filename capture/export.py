@@ -12,7 +12,9 @@ every later one refuses a directory recorded for another, or holding files that 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from psycopg import sql
 
-from capture.errors import ConfigurationError, SourceError
+from capture.dsn import check_dsn, connect_error, database_error, one_line
+from capture.errors import BemiError, ConfigurationError, SourceError, StorageError
 from capture.export_dataset import (
     IDENTITY_FILE,
     LEGACY_SCHEMAS_FILE,
@@ -118,12 +121,33 @@ class _Progress:
 
 
 def _libpq_dsn(source_dsn: str) -> str:
-    if not isinstance(source_dsn, str) or not source_dsn.strip():
-        raise ConfigurationError(f"source_dsn must be a libpq connection string or URL, got {source_dsn!r}")
-    scheme, sep, rest = source_dsn.partition("://")
-    if sep and scheme.startswith(("postgresql+", "postgres+")):
-        return f"postgresql://{rest}"  # a SQLAlchemy URL such as postgresql+psycopg://...
-    return source_dsn
+    """libpq form of ``source_dsn`` (a SQLAlchemy URL is rewritten), checked before anything is locked."""
+    return check_dsn(source_dsn, what="source_dsn")
+
+
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or export to another directory",
+    errno.EDQUOT: "the disk quota is exceeded: free space or export to another directory",
+    errno.EFBIG: "a file is larger than this process may write (ulimit -f)",
+    errno.EROFS: "the file system is read-only: export to a writable directory",
+    errno.EACCES: "permission denied: export to a directory this user may write",
+    errno.EPERM: "permission denied: export to a directory this user may write",
+}
+
+
+def _storage_error(exc: OSError, directory: object) -> StorageError:
+    """A failed write of the dataset (disk full, read-only, permissions) as a one-line ``StorageError``.
+
+    The dataset stays consistent: a unit is visible only once all its files are renamed into place.
+    """
+    code = exc.errno
+    if code is None:  # pyarrow's OSError carries the errno in its text only: "[errno 28] No space left..."
+        found = re.search(r"errno (\d+)", str(exc), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    hint = _STORAGE_HINTS.get(code or -1, "check the directory and retry")
+    detail = exc.strerror or one_line(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StorageError(f"writing the export to {str(directory)!r} failed: {detail}{where}; {hint}")
 
 
 def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -320,24 +344,33 @@ def export_parquet(
         raise ConfigurationError(f"compact must be True or False, got {compact!r}")
     if not isinstance(lease_seconds, (int, float)) or isinstance(lease_seconds, bool) or lease_seconds <= 0:
         raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
+    libpq = _libpq_dsn(source_dsn)
     filesystem, root = resolve_directory(directory)
     enabled = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(enabled, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
-    with open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds) as held:
-        held.acquire(wait)
-        try:
-            conn = psycopg.connect(_libpq_dsn(source_dsn), autocommit=True)
-        except psycopg.Error as exc:
-            raise SourceError(f"cannot connect to the source database: {exc}") from exc
-        with conn:
+    try:
+        locked = open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds)
+        with locked as held:
+            held.acquire(wait)
             try:
-                stats = _export(conn, filesystem, root, (schema, table, schemas_table), batch_rows, held, bar)
+                conn = psycopg.connect(libpq, autocommit=True)
             except psycopg.Error as exc:
-                raise SourceError(f"reading {schema}.{table} from the source database failed: {exc}") from exc
-        if compact:
-            from capture.compact import compact_locked
+                raise connect_error(exc, source_dsn, what="the source database") from None
+            with conn:
+                try:
+                    names = (schema, table, schemas_table)
+                    stats = _export(conn, filesystem, root, names, batch_rows, held, bar)
+                except psycopg.Error as exc:
+                    doing = f"reading {schema}.{table} from the source database"
+                    raise database_error(exc, doing, source_dsn) from None
+            if compact:
+                from capture.compact import compact_locked
 
-            stats = replace(stats, compacted_files=compact_locked(filesystem, root).merged)
+                stats = replace(stats, compacted_files=compact_locked(filesystem, root).merged)
+    except BemiError:
+        raise
+    except OSError as exc:  # pyarrow's and the OS's write errors alike (ENOSPC, EROFS, EACCES, ...)
+        raise _storage_error(exc, directory) from exc
     bar.finish(stats)
     return stats
 
