@@ -33,23 +33,22 @@ before that time: the answer silently misses it otherwise. A source without a sl
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, cast
+from typing import Any, ParamSpec
 
 import duckdb
 import pandas as pd
 import psycopg
 import pyarrow.parquet as pq
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from bemi_tt.sources import InMemorySource, ParquetSource, PostgresSource, Scope, Source, get_source
 from bemi_tt.timestamps import to_utc
+from capture.dsn import describe, redact
 from capture.errors import SourceError, StaleWarning
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.sink import POSITIONS_TABLE
@@ -72,7 +71,6 @@ DECODE_WINDOW = 16 << 20
 #: How many pending commits are fetched one by one (the rest are only counted).
 _PENDING_LISTED = 1000
 
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)[^@\s]*@")
 _SECRET_QUERY = re.compile(r"((?:secret|password|token|session|access)[a-z_]*=)[^&\s]*", re.IGNORECASE)
 
 
@@ -106,36 +104,15 @@ class Freshness:
 
 # -- describing a source without its secrets ---------------------------------------------------------
 def _redact(text: str) -> str:
-    """``text`` without passwords: capture.dsn's redaction when present, plus URL and query secrets."""
-    try:
-        module = importlib.import_module("capture.dsn")
-        text = cast(Callable[[str], str], module.redact)(text)
-    except (ImportError, AttributeError):
-        pass
-    return _SECRET_QUERY.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
-
-
-def _describe_dsn(dsn: str) -> str:
-    try:
-        module = importlib.import_module("capture.dsn")
-        return _redact(cast(Callable[[str], str], module.describe)(dsn))
-    except (ImportError, AttributeError):
-        pass
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<connection string>"
-    host = str(params.get("host") or params.get("hostaddr") or "localhost")
-    port = f":{params['port']}" if params.get("port") else ""
-    user = f"{params['user']}@" if params.get("user") else ""
-    return _redact(f"{user}{host}{port}/{params.get('dbname') or ''}")
+    """``text`` without passwords (capture.dsn's rules) nor object-store secrets in a URI's query."""
+    return _SECRET_QUERY.sub(r"\1***", redact(text))
 
 
 def describe_source(source: Source) -> str:
     """Which source this is, for ``attrs["source"]`` and messages: never a password."""
     if isinstance(source, PostgresSource):
         schema = "" if source.schema == "public" else f" (schema {source.schema})"
-        return f"postgresql {_describe_dsn(source.dsn)}{schema}"
+        return f"postgresql {describe(source.dsn)}{schema}"
     if isinstance(source, ParquetSource):
         return f"parquet {_redact(source.directory)}"
     if isinstance(source, InMemorySource):
