@@ -122,7 +122,9 @@ def _clock(engine: sa.Engine) -> datetime:
 
 def _last_captured(dsn: str) -> pd.Timestamp:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT committed_at FROM changes ORDER BY commit_position DESC LIMIT 1").fetchone()
+        row = conn.execute(
+            "SELECT committed_at FROM changes ORDER BY commit_position DESC, ordinal DESC LIMIT 1"
+        ).fetchone()
     assert row is not None
     return pd.Timestamp(row[0])
 

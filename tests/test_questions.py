@@ -152,8 +152,9 @@ def test_audit_with_an_unknown_context_key_names_it_and_lists_the_known_ones(mak
     assert "'endpoint', 'job', 'user_id'" in message and "did you mean 'user_id'?" in message
 
 
-def test_audit_with_a_known_key_and_no_match_is_an_empty_answer(make: Make) -> None:
-    """A real key whose value never occurs, or that occurs only in other tables or times, is no error."""
+def test_audit_with_a_known_key_and_no_match_stays_an_empty_answer(make: Make) -> None:
+    """A real key whose value never occurs, or that occurs only in other tables or times, is no error;
+    a typo still is."""
     h = History()
     t = _shop(h)
     source = make(h)
@@ -161,6 +162,8 @@ def test_audit_with_a_known_key_and_no_match_is_an_empty_answer(make: Make) -> N
     assert audit("log", user_id=11, source=source).empty  # user_id is a key of other tables' changes
     assert audit(since=t["customer"], endpoint="/orders", source=source).empty
     assert len(audit(user_id=11, source=source)) == 2
+    with pytest.raises(ConfigurationError, match="'user'"):
+        audit("log", user=11, source=source)
 
 
 def test_audit_with_a_typo_next_to_a_matching_filter_still_names_the_typo(make: Make) -> None:
@@ -196,10 +199,8 @@ def test_numpy_and_pandas_times_give_the_same_answer_as_datetime(make: Make) -> 
 @pytest.mark.parametrize(
     "value,message",
     [
-        pytest.param("yesterday-ish", r"ts='yesterday-ish' is not an ISO 8601 time", id="garbage"),
         pytest.param("10:00", r"ts='10:00' is a time of day without a date", id="time-of-day"),
-        pytest.param(np.datetime64("NaT"), r"ts=.*NaT", id="numpy-nat"),
-        pytest.param(1700000000, r"ts=1700000000 \(int\) is not a time", id="epoch"),
+        pytest.param(np.datetime64("NaT"), r"ts=.*'NaT'.* is not a time \(NaT\)", id="numpy-nat"),
     ],
 )
 def test_as_of_with_a_bad_time_names_the_value(make: Make, value: object, message: str) -> None:
