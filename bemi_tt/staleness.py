@@ -277,6 +277,16 @@ def _pending(
 
 
 def _lag(source: PostgresSource) -> _Lag:
+    """The worker's lag as far as this role may see it; any database refusal makes it unknown, never an
+    error (the answer it is measured for stands)."""
+    try:
+        return _measure_lag(source)
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _Lag(None, None, None, None, None, f"cannot read the worker's position ({_redact(reason)})")
+
+
+def _measure_lag(source: PostgresSource) -> _Lag:
     with source._connect() as conn:
         found = _slot(conn, source.schema)
         if found is None:

@@ -198,6 +198,16 @@ def test_a_role_that_cannot_decode_the_slot_gets_unknown_and_no_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         as_of("todo", "now", source=reader)
+    # a role that may not even read the worker's positions still gets its answer
+    analyst = make_role("analyst", "")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'GRANT SELECT ON changes, changes_schemas TO "{analyst}"')
+    other = make_conninfo(dsn, user=analyst)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(as_of("todo", "now", source=other).index) == [1]
+    fresh = freshness(other)
+    assert fresh.behind is None and "permission denied" in fresh.note
 
 
 def test_a_backlog_beyond_the_decode_window_is_unknown_not_caught_up(
