@@ -43,6 +43,7 @@ from typing import Any, ParamSpec
 import duckdb
 import pandas as pd
 import psycopg
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg import sql
 
@@ -142,6 +143,22 @@ def _reach_postgres(source: PostgresSource) -> tuple[pd.Timestamp | None, int | 
     return (None, None) if row is None else (_utc(row[0]), int(row[1]))
 
 
+def _watermark_time(filesystem: Any, path: str, watermark: tuple[int, int], whole: bool) -> Any:
+    """The commit time of the change at ``watermark`` in ``path``, or None when the file lacks it. Files
+    are sorted by key, so their last row group holds it: only that one is read unless ``whole``."""
+    columns = ["commit_position", "ordinal", "committed_at"]
+    with filesystem.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        rows = (
+            parquet.read(columns=columns)
+            if whole
+            else parquet.read_row_group(parquet.num_row_groups - 1, columns=columns)
+        )
+    match = pc.and_(pc.equal(rows["commit_position"], watermark[0]), pc.equal(rows["ordinal"], watermark[1]))
+    found = rows.filter(match)
+    return found["committed_at"][0].as_py() if found.num_rows else None
+
+
 def _reach_parquet(source: ParquetSource) -> tuple[pd.Timestamp | None, int | None]:
     from capture.export_dataset import read_dataset_state, resolve_directory
 
@@ -150,27 +167,21 @@ def _reach_parquet(source: ParquetSource) -> tuple[pd.Timestamp | None, int | No
         state = read_dataset_state(filesystem, root)
         if state.watermark is None:
             return None, None
-        last: tuple[tuple[int, int], Any] | None = None
-        try:
-            for data_file in state.files:
-                if data_file.last != state.watermark:
-                    continue
-                rows = pq.read_table(
-                    data_file.path,
-                    columns=["commit_position", "ordinal", "committed_at"],
-                    filesystem=filesystem,
-                ).to_pylist()
-                for r in rows:
-                    key = (int(r["commit_position"]), int(r["ordinal"]))
-                    if last is None or key > last[0]:
-                        last = (key, r["committed_at"])
+        try:  # the parts of the last unit (or the compacted file) end at the watermark; one holds it
+            ending = [f.path for f in state.files if f.last == state.watermark]
+            for whole in (False, True):
+                for path in ending:
+                    when = _watermark_time(filesystem, path, state.watermark, whole)
+                    if when is not None:
+                        return _utc(when), state.watermark[0]
         except FileNotFoundError:
             if attempt == 4:
                 raise
             continue
-        if last is None:  # pragma: no cover - a watermark always names a file that holds its change
-            return None, state.watermark[0]
-        return _utc(last[1]), last[0][0]
+        raise SourceError(  # pragma: no cover - a complete unit always holds the change its name ends at
+            f"export directory {source.directory!r}: no file holds the change at its watermark "
+            f"{state.watermark}; re-export into an empty directory"
+        )
     return None, None  # pragma: no cover - the loop returns or raises
 
 

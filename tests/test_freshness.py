@@ -233,3 +233,5 @@ def test_a_parquet_export_is_complete_through_its_watermark(
     assert list(frame.index) == [1]
     fresh = freshness(ParquetSource(tmp_path / "export"))
     assert fresh.complete_through == exported and fresh.behind is None and fresh.lag_seconds is not None
+    export_parquet(dsn, str(tmp_path / "export"), progress=False, compact=True)  # one compacted file
+    assert freshness(ParquetSource(tmp_path / "export")).complete_through == _last_captured(dsn)
