@@ -77,9 +77,11 @@ def _shape(names: Sequence[str]) -> str:
 
 def _example(columns: Sequence[dict[str, Any]]) -> str:
     samples = []
-    for column in columns:
+    for i, column in enumerate(columns):
         kind = _kind(column)
-        samples.append("7" if kind in _INTEGER_RANGES else "'a'" if kind == "string" else "...")
+        samples.append(
+            str(7 if i == 0 else i) if kind in _INTEGER_RANGES else "'a'" if kind == "string" else "..."
+        )
     return "(" + ", ".join(samples) + ")"
 
 
