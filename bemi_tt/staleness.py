@@ -43,6 +43,7 @@ from typing import Any, ParamSpec
 import duckdb
 import pandas as pd
 import psycopg
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from psycopg import sql
@@ -178,6 +179,12 @@ def _reach_parquet(source: ParquetSource) -> tuple[pd.Timestamp | None, int | No
             if attempt == 4:
                 raise
             continue
+        except (OSError, pa.ArrowInvalid) as exc:  # a damaged file: name it, as reading the export does
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SourceError(
+                f"cannot read file {path!r} of the Parquet export {source.directory!r}: {first}; restore the "
+                "file from a backup or re-export into an empty directory with `bemi-tt export`"
+            ) from None
         raise SourceError(  # pragma: no cover - a complete unit always holds the change its name ends at
             f"export directory {source.directory!r}: no file holds the change at its watermark "
             f"{state.watermark}; re-export into an empty directory"

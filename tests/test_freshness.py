@@ -3,6 +3,7 @@ about "now" warn when the worker is behind — never for a source that cannot kn
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -21,7 +22,7 @@ from bemi_tt import staleness
 from bemi_tt.sources import ParquetSource, PostgresSource
 from bemi_tt.staleness import describe_source, freshness
 from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
-from capture.errors import StaleWarning
+from capture.errors import SourceError, StaleWarning
 from capture.export import export_parquet
 from capture.worker import run as capture
 
@@ -235,3 +236,16 @@ def test_a_parquet_export_is_complete_through_its_watermark(
     assert fresh.complete_through == exported and fresh.behind is None and fresh.lag_seconds is not None
     export_parquet(dsn, str(tmp_path / "export"), progress=False, compact=True)  # one compacted file
     assert freshness(ParquetSource(tmp_path / "export")).complete_through == _last_captured(dsn)
+
+
+def test_a_damaged_export_file_is_named_by_freshness_and_the_answer(dsn: str, tmp_path: Path) -> None:
+    h = History()
+    _todo(h)
+    write_changes(dsn, h.changes, h.schemas)
+    export_parquet(dsn, str(tmp_path / "export"), progress=False)
+    (damaged,) = (tmp_path / "export").glob("relation=public.note/*/*.parquet")  # holds the watermark
+    damaged.write_bytes(b"not parquet at all")
+    export = tmp_path / "export"
+    for call in (lambda: freshness(export), lambda: as_of("todo", "now", source=export)):
+        with pytest.raises(SourceError, match=re.escape(damaged.name)):
+            call()
