@@ -115,7 +115,8 @@ def _export(args: argparse.Namespace) -> int:
     from capture.export import export_parquet
 
     progress = False if args.quiet else None
-    stats = export_parquet(args.dsn, args.to, compact=args.compact, progress=progress, wait=args.wait or 0.0)
+    stats = export_parquet(args.dsn, args.to, compact=args.compact, progress=progress, wait=args.wait or 0.0,
+                           format=args.format)
     if not args.quiet and not sys.stderr.isatty():  # on a terminal the library printed its final line
         print(stats)
     return 0
@@ -194,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def read_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--source", default=None,
-                       help="PostgreSQL URL holding `changes`, or a Parquet export directory "
+                       help="PostgreSQL URL holding `changes`, or a Parquet or Delta export directory "
                             "(default: $BEMI_TT_SOURCE)")
         p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                        help="output format (default: table)")
@@ -233,10 +234,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", default=None, help="PostgreSQL URL holding `changes` if elsewhere")
     p.add_argument("--slot", default="bemi_tt", help="replication slot name (default: bemi_tt)")
 
-    p = command("export", _export, "Export new changes to a Parquet dataset (incremental, atomic).")
+    p = command("export", _export,
+                "Export new changes to a Parquet dataset or a Delta table (incremental, atomic, "
+                "exactly once).")
     p.add_argument("--dsn", required=True, help="PostgreSQL URL of the database holding `changes`")
     p.add_argument("--to", required=True, metavar="DIR", help="dataset directory: a local path or s3://...")
-    p.add_argument("--compact", action="store_true", help="merge the small files of each partition")
+    p.add_argument("--format", choices=["parquet", "delta"], default="parquet",
+                   help="parquet: a Hive-partitioned Parquet dataset (default); delta: an append-only "
+                        "Delta Lake table (needs pip install 'bemi-tt[delta]')")
+    p.add_argument("--compact", action="store_true",
+                   help="merge the small files of each partition (Delta: optimize)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no final line")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait up to this long for another export of the same directory to finish "

@@ -993,6 +993,17 @@ _default: Source | None = None
 _lock = threading.Lock()
 
 
+def _directory_source(directory: str | os.PathLike[str]) -> Source:
+    """A Delta export (a ``_delta_log/`` directory) or a Parquet export."""
+    from bemi_tt.delta_source import DeltaSource, is_delta_directory
+
+    try:
+        delta = is_delta_directory(directory)
+    except (ConfigurationError, SourceError):  # unreachable or odd URI: the Parquet source reports it on use
+        delta = False
+    return DeltaSource(directory) if delta else ParquetSource(directory)
+
+
 def as_source(value: Any) -> Source:
     """A :class:`Source` for a URL, conninfo, directory, SQLAlchemy engine, or a Source itself."""
     if isinstance(value, Source):
@@ -1000,7 +1011,7 @@ def as_source(value: Any) -> Source:
     if hasattr(value, "dialect") and (hasattr(value, "url") or hasattr(value, "engine")):
         return PostgresSource.from_engine(value)
     if isinstance(value, os.PathLike):
-        return ParquetSource(value)
+        return _directory_source(value)
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(
             f"source {redact(value)!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
@@ -1010,7 +1021,7 @@ def as_source(value: Any) -> Source:
     if text.startswith(("postgresql://", "postgres://", "postgresql+", "postgres+")):
         return PostgresSource(text)
     if "://" in text or os.path.isdir(text):
-        return ParquetSource(text)
+        return _directory_source(text)
     if "=" in text:
         return PostgresSource(text)
     raise ConfigurationError(

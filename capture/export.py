@@ -37,6 +37,7 @@ from capture.export_dataset import (
     DatasetState,
     Key,
     delete_files,
+    is_delta_table,
     list_dataset_files,
     partition_dir,
     read_dataset_state,
@@ -330,8 +331,12 @@ def export_parquet(
     lock: bool = True,
     wait: float = 0.0,
     lease_seconds: float = 60.0,
+    format: str = "parquet",
 ) -> ExportStats:
     """Append the changes committed since the last run to the Parquet dataset at ``directory``.
+
+    ``format="delta"`` writes an append-only Delta Lake table instead (``capture.export_delta``, needs
+    ``deltalake``), with the same exactly-once guarantee, lock and identity check.
 
     ``directory`` is a local path or a pyarrow filesystem URI (``s3://bucket/prefix``). ``progress``:
     None shows a bar on a terminal (stderr) for exports over a few seconds, False is quiet. ``wait``:
@@ -344,6 +349,8 @@ def export_parquet(
         raise ConfigurationError(f"compact must be True or False, got {compact!r}")
     if not isinstance(lease_seconds, (int, float)) or isinstance(lease_seconds, bool) or lease_seconds <= 0:
         raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
+    if format not in ("parquet", "delta"):
+        raise ConfigurationError(f"format must be 'parquet' or 'delta', got {format!r}")
     libpq = _libpq_dsn(source_dsn)
     filesystem, root = resolve_directory(directory)
     enabled = sys.stderr.isatty() if progress is None else progress
@@ -359,11 +366,22 @@ def export_parquet(
             with conn:
                 try:
                     names = (schema, table, schemas_table)
-                    stats = _export(conn, filesystem, root, names, batch_rows, held, bar)
+                    if format == "delta":
+                        from capture.export_delta import export_delta_locked
+
+                        stats = export_delta_locked(
+                            conn, os.fspath(directory), filesystem, root, names, batch_rows, held, bar
+                        )
+                    else:
+                        stats = _export(conn, filesystem, root, names, batch_rows, held, bar)
                 except psycopg.Error as exc:
                     doing = f"reading {schema}.{table} from the source database"
                     raise database_error(exc, doing, source_dsn) from None
-            if compact:
+            if compact and format == "delta":
+                from capture.export_delta import compact_delta
+
+                stats = replace(stats, compacted_files=compact_delta(os.fspath(directory)))
+            elif compact:
                 from capture.compact import compact_locked
 
                 stats = replace(stats, compacted_files=compact_locked(filesystem, root).merged)
@@ -393,6 +411,11 @@ def _export(
         raise ConfigurationError(
             f"table {schema}.{table} does not exist in the source database; run the capture worker first "
             "or pass the right table= and schema="
+        )
+    if is_delta_table(filesystem, root):
+        raise ConfigurationError(
+            f"export directory {root!r} holds a Delta table: export with format='delta' there, "
+            "or export Parquet into an empty directory"
         )
     state = read_dataset_state(filesystem, root)
     _claim(conn, name, state, schema, table)
