@@ -7,7 +7,8 @@ Every analysis answer carries two entries in ``DataFrame.attrs``:
 * ``attrs["complete_through"]``: the commit time of the last change the source holds (in commit order),
   read before the answer was computed, so the answer holds every change up to it; None for an empty source.
   PostgreSQL: one index lookup on ``(commit_position, ordinal)``; Parquet: the export's watermark (the
-  name of its files) and the commit time of that change.
+  name of its files) and the commit time of that change (one row group read); a Delta export and memory:
+  the last change in commit order as DuckDB reads it (three columns).
 
 :func:`freshness` tells how far capture lags. For a PostgreSQL source whose database also holds the
 worker's replication slot (named in ``changes_positions``): the WAL the slot has not confirmed
@@ -115,8 +116,9 @@ def describe_source(source: Source) -> str:
     if isinstance(source, PostgresSource):
         schema = "" if source.schema == "public" else f" (schema {source.schema})"
         return f"postgresql {describe(source.dsn)}{schema}"
-    if isinstance(source, ParquetSource):
-        return f"parquet {_redact(source.directory)}"
+    if isinstance(source, ParquetSource):  # and its kinds (DeltaSource: "delta")
+        kind = "parquet" if type(source) is ParquetSource else type(source).__name__.removesuffix("Source")
+        return f"{kind.lower()} {_redact(source.directory)}"
     if isinstance(source, InMemorySource):
         return f"memory ({source.changes.num_rows} changes)"
     return _redact(source.describe())
@@ -208,10 +210,11 @@ def _reach_duckdb(source: Source) -> tuple[pd.Timestamp | None, int | None]:
 
 
 def reach(source: Source) -> Reach:
-    """How far ``source`` reaches now (cheap: one index lookup, or the export's watermark file)."""
+    """How far ``source`` reaches now (cheap: one index lookup, or the export's watermark file; other
+    sources: DuckDB's top row of three columns)."""
     if isinstance(source, PostgresSource):
         through, position = _reach_postgres(source)
-    elif isinstance(source, ParquetSource):
+    elif type(source) is ParquetSource:  # a Delta export lists its files from its log: the generic path
         through, position = _reach_parquet(source)
     else:
         through, position = _reach_duckdb(source)

@@ -54,7 +54,12 @@ def test_every_answer_carries_its_source_and_the_commit_time_it_is_complete_thro
     h = History()
     t = _todo(h)
     source = make(h)
-    kind = {"InMemorySource": "memory", "PostgresSource": "postgresql", "ParquetSource": "parquet"}
+    kind = {
+        "InMemorySource": "memory",
+        "PostgresSource": "postgresql",
+        "ParquetSource": "parquet",
+        "DeltaSource": "delta",
+    }
     for name, frame in _answers(source, t).items():
         assert frame.attrs["complete_through"] == pd.Timestamp(t["other"]), name
         assert frame.attrs["source"].split()[0] == kind[type(source).__name__], name
