@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from bemi_tt import hook as _hook  # noqa: F401  (registers the SQLAlchemy hook on import)
 from bemi_tt.context import Bemi, configure_context, context, get_context, set_context
-from capture.errors import BemiError, ChainError, ConfigurationError, DecodeError, SlotLostError, SourceError
+from capture.errors import (
+    BemiError,
+    ChainError,
+    ConfigurationError,
+    DecodeError,
+    SlotLostError,
+    SourceError,
+    StaleWarning,
+)
 
 try:
     __version__ = version("bemi-tt")
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
     from bemi_tt.middleware import BemiFastAPIMiddleware
     from bemi_tt.plots import plot_activity
     from bemi_tt.sources import connect
+    from bemi_tt.staleness import Freshness, freshness
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
     from bemi_tt.triggers import install, uninstall
     from capture.chain import verify
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "BemiFastAPIMiddleware": "bemi_tt.middleware",
     "EmbeddedPostgres": "bemi_tt.embedded",
+    "Freshness": "bemi_tt.staleness",
     "as_of": "bemi_tt.timetravel",
     "audit": "bemi_tt.timetravel",
     "blame": "bemi_tt.timetravel",
@@ -48,6 +58,7 @@ _LAZY = {
     "diff": "bemi_tt.timetravel",
     "duckdb": "bemi_tt.duckdb_macros",
     "export_parquet": "capture.export",
+    "freshness": "bemi_tt.staleness",
     "history": "bemi_tt.timetravel",
     "install": "bemi_tt.triggers",
     "plot_activity": "bemi_tt.plots",
@@ -63,8 +74,10 @@ __all__ = [
     "ConfigurationError",
     "DecodeError",
     "EmbeddedPostgres",
+    "Freshness",
     "SlotLostError",
     "SourceError",
+    "StaleWarning",
     "__version__",
     "as_of",
     "audit",
@@ -76,6 +89,7 @@ __all__ = [
     "diff",
     "duckdb",
     "export_parquet",
+    "freshness",
     "get_context",
     "history",
     "install",

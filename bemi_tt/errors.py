@@ -11,6 +11,9 @@
     │       ├── SlotLostError     the replication slot vanished or its WAL was removed
     │       └── ChainError        the hash chain over ``changes`` is broken: names the first row at fault
     └── DecodeError               malformed pgoutput bytes (what, and at which offset)
+
+    UserWarning
+    └── StaleWarning              an answer about "now" misses commits capture has not written yet
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from capture.errors import (
     SlotInUseError,
     SlotLostError,
     SourceError,
+    StaleWarning,
     StorageError,
 )
 
@@ -40,5 +44,6 @@ __all__ = [
     "SlotInUseError",
     "SlotLostError",
     "SourceError",
+    "StaleWarning",
     "StorageError",
 ]

@@ -18,8 +18,10 @@ from typing import Any
 
 import pandas as pd
 
+from bemi_tt.arguments import check_context_filters
 from bemi_tt.dtypes import parse_json
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
+from bemi_tt.staleness import answer
 from bemi_tt.state import _duck, resolve_table
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
@@ -94,6 +96,7 @@ def _audit_frame(
     ).fetch_df()
 
 
+@answer(warn=False)
 def changes(
     table: str | None = None,
     since: Any = None,
@@ -140,6 +143,7 @@ def _column_order(src: Source) -> dict[TableName, dict[str, int]]:
     return {t: {c["name"]: i for i, c in enumerate(json.loads(cols))} for t, (_, cols) in latest.items()}
 
 
+@answer(warn=False)
 def audit(
     table: str | None = None,
     since: Any = None,
@@ -177,4 +181,6 @@ def audit(
     frame["after"] = pd.Series(afters, index=frame.index, dtype=object)
     frame.insert(5, "changed", pd.Series(changed, index=frame.index, dtype=object))
     frame = _finish_feed(frame.drop(columns=["context"]))
+    if frame.empty and context_filters:  # a non-empty answer proves every filter's key exists
+        check_context_filters(src, context_filters)
     return _context_columns(frame, contexts)

@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from bemi_tt.arguments import check_key
 from bemi_tt.dtypes import frame_from_json
 from bemi_tt.feed import _context_columns, audit, changes
 from bemi_tt.sources import Scope, Source, TableName, get_source
+from bemi_tt.staleness import answer
 from bemi_tt.state import (
     PRESENT,
     Layout,
@@ -46,6 +48,7 @@ __all__ = ["as_of", "audit", "blame", "changes", "diff", "history"]
 _NAT = np.iinfo(np.int64).min  # NaT as int64
 
 
+@answer(now="ts")
 def as_of(
     table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str | None = None, source: Any = None
 ) -> pd.DataFrame:
@@ -57,6 +60,7 @@ def as_of(
     src = get_source(source)
     name = resolve_table(src, table)
     when = to_utc(ts)
+    key = check_key(src, name, key, ts=when) if key is not None else None
     con = _duck()
     wanted: str | None = None
     if key is not None:
@@ -242,6 +246,7 @@ def _rows_of(state: Any, wanted: set[str]) -> dict[str, tuple[Any, ...]]:
     return {str(keys[i]): row for i, row in zip(picked, rows, strict=True)}
 
 
+@answer(now="t2")
 def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     """The net difference of ``table`` between ``t1`` and ``t2``: one row per added, removed or changed cell.
 
@@ -341,11 +346,13 @@ def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> 
     return _context_columns(frame, [r["__ctx__"] for r in records])
 
 
+@answer()
 def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
     """For every current row (or the one ``key``) and column: the value, and the change and context
     that last set it. Indexed by the key and ``column``."""
     src = get_source(source)
     name = resolve_table(src, table)
+    key = check_key(src, name, key) if key is not None else None
     con = _duck()
     wanted = None
     if key is not None:
@@ -377,6 +384,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
     return _indexed_cells(records, layout, "blame")
 
 
+@answer()
 def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     """Every version of one row in commit order: ``operation``, ``committed_at``, ``valid_from``/``valid_to``
     (SCD type 2), ``changed`` (columns whose value changed), the row's values and its context keys.
@@ -387,6 +395,7 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     name = resolve_table(src, table)
     if key is None:
         raise ConfigurationError("history() needs the key of one row, e.g. history('todo', 1)")
+    key = check_key(src, name, key)
     versions = _versions(src, name)
     layout = layout_at(versions, None)
     con = _duck()

@@ -12,6 +12,9 @@
     │       └── ChainError        the hash chain over ``changes`` is broken: names the first row at fault
     └── DecodeError               malformed pgoutput bytes (what, and at which offset)
 
+    UserWarning
+    └── StaleWarning              an answer about "now" misses commits capture has not written yet
+
 The ``bemi-tt`` command exits 2 for a ``ConfigurationError`` (bad usage) and 1 for every other error.
 Messages never hold a password: those built from a connection string go through ``capture.dsn.redact``.
 """
@@ -29,6 +32,7 @@ __all__ = [
     "SlotInUseError",
     "SlotLostError",
     "SourceError",
+    "StaleWarning",
     "StorageError",
 ]
 
@@ -90,3 +94,7 @@ class DecodeError(BemiError):
     def __init__(self, message: str, offset: int | None = None) -> None:
         self.offset = offset
         super().__init__(message if offset is None else f"{message} (at byte offset {offset})")
+
+
+class StaleWarning(UserWarning):
+    """An answer about the present misses commits: the capture worker is behind (``bemi_tt.freshness()``)."""
