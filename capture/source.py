@@ -19,6 +19,7 @@ by ``bench/capture_throughput.py``. Creating it needs a superuser (the startup c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -36,9 +37,11 @@ __all__ = [
     "advance",
     "check_server",
     "check_slot",
+    "default_slot_name",
     "ensure_publication",
     "ensure_slot",
     "quote_ident",
+    "resolve_slot",
     "slot_info",
     "tables_without_identity",
 ]
@@ -207,11 +210,51 @@ def check_slot(info: SlotInfo, database: str) -> None:
             f"replication slot {info.name!r} is lost (its WAL was removed): changes are missing; "
             f"drop it with SELECT pg_drop_replication_slot('{info.name}'); and start again with --snapshot"
         )
-    if info.plugin != "pgoutput" or info.database != database:
+    if info.database != database:
         raise ConfigurationError(
-            f"replication slot {info.name!r} belongs to database {info.database!r} with plugin "
-            f"{info.plugin!r}, not {database!r} with pgoutput: pick another name with --slot"
+            f"replication slot {info.name!r} belongs to database {info.database!r}, and a slot serves one "
+            f"database: capture {database!r} with its own slot, e.g. --slot {default_slot_name(database)} "
+            "(the default when --slot is not given)"
         )
+    if info.plugin != "pgoutput":
+        raise ConfigurationError(
+            f"replication slot {info.name!r} uses plugin {info.plugin!r}, not pgoutput: it belongs to "
+            f"another tool; capture with another slot, e.g. --slot {default_slot_name(database)}"
+        )
+
+
+#: The slot name of the first releases, shared by every database (kept where it already exists).
+LEGACY_SLOT = "bemi_tt"
+
+
+def default_slot_name(database: str) -> str:
+    """``bemi_tt_<database>``: one slot per database, a valid slot name for any database name.
+
+    Slot names are server-wide and allow only ``[a-z0-9_]``, at most 63 characters: other characters
+    become ``_``, and a name that had to change (or be shortened) gets 8 hex digits of its hash, so
+    two databases never share a default slot.
+    """
+    clean = re.sub(r"[^a-z0-9_]", "_", database.lower())
+    name = f"bemi_tt_{clean}"
+    if clean != database or len(name) > 63:
+        digest = hashlib.sha256(database.encode()).hexdigest()[:8]
+        name = f"{name[:54]}_{digest}"
+    return name
+
+
+def resolve_slot(conn: psycopg.Connection, slot: str | None) -> str:
+    """``slot``, or the default for the connected database: the old shared name ``bemi_tt`` where a
+    slot of that name already serves this database (installations of the first releases), else
+    :func:`default_slot_name`."""
+    if slot is not None:
+        return slot
+    row = conn.execute(
+        "SELECT current_database(), EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = %s"
+        " AND database = current_database())",
+        (LEGACY_SLOT,),
+    ).fetchone()
+    assert row is not None
+    return LEGACY_SLOT if row[1] else default_slot_name(str(row[0]))
 
 
 class SlotReader:

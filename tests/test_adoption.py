@@ -1,0 +1,181 @@
+"""Adoption in place (issue 13): tracking begins when install returns; slots per database."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+
+import bemi_tt
+from capture.errors import ConfigurationError
+from capture.source import default_slot_name
+from capture.worker import run as capture
+from capture.worker import status
+
+
+def _changes(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            'SELECT "table", operation, primary_key, before, after, context FROM changes'
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+
+
+def _without_sql(ctx: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ctx.items() if k != "SQL"}
+
+
+@pytest.fixture
+def todo(engine: sa.Engine) -> sa.Table:
+    table = sa.Table(
+        "todo", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("task", sa.Text, nullable=False),
+        sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("addr", sa.dialects.postgresql.INET),
+        sa.Column("code", sa.CHAR(4)),
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [
+            {"id": 1, "task": "Sleep", "done": False, "addr": "10.0.0.1", "code": "ab"},
+            {"id": 2, "task": "Eat", "done": True, "addr": None, "code": None},
+        ])
+    return table
+
+
+def test_changes_between_install_and_the_workers_first_run_are_all_captured_with_their_context(
+    engine: sa.Engine, dsn: str, todo: sa.Table
+) -> None:
+    installation = bemi_tt.install(engine)
+    assert installation.slot is not None and installation.warnings == ()
+    with bemi_tt.context(user_id=1), engine.begin() as conn:
+        conn.execute(todo.insert().values(id=3, task="Code"))
+    with bemi_tt.context(user_id=2), engine.begin() as conn:
+        conn.execute(todo.update().where(todo.c.id == 1).values(done=True))
+    with bemi_tt.context(user_id=3), engine.begin() as conn:
+        conn.execute(todo.delete().where(todo.c.id == 2))
+
+    stats = capture(dsn, once=True)  # the worker's first run, after the changes
+
+    rows = _changes(dsn)
+    assert stats.snapshot_rows == 2
+    snapshot = [r for r in rows if r[1] == "SNAPSHOT"]
+    # the rows at install, with the values exactly as pgoutput sends them (boolean, inet, char(n))
+    assert sorted((r[2], r[4]) for r in snapshot) == [
+        ("1", {"id": 1, "task": "Sleep", "done": False, "addr": "10.0.0.1", "code": "ab  "}),
+        ("2", {"id": 2, "task": "Eat", "done": True, "addr": None, "code": None}),
+    ]
+    changes = [(r[1], r[2], _without_sql(r[5])) for r in rows if r[1] != "SNAPSHOT"]
+    assert changes == [("CREATE", "3", {"user_id": 1}), ("UPDATE", "1", {"user_id": 2}),
+                       ("DELETE", "2", {"user_id": 3})]
+    assert rows[:2] == snapshot  # the snapshot comes first
+    with psycopg.connect(dsn) as conn:  # the copy install took is gone once recorded
+        assert conn.execute("SELECT count(*) FROM bemi_tt.snapshot_rows").fetchone() == (0,)
+    assert bemi_tt.as_of("todo", "2100-01-01", source=dsn)["task"].sort_values().tolist() == [
+        "Code", "Sleep"
+    ]
+
+
+def test_install_creates_the_workers_per_database_slot_and_status_shows_its_retained_wal(
+    engine: sa.Engine, dsn: str, database: str, todo: sa.Table
+) -> None:
+    installation = bemi_tt.install(engine)
+    assert installation.slot == default_slot_name(database)
+    with engine.begin() as conn:
+        conn.execute(todo.update().values(task="x"))
+    report = status(dsn)
+    assert report["slot"] == default_slot_name(database)
+    assert isinstance(report["retained_wal_bytes"], int) and report["retained_wal_bytes"] > 0
+    assert any("retains WAL" in str(w) and "max_slot_wal_keep_size" in str(w)
+               for w in report["warnings"])  # type: ignore[union-attr]
+    assert bemi_tt.install(engine).slot == installation.slot  # idempotent: the slot is kept
+
+
+def test_install_without_logical_wal_level_or_replication_says_so_with_the_fix(
+    engine: sa.Engine, dsn: str, make_role: Any, pg_server: Any, database: str, todo: sa.Table
+) -> None:
+    owner = make_role("owner")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE todo OWNER TO {}").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(database), sql.Identifier(owner)))
+    url = pg_server.sqlalchemy_url(database).set(username=owner)
+    installation = bemi_tt.install(url)
+    assert installation.slot is None
+    assert any(f"ALTER ROLE {owner} REPLICATION" in w for w in installation.warnings)
+
+
+def test_install_in_a_transaction_that_has_written_warns_instead_of_waiting_for_itself(
+    engine: sa.Engine, todo: sa.Table
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(todo.update().values(task="x"))
+        installation = bemi_tt.install(conn)
+    assert installation.slot is None
+    assert any("already written" in w for w in installation.warnings)
+
+
+def test_two_databases_on_one_server_get_their_own_default_slots(
+    pg_server: Any, dsn: str, database: str
+) -> None:
+    other = f"{database}_b"
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
+    try:
+        capture(dsn, once=True)
+        capture(pg_server.dsn(other), once=True)  # used to fail: slot 'bemi_tt' belongs to database ...
+        with psycopg.connect(pg_server.admin_dsn) as conn:
+            slots = conn.execute(
+                "SELECT slot_name, database FROM pg_replication_slots WHERE database IN (%s, %s)"
+                " ORDER BY 2", (database, other)).fetchall()
+        assert slots == [(default_slot_name(database), database), (default_slot_name(other), other)]
+    finally:
+        from conftest import drop_database
+
+        drop_database(pg_server, other)
+
+
+def test_a_slot_of_another_database_is_refused_with_the_name_to_use(
+    pg_server: Any, dsn: str, database: str
+) -> None:
+    other = f"{database}_c"
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
+    try:
+        capture(dsn, once=True, slot="shared_slot")
+        with pytest.raises(ConfigurationError) as caught:
+            capture(pg_server.dsn(other), once=True, slot="shared_slot")
+        message = str(caught.value)
+        assert f"belongs to database {database!r}" in message
+        assert f"--slot {default_slot_name(other)}" in message
+    finally:
+        from conftest import drop_database
+
+        drop_database(pg_server, other)
+
+
+def test_an_installation_with_the_old_shared_slot_name_keeps_using_it(dsn: str, engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+    capture(dsn, once=True, slot="bemi_tt")  # as the first releases did by default
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+    assert bemi_tt.install(engine).slot == "bemi_tt"
+    capture(dsn, once=True)
+    assert [r[1] for r in _changes(dsn)] == ["CREATE"]
+    assert status(dsn)["slot"] == "bemi_tt"
+
+
+@pytest.mark.parametrize("name", ["app", "My-App", "x" * 63, "ÄÖ"])
+def test_default_slot_names_are_valid_and_distinct(name: str) -> None:
+    from capture.worker import check_slot_name
+
+    slot = default_slot_name(name)
+    assert check_slot_name(slot) == slot
+    assert slot != default_slot_name(name + "_")
+    assert json.dumps(slot)
