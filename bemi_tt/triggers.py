@@ -291,6 +291,13 @@ _TEARDOWN = (
     "DROP FUNCTION IF EXISTS bemi_tt.trackable(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_context()",
     "DROP TABLE IF EXISTS bemi_tt.replica_identity_changes",
+    # slots install created whose snapshot no worker ever took: nothing reads them, they only retain WAL
+    "DO $$ BEGIN IF pg_catalog.to_regclass('bemi_tt.snapshots') IS NOT NULL THEN"
+    " PERFORM pg_catalog.pg_drop_replication_slot(s.slot_name) FROM pg_catalog.pg_replication_slots s"
+    " WHERE s.database = pg_catalog.current_database() AND s.active_pid IS NULL"
+    " AND s.slot_name IN (SELECT slot FROM bemi_tt.snapshots); END IF; END $$",
+    "DROP TABLE IF EXISTS bemi_tt.snapshot_rows",
+    "DROP TABLE IF EXISTS bemi_tt.snapshots",
 )
 _SCHEMA_EMPTY = (
     "SELECT NOT EXISTS (SELECT FROM pg_depend d JOIN pg_namespace n ON n.oid = d.refobjid"
@@ -698,10 +705,12 @@ def migration_upgrade(*, replica_identity_full: bool = True) -> None:
             op.execute(sa.text(statement))
         return
     # The worker's slot can only be created outside a transaction that has written (it would wait for
-    # it): so the migration's work so far is committed, and install runs in autocommit mode. Tracking
-    # (slot and snapshot) thus begins when this call returns, not at the end of the migration.
+    # it): so the migration's work so far is committed, and the slot with its snapshot is created in
+    # autocommit mode; then install runs in the migration's transaction. Tracking thus begins when this
+    # call returns (changes made later in the migration are recorded too).
     with migration.autocommit_block():
-        install(op.get_bind(), replica_identity_full=replica_identity_full)
+        _start_tracking(op.get_bind(), None, [])  # its warnings come again from install, below
+    install(op.get_bind(), replica_identity_full=replica_identity_full)
 
 
 def _offline_extras() -> list[str]:

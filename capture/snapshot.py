@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "write_staged_snapshot",
 ]
 
+log = logging.getLogger("capture")
 _UNESCAPE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
 
 
@@ -420,8 +422,19 @@ def write_staged_snapshot(
     ``conn`` is an autocommit connection to the source. The rows are committed with the slot's position
     (``snapshot_position`` = the point), then the copy is deleted.
     """
-    exists = conn.execute("SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL").fetchone()
+    exists = conn.execute(
+        "SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL"
+        " AND has_table_privilege('bemi_tt.snapshots', 'SELECT, DELETE')"
+        " AND has_table_privilege('bemi_tt.snapshot_rows', 'SELECT, DELETE')"
+    ).fetchone()
     if not exists or not exists[0]:
+        if conn.execute("SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL").fetchone() == (True,):
+            log.warning(
+                "role %s may not read the snapshot bemi_tt.install took, so the worker takes its own now "
+                "(changes since install are recorded before it): run GRANT SELECT, DELETE ON "
+                "bemi_tt.snapshots, bemi_tt.snapshot_rows TO %s; as the installing role",
+                conn.info.user, conn.info.user,
+            )
         return None
     found = conn.execute(
         "SELECT point, taken_at, tables FROM bemi_tt.snapshots WHERE slot = %s", (slot,)
@@ -462,7 +475,11 @@ def write_staged_snapshot(
 
 def discard_staged_snapshot(conn: psycopg.Connection, slot: str) -> None:
     """Delete the copy ``install`` took for ``slot`` (written, or outdated by a recorded position)."""
-    exists = conn.execute("SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL").fetchone()
+    exists = conn.execute(
+        "SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL"
+        " AND has_table_privilege('bemi_tt.snapshots', 'DELETE')"
+        " AND has_table_privilege('bemi_tt.snapshot_rows', 'DELETE')"
+    ).fetchone()
     if not exists or not exists[0]:
         return
     try:
