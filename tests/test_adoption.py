@@ -179,3 +179,73 @@ def test_default_slot_names_are_valid_and_distinct(name: str) -> None:
     assert check_slot_name(slot) == slot
     assert slot != default_slot_name(name + "_")
     assert json.dumps(slot)
+
+
+def test_install_after_the_worker_ran_leaves_every_worker_table_alone(engine: sa.Engine, dsn: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (id int PRIMARY KEY)"))
+    capture(dsn, once=True)  # creates changes, changes_schemas, changes_positions
+    bemi_tt.install(engine)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.relname::text, c.relreplident::text, EXISTS (SELECT FROM pg_trigger g"
+            " WHERE g.tgrelid = c.oid AND g.tgname = 'bemi_tt_context') FROM pg_class c"
+            " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' ORDER BY 1"
+        ).fetchall()
+    assert rows == [("changes", "d", False), ("changes_positions", "d", False),
+                    ("changes_schemas", "d", False), ("t", "f", True)]
+
+
+_OLD_PACKAGE = '''
+import sys
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from bemi import Bemi  # the original bemi-sqlalchemy package: its hook is now on every Engine
+
+engine = sa.create_engine(sys.argv[1])
+with engine.begin() as conn:
+    if sys.argv[2] == "migrate":
+        conn.execute(sa.text("CREATE TABLE todo (id int PRIMARY KEY, task text)"))
+        with Operations.context(MigrationContext.configure(conn)):
+            Bemi.migration_upgrade()
+    else:
+        Bemi.set_context({"who": sys.argv[3]})
+        conn.execute(sa.text(sys.argv[2]))
+'''
+
+
+def _old_process(url: sa.URL, *args: str) -> None:
+    """A process still on the original package (its hook appends /*Bemi <json> Bemi*/ to writes)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", _OLD_PACKAGE, url.render_as_string(hide_password=False), *args],
+                   check=True, capture_output=True, timeout=120)
+
+
+def test_a_bemi_database_migrates_in_place_while_a_process_still_writes_through_the_old_hook(
+    engine: sa.Engine, dsn: str
+) -> None:
+    from bemi_tt.bemi_compat import bemi_objects
+
+    url = engine.url
+    _old_process(url, "migrate")  # the database as the original package set it up
+    capture(dsn, once=True)  # a worker already running: its tables get Bemi's triggers too
+    _old_process(url, "INSERT INTO todo VALUES (1, 'a')", "old, on Bemi's trigger")
+    with engine.connect() as conn:
+        assert "event trigger _bemi_create_table_trigger" in bemi_objects(conn)
+
+    installation = bemi_tt.install(engine)  # the new release's migration
+
+    with engine.connect() as conn:
+        assert bemi_objects(conn) == []  # nothing of Bemi's left: no trigger on any table, no function
+    assert installation.warnings == ()
+    _old_process(url, "UPDATE todo SET task = 'b' WHERE id = 1", "old, on bemi_tt's trigger")
+    with bemi_tt.context(who="new"), engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM todo WHERE id = 1"))
+    capture(dsn, once=True)
+
+    rows = [(r[1], _without_sql(r[5])) for r in _changes(dsn) if r[0] == "todo"]
+    assert rows == [("CREATE", {"who": "old, on Bemi's trigger"}),
+                    ("UPDATE", {"who": "old, on bemi_tt's trigger"}), ("DELETE", {"who": "new"})]
