@@ -264,6 +264,40 @@ BEGIN
 END
 $fn$"""
 
+# The worker reads changes through publication bemi_tt: FOR ALL TABLES where this role may (superuser),
+# else FOR TABLE with the tables this role owns, kept in step here: install (e.g. each migration) adds
+# the tables created since. Constant SQL, so Alembic offline mode emits it too.
+_PUBLISH = r"""DO $$
+DECLARE
+  opts text := 'publish_via_partition_root = true' || CASE
+    WHEN pg_catalog.current_setting('server_version_num')::int >= 180000
+    THEN ', publish_generated_columns = stored' ELSE '' END;
+  r record;
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = 'bemi_tt') THEN
+    BEGIN
+      EXECUTE 'CREATE PUBLICATION bemi_tt FOR ALL TABLES WITH (' || opts || ')';
+    EXCEPTION WHEN insufficient_privilege THEN
+      EXECUTE 'CREATE PUBLICATION bemi_tt WITH (' || opts || ')';
+    END;
+  END IF;
+  IF (SELECT p.puballtables OR NOT pg_catalog.pg_has_role(p.pubowner, 'USAGE')
+      FROM pg_catalog.pg_publication p WHERE p.pubname = 'bemi_tt') THEN
+    RETURN;
+  END IF;
+  FOR r IN
+    SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS target
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE bemi_tt.trackable(c.oid) AND NOT c.relispartition AND pg_catalog.pg_has_role(c.relowner, 'USAGE')
+      AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p
+                      ON p.oid = pr.prpubid WHERE p.pubname = 'bemi_tt' AND pr.prrelid = c.oid)
+    ORDER BY 1
+  LOOP
+    EXECUTE 'ALTER PUBLICATION bemi_tt ADD TABLE ' || r.target;
+  END LOOP;
+END
+$$"""
+
 _REVOKE_EVENT_FUNCTION = "REVOKE ALL ON FUNCTION bemi_tt.track_new_tables() FROM PUBLIC"
 _EVENT_TRIGGER = (
     "CREATE EVENT TRIGGER bemi_tt_track_new_tables ON ddl_command_end"
@@ -363,6 +397,7 @@ def install_statements(*, replica_identity_full: bool = True) -> list[str]:
         _EVENT_FUNCTION.format(replica_identity_full=flag),
         _REVOKE_EVENT_FUNCTION,
         f"SELECT bemi_tt.track_all({flag})",
+        _PUBLISH,
         "DROP EVENT TRIGGER IF EXISTS bemi_tt_track_new_tables",
         _EVENT_TRIGGER,
     ]

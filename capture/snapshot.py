@@ -303,7 +303,8 @@ _STAGE_SETUP = (
     "CREATE TABLE IF NOT EXISTS bemi_tt.snapshot_rows (slot text NOT NULL, table_index integer NOT NULL,"
     " n bigint NOT NULL, vals text[] NOT NULL, PRIMARY KEY (slot, table_index, n))",
 )
-#: The tables whose rows the snapshot holds: those bemi_tt.install tracks (ordinary and partitioned roots,
+#: The tables whose rows the snapshot holds: those of the publication that bemi_tt.install tracks
+#: (ordinary and partitioned roots,
 #: permanent, not extension members, not in system schemas or bemi_tt, not the worker's own tables), with
 #: the columns pgoutput sends (STORED generated columns from PostgreSQL 18 on, as the worker publishes them).
 _STAGE_TABLES = """
@@ -329,6 +330,8 @@ WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartitio
            WHERE a.attrelid = c.oid AND a.attname = 'commit_position' AND NOT a.attisdropped))
   AND NOT (c.relname = 'changes_positions' AND EXISTS (SELECT FROM pg_attribute a
            WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position' AND NOT a.attisdropped))
+  AND EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = %(pub)s AND p.schemaname = n.nspname
+              AND p.tablename = c.relname)
 ORDER BY 1, 2
 """
 
@@ -362,18 +365,18 @@ def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt") -> in
                 with psycopg.connect(conninfo) as conn:
                     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(name)))
-                    _copy_into_stage(conn, slot, point)
+                    _copy_into_stage(conn, slot, point, publication)
             except BaseException:
                 setup.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                 raise
     return point
 
 
-def _copy_into_stage(conn: psycopg.Connection, slot: str, point: int) -> None:
+def _copy_into_stage(conn: psycopg.Connection, slot: str, point: int, publication: str) -> None:
     gen = conn.info.server_version >= 180000
     tables = []
     for index, (schema, name, names, types, oids, key) in enumerate(
-        conn.execute(_STAGE_TABLES, {"gen": gen}).fetchall()
+        conn.execute(_STAGE_TABLES, {"gen": gen, "pub": publication}).fetchall()
     ):
         keys = set(key or ())
         columns = [

@@ -40,6 +40,8 @@ __all__ = [
     "default_slot_name",
     "ensure_publication",
     "ensure_slot",
+    "owned_unpublished_tables",
+    "publish_new_tables",
     "quote_ident",
     "resolve_slot",
     "slot_info",
@@ -113,15 +115,86 @@ def ensure_publication(conn: psycopg.Connection, name: str) -> bool:
         sql.Identifier(name)
     )
     try:
-        conn.execute(statement)
+        with conn.transaction():
+            conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege:
-        raise ConfigurationError(
-            f"publication {name!r} is missing and this role may not create it: ask a superuser to run "
-            f"{statement.as_string(conn)};"
-        ) from None
+        # FOR ALL TABLES (and FOR TABLES IN SCHEMA) need a superuser; a table's owner may publish it
+        owned = owned_unpublished_tables(conn, None)
+        tables = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in owned)
+        fallback = sql.SQL("CREATE PUBLICATION {} {} WITH (" + options + ")").format(
+            sql.Identifier(name), sql.SQL("FOR TABLE {}").format(tables) if owned else sql.SQL("")
+        )
+        try:
+            with conn.transaction():
+                conn.execute(fallback)
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigurationError(
+                f"publication {name!r} is missing and this role may not create it: ask a superuser to run "
+                f"{statement.as_string(conn)}; (or GRANT CREATE ON DATABASE to the tables' owner and run "
+                "bemi-tt install as that role)"
+            ) from None
+        log.info("created publication %s for the tables this role owns (FOR TABLE)", name)
     except psycopg.errors.DuplicateObject:
         return False
     return True
+
+
+#: Trackable tables (as bemi_tt.install tracks them: permanent ordinary and partitioned roots outside the
+#: system schemas and bemi_tt, not extension members, not the worker's tables) missing from publication
+#: %(pub)s (NULL: all of them), owned by the current role (%(owned)s) or not.
+_UNPUBLISHED = """
+SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+  AND n.nspname NOT IN ('information_schema', 'bemi_tt') AND NOT starts_with(n.nspname, 'pg_')
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                  AND d.deptype = 'e')
+  AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_positions') AND EXISTS (
+           SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND NOT a.attisdropped
+           AND a.attname IN ('commit_position', 'snapshot_position')))
+  AND pg_has_role(c.relowner, 'USAGE') = %(owned)s
+  AND NOT EXISTS (SELECT FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                  WHERE p.pubname = %(pub)s AND r.prrelid = c.oid)
+ORDER BY 1, 2
+"""
+
+
+def owned_unpublished_tables(
+    conn: psycopg.Connection, publication: str | None, *, owned: bool = True
+) -> list[tuple[str, str]]:
+    """Trackable tables missing from ``publication`` that this role owns (``owned=False``: does not)."""
+    rows = conn.execute(_UNPUBLISHED, {"pub": publication, "owned": owned}).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def publish_new_tables(conn: psycopg.Connection, name: str) -> tuple[list[str], list[str]]:
+    """Keep a ``FOR TABLE`` publication in step: add the trackable tables this role owns.
+
+    Returns (added, left out: tables other roles own, which only they can add). A ``FOR ALL TABLES``
+    publication needs nothing.
+    """
+    row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if row is None or row[0]:
+        return [], []
+    owner = conn.execute(
+        "SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s", (name,)
+    ).fetchone()
+    added: list[str] = []
+    if owner and owner[0]:
+        for schema, table in owned_unpublished_tables(conn, name):
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                            sql.Identifier(name), sql.Identifier(schema, table)
+                        )
+                    )
+            except psycopg.errors.DuplicateObject:
+                continue
+            added.append(f"{schema}.{table}")
+    left = [f"{s}.{t}" for s, t in owned_unpublished_tables(conn, name, owned=False)]
+    if not (owner and owner[0]):
+        left = [f"{s}.{t}" for s, t in owned_unpublished_tables(conn, name)] + left
+    return added, left
 
 
 def _publish_generated_columns(conn: psycopg.Connection, name: str) -> None:

@@ -308,7 +308,16 @@ def _open(
             else frozenset()
         )
         if src.ensure_publication(meta, publication):
-            log.info("created publication %s for all tables", publication)
+            log.info("created publication %s", publication)
+        added, left = src.publish_new_tables(meta, publication)
+        if added:
+            log.info("added to publication %s: %s", publication, ", ".join(added))
+        if left:
+            log.warning(
+                "tables not in publication %s, so their changes are not captured: %s; run bemi-tt install"
+                " as their owner (it adds them), or ALTER PUBLICATION %s ADD TABLE <table>;",
+                publication, ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""), publication,
+            )
         unkeyed = src.tables_without_identity(meta)
         if unkeyed:
             log.warning(
