@@ -96,6 +96,23 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grants(args: argparse.Namespace) -> int:
+    from bemi_tt.triggers import grant_statements
+
+    steps = grant_statements(database=args.database, application=args.app, installer=args.installer,
+                             worker=args.worker, schema=args.schema)
+    print("-- 1. as a superuser (on managed PostgreSQL: the administrator role; on Amazon RDS use\n"
+          "--    GRANT rds_replication TO <role> instead of REPLICATION), once:")
+    for statement in steps["admin"]:
+        print(statement + ";")
+    print(f"-- 2. as {args.installer} (owner of the tables): create them, then run\n"
+          f"--    bemi-tt install postgresql://{args.installer}@.../{args.database} (each migration), then:")
+    for statement in steps["installer"]:
+        print(statement + ";")
+    print(f"-- 3. the worker: bemi-tt capture --dsn postgresql://{args.worker}@.../{args.database}")
+    return 0
+
+
 def _uninstall(args: argparse.Namespace) -> int:
     from bemi_tt.triggers import uninstall
 
@@ -222,6 +239,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave REPLICA IDENTITY as it is (default: set FULL so `before` holds whole rows)")
     p.add_argument("--slot", default=None,
                    help="replication slot the worker will read (default: bemi_tt_<database>)")
+
+    p = command("grants", _grants,
+                "Print the SQL for least-privilege roles (application, installer, worker).")
+    p.add_argument("--database", required=True, help="database name")
+    p.add_argument("--app", default="app", help="application role (default: app)")
+    p.add_argument("--installer", default="bemi_installer", help="installing role (default: bemi_installer)")
+    p.add_argument("--worker", default="bemi_worker", help="capture worker role (default: bemi_worker)")
+    p.add_argument("--schema", default="public",
+                   help="schema of the tables and of `changes` (default: public)")
 
     p = command("uninstall", _uninstall, "Remove everything `install` created.")
     p.add_argument("dsn", help="PostgreSQL URL of the tracked database")

@@ -46,6 +46,7 @@ __all__ = [
     "SCHEMA",
     "TRIGGER",
     "Installation",
+    "grant_statements",
     "include_object",
     "install",
     "install_statements",
@@ -700,6 +701,48 @@ def uninstall(target: Engine | Connection | str | sa.URL) -> int:
         if _run(conn, _SCHEMA_EMPTY):
             _run(conn, "DROP SCHEMA IF EXISTS bemi_tt")
     return dropped
+
+
+def grant_statements(
+    *, database: str, application: str, installer: str, worker: str, schema: str = "public"
+) -> dict[str, list[str]]:
+    """The least-privilege set-up (docs/privileges.md), as SQL: who runs what, in order.
+
+    ``"admin"`` (a superuser, or on managed PostgreSQL the administrator role, once): the three roles and
+    their rights. ``"installer"`` (the tables' owner, after ``bemi-tt install``): what the worker reads.
+    Nobody is a superuser: the installer has REPLICATION (to create the slot at install) and owns the
+    tables; the worker has REPLICATION and creates its tables in ``schema``; the application only writes.
+    On Amazon RDS/Aurora use ``GRANT rds_replication TO <role>`` instead of ``ALTER ROLE ... REPLICATION``.
+    """
+    from psycopg import sql
+
+    def q(text: str, **names: str) -> str:
+        return sql.SQL(text).format(**{k: sql.Identifier(v) for k, v in names.items()}).as_string(None)
+
+    return {
+        "admin": [
+            q("CREATE ROLE {r} LOGIN", r=application),
+            q("CREATE ROLE {r} LOGIN REPLICATION", r=installer),
+            q("CREATE ROLE {r} LOGIN REPLICATION", r=worker),
+            # schema bemi_tt and publication bemi_tt (CREATE PUBLICATION needs CREATE on the database)
+            q("GRANT CREATE ON DATABASE {d} TO {r}", d=database, r=installer),
+            q("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}", s=schema, r=installer),
+            # the worker's changes, changes_schemas and changes_positions (it runs CREATE SCHEMA IF NOT
+            # EXISTS first, which PostgreSQL checks against the database)
+            q("GRANT CREATE ON DATABASE {d} TO {r}", d=database, r=worker),
+            q("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}", s=schema, r=worker),
+            q("GRANT USAGE ON SCHEMA {s} TO {r}", s=schema, r=application),
+        ],
+        "installer": [
+            # the rows install copied when tracking began: the worker records them, then deletes them
+            q("GRANT SELECT, DELETE ON bemi_tt.snapshots, bemi_tt.snapshot_rows TO {r}", r=worker),
+            # the application's own rights on its tables, as usual
+            q("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
+              s=schema, r=application),
+            q("ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
+              s=schema, r=application),
+        ],
+    }
 
 
 #: The capture worker's tables (capture/schema.py, capture/sink.py); its index is "changes_table_key_idx".
