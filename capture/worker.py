@@ -221,6 +221,14 @@ class _Session:
     own: frozenset[tuple[str, str]]
     type_info: dict[int, TypeInfo] = field(default_factory=dict)
     relations: dict[Relation, tuple[list[str] | None, list[str]]] = field(default_factory=dict)
+    #: Tables without a context trigger while others have one: their rows never take the context of
+    #: another statement's message (a statement on them emits none). Updated in place by describe().
+    untracked: set[tuple[str, str]] = field(default_factory=set)
+
+    def load_untracked(self) -> None:
+        rows = self.meta.execute(_UNTRACKED).fetchall()
+        self.untracked.clear()
+        self.untracked.update((str(r[0]), str(r[1])) for r in rows)
 
     def close(self) -> None:
         self.sink.close()
@@ -253,6 +261,7 @@ class _Session:
         known = self.relations.get(rel)
         if known is not None:
             return known
+        self.load_untracked()  # a table seen for the first time (or changed): it may have lost its trigger
         row = self.meta.execute(
             "SELECT (SELECT array_agg(format_type(t.oid, t.mod) ORDER BY t.n)"
             "   FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS t(oid, mod, n)),"
@@ -267,6 +276,18 @@ class _Session:
         result = (list(row[1]) if row[1] else None, types)
         self.relations[rel] = result
         return result
+
+
+#: Tables (partitioned roots, as rows are recorded) without bemi_tt's context trigger or the original
+#: package's row trigger, once bemi_tt is installed (before that, every context comes from messages the
+#: application emits itself, and nothing is excluded).
+_UNTRACKED = r"""
+SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid
+                  AND (t.tgname = 'bemi_tt_context' OR t.tgname LIKE '\_bemi\_row\_trigger\_%'))
+  AND EXISTS (SELECT FROM pg_trigger t WHERE t.tgname = 'bemi_tt_context')
+"""
 
 
 def _open(
@@ -359,6 +380,7 @@ def _open(
             own,
         )
         session.load_types()
+        session.load_untracked()
         first = position is None
         staged = None
         if snapshot is None and first and not created:
@@ -438,6 +460,7 @@ def _drain(
     started = time.monotonic()
     committed_at: datetime | None = None
     feed = stitcher.feed
+    untracked = session.untracked  # the same set, refreshed in place as relations are described
     to_row = stitcher.change
     from_data = stitcher.change_data
     write = sink.write
@@ -454,6 +477,8 @@ def _drain(
                         row = to_row(lsn, decode(data))  # type: ignore[arg-type]
                     if row is not None:
                         produced = True
+                        if untracked and (row.schema, row.table) in untracked:
+                            row = row._replace(context="{}")
                         write(row)
                     continue
                 message = decode(data)
@@ -500,6 +525,8 @@ def _drain(
                 for out in feed(lsn, message):
                     produced = True
                     if type(out) is ChangeRow:
+                        if untracked and (out.schema, out.table) in untracked:
+                            out = out._replace(context="{}")
                         write(out)
                     else:
                         assert isinstance(out, SchemaChange)

@@ -249,3 +249,25 @@ def test_a_bemi_database_migrates_in_place_while_a_process_still_writes_through_
     rows = [(r[1], _without_sql(r[5])) for r in _changes(dsn) if r[0] == "todo"]
     assert rows == [("CREATE", {"who": "old, on Bemi's trigger"}),
                     ("UPDATE", {"who": "old, on bemi_tt's trigger"}), ("DELETE", {"who": "new"})]
+
+
+def test_a_table_without_a_context_trigger_never_inherits_the_previous_statements_context(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE tracked (id int PRIMARY KEY)"))
+        conn.execute(sa.text("CREATE TABLE bare (id int PRIMARY KEY)"))
+    bemi_tt.install(engine)
+    with engine.begin() as conn:  # e.g. created where install had no event-trigger rights
+        conn.execute(sa.text("DROP TRIGGER bemi_tt_context ON bare"))
+    with engine.begin() as conn:
+        with bemi_tt.context(user="ann"):
+            conn.execute(sa.text("INSERT INTO tracked VALUES (1)"))
+            conn.execute(sa.text("INSERT INTO bare VALUES (1)"))  # marked, but nothing reads the marker
+        conn.execute(sa.text("INSERT INTO bare VALUES (2)"))  # unmarked
+        with bemi_tt.context(user="bob"):
+            conn.execute(sa.text("INSERT INTO tracked VALUES (2)"))
+    capture(dsn, once=True)
+    rows = [(r[0], r[2], _without_sql(r[5])) for r in _changes(dsn) if r[1] != "SNAPSHOT"]
+    assert rows == [("tracked", "1", {"user": "ann"}), ("bare", "1", {}), ("bare", "2", {}),
+                    ("tracked", "2", {"user": "bob"})]
