@@ -271,3 +271,26 @@ def test_a_table_without_a_context_trigger_never_inherits_the_previous_statement
     rows = [(r[0], r[2], _without_sql(r[5])) for r in _changes(dsn) if r[1] != "SNAPSHOT"]
     assert rows == [("tracked", "1", {"user": "ann"}), ("bare", "1", {}), ("bare", "2", {}),
                     ("tracked", "2", {"user": "bob"})]
+
+
+@pytest.mark.parametrize("statement", [
+    "CALL add_row(10)",
+    "DO $$ BEGIN INSERT INTO tracked VALUES (10); END $$",
+    "EXECUTE add_prepared(10)",
+    "EXPLAIN (ANALYZE, COSTS OFF) INSERT INTO tracked VALUES (10)",
+    "EXPLAIN ANALYZE INSERT INTO tracked VALUES (10)",
+])
+def test_writes_through_call_do_execute_and_explain_analyze_carry_the_context(
+    engine: sa.Engine, dsn: str, statement: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE tracked (id int PRIMARY KEY)"))
+        conn.execute(sa.text(
+            "CREATE PROCEDURE add_row(i int) LANGUAGE sql AS $$ INSERT INTO tracked VALUES (i) $$"))
+    bemi_tt.install(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("PREPARE add_prepared(int) AS INSERT INTO tracked VALUES ($1)"))
+        with bemi_tt.context(user="ann"):
+            conn.exec_driver_sql(statement)
+    capture(dsn, once=True)
+    assert [(r[1], r[2], _without_sql(r[5])) for r in _changes(dsn)] == [("CREATE", "10", {"user": "ann"})]
