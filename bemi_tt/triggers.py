@@ -22,6 +22,14 @@ On PostgreSQL 18, a table with a VIRTUAL generated column keeps its replica iden
 carry such a column, and PostgreSQL refuses UPDATE/DELETE when FULL identity includes it).
 ``install`` also reports ``wal_level`` (capture needs ``logical``) in :class:`Installation` and the log.
 
+Tracking begins when ``install`` returns: it creates publication ``bemi_tt`` (``FOR ALL TABLES``, or
+``FOR TABLE`` with the tables it owns, kept in step by each install) and the worker's slot
+(``bemi_tt_<database>``) with a snapshot copied into schema ``bemi_tt`` at the slot's consistent point,
+which the worker's first run records as the SNAPSHOT (capture/snapshot.py). Creating a slot waits for
+the transactions running at that moment, so it happens before install writes anything (a transaction
+that has already written gets a warning instead; ``migration_upgrade`` uses an autocommit block). It
+also replaces the original ``bemi-sqlalchemy`` package's objects (bemi_tt/bemi_compat.py).
+
 All identifier quoting happens in the database (``quote_ident`` over catalog names), so the SQL sent
 from here is constant text, identical on every driver.
 """

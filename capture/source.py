@@ -14,7 +14,12 @@ tables created later — is published and partitions are recorded under their ro
 exclude tables from such a publication, so the worker's own tables (``changes``, ``changes_schemas``,
 ``changes_positions``) are decoded too when the destination is the source database, and dropped by the
 stitcher (``ignored`` relations); that costs roughly one extra decoded row per captured change, measured
-by ``bench/capture_throughput.py``. Creating it needs a superuser (the startup check says so).
+by ``bench/capture_throughput.py``. Creating it needs a superuser; without one, the publication is
+``FOR TABLE`` with the tables the creating role owns, and :func:`publish_new_tables` (run by every
+``bemi_tt.install`` and worker start) adds the ones created since (docs/privileges.md).
+
+Slots: one per database, ``bemi_tt_<database>`` by default (:func:`default_slot_name`); a slot named
+``bemi_tt`` (the first releases' shared default) keeps being used by the database it belongs to.
 """
 
 from __future__ import annotations
