@@ -601,6 +601,14 @@ def _start_tracking(conn: Connection, slot: str | None, warnings: list[str]) -> 
         return None
     except psycopg.errors.DuplicateObject:
         return slot  # created meanwhile by a worker starting at the same time
+    except psycopg.errors.LockNotAvailable:
+        warnings.append(
+            f"bemi_tt: replication slot {slot} not created: transactions that were running kept it from "
+            "becoming consistent (a new slot waits for them to end), so tracking begins only when the "
+            "capture worker first runs; run bemi-tt install again once they have finished"
+        )
+        log.warning(warnings[-1])
+        return None
     except psycopg.Error as exc:
         warnings.append(
             f"bemi_tt: replication slot {slot} not created ({one_line(str(exc))}): tracking begins only "

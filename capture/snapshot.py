@@ -336,7 +336,12 @@ ORDER BY 1, 2
 """
 
 
-def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt") -> int:
+#: How long install waits for the transactions running when it creates the slot (a logical slot becomes
+#: consistent only once they have ended); longer, and install warns and leaves the start to the worker.
+SLOT_WAIT = "60s"
+
+
+def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt", *, wait: str = SLOT_WAIT) -> int:
     """Create logical slot ``slot`` (pgoutput) and copy the rows as of its consistent point into bemi_tt.
 
     The worker's publication is created first: pgoutput reads a change only through a publication that
@@ -353,7 +358,8 @@ def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt") -> in
         setup.execute("DELETE FROM bemi_tt.snapshot_rows WHERE slot = %s", (slot,))
         setup.execute("DELETE FROM bemi_tt.snapshots WHERE slot = %s", (slot,))
         with psycopg.connect(
-            conninfo, autocommit=True, replication="database", cursor_factory=psycopg.ClientCursor
+            conninfo, autocommit=True, replication="database", cursor_factory=psycopg.ClientCursor,
+            options=f"-c lock_timeout={wait}",  # the wait for running transactions is a lock wait
         ) as rep:
             command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(
                 sql.Identifier(slot)

@@ -294,3 +294,21 @@ def test_writes_through_call_do_execute_and_explain_analyze_carry_the_context(
             conn.exec_driver_sql(statement)
     capture(dsn, once=True)
     assert [(r[1], r[2], _without_sql(r[5])) for r in _changes(dsn)] == [("CREATE", "10", {"user": "ann"})]
+
+
+def test_install_does_not_wait_forever_for_a_transaction_that_keeps_running(
+    engine: sa.Engine, dsn: str, todo: sa.Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import capture.snapshot
+
+    monkeypatch.setattr(capture.snapshot.stage_snapshot, "__kwdefaults__", {"wait": "1s"})
+    with psycopg.connect(dsn) as other:  # another client's open transaction that has written
+        other.execute("CREATE TEMP TABLE held (i int)")  # (on a table install does not alter)
+        other.execute("INSERT INTO held VALUES (1)")
+        installation = bemi_tt.install(engine)
+        other.rollback()
+    assert installation.slot is None
+    assert any("run bemi-tt install again" in w for w in installation.warnings)
+    with psycopg.connect(dsn) as conn:  # nothing left behind that retains WAL
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+                            ).fetchone() == (0,)
