@@ -304,9 +304,9 @@ _STAGE_SETUP = (
     " n bigint NOT NULL, vals text[] NOT NULL, PRIMARY KEY (slot, table_index, n))",
 )
 #: The tables whose rows the snapshot holds: those of the publication that bemi_tt.install tracks
-#: (ordinary and partitioned roots,
-#: permanent, not extension members, not in system schemas or bemi_tt, not the worker's own tables), with
-#: the columns pgoutput sends (STORED generated columns from PostgreSQL 18 on, as the worker publishes them).
+#: (permanent ordinary and partitioned roots, not extension members, not in system schemas or bemi_tt,
+#: not the worker's own tables), with the columns pgoutput sends (STORED generated columns from
+#: PostgreSQL 18 on, as the worker publishes them).
 _STAGE_TABLES = """
 SELECT n.nspname::text, c.relname::text,
   (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid
