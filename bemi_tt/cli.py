@@ -80,8 +80,36 @@ def _demo(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from bemi_tt.triggers import install
 
-    install(args.dsn, replica_identity_full=not args.no_replica_identity_full)
-    print("tracking installed")
+    installation = install(
+        args.dsn, replica_identity_full=not args.no_replica_identity_full, slot=args.slot
+    )
+    for warning in installation.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if installation.slot is not None:
+        print(
+            f"tracking installed; changes are recorded from now on in replication slot {installation.slot}, "
+            "which retains WAL until bemi-tt capture reads it: start the worker soon (or set "
+            "max_slot_wal_keep_size)"
+        )
+    else:
+        print("tracking installed (context triggers only: see the warnings above)")
+    return 0
+
+
+def _grants(args: argparse.Namespace) -> int:
+    from bemi_tt.triggers import grant_statements
+
+    steps = grant_statements(database=args.database, application=args.app, installer=args.installer,
+                             worker=args.worker, schema=args.schema)
+    print("-- 1. as a superuser (on managed PostgreSQL: the administrator role; on Amazon RDS use\n"
+          "--    GRANT rds_replication TO <role> instead of REPLICATION), once:")
+    for statement in steps["admin"]:
+        print(statement + ";")
+    print(f"-- 2. as {args.installer} (owner of the tables): create them, then run\n"
+          f"--    bemi-tt install postgresql://{args.installer}@.../{args.database} (each migration), then:")
+    for statement in steps["installer"]:
+        print(statement + ";")
+    print(f"-- 3. the worker: bemi-tt capture --dsn postgresql://{args.worker}@.../{args.database}")
     return 0
 
 
@@ -229,6 +257,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dsn", help="PostgreSQL URL of the database to track")
     p.add_argument("--no-replica-identity-full", action="store_true",
                    help="leave REPLICA IDENTITY as it is (default: set FULL so `before` holds whole rows)")
+    p.add_argument("--slot", default=None,
+                   help="replication slot the worker will read (default: bemi_tt_<database>)")
+
+    p = command("grants", _grants,
+                "Print the SQL for least-privilege roles (application, installer, worker).")
+    p.add_argument("--database", required=True, help="database name")
+    p.add_argument("--app", default="app", help="application role (default: app)")
+    p.add_argument("--installer", default="bemi_installer", help="installing role (default: bemi_installer)")
+    p.add_argument("--worker", default="bemi_worker", help="capture worker role (default: bemi_worker)")
+    p.add_argument("--schema", default="public",
+                   help="schema of the tables and of `changes` (default: public)")
 
     p = command("uninstall", _uninstall, "Remove everything `install` created.")
     p.add_argument("dsn", help="PostgreSQL URL of the tracked database")
@@ -241,7 +280,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="drain what was committed before start, then exit 0")
     p.add_argument("--snapshot", action="store_true",
                    help="record the current rows of tracked tables as SNAPSHOT changes (done on first start)")
-    p.add_argument("--slot", default="bemi_tt", help="replication slot name (default: bemi_tt)")
+    p.add_argument("--slot", default=None,
+                   help="replication slot name (default: bemi_tt_<database>, or bemi_tt where that exists)")
     p.add_argument("--publication", default="bemi_tt", help="publication name (default: bemi_tt)")
     p.add_argument("--export-to", default=None, metavar="DIR",
                    help="also export changes to this Parquet directory periodically")
@@ -254,7 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("status", _status, "Show slot lag, retained WAL, last captured commit and changes count.")
     dsn_option(p)
     p.add_argument("--destination", default=None, help="PostgreSQL URL holding `changes` if elsewhere")
-    p.add_argument("--slot", default="bemi_tt", help="replication slot name (default: bemi_tt)")
+    p.add_argument("--slot", default=None,
+                   help="replication slot name (default: bemi_tt_<database>, or bemi_tt where that exists)")
 
     p = command("export", _export,
                 "Export new changes to a Parquet dataset or a Delta table (incremental, atomic, "

@@ -22,6 +22,10 @@ MARKER_PREFIX = "/*bemi:"
 #: Statements that change rows and so fire the statement-level trigger (TRUNCATE included: who emptied it).
 WRITE_KEYWORDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"})
 _DML = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+#: Statements whose writes run inside them (procedures, anonymous blocks, prepared statements): the trigger
+#: reads current_query(), the top-level text, so the marker goes on them. (A SELECT of a function that
+#: writes cannot be told from a read: not marked.)
+_WRAPPERS = frozenset({"CALL", "DO", "EXECUTE"})
 _CACHE_LIMIT = 4096
 
 # Whitespace, comments, quoted strings/identifiers, dollar quotes and words, in one pass.
@@ -42,8 +46,11 @@ def _words(statement: str) -> Iterator[str]:
 def _classify(statement: str) -> bool:
     words = _words(statement)
     first = next(words, None)
-    if first is None or first in WRITE_KEYWORDS:
+    if first is None or first in WRITE_KEYWORDS or first in _WRAPPERS:
         return first is not None
+    if first == "EXPLAIN":  # EXPLAIN ANALYZE runs the statement
+        rest = list(words)
+        return "ANALYZE" in rest and any(word in _DML for word in rest)
     if first != "WITH":
         return False
     # A data-modifying CTE: any DML keyword that is not a locking clause (FOR [NO KEY] UPDATE).

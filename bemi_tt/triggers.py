@@ -22,6 +22,14 @@ On PostgreSQL 18, a table with a VIRTUAL generated column keeps its replica iden
 carry such a column, and PostgreSQL refuses UPDATE/DELETE when FULL identity includes it).
 ``install`` also reports ``wal_level`` (capture needs ``logical``) in :class:`Installation` and the log.
 
+Tracking begins when ``install`` returns: it creates publication ``bemi_tt`` (``FOR ALL TABLES``, or
+``FOR TABLE`` with the tables it owns, kept in step by each install) and the worker's slot
+(``bemi_tt_<database>``) with a snapshot copied into schema ``bemi_tt`` at the slot's consistent point,
+which the worker's first run records as the SNAPSHOT (capture/snapshot.py). Creating a slot waits for
+the transactions running at that moment, so it happens before install writes anything (a transaction
+that has already written gets a warning instead; ``migration_upgrade`` uses an autocommit block). It
+also replaces the original ``bemi-sqlalchemy`` package's objects (bemi_tt/bemi_compat.py).
+
 All identifier quoting happens in the database (``quote_ident`` over catalog names), so the SQL sent
 from here is constant text, identical on every driver.
 """
@@ -38,7 +46,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from capture.dsn import check_dsn, connect_error, redact
+from capture.dsn import check_dsn, connect_error, one_line, redact
 from capture.errors import ConfigurationError
 
 __all__ = [
@@ -46,6 +54,8 @@ __all__ = [
     "SCHEMA",
     "TRIGGER",
     "Installation",
+    "grant_statements",
+    "include_object",
     "install",
     "install_statements",
     "migration_downgrade",
@@ -77,6 +87,7 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
   query text := current_query();
   encoded text;
+  legacy text;
   last text;
   ignored text;
 BEGIN
@@ -86,8 +97,20 @@ BEGIN
   -- a match without capture groups, then a split: 2-3x cheaper than substring() with a capture
   encoded := CASE WHEN query ~ '^/\*bemi:(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\*/'
     THEN split_part(substr(query, 8), '*/', 1) END;
+  -- a process still on the original bemi-sqlalchemy package appends ' /*Bemi <json> Bemi*/' (its JSON is
+  -- the context, "SQL" included); trusted at the very end only. Stored in last_context as is: JSON starts
+  -- with '{', which base64 never does.
+  IF encoded IS NULL AND strpos(query, ' Bemi*/') > 0 THEN
+    legacy := substring(query from ' /\*Bemi (\{.*\}) Bemi\*/\s*;?\s*$');
+  END IF;
   last := current_setting('bemi_tt.last_context', true);
-  IF encoded <> '' THEN
+  IF legacy IS NOT NULL THEN
+    IF legacy IS DISTINCT FROM last THEN
+      ignored := pg_logical_emit_message(true, 'bemi', legacy);
+      ignored := set_config('bemi_tt.last_context', legacy, true);
+      ignored := set_config('bemi_tt.last_query', query, true);
+    END IF;
+  ELSIF encoded <> '' THEN
     IF encoded IS DISTINCT FROM last THEN
       ignored := pg_logical_emit_message(true, 'bemi', decode(encoded, 'base64'));
       ignored := set_config('bemi_tt.last_context', encoded, true);
@@ -116,6 +139,9 @@ LANGUAGE sql STABLE AS $fn$
                       AND d.objid = c.oid AND d.deptype = 'e')
       AND NOT (c.relname IN ('changes', 'changes_schemas') AND EXISTS (
         SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
+        AND NOT a.attisdropped))
+      AND NOT (c.relname = 'changes_positions' AND EXISTS (
+        SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position'
         AND NOT a.attisdropped)))
 $fn$""",
     # Puts back the replica identity install replaced (recorded in replica_identity_changes), if the table
@@ -247,6 +273,40 @@ BEGIN
 END
 $fn$"""
 
+# The worker reads changes through publication bemi_tt: FOR ALL TABLES where this role may (superuser),
+# else FOR TABLE with the tables this role owns, kept in step here: install (e.g. each migration) adds
+# the tables created since. Constant SQL, so Alembic offline mode emits it too.
+_PUBLISH = r"""DO $$
+DECLARE
+  opts text := 'publish_via_partition_root = true' || CASE
+    WHEN pg_catalog.current_setting('server_version_num')::int >= 180000
+    THEN ', publish_generated_columns = stored' ELSE '' END;
+  r record;
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = 'bemi_tt') THEN
+    BEGIN
+      EXECUTE 'CREATE PUBLICATION bemi_tt FOR ALL TABLES WITH (' || opts || ')';
+    EXCEPTION WHEN insufficient_privilege THEN
+      EXECUTE 'CREATE PUBLICATION bemi_tt WITH (' || opts || ')';
+    END;
+  END IF;
+  IF (SELECT p.puballtables OR NOT pg_catalog.pg_has_role(p.pubowner, 'USAGE')
+      FROM pg_catalog.pg_publication p WHERE p.pubname = 'bemi_tt') THEN
+    RETURN;
+  END IF;
+  FOR r IN
+    SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS target
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE bemi_tt.trackable(c.oid) AND NOT c.relispartition AND pg_catalog.pg_has_role(c.relowner, 'USAGE')
+      AND NOT EXISTS (SELECT FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p
+                      ON p.oid = pr.prpubid WHERE p.pubname = 'bemi_tt' AND pr.prrelid = c.oid)
+    ORDER BY 1
+  LOOP
+    EXECUTE 'ALTER PUBLICATION bemi_tt ADD TABLE ' || r.target;
+  END LOOP;
+END
+$$"""
+
 _REVOKE_EVENT_FUNCTION = "REVOKE ALL ON FUNCTION bemi_tt.track_new_tables() FROM PUBLIC"
 _EVENT_TRIGGER = (
     "CREATE EVENT TRIGGER bemi_tt_track_new_tables ON ddl_command_end"
@@ -274,6 +334,13 @@ _TEARDOWN = (
     "DROP FUNCTION IF EXISTS bemi_tt.trackable(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_context()",
     "DROP TABLE IF EXISTS bemi_tt.replica_identity_changes",
+    # slots install created whose snapshot no worker ever took: nothing reads them, they only retain WAL
+    "DO $$ BEGIN IF pg_catalog.to_regclass('bemi_tt.snapshots') IS NOT NULL THEN"
+    " PERFORM pg_catalog.pg_drop_replication_slot(s.slot_name) FROM pg_catalog.pg_replication_slots s"
+    " WHERE s.database = pg_catalog.current_database() AND s.active_pid IS NULL"
+    " AND s.slot_name IN (SELECT slot FROM bemi_tt.snapshots); END IF; END $$",
+    "DROP TABLE IF EXISTS bemi_tt.snapshot_rows",
+    "DROP TABLE IF EXISTS bemi_tt.snapshots",
 )
 _SCHEMA_EMPTY = (
     "SELECT NOT EXISTS (SELECT FROM pg_depend d JOIN pg_namespace n ON n.oid = d.refobjid"
@@ -319,6 +386,9 @@ class Installation:
     event_trigger: bool
     wal_level: str = "logical"
     warnings: tuple[str, ...] = ()
+    #: The replication slot recording changes from install on (created now or earlier); None when install
+    #: could not start tracking (see ``warnings``): then it begins when the capture worker first runs.
+    slot: str | None = None
 
     @property
     def capture_ready(self) -> bool:
@@ -336,6 +406,7 @@ def install_statements(*, replica_identity_full: bool = True) -> list[str]:
         _EVENT_FUNCTION.format(replica_identity_full=flag),
         _REVOKE_EVENT_FUNCTION,
         f"SELECT bemi_tt.track_all({flag})",
+        _PUBLISH,
         "DROP EVENT TRIGGER IF EXISTS bemi_tt_track_new_tables",
         _EVENT_TRIGGER,
     ]
@@ -405,13 +476,27 @@ def _check_postgresql(conn: Connection) -> None:
 
 
 def install(
-    target: Engine | Connection | str | sa.URL, *, replica_identity_full: bool = True
+    target: Engine | Connection | str | sa.URL,
+    *,
+    replica_identity_full: bool = True,
+    slot: str | None = None,
+    start_tracking: bool = True,
 ) -> Installation:
     """Install the trigger function, triggers on existing tables and the event trigger; idempotent.
+
+    Tracking begins when install returns: unless the worker's replication slot exists already, install
+    creates it (``slot``, default ``bemi_tt_<database>``, the worker's default) and copies the rows as of
+    its consistent point, which the worker's first run records as the SNAPSHOT (capture/snapshot.py).
+    The slot retains WAL until a worker reads it. Where that cannot happen (``wal_level``, no
+    REPLICATION, a transaction that has already written), ``warnings`` says so with the fix.
 
     A Connection runs it inside its transaction (commit it yourself, as Alembic does).
     """
     _check_flag(replica_identity_full)
+    if slot is not None:
+        from capture.worker import check_slot_name
+
+        check_slot_name(slot)
     statements = install_statements(replica_identity_full=replica_identity_full)
     warnings: list[str] = []
     with _connection(target) as conn:
@@ -420,6 +505,11 @@ def install(
         if wal_level != "logical":
             warnings.append(_WAL_LEVEL_MESSAGE.format(level=wal_level))
             log.warning(warnings[-1])
+        tracking = start_tracking and wal_level == "logical"
+        tracking_slot = _start_tracking(conn, slot, warnings) if tracking else None
+        from bemi_tt.bemi_compat import replace_bemi
+
+        replace_bemi(conn, warnings)
         owners = _run(conn, _OTHER_OWNERS)
         if owners:
             # Installed by another role (e.g. a superuser, before this role's migrations), or schema bemi_tt
@@ -432,7 +522,7 @@ def install(
                 "a superuser" + ("" if event_trigger else " (until then, new tables are not tracked)")
             )
             log.log(logging.INFO if event_trigger else logging.WARNING, warnings[-1])
-            return Installation(0, event_trigger, wal_level, tuple(warnings))
+            return Installation(0, event_trigger, wal_level, tuple(warnings), tracking_slot)
         changed = 0
         for statement in statements[1:-2]:  # the wal_level warning was handled above
             result = _run(conn, statement)
@@ -444,7 +534,141 @@ def install(
             if not event_trigger:
                 warnings.append(_NO_EVENT_TRIGGER_MESSAGE)
         _ddl_tracking(conn, "install_ddl_tracking")
-    return Installation(changed, event_trigger, wal_level, tuple(warnings))
+    return Installation(changed, event_trigger, wal_level, tuple(warnings), tracking_slot)
+
+
+_SLOT_STATE = (
+    "SELECT pg_catalog.current_database()::text, pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL,"
+    " (SELECT pg_catalog.array_agg(s.slot_name::text) FROM pg_catalog.pg_replication_slots s"
+    "  WHERE s.database = pg_catalog.current_database() AND s.plugin = 'pgoutput' AND NOT s.temporary)"
+)
+
+
+def _start_tracking(conn: Connection, slot: str | None, warnings: list[str]) -> str | None:
+    """Create the worker's slot with its snapshot unless it exists; the slot name, None if impossible.
+
+    Runs before install writes anything in ``conn``'s transaction: creating a logical slot waits for
+    every transaction holding an xid to end, so from a transaction that has written it would wait for
+    itself.
+    """
+    from capture.source import LEGACY_SLOT, default_slot_name
+
+    row = conn.exec_driver_sql(_SLOT_STATE, execution_options={"no_parameters": True}).one()
+    database, has_written, existing = str(row[0]), bool(row[1]), set(row[2] or ())
+    if slot is None:
+        slot = LEGACY_SLOT if LEGACY_SLOT in existing else default_slot_name(database)
+    if slot in existing:
+        return slot  # tracking began when it was created (by an earlier install or the worker)
+    if has_written:
+        warnings.append(
+            f"bemi_tt: replication slot {slot} not created, because this transaction has already written "
+            "(creating a slot waits for it to end), so tracking begins only when the capture worker first "
+            "runs: run bemi-tt install URL after this transaction commits, or use Bemi.migration_upgrade() "
+            "(it installs in an autocommit block)"
+        )
+        log.warning(warnings[-1])
+        return None
+    conninfo = _conninfo(conn)
+    if conninfo is None:
+        warnings.append(
+            f"bemi_tt: replication slot {slot} not created: cannot open a second connection like this "
+            f"{conn.dialect.driver} connection; run bemi-tt install URL to start tracking now"
+        )
+        log.warning(warnings[-1])
+        return None
+    import psycopg
+
+    from capture.snapshot import stage_snapshot
+
+    row = conn.exec_driver_sql(_MAY_REPLICATE, execution_options={"no_parameters": True}).one()
+    user, may_replicate = str(row[0]), bool(row[1])
+    try:
+        if not may_replicate:
+            raise psycopg.errors.InsufficientPrivilege("the role has no REPLICATION attribute")
+        stage_snapshot(conninfo, slot)
+    except ConfigurationError as exc:  # the publication is missing and this role may not create it
+        warnings.append(f"bemi_tt: tracking begins only when the capture worker first runs: {exc}")
+        log.warning(warnings[-1])
+        return None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        warnings.append(
+            f"bemi_tt: role {user} may not create replication slots ({one_line(str(exc))}), so tracking "
+            f"begins only when the capture worker first runs: run ALTER ROLE {user} REPLICATION; (on "
+            f"Amazon RDS: GRANT rds_replication TO {user};) and bemi-tt install again, or start the worker"
+            " now"
+        )
+        log.warning(warnings[-1])
+        return None
+    except psycopg.errors.DuplicateObject:
+        return slot  # created meanwhile by a worker starting at the same time
+    except psycopg.errors.LockNotAvailable:
+        warnings.append(
+            f"bemi_tt: replication slot {slot} not created: transactions that were running kept it from "
+            "becoming consistent (a new slot waits for them to end), so tracking begins only when the "
+            "capture worker first runs; run bemi-tt install again once they have finished"
+        )
+        log.warning(warnings[-1])
+        return None
+    except psycopg.Error as exc:
+        warnings.append(
+            f"bemi_tt: replication slot {slot} not created ({one_line(str(exc))}): tracking begins only "
+            "when the capture worker first runs"
+        )
+        log.warning(warnings[-1])
+        return None
+    log.info(
+        "bemi_tt: tracking began in replication slot %s; it retains WAL until bemi-tt capture reads it "
+        "(cap it with max_slot_wal_keep_size)",
+        slot,
+    )
+    return slot
+
+
+# rds_replication (Amazon RDS/Aurora) grants replication through membership, not the attribute
+_MAY_REPLICATE = (
+    "SELECT r.rolname::text, r.rolsuper OR r.rolreplication OR EXISTS (SELECT FROM pg_catalog.pg_roles g"
+    " WHERE g.rolname = 'rds_replication' AND pg_catalog.pg_has_role(r.oid, g.oid, 'MEMBER'))"
+    " FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
+)
+
+
+def _conninfo(conn: Connection) -> str | None:
+    """A libpq connection string to the database ``conn`` is connected to, as the same role."""
+    from psycopg.conninfo import make_conninfo
+
+    dbapi = conn.connection.dbapi_connection
+    info = getattr(dbapi, "info", None)
+    params: dict[str, Any] | None = None
+    password: str | None = None
+    if info is not None and hasattr(info, "get_parameters"):  # psycopg 3
+        params = dict(info.get_parameters())
+        password = info.password
+    elif info is not None and hasattr(info, "dsn_parameters"):  # psycopg2
+        params = {k: v for k, v in info.dsn_parameters.items() if k in _LIBPQ_KEYS}
+        password = info.password
+    else:
+        url = conn.engine.url
+        if url.database is None:
+            return None
+        params = {k: v for k, v in url.query.items() if k in _LIBPQ_KEYS and isinstance(v, str)}
+        for key, value in (("host", url.host), ("port", url.port), ("dbname", url.database),
+                           ("user", url.username)):
+            if value is not None:
+                params[key] = str(value)
+        password = url.password if isinstance(url.password, str) else None
+    if password:
+        params["password"] = password
+    params.pop("replication", None)
+    return make_conninfo("", **params)
+
+
+_LIBPQ_KEYS = frozenset(
+    (
+        "host", "hostaddr", "port", "dbname", "user", "sslmode", "sslrootcert", "sslcert", "sslkey",
+        "sslcrl", "options", "application_name", "target_session_attrs", "gssencmode", "krbsrvname",
+        "service", "passfile", "channel_binding",
+    )
+)
 
 
 def _create_event_trigger(conn: Connection) -> bool:
@@ -495,15 +719,107 @@ def uninstall(target: Engine | Connection | str | sa.URL) -> int:
     return dropped
 
 
+def grant_statements(
+    *, database: str, application: str, installer: str, worker: str, schema: str = "public"
+) -> dict[str, list[str]]:
+    """The least-privilege set-up (docs/privileges.md), as SQL: who runs what, in order.
+
+    ``"admin"`` (a superuser, or on managed PostgreSQL the administrator role, once): the three roles and
+    their rights. ``"installer"`` (the tables' owner, after ``bemi-tt install``): what the worker reads.
+    Nobody is a superuser: the installer has REPLICATION (to create the slot at install) and owns the
+    tables; the worker has REPLICATION and creates its tables in ``schema``; the application only writes.
+    On Amazon RDS/Aurora use ``GRANT rds_replication TO <role>`` instead of ``ALTER ROLE ... REPLICATION``.
+    """
+    from psycopg import sql
+
+    def q(text: str, **names: str) -> str:
+        return sql.SQL(text).format(**{k: sql.Identifier(v) for k, v in names.items()}).as_string(None)
+
+    return {
+        "admin": [
+            q("CREATE ROLE {r} LOGIN", r=application),
+            q("CREATE ROLE {r} LOGIN REPLICATION", r=installer),
+            q("CREATE ROLE {r} LOGIN REPLICATION", r=worker),
+            # schema bemi_tt and publication bemi_tt (CREATE PUBLICATION needs CREATE on the database)
+            q("GRANT CREATE ON DATABASE {d} TO {r}", d=database, r=installer),
+            q("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}", s=schema, r=installer),
+            # the worker's changes, changes_schemas and changes_positions (it runs CREATE SCHEMA IF NOT
+            # EXISTS first, which PostgreSQL checks against the database)
+            q("GRANT CREATE ON DATABASE {d} TO {r}", d=database, r=worker),
+            q("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}", s=schema, r=worker),
+            q("GRANT USAGE ON SCHEMA {s} TO {r}", s=schema, r=application),
+        ],
+        "installer": [
+            # the rows install copied when tracking began: the worker records them, then deletes them
+            q("GRANT SELECT, DELETE ON bemi_tt.snapshots, bemi_tt.snapshot_rows TO {r}", r=worker),
+            # the application's own rights on its tables, as usual
+            q("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
+              s=schema, r=application),
+            q("ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
+              s=schema, r=application),
+        ],
+    }
+
+
+#: The capture worker's tables (capture/schema.py, capture/sink.py); its index is "changes_table_key_idx".
+WORKER_TABLES = frozenset({"changes", "changes_schemas", "changes_positions"})
+
+
+def include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object | None
+) -> bool:
+    """Alembic ``include_object`` hook: autogenerate leaves bemi_tt's and the worker's objects alone.
+
+    The worker creates ``changes``, ``changes_schemas``, ``changes_positions`` (and their indexes) in the
+    application's schema, and install creates schema ``bemi_tt``; none is in the application's metadata,
+    so autogenerate would propose dropping them. Wire it in env.py:
+    ``context.configure(..., include_object=bemi_tt.triggers.include_object)`` (chain your own if any).
+    A table of the application's own metadata with one of those names is still compared.
+    """
+    if not reflected or compare_to is not None:
+        return True  # in the application's metadata: the application owns it
+    table = getattr(obj, "table", None) if type_ in ("index", "column", "unique_constraint",
+                                                       "foreign_key_constraint") else obj
+    table_name = getattr(table, "name", name)
+    schema = getattr(table, "schema", None)
+    if schema == SCHEMA:
+        return False
+    return table_name not in WORKER_TABLES
+
+
 def migration_upgrade(*, replica_identity_full: bool = True) -> None:
     """Install tracking from inside an Alembic migration (online: on its connection; offline: as SQL)."""
     from alembic import op
 
-    if op.get_context().as_sql:
+    migration = op.get_context()
+    if migration.as_sql:
         for statement in install_statements(replica_identity_full=replica_identity_full):
             op.execute(sa.text(statement))
+        for statement in _offline_extras():
+            op.execute(sa.text(statement))
         return
+    # The worker's slot can only be created outside a transaction that has written (it would wait for
+    # it): so the migration's work so far is committed, and the slot with its snapshot is created in
+    # autocommit mode; then install runs in the migration's transaction. Tracking thus begins when this
+    # call returns (changes made later in the migration are recorded too).
+    with migration.autocommit_block():
+        _start_tracking(op.get_bind(), None, [])  # its warnings come again from install, below
     install(op.get_bind(), replica_identity_full=replica_identity_full)
+
+
+def _offline_extras() -> list[str]:
+    """What online install adds to ``install_statements`` (for Alembic ``--sql``): replacing the original
+    package's objects, schema-change tracking, and a notice that the slot is not created offline."""
+    from bemi_tt.bemi_compat import REPLACE_BEMI
+    from capture.ddl import install_statements as ddl_statements
+
+    return [
+        *REPLACE_BEMI,
+        *ddl_statements(),
+        "DO $$ BEGIN RAISE NOTICE 'bemi_tt: tracking begins when the capture worker first runs: SQL cannot "
+        "create its replication slot with a snapshot; run bemi-tt install URL right after this script "
+        "to begin now'; END $$",
+    ]
 
 
 def migration_downgrade() -> None:

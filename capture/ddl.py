@@ -30,7 +30,7 @@ import psycopg
 
 from capture.errors import ConfigurationError
 
-__all__ = ["ddl_tracking_installed", "install_ddl_tracking", "uninstall_ddl_tracking"]
+__all__ = ["ddl_tracking_installed", "install_ddl_tracking", "install_statements", "uninstall_ddl_tracking"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,11 @@ def install_ddl_tracking(conn: Any) -> bool:
     Returns False (with a warning) when the role may not create event triggers (superuser only).
     """
     return _run(conn, _INSTALL)
+
+
+def install_statements() -> list[str]:
+    """The SQL ``install_ddl_tracking`` runs, in order (Alembic offline mode emits it)."""
+    return list(_INSTALL)
 
 
 def uninstall_ddl_tracking(conn: Any) -> bool:

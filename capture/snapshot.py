@@ -20,6 +20,8 @@ the incremental Parquet export requires.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,13 +31,22 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
+from capture.errors import ConfigurationError
 from capture.pgoutput import parse_lsn
 from capture.sink import Sink
 from capture.stitch import ChangeRow, ColumnSpec, SchemaChange, column_json
 from capture.values import TypeInfo, ValueEncoder
 
-__all__ = ["SnapshotTable", "exported_snapshot", "snapshot_tables", "write_snapshot"]
+__all__ = [
+    "SnapshotTable",
+    "exported_snapshot",
+    "snapshot_tables",
+    "stage_snapshot",
+    "write_snapshot",
+    "write_staged_snapshot",
+]
 
+log = logging.getLogger("capture")
 _UNESCAPE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
 
 
@@ -224,28 +235,9 @@ def write_snapshot(
                 for chunk in copy:
                     line = bytes(chunk).decode()
                     values = _fields(line[:-1] if line.endswith("\n") else line)
-                    if len(key_index) == 1:
-                        raw = values[key_index[0]]
-                        pk = raw.decode() if raw is not None else None
-                    elif key_index:
-                        pk = "[" + ",".join(encoder.value_json(i, values[i]) for i in key_index) + "]"
-                    else:
-                        pk = None
                     sink.write(
-                        ChangeRow(
-                            pk,
-                            table.name,
-                            "SNAPSHOT",
-                            "{}",
-                            encoder.row_json(values),
-                            "{}",
-                            taken_at,
-                            table.schema,
-                            database,
-                            None,
-                            position,
-                            position,
-                            ordinal,
+                        _snapshot_row(
+                            table, values, key_index, encoder, taken_at, database, position, ordinal
                         )
                     )
                     ordinal += 1
@@ -255,6 +247,260 @@ def write_snapshot(
         sink.commit(snapshot_position=point)
         conn.rollback()
     return ordinal
+
+
+def _snapshot_row(
+    table: SnapshotTable,
+    values: list[bytes | None],
+    key_index: list[int],
+    encoder: ValueEncoder,
+    taken_at: datetime,
+    database: str,
+    position: int,
+    ordinal: int,
+) -> ChangeRow:
+    """One row's SNAPSHOT change from its columns' text values."""
+    if len(key_index) == 1:
+        raw = values[key_index[0]]
+        pk = raw.decode() if raw is not None else None
+    elif key_index:
+        pk = "[" + ",".join(encoder.value_json(i, values[i]) for i in key_index) + "]"
+    else:
+        pk = None
+    return ChangeRow(
+        pk,
+        table.name,
+        "SNAPSHOT",
+        "{}",
+        encoder.row_json(values),
+        "{}",
+        taken_at,
+        table.schema,
+        database,
+        None,
+        position,
+        position,
+        ordinal,
+    )
+
+
+# -- the snapshot taken by bemi_tt.install ------------------------------------------------------------
+#
+# Tracking begins when install returns, whenever the worker first runs: install creates the worker's slot
+# itself (pgoutput, EXPORT_SNAPSHOT) and, inside the exported snapshot, copies every trackable table's
+# rows into schema bemi_tt. The slot retains every transaction committed from its consistent point P on;
+# the copy holds exactly the rows committed before P. The worker's first run writes the copy as SNAPSHOT
+# rows at P - 1 (as its own snapshot would be) and deletes it. Values are stored as their type's output
+# text (format('%s', v) calls the output function; a cast to text would not: bool, inet, char(n) differ),
+# exactly what COPY and pgoutput send, so the same encoder turns them into JSON.
+
+STAGED_SNAPSHOTS = "snapshots"
+STAGED_ROWS = "snapshot_rows"
+_STAGE_SETUP = (
+    "CREATE SCHEMA IF NOT EXISTS bemi_tt",
+    "CREATE TABLE IF NOT EXISTS bemi_tt.snapshots (slot text PRIMARY KEY, point bigint NOT NULL,"
+    " taken_at timestamptz NOT NULL, tables jsonb NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bemi_tt.snapshot_rows (slot text NOT NULL, table_index integer NOT NULL,"
+    " n bigint NOT NULL, vals text[] NOT NULL, PRIMARY KEY (slot, table_index, n))",
+)
+#: The tables whose rows the snapshot holds: those of the publication that bemi_tt.install tracks
+#: (permanent ordinary and partitioned roots, not extension members, not in system schemas or bemi_tt,
+#: not the worker's own tables), with the columns pgoutput sends (STORED generated columns from
+#: PostgreSQL 18 on, as the worker publishes them).
+_STAGE_TABLES = """
+SELECT n.nspname::text, c.relname::text,
+  (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid
+    AND a.attnum > 0 AND NOT a.attisdropped AND (a.attgenerated = '' OR a.attgenerated = 's' AND %(gen)s)),
+  (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FROM pg_attribute a
+    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    AND (a.attgenerated = '' OR a.attgenerated = 's' AND %(gen)s)),
+  (SELECT array_agg(a.atttypid::int8 ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid
+    AND a.attnum > 0 AND NOT a.attisdropped AND (a.attgenerated = '' OR a.attgenerated = 's' AND %(gen)s)),
+  (SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i,
+    unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+    JOIN pg_attribute a ON a.attnum = k.attnum WHERE i.indrelid = c.oid AND i.indisprimary
+    AND a.attrelid = c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bemi_tt')
+  AND NOT starts_with(n.nspname, 'pg_')
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                  AND d.deptype = 'e')
+  AND NOT (c.relname IN ('changes', 'changes_schemas') AND EXISTS (SELECT FROM pg_attribute a
+           WHERE a.attrelid = c.oid AND a.attname = 'commit_position' AND NOT a.attisdropped))
+  AND NOT (c.relname = 'changes_positions' AND EXISTS (SELECT FROM pg_attribute a
+           WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position' AND NOT a.attisdropped))
+  AND EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = %(pub)s AND p.schemaname = n.nspname
+              AND p.tablename = c.relname)
+ORDER BY 1, 2
+"""
+
+
+#: How long install waits for the transactions running when it creates the slot (a logical slot becomes
+#: consistent only once they have ended); longer, and install warns and leaves the start to the worker.
+SLOT_WAIT = "60s"
+
+
+def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt", *, wait: str = SLOT_WAIT) -> int:
+    """Create logical slot ``slot`` (pgoutput) and copy the rows as of its consistent point into bemi_tt.
+
+    The worker's publication is created first: pgoutput reads a change only through a publication that
+    existed when the change was made. Returns the consistent point. Needs REPLICATION (or superuser)
+    and CREATE on the database; on any failure after the slot was created the slot is dropped again, so
+    nothing retains WAL for nothing.
+    """
+    from capture.source import ensure_publication
+
+    with psycopg.connect(conninfo, autocommit=True) as setup:
+        ensure_publication(setup, publication)
+        for statement in _STAGE_SETUP:
+            setup.execute(statement.encode())
+        setup.execute("DELETE FROM bemi_tt.snapshot_rows WHERE slot = %s", (slot,))
+        setup.execute("DELETE FROM bemi_tt.snapshots WHERE slot = %s", (slot,))
+        with psycopg.connect(
+            conninfo, autocommit=True, replication="database", cursor_factory=psycopg.ClientCursor,
+            options=f"-c lock_timeout={wait}",  # the wait for running transactions is a lock wait
+        ) as rep:
+            command = sql.SQL("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(
+                sql.Identifier(slot)
+            )
+            row = rep.execute(command).fetchone()
+            assert row is not None
+            point, name = parse_lsn(row[1]), str(row[2])
+            try:
+                with psycopg.connect(conninfo) as conn:
+                    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(name)))
+                    _copy_into_stage(conn, slot, point, publication)
+            except BaseException:
+                setup.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                raise
+    return point
+
+
+def _copy_into_stage(conn: psycopg.Connection, slot: str, point: int, publication: str) -> None:
+    gen = conn.info.server_version >= 180000
+    tables = []
+    for index, (schema, name, names, types, oids, key) in enumerate(
+        conn.execute(_STAGE_TABLES, {"gen": gen, "pub": publication}).fetchall()
+    ):
+        keys = set(key or ())
+        columns = [
+            {"name": n, "type": t, "type_oid": int(o), "key": n in keys}
+            for n, t, o in zip(names or (), types or (), oids or (), strict=True)
+        ]
+        tables.append({"schema": schema, "table": name, "columns": columns, "key": list(key or ())})
+        if not names:
+            continue
+        # NULL stays NULL (num_nulls looks at the value itself: a composite of NULLs IS NULL, yet is a value)
+        values = sql.SQL(", ").join(
+            sql.SQL("CASE WHEN num_nulls({c}) = 1 THEN NULL ELSE format('%s', {c}) END").format(
+                c=sql.Identifier(n)
+            )
+            for n in names
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO bemi_tt.snapshot_rows (slot, table_index, n, vals)"
+                " SELECT {slot}, {index}, row_number() OVER (), ARRAY[{values}]::text[] FROM {table}"
+            ).format(
+                slot=sql.Literal(slot),
+                index=sql.Literal(index),
+                values=values,
+                table=sql.Identifier(schema, name),
+            )
+        )
+    conn.execute(
+        "INSERT INTO bemi_tt.snapshots (slot, point, taken_at, tables) VALUES (%s, %s, now(), %s::jsonb)",
+        (slot, point, json.dumps(tables)),
+    )
+    conn.commit()
+
+
+def write_staged_snapshot(
+    conn: psycopg.Connection,
+    *,
+    slot: str,
+    sink: Sink,
+    database: str,
+    type_info: Mapping[int, TypeInfo],
+    ignored: Callable[[str, str], bool],
+) -> tuple[int, int] | None:
+    """Write the snapshot ``install`` took for ``slot`` as SNAPSHOT rows; (rows, point), None if none.
+
+    ``conn`` is an autocommit connection to the source. The rows are committed with the slot's position
+    (``snapshot_position`` = the point), then the copy is deleted.
+    """
+    exists = conn.execute(
+        "SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL"
+        " AND has_table_privilege('bemi_tt.snapshots', 'SELECT, DELETE')"
+        " AND has_table_privilege('bemi_tt.snapshot_rows', 'SELECT, DELETE')"
+    ).fetchone()
+    if not exists or not exists[0]:
+        if conn.execute("SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL").fetchone() == (True,):
+            log.warning(
+                "role %s may not read the snapshot bemi_tt.install took, so the worker takes its own now "
+                "(changes since install are recorded before it): run GRANT SELECT, DELETE ON "
+                "bemi_tt.snapshots, bemi_tt.snapshot_rows TO %s; as the installing role",
+                conn.info.user, conn.info.user,
+            )
+        return None
+    found = conn.execute(
+        "SELECT point, taken_at, tables FROM bemi_tt.snapshots WHERE slot = %s", (slot,)
+    ).fetchone()
+    if found is None:
+        return None
+    point, taken_at, tables = int(found[0]), found[1], found[2]
+    position = point - 1
+    ordinal = 0
+    for index, spec in enumerate(tables):
+        schema, name = str(spec["schema"]), str(spec["table"])
+        if ignored(schema, name) or not spec["columns"]:
+            continue
+        columns = tuple(
+            ColumnSpec(str(c["name"]), str(c["type"]), int(c["type_oid"]), bool(c["key"]))
+            for c in spec["columns"]
+        )
+        table = SnapshotTable(schema, name, columns, tuple(spec["key"]), 0)
+        names = [c.name for c in columns]
+        encoder = ValueEncoder([c.type_oid for c in columns], type_info, names=names)
+        key_index = [names.index(k) for k in table.key]
+        sink.write_schema(
+            SchemaChange(schema, name, position, 0, taken_at, _columns_json(columns, type_info))
+        )
+        with conn.cursor() as cur:
+            for (vals,) in cur.stream(
+                "SELECT vals FROM bemi_tt.snapshot_rows WHERE slot = %s AND table_index = %s ORDER BY n",
+                (slot, index),
+            ):
+                values = [None if v is None else str(v).encode() for v in vals]
+                row = _snapshot_row(table, values, key_index, encoder, taken_at, database, position, ordinal)
+                sink.write(row)
+                ordinal += 1
+    sink.commit(snapshot_position=point)
+    discard_staged_snapshot(conn, slot)
+    return ordinal, point
+
+
+def discard_staged_snapshot(conn: psycopg.Connection, slot: str) -> None:
+    """Delete the copy ``install`` took for ``slot`` (written, or outdated by a recorded position)."""
+    exists = conn.execute(
+        "SELECT to_regclass('bemi_tt.snapshots') IS NOT NULL"
+        " AND has_table_privilege('bemi_tt.snapshots', 'DELETE')"
+        " AND has_table_privilege('bemi_tt.snapshot_rows', 'DELETE')"
+    ).fetchone()
+    if not exists or not exists[0]:
+        return
+    try:
+        with conn.transaction():
+            conn.execute("DELETE FROM bemi_tt.snapshot_rows WHERE slot = %s", (slot,))
+            conn.execute("DELETE FROM bemi_tt.snapshots WHERE slot = %s", (slot,))
+    except psycopg.errors.InsufficientPrivilege:
+        raise ConfigurationError(
+            f"role {conn.info.user!r} may not delete the snapshot install took for slot {slot!r}: run "
+            "GRANT SELECT, DELETE ON bemi_tt.snapshots, bemi_tt.snapshot_rows TO "
+            f"{conn.info.user}; (bemi-tt grants prints every grant)"
+        ) from None
 
 
 def _columns_json(columns: tuple[ColumnSpec, ...], type_info: Mapping[int, TypeInfo]) -> str:

@@ -14,11 +14,17 @@ tables created later — is published and partitions are recorded under their ro
 exclude tables from such a publication, so the worker's own tables (``changes``, ``changes_schemas``,
 ``changes_positions``) are decoded too when the destination is the source database, and dropped by the
 stitcher (``ignored`` relations); that costs roughly one extra decoded row per captured change, measured
-by ``bench/capture_throughput.py``. Creating it needs a superuser (the startup check says so).
+by ``bench/capture_throughput.py``. Creating it needs a superuser; without one, the publication is
+``FOR TABLE`` with the tables the creating role owns, and :func:`publish_new_tables` (run by every
+``bemi_tt.install`` and worker start) adds the ones created since (docs/privileges.md).
+
+Slots: one per database, ``bemi_tt_<database>`` by default (:func:`default_slot_name`); a slot named
+``bemi_tt`` (the first releases' shared default) keeps being used by the database it belongs to.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -36,9 +42,13 @@ __all__ = [
     "advance",
     "check_server",
     "check_slot",
+    "default_slot_name",
     "ensure_publication",
     "ensure_slot",
+    "owned_unpublished_tables",
+    "publish_new_tables",
     "quote_ident",
+    "resolve_slot",
     "slot_info",
     "tables_without_identity",
 ]
@@ -110,15 +120,86 @@ def ensure_publication(conn: psycopg.Connection, name: str) -> bool:
         sql.Identifier(name)
     )
     try:
-        conn.execute(statement)
+        with conn.transaction():
+            conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege:
-        raise ConfigurationError(
-            f"publication {name!r} is missing and this role may not create it: ask a superuser to run "
-            f"{statement.as_string(conn)};"
-        ) from None
+        # FOR ALL TABLES (and FOR TABLES IN SCHEMA) need a superuser; a table's owner may publish it
+        owned = owned_unpublished_tables(conn, None)
+        tables = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in owned)
+        fallback = sql.SQL("CREATE PUBLICATION {} {} WITH (" + options + ")").format(
+            sql.Identifier(name), sql.SQL("FOR TABLE {}").format(tables) if owned else sql.SQL("")
+        )
+        try:
+            with conn.transaction():
+                conn.execute(fallback)
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigurationError(
+                f"publication {name!r} is missing and this role may not create it: ask a superuser to run "
+                f"{statement.as_string(conn)}; (or GRANT CREATE ON DATABASE to the tables' owner and run "
+                "bemi-tt install as that role)"
+            ) from None
+        log.info("created publication %s for the tables this role owns (FOR TABLE)", name)
     except psycopg.errors.DuplicateObject:
         return False
     return True
+
+
+#: Trackable tables (as bemi_tt.install tracks them: permanent ordinary and partitioned roots outside the
+#: system schemas and bemi_tt, not extension members, not the worker's tables) missing from publication
+#: %(pub)s (NULL: all of them), owned by the current role (%(owned)s) or not.
+_UNPUBLISHED = """
+SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+  AND n.nspname NOT IN ('information_schema', 'bemi_tt') AND NOT starts_with(n.nspname, 'pg_')
+  AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                  AND d.deptype = 'e')
+  AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_positions') AND EXISTS (
+           SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND NOT a.attisdropped
+           AND a.attname IN ('commit_position', 'snapshot_position')))
+  AND pg_has_role(c.relowner, 'USAGE') = %(owned)s
+  AND NOT EXISTS (SELECT FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                  WHERE p.pubname = %(pub)s AND r.prrelid = c.oid)
+ORDER BY 1, 2
+"""
+
+
+def owned_unpublished_tables(
+    conn: psycopg.Connection, publication: str | None, *, owned: bool = True
+) -> list[tuple[str, str]]:
+    """Trackable tables missing from ``publication`` that this role owns (``owned=False``: does not)."""
+    rows = conn.execute(_UNPUBLISHED, {"pub": publication, "owned": owned}).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def publish_new_tables(conn: psycopg.Connection, name: str) -> tuple[list[str], list[str]]:
+    """Keep a ``FOR TABLE`` publication in step: add the trackable tables this role owns.
+
+    Returns (added, left out: tables other roles own, which only they can add). A ``FOR ALL TABLES``
+    publication needs nothing.
+    """
+    row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
+    if row is None or row[0]:
+        return [], []
+    owner = conn.execute(
+        "SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s", (name,)
+    ).fetchone()
+    added: list[str] = []
+    if owner and owner[0]:
+        for schema, table in owned_unpublished_tables(conn, name):
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                            sql.Identifier(name), sql.Identifier(schema, table)
+                        )
+                    )
+            except psycopg.errors.DuplicateObject:
+                continue
+            added.append(f"{schema}.{table}")
+    left = [f"{s}.{t}" for s, t in owned_unpublished_tables(conn, name, owned=False)]
+    if not (owner and owner[0]):
+        left = [f"{s}.{t}" for s, t in owned_unpublished_tables(conn, name)] + left
+    return added, left
 
 
 def _publish_generated_columns(conn: psycopg.Connection, name: str) -> None:
@@ -207,11 +288,51 @@ def check_slot(info: SlotInfo, database: str) -> None:
             f"replication slot {info.name!r} is lost (its WAL was removed): changes are missing; "
             f"drop it with SELECT pg_drop_replication_slot('{info.name}'); and start again with --snapshot"
         )
-    if info.plugin != "pgoutput" or info.database != database:
+    if info.database != database:
         raise ConfigurationError(
-            f"replication slot {info.name!r} belongs to database {info.database!r} with plugin "
-            f"{info.plugin!r}, not {database!r} with pgoutput: pick another name with --slot"
+            f"replication slot {info.name!r} belongs to database {info.database!r}, and a slot serves one "
+            f"database: capture {database!r} with its own slot, e.g. --slot {default_slot_name(database)} "
+            "(the default when --slot is not given)"
         )
+    if info.plugin != "pgoutput":
+        raise ConfigurationError(
+            f"replication slot {info.name!r} uses plugin {info.plugin!r}, not pgoutput: it belongs to "
+            f"another tool; capture with another slot, e.g. --slot {default_slot_name(database)}"
+        )
+
+
+#: The slot name of the first releases, shared by every database (kept where it already exists).
+LEGACY_SLOT = "bemi_tt"
+
+
+def default_slot_name(database: str) -> str:
+    """``bemi_tt_<database>``: one slot per database, a valid slot name for any database name.
+
+    Slot names are server-wide and allow only ``[a-z0-9_]``, at most 63 characters: other characters
+    become ``_``, and a name that had to change (or be shortened) gets 8 hex digits of its hash, so
+    two databases never share a default slot.
+    """
+    clean = re.sub(r"[^a-z0-9_]", "_", database.lower())
+    name = f"bemi_tt_{clean}"
+    if clean != database or len(name) > 63:
+        digest = hashlib.sha256(database.encode()).hexdigest()[:8]
+        name = f"{name[:54]}_{digest}"
+    return name
+
+
+def resolve_slot(conn: psycopg.Connection, slot: str | None) -> str:
+    """``slot``, or the default for the connected database: the old shared name ``bemi_tt`` where a
+    slot of that name already serves this database (installations of the first releases), else
+    :func:`default_slot_name`."""
+    if slot is not None:
+        return slot
+    row = conn.execute(
+        "SELECT current_database(), EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = %s"
+        " AND database = current_database())",
+        (LEGACY_SLOT,),
+    ).fetchone()
+    assert row is not None
+    return LEGACY_SLOT if row[1] else default_slot_name(str(row[0]))
 
 
 class SlotReader:

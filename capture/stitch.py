@@ -84,6 +84,8 @@ __all__ = [
 ]
 
 CONTEXT_PREFIX = "bemi"
+#: The original bemi-sqlalchemy package's trigger: the same JSON context, once per row (rolling deploys).
+BEMI_PREFIX = "_bemi"
 DDL_PREFIX = "bemi_ddl"
 EMPTY = "{}"
 
@@ -543,7 +545,7 @@ class Stitcher:
             assert isinstance(message, Message)
             if not message.transactional or not self._in_transaction:
                 return []
-            if message.prefix == CONTEXT_PREFIX:
+            if message.prefix == CONTEXT_PREFIX or message.prefix == BEMI_PREFIX:
                 content = message.content
                 if content != self._last_content:
                     self._last_content = content

@@ -44,7 +44,7 @@ from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.signing import ContextKey, KeyRing, keys_from_env
 from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE, Position, Sink
-from capture.snapshot import write_snapshot
+from capture.snapshot import discard_staged_snapshot, write_snapshot, write_staged_snapshot
 from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
 from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info, uses_composite
 
@@ -223,6 +223,14 @@ class _Session:
     type_info: dict[int, TypeInfo] = field(default_factory=dict)
     relations: dict[Relation, tuple[list[str] | None, list[str]]] = field(default_factory=dict)
     context_keys: KeyRing | None = None  # signed contexts are checked with these (capture/signing.py)
+    #: Tables without a context trigger while others have one: their rows never take the context of
+    #: another statement's message (a statement on them emits none). Updated in place by describe().
+    untracked: set[tuple[str, str]] = field(default_factory=set)
+
+    def load_untracked(self) -> None:
+        rows = self.meta.execute(_UNTRACKED).fetchall()
+        self.untracked.clear()
+        self.untracked.update((str(r[0]), str(r[1])) for r in rows)
 
     def close(self) -> None:
         self.sink.close()
@@ -255,6 +263,7 @@ class _Session:
         known = self.relations.get(rel)
         if known is not None:
             return known
+        self.load_untracked()  # a table seen for the first time (or changed): it may have lost its trigger
         row = self.meta.execute(
             "SELECT (SELECT array_agg(format_type(t.oid, t.mod) ORDER BY t.n)"
             "   FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS t(oid, mod, n)),"
@@ -271,11 +280,23 @@ class _Session:
         return result
 
 
+#: Tables (partitioned roots, as rows are recorded) without bemi_tt's context trigger or the original
+#: package's row trigger, once bemi_tt is installed (before that, every context comes from messages the
+#: application emits itself, and nothing is excluded).
+_UNTRACKED = r"""
+SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = c.oid
+                  AND (t.tgname = 'bemi_tt_context' OR t.tgname LIKE '\_bemi\_row\_trigger\_%'))
+  AND EXISTS (SELECT FROM pg_trigger t WHERE t.tgname = 'bemi_tt_context')
+"""
+
+
 def _open(
     source_dsn: str,
     destination_dsn: str,
     *,
-    slot: str,
+    slot: str | None,
     publication: str,
     schema: str,
     batch_changes: int,
@@ -288,6 +309,7 @@ def _open(
     opened: list[psycopg.Connection] = [meta]
     try:
         src.check_server(meta)
+        slot = src.resolve_slot(meta, slot)
         _lock_slot(meta, slot)
         row = meta.execute(
             "SELECT current_database(), rolsuper FROM pg_roles WHERE rolname = current_user"
@@ -310,7 +332,16 @@ def _open(
             else frozenset()
         )
         if src.ensure_publication(meta, publication):
-            log.info("created publication %s for all tables", publication)
+            log.info("created publication %s", publication)
+        added, left = src.publish_new_tables(meta, publication)
+        if added:
+            log.info("added to publication %s: %s", publication, ", ".join(added))
+        if left:
+            log.warning(
+                "tables not in publication %s, so their changes are not captured: %s; run bemi-tt install"
+                " as their owner (it adds them), or ALTER PUBLICATION %s ADD TABLE <table>;",
+                publication, ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""), publication,
+            )
         unkeyed = src.tables_without_identity(meta)
         if unkeyed:
             log.warning(
@@ -353,8 +384,21 @@ def _open(
             context_keys=context_keys,
         )
         session.load_types()
+        session.load_untracked()
         first = position is None
-        if snapshot or (snapshot is None and first):
+        staged = None
+        if snapshot is None and first and not created:
+            # the slot and the snapshot bemi_tt.install took when tracking began (capture/snapshot.py)
+            staged = write_staged_snapshot(
+                meta, slot=slot, sink=sink, database=database, type_info=session.type_info,
+                ignored=session.ignored,
+            )
+        elif not snapshot:
+            discard_staged_snapshot(meta, slot)  # outdated: recorded already, or the slot is new
+        if staged is not None:
+            stats.snapshot_rows += staged[0]
+            log.info("snapshot taken by install at %s: %d rows", format_lsn(staged[1]), staged[0])
+        elif snapshot or (snapshot is None and first):
             last = [position.commit_position, position.end_position] if position else [0, 0]
             drained: list[int] = []
 
@@ -424,6 +468,7 @@ def _drain(
     started = time.monotonic()
     committed_at: datetime | None = None
     feed = stitcher.feed
+    untracked = session.untracked  # the same set, refreshed in place as relations are described
     to_row = stitcher.change
     from_data = stitcher.change_data
     write = sink.write
@@ -440,6 +485,8 @@ def _drain(
                         row = to_row(lsn, decode(data))  # type: ignore[arg-type]
                     if row is not None:
                         produced = True
+                        if untracked and (row.schema, row.table) in untracked:
+                            row = row._replace(context="{}")
                         write(row)
                     continue
                 message = decode(data)
@@ -486,6 +533,8 @@ def _drain(
                 for out in feed(lsn, message):
                     produced = True
                     if type(out) is ChangeRow:
+                        if untracked and (out.schema, out.table) in untracked:
+                            out = out._replace(context="{}")
                         write(out)
                     else:
                         assert isinstance(out, SchemaChange)
@@ -591,7 +640,7 @@ def run(
     destination: str | None = None,
     once: bool = False,
     snapshot: bool | None = None,
-    slot: str = "bemi_tt",
+    slot: str | None = None,
     publication: str = "bemi_tt",
     export_to: str | None = None,
     export_every: float = 60.0,
@@ -607,14 +656,17 @@ def run(
 
     ``once``: drain what was committed before the call, then return. Otherwise run until ``stop`` is set
     or SIGTERM/SIGINT arrives (the current batch is finished). ``snapshot``: None records the existing rows
-    on the first start only; True records them again; False never.
+    on the first start only (the rows ``bemi_tt.install`` copied when it created the slot, if it did);
+    True records them again; False never. ``slot`` None: the database's own slot
+    (:func:`capture.source.resolve_slot`: ``bemi_tt_<database>``, or ``bemi_tt`` where that one exists).
     """
     source_dsn = resolve_dsn(dsn)
     destination_dsn = source_dsn if destination is None else resolve_dsn(destination)
-    for label, value in (("slot", slot), ("publication", publication), ("schema", schema)):
+    for label, value in (("publication", publication), ("schema", schema)):
         if not isinstance(value, str) or not value:
             raise ConfigurationError(f"{label} must be a non-empty name, got {value!r}")
-    check_slot_name(slot)
+    if slot is not None:
+        check_slot_name(slot)
     if not isinstance(batch_changes, int) or isinstance(batch_changes, bool) or batch_changes < 1:
         raise ConfigurationError(f"batch_changes must be a positive integer, got {batch_changes!r}")
     if not isinstance(export_every, (int, float)) or export_every <= 0:
@@ -650,6 +702,7 @@ def run(
                 snapshot = False  # done (or not wanted): never again after a reconnect
                 opened = True
                 retry = _RETRY_MIN  # connected again: the next loss starts the backoff from the beginning
+                slot = session.slot  # resolved: a reconnect uses the same slot
                 log.info(
                     "capturing %s (slot %s, publication %s) into %s",
                     _describe(source_dsn),
@@ -737,23 +790,26 @@ def _advance_done(session: _Session, upto: int) -> bool:
 
 
 def status(
-    dsn: str | None = None, *, destination: str | None = None, slot: str = "bemi_tt", schema: str = "public"
+    dsn: str | None = None, *, destination: str | None = None, slot: str | None = None, schema: str = "public"
 ) -> dict[str, object]:
     """Slot lag and retained WAL (bytes), last captured commit time, changes count, and warnings."""
     source_dsn = resolve_dsn(dsn)
     destination_dsn = source_dsn if destination is None else resolve_dsn(destination)
-    check_slot_name(slot)
+    if slot is not None:
+        check_slot_name(slot)
     try:
         return _status(source_dsn, destination_dsn, slot, schema)
     except psycopg.Error as exc:
         raise database_error(exc, "reading the capture status", source_dsn) from None
 
 
-def _status(source_dsn: str, destination_dsn: str, slot: str, schema: str) -> dict[str, object]:
-    result: dict[str, object] = {"slot": slot}
+def _status(source_dsn: str, destination_dsn: str, slot: str | None, schema: str) -> dict[str, object]:
     warnings: list[str] = []
     with _connect(source_dsn, autocommit=True) as conn:
+        slot = src.resolve_slot(conn, slot)
         info = src.slot_info(conn, slot)
+        keep = conn.execute("SELECT current_setting('max_slot_wal_keep_size')").fetchone()
+    result: dict[str, object] = {"slot": slot}
     if info is None:
         result.update(active=False, lag_bytes=None, retained_wal_bytes=None, wal_status=None)
         warnings.append(f"replication slot {slot!r} does not exist: start bemi-tt capture")
@@ -766,9 +822,16 @@ def _status(source_dsn: str, destination_dsn: str, slot: str, schema: str) -> di
             confirmed_position=format_lsn(info.confirmed_flush),
         )
         if info.active_pid is None:
+            retained = max(info.current - info.restart, 0)
+            limit = keep[0] if keep else "-1"
             warnings.append(
-                f"replication slot {slot!r} is inactive: no capture worker is reading it, and it "
-                "retains WAL until one does"
+                f"replication slot {slot!r} is inactive: no capture worker is reading it, and it retains "
+                f"WAL until one does ({retained} bytes now); start bemi-tt capture"
+                + (
+                    ", or cap what it may keep with ALTER SYSTEM SET max_slot_wal_keep_size = '10GB';"
+                    if limit in ("-1", None)
+                    else f" (max_slot_wal_keep_size is {limit}: beyond it the slot is lost)"
+                )
             )
         if info.wal_status == "lost":
             warnings.append(

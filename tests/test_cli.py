@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -156,3 +157,27 @@ def test_bad_input_exits_2_with_a_message_naming_it(tracked: str, args: list[str
     result = _bemi_tt(*args, "--source", tracked) if args[0] != "audit" else _bemi_tt(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_install_says_tracking_began_and_that_the_slot_retains_wal(dsn: str, database: str) -> None:
+    from capture.source import default_slot_name
+
+    result = _bemi_tt("install", dsn)
+    assert result.returncode == 0, result.stderr
+    assert f"replication slot {default_slot_name(database)}" in result.stdout
+    assert "retains WAL" in result.stdout and "max_slot_wal_keep_size" in result.stdout
+
+
+def test_install_prints_its_warnings_with_the_fix(dsn: str, database: str, make_role: Any) -> None:
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    owner = make_role("owner")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(database), sql.Identifier(owner)))
+    result = _bemi_tt("install", make_conninfo(dsn, user=owner))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: bemi_tt: role {owner} may not create replication slots" in result.stderr
+    assert f"ALTER ROLE {owner} REPLICATION;" in result.stderr
+    assert "see the warnings above" in result.stdout

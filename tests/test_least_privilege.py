@@ -1,0 +1,99 @@
+"""The whole pipeline with roles holding exactly the documented grants (docs/privileges.md), no superuser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg.conninfo import make_conninfo
+
+import bemi_tt
+from bemi_tt.triggers import grant_statements
+from capture.worker import run as capture
+
+
+@pytest.fixture
+def roles(pg_server: Any, database: str, dsn: str) -> Any:
+    """The three documented roles, created by the documented admin SQL; dropped with what they own."""
+    names = {k: f"{database}_{k}" for k in ("app", "installer", "worker")}
+    steps = grant_statements(database=database, application=names["app"], installer=names["installer"],
+                             worker=names["worker"])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in steps["admin"]:
+            conn.execute(statement.encode())
+    yield names, steps
+    for role in names.values():
+        for target in (dsn, pg_server.admin_dsn):
+            with psycopg.connect(target, autocommit=True) as conn:
+                conn.execute(f'DROP OWNED BY "{role}" CASCADE'.encode())
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        # slots belong to no role: drop the ones this test made (drop_database would too)
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                     " WHERE database = %s AND active_pid IS NULL", (database,))
+        for role in names.values():
+            conn.execute(f'DROP ROLE "{role}"'.encode())
+
+
+def test_pipeline_with_exactly_the_documented_grants_and_no_superuser(
+    pg_server: Any, database: str, dsn: str, roles: Any
+) -> None:
+    names, steps = roles
+    url = pg_server.sqlalchemy_url(database)
+    installer = sa.create_engine(url.set(username=names["installer"]))
+    app = sa.create_engine(url.set(username=names["app"]))
+    try:
+        with installer.begin() as conn:  # the first migration, as the tables' owner
+            conn.execute(sa.text("CREATE TABLE todo (id int PRIMARY KEY, task text NOT NULL)"))
+            conn.execute(sa.text("INSERT INTO todo VALUES (1, 'existing')"))
+        installation = bemi_tt.install(installer)
+        assert installation.slot is not None  # tracking began: slot, publication FOR TABLE, snapshot
+        assert not installation.event_trigger  # no event-trigger rights: install runs in each migration
+        with installer.begin() as conn:
+            for statement in steps["installer"]:
+                conn.execute(sa.text(statement))
+
+        with bemi_tt.context(user="ann"), app.begin() as conn:
+            conn.execute(sa.text("INSERT INTO todo VALUES (2, 'new')"))
+            conn.execute(sa.text("UPDATE todo SET task = 'done' WHERE id = 1"))
+
+        with installer.begin() as conn:  # a later migration adds a table, then calls install again
+            conn.execute(sa.text("CREATE TABLE later (id int PRIMARY KEY)"))
+            conn.execute(sa.text(f'GRANT INSERT ON later TO "{names["app"]}"'))
+        bemi_tt.install(installer)
+        with bemi_tt.context(user="bob"), app.begin() as conn:
+            conn.execute(sa.text("INSERT INTO later VALUES (7)"))
+            conn.execute(sa.text("DELETE FROM todo WHERE id = 2"))
+
+        stats = capture(make_conninfo(dsn, user=names["worker"]), once=True)  # REPLICATION, no superuser
+        assert stats.snapshot_rows == 1
+    finally:
+        installer.dispose()
+        app.dispose()
+
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT \"table\", operation, primary_key, context - 'SQL' FROM changes"
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+        superusers = conn.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname = ANY(%s) AND rolsuper", (list(names.values()),)
+        ).fetchone()
+    assert superusers == (0,)
+    assert rows == [
+        ("todo", "SNAPSHOT", "1", {}),
+        ("todo", "CREATE", "2", {"user": "ann"}),
+        ("todo", "UPDATE", "1", {"user": "ann"}),
+        ("later", "CREATE", "7", {"user": "bob"}),
+        ("todo", "DELETE", "2", {"user": "bob"}),
+    ]
+
+
+def test_bemi_tt_grants_prints_the_documented_sql(capsys: pytest.CaptureFixture[str]) -> None:
+    from bemi_tt.cli import main
+
+    assert main(["grants", "--database", "shop", "--worker", "w"]) == 0
+    out = capsys.readouterr().out
+    assert 'CREATE ROLE "w" LOGIN REPLICATION;' in out
+    assert 'GRANT SELECT, DELETE ON bemi_tt.snapshots, bemi_tt.snapshot_rows TO "w";' in out
