@@ -46,7 +46,7 @@ BEGIN
   FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
              WHERE e.classid = 'pg_catalog.pg_class'::regclass AND e.object_type IN ('table', 'table column')
   LOOP
-    SELECT n.nspname, c.relname INTO info FROM pg_catalog.pg_class c
+    SELECT n.nspname, c.relname, c.relreplident::text AS relreplident INTO info FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       WHERE c.oid = obj.objid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
         AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_');
@@ -54,10 +54,12 @@ BEGIN
       CONTINUE;
     END IF;
     PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
-      'event', obj.command_tag, 'schema', info.nspname, 'table', info.relname,
+      'event', obj.command_tag, 'schema', info.nspname, 'table', info.relname, 'oid', obj.objid,
+      'replica_identity', info.relreplident,
       'columns', (
         SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
-                 'name', a.attname, 'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
+                 'name', a.attname, 'attnum', a.attnum,
+                 'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
                  'type_oid', a.atttypid, 'key', coalesce(a.attnum = ANY (i.indkey), false),
                  'fill_text', CASE WHEN a.atthasmissing
                                    THEN pg_catalog.array_to_string(a.attmissingval, '') END))
@@ -81,7 +83,7 @@ BEGIN
              WHERE d.object_type = 'table' AND d.original AND NOT d.is_temporary
   LOOP
     PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
-      'event', 'DROP TABLE', 'schema', obj.schema_name, 'table', obj.object_name,
+      'event', 'DROP TABLE', 'schema', obj.schema_name, 'table', obj.object_name, 'oid', obj.objid,
       'columns', NULL)::text);
   END LOOP;
 END

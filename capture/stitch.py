@@ -75,6 +75,8 @@ __all__ = [
     "DDL_PREFIX",
     "ChangeRow",
     "ColumnSpec",
+    "KnownSchemas",
+    "RelationVersion",
     "SchemaChange",
     "Stitcher",
     "parse_context",
@@ -120,17 +122,27 @@ CHANGE_COLUMNS = ChangeRow._fields[:13]
 
 
 class ColumnSpec(NamedTuple):
-    """One column of a table version as stored in ``changes_schemas.columns``."""
+    """One column of a table version as stored in ``changes_schemas.columns``.
+
+    ``attnum`` is PostgreSQL's attribute number (stable across renames, never reused after a drop);
+    None when only a Relation message described the column (DDL tracking off).
+    """
 
     name: str
     type: str
     type_oid: int
     key: bool
+    attnum: int | None = None
 
 
 @dataclass(frozen=True)
 class SchemaChange:
-    """A table's column set valid from ``(commit_position, ordinal)`` on; ``columns`` is JSON text."""
+    """A relation's version valid from ``(commit_position, ordinal, step)`` on; ``columns`` is JSON text.
+
+    ``event`` is a JSON array of what happened (see :data:`EVENT_KINDS`), ``context`` the ``bemi``
+    context valid when it happened, ``step`` orders the versions recorded at one ``(commit_position,
+    ordinal)`` (several DDL statements between two row changes).
+    """
 
     schema: str
     table: str
@@ -138,6 +150,70 @@ class SchemaChange:
     ordinal: int
     committed_at: datetime
     columns: str
+    relation_oid: int | None = None
+    event: str = "[]"
+    context: str = EMPTY
+    replica_identity: str | None = None
+    step: int = 0
+
+
+#: The ``kind`` of each object in ``changes_schemas.event`` (docs: "The schema record").
+EVENT_KINDS = (
+    "create_table",  # CREATE TABLE (DDL tracking): a new relation, empty at this position
+    "new_relation",  # first sight of a relation without its CREATE (snapshot, Relation message)
+    "drop_table",  # DROP TABLE: every row of the relation is gone; columns is []
+    "rename_table",  # {"old": {"schema", "table"}, "new": {...}}
+    "add_column",  # {"attnum", "name", "fill"?}
+    "drop_column",  # {"attnum", "name"}
+    "rename_column",  # {"attnum", "old", "new"}
+    "alter_column_type",  # {"attnum", "name", "old", "new"} (format_type texts)
+    "primary_key",  # {"old": [names], "new": [names]}
+    "replica_identity",  # {"old", "new"}: pg_class.relreplident letters d/n/f/i
+    "untracked",  # {"what": "ddl" | "context" | "rewrite", "reason"}: a tracking gap begins
+    "tracked",  # {"what": ..., "empty": bool}: tracking (re)starts; empty says the table had no rows
+)
+
+
+@dataclass(frozen=True)
+class RelationVersion:
+    """The last recorded version of one relation: what keys and later versions are computed from."""
+
+    oid: int | None
+    schema: str
+    table: str
+    columns: tuple[ColumnSpec, ...]
+    replica_identity: str | None = None
+
+
+@dataclass
+class KnownSchemas:
+    """The last recorded version of every live relation, by OID and by its current name.
+
+    ``by_name`` also holds versions recorded before relation OIDs were (first release, ``oid`` None).
+    """
+
+    by_oid: dict[int, RelationVersion] = field(default_factory=dict)
+    by_name: dict[tuple[str, str], RelationVersion] = field(default_factory=dict)
+
+    def get(self, oid: int | None, schema: str, table: str) -> RelationVersion | None:
+        """The version of relation ``oid``; for an OID never recorded, a legacy version of that name."""
+        if oid is not None and oid in self.by_oid:
+            return self.by_oid[oid]
+        legacy = self.by_name.get((schema, table))
+        return legacy if legacy is not None and legacy.oid is None else None
+
+    def record(self, version: RelationVersion, previous: RelationVersion | None) -> None:
+        if previous is not None:
+            self.forget(previous)
+        if version.oid is not None:
+            self.by_oid[version.oid] = version
+        self.by_name[(version.schema, version.table)] = version
+
+    def forget(self, version: RelationVersion) -> None:
+        if version.oid is not None:
+            self.by_oid.pop(version.oid, None)
+        if self.by_name.get((version.schema, version.table)) is version:
+            del self.by_name[(version.schema, version.table)]
 
 
 @dataclass
@@ -222,6 +298,58 @@ def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
             return None
         parts.append(table.encoder.value_json(i, raw))
     return "[" + ",".join(parts) + "]"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _diff(
+    old: RelationVersion | None, new: RelationVersion, fills: Mapping[str, str], command: str | None
+) -> list[dict[str, Any]]:
+    """The events that turn ``old`` into ``new``: columns matched by attnum where both sides know it
+    (a rename is a rename), else by name; fills of added columns travel in ``columns``."""
+    if old is None:
+        return [{"kind": "create_table" if command in _CREATES else "new_relation"}]
+    events: list[dict[str, Any]] = []
+    if (old.schema, old.table) != (new.schema, new.table):
+        events.append({"kind": "rename_table", "old": {"schema": old.schema, "table": old.table},
+                       "new": {"schema": new.schema, "table": new.table}})
+    by_attnum = all(c.attnum is not None for c in old.columns + new.columns)
+    def ident(c: ColumnSpec) -> int | str | None:
+        return c.attnum if by_attnum else c.name
+    before = {ident(c): c for c in old.columns}
+    after = {ident(c): c for c in new.columns}
+    for k, col in before.items():
+        if k not in after:
+            events.append({"kind": "drop_column", "attnum": col.attnum, "name": col.name})
+    for k, col in after.items():
+        was = before.get(k)
+        if was is None:
+            event: dict[str, Any] = {"kind": "add_column", "attnum": col.attnum, "name": col.name}
+            if col.name in fills:
+                event["fill"] = json.loads(fills[col.name])
+            events.append(event)
+            continue
+        if was.name != col.name:
+            events.append({"kind": "rename_column", "attnum": col.attnum, "old": was.name, "new": col.name})
+        if (was.type, was.type_oid) != (col.type, col.type_oid):
+            events.append({"kind": "alter_column_type", "attnum": col.attnum, "name": col.name,
+                           "old": was.type, "new": col.type})
+    old_key = [c.name for c in old.columns if c.key]
+    new_key = [c.name for c in new.columns if c.key]
+    if [before_key.attnum for before_key in old.columns if before_key.key] != [
+        c.attnum for c in new.columns if c.key
+    ] or (not by_attnum and old_key != new_key):
+        events.append({"kind": "primary_key", "old": old_key, "new": new_key})
+    if old.replica_identity is not None and new.replica_identity is not None and (
+        old.replica_identity != new.replica_identity
+    ):
+        events.append({"kind": "replica_identity", "old": old.replica_identity, "new": new.replica_identity})
+    return events
+
+
+_CREATES = frozenset({"CREATE TABLE", "CREATE TABLE AS", "SELECT INTO"})
 
 
 #: Deepest nesting of a context (the object itself is level 1): ``set_context`` refuses deeper ones and
@@ -396,14 +524,14 @@ class Stitcher:
     """Turns a stream of decoded messages into change rows; keeps relations across transactions.
 
     ``database`` is the source database's name; ``type_info`` maps type OIDs to
-    :class:`capture.values.TypeInfo` (see ``values.TYPE_INFO_QUERY``); ``known_columns`` maps
-    ``(schema, table)`` to the last column set recorded in ``changes_schemas``; ``ignored_tables`` are
-    the worker's own tables, whose DDL is not recorded.
+    :class:`capture.values.TypeInfo` (see ``values.TYPE_INFO_QUERY``); ``known_columns`` holds the
+    last version of every relation recorded in ``changes_schemas`` (``Sink.known_columns``), the record
+    keys are computed from; ``ignored_tables`` are the worker's own tables, whose DDL is not recorded.
     """
 
     database: str
     type_info: Mapping[int, TypeInfo]
-    known_columns: dict[tuple[str, str], tuple[ColumnSpec, ...]] = field(default_factory=dict)
+    known_columns: KnownSchemas = field(default_factory=KnownSchemas)
     ignored_tables: set[tuple[str, str]] = field(default_factory=set)
     ignored_schemas: set[str] = field(default_factory=set)
     _tables: dict[int, _Table] = field(default_factory=dict)
@@ -411,6 +539,7 @@ class Stitcher:
     _commit_lsn: int = 0
     _committed_at: datetime | None = None
     _ordinal: int = 0
+    _step: int = 0  # versions recorded in the current transaction
     _context: str = EMPTY
     _last_content: bytes | None = None
     _last_context: str = EMPTY
@@ -429,11 +558,14 @@ class Stitcher:
         type_names: Sequence[str] | None = None,
         ignored: bool = False,
     ) -> list[SchemaChange]:
-        """Register a Relation message; returns a schema change when its column set is new.
+        """Register a Relation message; returns a schema change when the relation's version is new.
 
-        ``primary_key``: the table's primary key column names from the catalog (None: use the replica
-        identity key flags unless the identity is FULL). ``type_names``: ``format_type`` text of each
-        column (defaults to the type OID as text). ``ignored``: the worker's own tables.
+        Keys come from the version recorded for the relation's OID in stream order (``bemi_ddl``
+        messages, the snapshot, earlier Relation messages), so a worker decoding long after a DDL still
+        uses the key valid at each change. ``primary_key`` (the catalog's key column names *now*) and
+        ``type_names`` (``format_type`` text per column) are used only when the Relation message shows
+        a column set the record does not know (DDL tracking off). Without any key: the replica identity
+        key flags unless the identity is FULL. ``ignored``: the worker's own tables.
         """
         if not isinstance(relation, Relation):
             raise TypeError(f"add_relation() takes a Relation, got {type(relation).__name__}")
@@ -441,79 +573,121 @@ class Stitcher:
             self._tables[relation.oid] = _Table(relation, True)
             return []
         columns = relation.columns
+        previous = self.known_columns.get(relation.oid, relation.namespace, relation.name)
+        if previous is not None and [(c.name, c.type_oid) for c in previous.columns] == [
+            (c.name, c.type_oid) for c in columns
+        ]:
+            spec = previous.columns  # the record describes exactly these columns: its keys and attnums hold
+        else:
+            if type_names is None:
+                type_names = [str(c.type_oid) for c in columns]
+            names = [c.name for c in columns]
+            keys = set(primary_key or ()) if set(primary_key or ()) <= set(names) else set()
+            attnums = {c.name: c.attnum for c in previous.columns} if previous is not None else {}
+            spec = tuple(
+                ColumnSpec(c.name, type_names[i], c.type_oid, c.name in keys, attnums.get(c.name))
+                for i, c in enumerate(columns)
+            )
+        self._register(relation, spec)
+        version = RelationVersion(
+            relation.oid, relation.namespace, relation.name, spec, relation.replica_identity
+        )
+        return self._schema_change(version, previous, None, [])
+
+    def _register(self, relation: Relation, spec: Sequence[ColumnSpec]) -> None:
+        """(Re)build the decoding state of ``relation`` with the key columns ``spec`` marks."""
+        columns = relation.columns
         names = tuple(c.name for c in columns)
         identity = tuple(i for i, c in enumerate(columns) if c.key)
         full = relation.replica_identity == "f"
-        if primary_key is not None:
-            position = {name: i for i, name in enumerate(names)}
-            keys = tuple(position[name] for name in primary_key if name in position)
-            if len(keys) != len(primary_key):
-                keys = () if full else identity
-        else:
-            keys = () if full else identity
+        keys = tuple(i for i, col in enumerate(spec) if col.key)
+        if not keys and not full:
+            keys = identity
         encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
         parse = _compile_parser(encoder, keys)
         self._tables[relation.oid] = _Table(relation, False, names, encoder, keys, identity, full, parse)
-        if type_names is None:
-            type_names = [str(c.type_oid) for c in columns]
-        key_set = set(keys)
-        spec = tuple(
-            ColumnSpec(c.name, type_names[i], c.type_oid, i in key_set) for i, c in enumerate(columns)
-        )
-        return self._schema_change(relation.namespace, relation.name, spec, None)
 
     def _schema_change(
-        self, schema: str, table: str, spec: tuple[ColumnSpec, ...], fills: Mapping[str, str] | None
+        self,
+        version: RelationVersion,
+        previous: RelationVersion | None,
+        fills: Mapping[str, str] | None,
+        events: list[dict[str, Any]],
+        *,
+        command: str | None = None,
     ) -> list[SchemaChange]:
-        if self.known_columns.get((schema, table)) == spec and not fills:
+        """Record ``version`` (after ``previous``) with the events telling them apart; [] if unchanged."""
+        events = events + _diff(previous, version, fills or {}, command)
+        self.known_columns.record(version, previous)
+        if not events or self._committed_at is None:
             return []
-        self.known_columns[(schema, table)] = spec
-        if self._committed_at is None:
-            return []
+        if command is not None:
+            events = [{**e, "command": command} for e in events]
         parts = []
-        for col in spec:
-            item = json.dumps(
-                {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key},
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
+        for col in version.columns:
+            item: dict[str, Any] = {
+                "name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key
+            }
+            if col.attnum is not None:
+                item["attnum"] = col.attnum
+            text = _json(item)
             if fills and col.name in fills:
-                item = f'{item[:-1]},"fill":{fills[col.name]}}}'
-            parts.append(item)
-        return [
-            SchemaChange(
-                schema,
-                table,
-                self._commit_lsn,
-                self._ordinal,
-                self._committed_at,
-                "[" + ",".join(parts) + "]",
-            )
-        ]
+                text = f'{text[:-1]},"fill":{fills[col.name]}}}'
+            parts.append(text)
+        return [self._version(version, "[" + ",".join(parts) + "]", events)]
+
+    def _version(self, version: RelationVersion, columns: str, events: list[dict[str, Any]]) -> SchemaChange:
+        """A ``changes_schemas`` row at the current position, taking the next step."""
+        assert self._committed_at is not None
+        step = self._step
+        self._step = step + 1
+        return SchemaChange(
+            version.schema, version.table, self._commit_lsn, self._ordinal, self._committed_at, columns,
+            version.oid, _json(events), self._context, version.replica_identity, step,
+        )
 
     def _ddl(self, content: bytes) -> list[SchemaChange]:
         try:
             event = json.loads(content.decode("utf-8"))
             schema, table = str(event["schema"]), str(event["table"])
             columns = event.get("columns")
+            oid = int(event["oid"]) if event.get("oid") is not None else None
+            command = str(event.get("event") or "")
         except (ValueError, KeyError, TypeError):
             return []  # not ours to interpret; never stop the worker
         if (schema, table) in self.ignored_tables or schema in self.ignored_schemas:
             return []
-        if columns is None:  # a dropped table: nothing to record
-            self.known_columns.pop((schema, table), None)
-            return []
+        previous = self.known_columns.get(oid, schema, table)
+        if columns is None:  # a dropped table: every row of it is gone
+            if previous is None or (oid is None and previous.oid is not None):
+                return []
+            self.known_columns.forget(previous)
+            if self._committed_at is None:
+                return []
+            return [self._version(previous, "[]", [{"kind": "drop_table", "command": command}])]
         spec = []
         fills: dict[str, str] = {}
-        for col in columns:
-            spec.append(
-                ColumnSpec(str(col["name"]), str(col["type"]), int(col["type_oid"]), bool(col["key"]))
-            )
-            fill = col.get("fill_text")
-            if fill is not None:
-                encoder = ValueEncoder([int(col["type_oid"])], self.type_info)
-                fills[str(col["name"])] = encoder.value_json(0, str(fill).encode())
-        return self._schema_change(schema, table, tuple(spec), fills)
+        try:
+            for col in columns:
+                attnum = col.get("attnum")
+                spec.append(ColumnSpec(str(col["name"]), str(col["type"]), int(col["type_oid"]),
+                                       bool(col["key"]), None if attnum is None else int(attnum)))
+                fill = col.get("fill_text")
+                if fill is not None:
+                    encoder = ValueEncoder([int(col["type_oid"])], self.type_info)
+                    fills[str(col["name"])] = encoder.value_json(0, str(fill).encode())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return []
+        identity = event.get("replica_identity")
+        version = RelationVersion(oid, schema, table, tuple(spec),
+                                  str(identity) if identity is not None else None)
+        out = self._schema_change(version, previous, fills, [], command=command)
+        table_state = self._tables.get(oid) if oid is not None else None
+        if table_state is not None and not table_state.ignored and table_state.names == tuple(
+            c.name for c in spec
+        ):
+            self._register(table_state.relation, spec)  # the key may have changed without a new Relation
+        return out
 
     # -- the stream --------------------------------------------------------------------------------
     def feed(self, lsn: int, message: PgOutputMessage) -> list[ChangeRow | SchemaChange]:
@@ -541,6 +715,7 @@ class Stitcher:
             self._commit_lsn = message.final_lsn
             self._committed_at = pg_timestamp_to_datetime(message.commit_time)
             self._ordinal = 0
+            self._step = 0
             self._context = EMPTY
             self._in_transaction = True
             return []
