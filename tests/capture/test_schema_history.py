@@ -1,0 +1,149 @@
+"""The schema record (``changes_schemas``): every relation's versions by OID, with events, in stream order.
+
+Each test changes the schema while the worker is stopped and starts it afterwards, so what the worker
+records can only come from the stream, never from the catalog as it is when the worker decodes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from bemi_tt.triggers import install
+from capture.worker import run
+
+
+def changes(dsn: str) -> list[tuple[str, str, str | None]]:
+    with psycopg.connect(dsn) as conn:
+        return [
+            (t, op, pk)
+            for t, op, pk in conn.execute(
+                'SELECT "table", operation, primary_key FROM changes ORDER BY commit_position, ordinal'
+            ).fetchall()
+        ]
+
+
+def record(dsn: str) -> list[dict[str, Any]]:
+    """Every version, in stream order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            'SELECT "table", relation_oid, event, context, replica_identity, columns FROM changes_schemas'
+            " ORDER BY commit_position, ordinal, step"
+        ).fetchall()
+    return [
+        {"table": t, "oid": oid, "event": event, "context": ctx, "identity": ident, "columns": cols}
+        for t, oid, event, ctx, ident, cols in rows
+    ]
+
+
+def kinds(version: dict[str, Any]) -> list[str]:
+    return [e["kind"] for e in version["event"]]
+
+
+def test_a_worker_behind_the_ddl_stores_the_key_valid_at_each_change(engine: sa.Engine, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, v int)")
+        conn.execute("INSERT INTO t VALUES (1, 'a', 0)")
+    install(engine)  # REPLICA IDENTITY FULL: pgoutput's key flags say nothing about the primary key
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the worker is stopped from here on
+        conn.execute("INSERT INTO t VALUES (2, 'b', 0)")
+        conn.execute("ALTER TABLE t DROP CONSTRAINT t_pkey, ADD PRIMARY KEY (code)")
+        conn.execute("INSERT INTO t VALUES (3, 'c', 0)")
+        conn.execute("UPDATE t SET v = 1 WHERE id = 1")
+        conn.execute("ALTER TABLE t RENAME COLUMN code TO label")
+        conn.execute("INSERT INTO t VALUES (4, 'd', 0)")
+        conn.execute("ALTER TABLE t RENAME TO t2")
+        conn.execute("INSERT INTO t2 VALUES (5, 'e', 0)")
+        conn.execute("DROP TABLE t2")
+        conn.execute("CREATE TABLE t2 (k text, n int, PRIMARY KEY (k, n))")
+        conn.execute("INSERT INTO t2 VALUES ('x', 1)")
+    run(dsn, once=True)
+    assert changes(dsn) == [
+        ("t", "SNAPSHOT", "1"),
+        ("t", "CREATE", "2"),
+        ("t", "CREATE", "c"),
+        ("t", "UPDATE", "a"),
+        ("t", "CREATE", "d"),
+        ("t2", "CREATE", "e"),
+        ("t2", "CREATE", '["x",1]'),
+    ]
+
+
+def test_renames_key_changes_and_drops_are_events_of_one_relation(engine: sa.Engine, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, v int)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE t DROP CONSTRAINT t_pkey, ADD PRIMARY KEY (code)")
+        conn.execute("ALTER TABLE t RENAME COLUMN code TO label")
+        conn.execute("ALTER TABLE t ALTER COLUMN v TYPE bigint")
+        conn.execute("ALTER TABLE t DROP COLUMN v")
+        conn.execute("ALTER TABLE t ADD COLUMN w text DEFAULT 'z'")
+        conn.execute("ALTER TABLE t RENAME TO t2")
+        conn.execute("DROP TABLE t2")
+        conn.execute("CREATE TABLE t2 (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    got = record(dsn)
+    first, second = got[0]["oid"], got[-1]["oid"]
+    assert first != second and {v["oid"] for v in got} == {first, second}
+    events = [(v["table"], v["oid"] == first, e) for v in got for e in v["event"]]
+    stripped = [(t, same, {k: x for k, x in e.items() if k != "command"}) for t, same, e in events]
+    assert stripped[1:] == [
+        ("t", True, {"kind": "primary_key", "old": ["id"], "new": ["code"]}),
+        ("t", True, {"kind": "rename_column", "attnum": 2, "old": "code", "new": "label"}),
+        ("t", True, {"kind": "alter_column_type", "attnum": 3, "name": "v", "old": "integer", "new": "bigint"}),
+        ("t", True, {"kind": "drop_column", "attnum": 3, "name": "v"}),
+        ("t", True, {"kind": "add_column", "attnum": 4, "name": "w", "fill": "z"}),
+        ("t2", True, {"kind": "rename_table", "old": {"schema": "public", "table": "t"},
+                      "new": {"schema": "public", "table": "t2"}}),
+        ("t2", True, {"kind": "drop_table"}),
+        ("t2", False, {"kind": "create_table"}),
+        ("t2", False, {"kind": "replica_identity", "old": "d", "new": "f"}),  # install's event trigger
+    ]
+    assert kinds(got[0]) == ["new_relation"] and got[0]["event"][0]["command"] == "SNAPSHOT"
+    renamed = next(v for v in got if kinds(v) == ["rename_column"])
+    assert [(c["attnum"], c["name"], c["key"]) for c in renamed["columns"]] == [
+        (1, "id", False), (2, "label", True), (3, "v", False)
+    ]
+    assert got[-1]["identity"] == "f" and got[-3]["columns"] == []
+
+
+def test_a_dropped_and_recreated_table_is_a_new_relation_without_ddl_tracking(dsn: str) -> None:
+    from capture.ddl import uninstall_ddl_tracking
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        uninstall_ddl_tracking(conn)
+        conn.execute("DROP TABLE t")
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    run(dsn, once=True)
+    got = [v for v in record(dsn) if v["table"] == "t"]
+    assert len({v["oid"] for v in got}) == 2
+    assert kinds(got[-1]) == ["new_relation"]
+    assert [c["name"] for c in got[-1]["columns"]] == [c["name"] for c in got[0]["columns"]]
+
+
+def test_a_ddl_event_carries_the_context_of_its_transaction(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT pg_logical_emit_message(true, 'bemi', %s)", (json.dumps({"who": "migration"}),))
+        conn.execute("ALTER TABLE t ADD COLUMN v int")
+        conn.commit()
+        conn.execute("ALTER TABLE t ADD COLUMN w int")  # no context in this transaction
+        conn.commit()
+    run(dsn, once=True)
+    got = record(dsn)
+    assert [(kinds(v), v["context"]) for v in got[1:]] == [
+        (["add_column"], {"who": "migration"}),
+        (["add_column"], {}),
+    ]
