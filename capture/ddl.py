@@ -34,42 +34,78 @@ __all__ = ["ddl_tracking_installed", "install_ddl_tracking", "uninstall_ddl_trac
 
 log = logging.getLogger(__name__)
 
+# The message for one table (its columns as pgoutput sends them, attnums, primary key, replica identity),
+# shared by the event trigger and install/uninstall's tracking records. Inlined in each function: the
+# event trigger runs as the caller, who may lack USAGE on schema bemi_tt (so it calls nothing there).
+_MESSAGE = """(
+  SELECT pg_catalog.jsonb_build_object(
+    'event', {event}, 'schema', n.nspname, 'table', c.relname, 'oid', c.oid,
+    'replica_identity', c.relreplident::text,
+    'columns', (
+      SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+               'name', a.attname, 'attnum', a.attnum,
+               'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
+               'type_oid', a.atttypid, 'key', coalesce(a.attnum = ANY (i.indkey), false),
+               'fill_text', CASE WHEN a.atthasmissing
+                                 THEN pg_catalog.array_to_string(a.attmissingval, '') END))
+             ORDER BY a.attnum)
+      FROM pg_catalog.pg_attribute a
+      LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        -- PostgreSQL 18 publishes STORED generated columns (the worker's publication asks for them)
+        AND (a.attgenerated = '' OR a.attgenerated = 's'
+             AND pg_catalog.current_setting('server_version_num')::int >= 180000)))
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.oid = {rel} AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+    AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_'))"""
 _FUNCTIONS = """
 CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   obj record;
-  info record;
-  -- PostgreSQL 18 publishes STORED generated columns (the worker's publication asks for them)
-  gencols boolean := pg_catalog.current_setting('server_version_num')::int >= 180000;
+  msg jsonb;
 BEGIN
   FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
              WHERE e.classid = 'pg_catalog.pg_class'::regclass AND e.object_type IN ('table', 'table column')
   LOOP
-    SELECT n.nspname, c.relname, c.relreplident::text AS relreplident INTO info FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.oid = obj.objid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-        AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_');
-    IF NOT FOUND THEN
-      CONTINUE;
+    msg := """ + _MESSAGE.format(rel="obj.objid", event="obj.command_tag") + """;
+    IF msg IS NOT NULL THEN
+      PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', msg::text);
     END IF;
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
-      'event', obj.command_tag, 'schema', info.nspname, 'table', info.relname, 'oid', obj.objid,
-      'replica_identity', info.relreplident,
-      'columns', (
-        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
-                 'name', a.attname, 'attnum', a.attnum,
-                 'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
-                 'type_oid', a.atttypid, 'key', coalesce(a.attnum = ANY (i.indkey), false),
-                 'fill_text', CASE WHEN a.atthasmissing
-                                   THEN pg_catalog.array_to_string(a.attmissingval, '') END))
-               ORDER BY a.attnum)
-        FROM pg_catalog.pg_attribute a
-        LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
-        WHERE a.attrelid = obj.objid AND a.attnum > 0 AND NOT a.attisdropped
-          AND (a.attgenerated = '' OR a.attgenerated = 's' AND gencols)
-      ))::text);
   END LOOP;
+END
+$bemi$
+"""
+# Tracking gaps are data: install records every table as tracked from here on (with whether it is empty,
+# so a table created while tracking was off has an exact start), uninstall records the gap's start.
+_EMIT_TRACKING = """
+CREATE OR REPLACE FUNCTION bemi_tt.emit_tracking(event text) RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  r record;
+  msg jsonb;
+  empty boolean;
+  emitted bigint := 0;
+BEGIN
+  FOR r IN SELECT c.oid, c.relkind FROM pg_catalog.pg_class c
+           WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY c.oid LOOP
+    msg := """ + _MESSAGE.format(rel="r.oid", event="event") + """;
+    CONTINUE WHEN msg IS NULL;
+    empty := NULL;
+    IF event = 'TRACK' THEN
+      BEGIN
+        -- (concatenated, not format(): a driver given parameters reads its percent signs as placeholders)
+        EXECUTE 'SELECT NOT EXISTS (SELECT FROM ' || CASE WHEN r.relkind = 'p' THEN '' ELSE 'ONLY ' END
+                || r.oid::pg_catalog.regclass::text || ')' INTO empty;
+      EXCEPTION WHEN insufficient_privilege THEN
+        empty := NULL;  -- unknown: the reader must re-baseline (snapshot) or refuse
+      END;
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl',
+      (msg || pg_catalog.jsonb_build_object('what', 'ddl', 'empty', empty))::text);
+    emitted := emitted + 1;
+  END LOOP;
+  RETURN emitted;
 END
 $bemi$
 """
@@ -94,6 +130,7 @@ $bemi$
 _INSTALL = (
     "CREATE SCHEMA IF NOT EXISTS bemi_tt",
     _FUNCTIONS,
+    _EMIT_TRACKING,
     _DROP_FUNCTION,
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "CREATE EVENT TRIGGER bemi_tt_ddl ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE',"
@@ -101,12 +138,17 @@ _INSTALL = (
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
     " EXECUTE FUNCTION bemi_tt.emit_drop()",
+    "SELECT bemi_tt.emit_tracking('TRACK')",
 )
 _UNINSTALL = (
+    "DO $bemi$ BEGIN IF pg_catalog.to_regprocedure('bemi_tt.emit_tracking(text)') IS NOT NULL"
+    " AND EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = 'bemi_tt_ddl') THEN"
+    " PERFORM bemi_tt.emit_tracking('UNTRACK'); END IF; END $bemi$",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_ddl()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_drop()",
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_tracking(text)",
 )
 _INSUFFICIENT_PRIVILEGE = "42501"
 

@@ -208,6 +208,17 @@ class Sink:
                 " ORDER BY relation_oid NULLS FIRST"
             ).format(self.schemas)
         ).fetchall()
+        # relations inside a tracking gap: their last tracked/untracked event is an untracked one
+        gaps = {
+            oid for oid, last in self.conn.execute(
+                sql.SQL(
+                    "SELECT relation_oid, (array_agg(e ->> 'kind' ORDER BY commit_position DESC,"
+                    " ordinal DESC, step DESC))[1] FROM {}, jsonb_array_elements(event) AS e"
+                    " WHERE e ->> 'kind' IN ('tracked', 'untracked') AND relation_oid IS NOT NULL"
+                    " GROUP BY relation_oid"
+                ).format(self.schemas)
+            ).fetchall() if last == "untracked"
+        }
         self.conn.rollback()
         known = KnownSchemas()
         for schema, table, oid, identity, columns, _ in rows:
@@ -216,7 +227,7 @@ class Sink:
                 for c in columns
             )
             # OID versions come last, so a name now held by a relation with an OID maps to it
-            known.record(RelationVersion(oid, schema, table, spec, identity), None)
+            known.record(RelationVersion(oid, schema, table, spec, identity, oid not in gaps), None)
         return known
 
     # -- writing -----------------------------------------------------------------------------------

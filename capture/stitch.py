@@ -40,7 +40,7 @@ import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -183,6 +183,7 @@ class RelationVersion:
     table: str
     columns: tuple[ColumnSpec, ...]
     replica_identity: str | None = None
+    tracked: bool = True  # False inside a tracking gap (an ``untracked`` event without ``tracked`` after)
 
 
 @dataclass
@@ -336,12 +337,11 @@ def _diff(
         if (was.type, was.type_oid) != (col.type, col.type_oid):
             events.append({"kind": "alter_column_type", "attnum": col.attnum, "name": col.name,
                            "old": was.type, "new": col.type})
-    old_key = [c.name for c in old.columns if c.key]
-    new_key = [c.name for c in new.columns if c.key]
-    if [before_key.attnum for before_key in old.columns if before_key.key] != [
-        c.attnum for c in new.columns if c.key
-    ] or (not by_attnum and old_key != new_key):
-        events.append({"kind": "primary_key", "old": old_key, "new": new_key})
+    old_key = [c for c in old.columns if c.key]
+    new_key = [c for c in new.columns if c.key]
+    if [ident(c) for c in old_key] != [ident(c) for c in new_key]:
+        events.append({"kind": "primary_key", "old": [c.name for c in old_key],
+                       "new": [c.name for c in new_key]})
     if old.replica_identity is not None and new.replica_identity is not None and (
         old.replica_identity != new.replica_identity
     ):
@@ -590,7 +590,8 @@ class Stitcher:
             )
         self._register(relation, spec)
         version = RelationVersion(
-            relation.oid, relation.namespace, relation.name, spec, relation.replica_identity
+            relation.oid, relation.namespace, relation.name, spec, relation.replica_identity,
+            previous.tracked if previous is not None else True,
         )
         return self._schema_change(version, previous, None, [])
 
@@ -617,7 +618,7 @@ class Stitcher:
         command: str | None = None,
     ) -> list[SchemaChange]:
         """Record ``version`` (after ``previous``) with the events telling them apart; [] if unchanged."""
-        events = events + _diff(previous, version, fills or {}, command)
+        events = _diff(previous, version, fills or {}, command) + events
         self.known_columns.record(version, previous)
         if not events or self._committed_at is None:
             return []
@@ -680,8 +681,21 @@ class Stitcher:
             return []
         identity = event.get("replica_identity")
         version = RelationVersion(oid, schema, table, tuple(spec),
-                                  str(identity) if identity is not None else None)
-        out = self._schema_change(version, previous, fills, [], command=command)
+                                  str(identity) if identity is not None else None,
+                                  previous.tracked if previous is not None else True)
+        events: list[dict[str, Any]] = []
+        if command in ("TRACK", "UNTRACK"):
+            # install / uninstall: a gap starts, or tracking (re)starts; a repeated install is no event
+            what = str(event.get("what") or "ddl")
+            if command == "UNTRACK":
+                version = replace(version, tracked=False)
+                events = [{"kind": "untracked", "what": what}]
+            else:
+                version = replace(version, tracked=True)
+                if previous is None or not previous.tracked:
+                    events = [{"kind": "tracked", "what": what, "empty": event.get("empty")}]
+            fills = {}  # attmissingval at install is no new column
+        out = self._schema_change(version, previous, fills, events, command=command)
         table_state = self._tables.get(oid) if oid is not None else None
         if table_state is not None and not table_state.ignored and table_state.names == tuple(
             c.name for c in spec

@@ -7,12 +7,16 @@ records can only come from the stream, never from the catalog as it is when the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 
-from bemi_tt.triggers import install
+from bemi_tt.triggers import install, uninstall
 from capture.worker import run
 
 
@@ -96,7 +100,8 @@ def test_renames_key_changes_and_drops_are_events_of_one_relation(engine: sa.Eng
     assert stripped[1:] == [
         ("t", True, {"kind": "primary_key", "old": ["id"], "new": ["code"]}),
         ("t", True, {"kind": "rename_column", "attnum": 2, "old": "code", "new": "label"}),
-        ("t", True, {"kind": "alter_column_type", "attnum": 3, "name": "v", "old": "integer", "new": "bigint"}),
+        ("t", True, {"kind": "alter_column_type", "attnum": 3, "name": "v", "old": "integer",
+                     "new": "bigint"}),
         ("t", True, {"kind": "drop_column", "attnum": 3, "name": "v"}),
         ("t", True, {"kind": "add_column", "attnum": 4, "name": "w", "fill": "z"}),
         ("t2", True, {"kind": "rename_table", "old": {"schema": "public", "table": "t"},
@@ -147,3 +152,95 @@ def test_a_ddl_event_carries_the_context_of_its_transaction(dsn: str) -> None:
         (["add_column"], {"who": "migration"}),
         (["add_column"], {}),
     ]
+
+
+def test_uninstall_and_install_record_the_tracking_gap(engine: sa.Engine, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    install(engine)
+    run(dsn, once=True)
+    uninstall(engine)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # untracked: no DDL event reaches the WAL
+        conn.execute("DROP TABLE t")
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    install(engine)
+    run(dsn, once=True)
+    got = [v for v in record(dsn) if v["table"] == "t"]
+    old, new = got[0]["oid"], got[-1]["oid"]
+    assert old != new
+    assert [(v["oid"] == old, kinds(v)) for v in got] == [
+        (True, ["new_relation"]),
+        (True, ["untracked"]),
+        (False, ["new_relation", "tracked"]),
+    ]
+    assert got[1]["event"][0]["what"] == "ddl" and got[2]["event"][1]["empty"] is True
+    install(engine)  # installing again is no gap and no event
+    run(dsn, once=True)
+    assert len([v for v in record(dsn) if v["table"] == "t"]) == 3
+
+
+ENV = '''
+from alembic import context
+from sqlalchemy import create_engine
+
+engine = create_engine(context.config.attributes["url"])
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+'''
+
+MIGRATION = '''
+import sqlalchemy as sa
+from alembic import op
+from bemi_tt.context import Bemi
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade():
+    op.create_table("todo", sa.Column("id", sa.Integer, primary_key=True), sa.Column("task", sa.Text))
+    Bemi.migration_upgrade()
+
+
+def downgrade():
+{downgrade}
+'''
+
+
+@pytest.mark.parametrize("tracking_removed", ["last", "first"])
+def test_alembic_downgrade_base_and_upgrade_head_record_the_dropped_rows_as_gone(
+    tmp_path: Path, pg_server: Any, database: str, engine: sa.Engine, dsn: str, tracking_removed: str
+) -> None:
+    steps = ['op.drop_table("todo")', "Bemi.migration_downgrade()"]  # documented: migration_downgrade last
+    if tracking_removed == "first":  # the order of the issue's report: the drop runs untracked
+        steps.reverse()
+    root = tmp_path / "migrations"
+    (root / "versions").mkdir(parents=True)
+    (root / "env.py").write_text(ENV)
+    (root / "versions" / "0001_todo.py").write_text(
+        MIGRATION.replace("{downgrade}", "\n".join("    " + s for s in steps))
+    )
+    config = Config()
+    config.set_main_option("script_location", str(root))
+    config.attributes["url"] = pg_server.sqlalchemy_url(database)
+    command.upgrade(config, "head")
+    run(dsn, once=True)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO todo (id, task) SELECT i, 'x' FROM generate_series(1, 5) AS i"))
+    run(dsn, once=True)
+    command.downgrade(config, "base")
+    command.upgrade(config, "head")
+    run(dsn, once=True)
+    got = [v for v in record(dsn) if v["table"] == "todo"]
+    old, new = got[0]["oid"], got[-1]["oid"]
+    assert old != new
+    # the old relation ends: dropped (tracked) or a gap begins (untracked); the new one starts empty
+    assert kinds([v for v in got if v["oid"] == old][-1]) == (
+        ["drop_table"] if tracking_removed == "last" else ["untracked"]
+    )
+    assert [kinds(v) for v in got if v["oid"] == new] == [["new_relation", "tracked"]]
+    assert got[-1]["event"][1]["empty"] is True
