@@ -127,6 +127,100 @@ $bemi$
 """
 
 
+# TRUNCATE of a partition: pgoutput publishes partitions through their root and sends no Truncate for
+# a partition (only for a root named by the TRUNCATE), so a statement trigger on each leaf partition
+# writes, before the rows go, one ``bemi_truncate`` message per row: {"root": <root oid>, "partition":
+# <oid>, "row": {column: text}}, the text in the worker's own output settings (function SET clauses),
+# which the worker records as a DELETE of the root. A TRUNCATE of the root itself (which empties every
+# partition) is sent by pgoutput as one TRUNCATE: the root's BEFORE trigger, which fires before its
+# partitions', marks the root in a transaction-local setting so they write nothing (its AFTER trigger
+# clears the mark). SECURITY DEFINER: a role may hold TRUNCATE without SELECT; the rows go to the WAL only.
+_TRUNCATE_FUNCTIONS = (
+    """
+CREATE OR REPLACE FUNCTION bemi_tt.emit_truncate() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $bemi$
+DECLARE
+  root oid := pg_catalog.pg_partition_root(TG_RELID);
+  names text;
+  texts text;
+BEGIN
+  IF TG_WHEN = 'BEFORE' AND TG_RELID = root THEN
+    PERFORM pg_catalog.set_config('bemi_tt.truncating_roots',
+      coalesce(pg_catalog.current_setting('bemi_tt.truncating_roots', true), '') || ',' || root || ',', true);
+    RETURN NULL;
+  ELSIF TG_RELID = root THEN
+    PERFORM pg_catalog.set_config('bemi_tt.truncating_roots', '', true);
+    RETURN NULL;
+  END IF;
+  IF pg_catalog.strpos(coalesce(pg_catalog.current_setting('bemi_tt.truncating_roots', true), ''),
+                       ',' || root || ',') > 0 THEN
+    RETURN NULL;  -- the root's own TRUNCATE covers this partition
+  END IF;
+  SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a.attname), ', ' ORDER BY a.attnum),
+         pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) || '::text', ', ' ORDER BY a.attnum)
+    INTO names, texts
+    FROM pg_catalog.pg_attribute a WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
+  EXECUTE 'SELECT count(pg_catalog.pg_logical_emit_message(true, ''bemi_truncate'','
+    || ' pg_catalog.jsonb_build_object(''root'', ' || root || ', ''partition'', ' || TG_RELID
+    || ', ''row'', pg_catalog.jsonb_object(ARRAY[' || names || ']::text[], ARRAY[' || texts
+    || ']::text[]))::text)) FROM ONLY ' || TG_RELID::pg_catalog.regclass::text;
+  RETURN NULL;
+END
+$bemi$
+""",
+    """
+CREATE OR REPLACE FUNCTION bemi_tt.track_truncates(rel oid) RETURNS integer LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  r record;
+  made integer := 0;
+BEGIN
+  FOR r IN SELECT t.relid, c.relkind, c.relispartition FROM pg_catalog.pg_partition_tree(rel) t
+           JOIN pg_catalog.pg_class c ON c.oid = t.relid
+           WHERE (t.isleaf AND c.relkind = 'r' AND c.relispartition)
+              OR (c.relkind = 'p' AND NOT c.relispartition)
+  LOOP
+    CONTINUE WHEN EXISTS (SELECT FROM pg_catalog.pg_trigger g WHERE g.tgrelid = r.relid
+                          AND g.tgname = 'bemi_tt_truncate');
+    BEGIN
+      EXECUTE 'CREATE TRIGGER bemi_tt_truncate BEFORE TRUNCATE ON ' || r.relid::pg_catalog.regclass::text
+        || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_truncate()';
+      IF r.relkind = 'p' THEN
+        EXECUTE 'CREATE TRIGGER bemi_tt_truncate_done AFTER TRUNCATE ON '
+          || r.relid::pg_catalog.regclass::text
+          || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_truncate()';
+      END IF;
+      made := made + 1;
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE WARNING USING MESSAGE = 'bemi_tt: a TRUNCATE of partition '
+        || r.relid::pg_catalog.regclass::text || ' will not be recorded: ' || SQLERRM,
+        HINT = 'run bemi-tt install as a superuser';
+    END;
+  END LOOP;
+  RETURN made;
+END
+$bemi$
+""",
+    """
+CREATE OR REPLACE FUNCTION bemi_tt.track_new_partitions() RETURNS event_trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  obj record;
+BEGIN
+  FOR obj IN SELECT DISTINCT e.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+             JOIN pg_catalog.pg_class c ON c.oid = e.objid
+             WHERE e.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+               AND (c.relispartition OR c.relkind = 'p')
+  LOOP
+    PERFORM bemi_tt.track_truncates(pg_catalog.pg_partition_root(obj.objid));
+  END LOOP;
+END
+$bemi$
+""",
+)
+
+
 _INSTALL = (
     "CREATE SCHEMA IF NOT EXISTS bemi_tt",
     _FUNCTIONS,
@@ -138,6 +232,13 @@ _INSTALL = (
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
     " EXECUTE FUNCTION bemi_tt.emit_drop()",
+    *_TRUNCATE_FUNCTIONS,
+    "REVOKE ALL ON FUNCTION bemi_tt.track_truncates(oid) FROM PUBLIC",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
+    "CREATE EVENT TRIGGER bemi_tt_partitions ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')"
+    " EXECUTE FUNCTION bemi_tt.track_new_partitions()",
+    "SELECT count(bemi_tt.track_truncates(c.oid)) FROM pg_catalog.pg_class c"
+    " WHERE c.relkind = 'p' AND NOT c.relispartition",
     "SELECT bemi_tt.emit_tracking('TRACK')",
 )
 _UNINSTALL = (
@@ -146,6 +247,11 @@ _UNINSTALL = (
     " PERFORM bemi_tt.emit_tracking('UNTRACK'); END IF; END $bemi$",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
+    # the partition triggers go with their function
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_truncate() CASCADE",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_new_partitions()",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_truncates(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_ddl()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_drop()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_tracking(text)",
@@ -200,9 +306,9 @@ def uninstall_ddl_tracking(conn: Any) -> bool:
 
 
 def ddl_tracking_installed(conn: psycopg.Connection) -> bool:
-    """Whether both DDL event triggers exist and are enabled."""
+    """Whether the DDL event triggers exist and are enabled."""
     row = conn.execute(
-        "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('bemi_tt_ddl', 'bemi_tt_drop')"
-        " AND evtenabled <> 'D'"
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('bemi_tt_ddl', 'bemi_tt_drop',"
+        " 'bemi_tt_partitions') AND evtenabled <> 'D'"
     ).fetchone()
-    return bool(row and row[0] == 2)
+    return bool(row and row[0] == 3)

@@ -48,6 +48,7 @@ from capture.errors import DecodeError
 from capture.pgoutput import (
     UNCHANGED,
     Begin,
+    Column,
     Commit,
     Delete,
     Insert,
@@ -84,6 +85,8 @@ __all__ = [
 
 CONTEXT_PREFIX = "bemi"
 DDL_PREFIX = "bemi_ddl"
+#: One row a TRUNCATE of a partition removed (capture/ddl.py): recorded as a DELETE of the root.
+TRUNCATE_PREFIX = "bemi_truncate"
 EMPTY = "{}"
 
 
@@ -722,6 +725,8 @@ class Stitcher:
                 self._context = self._last_context
             elif message.prefix == DDL_PREFIX:
                 return list(self._ddl(message.content))
+            elif message.prefix == TRUNCATE_PREFIX:
+                return list(self._truncated_row(lsn, message.content))
             return []
         if kind is Begin:
             assert isinstance(message, Begin)
@@ -783,6 +788,46 @@ class Stitcher:
                 continue
             rows.append(self._emit(table.relation, None, "TRUNCATE", EMPTY, EMPTY, lsn))
         return rows
+
+    def _truncated_row(self, lsn: int, content: bytes) -> list[ChangeRow]:
+        """A row emptied by a TRUNCATE of one partition: a DELETE of the root with the whole old row.
+
+        The columns, their order and the key are the root's version valid here (the record); the
+        values are text in the worker's output settings, converted exactly like pgoutput's.
+        """
+        try:
+            event = json.loads(content.decode("utf-8"))
+            root = int(event["root"])
+            row = event["row"]
+            if not isinstance(row, dict):
+                return []
+        except (ValueError, KeyError, TypeError):
+            return []
+        version = self.known_columns.by_oid.get(root)
+        if version is None or self._committed_at is None:
+            return []  # a root never recorded (ignored, or tracked only later): nothing to attribute
+        spec = version.columns
+        names = tuple(c.name for c in spec)
+        table = self._tables.get(root)
+        if table is not None and table.ignored:
+            return []
+        if table is not None and table.names == names and table.encoder is not None:
+            encoder = table.encoder
+        else:
+            encoder = ValueEncoder([c.type_oid for c in spec], self.type_info, names=names)
+        values = [None if row.get(n) is None else str(row[n]).encode() for n in names]
+        keys = [i for i, c in enumerate(spec) if c.key]
+        key: str | None = None
+        if len(keys) == 1:
+            raw = values[keys[0]]
+            key = None if raw is None else raw.decode()
+        elif keys:
+            key = "[" + ",".join(encoder.value_json(i, values[i]) for i in keys) + "]"
+        rel = table.relation if table is not None else Relation(
+            root, version.schema, version.table, version.replica_identity or "d",
+            tuple(Column(c.key, c.name, c.type_oid, -1) for c in spec),
+        )
+        return [self._emit(rel, key, "DELETE", encoder.row_json(values), EMPTY, lsn)]
 
     def _key(
         self, table: _Table, values: Sequence[TupleValue], fallback: Sequence[TupleValue] | None

@@ -244,3 +244,51 @@ def test_alembic_downgrade_base_and_upgrade_head_record_the_dropped_rows_as_gone
     )
     assert [kinds(v) for v in got if v["oid"] == new] == [["new_relation", "tracked"]]
     assert got[-1]["event"][1]["empty"] is True
+
+
+def test_truncate_records_exactly_the_rows_of_the_tables_it_emptied(engine: sa.Engine, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE p1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+        conn.execute("CREATE TABLE p2 PARTITION OF m FOR VALUES FROM (10) TO (20)")
+        conn.execute("CREATE TABLE p3 PARTITION OF m FOR VALUES FROM (20) TO (30) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE p3a PARTITION OF p3 FOR VALUES FROM (20) TO (25)")
+        conn.execute("CREATE TABLE p3b PARTITION OF p3 FOR VALUES FROM (25) TO (30)")
+        conn.execute("CREATE TABLE parent (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent)")
+        conn.execute("INSERT INTO m VALUES (1, 'a'), (2, NULL), (11, 'b'), (21, 'c'), (26, 'd')")
+        conn.execute("INSERT INTO parent VALUES (1)")
+        conn.execute("INSERT INTO child VALUES (1, 1)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE p4 PARTITION OF m FOR VALUES FROM (30) TO (40)")  # after install
+        conn.execute("INSERT INTO m VALUES (31, 'e'), (3, 'f')")
+        conn.execute("TRUNCATE p1")
+        conn.execute("TRUNCATE ONLY p2")
+        conn.execute("TRUNCATE p3")  # a partitioned partition: both of its leaves
+        conn.execute("TRUNCATE p4")
+        conn.execute("INSERT INTO m VALUES (5, 'g')")
+        conn.execute("TRUNCATE m")  # the root: one TRUNCATE, no row-by-row record
+        conn.execute("TRUNCATE parent CASCADE")
+    run(dsn, once=True)
+    with psycopg.connect(dsn) as conn:
+        got = conn.execute(
+            "SELECT \"table\", operation, primary_key, before FROM changes WHERE operation <> 'SNAPSHOT'"
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+    assert got == [
+        ("m", "CREATE", "31", {}),
+        ("m", "CREATE", "3", {}),
+        ("m", "DELETE", "1", {"id": 1, "v": "a"}),
+        ("m", "DELETE", "2", {"id": 2, "v": None}),
+        ("m", "DELETE", "3", {"id": 3, "v": "f"}),
+        ("m", "DELETE", "11", {"id": 11, "v": "b"}),
+        ("m", "DELETE", "21", {"id": 21, "v": "c"}),
+        ("m", "DELETE", "26", {"id": 26, "v": "d"}),
+        ("m", "DELETE", "31", {"id": 31, "v": "e"}),
+        ("m", "CREATE", "5", {}),
+        ("m", "TRUNCATE", None, {}),
+        ("parent", "TRUNCATE", None, {}),
+        ("child", "TRUNCATE", None, {}),
+    ]
