@@ -58,12 +58,37 @@ _MESSAGE = """(
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   WHERE c.oid = {rel} AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
     AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_'))"""
+# A rewrite (ALTER COLUMN TYPE, ADD COLUMN with a volatile default) gives rows new values without row
+# changes. The table_rewrite event trigger notes each rewritten relation (and why) in a transaction-local
+# setting; at ddl_command_end, after the version messages, emit_ddl writes one ``bemi_rewrite`` message
+# per row of it with the new values ({"root": <oid>, "row": {column: text}}, text in the worker's output
+# settings), which the worker records as UPDATEs right after the version, in the ALTER's transaction.
+# Rewrites that change no value (SET LOGGED/UNLOGGED, SET ACCESS METHOD: reason bits 1 and 8) write
+# nothing. ``SET LOCAL bemi_tt.capture_rewrites = off`` skips the rows: the version then says so
+# (``"captured": false``), a gap in the record, never a silent one.
+_REWRITE_FUNCTION = """
+CREATE OR REPLACE FUNCTION bemi_tt.note_rewrite() RETURNS event_trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
+BEGIN
+  PERFORM pg_catalog.set_config('bemi_tt.rewritten',
+    coalesce(pg_catalog.current_setting('bemi_tt.rewritten', true), '')
+    || pg_catalog.pg_event_trigger_table_rewrite_oid() || ':'
+    || pg_catalog.pg_event_trigger_table_rewrite_reason() || ',', true);
+END
+$bemi$
+"""
 _FUNCTIONS = """
 CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp AS $bemi$
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $bemi$
 DECLARE
   obj record;
   msg jsonb;
+  rw record;
+  root oid;
+  capture boolean;
+  names text;
+  texts text;
 BEGIN
   FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
              WHERE e.classid = 'pg_catalog.pg_class'::regclass AND e.object_type IN ('table', 'table column')
@@ -73,6 +98,32 @@ BEGIN
       PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', msg::text);
     END IF;
   END LOOP;
+  IF coalesce(pg_catalog.current_setting('bemi_tt.rewritten', true), '') = '' THEN
+    RETURN;
+  END IF;
+  capture := coalesce(pg_catalog.current_setting('bemi_tt.capture_rewrites', true), '')
+             NOT IN ('off', 'false', 'no', '0');
+  FOR rw IN SELECT pg_catalog.split_part(x, ':', 1)::oid AS rel, pg_catalog.split_part(x, ':', 2)::int AS why
+            FROM pg_catalog.unnest(pg_catalog.string_to_array(
+              pg_catalog.btrim(pg_catalog.current_setting('bemi_tt.rewritten'), ','), ',')) AS x
+  LOOP
+    CONTINUE WHEN rw.why & 6 = 0;  -- persistence or access method: no value changed
+    root := coalesce(pg_catalog.pg_partition_root(rw.rel), rw.rel);
+    msg := """ + _MESSAGE.format(rel="root", event="'REWRITE'") + """;
+    CONTINUE WHEN msg IS NULL;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || pg_catalog.jsonb_build_object(
+      'captured', capture, 'reason', rw.why, 'partition', CASE WHEN rw.rel <> root THEN rw.rel END))::text);
+    CONTINUE WHEN NOT capture;
+    SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a.attname), ', ' ORDER BY a.attnum),
+           pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) || '::text', ', ' ORDER BY a.attnum)
+      INTO names, texts
+      FROM pg_catalog.pg_attribute a WHERE a.attrelid = rw.rel AND a.attnum > 0 AND NOT a.attisdropped;
+    EXECUTE 'SELECT count(pg_catalog.pg_logical_emit_message(true, ''bemi_rewrite'','
+      || ' pg_catalog.jsonb_build_object(''root'', ' || root || ', ''row'', pg_catalog.jsonb_object(ARRAY['
+      || names || ']::text[], ARRAY[' || texts || ']::text[]))::text)) FROM ONLY '
+      || rw.rel::pg_catalog.regclass::text;
+  END LOOP;
+  PERFORM pg_catalog.set_config('bemi_tt.rewritten', '', true);
 END
 $bemi$
 """
@@ -223,12 +274,15 @@ $bemi$
 
 _INSTALL = (
     "CREATE SCHEMA IF NOT EXISTS bemi_tt",
+    _REWRITE_FUNCTION,
     _FUNCTIONS,
     _EMIT_TRACKING,
     _DROP_FUNCTION,
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "CREATE EVENT TRIGGER bemi_tt_ddl ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE',"
     " 'CREATE TABLE AS', 'SELECT INTO') EXECUTE FUNCTION bemi_tt.emit_ddl()",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_rewrite",
+    "CREATE EVENT TRIGGER bemi_tt_rewrite ON table_rewrite EXECUTE FUNCTION bemi_tt.note_rewrite()",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
     " EXECUTE FUNCTION bemi_tt.emit_drop()",
@@ -248,6 +302,8 @@ _UNINSTALL = (
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_rewrite",
+    "DROP FUNCTION IF EXISTS bemi_tt.note_rewrite()",
     # the partition triggers go with their function
     "DROP FUNCTION IF EXISTS bemi_tt.emit_truncate() CASCADE",
     "DROP FUNCTION IF EXISTS bemi_tt.track_new_partitions()",
@@ -309,6 +365,6 @@ def ddl_tracking_installed(conn: psycopg.Connection) -> bool:
     """Whether the DDL event triggers exist and are enabled."""
     row = conn.execute(
         "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('bemi_tt_ddl', 'bemi_tt_drop',"
-        " 'bemi_tt_partitions') AND evtenabled <> 'D'"
+        " 'bemi_tt_partitions', 'bemi_tt_rewrite') AND evtenabled <> 'D'"
     ).fetchone()
-    return bool(row and row[0] == 3)
+    return bool(row and row[0] == 4)

@@ -87,6 +87,8 @@ CONTEXT_PREFIX = "bemi"
 DDL_PREFIX = "bemi_ddl"
 #: One row a TRUNCATE of a partition removed (capture/ddl.py): recorded as a DELETE of the root.
 TRUNCATE_PREFIX = "bemi_truncate"
+#: One row a DDL rewrite gave new values (capture/ddl.py): recorded as an UPDATE with the new row.
+REWRITE_PREFIX = "bemi_rewrite"
 EMPTY = "{}"
 
 
@@ -174,6 +176,8 @@ EVENT_KINDS = (
     "replica_identity",  # {"old", "new"}: pg_class.relreplident letters d/n/f/i
     "untracked",  # {"what": "ddl" | "context" | "rewrite", "reason"}: a tracking gap begins
     "tracked",  # {"what": ..., "empty": bool}: tracking (re)starts; empty says the table had no rows
+    "rewrite",  # {"captured": bool, "reason": int, "partition"?}: a DDL gave rows new values; captured:
+    # every row follows as an UPDATE (same transaction, next ordinals); not captured: a gap
 )
 
 
@@ -687,7 +691,13 @@ class Stitcher:
                                   str(identity) if identity is not None else None,
                                   previous.tracked if previous is not None else True)
         events: list[dict[str, Any]] = []
-        if command in ("TRACK", "UNTRACK"):
+        if command == "REWRITE":  # the rows follow as UPDATEs (captured) or the values are a gap
+            events = [{"kind": "rewrite", "captured": bool(event.get("captured")),
+                       "reason": event.get("reason")}]
+            if event.get("partition") is not None:
+                events[0]["partition"] = event["partition"]
+            fills = {}
+        elif command in ("TRACK", "UNTRACK"):
             # install / uninstall: a gap starts, or tracking (re)starts; a repeated install is no event
             what = str(event.get("what") or "ddl")
             if command == "UNTRACK":
@@ -725,8 +735,8 @@ class Stitcher:
                 self._context = self._last_context
             elif message.prefix == DDL_PREFIX:
                 return list(self._ddl(message.content))
-            elif message.prefix == TRUNCATE_PREFIX:
-                return list(self._truncated_row(lsn, message.content))
+            elif message.prefix == TRUNCATE_PREFIX or message.prefix == REWRITE_PREFIX:
+                return list(self._message_row(lsn, message.prefix, message.content))
             return []
         if kind is Begin:
             assert isinstance(message, Begin)
@@ -789,11 +799,13 @@ class Stitcher:
             rows.append(self._emit(table.relation, None, "TRUNCATE", EMPTY, EMPTY, lsn))
         return rows
 
-    def _truncated_row(self, lsn: int, content: bytes) -> list[ChangeRow]:
-        """A row emptied by a TRUNCATE of one partition: a DELETE of the root with the whole old row.
+    def _message_row(self, lsn: int, prefix: str, content: bytes) -> list[ChangeRow]:
+        """A row change the WAL has no row message for, from a ``bemi_truncate`` / ``bemi_rewrite`` one.
 
-        The columns, their order and the key are the root's version valid here (the record); the
-        values are text in the worker's output settings, converted exactly like pgoutput's.
+        TRUNCATE of one partition: a DELETE of the root with the whole old row in ``before``. A DDL
+        rewrite: an UPDATE with the new row in ``after`` and ``{}`` in ``before`` (the old values are
+        the row's previous version). The columns, their order and the key are the root's version valid
+        here (the record); the values are text in the worker's output settings, converted like pgoutput's.
         """
         try:
             event = json.loads(content.decode("utf-8"))
@@ -827,7 +839,10 @@ class Stitcher:
             root, version.schema, version.table, version.replica_identity or "d",
             tuple(Column(c.key, c.name, c.type_oid, -1) for c in spec),
         )
-        return [self._emit(rel, key, "DELETE", encoder.row_json(values), EMPTY, lsn)]
+        row_json = encoder.row_json(values)
+        if prefix == TRUNCATE_PREFIX:
+            return [self._emit(rel, key, "DELETE", row_json, EMPTY, lsn)]
+        return [self._emit(rel, key, "UPDATE", EMPTY, row_json, lsn)]
 
     def _key(
         self, table: _Table, values: Sequence[TupleValue], fallback: Sequence[TupleValue] | None

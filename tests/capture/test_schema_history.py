@@ -292,3 +292,60 @@ def test_truncate_records_exactly_the_rows_of_the_tables_it_emptied(engine: sa.E
         ("parent", "TRUNCATE", None, {}),
         ("child", "TRUNCATE", None, {}),
     ]
+
+
+def _live(dsn: str, table: str) -> dict[int, Any]:
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute(f"SELECT id, to_jsonb(x) FROM {table} AS x ORDER BY id").fetchall())
+
+
+def test_a_rewriting_alter_reaches_the_history_as_updates_in_its_transaction(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, price text)")
+        conn.execute("INSERT INTO t VALUES (1, '1.50'), (2, '2')")
+        conn.execute("CREATE TABLE m (id int PRIMARY KEY, v int) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+        conn.execute("CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)")
+        conn.execute("INSERT INTO m VALUES (1, 1), (11, 2)")
+    install(engine)
+    run(dsn, once=True)
+    states = []
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT pg_logical_emit_message(true, 'bemi', %s)", (json.dumps({"who": "migration"}),))
+        conn.execute("ALTER TABLE t ALTER COLUMN price TYPE numeric(10,2) USING price::numeric * 2")
+        conn.commit()
+        states.append(_live(dsn, "t"))
+        conn.execute("ALTER TABLE t ADD COLUMN r double precision DEFAULT random()")  # volatile
+        conn.commit()
+        states.append(_live(dsn, "t"))
+        conn.execute("ALTER TABLE m ALTER COLUMN v TYPE bigint USING v + 10")  # each partition
+        conn.commit()
+        states.append(_live(dsn, "m"))
+        conn.execute("SET LOCAL bemi_tt.capture_rewrites = off")  # a migration opting out
+        conn.execute("ALTER TABLE t ALTER COLUMN price TYPE numeric(12,2) USING price + 1")
+        conn.commit()
+        conn.execute("ALTER TABLE t SET UNLOGGED")  # a rewrite that changes no value
+        conn.execute("ALTER TABLE t SET LOGGED")
+        conn.commit()
+    run(dsn, once=True)
+    with psycopg.connect(dsn) as conn:
+        got = conn.execute(
+            "SELECT \"table\", operation, primary_key, before, after, context FROM changes"
+            " WHERE operation <> 'SNAPSHOT' ORDER BY commit_position, ordinal"
+        ).fetchall()
+    migration = {"who": "migration"}
+    assert got == [
+        ("t", "UPDATE", "1", {}, states[0][1], migration),
+        ("t", "UPDATE", "2", {}, states[0][2], migration),
+        ("t", "UPDATE", "1", {}, states[1][1], {}),
+        ("t", "UPDATE", "2", {}, states[1][2], {}),
+        ("m", "UPDATE", "1", {}, states[2][1], {}),
+        ("m", "UPDATE", "11", {}, states[2][11], {}),
+    ]
+    assert states[0][1]["price"] == 3.0 and states[2][11]["v"] == 12
+    rewrites = [(v["table"], e) for v in record(dsn) for e in v["event"] if e["kind"] == "rewrite"]
+    assert [(t, e["captured"], "partition" in e) for t, e in rewrites] == [
+        ("t", True, False), ("t", True, False), ("m", True, True), ("m", True, True), ("t", False, False)
+    ]
