@@ -102,6 +102,7 @@ def test_renames_key_changes_and_drops_are_events_of_one_relation(engine: sa.Eng
         ("t", True, {"kind": "rename_column", "attnum": 2, "old": "code", "new": "label"}),
         ("t", True, {"kind": "alter_column_type", "attnum": 3, "name": "v", "old": "integer",
                      "new": "bigint"}),
+        ("t", True, {"kind": "rewrite", "captured": True, "reason": 4}),  # no rows to carry
         ("t", True, {"kind": "drop_column", "attnum": 3, "name": "v"}),
         ("t", True, {"kind": "add_column", "attnum": 4, "name": "w", "fill": "z"}),
         ("t2", True, {"kind": "rename_table", "old": {"schema": "public", "table": "t"},
