@@ -499,7 +499,12 @@ def migration_upgrade(*, replica_identity_full: bool = True) -> None:
 
 
 def migration_downgrade() -> None:
-    """Remove tracking from inside an Alembic migration (online: on its connection; offline: as SQL)."""
+    """Remove tracking from inside an Alembic migration (online: on its connection; offline: as SQL).
+
+    Call it **last** in ``downgrade()``, after the migration's own ``op.drop_table`` calls: DDL run
+    after it is not tracked, so a drop would not be recorded (the record then shows a tracking gap,
+    ``untracked``, from here on, and the next install re-baselines each table, never a silent change).
+    """
     from alembic import op
 
     if op.get_context().as_sql:

@@ -1,24 +1,37 @@
-"""Schema changes into the WAL: an event trigger emitting ``bemi_ddl`` logical messages.
+"""Schema changes into the WAL: event triggers emitting ``bemi_ddl`` (and row) logical messages.
 
-Logical decoding carries no DDL, and ``ALTER TABLE ... ADD COLUMN ... DEFAULT x`` gives existing rows
-a value without any row change. The event trigger runs at the end of ``CREATE TABLE``, ``ALTER TABLE``
-(and ``CREATE TABLE AS`` / ``SELECT INTO``) and after ``DROP TABLE``, and emits, inside the same
-transaction, ``pg_logical_emit_message(true, 'bemi_ddl', json)`` with::
+Logical decoding carries no DDL, and some DDL changes values without any row change. The event trigger
+runs at the end of ``CREATE TABLE``, ``ALTER TABLE`` (and ``CREATE TABLE AS`` / ``SELECT INTO``) and
+after ``DROP TABLE``, and emits, inside the same transaction, ``pg_logical_emit_message(true,
+'bemi_ddl', json)`` with::
 
-    {"event": "ALTER TABLE", "schema": "public", "table": "todo",
-     "columns": [{"name": "id", "type": "integer", "type_oid": 23, "key": true}, ...,
-                 {"name": "done", "type": "boolean", "type_oid": 16, "key": false, "fill_text": "f"}]}
+    {"event": "ALTER TABLE", "schema": "public", "table": "todo", "oid": 16385, "replica_identity": "f",
+     "columns": [{"name": "id", "attnum": 1, "type": "integer", "type_oid": 23, "key": true}, ...,
+                 {"name": "done", "attnum": 3, "type": "boolean", "type_oid": 16, "key": false,
+                  "fill_text": "f"}]}
 
+``oid`` is the relation's OID (a dropped and recreated table is a new relation), ``attnum`` the
+column's attribute number (a rename keeps it), ``replica_identity`` ``pg_class.relreplident``.
 ``columns`` lists the table's columns after the command, those pgoutput sends: no generated columns
 before PostgreSQL 18, STORED ones from 18 on (the worker's publication sets ``publish_generated_columns``);
 ``key`` marks primary key columns; ``fill_text`` is the text value that rows existing before the command
 take for the column (``pg_attribute.attmissingval``), absent when there is none. A dropped table has
 ``"columns": null``. Partitions are skipped (changes are recorded under the partitioned root).
-The worker turns these into ``changes_schemas`` rows at the exact commit position of the DDL.
+More ``event`` values: ``TRACK`` (install: every table, with ``"empty"``), ``UNTRACK`` (uninstall: a
+tracking gap begins), ``REWRITE`` (a DDL rewrote values, with ``"captured"``, ``"reason"`` and the
+rewritten ``"partition"``; the rows follow as ``bemi_rewrite`` messages). A TRUNCATE of a partition
+writes its rows as ``bemi_truncate`` messages (triggers on the partitions, see ``_TRUNCATE_FUNCTIONS``).
+The worker turns these into ``changes_schemas`` rows and ``changes`` rows at the exact position.
 
-The functions fire for every role's DDL and run with that role's rights: they only read the catalog
-(readable by everyone) and call ``pg_logical_emit_message`` (executable by everyone), so no role's DDL
-can fail on a privilege; ``search_path`` is fixed so the caller's setting cannot change what they call.
+The DDL functions fire for every role's DDL and run with that role's rights: they only read the catalog
+(readable by everyone), the rewritten table (its owner ran the ALTER) and call ``pg_logical_emit_message``
+(executable by everyone), so no role's DDL can fail on a privilege; ``search_path`` is fixed so the
+caller's setting cannot change what they call. The partition trigger functions run as the installer.
+
+Cost: a rewrite writes every row of the table into the WAL once more (about the row's text size plus
+~60 bytes) and the worker records one UPDATE per row; for a large table, ``SET LOCAL
+bemi_tt.capture_rewrites = off`` in that migration skips it and records the gap instead. A TRUNCATE
+of a partition (not of the root) costs the same per row of that partition.
 """
 
 from __future__ import annotations

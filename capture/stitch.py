@@ -14,8 +14,9 @@ Rules (docs/architecture.md, "message protocol"):
   becomes ``{"_bemi_error": ..., "_bemi_raw": ...}`` (see :func:`parse_context`).
 - ``ordinal`` counts the changes of a transaction from 0; ``position`` is the change's LSN,
   ``commit_position`` the commit LSN, ``committed_at`` the commit time.
-- ``primary_key``: the table's primary key (from the catalog, given by the caller; else the replica
-  identity key columns pgoutput flags, unless the identity is FULL): one column as its text, a composite
+- ``primary_key``: the table's primary key valid at the change (the recorded version; the catalog,
+  given by the caller, only for a column set never recorded; else the replica identity key columns
+  pgoutput flags, unless the identity is FULL): one column as its text, a composite
   key as a compact JSON array of the typed values, e.g. ``[1,"a"]``. Tables without a key get NULL.
 - ``before``: the old row pgoutput sent — the whole row with REPLICA IDENTITY FULL, only the key columns
   with the default identity (sent for DELETE, and for UPDATE only when the key changed), ``{}`` when none
@@ -28,9 +29,13 @@ Rules (docs/architecture.md, "message protocol"):
   ``before`` and ``primary_key`` is NULL. With REPLICA IDENTITY NOTHING (or no key at all) PostgreSQL
   refuses UPDATE/DELETE on a published table and pgoutput sends no DELETE, so only INSERT and TRUNCATE
   can be recorded.
-- TRUNCATE: one row per truncated table, NULL ``primary_key``, ``{}`` before and after.
-- ``bemi_ddl`` messages (capture/ddl.py) and Relation messages whose column set differs from the last
-  one known for a table produce :class:`SchemaChange` rows for ``changes_schemas``.
+- TRUNCATE: one row per truncated table, NULL ``primary_key``, ``{}`` before and after. A TRUNCATE of
+  a partition (which pgoutput does not send) arrives as ``bemi_truncate`` messages, one per row: a
+  DELETE of the root with the whole old row. ``bemi_rewrite`` messages (a DDL rewrite) become UPDATEs
+  with ``{}`` before and the new row after.
+- ``bemi_ddl`` messages (capture/ddl.py) and Relation messages whose columns differ from the version
+  recorded for the relation's OID produce :class:`SchemaChange` rows for ``changes_schemas``, with the
+  events between the two versions (:data:`EVENT_KINDS`). Keys come from that record, in stream order.
 """
 
 from __future__ import annotations
