@@ -350,3 +350,32 @@ def test_a_rewriting_alter_reaches_the_history_as_updates_in_its_transaction(
     assert [(t, e["captured"], "partition" in e) for t, e in rewrites] == [
         ("t", True, False), ("t", True, False), ("m", True, True), ("m", True, True), ("t", False, False)
     ]
+
+
+def test_a_first_release_changes_schemas_table_is_upgraded_in_place(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the first release's table, with one version
+        conn.execute(
+            'CREATE TABLE changes_schemas ("schema" text NOT NULL, "table" text NOT NULL,'
+            " commit_position bigint NOT NULL, ordinal integer NOT NULL DEFAULT 0,"
+            " committed_at timestamptz NOT NULL, columns jsonb NOT NULL,"
+            ' PRIMARY KEY ("schema", "table", commit_position, ordinal))'
+        )
+        conn.execute(
+            "INSERT INTO changes_schemas VALUES ('public', 'old', 1, 0, now(),"
+            " '[{\"name\": \"id\", \"type\": \"integer\", \"type_oid\": 23, \"key\": true}]')"
+        )
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    run(dsn, once=True)  # the upgrade is idempotent
+    with psycopg.connect(dsn) as conn:
+        key = conn.execute(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_constraint c"
+            " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)"
+            " WHERE c.conrelid = 'changes_schemas'::regclass AND c.contype = 'p'"
+        ).fetchone()
+        old = conn.execute(
+            "SELECT relation_oid, step, event, context FROM changes_schemas WHERE \"table\" = 'old'"
+        ).fetchall()
+    assert key == (["commit_position", "ordinal", "schema", "step", "table"],)
+    assert old == [(None, 0, [], {})]
+    assert [kinds(v) for v in record(dsn) if v["table"] == "t"] == [["new_relation"]]
