@@ -202,7 +202,7 @@ class Sink:
             sql.SQL(
                 "SELECT * FROM (SELECT DISTINCT ON (relation_oid, CASE WHEN relation_oid IS NULL"
                 ' THEN ("schema", "table") END) "schema", "table", relation_oid, replica_identity, columns,'
-                " event FROM {} ORDER BY relation_oid, CASE WHEN relation_oid IS NULL"
+                " event, commit_position FROM {} ORDER BY relation_oid, CASE WHEN relation_oid IS NULL"
                 ' THEN ("schema", "table") END, commit_position DESC, ordinal DESC, step DESC) AS v'
                 " WHERE NOT v.event @> '[{{\"kind\": \"drop_table\"}}]'"
                 " ORDER BY relation_oid NULLS FIRST"
@@ -221,13 +221,15 @@ class Sink:
         }
         self.conn.rollback()
         known = KnownSchemas()
-        for schema, table, oid, identity, columns, _ in rows:
+        for schema, table, oid, identity, columns, _, position in rows:
             spec = tuple(
                 ColumnSpec(c["name"], c["type"], int(c["type_oid"]), bool(c["key"]), c.get("attnum"))
                 for c in columns
             )
             # OID versions come last, so a name now held by a relation with an OID maps to it
-            known.record(RelationVersion(oid, schema, table, spec, identity, oid not in gaps), None)
+            known.record(
+                RelationVersion(oid, schema, table, spec, identity, oid not in gaps, int(position)), None
+            )
         return known
 
     # -- writing -----------------------------------------------------------------------------------

@@ -196,6 +196,9 @@ class RelationVersion:
     columns: tuple[ColumnSpec, ...]
     replica_identity: str | None = None
     tracked: bool = True  # False inside a tracking gap (an ``untracked`` event without ``tracked`` after)
+    #: commit position of a version loaded from ``changes_schemas`` (0 for one recorded by this stitcher):
+    #: a Relation message of a transaction at or before it is a replay of what the destination holds
+    position: int = 0
 
 
 @dataclass
@@ -601,6 +604,10 @@ class Stitcher:
                 for i, c in enumerate(columns)
             )
         self._register(relation, spec)
+        if previous is not None and self._committed_at is not None and self._commit_lsn <= previous.position:
+            # a transaction the destination already holds, decoded again (the worker skips its rows):
+            # the record is ahead of this Relation message and stays as it is
+            return []
         version = RelationVersion(
             relation.oid, relation.namespace, relation.name, spec, relation.replica_identity,
             previous.tracked if previous is not None else True,

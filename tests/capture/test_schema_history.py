@@ -379,3 +379,20 @@ def test_a_first_release_changes_schemas_table_is_upgraded_in_place(dsn: str) ->
     assert key == (["commit_position", "ordinal", "schema", "step", "table"],)
     assert old == [(None, 0, [], {})]
     assert [kinds(v) for v in record(dsn) if v["table"] == "t"] == [["new_relation"]]
+
+
+def test_a_replayed_transaction_leaves_the_recorded_version_as_it_is() -> None:
+    from capture.pgoutput import Begin, Column, Commit, Relation
+    from capture.stitch import ColumnSpec, KnownSchemas, RelationVersion, Stitcher
+
+    known = KnownSchemas()
+    columns = (ColumnSpec("id", "integer", 23, True, 1), ColumnSpec("v", "text", 25, False, 2))
+    known.record(RelationVersion(7, "public", "t", columns, "f", position=100), None)
+    stitcher = Stitcher("db", {}, known)
+    old = Relation(7, "public", "t", "f", (Column(True, "id", 23, -1),))
+    new = Relation(7, "public", "t", "f", (Column(True, "id", 23, -1), Column(True, "v", 25, -1)))
+    # the worker decodes again a transaction the destination already holds (before the ADD COLUMN) ...
+    assert stitcher.feed_all([(1, Begin(50, 0, 1)), (2, old), (3, Commit(0, 50, 60, 0))]) == []
+    # ... then the new ones: the record still describes them, the key is the recorded one
+    assert stitcher.feed_all([(4, Begin(200, 0, 2)), (5, new)]) == []
+    assert stitcher.known_columns.by_oid[7].columns == columns
