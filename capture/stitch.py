@@ -320,6 +320,20 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _columns_text(columns: Sequence[ColumnSpec], fills: Mapping[str, str] | None = None) -> str:
+    """``changes_schemas.columns`` of a version: name, type, type_oid, key, attnum (if known), fill."""
+    parts = []
+    for col in columns:
+        item: dict[str, Any] = {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key}
+        if col.attnum is not None:
+            item["attnum"] = col.attnum
+        text = _json(item)
+        if fills and col.name in fills:
+            text = f'{text[:-1]},"fill":{fills[col.name]}}}'
+        parts.append(text)
+    return "[" + ",".join(parts) + "]"
+
+
 def _diff(
     old: RelationVersion | None, new: RelationVersion, fills: Mapping[str, str], command: str | None
 ) -> list[dict[str, Any]]:
@@ -643,18 +657,7 @@ class Stitcher:
             return []
         if command is not None:
             events = [{**e, "command": command} for e in events]
-        parts = []
-        for col in version.columns:
-            item: dict[str, Any] = {
-                "name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key
-            }
-            if col.attnum is not None:
-                item["attnum"] = col.attnum
-            text = _json(item)
-            if fills and col.name in fills:
-                text = f'{text[:-1]},"fill":{fills[col.name]}}}'
-            parts.append(text)
-        return [self._version(version, "[" + ",".join(parts) + "]", events)]
+        return [self._version(version, _columns_text(version.columns, fills), events)]
 
     def _version(self, version: RelationVersion, columns: str, events: list[dict[str, Any]]) -> SchemaChange:
         """A ``changes_schemas`` row at the current position, taking the next step."""
@@ -678,6 +681,13 @@ class Stitcher:
         if (schema, table) in self.ignored_tables or schema in self.ignored_schemas:
             return []
         previous = self.known_columns.get(oid, schema, table)
+        if command == "UNTRACK" and columns is None:
+            # a table without the context trigger (bemi_tt/triggers.py): its rows carry no context
+            if previous is None or self._committed_at is None:
+                return []
+            return [self._version(previous, _columns_text(previous.columns), [
+                {"kind": "untracked", "what": str(event.get("what") or "context"),
+                 "reason": event.get("reason"), "command": command}])]
         if columns is None:  # a dropped table: every row of it is gone
             if previous is None or (oid is None and previous.oid is not None):
                 return []

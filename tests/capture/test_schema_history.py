@@ -396,3 +396,30 @@ def test_a_replayed_transaction_leaves_the_recorded_version_as_it_is() -> None:
     # ... then the new ones: the record still describes them, the key is the recorded one
     assert stitcher.feed_all([(4, Begin(200, 0, 2)), (5, new)]) == []
     assert stitcher.known_columns.by_oid[7].columns == columns
+
+
+def test_a_table_created_without_the_context_trigger_is_a_recorded_gap(
+    pg_server: Any, database: str, dsn: str, engine: sa.Engine, make_role: Any
+) -> None:
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    owner, other = make_role("owner", ""), make_role("other", "")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for role in (owner, other):
+            conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(database), sql.Identifier(owner)))
+    app = sa.create_engine(pg_server.sqlalchemy_url(database).set(username=owner))
+    try:
+        install(app)  # the functions belong to (and run as) a non-superuser ...
+    finally:
+        app.dispose()
+    install(engine)  # ... and a superuser adds the event triggers
+    run(dsn, once=True)
+    with psycopg.connect(make_conninfo(dsn, user=other), autocommit=True) as conn:
+        conn.execute("CREATE TABLE other_later (id int PRIMARY KEY)")  # the owner may not alter it
+    run(dsn, once=True)
+    got = [v for v in record(dsn) if v["table"] == "other_later"]
+    assert [kinds(v) for v in got] == [["create_table"], ["untracked"]]
+    assert got[1]["event"][0]["what"] == "context" and got[1]["columns"] == got[0]["columns"]
