@@ -423,3 +423,38 @@ def test_a_table_created_without_the_context_trigger_is_a_recorded_gap(
     got = [v for v in record(dsn) if v["table"] == "other_later"]
     assert [kinds(v) for v in got] == [["create_table"], ["untracked"]]
     assert got[1]["event"][0]["what"] == "context" and got[1]["columns"] == got[0]["columns"]
+
+
+def test_the_parquet_export_carries_every_column_of_the_record(
+    engine: sa.Engine, dsn: str, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    from capture.export import export_parquet
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, a int)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT pg_logical_emit_message(true, 'bemi', %s)", (json.dumps({"who": "m"}),))
+        conn.execute("ALTER TABLE t RENAME COLUMN a TO b")
+        conn.execute("ALTER TABLE t RENAME COLUMN b TO c")  # a second version at the same position
+        conn.commit()
+    run(dsn, once=True)
+    export_parquet(dsn, str(tmp_path / "out"))
+    exported = pq.read_table(tmp_path / "out" / "_bemi_tt" / "schemas.pq").to_pylist()
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute(
+            'SELECT "schema", "table", commit_position, ordinal, committed_at, columns, relation_oid, step,'
+            " event, context, replica_identity FROM changes_schemas"
+            ' ORDER BY "schema", "table", commit_position, ordinal, step'
+        ).fetchall()
+    names = ["schema", "table", "commit_position", "ordinal", "committed_at", "columns", "relation_oid",
+             "step", "event", "context", "replica_identity"]
+    json_fields = ("columns", "event", "context")
+    assert [{k: json.loads(v) if k in json_fields else v for k, v in row.items()} for row in exported] == [
+        dict(zip(names, row, strict=True)) for row in stored
+    ]
+    assert [r["step"] for r in exported][-2:] == [0, 1]
+    assert json.loads(exported[-1]["context"]) == {"who": "m"}
