@@ -1,21 +1,52 @@
 """``bemi-tt``: a thin command line over the public functions.
 
-Each command parses its options, calls one function and prints the result.
+Each command parses its options, calls one function and prints the result. Failures print one line,
+``bemi-tt: error: ...``, never a traceback (``-v`` adds it), and never a password: every line written to
+stderr goes through ``capture.dsn.redact``, which knows the passwords of the arguments and environment.
+Exit codes: 0 success, 2 bad usage (argparse, ``ConfigurationError``), 1 any other failure (cannot
+connect, permission denied, disk full, slot in use, ...), 130 interrupted, 141 stdout closed early
+(``bemi-tt as-of ... | head``: quiet, as Unix tools killed by SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from capture.errors import BemiError
+from capture.dsn import RedactingFilter, one_line, redact, remember
+from capture.errors import BemiError, ConfigurationError
 
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Exit codes (see the module docstring).
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
+#: Environment variables that may hold a connection string with a password.
+_DSN_ENV = ("BEMI_TT_DSN", "BEMI_TT_SOURCE")
+#: Top-level packages whose exceptions are environment failures the user can act on (exit 1, one line).
+_OPERATIONAL_PACKAGES = {"psycopg", "sqlalchemy", "duckdb", "_duckdb", "pyarrow"}
+
+
+class _UsageError(Exception):
+    """Bad command-line usage, raised instead of argparse's print-usage-and-exit."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one redacted line printed by :func:`main` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message, self.prog)
 
 
 def _print_frame(frame: Any, fmt: str) -> None:
@@ -37,6 +68,11 @@ def _print_frame(frame: Any, fmt: str) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from bemi_tt.demo import run_demo
 
+    if args.bindir is not None and not os.path.isfile(os.path.join(args.bindir, "initdb")):
+        raise ConfigurationError(
+            f"--bindir {args.bindir!r} holds no PostgreSQL 'initdb': pass the bin directory of a PostgreSQL "
+            "installation, e.g. /usr/lib/postgresql/15/bin"
+        )
     run_demo(bindir=args.bindir)
     return 0
 
@@ -79,7 +115,8 @@ def _export(args: argparse.Namespace) -> int:
     from capture.export import export_parquet
 
     progress = False if args.quiet else None
-    stats = export_parquet(args.dsn, args.to, compact=args.compact, progress=progress, wait=args.wait or 0.0)
+    stats = export_parquet(args.dsn, args.to, compact=args.compact, progress=progress, wait=args.wait or 0.0,
+                           format=args.format)
     if not args.quiet and not sys.stderr.isatty():  # on a terminal the library printed its final line
         print(stats)
     return 0
@@ -89,9 +126,19 @@ def _source(args: argparse.Namespace) -> Any:
     return args.source  # None lets the library use BEMI_TT_SOURCE
 
 
+def _check_times(**times: str | None) -> None:
+    """Parse the time arguments before anything connects: a typo is bad usage, not a failed connection."""
+    from bemi_tt.timestamps import to_utc
+
+    for name, value in times.items():
+        if value is not None:
+            to_utc(value, name)
+
+
 def _as_of(args: argparse.Namespace) -> int:
     from bemi_tt.timetravel import as_of
 
+    _check_times(ts=args.ts)
     _print_frame(as_of(args.table, args.ts, key=args.key, source=_source(args)), args.format)
     return 0
 
@@ -99,6 +146,7 @@ def _as_of(args: argparse.Namespace) -> int:
 def _diff(args: argparse.Namespace) -> int:
     from bemi_tt.timetravel import diff
 
+    _check_times(t1=args.t1, t2=args.t2)
     _print_frame(diff(args.table, args.t1, args.t2, source=_source(args)), args.format)
     return 0
 
@@ -117,8 +165,9 @@ def _audit(args: argparse.Namespace) -> int:
     for item in args.where:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise BemiError(f"--where takes KEY=VALUE, got {item!r}")
+            raise ConfigurationError(f"--where takes KEY=VALUE, got {item!r}")
         filters[key] = value
+    _check_times(since=args.since, until=args.until)
     frame = audit(args.table, since=args.since, until=args.until, source=_source(args), **filters)
     _print_frame(frame, args.format)
     return 0
@@ -126,11 +175,12 @@ def _audit(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bemi-tt",
         description="Time travel and audit for PostgreSQL applications written with SQLAlchemy.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress at INFO level; on errors also print the (redacted) traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -145,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def read_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--source", default=None,
-                       help="PostgreSQL URL holding `changes`, or a Parquet export directory "
+                       help="PostgreSQL URL holding `changes`, or a Parquet or Delta export directory "
                             "(default: $BEMI_TT_SOURCE)")
         p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                        help="output format (default: table)")
@@ -184,10 +234,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", default=None, help="PostgreSQL URL holding `changes` if elsewhere")
     p.add_argument("--slot", default="bemi_tt", help="replication slot name (default: bemi_tt)")
 
-    p = command("export", _export, "Export new changes to a Parquet dataset (incremental, atomic).")
+    p = command("export", _export,
+                "Export new changes to a Parquet dataset or a Delta table (incremental, atomic, "
+                "exactly once).")
     p.add_argument("--dsn", required=True, help="PostgreSQL URL of the database holding `changes`")
     p.add_argument("--to", required=True, metavar="DIR", help="dataset directory: a local path or s3://...")
-    p.add_argument("--compact", action="store_true", help="merge the small files of each partition")
+    p.add_argument("--format", choices=["parquet", "delta"], default="parquet",
+                   help="parquet: a Hive-partitioned Parquet dataset (default); delta: an append-only "
+                        "Delta Lake table (needs pip install 'bemi-tt[delta]')")
+    p.add_argument("--compact", action="store_true",
+                   help="merge the small files of each partition (Delta: optimize)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no final line")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait up to this long for another export of the same directory to finish "
@@ -220,18 +276,78 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bemi-tt`` console script."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _error(message: object) -> None:
+    """The one line every failure prints: redacted (the last line of defence), on stderr."""
+    with contextlib.suppress(OSError, ValueError):  # stderr closed too: nothing left to tell
+        print(f"bemi-tt: error: {one_line(redact(message))}", file=sys.stderr, flush=True)
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """The message of an exception the library did not translate: a driver's, the OS's, or a bug's."""
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps the driver's exception
+    inner = orig if isinstance(orig, BaseException) else exc
+    if isinstance(exc, BemiError):
+        return str(exc)
+    if isinstance(inner, OSError) or type(inner).__module__.split(".")[0] in _OPERATIONAL_PACKAGES:
+        text = str(inner).strip()
+        return f"{text}" if text else type(inner).__name__
+    return f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback; please report it)"
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise BrokenPipeError again."""
     try:
-        return int(args.handler(args))
-    except BemiError as exc:
-        print(f"bemi-tt: error: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (captured in tests): nothing to do
+        pass
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bemi-tt`` console script; returns the exit code (see the module docstring)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # every password in the arguments or the environment is known to redact() before anything can fail
+    remember(*arguments, *(os.environ.get(name) for name in _DSN_ENV))
+    verbose = False
+    try:
+        args = _parser().parse_args(arguments)
+        verbose = bool(args.verbose)
+        _logging(verbose)
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return code
+    except _UsageError as exc:
+        _error(f"{exc} (see {exc.prog} --help)")
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if verbose:
+            text = "".join(traceback.format_exception(exc))
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(redact(text))
+        _error(_describe_failure(exc))
+        return _exit_code(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

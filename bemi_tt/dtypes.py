@@ -1,12 +1,21 @@
 """PostgreSQL column types → pandas dtypes, and typed JSON rows (as ``changes.after`` holds them) → columns.
 
-The mapping (one place): ``smallint/integer/bigint`` → ``Int16/Int32/Int64``; ``boolean`` → ``boolean``;
-``real/double precision`` → ``float32/float64``; ``numeric(p,s)`` → ``pd.ArrowDtype(pa.decimal128(p, s))``
-(exact, vectorised; scalars come out as ``decimal.Decimal``), unconstrained ``numeric`` → ``object`` of
-exact ``decimal.Decimal`` (no fixed scale fits every value); ``timestamp with time zone`` →
-``datetime64[us, UTC]``; ``timestamp`` → ``datetime64[us]``; ``date``/``time`` → ``object`` of
+The mapping (one place, used by ``as_of``, ``diff``, ``history``, ``blame`` and the typed DuckDB macros):
+``smallint/integer/bigint`` → ``Int16/Int32/Int64``; ``boolean`` → ``boolean``; ``real/double precision`` →
+``float32/float64``; ``numeric(p,s)`` → ``pd.ArrowDtype(pa.decimal128(p, s))`` (exact, vectorised; scalars
+come out as ``decimal.Decimal``), unconstrained ``numeric`` → ``object`` of exact ``decimal.Decimal`` (no
+fixed scale fits every value); ``timestamp with time zone`` → ``datetime64[us, UTC]``; ``timestamp`` →
+``datetime64[us]`` (BC years as astronomical years: 44 BC is -43); ``date``/``time`` → ``object`` of
 ``datetime.date``/``datetime.time``; ``json/jsonb`` → ``object`` of dicts/lists; arrays → ``object`` of
-lists; ``bytea`` → ``object`` of ``bytes``; text, uuid, enums, intervals and the rest → ``string``.
+lists; ``bytea`` → ``object`` of ``bytes``; a domain → its base type (``base_type`` in ``changes_schemas``);
+text, uuid, enums, intervals and the rest → ``string``.
+
+Every value PostgreSQL can store stays distinguishable; where the usual dtype cannot hold a column's values
+the column (only that one) takes a dtype that can: floats holding NaN → ``double[pyarrow]``/``float[pyarrow]``
+(NULL is ``<NA>``, NaN is NaN; in ``float64`` NaN would mean NULL); numerics holding NaN or ±Infinity →
+``object`` of ``Decimal``; timestamps holding ``infinity``/``-infinity`` or years past 294246 → ``object``
+of ``pd.Timestamp``, such values kept as PostgreSQL's text (``"infinity"``); dates that ``datetime.date``
+cannot hold (infinity, BC) stay their text too.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, time
 from decimal import Decimal
@@ -23,9 +32,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-__all__ = ["ColumnType", "column_type", "frame_from_json", "infer_type", "parse_json"]
+__all__ = [
+    "ColumnType",
+    "column_type",
+    "frame_from_json",
+    "infer_type",
+    "parse_json",
+    "spec_type",
+    "typed_series",
+]
 
 _PARAMS = re.compile(r"\([^)]*\)")
 
@@ -39,6 +57,30 @@ class ColumnType:
     arrow: pa.DataType | None  # fast path: what the Arrow JSON reader parses it as (None: Python path)
     convert: Callable[[Any], Any]  # Python path: JSON value (floats as Decimal) → Python value
     duck: str | None = None  # DuckDB path: SQL turning ``{v}`` (the value's JSON text) into the type
+    sql: str | None = None  # SQL users' cast (the typed macros) when it differs from ``duck``
+
+    @property
+    def macro(self) -> str | None:
+        """The DuckDB SQL of the typed ``as_of_<table>`` macros: DuckDB's own types, infinity included."""
+        return self.sql if self.sql is not None else self.duck
+
+
+#: DataFrame path: a value DuckDB would cast into something pandas cannot hold as it is (infinity, BC
+#: years) raises, so that Python types the frame (``frame_from_json``) and the value stays distinct.
+_DUCK_GUARD = (
+    "CASE WHEN {{v}} IN ('infinity', '-infinity') OR ends_with({{v}}, ' BC') "
+    "THEN error('bemi_tt: a value for the Python path') ELSE {cast} END"
+)
+
+
+#: SQL path: PostgreSQL's " BC" timestamps as DuckDB's (whose CAST ignores " BC" and reads 44 BC as 44 AD):
+#: the BC date, plus the time of day, minus the offset (naive result; UTC for timestamptz)
+_SQL_BC = (
+    "CAST(CAST(regexp_extract({v}, '^([0-9]+-[0-9]+-[0-9]+)', 1) || ' (BC)' AS DATE) AS TIMESTAMP)"
+    " + CAST(regexp_extract({v}, 'T([0-9:.]+)', 1) AS INTERVAL)"
+    " - coalesce(CAST(nullif(ltrim(regexp_extract({v}, '([+-][0-9:]+) BC$', 1), '+'), '') AS INTERVAL),"
+    " INTERVAL 0 SECOND)"
+)
 
 
 def _decimal(v: Any) -> Any:
@@ -53,18 +95,50 @@ def _str(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def _timestamp_tz(v: Any) -> Any:
+#: PostgreSQL's JSON text of a timestamp: ISO 8601, years beyond 9999, an offset of up to seconds, " BC"
+_PG_TIMESTAMP = re.compile(
+    r"(\d{4,})-(\d\d)-(\d\d)T(\d\d:\d\d:\d\d(?:\.\d{1,6})?)"
+    r"(?:([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?)?( BC)?"
+)
+
+
+def _pg_timestamp(v: Any, utc: bool) -> Any:
+    """A timestamp's JSON text → ``pd.Timestamp`` (us, UTC when ``utc``), BC as astronomical years
+    (44 BC is year -43); the text itself when pandas cannot hold it ('infinity', '-infinity', years past
+    294246), so such a value never looks like NULL."""
+    if not isinstance(v, str):
+        return v
+    if v[4:5] == "-" and v[10:11] == "T" and not v.endswith(" BC"):  # four-digit years: pandas parses
+        try:
+            parsed = pd.Timestamp(v)
+            return (parsed.tz_convert("UTC") if utc else parsed).as_unit("us")
+        except (ValueError, TypeError, OverflowError):
+            pass
+    match = _PG_TIMESTAMP.fullmatch(v)
+    if match is None:
+        return v
+    year = int(match[1]) if match[9] is None else 1 - int(match[1])
+    sign = "-" if year < 0 else ""
     try:
-        return pd.Timestamp(v).tz_convert("UTC").as_unit("us")
-    except (ValueError, TypeError):
-        return pd.NaT  # 'infinity', BC dates: outside what pandas holds
+        # numpy parses any year but wraps silently past its range: the year read back proves it held
+        instant = np.datetime64(f"{sign}{abs(year):04d}-{match[2]}-{match[3]}T{match[4]}", "us")
+        if match[5] is not None:
+            offset = int(match[6]) * 3600 + int(match[7] or 0) * 60 + int(match[8] or 0)
+            instant = instant - np.timedelta64(offset if match[5] == "+" else -offset, "s")
+        parsed = pd.Timestamp(instant)
+    except (ValueError, OverflowError):
+        return v
+    if abs(parsed.year - year) > 1:  # an offset moves it a year at most; a wrap moves it far
+        return v
+    return parsed.tz_localize("UTC") if utc else parsed
+
+
+def _timestamp_tz(v: Any) -> Any:
+    return _pg_timestamp(v, True)
 
 
 def _timestamp(v: Any) -> Any:
-    try:
-        return pd.Timestamp(v).as_unit("us")
-    except (ValueError, TypeError):
-        return pd.NaT
+    return _pg_timestamp(v, False)
 
 
 def _date(v: Any) -> Any:
@@ -106,7 +180,9 @@ def column_type(pg_type: str) -> ColumnType:
 
             def elem_convert(v: Any, _c: Callable[[Any], Any] = element.convert) -> Any:
                 value = _c(v)
-                return value.to_pydatetime() if isinstance(value, pd.Timestamp) else value
+                if isinstance(value, pd.Timestamp) and value.year >= 1:
+                    return value.to_pydatetime()
+                return value  # BC (no datetime holds it) stays a Timestamp, infinity its text
 
         def convert_array(v: Any) -> Any:
             if isinstance(v, list):
@@ -152,7 +228,9 @@ def column_type(pg_type: str) -> ColumnType:
             "datetime64[us, UTC]",
             pa.timestamp("us", tz="UTC"),
             _timestamp_tz,
-            "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMPTZ) END",
+            _DUCK_GUARD.format(cast="CAST({v} AS TIMESTAMPTZ)"),
+            f"CASE WHEN ends_with({{v}}, ' BC') THEN timezone('UTC', {_SQL_BC}) "
+            "ELSE CAST({v} AS TIMESTAMPTZ) END",
         )
     if base in ("timestamp without time zone", "timestamp"):
         return ColumnType(
@@ -160,10 +238,18 @@ def column_type(pg_type: str) -> ColumnType:
             "datetime64[us]",
             pa.timestamp("us"),
             _timestamp,
-            "CASE WHEN {v} IN ('infinity', '-infinity') THEN NULL ELSE CAST({v} AS TIMESTAMP) END",
+            _DUCK_GUARD.format(cast="CAST({v} AS TIMESTAMP)"),
+            f"CASE WHEN ends_with({{v}}, ' BC') THEN {_SQL_BC} ELSE CAST({{v}} AS TIMESTAMP) END",
         )
     if base == "date":
-        return ColumnType(pg_type, object, None, _date, "CAST({v} AS DATE)")
+        return ColumnType(
+            pg_type,
+            object,
+            None,
+            _date,
+            _DUCK_GUARD.format(cast="CAST({v} AS DATE)"),
+            "CAST(CASE WHEN ends_with({v}, ' BC') THEN replace({v}, ' BC', ' (BC)') ELSE {v} END AS DATE)",
+        )
     if base in ("time without time zone", "time"):
         return ColumnType(pg_type, object, None, _time)
     if base in ("json", "jsonb"):
@@ -171,6 +257,16 @@ def column_type(pg_type: str) -> ColumnType:
     if base == "bytea":
         return ColumnType(pg_type, object, None, _bytes)
     return ColumnType(pg_type, pd.StringDtype(), pa.string(), _str, "{v}")
+
+
+def spec_type(spec: Mapping[str, Any]) -> ColumnType:
+    """The :class:`ColumnType` of one ``changes_schemas`` column: a domain by its base type (the worker
+    records ``base_type`` for domain columns), every other type by its ``format_type`` text."""
+    base = spec.get("base_type")
+    if not base:
+        return column_type(str(spec["type"]))
+    base = str(base)  # a pg_type typname: arrays are "_int4"
+    return column_type(f"{base[1:]}[]" if base.startswith("_") else base)
 
 
 def infer_type(value: Any) -> str:
@@ -193,20 +289,41 @@ def parse_json(text: str) -> Any:
     return json.loads(text, parse_float=Decimal)
 
 
+def _has_nan(values: Sequence[Any]) -> bool:
+    return any(isinstance(v, float) and v != v for v in values)
+
+
 def _python_column(rows: Sequence[dict[str, Any]], name: str, kind: ColumnType) -> pd.Series:
+    """One column through Python; the usual dtype unless a value would be lost in it (decided per column)."""
     convert = kind.convert
     values = [None if (v := row.get(name)) is None else convert(v) for row in rows]
+    return typed_series(values, kind)
+
+
+def typed_series(values: Sequence[Any], kind: ColumnType) -> pd.Series:
+    """Python values (None for NULL) → the column of ``kind``'s dtype, or, when that dtype cannot hold some
+    value apart from NULL, a column that can: ``double[pyarrow]`` for floats with NaN (NULL is ``<NA>``),
+    ``object`` for numerics with NaN and timestamps with infinity or years past 294246 (kept as text)."""
     if isinstance(kind.dtype, pd.ArrowDtype):
+        if any(isinstance(v, Decimal) and not v.is_finite() for v in values):
+            return pd.Series(values, dtype=object)  # NaN, Infinity: no Arrow decimal holds them
         try:
             return pd.Series(pd.array(values, dtype=kind.dtype))
         except (pa.ArrowInvalid, TypeError, ValueError):
-            return pd.Series(values, dtype=object)  # NaN: no Arrow decimal holds it
+            return pd.Series(values, dtype=object)  # NaN, Infinity: no Arrow decimal holds them
     if kind.dtype is object:
-        series = pd.Series(values, dtype=object)
-        return series.where(series.notna(), None) if len(series) else series
+        return pd.Series(values, dtype=object)  # NULL is None; Decimal('NaN') stays itself
     if isinstance(kind.dtype, str) and kind.dtype.startswith("datetime64"):
-        return pd.Series(pd.array([pd.NaT if v is None else v for v in values], dtype=kind.dtype))
+        if any(v is not None and not isinstance(v, pd.Timestamp) for v in values):
+            return pd.Series(values, dtype=object)
+        # through numpy: pandas turns tz-aware Timestamps outside the nanosecond range into wrong years
+        nat = np.datetime64("NaT", "us")
+        stamps = pd.Series(np.array([nat if v is None else v.as_unit("us").asm8 for v in values], "M8[us]"))
+        return stamps.dt.tz_localize("UTC") if kind.dtype == "datetime64[us, UTC]" else stamps
     if isinstance(kind.dtype, np.dtype):
+        if _has_nan(values):  # float64 shows NULL as NaN: Arrow keeps NULL and NaN apart
+            nan_kept = pa.array(values, type=kind.arrow, from_pandas=False)
+            return pd.Series(pd.arrays.ArrowExtensionArray(nan_kept))
         return pd.Series([np.nan if v is None else v for v in values], dtype=kind.dtype)
     return pd.Series(pd.array(values, dtype=kind.dtype))
 
@@ -289,6 +406,8 @@ def frame_from_arrow(table: pa.Table, columns: Sequence[tuple[str, ColumnType]])
             out[name] = pd.Series(pd.arrays.ArrowExtensionArray(column.cast(kind.arrow)))
         elif pa.types.is_date(column.type):
             out[name] = pd.Series(column.to_pylist(), dtype=object)
+        elif pa.types.is_floating(column.type) and pc.any(pc.is_nan(column)).as_py():
+            out[name] = pd.Series(pd.arrays.ArrowExtensionArray(column.cast(kind.arrow)))
         elif pa.types.is_timestamp(column.type):
             series = pd.Series(column.to_pandas(coerce_temporal_nanoseconds=False))
             if kind.dtype == "datetime64[us, UTC]":

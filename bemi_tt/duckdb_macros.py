@@ -6,7 +6,8 @@
     con.sql("SELECT * FROM history('todo', '1')")
 
 The macros run the same SQL as :func:`bemi_tt.as_of` (``timetravel.latest_sql``), so SQL users get the same
-rows; the typed ``as_of_<table>`` macros use the same casts as the DataFrame path (json, arrays, bytea and
+rows; the typed ``as_of_<table>`` macros type columns by the same mapping as the DataFrame path, as DuckDB
+holds them (timestamp infinity and BC years included; domains by their base type; json, arrays, bytea and
 numerics beyond 15 digits stay JSON there: exact values need the Python path).
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import duckdb as _duckdb
 import pyarrow as pa
 
-from bemi_tt.dtypes import column_type
+from bemi_tt.dtypes import spec_type
 from bemi_tt.sources import Scope, get_source
 from bemi_tt.state import latest_sql
 
@@ -62,7 +63,7 @@ def _typed_macro(schema: str, table: str, columns: list[dict[str, Any]]) -> str 
     for col in columns:
         pointer = "'/" + col["name"].replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
         quoted = '"' + col["name"].replace('"', '""') + '"'
-        duck = column_type(str(col["type"])).duck
+        duck = spec_type(col).macro
         value = f'json_extract_string("row", {pointer})'
         expr = duck.format(v=value) if duck else f'json_extract("row", {pointer})'
         selects.append(f"{expr} AS {quoted}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,6 +31,7 @@ import pyarrow.fs as pafs
 from psycopg import sql
 
 from bemi_tt.timestamps import to_utc
+from capture.dsn import check_dsn, connect_error, redact
 from capture.errors import ConfigurationError, SourceError
 from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, SCHEMAS_TABLE, changes_arrow_schema
 
@@ -350,10 +352,13 @@ class ParquetSource(_ArrowBacked):
                 f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context") else f'"{c}"'
                 for c, _, _ in CHANGES_COLUMNS
             )
-            con.execute(
-                f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
-                f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
-            )
+            try:
+                con.execute(
+                    f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
+                    f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
+                )
+            except duckdb.Error as exc:  # DuckDB reads every file's footer here: a damaged file fails
+                raise self._damaged(exc, paths) from None
             base = f'"{name}__files"'
         else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)
             dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
@@ -368,6 +373,17 @@ class ParquetSource(_ArrowBacked):
             )
             base = f'"{name}__arrow"'
         _scope_view(con, name, base, scope)
+
+    def _damaged(self, exc: BaseException, paths: Sequence[str]) -> SourceError:
+        """A ``SourceError`` naming the damaged file (DuckDB's message names it; else the first listed)."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        named = re.search(r"[Ff]ile '([^']+)'", first)
+        path = named.group(1) if named else None
+        culprit = f"file {path!r}" if path else f"one of {len(paths)} files"
+        return SourceError(
+            f"cannot read {culprit} of the Parquet export {self.directory!r}: {first}; restore the file "
+            "from a backup or re-export into an empty directory with `bemi-tt export`"
+        )
 
     def schemas(self, table: TableName | None = None) -> pa.Table:
         import pyarrow.parquet as pq
@@ -405,7 +421,13 @@ class ParquetSource(_ArrowBacked):
             else:  # "a.b.c" is ("a.b", "c") or ("a", "b.c"): the file's rows say which
                 ambiguous.append(p)
         for p in ambiguous:
-            names = pq.read_table(p, columns=["schema", "table"], filesystem=filesystem)
+            try:
+                names = pq.read_table(p, columns=["schema", "table"], filesystem=filesystem)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise SourceError(
+                    f"cannot read file {p!r} of the Parquet export {self.directory!r}: {exc}; restore the "
+                    "file from a backup or re-export into an empty directory with `bemi-tt export`"
+                ) from None
             pairs |= set(zip(names["schema"].to_pylist(), names["table"].to_pylist(), strict=True))
         schemas = self.schemas()
         pairs |= set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False))
@@ -439,16 +461,14 @@ class PostgresSource(Source):
 
     def __init__(self, dsn: str, *, schema: str = "public", mirror: bool = False) -> None:
         self.dsn = _conninfo(dsn)
+        self.original = dsn
         self.schema = schema
         if not isinstance(mirror, bool):
             raise ConfigurationError(f"mirror must be True or False, got {mirror!r}")
         self.mirror = mirror
         self._mirrors: dict[TableName, pa.Table] = {}
         self._mirror_lock = threading.Lock()
-        try:
-            psycopg.conninfo.conninfo_to_dict(self.dsn)
-        except psycopg.ProgrammingError as exc:
-            raise ConfigurationError(f"source {dsn!r} is not a PostgreSQL URL or conninfo: {exc}") from None
+        check_dsn(dsn, what="source")  # a malformed one fails here, its password redacted
 
     @classmethod
     def from_engine(cls, engine: Any) -> PostgresSource:
@@ -473,8 +493,8 @@ class PostgresSource(Source):
     def _connect(self) -> psycopg.Connection[Any]:
         try:
             return psycopg.connect(self.dsn, autocommit=True)
-        except psycopg.OperationalError as exc:
-            raise SourceError(f"cannot connect to the changes database: {exc}".strip()) from exc
+        except psycopg.Error as exc:
+            raise connect_error(exc, self.original, what="the changes database") from None
 
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
@@ -973,6 +993,17 @@ _default: Source | None = None
 _lock = threading.Lock()
 
 
+def _directory_source(directory: str | os.PathLike[str]) -> Source:
+    """A Delta export (a ``_delta_log/`` directory) or a Parquet export."""
+    from bemi_tt.delta_source import DeltaSource, is_delta_directory
+
+    try:
+        delta = is_delta_directory(directory)
+    except (ConfigurationError, SourceError):  # unreachable or odd URI: the Parquet source reports it on use
+        delta = False
+    return DeltaSource(directory) if delta else ParquetSource(directory)
+
+
 def as_source(value: Any) -> Source:
     """A :class:`Source` for a URL, conninfo, directory, SQLAlchemy engine, or a Source itself."""
     if isinstance(value, Source):
@@ -980,21 +1011,21 @@ def as_source(value: Any) -> Source:
     if hasattr(value, "dialect") and (hasattr(value, "url") or hasattr(value, "engine")):
         return PostgresSource.from_engine(value)
     if isinstance(value, os.PathLike):
-        return ParquetSource(value)
+        return _directory_source(value)
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(
-            f"source {value!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
+            f"source {redact(value)!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
             "a SQLAlchemy engine, a Parquet export directory or a Source"
         )
     text = value.strip()
     if text.startswith(("postgresql://", "postgres://", "postgresql+", "postgres+")):
         return PostgresSource(text)
     if "://" in text or os.path.isdir(text):
-        return ParquetSource(text)
+        return _directory_source(text)
     if "=" in text:
         return PostgresSource(text)
     raise ConfigurationError(
-        f"source {value!r} is neither a PostgreSQL URL/conninfo nor an existing export "
+        f"source {redact(value)!r} is neither a PostgreSQL URL/conninfo nor an existing export "
         "directory: check the path or the URL"
     )
 

@@ -28,6 +28,8 @@ from bemi_tt.dtypes import (
     frame_from_json,
     infer_type,
     parse_json,
+    spec_type,
+    typed_series,
 )
 from bemi_tt.sources import PostgresSource, Scope, Source, TableName, json_text
 from capture.errors import ConfigurationError
@@ -51,26 +53,118 @@ def _duck() -> duckdb.DuckDBPyConnection:
 
 
 # -- tables and their columns -----------------------------------------------------------------------
+def _quoted_parts(name: str) -> list[str] | None:
+    """``public."my.table"`` → ``["public", "my.table"]``: a dotted list of identifiers, double-quoted ones
+    with ``""`` for a quote, unquoted ones as written; None when ``name`` is not of that form."""
+    parts: list[str] = []
+    i = 0
+    while True:
+        if name.startswith('"', i):
+            part, i = "", i + 1
+            while True:
+                close = name.find('"', i)
+                if close < 0:
+                    return None
+                part += name[i:close]
+                if name.startswith('"', close + 1):
+                    part, i = part + '"', close + 2
+                    continue
+                i = close + 1
+                break
+        else:
+            stop = name.find(".", i)
+            part = name[i:] if stop < 0 else name[i:stop]
+            if not part or '"' in part:
+                return None
+            i += len(part)
+        parts.append(part)
+        if i == len(name):
+            return parts if len(parts) <= 2 else None
+        if name[i] != ".":
+            return None
+        i += 1
+
+
+def _identifier(text: str) -> str:
+    return (
+        text
+        if text and '"' not in text and "." not in text and text.strip() == text
+        else ('"' + text.replace('"', '""') + '"')
+    )
+
+
+def _readings(name: str) -> list[tuple[str | None, str]]:
+    """Every (schema or None for any, table) that ``name`` can mean: the whole text as a table name, the
+    text split at one of its dots, and the quoted-identifier reading (``public."my.table"``)."""
+    readings: list[tuple[str | None, str]] = [(None, name)]
+    readings += [(name[:i], name[i + 1 :]) for i, ch in enumerate(name) if ch == "."]
+    quoted = _quoted_parts(name) if '"' in name else None
+    if quoted is not None:
+        readings.append((None, quoted[0]) if len(quoted) == 1 else (quoted[0], quoted[1]))
+    return readings
+
+
+def _matches(readings: list[tuple[str | None, str]], tables: list[TableName]) -> list[TableName]:
+    found: list[TableName] = []
+    for schema, bare in readings:
+        for candidate in tables:
+            if candidate[1] == bare and (schema is None or candidate[0] == schema) and candidate not in found:
+                found.append(candidate)
+    return found
+
+
+def _pick(name: str, found: list[TableName]) -> TableName | None:
+    """The one table ``found`` for ``name``; a bare name in several schemas means public's, as in
+    PostgreSQL's default search path; None when ambiguous."""
+    if len(found) == 1:
+        return found[0]
+    public = [c for c in found if c[0] == "public" and c[1] == name]
+    if public and all(c[1] == name for c in found):
+        return public[0]
+    return None
+
+
+def table_label(table: TableName, known: list[TableName] | None = None) -> str:
+    """How errors name a table: ``todo`` (schema public), ``app.todo``, quoted where a name holds a dot or a
+    quote (``public."my.table"``), fully quoted (``"my"."table"``) where a shorter label would also name
+    another of the ``known`` tables; :func:`resolve_table` reads each label back to that one table."""
+    schema, name = table
+    if _identifier(schema) == schema and _identifier(name) == name:
+        label = name if schema == "public" else f"{schema}.{name}"
+    else:
+        label = f"{_identifier(schema)}.{_identifier(name)}"
+    if known is not None and _pick(label, _matches(_readings(label), known)) != table:
+        label = '"' + schema.replace('"', '""') + '"."' + name.replace('"', '""') + '"'
+    return label
+
+
 def resolve_table(source: Source, table: str) -> TableName:
-    """``"todo"`` or ``"schema.todo"`` → ``(schema, table)``; unknown or ambiguous names are errors."""
+    """A table name → ``(schema, table)``, exactly: ``todo`` (any schema, public first), ``schema.todo``,
+    a name holding dots as it is (``my.table``) or quoted (``public."my.table"``); unknown or ambiguous
+    names are a :class:`ConfigurationError` listing the names that work."""
+    if isinstance(table, str) and "\x00" in table:
+        raise ConfigurationError(
+            f"table {table!r} holds a NUL character, which no PostgreSQL name can: pass the table's name, "
+            "such as 'todo' or 'public.todo'"
+        )
     if not isinstance(table, str) or not table.strip():
         raise ConfigurationError(f"table must be a table name such as 'todo' or 'public.todo', got {table!r}")
-    name = table.strip()
-    schema, dot, bare = name.partition(".")
-    candidates = source.tables(bare if dot else name)
-    if dot:
-        candidates = [c for c in candidates if c[0] == schema]
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        public = [c for c in candidates if c[0] == "public"]
-        if public:
-            return public[0]
+    name = table.strip() if table.strip() != table and not source.tables(table) else table
+    readings = _readings(name)
+    # ask the source only about the table names the text can mean (an index lookup each on PostgreSQL)
+    tables = sorted({t for bare in dict.fromkeys(b for _, b in readings) for t in source.tables(bare)})
+    found = _matches(readings, tables)
+    picked = _pick(name, found)
+    if picked is not None:
+        return picked
+    if found:
+        every = source.tables()
         raise ConfigurationError(
-            f"table {table!r} is ambiguous: it exists in schemas "
-            f"{sorted(c[0] for c in candidates)!r}; write it as 'schema.{name}'"
+            f"table {table!r} is ambiguous: it names {', '.join(table_label(c, every) for c in found)}; "
+            "pass one of these"
         )
-    known = ", ".join(f"{s}.{t}" if s != "public" else t for s, t in source.tables()) or "none"
+    every = source.tables()
+    known = ", ".join(table_label(t, every) for t in every) or "none"
     raise ConfigurationError(f"unknown table {table!r}: the source has changes for: {known}")
 
 
@@ -142,7 +236,7 @@ def layout_at(versions: list[Version], ts: pd.Timestamp | None) -> Layout | None
                 fill = json.dumps(found["fill"]) if "fill" in found else None
         if since is not None and all(any(c["name"] == name for c in v[2]) for v in valid):
             since = None
-        columns.append(Column(name, column_type(spec["type"]), bool(spec.get("key")), since, fill))
+        columns.append(Column(name, spec_type(spec), bool(spec.get("key")), since, fill))
     return Layout(tuple(columns))
 
 
@@ -273,6 +367,13 @@ def _first(rows: list[Any]) -> Any:
     return rows[0] if rows else None
 
 
+def _values(series: pd.Series) -> list[Any]:
+    """A column's values as :func:`typed_series` takes them: None for NULL (NaN is NULL only in float64)."""
+    if isinstance(series.dtype, np.dtype) and series.dtype.kind == "f":
+        return [None if v != v else v for v in series.tolist()]
+    return [None if v is None or v is pd.NA or v is pd.NaT else v for v in series.tolist()]
+
+
 def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
     """Apply column fills (rows last changed before a column was added), index by the key and sort."""
     keys = rows["k"].to_numpy(zero_copy_only=False)
@@ -283,18 +384,13 @@ def _typed(layout: Layout, rows: pa.Table, frame: pd.DataFrame) -> State:
             continue
         stale = (cps < column.since[0]) | ((cps == column.since[0]) & (ordinals < column.since[1]))
         if stale.any():
-            mask = pd.Series(stale, index=frame.index)
             fill = (
                 None
                 if column.fill is None
                 else frame_from_json(['{"v":' + column.fill + "}"], [("v", column.kind)])["v"].iloc[0]
             )
-            series = frame[column.name].copy()
-            if fill is None:
-                series = series.where(~mask, None if series.dtype == object else pd.NA)
-            else:
-                series = series.astype(object).where(~mask, fill).astype(series.dtype)
-            frame[column.name] = series
+            values = [fill if old else v for v, old in zip(_values(frame[column.name]), stale, strict=True)]
+            frame[column.name] = typed_series(values, column.kind).set_axis(frame.index)
     key_names = layout.keys
     if key_names:
         frame = frame.set_index(key_names if len(key_names) > 1 else key_names[0])

@@ -10,6 +10,7 @@ never time: ``as_of(t)`` is the state after the longest prefix of the table's co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -68,22 +69,35 @@ def as_of(
 
 
 def _missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float) and value != value
+    return value is None or value is pd.NA or value is pd.NaT
+
+
+def _nan(value: Any) -> bool:
+    return (isinstance(value, float) and value != value) or (isinstance(value, Decimal) and value.is_nan())
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal as PostgreSQL compares them: NULL only equals NULL, NaN equals NaN (float and numeric)."""
     if _missing(a) or _missing(b):
         return _missing(a) and _missing(b)
+    if _nan(a) or _nan(b):
+        return _nan(a) and _nan(b)
     try:
         return bool(a == b)
     except (TypeError, ValueError):
         return False
 
 
-def _plain(value: Any) -> Any:
-    return None if _missing(value) else value
+def _nan_is_null(frame: pd.DataFrame) -> set[str]:
+    """The columns whose dtype shows NULL as NaN (numpy floats; a float column holding NaN is Arrow)."""
+    return {c for c, t in frame.dtypes.items() if isinstance(t, np.dtype) and t.kind == "f"}
+
+
+def _plain(value: Any, nan_is_null: bool = False) -> Any:
+    """A cell as diff/blame return it: None for NULL, every other value as the frame holds it."""
+    if _missing(value) or (nan_is_null and isinstance(value, float) and value != value):
+        return None
+    return value
 
 
 def _origins(
@@ -263,6 +277,7 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     origins = _origins(src, name, layout, end, con, keys=[k for k in touched if k in new_rows])
     gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
+    old_nan, new_nan = _nan_is_null(old.frame), _nan_is_null(new.frame)
     old_pos = {c: i for i, c in enumerate(old_cols)}
     new_pos = {c: i for i, c in enumerate(new_cols)}
     for k in touched:  # an unchanged row gives no cell (every column compares the same)
@@ -273,8 +288,11 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
             event = gone.get(k) or gone.get("")
             removal = (event[0], event[1], event[2]) if event else (None, None, None)
         for col in all_cols:
-            before = o_row[old_pos[col]] if o_row is not None and col in old_pos else None
-            after = n_row[new_pos[col]] if n_row is not None and col in new_pos else None
+            before = after = None
+            if o_row is not None and col in old_pos:
+                before = _plain(o_row[old_pos[col]], col in old_nan)
+            if n_row is not None and col in new_pos:
+                after = _plain(n_row[new_pos[col]], col in new_nan)
             if change == "changed" and _same(before, after):
                 continue
             if change == "removed":
@@ -287,8 +305,8 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
                     "__index__": index,
                     "column": col,
                     "change": change,
-                    "old": _plain(before),
-                    "new": _plain(after),
+                    "old": before,
+                    "new": after,
                     "operation": op,
                     "committed_at": at,
                     "__ctx__": ctx,
@@ -337,6 +355,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
     layout = state.layout
     origins = _origins(src, name, layout, None, con, keys=None if wanted is None else [wanted])
     cols = ["__index__", *state.frame.columns]
+    nan_null = _nan_is_null(state.frame)
     records = []
     for k, row in zip(state.keys, state.frame.itertuples(index=True, name=None), strict=False):
         if wanted is not None and k != wanted:
@@ -349,7 +368,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
                 {
                     "__index__": values["__index__"],
                     "column": col,
-                    "value": _plain(values[col]),
+                    "value": _plain(values[col], col in nan_null),
                     "operation": op,
                     "committed_at": at,
                     "__ctx__": ctx,

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from capture.dsn import check_dsn, connect_error, redact
 from capture.errors import ConfigurationError
 
 __all__ = [
@@ -353,6 +354,8 @@ def _check_flag(value: object) -> None:
 
 def _engine(target: str | sa.URL) -> Engine:
     """An engine on psycopg 3 (the core driver) for a URL or a libpq ``key=value`` connection string."""
+    if isinstance(target, str) and ("://" not in target or target.startswith("postgres")):
+        check_dsn(target)  # malformed: ConfigurationError, password redacted (other dialects: below)
     if isinstance(target, str) and "://" not in target:
         import psycopg
 
@@ -360,7 +363,7 @@ def _engine(target: str | sa.URL) -> Engine:
     try:
         url = sa.make_url(target)
     except sa.exc.ArgumentError:
-        raise ConfigurationError(f"not a database URL: {target!r}") from None
+        raise ConfigurationError(f"not a database URL: {redact(target)!r}") from None
     if url.drivername in ("postgresql", "postgres"):  # SQLAlchemy would pick psycopg2, an optional extra
         url = url.set(drivername="postgresql+psycopg")
     return sa.create_engine(url)
@@ -379,8 +382,13 @@ def _connection(target: Engine | Connection | str | sa.URL) -> Iterator[Connecti
     if isinstance(target, (str, sa.URL)):
         engine = _engine(target)
         try:
-            with engine.begin() as conn:
-                yield conn
+            try:
+                connection = engine.connect()
+            except sa.exc.DBAPIError as exc:  # one line, no password, in the error tree (capture.dsn)
+                url = target if isinstance(target, str) else target.render_as_string(hide_password=False)
+                raise connect_error(exc, url) from None
+            with connection, connection.begin():
+                yield connection
         finally:
             engine.dispose()
         return

@@ -1,9 +1,10 @@
-"""Benchmark: Parquet export throughput against the floor of reading the same rows out of PostgreSQL.
+"""Benchmark: Parquet and Delta export throughput against the floor of reading the rows out of PostgreSQL.
 
 Fills ``changes`` with N realistic rows (20 tables, 10 UTC dates, JSON before/after/context), then, in
-the same run, times (a) the floor: one ``COPY changes TO STDOUT (FORMAT binary)`` into memory, and (b) a
-full ``export_parquet`` into an empty local directory. Prints medians of ``--runs`` runs and the ratio
-(export rate / floor rate; goal >= 0.5).
+the same run, times (a) the floor: one ``COPY changes TO STDOUT (FORMAT binary)`` into memory, (b) a
+full ``export_parquet`` into an empty local directory and (c) the same export with ``format="delta"``
+(skipped with ``--no-delta`` or without ``deltalake``). Prints medians of ``--runs`` interleaved runs, the
+ratio export rate / floor rate (goal >= 0.5) and the Delta/Parquet ratio (Delta rate / Parquet rate).
 
     python bench/export_throughput.py                 # 1M changes, embedded PostgreSQL
     python bench/export_throughput.py --changes 100000 --runs 3
@@ -71,12 +72,12 @@ def floor_once(dsn: str) -> tuple[float, int]:
         return time.perf_counter() - started, len(data)
 
 
-def export_once(dsn: str) -> tuple[float, int, int]:
-    """Seconds, files and bytes of a full export into an empty directory."""
+def export_once(dsn: str, format: str = "parquet") -> tuple[float, int, int]:
+    """Seconds, files and bytes of a full export (Parquet or Delta) into an empty directory."""
     directory = tempfile.mkdtemp(prefix="bemi_tt_bench_")
     try:
         started = time.perf_counter()
-        stats = export_parquet(dsn, directory, progress=False, table=TABLE)
+        stats = export_parquet(dsn, directory, progress=False, table=TABLE, format=format)
         return time.perf_counter() - started, stats.files, stats.bytes
     finally:
         shutil.rmtree(directory)
@@ -87,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=1_000_000, help="rows in changes (default 1M)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement; medians are printed")
     parser.add_argument("--dsn", help="an existing database (default: a throwaway embedded PostgreSQL)")
+    parser.add_argument("--no-delta", action="store_true", help="skip the Delta export")
     args = parser.parse_args(argv)
+    delta = not args.no_delta
+    if delta:
+        try:
+            import deltalake  # noqa: F401
+        except ImportError:
+            print("deltalake is not installed (pip install 'bemi-tt[delta]'): skipping the Delta export")
+            delta = False
     if args.changes < 1 or args.runs < 1:
         parser.error("--changes and --runs must be positive")
 
@@ -102,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         size = fill(dsn, args.changes)
         print(f"filled {args.changes} changes ({size / 1e6:.0f} MB) in {time.perf_counter() - started:.1f} s")
-        floors, exports = [], []
-        copy_bytes = files = written = 0
-        for _ in range(args.runs):  # interleaved so both see the same machine load
+        floors, exports, deltas = [], [], []
+        copy_bytes = files = written = delta_files = delta_written = 0
+        for _ in range(args.runs):  # interleaved so all see the same machine load
             seconds, copy_bytes = floor_once(dsn)
             floors.append(seconds)
             seconds, files, written = export_once(dsn)
             exports.append(seconds)
+            if delta:
+                seconds, delta_files, delta_written = export_once(dsn, "delta")
+                deltas.append(seconds)
         floor, export = statistics.median(floors), statistics.median(exports)
         print(
             f"floor  COPY binary to memory: {args.changes / floor:>10,.0f} changes/s "
@@ -120,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             f"runs {', '.join(f'{s:.2f}' for s in exports)})"
         )
         print(f"ratio export/floor: {floor / export:.2f}x (goal >= 0.5x)")
+        if deltas:
+            median = statistics.median(deltas)
+            print(
+                f"export to Delta (zstd):       {args.changes / median:>10,.0f} changes/s "
+                f"({median:.2f} s, {delta_files} files, {delta_written / 1e6:.0f} MB; "
+                f"runs {', '.join(f'{s:.2f}' for s in deltas)})"
+            )
+            print(f"ratio Delta/Parquet: {export / median:.2f}x, Delta/floor: {floor / median:.2f}x")
     finally:
         if server is not None:
             server.stop()

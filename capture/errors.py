@@ -1,15 +1,34 @@
 """The error tree shared by the capture worker and the library (re-exported as ``bemi_tt.errors``).
 
     BemiError
-    ├── ConfigurationError   bad arguments, settings or server configuration; says the fix
-    ├── SourceError          a database or Parquet source cannot be read or is inconsistent
-    │   └── SlotLostError    the replication slot vanished or its WAL was removed
-    └── DecodeError          malformed pgoutput bytes (what, and at which offset)
+    ├── ConfigurationError        bad arguments, settings or server configuration; says the fix
+    ├── OperationalError          the environment refused an operation that was asked for correctly
+    │   ├── PrivilegeError        the database role lacks a privilege; names the GRANT that fixes it
+    │   ├── StorageError          files cannot be written or read: disk full, read-only, permissions
+    │   ├── SlotInUseError        another capture worker reads the replication slot (its pid if known)
+    │   └── SourceError           a database or Parquet source cannot be read or is inconsistent
+    │       ├── ConnectionFailedError  a database cannot be reached, or refused the connection or login
+    │       └── SlotLostError     the replication slot vanished or its WAL was removed
+    └── DecodeError               malformed pgoutput bytes (what, and at which offset)
+
+The ``bemi-tt`` command exits 2 for a ``ConfigurationError`` (bad usage) and 1 for every other error.
+Messages never hold a password: those built from a connection string go through ``capture.dsn.redact``.
 """
 
 from __future__ import annotations
 
-__all__ = ["BemiError", "ConfigurationError", "DecodeError", "SlotLostError", "SourceError"]
+__all__ = [
+    "BemiError",
+    "ConfigurationError",
+    "ConnectionFailedError",
+    "DecodeError",
+    "OperationalError",
+    "PrivilegeError",
+    "SlotInUseError",
+    "SlotLostError",
+    "SourceError",
+    "StorageError",
+]
 
 
 class BemiError(Exception):
@@ -20,8 +39,39 @@ class ConfigurationError(BemiError, ValueError):
     """A bad argument, setting or server configuration; the message says what to change."""
 
 
-class SourceError(BemiError):
+class OperationalError(BemiError):
+    """An operation asked for correctly failed in its environment (network, server, disk, another worker).
+
+    Not to be confused with the DB-API's ``psycopg.OperationalError``: this one is raised by bemi_tt,
+    with a message that names what failed and says what to do.
+    """
+
+
+class PrivilegeError(OperationalError):
+    """The database role lacks a privilege the operation needs; the message names the GRANT."""
+
+
+class StorageError(OperationalError, OSError):
+    """Files cannot be written or read: the disk is full, read-only, or permissions forbid it.
+
+    Also an ``OSError``, so code that caught the operating system's error keeps working.
+    """
+
+
+class SlotInUseError(OperationalError):
+    """Another capture worker is reading the replication slot; ``pid`` is its server process if known."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        self.pid = pid
+        super().__init__(message)
+
+
+class SourceError(OperationalError):
     """A source of changes (PostgreSQL or a Parquet export) cannot be read as expected."""
+
+
+class ConnectionFailedError(SourceError):
+    """A database cannot be reached, or it refused the connection or the login."""
 
 
 class SlotLostError(SourceError):

@@ -12,7 +12,9 @@ every later one refuses a directory recorded for another, or holding files that 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from psycopg import sql
 
-from capture.errors import ConfigurationError, SourceError
+from capture.dsn import check_dsn, connect_error, database_error, one_line
+from capture.errors import BemiError, ConfigurationError, SourceError, StorageError
 from capture.export_dataset import (
     IDENTITY_FILE,
     LEGACY_SCHEMAS_FILE,
@@ -34,6 +37,7 @@ from capture.export_dataset import (
     DatasetState,
     Key,
     delete_files,
+    is_delta_table,
     list_dataset_files,
     partition_dir,
     read_dataset_state,
@@ -118,12 +122,33 @@ class _Progress:
 
 
 def _libpq_dsn(source_dsn: str) -> str:
-    if not isinstance(source_dsn, str) or not source_dsn.strip():
-        raise ConfigurationError(f"source_dsn must be a libpq connection string or URL, got {source_dsn!r}")
-    scheme, sep, rest = source_dsn.partition("://")
-    if sep and scheme.startswith(("postgresql+", "postgres+")):
-        return f"postgresql://{rest}"  # a SQLAlchemy URL such as postgresql+psycopg://...
-    return source_dsn
+    """libpq form of ``source_dsn`` (a SQLAlchemy URL is rewritten), checked before anything is locked."""
+    return check_dsn(source_dsn, what="source_dsn")
+
+
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or export to another directory",
+    errno.EDQUOT: "the disk quota is exceeded: free space or export to another directory",
+    errno.EFBIG: "a file is larger than this process may write (ulimit -f)",
+    errno.EROFS: "the file system is read-only: export to a writable directory",
+    errno.EACCES: "permission denied: export to a directory this user may write",
+    errno.EPERM: "permission denied: export to a directory this user may write",
+}
+
+
+def _storage_error(exc: OSError, directory: object) -> StorageError:
+    """A failed write of the dataset (disk full, read-only, permissions) as a one-line ``StorageError``.
+
+    The dataset stays consistent: a unit is visible only once all its files are renamed into place.
+    """
+    code = exc.errno
+    if code is None:  # pyarrow's OSError carries the errno in its text only: "[errno 28] No space left..."
+        found = re.search(r"errno (\d+)", str(exc), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    hint = _STORAGE_HINTS.get(code or -1, "check the directory and retry")
+    detail = exc.strerror or one_line(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StorageError(f"writing the export to {str(directory)!r} failed: {detail}{where}; {hint}")
 
 
 def _split(table: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -308,8 +333,12 @@ def export_parquet(
     lock: bool = True,
     wait: float = 0.0,
     lease_seconds: float = 60.0,
+    format: str = "parquet",
 ) -> ExportStats:
     """Append the changes committed since the last run to the Parquet dataset at ``directory``.
+
+    ``format="delta"`` writes an append-only Delta Lake table instead (``capture.export_delta``, needs
+    ``deltalake``), with the same exactly-once guarantee, lock and identity check.
 
     ``directory`` is a local path or a pyarrow filesystem URI (``s3://bucket/prefix``). ``progress``:
     None shows a bar on a terminal (stderr) for exports over a few seconds, False is quiet. ``wait``:
@@ -322,24 +351,46 @@ def export_parquet(
         raise ConfigurationError(f"compact must be True or False, got {compact!r}")
     if not isinstance(lease_seconds, (int, float)) or isinstance(lease_seconds, bool) or lease_seconds <= 0:
         raise ConfigurationError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
+    if format not in ("parquet", "delta"):
+        raise ConfigurationError(f"format must be 'parquet' or 'delta', got {format!r}")
+    libpq = _libpq_dsn(source_dsn)
     filesystem, root = resolve_directory(directory)
     enabled = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(enabled, sys.stderr, PROGRESS_DELAY if progress is None else 0.0)
-    with open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds) as held:
-        held.acquire(wait)
-        try:
-            conn = psycopg.connect(_libpq_dsn(source_dsn), autocommit=True)
-        except psycopg.Error as exc:
-            raise SourceError(f"cannot connect to the source database: {exc}") from exc
-        with conn:
+    try:
+        locked = open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds)
+        with locked as held:
+            held.acquire(wait)
             try:
-                stats = _export(conn, filesystem, root, (schema, table, schemas_table), batch_rows, held, bar)
+                conn = psycopg.connect(libpq, autocommit=True)
             except psycopg.Error as exc:
-                raise SourceError(f"reading {schema}.{table} from the source database failed: {exc}") from exc
-        if compact:
-            from capture.compact import compact_locked
+                raise connect_error(exc, source_dsn, what="the source database") from None
+            with conn:
+                try:
+                    names = (schema, table, schemas_table)
+                    if format == "delta":
+                        from capture.export_delta import export_delta_locked
 
-            stats = replace(stats, compacted_files=compact_locked(filesystem, root).merged)
+                        stats = export_delta_locked(
+                            conn, os.fspath(directory), filesystem, root, names, batch_rows, held, bar
+                        )
+                    else:
+                        stats = _export(conn, filesystem, root, names, batch_rows, held, bar)
+                except psycopg.Error as exc:
+                    doing = f"reading {schema}.{table} from the source database"
+                    raise database_error(exc, doing, source_dsn) from None
+            if compact and format == "delta":
+                from capture.export_delta import compact_delta
+
+                stats = replace(stats, compacted_files=compact_delta(os.fspath(directory)))
+            elif compact:
+                from capture.compact import compact_locked
+
+                stats = replace(stats, compacted_files=compact_locked(filesystem, root).merged)
+    except BemiError:
+        raise
+    except OSError as exc:  # pyarrow's and the OS's write errors alike (ENOSPC, EROFS, EACCES, ...)
+        raise _storage_error(exc, directory) from exc
     bar.finish(stats)
     return stats
 
@@ -362,6 +413,11 @@ def _export(
         raise ConfigurationError(
             f"table {schema}.{table} does not exist in the source database; run the capture worker first "
             "or pass the right table= and schema="
+        )
+    if is_delta_table(filesystem, root):
+        raise ConfigurationError(
+            f"export directory {root!r} holds a Delta table: export with format='delta' there, "
+            "or export Parquet into an empty directory"
         )
     state = read_dataset_state(filesystem, root)
     _claim(conn, name, state, schema, table)

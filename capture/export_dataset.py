@@ -41,6 +41,7 @@ __all__ = [
     "Key",
     "compacted_name",
     "format_key",
+    "is_delta_table",
     "list_dataset_files",
     "partition_dir",
     "read_dataset",
@@ -64,6 +65,8 @@ LEGACY_SCHEMAS_FILE = "schemas.parquet"
 #: The dataset's identity record (``DatasetIdentity``), written by the first export into a directory.
 IDENTITY_FILE = "dataset.json"
 _IDENTITY_FORMAT = "bemi_tt changes export"
+#: The transaction log directory that makes a directory a Delta table (``capture.export_delta``).
+DELTA_LOG_DIR = "_delta_log"
 #: Test hook: seconds to sleep after a file's bytes are written and before it becomes visible.
 TEST_DELAY_ENV = "BEMI_TT_EXPORT_TEST_DELAY"
 
@@ -221,6 +224,15 @@ def resolve_directory(directory: str) -> tuple[pafs.FileSystem, str]:
             raise ConfigurationError(f"cannot open export directory {directory!r}: {exc}") from exc
         return filesystem, path.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(directory)
+
+
+def is_delta_table(filesystem: pafs.FileSystem, root: str) -> bool:
+    """Whether ``root`` holds a Delta table (a ``_delta_log/`` directory) rather than a Parquet export."""
+    try:
+        info = filesystem.get_file_info(f"{root}/{DELTA_LOG_DIR}")
+        return bool(info.type == pafs.FileType.Directory)
+    except OSError as exc:
+        raise SourceError(f"cannot look into the export directory {root!r}: {exc}") from exc
 
 
 def _is_local(filesystem: pafs.FileSystem) -> bool:

@@ -31,7 +31,7 @@ from psycopg import sql
 
 from capture.pgoutput import parse_lsn
 from capture.sink import Sink
-from capture.stitch import ChangeRow, ColumnSpec, SchemaChange
+from capture.stitch import ChangeRow, ColumnSpec, SchemaChange, column_json
 from capture.values import TypeInfo, ValueEncoder
 
 __all__ = ["SnapshotTable", "exported_snapshot", "snapshot_tables", "write_snapshot"]
@@ -220,9 +220,9 @@ def write_snapshot(
             encoder = ValueEncoder([c.type_oid for c in table.columns], type_info, names=names)
             key_index = [names.index(k) for k in key_names]
             sink.write_schema(
-                SchemaChange(table.schema, table.name, position, 0, taken_at, _columns_json(table.columns),
-                             table.oid, '[{"kind":"new_relation","command":"SNAPSHOT"}]', "{}",
-                             table.replica_identity)
+                SchemaChange(table.schema, table.name, position, 0, taken_at,
+                             _columns_json(table.columns, type_info), table.oid,
+                             '[{"kind":"new_relation","command":"SNAPSHOT"}]', "{}", table.replica_identity)
             )
             query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
                 sql.SQL(", ").join(sql.Identifier(n) for n in names), sql.Identifier(table.schema, table.name)
@@ -265,12 +265,5 @@ def write_snapshot(
     return ordinal
 
 
-def _columns_json(columns: tuple[ColumnSpec, ...]) -> str:
-    import json
-
-    return json.dumps(
-        [{"name": c.name, "type": c.type, "type_oid": c.type_oid, "key": c.key, "attnum": c.attnum}
-         for c in columns],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+def _columns_json(columns: tuple[ColumnSpec, ...], type_info: Mapping[int, TypeInfo]) -> str:
+    return "[" + ",".join(column_json(c, type_info) for c in columns) + "]"

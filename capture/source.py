@@ -261,11 +261,17 @@ class SlotReader:
     def close(self) -> None:
         """End the peek: close the cursor and its transaction (needed before advancing)."""
         cur, self._cursor = self._cursor, None
-        if cur is not None and not self.conn.closed:
-            try:
-                cur.close()
-            finally:
-                self.conn.rollback()
+        if cur is None or self.conn.closed:
+            return
+        try:
+            cur.close()
+            self.conn.rollback()
+        except psycopg.OperationalError:
+            # the connection broke mid-peek (the worker learns it from its next statement and
+            # reconnects): closing it closes the cursor without a round trip, so neither this call
+            # nor the cursor's finalizer raises while the generator is being torn down
+            self.conn.close()
+            cur.close()
 
 
 def advance(conn: psycopg.Connection, slot: str, lsn: int) -> None:

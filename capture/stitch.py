@@ -320,14 +320,13 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _columns_text(columns: Sequence[ColumnSpec], fills: Mapping[str, str] | None = None) -> str:
-    """``changes_schemas.columns`` of a version: name, type, type_oid, key, attnum (if known), fill."""
+def _columns_text(
+    columns: Sequence[ColumnSpec], type_info: Mapping[int, TypeInfo], fills: Mapping[str, str] | None = None
+) -> str:
+    """``changes_schemas.columns`` of a version (:func:`column_json` each, plus ``fill`` where given)."""
     parts = []
     for col in columns:
-        item: dict[str, Any] = {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key}
-        if col.attnum is not None:
-            item["attnum"] = col.attnum
-        text = _json(item)
+        text = column_json(col, type_info)
         if fills and col.name in fills:
             text = f'{text[:-1]},"fill":{fills[col.name]}}}'
         parts.append(text)
@@ -548,6 +547,21 @@ def parse_context(content: bytes) -> str:
     return text
 
 
+def column_json(col: ColumnSpec, type_info: Mapping[int, TypeInfo]) -> str:
+    """One column of ``changes_schemas.columns``; a domain also gets ``base_type``, the ``typname`` of the
+    type under all its domains (``int4``), so that readers type its values like the base type's; ``attnum``
+    when known."""
+    item: dict[str, Any] = {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key}
+    if col.attnum is not None:
+        item["attnum"] = col.attnum
+    info, seen = type_info.get(col.type_oid), 0
+    while info is not None and info.base_oid and seen < 32:  # domains over domains
+        info, seen = type_info.get(info.base_oid), seen + 1
+    if seen and info is not None:
+        item["base_type"] = info.name
+    return json.dumps(item, ensure_ascii=False, separators=(",", ":"))
+
+
 @dataclass
 class Stitcher:
     """Turns a stream of decoded messages into change rows; keeps relations across transactions.
@@ -657,7 +671,7 @@ class Stitcher:
             return []
         if command is not None:
             events = [{**e, "command": command} for e in events]
-        return [self._version(version, _columns_text(version.columns, fills), events)]
+        return [self._version(version, _columns_text(version.columns, self.type_info, fills), events)]
 
     def _version(self, version: RelationVersion, columns: str, events: list[dict[str, Any]]) -> SchemaChange:
         """A ``changes_schemas`` row at the current position, taking the next step."""
@@ -685,7 +699,7 @@ class Stitcher:
             # a table without the context trigger (bemi_tt/triggers.py): its rows carry no context
             if previous is None or self._committed_at is None:
                 return []
-            return [self._version(previous, _columns_text(previous.columns), [
+            return [self._version(previous, _columns_text(previous.columns, self.type_info), [
                 {"kind": "untracked", "what": str(event.get("what") or "context"),
                  "reason": event.get("reason"), "command": command}])]
         if columns is None:  # a dropped table: every row of it is gone

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -30,7 +31,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from capture import source as src
 from capture.ddl import ddl_tracking_installed, install_ddl_tracking
-from capture.errors import ConfigurationError, SlotLostError, SourceError
+from capture.dsn import check_dsn, connect_error, database_error, describe, one_line, redact
+from capture.errors import (
+    BemiError,
+    ConfigurationError,
+    ConnectionFailedError,
+    OperationalError,
+    SlotInUseError,
+    SlotLostError,
+)
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.sink import POSITIONS_TABLE, Position, Sink
@@ -46,7 +55,13 @@ log = logging.getLogger("capture")
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres"
 _B, _C, _R, _I, _U, _D = (ord(c) for c in "BCRIUD")
 _IDLE_MIN, _IDLE_MAX = 0.02, 0.5
-_RETRY_MAX = 30.0
+_RETRY_MIN, _RETRY_MAX = 0.5, 30.0
+#: PostgreSQL's rule for replication slot names (ReplicationSlotValidateName), checked before connecting.
+_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+#: First key of the advisory lock a worker holds on its slot (ASCII "BEMI"); the second is hashtext(slot).
+_SLOT_LOCK_CLASS = 0x42454D49
+#: How long a starting worker waits for the slot's lock: a killed worker's backend may linger a moment.
+SLOT_LOCK_WAIT = "5s"
 
 
 @dataclass
@@ -73,11 +88,11 @@ class CaptureStats:
 def resolve_dsn(dsn: str | None) -> str:
     """``dsn``, else ``BEMI_TT_DSN``, else ``DB_HOST``/``DB_PORT``/``DB_NAME``/``DB_USER``/``DB_PASSWORD``."""
     if dsn is not None:
-        if not isinstance(dsn, str) or not dsn.strip():
-            raise ConfigurationError(f"dsn must be a non-empty connection string or URL, got {dsn!r}")
+        check_dsn(dsn)
         return dsn
     env = os.environ.get("BEMI_TT_DSN")
     if env:
+        check_dsn(env, what="BEMI_TT_DSN")
         return env
     parts = {
         key: os.environ.get(f"DB_{name}")
@@ -95,32 +110,71 @@ def resolve_dsn(dsn: str | None) -> str:
             "no database given: pass --dsn postgresql://user@host/db, or set BEMI_TT_DSN, or DB_HOST, "
             "DB_PORT, DB_NAME, DB_USER and DB_PASSWORD"
         )
-    return make_conninfo("", **given)
+    built = make_conninfo("", **given)
+    check_dsn(built, what="DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD")
+    return built
 
 
 def _describe(dsn: str) -> str:
     """Where ``dsn`` points, without its password (for logs)."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparsable dsn>"
-    return f"{params.get('user') or ''}@{params.get('host') or 'localhost'}/{params.get('dbname') or ''}"
+    return describe(dsn)
+
+
+def check_slot_name(slot: object) -> str:
+    """``slot`` if PostgreSQL accepts it as a replication slot name, else ``ConfigurationError``."""
+    if not isinstance(slot, str) or not _SLOT_NAME.match(slot):
+        raise ConfigurationError(
+            f"invalid replication slot name {slot!r}: use 1 to 63 lower-case letters, digits and "
+            "underscores, e.g. --slot bemi_tt"
+        )
+    return slot
 
 
 def session_options(dsn: str) -> str:
     """The dsn's own ``options`` followed by the settings value conversion needs."""
     try:
         own = conninfo_to_dict(dsn).get("options")
-    except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"invalid connection string for {_describe(dsn)}: {exc}") from None
+    except psycopg.ProgrammingError:
+        check_dsn(dsn)  # raises the redacted ConfigurationError
+        raise
     return f"{own} {SESSION_OPTIONS}" if own else SESSION_OPTIONS
 
 
 def _connect(dsn: str, *, autocommit: bool) -> psycopg.Connection:
+    """A connection to ``dsn``; failures are ``ConnectionFailedError``/``ConfigurationError``, redacted."""
+    options = session_options(dsn)
     try:
-        return psycopg.connect(dsn, autocommit=autocommit, options=session_options(dsn), connect_timeout=10)
-    except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"invalid connection string for {_describe(dsn)}: {exc}") from None
+        return psycopg.connect(dsn, autocommit=autocommit, options=options, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise connect_error(exc, dsn) from None
+
+
+def _lock_slot(conn: psycopg.Connection, slot: str) -> None:
+    """Hold the slot's advisory lock for this session: one worker per slot, released when it disconnects.
+
+    Without it two workers on one slot race on the destination and fail with raw constraint errors.
+    """
+    conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(SLOT_LOCK_WAIT)))
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (_SLOT_LOCK_CLASS, slot))
+    except psycopg.errors.LockNotAvailable:
+        row = conn.execute(
+            "SELECT l.pid, a.client_addr::text FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.classid = %s::bigint::oid AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid",
+            (_SLOT_LOCK_CLASS, slot),
+        ).fetchone()
+        pid = int(row[0]) if row else None
+        client = f", client {row[1]}" if row and row[1] else ""
+        holder = f" (server process pid {pid}{client})" if pid else ""
+        raise SlotInUseError(
+            f"replication slot {slot!r} is in use by another capture worker{holder}: run one worker per "
+            "slot, stop the other one or pass another --slot",
+            pid,
+        ) from None
+    finally:
+        conn.execute("RESET lock_timeout")
 
 
 def _identity(conn: psycopg.Connection) -> tuple[Any, ...]:
@@ -231,6 +285,7 @@ def _open(
     opened: list[psycopg.Connection] = [meta]
     try:
         src.check_server(meta)
+        _lock_slot(meta, slot)
         row = meta.execute(
             "SELECT current_database(), rolsuper FROM pg_roles WHERE rolname = current_user"
         ).fetchone()
@@ -239,7 +294,11 @@ def _open(
         sink_conn = _connect(destination_dsn, autocommit=False)
         opened.append(sink_conn)
         sink = Sink(sink_conn, slot, schema=schema)
-        sink.setup()
+        try:
+            sink.setup()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            doing = f"creating the {CHANGES_TABLE} tables in schema {schema}"
+            raise database_error(exc, doing, destination_dsn, role=_user(sink_conn)) from None
         same = _identity(meta) == _identity(sink_conn)
         sink_conn.rollback()
         own = (
@@ -323,6 +382,10 @@ def _open(
         for conn in opened:
             conn.close()
         raise
+
+
+def _user(conn: psycopg.Connection) -> str:
+    return src.quote_ident(conn.info.user)
 
 
 def _drain(
@@ -510,8 +573,8 @@ def _maybe_export(
         return
     try:
         export_parquet(destination, export_to, progress=False, schema=schema)
-    except SourceError as exc:  # another export holds the directory, or the dataset needs attention
-        log.warning("export to %s skipped: %s", export_to, exc)
+    except OperationalError as exc:  # a busy directory, a full disk, a dataset that needs attention
+        log.warning("export to %s skipped: %s", export_to, redact(exc, destination))
 
 
 def run(
@@ -539,6 +602,7 @@ def run(
     for label, value in (("slot", slot), ("publication", publication), ("schema", schema)):
         if not isinstance(value, str) or not value:
             raise ConfigurationError(f"{label} must be a non-empty name, got {value!r}")
+    check_slot_name(slot)
     if not isinstance(batch_changes, int) or isinstance(batch_changes, bool) or batch_changes < 1:
         raise ConfigurationError(f"batch_changes must be a positive integer, got {batch_changes!r}")
     if not isinstance(export_every, (int, float)) or export_every <= 0:
@@ -550,7 +614,7 @@ def run(
     started = time.monotonic()
     export_state: dict[str, float] = {"last": time.monotonic()}
     with _signals(stop):
-        retry = 0.5
+        retry = _RETRY_MIN
         target: list[int | None] = [None]
         opened = False
         while not stop.is_set():
@@ -568,6 +632,7 @@ def run(
                 )
                 snapshot = False  # done (or not wanted): never again after a reconnect
                 opened = True
+                retry = _RETRY_MIN  # connected again: the next loss starts the backoff from the beginning
                 log.info(
                     "capturing %s (slot %s, publication %s) into %s",
                     _describe(source_dsn),
@@ -577,14 +642,22 @@ def run(
                 )
                 _loop(session, once, stop, stats, export_to, export_every, export_state, target)
                 break
-            except psycopg.OperationalError as exc:
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            except (psycopg.OperationalError, ConnectionFailedError, SlotInUseError) as exc:
+                # lost connections and failed reconnects are retried once capturing has started; a
+                # lingering backend of our own lost session may still hold the slot's lock for a moment
+                message = one_line(redact(exc, source_dsn, destination_dsn))
                 if not opened:
-                    raise SourceError(f"cannot start capturing {_describe(source_dsn)}: {message}") from None
+                    if isinstance(exc, BemiError):
+                        raise
+                    raise ConnectionFailedError(
+                        f"cannot start capturing {_describe(source_dsn)}: {message}"
+                    ) from None
                 log.warning("connection lost (%s); reconnecting in %.1f s", message, retry)
                 if stop.wait(retry):
                     break
                 retry = min(retry * 2, _RETRY_MAX)
+            except psycopg.Error as exc:
+                raise database_error(exc, "capturing", source_dsn) from None
             finally:
                 if session is not None:
                     session.close()
@@ -652,8 +725,14 @@ def status(
     """Slot lag and retained WAL (bytes), last captured commit time, changes count, and warnings."""
     source_dsn = resolve_dsn(dsn)
     destination_dsn = source_dsn if destination is None else resolve_dsn(destination)
-    if not isinstance(slot, str) or not slot:
-        raise ConfigurationError(f"slot must be a non-empty name, got {slot!r}")
+    check_slot_name(slot)
+    try:
+        return _status(source_dsn, destination_dsn, slot, schema)
+    except psycopg.Error as exc:
+        raise database_error(exc, "reading the capture status", source_dsn) from None
+
+
+def _status(source_dsn: str, destination_dsn: str, slot: str, schema: str) -> dict[str, object]:
     result: dict[str, object] = {"slot": slot}
     warnings: list[str] = []
     with _connect(source_dsn, autocommit=True) as conn:

@@ -77,6 +77,17 @@ def test_export_writes_a_dataset_that_reads_back_the_same(tracked: str, tmp_path
     assert offline.stdout == online.stdout
 
 
+
+def test_export_as_delta_writes_a_delta_table_that_reads_back_the_same(tracked: str, tmp_path: Path) -> None:
+    target = tmp_path / "delta"
+    result = _bemi_tt("export", "--dsn", tracked, "--to", str(target), "--format", "delta")
+    assert result.returncode == 0, result.stderr
+    assert (target / "_delta_log").is_dir()
+    offline = _bemi_tt("as-of", "todo", "now", "--source", str(target))
+    online = _bemi_tt("as-of", "todo", "now", "--source", tracked)
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout == online.stdout
+
 def test_uninstall_removes_tracking(tracked: str) -> None:
     assert main(["uninstall", tracked]) == 0
     with psycopg.connect(tracked) as conn:

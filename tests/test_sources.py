@@ -212,5 +212,10 @@ def test_parquet_source_tells_apart_tables_whose_qualified_names_share_a_partiti
     write_changes(dsn, h.changes)
     source = export_source(dsn, tmp_path / "export")
     assert source.tables() == [("a", "b.c"), ("a.b", "c")]
-    assert list(as_of("a.b.c", h.clock, source=source)["v"]) == ["schema a, table b.c"]
+    assert list(as_of('a."b.c"', h.clock, source=source)["v"]) == ["schema a, table b.c"]
+    assert list(as_of('"a.b".c', h.clock, source=source)["v"]) == ["schema a.b, table c"]
+    with pytest.raises(
+        ConfigurationError, match=r"'a\.b\.c' is ambiguous: it names a\.\"b\.c\", \"a\.b\"\.c"
+    ):
+        as_of("a.b.c", h.clock, source=source)
     assert list(as_of("c", h.clock, source=source)["v"]) == ["schema a.b, table c"]

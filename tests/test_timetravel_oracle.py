@@ -94,6 +94,10 @@ def _copy(conn: psycopg.Connection[Any]) -> tuple[datetime, pd.DataFrame]:
         dtype = DTYPES[name]
         if dtype == "datetime64[us, UTC]":
             data[name] = pd.Series(pd.to_datetime(values, utc=True)).astype(dtype)
+        elif dtype == "float64" and any(v != v for v in values if v is not None):
+            # NaN and NULL both present would look alike in float64: Arrow keeps them apart
+            nan_kept = pa.array(values, pa.float64(), from_pandas=False)
+            data[name] = pd.Series(pd.arrays.ArrowExtensionArray(nan_kept))
         elif dtype == "float64":
             data[name] = pd.Series([float("nan") if v is None else v for v in values], dtype=dtype)
         elif dtype is object:

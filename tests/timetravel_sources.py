@@ -1,4 +1,5 @@
-"""Build one change history as every kind of source: in memory, PostgreSQL ``changes``, Parquet export."""
+"""Build one change history as every kind of source: in memory, PostgreSQL ``changes``, Parquet export,
+Delta export."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
 if TYPE_CHECKING:
     from timetravel_history import History
 
-KINDS = ("memory", "postgres", "parquet")
+KINDS = ("memory", "postgres", "parquet", "delta")
 #: Builds a source of one kind from a History (the ``make`` fixture in conftest.py).
 Make = Callable[["History"], Source]
 
@@ -70,20 +71,25 @@ def build_source(
     dsn: str | None = None,
     tmp_path: Path | None = None,
 ) -> Source:
-    """The history as a source of ``kind``; postgres and parquet need the test's database (``dsn``)."""
+    """The history as a source of ``kind``; postgres, parquet and delta need the test's database (``dsn``)."""
     if kind == "memory":
         return InMemorySource(changes, schemas)
     assert dsn is not None
     write_changes(dsn, changes, schemas)
     if kind == "postgres":
         return PostgresSource(dsn)
-    assert kind == "parquet" and tmp_path is not None
-    return export_source(dsn, tmp_path / "export")
+    assert kind in ("parquet", "delta") and tmp_path is not None
+    return export_source(dsn, tmp_path / "export", format=kind)
 
 
-def export_source(dsn: str, directory: Path) -> ParquetSource:
-    """Export ``changes`` of ``dsn`` with the real exporter and open the directory."""
+def export_source(dsn: str, directory: Path, *, format: str = "parquet") -> ParquetSource:
+    """Export ``changes`` of ``dsn`` with the real exporter (Parquet or Delta) and open the directory
+    the way ``bemi_tt.connect(DIR)`` does."""
+    from bemi_tt.sources import as_source
     from capture.export import export_parquet
 
-    export_parquet(dsn, str(directory), progress=False)
-    return ParquetSource(directory)
+    export_parquet(dsn, str(directory), progress=False, format=format)
+    source = as_source(directory)
+    assert type(source).__name__ == ("DeltaSource" if format == "delta" else "ParquetSource")
+    assert isinstance(source, ParquetSource)
+    return source

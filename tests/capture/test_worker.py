@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,7 +21,13 @@ import pytest
 from psycopg import sql
 from worker_helpers import run_module, set_context
 
-from capture.errors import ConfigurationError, SlotLostError
+from capture.errors import (
+    ConfigurationError,
+    ConnectionFailedError,
+    PrivilegeError,
+    SlotInUseError,
+    SlotLostError,
+)
 from capture.worker import resolve_dsn, run, status
 
 
@@ -296,6 +306,125 @@ def test_worker_reconnects_after_its_connections_are_killed(dsn: str) -> None:
     assert not errors
 
 
+class _Records(logging.Handler):
+    """Collects the capture logger's messages, so a test can wait for and read them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def count(self, prefix: str) -> int:
+        return sum(m.startswith(prefix) for m in self.messages)
+
+    def wait_for(self, prefix: str, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while self.count(prefix) < count:
+            assert time.monotonic() < deadline, f"timed out waiting for {count} x {prefix!r}: {self.messages}"
+            time.sleep(0.05)
+
+
+@contextmanager
+def _capture_log() -> Iterator[_Records]:
+    logger = logging.getLogger("capture")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@contextmanager
+def _worker_in_background(dsn: str, **kwargs: object) -> Iterator[_Records]:
+    """``run(dsn)`` in a thread until the block ends; yields its log once it is capturing."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def background() -> None:
+        try:
+            run(dsn, stop=stop, **kwargs)  # type: ignore[arg-type]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with _capture_log() as log:
+        thread = threading.Thread(target=background)
+        thread.start()
+        try:
+            log.wait_for("capturing ", 1)
+            yield log
+        finally:
+            stop.set()
+            thread.join(60)
+    assert not errors
+
+
+def test_reconnect_backoff_starts_again_after_a_successful_reconnect(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with _worker_in_background(dsn) as log, psycopg.connect(dsn, autocommit=True) as conn:
+        for reconnects in (1, 2):  # each loss follows a successful reconnect
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            log.wait_for("capturing ", 1 + reconnects)
+        conn.execute("INSERT INTO t VALUES (1)")
+        _wait_until(conn, "SELECT count(*) = 1 FROM changes")
+    delays = [
+        float(m.group(1)) for m in (re.search(r"reconnecting in ([\d.]+) s", x) for x in log.messages) if m
+    ]
+    assert delays == [0.5, 0.5], log.messages
+
+
+def test_a_second_worker_on_the_same_slot_is_told_the_slot_is_in_use_with_its_pid(dsn: str) -> None:
+    run(dsn, once=True)
+    with _worker_in_background(dsn), psycopg.connect(dsn, autocommit=True) as conn:
+        others = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        worker_pids = {int(r[0]) for r in conn.execute(others).fetchall()}
+        in_use = r"slot 'bemi_tt' is in use by another capture worker"
+        with pytest.raises(SlotInUseError, match=in_use) as info:
+            run(dsn, once=True)
+        assert info.value.pid in worker_pids
+        assert f"pid {info.value.pid}" in str(info.value)
+    run(dsn, once=True)  # the first one stopped: the slot is free again
+
+
+def test_a_role_without_create_on_the_database_gets_the_grant_to_run(dsn: str, database: str) -> None:
+    role = f"{database}_nocreate"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(sql.Identifier(role)))
+    try:
+        worker = psycopg.conninfo.make_conninfo(dsn, user=role)
+        with pytest.raises(PrivilegeError, match=f"GRANT CREATE ON DATABASE {database} TO {role}"):
+            run(worker, once=True)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("slot", ["Bad-Name", "UPPER", "x" * 64, "with space"])
+def test_an_invalid_slot_name_is_rejected_before_connecting(slot: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid replication slot name"):
+        run("dbname=never_used", slot=slot, once=True)
+    with pytest.raises(ConfigurationError, match="invalid replication slot name"):
+        status("dbname=never_used", slot=slot)
+
+
+def test_status_on_an_unreachable_database_is_a_connection_error_without_the_password() -> None:
+    dsn = "host=/nonexistent-socket-dir dbname=x user=u password=StatusSecret42"
+    with pytest.raises(ConnectionFailedError, match="cannot connect to the database u@/nonexistent") as info:
+        status(dsn)
+    assert "StatusSecret42" not in str(info.value)
+
+
 def _wait_until(conn: psycopg.Connection, query: str) -> None:
     deadline = time.monotonic() + 60
     while conn.execute(query).fetchone() != (True,):
@@ -344,3 +473,20 @@ def test_export_to_a_busy_directory_warns_and_keeps_capturing(
         conn.execute("INSERT INTO t VALUES (2)")
     assert run(dsn, once=True, export_to=directory).changes == 1  # the lock is free again: exported
     assert list((tmp_path / "export").rglob("*.parquet"))
+
+
+def test_a_peek_whose_connection_was_terminated_closes_without_raising(dsn: str) -> None:
+    from capture.source import SlotReader
+    from capture.worker import _flushed
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("INSERT INTO t SELECT generate_series(1, 100)")
+        reader = SlotReader(psycopg.connect(dsn), "bemi_tt", "bemi_tt", fetch=10)
+        batches = reader.peek_batches(_flushed(admin))
+        assert next(batches)  # the peek is open, its server-side cursor half read
+        admin.execute("SELECT pg_terminate_backend(%s)", (reader.conn.info.backend_pid,))
+        batches.close()  # what a worker's teardown does after losing the connection
+    assert reader.conn.closed
