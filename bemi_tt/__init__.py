@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from bemi_tt import hook as _hook  # noqa: F401  (registers the SQLAlchemy hook on import)
 from bemi_tt.context import Bemi, configure_context, context, get_context, set_context
-from capture.errors import BemiError, ConfigurationError, DecodeError, SlotLostError, SourceError
+from capture.errors import BemiError, ChainError, ConfigurationError, DecodeError, SlotLostError, SourceError
 
 try:
     __version__ = version("bemi-tt")
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from bemi_tt.sources import connect
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
     from bemi_tt.triggers import install, uninstall
+    from capture.chain import verify
     from capture.export import export_parquet
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
@@ -51,12 +52,14 @@ _LAZY = {
     "install": "bemi_tt.triggers",
     "plot_activity": "bemi_tt.plots",
     "uninstall": "bemi_tt.triggers",
+    "verify": "capture.chain",
 }
 
 __all__ = [
     "Bemi",
     "BemiError",
     "BemiFastAPIMiddleware",
+    "ChainError",
     "ConfigurationError",
     "DecodeError",
     "EmbeddedPostgres",
@@ -79,6 +82,7 @@ __all__ = [
     "plot_activity",
     "set_context",
     "uninstall",
+    "verify",
 ]
 
 

@@ -96,9 +96,14 @@ def _uninstall(args: argparse.Namespace) -> int:
 def _capture(args: argparse.Namespace) -> int:
     from capture.worker import run
 
+    keys = None
+    if args.context_key_file is not None:
+        from capture.signing import load_key_file
+
+        keys = load_key_file(args.context_key_file)
     stats = run(args.dsn, destination=args.destination, once=args.once, snapshot=args.snapshot or None,
                 slot=args.slot, publication=args.publication, export_to=args.export_to,
-                export_every=args.export_every)
+                export_every=args.export_every, context_keys=keys)
     print(stats)
     return 0
 
@@ -119,6 +124,20 @@ def _export(args: argparse.Namespace) -> int:
                            format=args.format)
     if not args.quiet and not sys.stderr.isatty():  # on a terminal the library printed its final line
         print(stats)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from capture.chain import verify_changes, verify_export
+    from capture.worker import resolve_dsn
+
+    if args.source is not None and args.dsn is not None:
+        raise ConfigurationError("verify takes --dsn URL or --source DIR, not both")
+    if args.source is not None:
+        verified = verify_export(args.source, anchors=args.anchor)
+    else:
+        verified = verify_changes(resolve_dsn(args.dsn), schema=args.schema, anchors=args.anchor)
+    print(verified)
     return 0
 
 
@@ -228,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also export changes to this Parquet directory periodically")
     p.add_argument("--export-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between exports with --export-to (default: 60)")
+    p.add_argument("--context-key-file", default=None, metavar="FILE",
+                   help="keys (one per line) that verify signed contexts: changes.context_verified "
+                        "(default: $BEMI_TT_CONTEXT_KEY; without keys it is NULL)")
 
     p = command("status", _status, "Show slot lag, retained WAL, last captured commit and changes count.")
     dsn_option(p)
@@ -248,6 +270,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait up to this long for another export of the same directory to finish "
                         "(default: fail at once)")
+
+    p = command("verify", _verify, "Recompute the hash chain of `changes` (or of an export) and say whether "
+                                   "history is unaltered, naming the first row that is not.")
+    dsn_option(p)
+    p.add_argument("--source", default=None, metavar="DIR",
+                   help="verify a Parquet export directory (local or s3://) instead of a database")
+    p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
+    p.add_argument("--anchor", action="append", default=[], metavar="CP/ORD:HASH",
+                   help="a chain digest recorded earlier (the worker logs them): history up to it must match "
+                        "(repeatable)")
 
     p = command("as-of", _as_of, "Print a table as it was at a time.")
     p.add_argument("table", help="table name, e.g. todo or public.todo")

@@ -12,6 +12,13 @@ dict, list, tuple or set inside it one more), the reserved key ``"SQL"`` and con
 ``max_bytes`` (UTF-8 JSON, default 1 MiB; see :func:`configure_context`) are a ``ConfigurationError``
 (a ``ValueError``), raised before anything reaches the database. An empty context is the same as no
 context: statements carry nothing.
+
+Signing: with a key (``BEMI_TT_CONTEXT_KEY`` in the environment when bemi_tt is imported, or
+``configure_context(signing_key=...)``), each marker carries an HMAC-SHA256 of its exact JSON bytes as
+a last ``"_bemi_sig"`` member (see :mod:`capture.signing`); the worker, given the same key, stores
+``changes.context_verified = true``. One HMAC per distinct (context, statement) pair: the HMAC state
+over the context's bytes is computed once per context and only the statement's SQL member is added,
+and the finished marker is cached per statement like an unsigned one.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from capture.errors import ConfigurationError
+from capture.signing import SIGNATURE_MEMBER, ContextKey, HeadSigner, keys_from_env
 from capture.stitch import MAX_CONTEXT_DEPTH, numeric_literal_fits
 
 __all__ = [
@@ -54,13 +62,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class ContextSettings:
-    """Limits: ``max_bytes`` of a context's UTF-8 JSON, ``max_sql_bytes`` of the SQL text carried."""
+    """Limits: ``max_bytes`` of a context's UTF-8 JSON, ``max_sql_bytes`` of the SQL text carried;
+    ``signing_key_id``: id of the key contexts are signed with (None: unsigned)."""
 
     max_bytes: int = 1024 * 1024
     max_sql_bytes: int = 4096
+    signing_key_id: str | None = None
 
 
-_settings = ContextSettings()
+def _env_key() -> ContextKey | None:
+    """The first key of ``BEMI_TT_CONTEXT_KEY`` (the application signs with one; the worker accepts all)."""
+    keys = keys_from_env()
+    return keys[0] if keys else None
+
+
+_signing_key = _env_key()
+_settings = ContextSettings(signing_key_id=_signing_key.id if _signing_key else None)
+_UNSET: Any = object()
 
 
 def context_settings() -> ContextSettings:
@@ -68,17 +86,34 @@ def context_settings() -> ContextSettings:
     return _settings
 
 
-def configure_context(*, max_bytes: int | None = None, max_sql_bytes: int | None = None) -> ContextSettings:
-    """Change the context size limit and the SQL text cap (process-wide); returns the new settings."""
-    global _settings
+def configure_context(
+    *,
+    max_bytes: int | None = None,
+    max_sql_bytes: int | None = None,
+    signing_key: str | bytes | None = _UNSET,
+) -> ContextSettings:
+    """Change the context size limit, the SQL text cap and the signing key (process-wide).
+
+    ``signing_key``: the secret shared with the capture worker (see :mod:`capture.signing`), ``None``
+    to stop signing; it applies to contexts set after the call. Returns the new settings.
+    """
+    global _settings, _signing_key
     for name, value in (("max_bytes", max_bytes), ("max_sql_bytes", max_sql_bytes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigurationError(f"{name} must be a positive integer of bytes, got {value!r}")
+    if signing_key is not _UNSET:
+        if signing_key is not None and not isinstance(signing_key, (str, bytes)):
+            raise ConfigurationError(
+                f"signing_key must be str, bytes or None, got {type(signing_key).__name__}"
+            )
+        _signing_key = None if signing_key is None else ContextKey.of(signing_key, "signing_key")
     _settings = ContextSettings(
         max_bytes=_settings.max_bytes if max_bytes is None else max_bytes,
         max_sql_bytes=_settings.max_sql_bytes if max_sql_bytes is None else max_sql_bytes,
+        signing_key_id=_signing_key.id if _signing_key else None,
     )
     _sql_part_cache.clear()
+    _sql_member_cache.clear()
     return _settings
 
 
@@ -93,6 +128,8 @@ class EncodedContext:
     b64_head: str
     #: statement text -> statement to send (marker + statement); filled by the hook.
     statements: dict[str, str] = field(default_factory=dict)
+    #: signing: the HMAC state after the head's bytes (copied per statement), or None.
+    signer: HeadSigner | None = None
 
     def marked(self, statement: str) -> str:
         """The statement with this context's ``/*bemi:...*/`` marker prepended (cached)."""
@@ -100,12 +137,18 @@ class EncodedContext:
         if done is None:
             if len(self.statements) >= _STATEMENT_CACHE_LIMIT:
                 self.statements.clear()
-            done = self.statements[statement] = f"/*bemi:{self.b64_head}{_sql_part(statement)}*/{statement}"
+            if self.signer is None:
+                payload = self.b64_head + _sql_part(statement)
+            else:
+                raw, b64 = _sql_member(statement)
+                payload = self.b64_head + b64 + base64.b64encode(self.signer.member(raw)).decode("ascii")
+            done = self.statements[statement] = f"/*bemi:{payload}*/{statement}"
         return done
 
 
 _current: ContextVar[EncodedContext | None] = ContextVar("bemi_tt_context", default=None)
 _sql_part_cache: dict[str, str] = {}
+_sql_member_cache: dict[str, tuple[bytes, str]] = {}
 
 
 def _sql_part(statement: str) -> str:
@@ -120,6 +163,19 @@ def _sql_part(statement: str) -> str:
             )
         ).decode("ascii")
     return part
+
+
+def _sql_member(statement: str) -> tuple[bytes, str]:
+    """``"SQL":"<statement, capped>"`` padded with spaces to whole base64 groups, and its base64 (cached):
+    a signed marker is ``head + this + signature member``, the HMAC covering the first two."""
+    member = _sql_member_cache.get(statement)
+    if member is None:
+        if len(_sql_member_cache) >= _STATEMENT_CACHE_LIMIT:
+            _sql_member_cache.clear()
+        raw = f'"{SQL_KEY}":{json.dumps(_cap_sql(statement), ensure_ascii=False)}'.encode("utf-8", "replace")
+        raw += b" " * (-len(raw) % 3)
+        member = _sql_member_cache[statement] = (raw, base64.b64encode(raw).decode("ascii"))
+    return member
 
 
 def _cap_sql(statement: str) -> str:
@@ -267,6 +323,10 @@ def encode_context(value: Mapping[str, Any] | None) -> EncodedContext | None:
         raise ConfigurationError(
             f"context key {SQL_KEY!r} is reserved for the statement text that bemi_tt adds; rename it"
         )
+    if SIGNATURE_MEMBER in value:
+        raise ConfigurationError(
+            f"context key {SIGNATURE_MEMBER!r} is reserved for the signature that bemi_tt adds; rename it"
+        )
     if not value:
         return None
     text = _fast_json(value)
@@ -281,7 +341,13 @@ def encode_context(value: Mapping[str, Any] | None) -> EncodedContext | None:
         )
     head = raw[:-1] + b","
     head += b" " * (-len(head) % 3)
-    return EncodedContext(data=dict(value), json=text, b64_head=base64.b64encode(head).decode("ascii"))
+    key = _signing_key
+    return EncodedContext(
+        data=dict(value),
+        json=text,
+        b64_head=base64.b64encode(head).decode("ascii"),
+        signer=None if key is None else HeadSigner(key, head),
+    )
 
 
 def set_context(value: Mapping[str, Any] | None) -> None:

@@ -8,7 +8,8 @@
     │   ├── SlotInUseError        another capture worker reads the replication slot (its pid if known)
     │   └── SourceError           a database or Parquet source cannot be read or is inconsistent
     │       ├── ConnectionFailedError  a database cannot be reached, or refused the connection or login
-    │       └── SlotLostError     the replication slot vanished or its WAL was removed
+    │       ├── SlotLostError     the replication slot vanished or its WAL was removed
+    │       └── ChainError        the hash chain over ``changes`` is broken: names the first row at fault
     └── DecodeError               malformed pgoutput bytes (what, and at which offset)
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from capture.errors import (
     BemiError,
+    ChainError,
     ConfigurationError,
     ConnectionFailedError,
     DecodeError,
@@ -29,6 +31,7 @@ from capture.errors import (
 
 __all__ = [
     "BemiError",
+    "ChainError",
     "ConfigurationError",
     "ConnectionFailedError",
     "DecodeError",

@@ -1,5 +1,14 @@
 """The change feed: ``changes(...)`` (raw, in commit order) and ``audit(...)`` (who changed what, from
-where: context keys as columns, filters on them)."""
+where: context keys as columns, filters on them).
+
+Both carry ``context_verified`` (nullable boolean, see :mod:`capture.signing`): True when the context's
+signature verified with a key the capture worker holds, so the "who" was set by a process holding the
+key (the application); False when the worker has keys but the context was unsigned or forged (a
+hand-made marker, a direct ``pg_logical_emit_message``, a write without context); NULL (``<NA>``) when
+the worker had no key, and for SNAPSHOT rows. It does not prove that the context belongs to that very
+statement (a signed marker can be replayed), nor anything against someone holding the key or superuser
+on the database.
+"""
 
 from __future__ import annotations
 
@@ -78,8 +87,8 @@ def _audit_frame(
     return con.execute(
         f"""
         SELECT committed_at, "schema", "table", operation, primary_key, CAST(before AS VARCHAR) AS before,
-               CAST(after AS VARCHAR) AS after, CAST(context AS VARCHAR) AS context, transaction_id,
-               commit_position, ordinal
+               CAST(after AS VARCHAR) AS after, CAST(context AS VARCHAR) AS context,
+               CAST(context_verified AS BOOLEAN) AS context_verified, transaction_id, commit_position, ordinal
         FROM a WHERE {" AND ".join(f"({w})" for w in where)} ORDER BY commit_position, ordinal""",
         params,
     ).fetch_df()
@@ -105,6 +114,7 @@ def _finish_feed(frame: pd.DataFrame) -> pd.DataFrame:
     for col in ("schema", "table", "operation", "primary_key"):
         frame[col] = frame[col].astype(pd.StringDtype())
     for col, dtype in (
+        ("context_verified", pd.BooleanDtype()),
         ("transaction_id", pd.Int64Dtype()),
         ("commit_position", pd.Int64Dtype()),
         ("ordinal", pd.Int32Dtype()),
@@ -141,7 +151,8 @@ def audit(
 ) -> pd.DataFrame:
     """Who changed what, from where: changes in commit order with ``changed`` columns and the context keys
     as columns. ``audit(user_id=187234)`` keeps the changes made with that context value (a string filter
-    also matches a number with the same text, as the CLI's ``--where user_id=187234`` does)."""
+    also matches a number with the same text, as the CLI's ``--where user_id=187234`` does).
+    ``context_verified`` says whether the context was signed by the application (module docstring)."""
     src = get_source(source)
     frame = _audit_frame(src, table, since, until, operation, context_filters)
     befores = [parse_json(v) for v in frame["before"]]

@@ -567,6 +567,8 @@ class PostgresSource(Source):
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
                 null_values=[""],
+                true_values=["t"],  # PostgreSQL's CSV booleans (context_verified)
+                false_values=["f"],
             ),
         )
 

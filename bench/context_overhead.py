@@ -8,6 +8,14 @@ context set, ``install(..., replica_identity_full=False)`` so both sides log the
 cost of REPLICA IDENTITY FULL is a separate, optional line). Each workload runs in rounds; a round runs
 plain and tracked back to back (alternating which goes first) on the same embedded server, and the
 printed ratio is the median of the per-round ratios. WAL bytes come from ``pg_current_wal_lsn`` deltas.
+
+Signing (issue 14) is on by default for the tracked side (``--no-signing`` to compare): the hook signs
+each context with HMAC-SHA256 (capture/signing.py). With a constant context the marker of each statement
+is built and signed once and cached, so the hot path is unchanged; the microbench line shows the cost of
+building a signed marker for a new (context, statement) pair, paid once per pair (a new context per
+request pays it for each statement of the request). ``(e)`` is the write-path goal: single-row
+INSERT+UPDATE transactions, constant context, <= 1.10x as the median of at least 5 interleaved rounds;
+``--repeat N`` runs it N times and prints the spread of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from bemi_tt.context import set_context
+from bemi_tt.context import configure_context, encode_context, set_context
 from bemi_tt.embedded import EmbeddedPostgres
 from bemi_tt.hook import _before_cursor_execute, install_hook, uninstall_hook
 from bemi_tt.triggers import install
@@ -112,6 +121,16 @@ def single_update(engine: sa.Engine, start: int, rows: int) -> None:
     for i in range(start, start + rows):
         with engine.begin() as conn:
             conn.execute(statement, {"key": i, "value": -i})
+
+
+def single_insert_update(engine: sa.Engine, start: int, rows: int) -> None:
+    """The goal workload: each transaction inserts a row and updates it (two statements, one commit)."""
+    insert = items.insert()
+    update = items.update().where(items.c.id == sa.bindparam("key")).values(n=sa.bindparam("value"))
+    for i in range(start, start + rows):
+        with engine.begin() as conn:
+            conn.execute(insert, {"id": i, "v": "task", "n": i})
+            conn.execute(update, {"key": i, "value": -i})
 
 
 def orm_insert(engine: sa.Engine, start: int, rows: int) -> None:
@@ -211,6 +230,25 @@ def hook_microbench() -> tuple[float, float, float]:
     return none / n * 1e6, cached / n * 1e6, setting / (n // 10) * 1e6
 
 
+def marker_microbench() -> tuple[float, float]:
+    """Microseconds to build the marker of a new (context, statement) pair: unsigned, signed."""
+    statement = "INSERT INTO items (id, v, n) VALUES (%(id)s, %(v)s, %(n)s)"
+    n = 50_000
+    out = []
+    for key in (None, "bench-signing-key-0123456789abcdef"):
+        configure_context(signing_key=key)
+        enc = encode_context(CONTEXT)
+        assert enc is not None
+
+        def build(enc: Any = enc) -> None:
+            enc.statements.clear()
+            enc.marked(statement)
+
+        out.append(timeit.timeit(build, number=n) / n * 1e6)
+    configure_context(signing_key=None)
+    return out[0], out[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run (~30 s)")
@@ -218,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bulk", type=int, default=None, help="rows of the bulk workloads")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of the bulk workloads")
     parser.add_argument("--only", default="", help="run only workloads whose label contains this text")
+    parser.add_argument("--no-signing", action="store_true", help="tracked side without a signing key")
+    parser.add_argument("--repeat", type=int, default=1, help="run each workload this many times")
     args = parser.parse_args(argv)
     single = args.single or (1_000 if args.quick else 20_000)
     bulk = args.bulk or (10_000 if args.quick else 100_000)
@@ -226,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     none_us, cached_us, set_us = hook_microbench()
     print(f"hook per statement: {none_us:.2f} us without context, {cached_us:.2f} us with a context; "
           f"set_context: {set_us:.2f} us")
+    unsigned_us, signed_us = marker_microbench()
+    print(f"marker of a new (context, statement) pair: {unsigned_us:.2f} us unsigned, {signed_us:.2f} us "
+          "signed (once per pair, then cached)")
+    if not args.no_signing:
+        configure_context(signing_key="bench-signing-key-0123456789abcdef")
+    print(f"signing: {'off' if args.no_signing else 'on (HMAC-SHA256)'}")
 
     with EmbeddedPostgres() as pg:
         admin = sa.create_engine(pg.url("postgresql+psycopg"), isolation_level="AUTOCOMMIT")
@@ -242,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sizes: single={single} bulk={bulk} rounds={rounds}; psycopg 3, SQLAlchemy {sa.__version__}")
 
         plans: list[tuple[str, int, Callable[..., None], Workload, bool]] = [
+            ("(e) Core single-row INSERT+UPDATE transactions", single, run_single, single_insert_update,
+             False),
             ("(a) Core single-row INSERT transactions", single, run_single, single_insert, False),
             ("(a) Core single-row UPDATE transactions", single, run_single, single_update, True),
             ("(a') INSERT, new context per transaction", single, run_single, single_insert_new_context,
@@ -257,9 +305,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows, runner, work, prefill in plans:
             if args.only not in name:
                 continue
-            result = Result(name, rows)
-            runner(result, work, engines, rounds, prefill)
-            print(result.line(), flush=True)
+            for _ in range(args.repeat):
+                result = Result(name, rows)
+                runner(result, work, engines, rounds, prefill)
+                print(result.line(), flush=True)
+                if args.repeat > 1:
+                    ratios = sorted(t / p for p, t in zip(result.seconds["plain"], result.seconds["tracked"],
+                                                          strict=True))
+                    print(f"{'':<44} per-pair ratios: min {ratios[0]:.3f}  quartiles "
+                          f"{ratios[len(ratios) // 4]:.3f} {ratios[len(ratios) // 2]:.3f} "
+                          f"{ratios[3 * len(ratios) // 4]:.3f}  max {ratios[-1]:.3f}  ({len(ratios)} pairs)",
+                          flush=True)
         for engine in engines.values():
             engine.dispose()
     install_hook()

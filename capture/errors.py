@@ -8,7 +8,8 @@
     │   ├── SlotInUseError        another capture worker reads the replication slot (its pid if known)
     │   └── SourceError           a database or Parquet source cannot be read or is inconsistent
     │       ├── ConnectionFailedError  a database cannot be reached, or refused the connection or login
-    │       └── SlotLostError     the replication slot vanished or its WAL was removed
+    │       ├── SlotLostError     the replication slot vanished or its WAL was removed
+    │       └── ChainError        the hash chain over ``changes`` is broken: names the first row at fault
     └── DecodeError               malformed pgoutput bytes (what, and at which offset)
 
 The ``bemi-tt`` command exits 2 for a ``ConfigurationError`` (bad usage) and 1 for every other error.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "BemiError",
+    "ChainError",
     "ConfigurationError",
     "ConnectionFailedError",
     "DecodeError",
@@ -76,6 +78,10 @@ class ConnectionFailedError(SourceError):
 
 class SlotLostError(SourceError):
     """The replication slot is missing or invalidated: changes may have been lost."""
+
+
+class ChainError(SourceError):
+    """``changes`` (or its export) was altered, or rows deleted or inserted by hand (see capture.chain)."""
 
 
 class DecodeError(BemiError):

@@ -109,7 +109,8 @@ def parse_csv(data: bytes | bytearray, types: dict[str, pa.DataType], rows: int 
         read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 23),
         parse_options=pacsv.ParseOptions(newlines_in_values=breaks_in_values),
         convert_options=pacsv.ConvertOptions(
-            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False
+            column_types=types, null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False,
+            true_values=["t"], false_values=["f"],  # PostgreSQL's CSV booleans (context_verified)
         ),
     )
 

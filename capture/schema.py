@@ -9,12 +9,14 @@ import pyarrow as pa
 from psycopg import sql
 
 __all__ = [
+    "ADDED_COLUMNS",
     "CHANGES_COLUMNS",
     "CHANGES_TABLE",
     "OPERATIONS",
     "SCHEMAS_TABLE",
     "changes_arrow_schema",
     "changes_ddl",
+    "changes_upgrade_ddl",
     "schemas_ddl",
 ]
 
@@ -39,7 +41,13 @@ CHANGES_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("position", "bigint NOT NULL", pa.int64()),
     ("commit_position", "bigint NOT NULL", pa.int64()),
     ("ordinal", "integer NOT NULL", pa.int32()),
+    # trust (capture/signing.py, capture/chain.py); added to first-release tables by changes_upgrade_ddl()
+    ("context_verified", "boolean", pa.bool_()),
+    ("row_digest", "text", pa.string()),
+    ("chain_hash", "text", pa.string()),
 )
+#: Columns a first-release ``changes`` table lacks (nullable, so adding them rewrites nothing).
+ADDED_COLUMNS = ("context_verified", "row_digest", "chain_hash")
 
 #: JSON columns: jsonb in PostgreSQL, JSON-typed strings in Arrow/Parquet.
 JSON_COLUMNS = ("before", "after", "context")
@@ -60,6 +68,18 @@ def changes_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Compo
         "CREATE TABLE IF NOT EXISTS {name} ({columns}, UNIQUE (commit_position, ordinal));"
         "CREATE INDEX IF NOT EXISTS {by_table} ON {name} (\"table\", primary_key, commit_position, ordinal);"
     ).format(name=name, columns=columns, by_table=sql.Identifier(f"{table}_table_key_idx"))
+
+
+def changes_upgrade_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Composed:
+    """Add the columns a first-release ``changes`` table lacks; idempotent, metadata only (no rewrite)."""
+    types = {name: pg_type for name, pg_type, _ in CHANGES_COLUMNS}
+    return sql.SQL("ALTER TABLE {} {}").format(
+        sql.Identifier(schema, table),
+        sql.SQL(", ").join(
+            sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(sql.Identifier(c), sql.SQL(types[c]))
+            for c in ADDED_COLUMNS
+        ),
+    )
 
 
 def schemas_ddl(schema: str = "public", table: str = SCHEMAS_TABLE) -> sql.Composed:

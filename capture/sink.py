@@ -7,9 +7,15 @@ The worker skips every source transaction whose commit position is at or below t
 advances the slot only after the commit, so a crash at any moment neither loses nor duplicates a change;
 ``UNIQUE (commit_position, ordinal)`` turns any mistake into an error instead of a duplicate.
 
-Unchanged TOAST values the stitcher could not fill (``ChangeRow.missing``) are filled right after their
-chunk is COPYed, from the previous version of the same row in ``changes`` (pipelined, in order);
-when that row was never captured (e.g. tracking started without a snapshot) the column stays absent.
+Unchanged TOAST values the stitcher could not fill (``ChangeRow.missing``) are filled before the row is
+written, from the previous version of the same row in ``changes`` (the rows queued before it are COPYed
+first), so the row is complete when its digest is computed; when that row was never captured (e.g.
+tracking started without a snapshot) the column stays absent.
+
+Every row gets ``context_verified`` (from the stitcher), ``row_digest`` and ``chain_hash``
+(:mod:`capture.chain`), chained in write order, which is ``(commit_position, ordinal)`` order. The chain
+goes on from the last row in ``changes`` (a first-release table's unhashed rows: from the start); each
+commit records the head in ``changes_positions`` and, every ``digest_every`` rows, in ``changes_digests``.
 
 Chunks are COPYed by a background thread (at most two waiting), so PostgreSQL parses one chunk while
 Python stitches the next; every other use of the connection waits for it first. (One COPY statement
@@ -19,6 +25,7 @@ kept open across chunks was measured too: no faster, the server's per-row cost d
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -28,7 +35,8 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, schemas_ddl
+from capture.chain import GENESIS, Chain, context_digest, digest_with, header_prefix, value_digest
+from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import (
     CHANGE_COLUMNS,
     ChangeRow,
@@ -38,10 +46,13 @@ from capture.stitch import (
     SchemaChange,
 )
 
-__all__ = ["POSITIONS_TABLE", "Position", "Sink", "positions_ddl"]
+__all__ = ["DIGESTS_TABLE", "POSITIONS_TABLE", "Position", "Sink", "digests_ddl", "positions_ddl"]
 
 #: One row per replication slot: the last source transaction written to ``changes``.
 POSITIONS_TABLE = "changes_positions"
+#: Periodic chain digests: the head hash at a point of history, to print and anchor elsewhere.
+DIGESTS_TABLE = "changes_digests"
+log = logging.getLogger("capture")
 
 _NULL = "\\N"
 #: COPY column order: the columns a transaction's rows share first, so they are formatted once.
@@ -57,10 +68,14 @@ _COPY_COLUMNS = (
     "primary_key",
     "before",
     "after",
+    "context_verified",
     "position",
     "ordinal",
+    "row_digest",
+    "chain_hash",
 )
-assert sorted(_COPY_COLUMNS) == sorted(CHANGE_COLUMNS)
+assert sorted(_COPY_COLUMNS) == sorted((*CHANGE_COLUMNS, "context_verified", "row_digest", "chain_hash"))
+_BOOL = {None: _NULL, True: "t", False: "f"}
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -70,7 +85,20 @@ def positions_ddl(schema: str = "public", table: str = POSITIONS_TABLE) -> sql.C
         "CREATE TABLE IF NOT EXISTS {name} ("
         " slot text PRIMARY KEY, commit_position bigint NOT NULL, end_position bigint NOT NULL,"
         " committed_at timestamptz, snapshot_position bigint, snapshot_at timestamptz,"
-        " updated_at timestamptz NOT NULL DEFAULT now())"
+        " updated_at timestamptz NOT NULL DEFAULT now(), chain_position bigint, chain_ordinal integer,"
+        " chain_hash text);"
+        # first-release tables: the chain head columns
+        "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS chain_position bigint,"
+        " ADD COLUMN IF NOT EXISTS chain_ordinal integer, ADD COLUMN IF NOT EXISTS chain_hash text"
+    ).format(name=sql.Identifier(schema, table))
+
+
+def digests_ddl(schema: str = "public", table: str = DIGESTS_TABLE) -> sql.Composed:
+    """``CREATE TABLE IF NOT EXISTS`` for the periodic chain digests (head hash at a point of history)."""
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {name} ("
+        " commit_position bigint NOT NULL, ordinal integer NOT NULL, chain_hash text NOT NULL,"
+        " recorded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (commit_position, ordinal))"
     ).format(name=sql.Identifier(schema, table))
 
 
@@ -143,12 +171,21 @@ class Sink:
     """The destination connection: schema set-up, chunked COPY, position bookkeeping, commit."""
 
     def __init__(
-        self, conn: psycopg.Connection, slot: str, *, schema: str = "public", chunk_rows: int = 5000
+        self,
+        conn: psycopg.Connection,
+        slot: str,
+        *,
+        schema: str = "public",
+        chunk_rows: int = 5000,
+        digest_every: int = 100_000,
     ) -> None:
         if conn.autocommit:
             raise ValueError("the sink needs a connection with autocommit off")
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        if not isinstance(digest_every, int) or digest_every < 1:
+            raise ValueError(f"digest_every must be a positive int, got {digest_every!r}")
+        self.digest_every = digest_every
         self.conn = conn
         self.slot = slot
         self.schema = schema
@@ -156,6 +193,7 @@ class Sink:
         self.changes = sql.Identifier(schema, CHANGES_TABLE)
         self.schemas = sql.Identifier(schema, SCHEMAS_TABLE)
         self.positions = sql.Identifier(schema, POSITIONS_TABLE)
+        self.digests = sql.Identifier(schema, DIGESTS_TABLE)
         self._copy = (
             sql.SQL("COPY {} ({}) FROM STDIN")
             .format(self.changes, sql.SQL(", ").join(sql.Identifier(c) for c in _COPY_COLUMNS))
@@ -168,16 +206,32 @@ class Sink:
         self._shared = ""
         self._context_in = ""
         self._copier = _Copier(self._copy_chunk)
-        self._toast: list[ChangeRow] = []
         self.pending = 0  # change rows written in the open transaction
         self._mark: tuple[int, int, datetime | None] | None = None
+        self._chain: Chain | None = None  # None: read the head from ``changes`` before the next row
+        self._chain_key: tuple[int, int] | None = None  # (commit_position, ordinal) of the head
+        self._prefix = b""
+        self._shared_verified: bool | None = None
+        self._context_digest = b""
+        self._context_digests: dict[str, bytes] = {}
+        #: digests of recent ``after`` images: under REPLICA IDENTITY FULL the next UPDATE/DELETE of the
+        #: row sends the same image as its ``before`` (same encoder, same text), so it is not parsed twice
+        self._after_digests: dict[str, bytes] = {}
+        self._since_digest = 0  # rows chained since the last stored digest (committed)
+        self._pending_digest = 0
 
     # -- set-up and reading state -------------------------------------------------------------------
     def setup(self) -> None:
         """Create ``changes``, ``changes_schemas`` and ``changes_positions`` if missing."""
         with self.conn.transaction():
             self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            for ddl in (changes_ddl(self.schema), schemas_ddl(self.schema), positions_ddl(self.schema)):
+            for ddl in (
+                changes_ddl(self.schema),
+                changes_upgrade_ddl(self.schema),
+                schemas_ddl(self.schema),
+                positions_ddl(self.schema),
+                digests_ddl(self.schema),
+            ):
                 self.conn.execute(ddl)
         self.conn.commit()
 
@@ -234,9 +288,13 @@ class Sink:
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self, row: ChangeRow) -> None:
-        """Queue one change row; COPY the queue when it reaches ``chunk_rows``."""
+        """Queue one change row (digested and chained); COPY the queue when it reaches ``chunk_rows``."""
         (pk, table, operation, before, after, context, _, schema, _, _, position, commit, ordinal, missing,
-         _) = row
+         _, verified) = row
+        if self._chain is None:
+            self._chain = Chain(self._read_head())
+        if missing and pk is not None:
+            after = self._filled(row)
         # the columns shared by a transaction's rows of one table are formatted once (see _COPY_COLUMNS)
         if (
             commit != self._shared_commit
@@ -245,13 +303,41 @@ class Sink:
             or schema != self._shared_schema
         ):
             self._shared_commit, self._shared_table, self._shared_schema = commit, table, schema
-            self._context_in = context
+            if context is not self._context_in:
+                self._context_in = context
+                cached = self._context_digests.get(context)
+                if cached is None:
+                    if len(self._context_digests) >= 4096:
+                        self._context_digests.clear()
+                    cached = self._context_digests[context] = context_digest(context)
+                self._context_digest = cached
             xid = row.transaction_id
             self._shared = (
                 f"{_escape(table)}\t{_escape(schema)}\t{_escape(row.database)}\t"
                 f"{_NULL if xid is None else xid}\t{row.committed_at.isoformat()}\t{commit}\t"
                 f"{_escape(context)}\t"
             )
+            self._prefix = header_prefix(schema, table, row.database, verified, row.committed_at, xid, commit)
+            self._shared_verified = verified
+        elif verified is not self._shared_verified:  # same context text, another verdict: not shared
+            self._shared_verified = verified
+            self._prefix = header_prefix(
+                schema, table, row.database, verified, row.committed_at, row.transaction_id, commit
+            )
+        known = self._after_digests
+        before_digest = known.pop(before, None) if before != "{}" else None
+        after_digest = value_digest(after)
+        if after != "{}":
+            if len(known) >= 16384:
+                known.clear()
+            known[after] = after_digest
+        digest = digest_with(
+            self._prefix, operation, pk, position, ordinal, before, after, self._context_digest,
+            before_digest, after_digest,
+        )
+        chain_hash = self._chain.add(digest)
+        self._chain_key = (commit, ordinal)
+        self._pending_digest += 1
         # _escape inlined for the per-row JSON values: 4 C scans each
         if "\\" in after or "\n" in after or "\t" in after or "\r" in after:
             after = after.translate(_ESCAPES)
@@ -259,49 +345,62 @@ class Sink:
             before = before.translate(_ESCAPES)
         self._buffer.append(
             f"{self._shared}{operation}\t{_NULL if pk is None else _escape(pk)}\t{before}\t"
-            f"{after}\t{position}\t{ordinal}\n"
+            f"{after}\t{_BOOL[verified]}\t{position}\t{ordinal}\t{digest.hex()}\t{chain_hash}\n"
         )
-        if missing:
-            self._toast.append(row)
         self.pending += 1
         if len(self._buffer) >= self.chunk_rows:
             self.flush()
+
+    def _read_head(self) -> str:
+        """The chain hash of the last row in ``changes`` (GENESIS when empty or unhashed: a new chain)."""
+        self._copier.wait()
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT commit_position, ordinal, chain_hash FROM {} "
+                "ORDER BY commit_position DESC, ordinal DESC LIMIT 1"
+            ).format(self.changes)
+        ).fetchone()
+        if row is None or row[2] is None:
+            self._chain_key = None
+            return GENESIS
+        self._chain_key = (int(row[0]), int(row[1]))
+        return str(row[2])
+
+    def _filled(self, row: ChangeRow) -> str:
+        """``after`` with its unchanged TOAST values from the previous version of the row in ``changes``."""
+        self.flush()
+        self._copier.wait()
+        found = self.conn.execute(
+            sql.SQL(
+                "SELECT jsonb_object_agg(k.name, p.after -> k.name)::text FROM ("
+                '  SELECT after FROM {changes} AS p WHERE p."table" = %s AND p."schema" = %s'
+                "  AND p.primary_key = %s AND p.operation <> 'DELETE' AND p.operation <> 'TRUNCATE'"
+                "  AND (p.commit_position, p.ordinal) < (%s, %s)"
+                "  ORDER BY p.commit_position DESC, p.ordinal DESC LIMIT 1) AS p,"
+                "  unnest(%s::text[]) AS k(name) WHERE p.after ? k.name"
+            ).format(changes=self.changes),
+            (row.table, row.schema, row.previous_key or row.primary_key, row.commit_position, row.ordinal,
+             list(row.missing)),
+        ).fetchone()
+        fill = None if found is None else found[0]
+        if not fill or fill == "{}":
+            return row.after
+        return fill if row.after == "{}" else f"{row.after[:-1]},{fill[1:]}"
 
     def write_many(self, rows: Iterable[ChangeRow]) -> None:
         for row in rows:
             self.write(row)
 
     def flush(self) -> None:
-        """Hand the queued rows to the COPY thread; fill unchanged TOAST values (after waiting for it)."""
+        """Hand the queued rows to the COPY thread."""
         if self._buffer:
             data = "".join(self._buffer).encode()
             self._buffer.clear()
             self._copier.put(data)
-        if self._toast:
-            self._copier.wait()
-            self._fill_toast(self._toast)
-            self._toast.clear()
 
     def _copy_chunk(self, data: bytes) -> None:
         with self.conn.cursor() as cur, cur.copy(self._copy) as copy:
             copy.write(data)
-
-    def _fill_toast(self, rows: list[ChangeRow]) -> None:
-        statement = sql.SQL(
-            "UPDATE {changes} AS c SET after = c.after || coalesce(("
-            " SELECT jsonb_object_agg(k.name, p.after -> k.name) FROM ("
-            '  SELECT after FROM {changes} AS p WHERE p."table" = c."table" AND p."schema" = c."schema"'
-            "  AND p.primary_key = %s AND p.operation <> 'DELETE' AND p.operation <> 'TRUNCATE'"
-            "  AND (p.commit_position, p.ordinal) < (c.commit_position, c.ordinal)"
-            "  ORDER BY p.commit_position DESC, p.ordinal DESC LIMIT 1) AS p,"
-            "  unnest(%s::text[]) AS k(name) WHERE p.after ? k.name), '{{}}')"
-            " WHERE c.commit_position = %s AND c.ordinal = %s"
-        ).format(changes=self.changes)
-        with self.conn.pipeline(), self.conn.cursor() as cur:
-            for row in rows:
-                if row.primary_key is not None:
-                    key = row.previous_key or row.primary_key
-                    cur.execute(statement, (key, list(row.missing), row.commit_position, row.ordinal))
 
     def write_schema(self, change: SchemaChange) -> None:
         """Record a relation's version (the later of two at the same position and step wins)."""
@@ -343,17 +442,24 @@ class Sink:
         mark, self._mark = self._mark, None
         if mark is not None or snapshot_position is not None or initialize:
             commit_position, end_position, committed_at = mark if mark is not None else (0, 0, None)
+            head: tuple[int | None, int | None, str | None] = (None, None, None)
+            if self.pending and self._chain is not None and self._chain_key is not None:
+                head = (*self._chain_key, self._chain.head)
             self.conn.execute(
                 sql.SQL(
                     "INSERT INTO {p} AS p (slot, commit_position, end_position, committed_at,"
-                    " snapshot_position, snapshot_at, updated_at) VALUES (%s, %s, %s, %s, %s,"
-                    " CASE WHEN %s::bigint IS NULL THEN NULL ELSE now() END, now())"
+                    " snapshot_position, snapshot_at, updated_at, chain_position, chain_ordinal, chain_hash)"
+                    " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s::bigint IS NULL THEN NULL ELSE now() END,"
+                    " now(), %s, %s, %s)"
                     " ON CONFLICT (slot) DO UPDATE SET"
                     " commit_position = greatest(p.commit_position, EXCLUDED.commit_position),"
                     " end_position = greatest(p.end_position, EXCLUDED.end_position),"
                     " committed_at = coalesce(EXCLUDED.committed_at, p.committed_at),"
                     " snapshot_position = coalesce(EXCLUDED.snapshot_position, p.snapshot_position),"
-                    " snapshot_at = coalesce(EXCLUDED.snapshot_at, p.snapshot_at), updated_at = now()"
+                    " snapshot_at = coalesce(EXCLUDED.snapshot_at, p.snapshot_at), updated_at = now(),"
+                    " chain_position = coalesce(EXCLUDED.chain_position, p.chain_position),"
+                    " chain_ordinal = coalesce(EXCLUDED.chain_ordinal, p.chain_ordinal),"
+                    " chain_hash = coalesce(EXCLUDED.chain_hash, p.chain_hash)"
                 ).format(p=self.positions),
                 (
                     self.slot,
@@ -362,9 +468,27 @@ class Sink:
                     committed_at,
                     snapshot_position,
                     snapshot_position,
+                    *head,
                 ),
             )
+        if (
+            self._since_digest + self._pending_digest >= self.digest_every
+            and self._chain is not None
+            and self._chain_key is not None
+        ):
+            self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (commit_position, ordinal, chain_hash) VALUES (%s, %s, %s)"
+                    " ON CONFLICT DO NOTHING"
+                ).format(self.digests),
+                (*self._chain_key, self._chain.head),
+            )
+            # the line an operator can ship elsewhere and pass back to verify as an anchor
+            log.info("chain digest %s/%s:%s", *self._chain_key, self._chain.head)
+            self._since_digest = self._pending_digest = 0
         self.conn.commit()
+        self._since_digest += self._pending_digest
+        self._pending_digest = 0
         self.pending = 0
         if mark is None:
             return None
@@ -375,9 +499,11 @@ class Sink:
         with contextlib.suppress(Exception):  # the transaction is being abandoned anyway
             self._copier.wait()
         self._buffer.clear()
-        self._toast.clear()
         self._mark = None
         self.pending = 0
+        self._chain = None  # read the committed head again
+        self._chain_key = None
+        self._pending_digest = 0
         if not self.conn.closed:
             self.conn.rollback()
 

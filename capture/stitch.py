@@ -11,7 +11,9 @@ Rules (docs/architecture.md, "message protocol"):
   there is none. The message's JSON text is kept as written (jsonb then holds exactly ``'<text>'::jsonb``;
   ``\\u0000`` escapes become the visible text ``\\\\u0000``); one jsonb cannot store (not UTF-8, not a JSON
   object, lone surrogate escapes, numbers outside numeric's range, deeper than 128 levels, over 16 MiB)
-  becomes ``{"_bemi_error": ..., "_bemi_raw": ...}`` (see :func:`parse_context`).
+  becomes ``{"_bemi_error": ..., "_bemi_raw": ...}`` (see :func:`parse_context`). A signed context's
+  ``"_bemi_sig"`` member is stripped and checked against ``Stitcher.context_keys``
+  (:mod:`capture.signing`): ``ChangeRow.context_verified`` is True/False with keys, None without.
 - ``ordinal`` counts the changes of a transaction from 0; ``position`` is the change's LSN,
   ``commit_position`` the commit LSN, ``committed_at`` the commit time.
 - ``primary_key``: the table's primary key valid at the change (the recorded version; the catalog,
@@ -67,6 +69,7 @@ from capture.pgoutput import (
     pg_timestamp_to_datetime,
     text_tuple,
 )
+from capture.signing import KeyRing, open_context
 from capture.values import (
     INLINE_EXPRESSIONS,
     INLINE_NAMESPACE,
@@ -125,6 +128,8 @@ class ChangeRow(NamedTuple):
     ordinal: int
     missing: tuple[str, ...] = ()
     previous_key: str | None = None  # where to look for ``missing`` values when the key changed
+    #: the context's signature verified (True), not (False), or the worker has no key (None)
+    context_verified: bool | None = None
 
 
 #: The ``changes`` columns a :class:`ChangeRow` fills, in its field order.
@@ -577,6 +582,8 @@ class Stitcher:
     known_columns: KnownSchemas = field(default_factory=KnownSchemas)
     ignored_tables: set[tuple[str, str]] = field(default_factory=set)
     ignored_schemas: set[str] = field(default_factory=set)
+    #: the keys signed contexts are checked with (None: ``context_verified`` stays None)
+    context_keys: KeyRing | None = None
     _tables: dict[int, _Table] = field(default_factory=dict)
     _xid: int = 0
     _commit_lsn: int = 0
@@ -586,6 +593,8 @@ class Stitcher:
     _context: str = EMPTY
     _last_content: bytes | None = None
     _last_context: str = EMPTY
+    _verified: bool | None = None
+    _last_verified: bool | None = None
     _in_transaction: bool = False
 
     def __post_init__(self) -> None:
@@ -767,8 +776,10 @@ class Stitcher:
                 content = message.content
                 if content != self._last_content:
                     self._last_content = content
-                    self._last_context = parse_context(content)
+                    body, self._last_verified = open_context(content, self.context_keys)
+                    self._last_context = parse_context(body)
                 self._context = self._last_context
+                self._verified = self._last_verified
             elif message.prefix == DDL_PREFIX:
                 return list(self._ddl(message.content))
             elif message.prefix == TRUNCATE_PREFIX or message.prefix == REWRITE_PREFIX:
@@ -782,6 +793,7 @@ class Stitcher:
             self._ordinal = 0
             self._step = 0
             self._context = EMPTY
+            self._verified = None if self.context_keys is None else False
             self._in_transaction = True
             return []
         if kind is Commit:
@@ -823,7 +835,7 @@ class Stitcher:
         self._ordinal = ordinal + 1
         return ChangeRow(key, rel.name, operation, before, after, self._context, self._committed_at,
                          rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal,
-                         missing, previous)
+                         missing, previous, self._verified)
 
     def _truncate(self, lsn: int, message: Truncate) -> list[ChangeRow]:
         rows = []

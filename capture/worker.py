@@ -19,7 +19,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +42,8 @@ from capture.errors import (
 )
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
-from capture.sink import POSITIONS_TABLE, Position, Sink
+from capture.signing import ContextKey, KeyRing, keys_from_env
+from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE, Position, Sink
 from capture.snapshot import write_snapshot
 from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
 from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info, uses_composite
@@ -221,6 +222,7 @@ class _Session:
     own: frozenset[tuple[str, str]]
     type_info: dict[int, TypeInfo] = field(default_factory=dict)
     relations: dict[Relation, tuple[list[str] | None, list[str]]] = field(default_factory=dict)
+    context_keys: KeyRing | None = None  # signed contexts are checked with these (capture/signing.py)
 
     def close(self) -> None:
         self.sink.close()
@@ -279,6 +281,7 @@ def _open(
     batch_changes: int,
     snapshot: bool | None,
     stats: CaptureStats,
+    context_keys: KeyRing | None = None,
 ) -> _Session:
     """Connect, check the server, set up publication, slot, destination tables and the snapshot."""
     meta = _connect(source_dsn, autocommit=True)
@@ -302,7 +305,7 @@ def _open(
         same = _identity(meta) == _identity(sink_conn)
         sink_conn.rollback()
         own = (
-            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE))
+            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE, DIGESTS_TABLE))
             if same
             else frozenset()
         )
@@ -347,6 +350,7 @@ def _open(
             sink,
             database,
             own,
+            context_keys=context_keys,
         )
         session.load_types()
         first = position is None
@@ -404,7 +408,11 @@ def _drain(
     False writes everything in one destination transaction and leaves it open (for the snapshot).
     """
     stitcher = Stitcher(
-        session.database, session.type_info, session.sink.known_columns(), ignored_tables=set(session.own)
+        session.database,
+        session.type_info,
+        session.sink.known_columns(),
+        ignored_tables=set(session.own),
+        context_keys=session.context_keys,
     )
     stitcher.ignored_schemas.add("bemi_tt")
     sink = session.sink
@@ -590,8 +598,12 @@ def run(
     batch_changes: int = 50_000,
     stop: threading.Event | None = None,
     schema: str = "public",
+    context_keys: KeyRing | Iterable[ContextKey | str | bytes] | None = None,
 ) -> CaptureStats:
     """Capture changes from ``dsn`` into ``changes`` at ``destination`` (default: the same database).
+
+    ``context_keys``: the keys signed contexts are checked with (``changes.context_verified``); None
+    reads ``BEMI_TT_CONTEXT_KEY``, an empty list means none (``context_verified`` stays NULL).
 
     ``once``: drain what was committed before the call, then return. Otherwise run until ``stop`` is set
     or SIGTERM/SIGINT arrives (the current batch is finished). ``snapshot``: None records the existing rows
@@ -609,6 +621,10 @@ def run(
         raise ConfigurationError(f"export_every must be a positive number of seconds, got {export_every!r}")
     if snapshot is not None and not isinstance(snapshot, bool):
         raise ConfigurationError(f"snapshot must be True, False or None, got {snapshot!r}")
+    keys = context_keys if isinstance(context_keys, KeyRing) else (
+        keys_from_env() if context_keys is None else tuple(context_keys)
+    )
+    ring = keys if isinstance(keys, KeyRing) else KeyRing(keys) if keys else None
     stop = stop if stop is not None else threading.Event()
     stats = CaptureStats()
     started = time.monotonic()
@@ -629,6 +645,7 @@ def run(
                     batch_changes=batch_changes,
                     snapshot=snapshot,
                     stats=stats,
+                    context_keys=ring,
                 )
                 snapshot = False  # done (or not wanted): never again after a reconnect
                 opened = True

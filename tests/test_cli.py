@@ -88,6 +88,54 @@ def test_export_as_delta_writes_a_delta_table_that_reads_back_the_same(tracked: 
     assert offline.returncode == 0, offline.stderr
     assert offline.stdout == online.stdout
 
+
+def test_verify_passes_on_an_intact_history_and_names_the_row_edited_by_hand(
+    tracked: str, tmp_path: Path
+) -> None:
+    result = _bemi_tt("verify", "--dsn", tracked)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("3 changes verified")
+    assert main(["export", "--dsn", tracked, "--to", str(tmp_path / "ds"), "--quiet"]) == 0
+    exported = _bemi_tt("verify", "--source", str(tmp_path / "ds"))
+    assert exported.returncode == 0 and exported.stdout.startswith("3 changes verified"), exported.stderr
+    with psycopg.connect(tracked) as conn:
+        conn.execute("""UPDATE changes SET after = '{"id": 1, "task": "Run"}' WHERE operation = 'UPDATE'""")
+    edited = _bemi_tt("verify", "--dsn", tracked)
+    assert edited.returncode == 1
+    assert edited.stderr.startswith("bemi-tt: error: ") and "Traceback" not in edited.stderr
+    assert "altered" in edited.stderr or "UPDATE" in edited.stderr, edited.stderr
+
+
+def test_capture_with_a_context_key_file_stores_context_verified(dsn: str, tmp_path: Path) -> None:
+    from bemi_tt.context import configure_context, encode_context
+
+    key = "k" * 32
+    (tmp_path / "keys").write_text(f"# the application's key\n{key}\n")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE todo (id int PRIMARY KEY, task text NOT NULL)")
+    assert main(["install", dsn]) == 0
+    assert main(["capture", "--dsn", dsn, "--once", "--context-key-file", str(tmp_path / "keys")]) == 0
+    configure_context(signing_key=key)
+    try:
+        marked = encode_context({"user_id": 7}).marked("INSERT INTO todo VALUES (1, 'Sleep')")
+    finally:
+        configure_context(signing_key=None)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(marked)
+        conn.execute("""/*bemi:eyJ1c2VyX2lkIjogMX0=*/ UPDATE todo SET task = 'Nap'""")
+    assert main(["capture", "--dsn", dsn, "--once", "--context-key-file", str(tmp_path / "keys")]) == 0
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT operation, context_verified FROM changes WHERE operation <> 'SNAPSHOT' ORDER BY id"
+        ).fetchall()
+    assert rows == [("CREATE", True), ("UPDATE", False)]
+
+
+def test_capture_with_a_missing_context_key_file_exits_2_naming_it(dsn: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["capture", "--dsn", dsn, "--once", "--context-key-file", str(tmp_path / "nope")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+
 def test_uninstall_removes_tracking(tracked: str) -> None:
     assert main(["uninstall", tracked]) == 0
     with psycopg.connect(tracked) as conn:

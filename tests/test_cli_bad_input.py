@@ -28,7 +28,8 @@ from bemi_tt.cli import main
 from capture.dsn import MASK, redact
 
 SECRET = "Pw_s3cret_Marker"  # must never appear in any output
-COMMANDS = ["install", "uninstall", "capture", "status", "export", "as-of", "diff", "history", "audit"]
+COMMANDS = ["install", "uninstall", "capture", "status", "export", "verify", "as-of", "diff", "history",
+            "audit"]
 
 
 def _closed_port() -> int:
@@ -49,6 +50,7 @@ def _argv(command: str, dsn: str, tmp_path: Path) -> list[str]:
         "capture": ["capture", "--dsn", dsn, "--once"],
         "status": ["status", "--dsn", dsn],
         "export": ["export", "--dsn", dsn, "--to", str(tmp_path / "ds"), "--quiet"],
+        "verify": ["verify", "--dsn", dsn],
         "as-of": ["as-of", "todo", "2026-01-01", "--source", dsn],
         "diff": ["diff", "todo", "2026-01-01", "now", "--source", dsn],
         "history": ["history", "todo", "1", "--source", dsn],

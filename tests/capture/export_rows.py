@@ -32,7 +32,8 @@ START = dt.datetime(2026, 3, 28, 22, 0, tzinfo=dt.timezone.utc)
 COLUMNS = [name for name, _, _ in CHANGES_COLUMNS if name != "id"]
 SELECT = sql.SQL(
     'SELECT id, primary_key, "table", operation, before::text, after::text, context::text, committed_at,'
-    ' "schema", "database", transaction_id, "position", commit_position, ordinal FROM {}'
+    ' "schema", "database", transaction_id, "position", commit_position, ordinal, context_verified,'
+    " row_digest, chain_hash FROM {}"
     " ORDER BY commit_position, ordinal"
 )
 
@@ -116,6 +117,9 @@ def generate(
                 position + 100 * ordinal,
                 commit,
                 ordinal,
+                (None, True, False)[made % 3],  # the trust columns travel too (not derived from rng)
+                f"{made:064x}" if made % 2 else None,
+                f"{made + 1:064x}" if made % 2 else None,
             )
             made += 1
         position = commit + 100
