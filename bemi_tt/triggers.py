@@ -268,6 +268,12 @@ BEGIN
       RAISE WARNING 'bemi_tt: table % gets no context trigger: role % (which installed bemi_tt) may not '
         'alter it: %', r.objid::pg_catalog.regclass, current_user, SQLERRM
         USING HINT = 'run bemi_tt.install(engine) as a superuser or as the owner of the table';
+      -- a tracking gap is data: the capture worker records it for the table (capture/ddl.py, UNTRACK)
+      PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
+        'event', 'UNTRACK', 'what', 'context', 'oid', c.oid, 'schema', n.nspname, 'table', c.relname,
+        'reason', SQLERRM)::text)
+        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = r.objid;
     END;
   END LOOP;
 END
@@ -823,7 +829,12 @@ def _offline_extras() -> list[str]:
 
 
 def migration_downgrade() -> None:
-    """Remove tracking from inside an Alembic migration (online: on its connection; offline: as SQL)."""
+    """Remove tracking from inside an Alembic migration (online: on its connection; offline: as SQL).
+
+    Call it **last** in ``downgrade()``, after the migration's own ``op.drop_table`` calls: DDL run
+    after it is not tracked, so a drop would not be recorded (the record then shows a tracking gap,
+    ``untracked``, from here on, and the next install re-baselines each table, never a silent change).
+    """
     from alembic import op
 
     if op.get_context().as_sql:

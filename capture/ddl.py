@@ -1,24 +1,37 @@
-"""Schema changes into the WAL: an event trigger emitting ``bemi_ddl`` logical messages.
+"""Schema changes into the WAL: event triggers emitting ``bemi_ddl`` (and row) logical messages.
 
-Logical decoding carries no DDL, and ``ALTER TABLE ... ADD COLUMN ... DEFAULT x`` gives existing rows
-a value without any row change. The event trigger runs at the end of ``CREATE TABLE``, ``ALTER TABLE``
-(and ``CREATE TABLE AS`` / ``SELECT INTO``) and after ``DROP TABLE``, and emits, inside the same
-transaction, ``pg_logical_emit_message(true, 'bemi_ddl', json)`` with::
+Logical decoding carries no DDL, and some DDL changes values without any row change. The event trigger
+runs at the end of ``CREATE TABLE``, ``ALTER TABLE`` (and ``CREATE TABLE AS`` / ``SELECT INTO``) and
+after ``DROP TABLE``, and emits, inside the same transaction, ``pg_logical_emit_message(true,
+'bemi_ddl', json)`` with::
 
-    {"event": "ALTER TABLE", "schema": "public", "table": "todo",
-     "columns": [{"name": "id", "type": "integer", "type_oid": 23, "key": true}, ...,
-                 {"name": "done", "type": "boolean", "type_oid": 16, "key": false, "fill_text": "f"}]}
+    {"event": "ALTER TABLE", "schema": "public", "table": "todo", "oid": 16385, "replica_identity": "f",
+     "columns": [{"name": "id", "attnum": 1, "type": "integer", "type_oid": 23, "key": true}, ...,
+                 {"name": "done", "attnum": 3, "type": "boolean", "type_oid": 16, "key": false,
+                  "fill_text": "f"}]}
 
+``oid`` is the relation's OID (a dropped and recreated table is a new relation), ``attnum`` the
+column's attribute number (a rename keeps it), ``replica_identity`` ``pg_class.relreplident``.
 ``columns`` lists the table's columns after the command, those pgoutput sends: no generated columns
 before PostgreSQL 18, STORED ones from 18 on (the worker's publication sets ``publish_generated_columns``);
 ``key`` marks primary key columns; ``fill_text`` is the text value that rows existing before the command
 take for the column (``pg_attribute.attmissingval``), absent when there is none. A dropped table has
 ``"columns": null``. Partitions are skipped (changes are recorded under the partitioned root).
-The worker turns these into ``changes_schemas`` rows at the exact commit position of the DDL.
+More ``event`` values: ``TRACK`` (install: every table, with ``"empty"``), ``UNTRACK`` (uninstall: a
+tracking gap begins), ``REWRITE`` (a DDL rewrote values, with ``"captured"``, ``"reason"`` and the
+rewritten ``"partition"``; the rows follow as ``bemi_rewrite`` messages). A TRUNCATE of a partition
+writes its rows as ``bemi_truncate`` messages (triggers on the partitions, see ``_TRUNCATE_FUNCTIONS``).
+The worker turns these into ``changes_schemas`` rows and ``changes`` rows at the exact position.
 
-The functions fire for every role's DDL and run with that role's rights: they only read the catalog
-(readable by everyone) and call ``pg_logical_emit_message`` (executable by everyone), so no role's DDL
-can fail on a privilege; ``search_path`` is fixed so the caller's setting cannot change what they call.
+The DDL functions fire for every role's DDL and run with that role's rights: they only read the catalog
+(readable by everyone), the rewritten table (its owner ran the ALTER) and call ``pg_logical_emit_message``
+(executable by everyone), so no role's DDL can fail on a privilege; ``search_path`` is fixed so the
+caller's setting cannot change what they call. The partition trigger functions run as the installer.
+
+Cost: a rewrite writes every row of the table into the WAL once more (about the row's text size plus
+~60 bytes) and the worker records one UPDATE per row; for a large table, ``SET LOCAL
+bemi_tt.capture_rewrites = off`` in that migration skips it and records the gap instead. A TRUNCATE
+of a partition (not of the root) costs the same per row of that partition.
 """
 
 from __future__ import annotations
@@ -34,40 +47,134 @@ __all__ = ["ddl_tracking_installed", "install_ddl_tracking", "install_statements
 
 log = logging.getLogger(__name__)
 
+# The message for one table (its columns as pgoutput sends them, attnums, primary key, replica identity),
+# shared by the event trigger and install/uninstall's tracking records. Inlined in each function: the
+# event trigger runs as the caller, who may lack USAGE on schema bemi_tt (so it calls nothing there).
+_MESSAGE = """(
+  SELECT pg_catalog.jsonb_build_object(
+    'event', {event}, 'schema', n.nspname, 'table', c.relname, 'oid', c.oid,
+    'replica_identity', c.relreplident::text,
+    'columns', (
+      SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+               'name', a.attname, 'attnum', a.attnum,
+               'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
+               'type_oid', a.atttypid, 'key', coalesce(a.attnum = ANY (i.indkey), false),
+               'fill_text', CASE WHEN a.atthasmissing
+                                 THEN pg_catalog.array_to_string(a.attmissingval, '') END))
+             ORDER BY a.attnum)
+      FROM pg_catalog.pg_attribute a
+      LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        -- PostgreSQL 18 publishes STORED generated columns (the worker's publication asks for them)
+        AND (a.attgenerated = '' OR a.attgenerated = 's'
+             AND pg_catalog.current_setting('server_version_num')::int >= 180000)))
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.oid = {rel} AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+    AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_'))"""
+# A rewrite (ALTER COLUMN TYPE, ADD COLUMN with a volatile default) gives rows new values without row
+# changes. The table_rewrite event trigger notes each rewritten relation (and why) in a transaction-local
+# setting; at ddl_command_end, after the version messages, emit_ddl writes one ``bemi_rewrite`` message
+# per row of it with the new values ({"root": <oid>, "row": {column: text}}, text in the worker's output
+# settings), which the worker records as UPDATEs right after the version, in the ALTER's transaction.
+# Rewrites that change no value (SET LOGGED/UNLOGGED, SET ACCESS METHOD: reason bits 1 and 8) write
+# nothing. ``SET LOCAL bemi_tt.capture_rewrites = off`` skips the rows: the version then says so
+# (``"captured": false``), a gap in the record, never a silent one.
+_REWRITE_FUNCTION = """
+CREATE OR REPLACE FUNCTION bemi_tt.note_rewrite() RETURNS event_trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
+BEGIN
+  PERFORM pg_catalog.set_config('bemi_tt.rewritten',
+    coalesce(pg_catalog.current_setting('bemi_tt.rewritten', true), '')
+    || pg_catalog.pg_event_trigger_table_rewrite_oid() || ':'
+    || pg_catalog.pg_event_trigger_table_rewrite_reason() || ',', true);
+END
+$bemi$
+"""
 _FUNCTIONS = """
 CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp AS $bemi$
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $bemi$
 DECLARE
   obj record;
-  info record;
-  -- PostgreSQL 18 publishes STORED generated columns (the worker's publication asks for them)
-  gencols boolean := pg_catalog.current_setting('server_version_num')::int >= 180000;
+  msg jsonb;
+  rw record;
+  root oid;
+  capture boolean;
+  names text;
+  texts text;
 BEGIN
   FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
              WHERE e.classid = 'pg_catalog.pg_class'::regclass AND e.object_type IN ('table', 'table column')
   LOOP
-    SELECT n.nspname, c.relname INTO info FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.oid = obj.objid AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-        AND n.nspname <> 'information_schema' AND NOT pg_catalog.starts_with(n.nspname, 'pg_');
-    IF NOT FOUND THEN
-      CONTINUE;
+    msg := """ + _MESSAGE.format(rel="obj.objid", event="obj.command_tag") + """;
+    IF msg IS NOT NULL THEN
+      PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', msg::text);
     END IF;
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
-      'event', obj.command_tag, 'schema', info.nspname, 'table', info.relname,
-      'columns', (
-        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
-                 'name', a.attname, 'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
-                 'type_oid', a.atttypid, 'key', coalesce(a.attnum = ANY (i.indkey), false),
-                 'fill_text', CASE WHEN a.atthasmissing
-                                   THEN pg_catalog.array_to_string(a.attmissingval, '') END))
-               ORDER BY a.attnum)
-        FROM pg_catalog.pg_attribute a
-        LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
-        WHERE a.attrelid = obj.objid AND a.attnum > 0 AND NOT a.attisdropped
-          AND (a.attgenerated = '' OR a.attgenerated = 's' AND gencols)
-      ))::text);
   END LOOP;
+  IF coalesce(pg_catalog.current_setting('bemi_tt.rewritten', true), '') = '' THEN
+    RETURN;
+  END IF;
+  capture := coalesce(pg_catalog.current_setting('bemi_tt.capture_rewrites', true), '')
+             NOT IN ('off', 'false', 'no', '0');
+  FOR rw IN SELECT pg_catalog.split_part(x, ':', 1)::oid AS rel, pg_catalog.split_part(x, ':', 2)::int AS why
+            FROM pg_catalog.unnest(pg_catalog.string_to_array(
+              pg_catalog.btrim(pg_catalog.current_setting('bemi_tt.rewritten'), ','), ',')) AS x
+  LOOP
+    CONTINUE WHEN rw.why & 6 = 0;  -- persistence or access method: no value changed
+    root := coalesce(pg_catalog.pg_partition_root(rw.rel), rw.rel);
+    -- the capture worker's own tables (never recorded; ``changes`` may be huge)
+    CONTINUE WHEN EXISTS (SELECT FROM pg_catalog.pg_class c
+                          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+                          WHERE c.oid = root AND a.attname = 'commit_position' AND NOT a.attisdropped
+                          AND c.relname IN ('changes', 'changes_schemas', 'changes_positions'));
+    msg := """ + _MESSAGE.format(rel="root", event="'REWRITE'") + """;
+    CONTINUE WHEN msg IS NULL;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || pg_catalog.jsonb_build_object(
+      'captured', capture, 'reason', rw.why, 'partition', CASE WHEN rw.rel <> root THEN rw.rel END))::text);
+    CONTINUE WHEN NOT capture;
+    SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a.attname), ', ' ORDER BY a.attnum),
+           pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) || '::text', ', ' ORDER BY a.attnum)
+      INTO names, texts
+      FROM pg_catalog.pg_attribute a WHERE a.attrelid = rw.rel AND a.attnum > 0 AND NOT a.attisdropped;
+    EXECUTE 'SELECT count(pg_catalog.pg_logical_emit_message(true, ''bemi_rewrite'','
+      || ' pg_catalog.jsonb_build_object(''root'', ' || root || ', ''row'', pg_catalog.jsonb_object(ARRAY['
+      || names || ']::text[], ARRAY[' || texts || ']::text[]))::text)) FROM ONLY '
+      || rw.rel::pg_catalog.regclass::text;
+  END LOOP;
+  PERFORM pg_catalog.set_config('bemi_tt.rewritten', '', true);
+END
+$bemi$
+"""
+# Tracking gaps are data: install records every table as tracked from here on (with whether it is empty,
+# so a table created while tracking was off has an exact start), uninstall records the gap's start.
+_EMIT_TRACKING = """
+CREATE OR REPLACE FUNCTION bemi_tt.emit_tracking(event text) RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  r record;
+  msg jsonb;
+  empty boolean;
+  emitted bigint := 0;
+BEGIN
+  FOR r IN SELECT c.oid, c.relkind FROM pg_catalog.pg_class c
+           WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY c.oid LOOP
+    msg := """ + _MESSAGE.format(rel="r.oid", event="event") + """;
+    CONTINUE WHEN msg IS NULL;
+    empty := NULL;
+    IF event = 'TRACK' THEN
+      BEGIN
+        -- (concatenated, not format(): a driver given parameters reads its percent signs as placeholders)
+        EXECUTE 'SELECT NOT EXISTS (SELECT FROM ' || CASE WHEN r.relkind = 'p' THEN '' ELSE 'ONLY ' END
+                || r.oid::pg_catalog.regclass::text || ')' INTO empty;
+      EXCEPTION WHEN insufficient_privilege THEN
+        empty := NULL;  -- unknown: the reader must re-baseline (snapshot) or refuse
+      END;
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl',
+      (msg || pg_catalog.jsonb_build_object('what', 'ddl', 'empty', empty))::text);
+    emitted := emitted + 1;
+  END LOOP;
+  RETURN emitted;
 END
 $bemi$
 """
@@ -81,7 +188,7 @@ BEGIN
              WHERE d.object_type = 'table' AND d.original AND NOT d.is_temporary
   LOOP
     PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', pg_catalog.jsonb_build_object(
-      'event', 'DROP TABLE', 'schema', obj.schema_name, 'table', obj.object_name,
+      'event', 'DROP TABLE', 'schema', obj.schema_name, 'table', obj.object_name, 'oid', obj.objid,
       'columns', NULL)::text);
   END LOOP;
 END
@@ -89,22 +196,139 @@ $bemi$
 """
 
 
+# TRUNCATE of a partition: pgoutput publishes partitions through their root and sends no Truncate for
+# a partition (only for a root named by the TRUNCATE), so a statement trigger on each leaf partition
+# writes, before the rows go, one ``bemi_truncate`` message per row: {"root": <root oid>, "partition":
+# <oid>, "row": {column: text}}, the text in the worker's own output settings (function SET clauses),
+# which the worker records as a DELETE of the root. A TRUNCATE of the root itself (which empties every
+# partition) is sent by pgoutput as one TRUNCATE: the root's BEFORE trigger, which fires before its
+# partitions', marks the root in a transaction-local setting so they write nothing (its AFTER trigger
+# clears the mark). SECURITY DEFINER: a role may hold TRUNCATE without SELECT; the rows go to the WAL only.
+_TRUNCATE_FUNCTIONS = (
+    """
+CREATE OR REPLACE FUNCTION bemi_tt.emit_truncate() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO' SET TimeZone = 'UTC' SET extra_float_digits = 3
+SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $bemi$
+DECLARE
+  root oid := pg_catalog.pg_partition_root(TG_RELID);
+  names text;
+  texts text;
+BEGIN
+  IF TG_WHEN = 'BEFORE' AND TG_RELID = root THEN
+    PERFORM pg_catalog.set_config('bemi_tt.truncating_roots',
+      coalesce(pg_catalog.current_setting('bemi_tt.truncating_roots', true), '') || ',' || root || ',', true);
+    RETURN NULL;
+  ELSIF TG_RELID = root THEN
+    PERFORM pg_catalog.set_config('bemi_tt.truncating_roots', '', true);
+    RETURN NULL;
+  END IF;
+  IF pg_catalog.strpos(coalesce(pg_catalog.current_setting('bemi_tt.truncating_roots', true), ''),
+                       ',' || root || ',') > 0 THEN
+    RETURN NULL;  -- the root's own TRUNCATE covers this partition
+  END IF;
+  SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a.attname), ', ' ORDER BY a.attnum),
+         pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) || '::text', ', ' ORDER BY a.attnum)
+    INTO names, texts
+    FROM pg_catalog.pg_attribute a WHERE a.attrelid = TG_RELID AND a.attnum > 0 AND NOT a.attisdropped;
+  EXECUTE 'SELECT count(pg_catalog.pg_logical_emit_message(true, ''bemi_truncate'','
+    || ' pg_catalog.jsonb_build_object(''root'', ' || root || ', ''partition'', ' || TG_RELID
+    || ', ''row'', pg_catalog.jsonb_object(ARRAY[' || names || ']::text[], ARRAY[' || texts
+    || ']::text[]))::text)) FROM ONLY ' || TG_RELID::pg_catalog.regclass::text;
+  RETURN NULL;
+END
+$bemi$
+""",
+    """
+CREATE OR REPLACE FUNCTION bemi_tt.track_truncates(rel oid) RETURNS integer LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  r record;
+  made integer := 0;
+BEGIN
+  FOR r IN SELECT t.relid, c.relkind, c.relispartition FROM pg_catalog.pg_partition_tree(rel) t
+           JOIN pg_catalog.pg_class c ON c.oid = t.relid
+           WHERE (t.isleaf AND c.relkind = 'r' AND c.relispartition)
+              OR (c.relkind = 'p' AND NOT c.relispartition)
+  LOOP
+    CONTINUE WHEN EXISTS (SELECT FROM pg_catalog.pg_trigger g WHERE g.tgrelid = r.relid
+                          AND g.tgname = 'bemi_tt_truncate');
+    BEGIN
+      EXECUTE 'CREATE TRIGGER bemi_tt_truncate BEFORE TRUNCATE ON ' || r.relid::pg_catalog.regclass::text
+        || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_truncate()';
+      IF r.relkind = 'p' THEN
+        EXECUTE 'CREATE TRIGGER bemi_tt_truncate_done AFTER TRUNCATE ON '
+          || r.relid::pg_catalog.regclass::text
+          || ' FOR EACH STATEMENT EXECUTE FUNCTION bemi_tt.emit_truncate()';
+      END IF;
+      made := made + 1;
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE WARNING USING MESSAGE = 'bemi_tt: a TRUNCATE of partition '
+        || r.relid::pg_catalog.regclass::text || ' will not be recorded: ' || SQLERRM,
+        HINT = 'run bemi-tt install as a superuser';
+    END;
+  END LOOP;
+  RETURN made;
+END
+$bemi$
+""",
+    """
+CREATE OR REPLACE FUNCTION bemi_tt.track_new_partitions() RETURNS event_trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  obj record;
+BEGIN
+  FOR obj IN SELECT DISTINCT e.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+             JOIN pg_catalog.pg_class c ON c.oid = e.objid
+             WHERE e.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
+               AND (c.relispartition OR c.relkind = 'p')
+  LOOP
+    PERFORM bemi_tt.track_truncates(pg_catalog.pg_partition_root(obj.objid));
+  END LOOP;
+END
+$bemi$
+""",
+)
+
+
 _INSTALL = (
     "CREATE SCHEMA IF NOT EXISTS bemi_tt",
+    _REWRITE_FUNCTION,
     _FUNCTIONS,
+    _EMIT_TRACKING,
     _DROP_FUNCTION,
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "CREATE EVENT TRIGGER bemi_tt_ddl ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE',"
     " 'CREATE TABLE AS', 'SELECT INTO') EXECUTE FUNCTION bemi_tt.emit_ddl()",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_rewrite",
+    "CREATE EVENT TRIGGER bemi_tt_rewrite ON table_rewrite EXECUTE FUNCTION bemi_tt.note_rewrite()",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
     " EXECUTE FUNCTION bemi_tt.emit_drop()",
+    *_TRUNCATE_FUNCTIONS,
+    "REVOKE ALL ON FUNCTION bemi_tt.track_truncates(oid) FROM PUBLIC",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
+    "CREATE EVENT TRIGGER bemi_tt_partitions ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')"
+    " EXECUTE FUNCTION bemi_tt.track_new_partitions()",
+    "SELECT count(bemi_tt.track_truncates(c.oid)) FROM pg_catalog.pg_class c"
+    " WHERE c.relkind = 'p' AND NOT c.relispartition",
+    "SELECT bemi_tt.emit_tracking('TRACK')",
 )
 _UNINSTALL = (
+    "DO $bemi$ BEGIN IF pg_catalog.to_regprocedure('bemi_tt.emit_tracking(text)') IS NOT NULL"
+    " AND EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = 'bemi_tt_ddl') THEN"
+    " PERFORM bemi_tt.emit_tracking('UNTRACK'); END IF; END $bemi$",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_ddl",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_rewrite",
+    "DROP FUNCTION IF EXISTS bemi_tt.note_rewrite()",
+    # the partition triggers go with their function
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_truncate() CASCADE",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_new_partitions()",
+    "DROP FUNCTION IF EXISTS bemi_tt.track_truncates(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_ddl()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_drop()",
+    "DROP FUNCTION IF EXISTS bemi_tt.emit_tracking(text)",
 )
 _INSUFFICIENT_PRIVILEGE = "42501"
 
@@ -161,9 +385,9 @@ def uninstall_ddl_tracking(conn: Any) -> bool:
 
 
 def ddl_tracking_installed(conn: psycopg.Connection) -> bool:
-    """Whether both DDL event triggers exist and are enabled."""
+    """Whether the DDL event triggers exist and are enabled."""
     row = conn.execute(
-        "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('bemi_tt_ddl', 'bemi_tt_drop')"
-        " AND evtenabled <> 'D'"
+        "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('bemi_tt_ddl', 'bemi_tt_drop',"
+        " 'bemi_tt_partitions', 'bemi_tt_rewrite') AND evtenabled <> 'D'"
     ).fetchone()
-    return bool(row and row[0] == 2)
+    return bool(row and row[0] == 4)

@@ -240,11 +240,13 @@ def _export_schemas(
     if row and row[0]:
         query = sql.SQL(
             'SELECT "schema", "table", commit_position, ordinal, '
-            "(extract(epoch FROM committed_at) * 1000000)::bigint, columns::text FROM {} "
-            'ORDER BY "schema", "table", commit_position, ordinal'
+            "(extract(epoch FROM committed_at) * 1000000)::bigint, columns::text, relation_oid, step,"
+            " event::text, context::text, replica_identity FROM {} "
+            'ORDER BY "schema", "table", commit_position, ordinal, step'
         ).format(sql.Identifier(schema, table))
         types = {f.name: f.type for f in schemas_arrow_schema()}
-        types["committed_at"], types["columns"] = pa.int64(), pa.string()
+        types["committed_at"] = pa.int64()
+        types["columns"] = types["event"] = types["context"] = pa.string()
         rows = copy_csv(conn, query, types)
         rows = rows.set_column(4, "committed_at", pc.cast(rows["committed_at"], pa.timestamp("us", tz="UTC")))
         target = rows.cast(schemas_arrow_schema())

@@ -67,6 +67,11 @@ def schemas_arrow_schema() -> pa.Schema:
             pa.field("ordinal", pa.int32()),
             pa.field("committed_at", pa.timestamp("us", tz="UTC")),
             pa.field("columns", pa.json_(pa.string())),
+            pa.field("relation_oid", pa.int64()),
+            pa.field("step", pa.int32()),
+            pa.field("event", pa.json_(pa.string())),
+            pa.field("context", pa.json_(pa.string())),
+            pa.field("replica_identity", pa.string()),
         ]
     )
 

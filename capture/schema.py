@@ -83,10 +83,31 @@ def changes_upgrade_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> s
 
 
 def schemas_ddl(schema: str = "public", table: str = SCHEMAS_TABLE) -> sql.Composed:
-    """``CREATE TABLE IF NOT EXISTS`` for the column sets of tracked tables over time."""
+    """``CREATE TABLE IF NOT EXISTS`` for the versions of tracked relations over time; idempotent.
+
+    A first-release table gets the later columns (``relation_oid``, ``step``, ``event``, ``context``,
+    ``replica_identity``) and the primary key with ``step`` added in place.
+    """
+    name = sql.Identifier(schema, table)
+    # Upgrading a first-release table (one ALTER, only when the key lacks ``step``, so a normal start
+    # takes no lock); in a DO block, whose body is a literal: composed here and quoted as one.
+    upgrade = sql.SQL(
+        "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS relation_oid bigint,"
+        " ADD COLUMN IF NOT EXISTS step integer NOT NULL DEFAULT 0,"
+        " ADD COLUMN IF NOT EXISTS event jsonb NOT NULL DEFAULT '[]',"
+        " ADD COLUMN IF NOT EXISTS context jsonb NOT NULL DEFAULT '{{}}',"
+        " ADD COLUMN IF NOT EXISTS replica_identity text,"
+        " DROP CONSTRAINT {old}, ADD PRIMARY KEY (\"schema\", \"table\", commit_position, ordinal, step)"
+    ).format(name=name, old=sql.Identifier(f"{table}_pkey"))
     return sql.SQL(
         "CREATE TABLE IF NOT EXISTS {name} ("
         " \"schema\" text NOT NULL, \"table\" text NOT NULL, commit_position bigint NOT NULL,"
         " ordinal integer NOT NULL DEFAULT 0, committed_at timestamptz NOT NULL, columns jsonb NOT NULL,"
-        " PRIMARY KEY (\"schema\", \"table\", commit_position, ordinal))"
-    ).format(name=sql.Identifier(schema, table))
+        " relation_oid bigint, step integer NOT NULL DEFAULT 0, event jsonb NOT NULL DEFAULT '[]',"
+        " context jsonb NOT NULL DEFAULT '{{}}', replica_identity text,"
+        " PRIMARY KEY (\"schema\", \"table\", commit_position, ordinal, step));"
+        "DO $bemi$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a"
+        " WHERE a.attrelid = {regclass}::regclass AND a.attname = 'step' AND NOT a.attisdropped)"
+        " THEN EXECUTE {upgrade}; END IF; END $bemi$"
+    ).format(name=name, regclass=sql.Literal(name.as_string(None)),
+             upgrade=sql.Literal(upgrade.as_string(None)))

@@ -37,7 +37,14 @@ from psycopg import sql
 
 from capture.chain import GENESIS, Chain, context_digest, digest_with, header_prefix, value_digest
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
-from capture.stitch import CHANGE_COLUMNS, ChangeRow, ColumnSpec, SchemaChange
+from capture.stitch import (
+    CHANGE_COLUMNS,
+    ChangeRow,
+    ColumnSpec,
+    KnownSchemas,
+    RelationVersion,
+    SchemaChange,
+)
 
 __all__ = ["DIGESTS_TABLE", "POSITIONS_TABLE", "Position", "Sink", "digests_ddl", "positions_ddl"]
 
@@ -241,22 +248,43 @@ class Sink:
         self.conn.rollback()
         return None if row is None else Position(*row)
 
-    def known_columns(self) -> dict[tuple[str, str], tuple[ColumnSpec, ...]]:
-        """The last recorded column set of every table in ``changes_schemas``."""
+    def known_columns(self) -> KnownSchemas:
+        """The last recorded version of every live relation in ``changes_schemas`` (by OID; versions of
+        the first release, without OID, by name): the record the stitcher continues."""
         self._copier.wait()
         rows = self.conn.execute(
             sql.SQL(
-                'SELECT DISTINCT ON ("schema", "table") "schema", "table", columns FROM {} '
-                'ORDER BY "schema", "table", commit_position DESC, ordinal DESC'
+                "SELECT * FROM (SELECT DISTINCT ON (relation_oid, CASE WHEN relation_oid IS NULL"
+                ' THEN ("schema", "table") END) "schema", "table", relation_oid, replica_identity, columns,'
+                " event, commit_position FROM {} ORDER BY relation_oid, CASE WHEN relation_oid IS NULL"
+                ' THEN ("schema", "table") END, commit_position DESC, ordinal DESC, step DESC) AS v'
+                " WHERE NOT v.event @> '[{{\"kind\": \"drop_table\"}}]'"
+                " ORDER BY relation_oid NULLS FIRST"
             ).format(self.schemas)
         ).fetchall()
-        self.conn.rollback()
-        return {
-            (schema, table): tuple(
-                ColumnSpec(c["name"], c["type"], int(c["type_oid"]), bool(c["key"])) for c in columns
-            )
-            for schema, table, columns in rows
+        # relations inside a tracking gap: their last tracked/untracked event is an untracked one
+        gaps = {
+            oid for oid, last in self.conn.execute(
+                sql.SQL(
+                    "SELECT relation_oid, (array_agg(e ->> 'kind' ORDER BY commit_position DESC,"
+                    " ordinal DESC, step DESC))[1] FROM {}, jsonb_array_elements(event) AS e"
+                    " WHERE e ->> 'kind' IN ('tracked', 'untracked') AND relation_oid IS NOT NULL"
+                    " GROUP BY relation_oid"
+                ).format(self.schemas)
+            ).fetchall() if last == "untracked"
         }
+        self.conn.rollback()
+        known = KnownSchemas()
+        for schema, table, oid, identity, columns, _, position in rows:
+            spec = tuple(
+                ColumnSpec(c["name"], c["type"], int(c["type_oid"]), bool(c["key"]), c.get("attnum"))
+                for c in columns
+            )
+            # OID versions come last, so a name now held by a relation with an OID maps to it
+            known.record(
+                RelationVersion(oid, schema, table, spec, identity, oid not in gaps, int(position)), None
+            )
+        return known
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self, row: ChangeRow) -> None:
@@ -375,21 +403,29 @@ class Sink:
             copy.write(data)
 
     def write_schema(self, change: SchemaChange) -> None:
-        """Record a table's column set (the later of two at the same position wins)."""
+        """Record a relation's version (the later of two at the same position and step wins)."""
         self._copier.wait()
         self.conn.execute(
             sql.SQL(
-                'INSERT INTO {} ("schema", "table", commit_position, ordinal, committed_at, columns) '
-                'VALUES (%s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT ("schema", "table", commit_position,'
-                " ordinal) DO UPDATE SET columns = EXCLUDED.columns"
+                'INSERT INTO {} ("schema", "table", commit_position, ordinal, step, committed_at, columns,'
+                " relation_oid, event, context, replica_identity)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::jsonb, %s::jsonb, %s)"
+                ' ON CONFLICT ("schema", "table", commit_position, ordinal, step) DO UPDATE SET'
+                " columns = EXCLUDED.columns, relation_oid = EXCLUDED.relation_oid, event = EXCLUDED.event,"
+                " context = EXCLUDED.context, replica_identity = EXCLUDED.replica_identity"
             ).format(self.schemas),
             (
                 change.schema,
                 change.table,
                 change.commit_position,
                 change.ordinal,
+                change.step,
                 change.committed_at,
                 change.columns,
+                change.relation_oid,
+                change.event,
+                change.context,
+                change.replica_identity,
             ),
         )
 

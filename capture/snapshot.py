@@ -59,6 +59,8 @@ class SnapshotTable:
     columns: tuple[ColumnSpec, ...]
     key: tuple[str, ...]
     estimate: int
+    oid: int | None = None
+    replica_identity: str | None = None
 
 
 @contextlib.contextmanager
@@ -92,6 +94,9 @@ def snapshot_tables(
         "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND " + published + "),"
         " (SELECT array_agg(a.atttypid::int8 ORDER BY a.attnum) FROM pg_attribute a"
         "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND " + published + "),"
+        " (SELECT array_agg(a.attnum::int ORDER BY a.attnum) FROM pg_attribute a"
+        "   WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND " + published + "),"
+        " c.relreplident::text,"
         " (SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i,"
         "   unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
         "   JOIN pg_attribute a ON a.attnum = k.attnum WHERE i.indrelid = c.oid AND i.indisprimary"
@@ -102,14 +107,17 @@ def snapshot_tables(
         (publication,),
     ).fetchall()
     tables = []
-    for schema, name, _oid, estimate, names, types, oids, key in rows:
+    for schema, name, oid, estimate, names, types, oids, attnums, identity, key in rows:
         if ignored(schema, name) or not names:
             continue
         keys = set(key or ())
         columns = tuple(
-            ColumnSpec(n, t, int(o), n in keys) for n, t, o in zip(names, types, oids, strict=True)
+            ColumnSpec(n, t, int(o), n in keys, int(a))
+            for n, t, o, a in zip(names, types, oids, attnums, strict=True)
         )
-        tables.append(SnapshotTable(schema, name, columns, tuple(key or ()), max(int(estimate), 0)))
+        tables.append(SnapshotTable(
+            schema, name, columns, tuple(key or ()), max(int(estimate), 0), int(oid), identity
+        ))
     return tables
 
 
@@ -223,9 +231,9 @@ def write_snapshot(
             encoder = ValueEncoder([c.type_oid for c in table.columns], type_info, names=names)
             key_index = [names.index(k) for k in key_names]
             sink.write_schema(
-                SchemaChange(
-                    table.schema, table.name, position, 0, taken_at, _columns_json(table.columns, type_info)
-                )
+                SchemaChange(table.schema, table.name, position, 0, taken_at,
+                             _columns_json(table.columns, type_info), table.oid,
+                             '[{"kind":"new_relation","command":"SNAPSHOT"}]', "{}", table.replica_identity)
             )
             query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
                 sql.SQL(", ").join(sql.Identifier(n) for n in names), sql.Identifier(table.schema, table.name)

@@ -16,8 +16,9 @@ Rules (docs/architecture.md, "message protocol"):
   (:mod:`capture.signing`): ``ChangeRow.context_verified`` is True/False with keys, None without.
 - ``ordinal`` counts the changes of a transaction from 0; ``position`` is the change's LSN,
   ``commit_position`` the commit LSN, ``committed_at`` the commit time.
-- ``primary_key``: the table's primary key (from the catalog, given by the caller; else the replica
-  identity key columns pgoutput flags, unless the identity is FULL): one column as its text, a composite
+- ``primary_key``: the table's primary key valid at the change (the recorded version; the catalog,
+  given by the caller, only for a column set never recorded; else the replica identity key columns
+  pgoutput flags, unless the identity is FULL): one column as its text, a composite
   key as a compact JSON array of the typed values, e.g. ``[1,"a"]``. Tables without a key get NULL.
 - ``before``: the old row pgoutput sent — the whole row with REPLICA IDENTITY FULL, only the key columns
   with the default identity (sent for DELETE, and for UPDATE only when the key changed), ``{}`` when none
@@ -30,9 +31,13 @@ Rules (docs/architecture.md, "message protocol"):
   ``before`` and ``primary_key`` is NULL. With REPLICA IDENTITY NOTHING (or no key at all) PostgreSQL
   refuses UPDATE/DELETE on a published table and pgoutput sends no DELETE, so only INSERT and TRUNCATE
   can be recorded.
-- TRUNCATE: one row per truncated table, NULL ``primary_key``, ``{}`` before and after.
-- ``bemi_ddl`` messages (capture/ddl.py) and Relation messages whose column set differs from the last
-  one known for a table produce :class:`SchemaChange` rows for ``changes_schemas``.
+- TRUNCATE: one row per truncated table, NULL ``primary_key``, ``{}`` before and after. A TRUNCATE of
+  a partition (which pgoutput does not send) arrives as ``bemi_truncate`` messages, one per row: a
+  DELETE of the root with the whole old row. ``bemi_rewrite`` messages (a DDL rewrite) become UPDATEs
+  with ``{}`` before and the new row after.
+- ``bemi_ddl`` messages (capture/ddl.py) and Relation messages whose columns differ from the version
+  recorded for the relation's OID produce :class:`SchemaChange` rows for ``changes_schemas``, with the
+  events between the two versions (:data:`EVENT_KINDS`). Keys come from that record, in stream order.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import json
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
@@ -50,6 +55,7 @@ from capture.errors import DecodeError
 from capture.pgoutput import (
     UNCHANGED,
     Begin,
+    Column,
     Commit,
     Delete,
     Insert,
@@ -78,6 +84,8 @@ __all__ = [
     "DDL_PREFIX",
     "ChangeRow",
     "ColumnSpec",
+    "KnownSchemas",
+    "RelationVersion",
     "SchemaChange",
     "Stitcher",
     "parse_context",
@@ -87,6 +95,10 @@ CONTEXT_PREFIX = "bemi"
 #: The original bemi-sqlalchemy package's trigger: the same JSON context, once per row (rolling deploys).
 BEMI_PREFIX = "_bemi"
 DDL_PREFIX = "bemi_ddl"
+#: One row a TRUNCATE of a partition removed (capture/ddl.py): recorded as a DELETE of the root.
+TRUNCATE_PREFIX = "bemi_truncate"
+#: One row a DDL rewrite gave new values (capture/ddl.py): recorded as an UPDATE with the new row.
+REWRITE_PREFIX = "bemi_rewrite"
 EMPTY = "{}"
 
 
@@ -127,17 +139,27 @@ CHANGE_COLUMNS = ChangeRow._fields[:13]
 
 
 class ColumnSpec(NamedTuple):
-    """One column of a table version as stored in ``changes_schemas.columns``."""
+    """One column of a table version as stored in ``changes_schemas.columns``.
+
+    ``attnum`` is PostgreSQL's attribute number (stable across renames, never reused after a drop);
+    None when only a Relation message described the column (DDL tracking off).
+    """
 
     name: str
     type: str
     type_oid: int
     key: bool
+    attnum: int | None = None
 
 
 @dataclass(frozen=True)
 class SchemaChange:
-    """A table's column set valid from ``(commit_position, ordinal)`` on; ``columns`` is JSON text."""
+    """A relation's version valid from ``(commit_position, ordinal, step)`` on; ``columns`` is JSON text.
+
+    ``event`` is a JSON array of what happened (see :data:`EVENT_KINDS`), ``context`` the ``bemi``
+    context valid when it happened, ``step`` orders the versions recorded at one ``(commit_position,
+    ordinal)`` (several DDL statements between two row changes).
+    """
 
     schema: str
     table: str
@@ -145,6 +167,76 @@ class SchemaChange:
     ordinal: int
     committed_at: datetime
     columns: str
+    relation_oid: int | None = None
+    event: str = "[]"
+    context: str = EMPTY
+    replica_identity: str | None = None
+    step: int = 0
+
+
+#: The ``kind`` of each object in ``changes_schemas.event`` (docs: "The schema record").
+EVENT_KINDS = (
+    "create_table",  # CREATE TABLE (DDL tracking): a new relation, empty at this position
+    "new_relation",  # first sight of a relation without its CREATE (snapshot, Relation message)
+    "drop_table",  # DROP TABLE: every row of the relation is gone; columns is []
+    "rename_table",  # {"old": {"schema", "table"}, "new": {...}}
+    "add_column",  # {"attnum", "name", "fill"?}
+    "drop_column",  # {"attnum", "name"}
+    "rename_column",  # {"attnum", "old", "new"}
+    "alter_column_type",  # {"attnum", "name", "old", "new"} (format_type texts)
+    "primary_key",  # {"old": [names], "new": [names]}
+    "replica_identity",  # {"old", "new"}: pg_class.relreplident letters d/n/f/i
+    "untracked",  # {"what": "ddl" | "context" | "rewrite", "reason"}: a tracking gap begins
+    "tracked",  # {"what": ..., "empty": bool}: tracking (re)starts; empty says the table had no rows
+    "rewrite",  # {"captured": bool, "reason": int, "partition"?}: a DDL gave rows new values; captured:
+    # every row follows as an UPDATE (same transaction, next ordinals); not captured: a gap
+)
+
+
+@dataclass(frozen=True)
+class RelationVersion:
+    """The last recorded version of one relation: what keys and later versions are computed from."""
+
+    oid: int | None
+    schema: str
+    table: str
+    columns: tuple[ColumnSpec, ...]
+    replica_identity: str | None = None
+    tracked: bool = True  # False inside a tracking gap (an ``untracked`` event without ``tracked`` after)
+    #: commit position of a version loaded from ``changes_schemas`` (0 for one recorded by this stitcher):
+    #: a Relation message of a transaction at or before it is a replay of what the destination holds
+    position: int = 0
+
+
+@dataclass
+class KnownSchemas:
+    """The last recorded version of every live relation, by OID and by its current name.
+
+    ``by_name`` also holds versions recorded before relation OIDs were (first release, ``oid`` None).
+    """
+
+    by_oid: dict[int, RelationVersion] = field(default_factory=dict)
+    by_name: dict[tuple[str, str], RelationVersion] = field(default_factory=dict)
+
+    def get(self, oid: int | None, schema: str, table: str) -> RelationVersion | None:
+        """The version of relation ``oid``; for an OID never recorded, a legacy version of that name."""
+        if oid is not None and oid in self.by_oid:
+            return self.by_oid[oid]
+        legacy = self.by_name.get((schema, table))
+        return legacy if legacy is not None and legacy.oid is None else None
+
+    def record(self, version: RelationVersion, previous: RelationVersion | None) -> None:
+        if previous is not None:
+            self.forget(previous)
+        if version.oid is not None:
+            self.by_oid[version.oid] = version
+        self.by_name[(version.schema, version.table)] = version
+
+    def forget(self, version: RelationVersion) -> None:
+        if version.oid is not None:
+            self.by_oid.pop(version.oid, None)
+        if self.by_name.get((version.schema, version.table)) is version:
+            del self.by_name[(version.schema, version.table)]
 
 
 @dataclass
@@ -229,6 +321,70 @@ def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
             return None
         parts.append(table.encoder.value_json(i, raw))
     return "[" + ",".join(parts) + "]"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _columns_text(
+    columns: Sequence[ColumnSpec], type_info: Mapping[int, TypeInfo], fills: Mapping[str, str] | None = None
+) -> str:
+    """``changes_schemas.columns`` of a version (:func:`column_json` each, plus ``fill`` where given)."""
+    parts = []
+    for col in columns:
+        text = column_json(col, type_info)
+        if fills and col.name in fills:
+            text = f'{text[:-1]},"fill":{fills[col.name]}}}'
+        parts.append(text)
+    return "[" + ",".join(parts) + "]"
+
+
+def _diff(
+    old: RelationVersion | None, new: RelationVersion, fills: Mapping[str, str], command: str | None
+) -> list[dict[str, Any]]:
+    """The events that turn ``old`` into ``new``: columns matched by attnum where both sides know it
+    (a rename is a rename), else by name; fills of added columns travel in ``columns``."""
+    if old is None:
+        return [{"kind": "create_table" if command in _CREATES else "new_relation"}]
+    events: list[dict[str, Any]] = []
+    if (old.schema, old.table) != (new.schema, new.table):
+        events.append({"kind": "rename_table", "old": {"schema": old.schema, "table": old.table},
+                       "new": {"schema": new.schema, "table": new.table}})
+    by_attnum = all(c.attnum is not None for c in old.columns + new.columns)
+    def ident(c: ColumnSpec) -> int | str | None:
+        return c.attnum if by_attnum else c.name
+    before = {ident(c): c for c in old.columns}
+    after = {ident(c): c for c in new.columns}
+    for k, col in before.items():
+        if k not in after:
+            events.append({"kind": "drop_column", "attnum": col.attnum, "name": col.name})
+    for k, col in after.items():
+        was = before.get(k)
+        if was is None:
+            event: dict[str, Any] = {"kind": "add_column", "attnum": col.attnum, "name": col.name}
+            if col.name in fills:
+                event["fill"] = json.loads(fills[col.name])
+            events.append(event)
+            continue
+        if was.name != col.name:
+            events.append({"kind": "rename_column", "attnum": col.attnum, "old": was.name, "new": col.name})
+        if (was.type, was.type_oid) != (col.type, col.type_oid):
+            events.append({"kind": "alter_column_type", "attnum": col.attnum, "name": col.name,
+                           "old": was.type, "new": col.type})
+    old_key = [c for c in old.columns if c.key]
+    new_key = [c for c in new.columns if c.key]
+    if [ident(c) for c in old_key] != [ident(c) for c in new_key]:
+        events.append({"kind": "primary_key", "old": [c.name for c in old_key],
+                       "new": [c.name for c in new_key]})
+    if old.replica_identity is not None and new.replica_identity is not None and (
+        old.replica_identity != new.replica_identity
+    ):
+        events.append({"kind": "replica_identity", "old": old.replica_identity, "new": new.replica_identity})
+    return events
+
+
+_CREATES = frozenset({"CREATE TABLE", "CREATE TABLE AS", "SELECT INTO"})
 
 
 #: Deepest nesting of a context (the object itself is level 1): ``set_context`` refuses deeper ones and
@@ -400,8 +556,11 @@ def parse_context(content: bytes) -> str:
 
 def column_json(col: ColumnSpec, type_info: Mapping[int, TypeInfo]) -> str:
     """One column of ``changes_schemas.columns``; a domain also gets ``base_type``, the ``typname`` of the
-    type under all its domains (``int4``), so that readers type its values like the base type's."""
+    type under all its domains (``int4``), so that readers type its values like the base type's; ``attnum``
+    when known."""
     item: dict[str, Any] = {"name": col.name, "type": col.type, "type_oid": col.type_oid, "key": col.key}
+    if col.attnum is not None:
+        item["attnum"] = col.attnum
     info, seen = type_info.get(col.type_oid), 0
     while info is not None and info.base_oid and seen < 32:  # domains over domains
         info, seen = type_info.get(info.base_oid), seen + 1
@@ -415,14 +574,14 @@ class Stitcher:
     """Turns a stream of decoded messages into change rows; keeps relations across transactions.
 
     ``database`` is the source database's name; ``type_info`` maps type OIDs to
-    :class:`capture.values.TypeInfo` (see ``values.TYPE_INFO_QUERY``); ``known_columns`` maps
-    ``(schema, table)`` to the last column set recorded in ``changes_schemas``; ``ignored_tables`` are
-    the worker's own tables, whose DDL is not recorded.
+    :class:`capture.values.TypeInfo` (see ``values.TYPE_INFO_QUERY``); ``known_columns`` holds the
+    last version of every relation recorded in ``changes_schemas`` (``Sink.known_columns``), the record
+    keys are computed from; ``ignored_tables`` are the worker's own tables, whose DDL is not recorded.
     """
 
     database: str
     type_info: Mapping[int, TypeInfo]
-    known_columns: dict[tuple[str, str], tuple[ColumnSpec, ...]] = field(default_factory=dict)
+    known_columns: KnownSchemas = field(default_factory=KnownSchemas)
     ignored_tables: set[tuple[str, str]] = field(default_factory=set)
     ignored_schemas: set[str] = field(default_factory=set)
     #: the keys signed contexts are checked with (None: ``context_verified`` stays None)
@@ -432,6 +591,7 @@ class Stitcher:
     _commit_lsn: int = 0
     _committed_at: datetime | None = None
     _ordinal: int = 0
+    _step: int = 0  # versions recorded in the current transaction
     _context: str = EMPTY
     _last_content: bytes | None = None
     _last_context: str = EMPTY
@@ -452,11 +612,14 @@ class Stitcher:
         type_names: Sequence[str] | None = None,
         ignored: bool = False,
     ) -> list[SchemaChange]:
-        """Register a Relation message; returns a schema change when its column set is new.
+        """Register a Relation message; returns a schema change when the relation's version is new.
 
-        ``primary_key``: the table's primary key column names from the catalog (None: use the replica
-        identity key flags unless the identity is FULL). ``type_names``: ``format_type`` text of each
-        column (defaults to the type OID as text). ``ignored``: the worker's own tables.
+        Keys come from the version recorded for the relation's OID in stream order (``bemi_ddl``
+        messages, the snapshot, earlier Relation messages), so a worker decoding long after a DDL still
+        uses the key valid at each change. ``primary_key`` (the catalog's key column names *now*) and
+        ``type_names`` (``format_type`` text per column) are used only when the Relation message shows
+        a column set the record does not know (DDL tracking off). Without any key: the replica identity
+        key flags unless the identity is FULL. ``ignored``: the worker's own tables.
         """
         if not isinstance(relation, Relation):
             raise TypeError(f"add_relation() takes a Relation, got {type(relation).__name__}")
@@ -464,75 +627,141 @@ class Stitcher:
             self._tables[relation.oid] = _Table(relation, True)
             return []
         columns = relation.columns
+        previous = self.known_columns.get(relation.oid, relation.namespace, relation.name)
+        if previous is not None and [(c.name, c.type_oid) for c in previous.columns] == [
+            (c.name, c.type_oid) for c in columns
+        ]:
+            spec = previous.columns  # the record describes exactly these columns: its keys and attnums hold
+        else:
+            if type_names is None:
+                type_names = [str(c.type_oid) for c in columns]
+            names = [c.name for c in columns]
+            keys = set(primary_key or ()) if set(primary_key or ()) <= set(names) else set()
+            attnums = {c.name: c.attnum for c in previous.columns} if previous is not None else {}
+            spec = tuple(
+                ColumnSpec(c.name, type_names[i], c.type_oid, c.name in keys, attnums.get(c.name))
+                for i, c in enumerate(columns)
+            )
+        self._register(relation, spec)
+        if previous is not None and self._committed_at is not None and self._commit_lsn <= previous.position:
+            # a transaction the destination already holds, decoded again (the worker skips its rows):
+            # the record is ahead of this Relation message and stays as it is
+            return []
+        version = RelationVersion(
+            relation.oid, relation.namespace, relation.name, spec, relation.replica_identity,
+            previous.tracked if previous is not None else True,
+        )
+        return self._schema_change(version, previous, None, [])
+
+    def _register(self, relation: Relation, spec: Sequence[ColumnSpec]) -> None:
+        """(Re)build the decoding state of ``relation`` with the key columns ``spec`` marks."""
+        columns = relation.columns
         names = tuple(c.name for c in columns)
         identity = tuple(i for i, c in enumerate(columns) if c.key)
         full = relation.replica_identity == "f"
-        if primary_key is not None:
-            position = {name: i for i, name in enumerate(names)}
-            keys = tuple(position[name] for name in primary_key if name in position)
-            if len(keys) != len(primary_key):
-                keys = () if full else identity
-        else:
-            keys = () if full else identity
+        keys = tuple(i for i, col in enumerate(spec) if col.key)
+        if not keys and not full:
+            keys = identity
         encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
         parse = _compile_parser(encoder, keys)
         self._tables[relation.oid] = _Table(relation, False, names, encoder, keys, identity, full, parse)
-        if type_names is None:
-            type_names = [str(c.type_oid) for c in columns]
-        key_set = set(keys)
-        spec = tuple(
-            ColumnSpec(c.name, type_names[i], c.type_oid, i in key_set) for i, c in enumerate(columns)
-        )
-        return self._schema_change(relation.namespace, relation.name, spec, None)
 
     def _schema_change(
-        self, schema: str, table: str, spec: tuple[ColumnSpec, ...], fills: Mapping[str, str] | None
+        self,
+        version: RelationVersion,
+        previous: RelationVersion | None,
+        fills: Mapping[str, str] | None,
+        events: list[dict[str, Any]],
+        *,
+        command: str | None = None,
     ) -> list[SchemaChange]:
-        if self.known_columns.get((schema, table)) == spec and not fills:
+        """Record ``version`` (after ``previous``) with the events telling them apart; [] if unchanged."""
+        events = _diff(previous, version, fills or {}, command) + events
+        self.known_columns.record(version, previous)
+        if not events or self._committed_at is None:
             return []
-        self.known_columns[(schema, table)] = spec
-        if self._committed_at is None:
-            return []
-        parts = []
-        for col in spec:
-            item = column_json(col, self.type_info)
-            if fills and col.name in fills:
-                item = f'{item[:-1]},"fill":{fills[col.name]}}}'
-            parts.append(item)
-        return [
-            SchemaChange(
-                schema,
-                table,
-                self._commit_lsn,
-                self._ordinal,
-                self._committed_at,
-                "[" + ",".join(parts) + "]",
-            )
-        ]
+        if command is not None:
+            events = [{**e, "command": command} for e in events]
+        return [self._version(version, _columns_text(version.columns, self.type_info, fills), events)]
+
+    def _version(self, version: RelationVersion, columns: str, events: list[dict[str, Any]]) -> SchemaChange:
+        """A ``changes_schemas`` row at the current position, taking the next step."""
+        assert self._committed_at is not None
+        step = self._step
+        self._step = step + 1
+        return SchemaChange(
+            version.schema, version.table, self._commit_lsn, self._ordinal, self._committed_at, columns,
+            version.oid, _json(events), self._context, version.replica_identity, step,
+        )
 
     def _ddl(self, content: bytes) -> list[SchemaChange]:
         try:
             event = json.loads(content.decode("utf-8"))
             schema, table = str(event["schema"]), str(event["table"])
             columns = event.get("columns")
+            oid = int(event["oid"]) if event.get("oid") is not None else None
+            command = str(event.get("event") or "")
         except (ValueError, KeyError, TypeError):
             return []  # not ours to interpret; never stop the worker
         if (schema, table) in self.ignored_tables or schema in self.ignored_schemas:
             return []
-        if columns is None:  # a dropped table: nothing to record
-            self.known_columns.pop((schema, table), None)
-            return []
+        previous = self.known_columns.get(oid, schema, table)
+        if command == "UNTRACK" and columns is None:
+            # a table without the context trigger (bemi_tt/triggers.py): its rows carry no context
+            if previous is None or self._committed_at is None:
+                return []
+            return [self._version(previous, _columns_text(previous.columns, self.type_info), [
+                {"kind": "untracked", "what": str(event.get("what") or "context"),
+                 "reason": event.get("reason"), "command": command}])]
+        if columns is None:  # a dropped table: every row of it is gone
+            if previous is None or (oid is None and previous.oid is not None):
+                return []
+            self.known_columns.forget(previous)
+            if self._committed_at is None:
+                return []
+            return [self._version(previous, "[]", [{"kind": "drop_table", "command": command}])]
         spec = []
         fills: dict[str, str] = {}
-        for col in columns:
-            spec.append(
-                ColumnSpec(str(col["name"]), str(col["type"]), int(col["type_oid"]), bool(col["key"]))
-            )
-            fill = col.get("fill_text")
-            if fill is not None:
-                encoder = ValueEncoder([int(col["type_oid"])], self.type_info)
-                fills[str(col["name"])] = encoder.value_json(0, str(fill).encode())
-        return self._schema_change(schema, table, tuple(spec), fills)
+        try:
+            for col in columns:
+                attnum = col.get("attnum")
+                spec.append(ColumnSpec(str(col["name"]), str(col["type"]), int(col["type_oid"]),
+                                       bool(col["key"]), None if attnum is None else int(attnum)))
+                fill = col.get("fill_text")
+                if fill is not None:
+                    encoder = ValueEncoder([int(col["type_oid"])], self.type_info)
+                    fills[str(col["name"])] = encoder.value_json(0, str(fill).encode())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return []
+        identity = event.get("replica_identity")
+        version = RelationVersion(oid, schema, table, tuple(spec),
+                                  str(identity) if identity is not None else None,
+                                  previous.tracked if previous is not None else True)
+        events: list[dict[str, Any]] = []
+        if command == "REWRITE":  # the rows follow as UPDATEs (captured) or the values are a gap
+            events = [{"kind": "rewrite", "captured": bool(event.get("captured")),
+                       "reason": event.get("reason")}]
+            if event.get("partition") is not None:
+                events[0]["partition"] = event["partition"]
+            fills = {}
+        elif command in ("TRACK", "UNTRACK"):
+            # install / uninstall: a gap starts, or tracking (re)starts; a repeated install is no event
+            what = str(event.get("what") or "ddl")
+            if command == "UNTRACK":
+                version = replace(version, tracked=False)
+                events = [{"kind": "untracked", "what": what}]
+            else:
+                version = replace(version, tracked=True)
+                if previous is None or not previous.tracked:
+                    events = [{"kind": "tracked", "what": what, "empty": event.get("empty")}]
+            fills = {}  # attmissingval at install is no new column
+        out = self._schema_change(version, previous, fills, events, command=command)
+        table_state = self._tables.get(oid) if oid is not None else None
+        if table_state is not None and not table_state.ignored and table_state.names == tuple(
+            c.name for c in spec
+        ):
+            self._register(table_state.relation, spec)  # the key may have changed without a new Relation
+        return out
 
     # -- the stream --------------------------------------------------------------------------------
     def feed(self, lsn: int, message: PgOutputMessage) -> list[ChangeRow | SchemaChange]:
@@ -555,6 +784,8 @@ class Stitcher:
                 self._verified = self._last_verified
             elif message.prefix == DDL_PREFIX:
                 return list(self._ddl(message.content))
+            elif message.prefix == TRUNCATE_PREFIX or message.prefix == REWRITE_PREFIX:
+                return list(self._message_row(lsn, message.prefix, message.content))
             return []
         if kind is Begin:
             assert isinstance(message, Begin)
@@ -562,6 +793,7 @@ class Stitcher:
             self._commit_lsn = message.final_lsn
             self._committed_at = pg_timestamp_to_datetime(message.commit_time)
             self._ordinal = 0
+            self._step = 0
             self._context = EMPTY
             self._verified = None if self.context_keys is None else False
             self._in_transaction = True
@@ -616,6 +848,51 @@ class Stitcher:
                 continue
             rows.append(self._emit(table.relation, None, "TRUNCATE", EMPTY, EMPTY, lsn))
         return rows
+
+    def _message_row(self, lsn: int, prefix: str, content: bytes) -> list[ChangeRow]:
+        """A row change the WAL has no row message for, from a ``bemi_truncate`` / ``bemi_rewrite`` one.
+
+        TRUNCATE of one partition: a DELETE of the root with the whole old row in ``before``. A DDL
+        rewrite: an UPDATE with the new row in ``after`` and ``{}`` in ``before`` (the old values are
+        the row's previous version). The columns, their order and the key are the root's version valid
+        here (the record); the values are text in the worker's output settings, converted like pgoutput's.
+        """
+        try:
+            event = json.loads(content.decode("utf-8"))
+            root = int(event["root"])
+            row = event["row"]
+            if not isinstance(row, dict):
+                return []
+        except (ValueError, KeyError, TypeError):
+            return []
+        version = self.known_columns.by_oid.get(root)
+        if version is None or self._committed_at is None:
+            return []  # a root never recorded (ignored, or tracked only later): nothing to attribute
+        spec = version.columns
+        names = tuple(c.name for c in spec)
+        table = self._tables.get(root)
+        if table is not None and table.ignored:
+            return []
+        if table is not None and table.names == names and table.encoder is not None:
+            encoder = table.encoder
+        else:
+            encoder = ValueEncoder([c.type_oid for c in spec], self.type_info, names=names)
+        values = [None if row.get(n) is None else str(row[n]).encode() for n in names]
+        keys = [i for i, c in enumerate(spec) if c.key]
+        key: str | None = None
+        if len(keys) == 1:
+            raw = values[keys[0]]
+            key = None if raw is None else raw.decode()
+        elif keys:
+            key = "[" + ",".join(encoder.value_json(i, values[i]) for i in keys) + "]"
+        rel = table.relation if table is not None else Relation(
+            root, version.schema, version.table, version.replica_identity or "d",
+            tuple(Column(c.key, c.name, c.type_oid, -1) for c in spec),
+        )
+        row_json = encoder.row_json(values)
+        if prefix == TRUNCATE_PREFIX:
+            return [self._emit(rel, key, "DELETE", row_json, EMPTY, lsn)]
+        return [self._emit(rel, key, "UPDATE", EMPTY, row_json, lsn)]
 
     def _key(
         self, table: _Table, values: Sequence[TupleValue], fallback: Sequence[TupleValue] | None

@@ -210,20 +210,31 @@ def test_an_unprivileged_role_cannot_call_the_functions_that_alter_tables(
     install(engine, replica_identity_full=False)
     app_dsn = make_conninfo(dsn, user=app)
     for call in ("SELECT bemi_tt.track_table('victim'::regclass, true)", "SELECT bemi_tt.track_all(true)",
-                 "SELECT bemi_tt.untrack_all()"):
+                 "SELECT bemi_tt.untrack_all()", "SELECT bemi_tt.track_truncates('victim'::regclass)"):
         with psycopg.connect(app_dsn) as conn, pytest.raises(
             psycopg.errors.InsufficientPrivilege, match="permission denied for function"
         ):
             conn.execute(call)  # type: ignore[arg-type]
     with psycopg.connect(app_dsn) as conn, pytest.raises(psycopg.Error):
         conn.execute("SELECT bemi_tt.track_new_tables()")  # event trigger functions cannot be called
+    for call in ("SELECT bemi_tt.track_new_partitions()", "SELECT bemi_tt.emit_truncate()"):
+        with psycopg.connect(app_dsn) as conn, pytest.raises(psycopg.Error):
+            conn.execute(call)  # type: ignore[arg-type]  # (event) trigger functions cannot be called
     assert _tracking(dsn) == {"victim": (True, "n")}
     with psycopg.connect(dsn) as conn:
         secdef = conn.execute(
             "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'bemi_tt'::regnamespace"
             " AND prosecdef"
         ).fetchall()
-    assert secdef == [("track_new_tables", ["search_path=pg_catalog, pg_temp"])]
+    # capture/ddl.py's: the partition TRUNCATE trigger (which reads the rows it emits) and the event
+    # trigger giving new partitions that trigger; neither can be called
+    output = ["DateStyle=ISO", "TimeZone=UTC", "extra_float_digits=3", "IntervalStyle=postgres",
+              "bytea_output=hex"]
+    assert sorted(secdef) == [
+        ("emit_truncate", ["search_path=pg_catalog, pg_temp", *output]),
+        ("track_new_partitions", ["search_path=pg_catalog, pg_temp"]),
+        ("track_new_tables", ["search_path=pg_catalog, pg_temp"]),
+    ]
 
 
 def test_a_worker_that_may_not_update_an_old_publication_names_the_fix(

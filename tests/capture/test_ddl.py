@@ -20,7 +20,7 @@ def versions(dsn: str, table: str) -> list[tuple[int, list[dict[str, object]]]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(
             'SELECT commit_position, columns FROM changes_schemas WHERE "table" = %s'
-            " ORDER BY commit_position, ordinal",
+            " ORDER BY commit_position, ordinal, step",
             (table,),
         ).fetchall()
 
@@ -73,8 +73,10 @@ def test_column_set_change_without_ddl_tracking_is_seen_from_the_relation(dsn: s
         conn.execute("INSERT INTO t VALUES (2, 3)")
     run(dsn, once=True)
     got = versions(dsn, "t")
-    assert [[c["name"] for c in columns] for _, columns in got] == [["id"], ["id", "v"]]
-    assert got[-1][1][1]["type"] == "bigint"
+    # snapshot; uninstall's gap record; the Relation message's new column; the worker reinstalling
+    # tracking ends the gap
+    assert [[c["name"] for c in columns] for _, columns in got] == [["id"], ["id"], ["id", "v"], ["id", "v"]]
+    assert got[2][1][1]["type"] == "bigint"
 
 
 def test_drop_and_recreate_records_the_new_columns(dsn: str) -> None:
@@ -87,7 +89,8 @@ def test_drop_and_recreate_records_the_new_columns(dsn: str) -> None:
         conn.execute("INSERT INTO t VALUES ('k')")
     run(dsn, once=True)
     got = versions(dsn, "t")
-    assert [[c["type"] for c in columns] for _, columns in got] == [["integer", "integer"], ["text"]]
+    # the drop is a version of its own: no columns from there on, then the new relation's
+    assert [[c["type"] for c in columns] for _, columns in got] == [["integer", "integer"], [], ["text"]]
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT primary_key FROM changes WHERE operation = 'CREATE'").fetchall() == [
             ("k",)
@@ -148,9 +151,10 @@ def test_update_and_delete_on_a_table_with_a_stored_generated_column_work_and_ar
         ("UPDATE", "2", row(1, 2), row(2, 2)),
         ("DELETE", "1", row(2, 1), {}),
     ]
-    for table in ("g", "later"):  # one version each: DDL messages, snapshot and rows agree on the columns
-        (only,) = versions(dsn, table)
-        assert [c["name"] for c in only[1]] == ["id", "price", "qty"] + (["total"] if published else [])
+    for table in ("g", "later"):  # one column set each: DDL messages, snapshot and rows agree on it
+        # (``later`` has a second version: install's event trigger set REPLICA IDENTITY FULL)
+        column_sets = {tuple(c["name"] for c in columns) for _, columns in versions(dsn, table)}
+        assert column_sets == {("id", "price", "qty") + (("total",) if published else ())}
 
 
 def test_a_publication_from_an_earlier_version_is_made_to_publish_generated_columns(
@@ -190,4 +194,4 @@ def test_every_roles_ddl_is_recorded(dsn: str, database: str, make_role: Callabl
     got = versions(dsn, "t")
     assert [[c["name"] for c in columns] for _, columns in got] == [["id"], ["id", "v"]]
     assert got[-1][1][1]["fill"] == "x"
-    assert [[c["name"] for c in columns] for _, columns in versions(dsn, "gone")] == [["id"]]
+    assert [[c["name"] for c in columns] for _, columns in versions(dsn, "gone")] == [["id"], []]
