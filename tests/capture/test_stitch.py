@@ -310,7 +310,11 @@ def test_parse_context_always_returns_a_json_object(content: bytes) -> None:
             st.one_of(
                 st.integers(0, 50),
                 st.dictionaries(
-                    st.text(st.characters(blacklist_characters="\x00"), max_size=3), st.integers()
+                    # no lone surrogates: jsonb cannot store them, so they become _bemi_error (tested above)
+                    st.text(
+                        st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=3
+                    ),
+                    st.integers(),
                 ),
             ),
             max_size=12,
