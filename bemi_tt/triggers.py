@@ -137,7 +137,7 @@ LANGUAGE sql STABLE AS $fn$
       AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
       AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass
                       AND d.objid = c.oid AND d.deptype = 'e')
-      AND NOT (c.relname IN ('changes', 'changes_schemas') AND EXISTS (
+      AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_digests') AND EXISTS (
         SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
         AND NOT a.attisdropped))
       AND NOT (c.relname = 'changes_positions' AND EXISTS (
@@ -768,7 +768,7 @@ def grant_statements(
 
 
 #: The capture worker's tables (capture/schema.py, capture/sink.py); its index is "changes_table_key_idx".
-WORKER_TABLES = frozenset({"changes", "changes_schemas", "changes_positions"})
+WORKER_TABLES = frozenset({"changes", "changes_schemas", "changes_positions", "changes_digests"})
 
 
 def include_object(

@@ -126,7 +126,8 @@ BEGIN
     CONTINUE WHEN EXISTS (SELECT FROM pg_catalog.pg_class c
                           JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
                           WHERE c.oid = root AND a.attname = 'commit_position' AND NOT a.attisdropped
-                          AND c.relname IN ('changes', 'changes_schemas', 'changes_positions'));
+                          AND c.relname IN ('changes', 'changes_schemas', 'changes_positions',
+                                            'changes_digests'));
     msg := """ + _MESSAGE.format(rel="root", event="'REWRITE'") + """;
     CONTINUE WHEN msg IS NULL;
     PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || pg_catalog.jsonb_build_object(

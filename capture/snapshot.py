@@ -230,11 +230,7 @@ def write_snapshot(
             names = [c.name for c in table.columns]
             encoder = ValueEncoder([c.type_oid for c in table.columns], type_info, names=names)
             key_index = [names.index(k) for k in key_names]
-            sink.write_schema(
-                SchemaChange(table.schema, table.name, position, 0, taken_at,
-                             _columns_json(table.columns, type_info), table.oid,
-                             '[{"kind":"new_relation","command":"SNAPSHOT"}]', "{}", table.replica_identity)
-            )
+            sink.write_schema(_snapshot_version(table, position, taken_at, type_info))
             query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
                 sql.SQL(", ").join(sql.Identifier(n) for n in names), sql.Identifier(table.schema, table.name)
             )
@@ -324,6 +320,9 @@ SELECT n.nspname::text, c.relname::text,
     AND (a.attgenerated = '' OR a.attgenerated = 's' AND %(gen)s)),
   (SELECT array_agg(a.atttypid::int8 ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid
     AND a.attnum > 0 AND NOT a.attisdropped AND (a.attgenerated = '' OR a.attgenerated = 's' AND %(gen)s)),
+  (SELECT array_agg(a.attnum::int ORDER BY a.attnum) FROM pg_attribute a WHERE a.attrelid = c.oid
+    AND a.attnum > 0 AND NOT a.attisdropped AND (a.attgenerated = '' OR a.attgenerated = 's' AND %(gen)s)),
+  c.oid::int8, c.relreplident::text,
   (SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i,
     unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
     JOIN pg_attribute a ON a.attnum = k.attnum WHERE i.indrelid = c.oid AND i.indisprimary
@@ -334,8 +333,9 @@ WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartitio
   AND NOT starts_with(n.nspname, 'pg_')
   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                   AND d.deptype = 'e')
-  AND NOT (c.relname IN ('changes', 'changes_schemas') AND EXISTS (SELECT FROM pg_attribute a
-           WHERE a.attrelid = c.oid AND a.attname = 'commit_position' AND NOT a.attisdropped))
+  AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_digests') AND EXISTS (
+           SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
+           AND NOT a.attisdropped))
   AND NOT (c.relname = 'changes_positions' AND EXISTS (SELECT FROM pg_attribute a
            WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position' AND NOT a.attisdropped))
   AND EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = %(pub)s AND p.schemaname = n.nspname
@@ -389,15 +389,16 @@ def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt", *, wa
 def _copy_into_stage(conn: psycopg.Connection, slot: str, point: int, publication: str) -> None:
     gen = conn.info.server_version >= 180000
     tables = []
-    for index, (schema, name, names, types, oids, key) in enumerate(
+    for index, (schema, name, names, types, oids, attnums, oid, identity, key) in enumerate(
         conn.execute(_STAGE_TABLES, {"gen": gen, "pub": publication}).fetchall()
     ):
         keys = set(key or ())
         columns = [
-            {"name": n, "type": t, "type_oid": int(o), "key": n in keys}
-            for n, t, o in zip(names or (), types or (), oids or (), strict=True)
+            {"name": n, "type": t, "type_oid": int(o), "key": n in keys, "attnum": int(a)}
+            for n, t, o, a in zip(names or (), types or (), oids or (), attnums or (), strict=True)
         ]
-        tables.append({"schema": schema, "table": name, "columns": columns, "key": list(key or ())})
+        tables.append({"schema": schema, "table": name, "columns": columns, "key": list(key or ()),
+                       "oid": int(oid), "replica_identity": identity})
         if not names:
             continue
         # NULL stays NULL (num_nulls looks at the value itself: a composite of NULLs IS NULL, yet is a value)
@@ -466,16 +467,16 @@ def write_staged_snapshot(
         if ignored(schema, name) or not spec["columns"]:
             continue
         columns = tuple(
-            ColumnSpec(str(c["name"]), str(c["type"]), int(c["type_oid"]), bool(c["key"]))
+            ColumnSpec(str(c["name"]), str(c["type"]), int(c["type_oid"]), bool(c["key"]),
+                       None if c.get("attnum") is None else int(c["attnum"]))
             for c in spec["columns"]
         )
-        table = SnapshotTable(schema, name, columns, tuple(spec["key"]), 0)
+        oid = None if spec.get("oid") is None else int(spec["oid"])
+        table = SnapshotTable(schema, name, columns, tuple(spec["key"]), 0, oid, spec.get("replica_identity"))
         names = [c.name for c in columns]
         encoder = ValueEncoder([c.type_oid for c in columns], type_info, names=names)
         key_index = [names.index(k) for k in table.key]
-        sink.write_schema(
-            SchemaChange(schema, name, position, 0, taken_at, _columns_json(columns, type_info))
-        )
+        sink.write_schema(_snapshot_version(table, position, taken_at, type_info))
         with conn.cursor() as cur:
             for (vals,) in cur.stream(
                 "SELECT vals FROM bemi_tt.snapshot_rows WHERE slot = %s AND table_index = %s ORDER BY n",
@@ -509,6 +510,16 @@ def discard_staged_snapshot(conn: psycopg.Connection, slot: str) -> None:
             "GRANT SELECT, DELETE ON bemi_tt.snapshots, bemi_tt.snapshot_rows TO "
             f"{conn.info.user}; (bemi-tt grants prints every grant)"
         ) from None
+
+
+def _snapshot_version(
+    table: SnapshotTable, position: int, taken_at: datetime, type_info: Mapping[int, TypeInfo]
+) -> SchemaChange:
+    """The schema version a SNAPSHOT starts a relation with (the worker's snapshot or install's alike)."""
+    return SchemaChange(
+        table.schema, table.name, position, 0, taken_at, _columns_json(table.columns, type_info), table.oid,
+        '[{"kind":"new_relation","command":"SNAPSHOT"}]', "{}", table.replica_identity,
+    )
 
 
 def _columns_json(columns: tuple[ColumnSpec, ...], type_info: Mapping[int, TypeInfo]) -> str:

@@ -192,8 +192,8 @@ def test_install_after_the_worker_ran_leaves_every_worker_table_alone(engine: sa
             " WHERE g.tgrelid = c.oid AND g.tgname = 'bemi_tt_context') FROM pg_class c"
             " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r' ORDER BY 1"
         ).fetchall()
-    assert rows == [("changes", "d", False), ("changes_positions", "d", False),
-                    ("changes_schemas", "d", False), ("t", "f", True)]
+    assert rows == [("changes", "d", False), ("changes_digests", "d", False),
+                    ("changes_positions", "d", False), ("changes_schemas", "d", False), ("t", "f", True)]
 
 
 _OLD_PACKAGE = '''

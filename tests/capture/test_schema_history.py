@@ -98,6 +98,8 @@ def test_renames_key_changes_and_drops_are_events_of_one_relation(engine: sa.Eng
     events = [(v["table"], v["oid"] == first, e) for v in got for e in v["event"]]
     stripped = [(t, same, {k: x for k, x in e.items() if k != "command"}) for t, same, e in events]
     assert stripped[1:] == [
+        # install snapshots the rows at the slot's point, then sets REPLICA IDENTITY FULL: a real event
+        ("t", True, {"kind": "replica_identity", "old": "d", "new": "f"}),
         ("t", True, {"kind": "primary_key", "old": ["id"], "new": ["code"]}),
         ("t", True, {"kind": "rename_column", "attnum": 2, "old": "code", "new": "label"}),
         ("t", True, {"kind": "alter_column_type", "attnum": 3, "name": "v", "old": "integer",
@@ -172,13 +174,14 @@ def test_uninstall_and_install_record_the_tracking_gap(engine: sa.Engine, dsn: s
     assert old != new
     assert [(v["oid"] == old, kinds(v)) for v in got] == [
         (True, ["new_relation"]),
+        (True, ["replica_identity"]),  # install set FULL after the snapshot it took at the slot's point
         (True, ["untracked"]),
         (False, ["new_relation", "tracked"]),
     ]
-    assert got[1]["event"][0]["what"] == "ddl" and got[2]["event"][1]["empty"] is True
+    assert got[2]["event"][0]["what"] == "ddl" and got[3]["event"][1]["empty"] is True
     install(engine)  # installing again is no gap and no event
     run(dsn, once=True)
-    assert len([v for v in record(dsn) if v["table"] == "t"]) == 3
+    assert len([v for v in record(dsn) if v["table"] == "t"]) == 4
 
 
 ENV = '''
