@@ -24,6 +24,7 @@ from bemi_tt.staleness import describe_source, freshness
 from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
 from capture.errors import SourceError, StaleWarning
 from capture.export import export_parquet
+from capture.source import default_slot_name
 from capture.worker import run as capture
 
 
@@ -136,11 +137,11 @@ def _last_captured(dsn: str) -> pd.Timestamp:
 
 
 def test_caught_up_worker_is_not_behind_though_its_own_writes_left_wal_unconfirmed(
-    dsn: str, todo: sa.Table
+    dsn: str, database: str, todo: sa.Table
 ) -> None:
     fresh = freshness(dsn)
     assert fresh.behind is False and fresh.pending_transactions == 0 and fresh.lag_seconds == 0.0
-    assert fresh.slot == "bemi_tt" and fresh.lag_bytes is not None and fresh.lag_bytes > 0
+    assert fresh.slot == default_slot_name(database) and fresh.lag_bytes is not None and fresh.lag_bytes > 0
     assert fresh.complete_through == _last_captured(dsn)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -191,7 +192,7 @@ def test_a_pending_schema_change_counts_as_behind(engine: sa.Engine, dsn: str, t
 
 
 def test_a_role_that_cannot_decode_the_slot_gets_unknown_and_no_warning(
-    engine: sa.Engine, dsn: str, todo: sa.Table, make_role: Callable[[str, str], str]
+    engine: sa.Engine, dsn: str, database: str, todo: sa.Table, make_role: Callable[[str, str], str]
 ) -> None:
     role = make_role("reader", "")
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -200,7 +201,7 @@ def test_a_role_that_cannot_decode_the_slot_gets_unknown_and_no_warning(
         conn.execute(todo.insert().values(id=2, task="Eat"))
     reader = make_conninfo(dsn, user=role)
     fresh = freshness(reader)
-    assert fresh.behind is None and fresh.slot == "bemi_tt" and "REPLICATION" in fresh.note
+    assert fresh.behind is None and fresh.slot == default_slot_name(database) and "REPLICATION" in fresh.note
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         as_of("todo", "now", source=reader)
