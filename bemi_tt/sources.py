@@ -83,7 +83,19 @@ class Scope:
 
 
 class Source(ABC):
-    """A place holding ``changes`` and ``changes_schemas``; loads them into DuckDB for an operation."""
+    """A place holding ``changes`` and ``changes_schemas``; loads them into DuckDB for an operation.
+
+    ``pushdown`` names what the source computes itself instead of handing DuckDB the rows: ``"present"``
+    (:meth:`present`, the rows present at a cut). The engine asks for a capability, never for a class.
+    """
+
+    pushdown: frozenset[str] = frozenset()
+
+    def present(
+        self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]
+    ) -> None:
+        """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` (with ``"present"``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not push down 'present'")
 
     @abstractmethod
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
@@ -469,6 +481,18 @@ class PostgresSource(Source):
         self._mirrors: dict[TableName, pa.Table] = {}
         self._mirror_lock = threading.Lock()
         check_dsn(dsn, what="source")  # a malformed one fails here, its password redacted
+
+    @property  # type: ignore[override]
+    def pushdown(self) -> frozenset[str]:  # a mirror holds the rows in memory: DuckDB is faster there
+        return frozenset() if self.mirror else frozenset({"present"})
+
+    def present(
+        self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]
+    ) -> None:
+        from bemi_tt.state import latest_sql
+
+        if not self.winners(con, name, scope, keys):
+            self.latest(con, name, scope, keys, latest_sql)
 
     @classmethod
     def from_engine(cls, engine: Any) -> PostgresSource:

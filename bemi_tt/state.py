@@ -31,11 +31,10 @@ from bemi_tt.dtypes import (
     spec_type,
     typed_series,
 )
-from bemi_tt.sources import PostgresSource, Scope, Source, TableName, json_text
+from bemi_tt.rule import DUCKDB, PRESENT, Rule
+from bemi_tt.sources import Scope, Source, TableName, json_text
 from capture.errors import ConfigurationError
 
-#: Operations after which a row exists.
-PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
 
 
 _shared: duckdb.DuckDBPyConnection | None = None
@@ -177,6 +176,7 @@ class Column:
     key: bool
     since: tuple[int, int] | None  # rows last changed before this took ``fill`` (column added later)
     fill: str | None  # JSON text
+    since_at: pd.Timestamp | None = None  # when the ALTER that added it (the fill's event) committed
 
 
 @dataclass(frozen=True)
@@ -224,19 +224,20 @@ def layout_at(versions: list[Version], ts: pd.Timestamp | None) -> Layout | None
     for spec in current:
         name = spec["name"]
         since: tuple[int, int] | None = None
+        since_at: pd.Timestamp | None = None
         fill: str | None = None
         for i in range(len(valid) - 1, -1, -1):
             found = next((c for c in valid[i][2] if c["name"] == name), None)
             if found is None:
                 break
             if i == 0:
-                since, fill = None, None
+                since, since_at, fill = None, None, None
             else:
-                since = valid[i][0]
+                since, since_at = valid[i][0], valid[i][1]
                 fill = json.dumps(found["fill"]) if "fill" in found else None
         if since is not None and all(any(c["name"] == name for c in v[2]) for v in valid):
-            since = None
-        columns.append(Column(name, spec_type(spec), bool(spec.get("key")), since, fill))
+            since = since_at = None
+        columns.append(Column(name, spec_type(spec), bool(spec.get("key")), since, fill, since_at))
     return Layout(tuple(columns))
 
 
@@ -267,80 +268,15 @@ def _infer_layout(keys: Sequence[str], afters: Sequence[str]) -> Layout:
     )
 
 
-# -- the SQL that finds current versions ------------------------------------------------------------
+# -- the SQL that finds current versions: composed from the rule ------------------------------------
 def _pointer(name: str) -> str:
     return "'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
 
 
-def old_key_sql(keys: Sequence[str], column: str = "before") -> str:
-    """SQL text of the key a ``before`` object holds, written like ``changes.primary_key``."""
-    if not keys:
-        return "NULL"
-    if len(keys) == 1:
-        return f"json_extract_string({column}, {_pointer(keys[0])})"
-    parts = ", ".join(f"json_extract({column}, {_pointer(k)})" for k in keys)
-    return f"CAST(to_json([{parts}]) AS VARCHAR)"
-
-
-def updates_sql(keys: Sequence[str]) -> str:
-    """The UPDATEs whose ``before`` may hold another key (a key UPDATE), without parsing every ``before``:
-    jsonb text puts short names first, so ``{"id": <primary_key>,`` at the start proves the key is kept."""
-    where = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'"
-    if len(keys) == 1:
-        name = json.dumps(keys[0], ensure_ascii=False).replace("'", "''")
-        where += (
-            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || primary_key || ',')"
-            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || CAST(to_json(primary_key) AS"
-            " VARCHAR) || ',')"
-        )
-    return where
-
-
-def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
-    """One event per key and change: present (with ``payload``) or gone (DELETE, or the old key of a key
-    UPDATE); TRUNCATE rows are kept apart in ``truncates``."""
-    return f"""
-        events AS (
-            SELECT primary_key AS k, commit_position AS cp, ordinal AS o, operation AS op,
-                   {payload} AS payload
-            FROM {rel} WHERE operation <> 'TRUNCATE' AND primary_key IS NOT NULL
-            UNION ALL
-            SELECT ok, cp, o, 'DELETE', NULL FROM (
-                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}'
-            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
-        ),
-        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')"""
-
-
-def latest_sql(
-    rel: str,
-    old_key: str,
-    payload: str = "after",
-    updates: str = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'",
-) -> str:
-    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes.
-
-    One aggregate finds each key's last change; key UPDATEs (the old key, read from ``before``) and
-    TRUNCATEs are two small side aggregates that remove the keys they made disappear."""
-    return f"""
-        WITH latest AS (
-            SELECT primary_key AS k, max((commit_position, ordinal)) AS at,
-                   arg_max_null(CASE WHEN operation = 'DELETE' THEN NULL ELSE {payload} END,
-                                (commit_position, ordinal)) AS payload
-            FROM {rel} WHERE primary_key IS NOT NULL GROUP BY primary_key
-        ),
-        moved AS (
-            SELECT ok AS k, max((cp, o)) AS at FROM (
-                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE {updates}
-            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk GROUP BY ok
-        ),
-        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')
-        SELECT latest.k AS k, latest.at[1] AS cp, latest.at[2] AS o, latest.payload AS payload
-        FROM latest LEFT JOIN moved ON moved.k = latest.k, truncates
-        WHERE latest.payload IS NOT NULL AND (moved.at IS NULL OR latest.at > moved.at)
-          AND (truncates.t IS NULL OR latest.at > truncates.t)"""
+def latest_sql(rel: str, old_key: str, payload: str = "after", _updates: str = "") -> str:
+    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes, where ``old_key`` is a
+    column or expression holding each UPDATE's old key (the PostgreSQL source's callback)."""
+    return Rule(DUCKDB, (), old_key).present(rel, payload).sql()
 
 
 @dataclass
@@ -430,13 +366,12 @@ def state_at(
         source.load(con, name, scope)
         con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
         query = f'SELECT * FROM "{name}_keyless"'
-    elif isinstance(source, PostgresSource) and not source.mirror:
-        if not source.winners(con, f"{name}_latest", scope, keys):
-            source.latest(con, f"{name}_latest", scope, keys, latest_sql)
+    elif "present" in source.pushdown:  # the source finds the present rows itself (PostgreSQL)
+        source.present(con, f"{name}_latest", scope, keys)
         query = f'SELECT * FROM "{name}_latest"'
     else:
         source.load(con, name, scope)
-        query = latest_sql(f'"{name}"', old_key_sql(keys), "after", updates_sql(keys))
+        query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"').sql()
     if key is not None:
         query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
     frame: pd.DataFrame | None = None

@@ -18,25 +18,24 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from bemi_tt.dtypes import frame_from_json
+from bemi_tt.dtypes import frame_from_json, parse_json
 from bemi_tt.feed import _context_columns, audit, changes
-from bemi_tt.sources import Scope, Source, TableName, get_source
+from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
+from bemi_tt.rule import DUCKDB, PRESENT, Rule
 from bemi_tt.state import (
-    PRESENT,
+    Column,
     Layout,
     _columns_arg,
     _duck,
     _first,
     _infer_layout,
     _pointer,
+    _sql_text,
     _versions,
-    events_sql,
     key_text,
     layout_at,
-    old_key_sql,
     resolve_table,
     state_at,
-    updates_sql,
 )
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
@@ -100,6 +99,46 @@ def _plain(value: Any, nan_is_null: bool = False) -> Any:
     return value
 
 
+#: An origin: (commit_position, ordinal, operation, committed_at as epoch microseconds, context JSON).
+Origin = tuple[Any, ...]
+
+
+def _lineage(
+    con: duckdb.DuckDBPyConnection, rule: Rule, rel: str
+) -> list[tuple[str, str, tuple[int, int] | None, tuple[int, int] | None]]:
+    """``(k, src, lo, hi)``: the versions of key ``src`` between positions ``lo`` and ``hi`` (exclusive,
+    None: unbounded) belong to the current life of key ``k``, following ``k`` back across the key UPDATEs
+    that made it (only keys such a move touched; every other key is its own lineage)."""
+    moves = con.sql(rule.moves(rel)).fetchall()
+    if not moves:
+        return []
+    arrivals: dict[str, list[tuple[tuple[int, int], str]]] = {}
+    for old, new, cp, o in moves:
+        arrivals.setdefault(new, []).append(((cp, o), old))
+    involved = {m[0] for m in moves} | {m[1] for m in moves}
+    con.register("lineage_keys", pa.table({"k": pa.array(sorted(involved), pa.string())}))
+    removals: dict[str, list[tuple[int, int]]] = {}
+    query = rule.gone(rel).then("SELECT k, cp, o FROM removals WHERE k IN (SELECT k FROM lineage_keys)")
+    for k, cp, o in con.sql(query.sql()).fetchall():
+        removals.setdefault(k, []).append((cp, o))
+
+    def last_before(positions: list[tuple[int, int]], hi: tuple[int, int] | None) -> tuple[int, int] | None:
+        earlier = [p for p in positions if hi is None or p < hi]
+        return max(earlier) if earlier else None
+
+    out = []
+    for final in sorted({m[1] for m in moves}):
+        src, hi = final, None
+        for _ in range(len(moves) + 1):
+            lo = last_before(removals.get(src, []), hi)
+            out.append((final, src, lo, hi))
+            came = [a for a in arrivals.get(src, []) if (lo is None or a[0] > lo) and (hi is None or a[0] < hi)]
+            if not came:
+                break
+            hi, src = max(came)
+    return out
+
+
 def _origins(
     source: Source,
     table: TableName,
@@ -108,8 +147,9 @@ def _origins(
     con: duckdb.DuckDBPyConnection,
     name: str = "o",
     keys: Sequence[str] | None = None,
-) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """For every present (key, column): the change that last set its value (cp, o, op, committed_at, ctx);
+) -> dict[tuple[str, str], Origin]:
+    """For every present (key, column): the change that last set its value; across key UPDATEs the row's
+    earlier keys count, and a value an added column's fill gave is the ALTER's (see :func:`_origin`).
     ``keys`` limits the work to those primary keys."""
     source.load(
         con,
@@ -130,97 +170,143 @@ def _origins(
         ),
     )
     rel = f'"{name}"'
-    old_key = old_key_sql(layout.keys)
+    rule = Rule(DUCKDB, tuple(layout.keys))
     wanted = ""
     if keys is not None:
         con.register(f"{name}_keys", pa.table({"k": pa.array(list(keys), pa.string())}))
         wanted = f'WHERE k IN (SELECT k FROM "{name}_keys")'
-    query = f"""
-        WITH {events_sql(rel, old_key, "after")},
-        births AS (
-            SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ('CREATE', 'UPDATE', 'SNAPSHOT')) AS gone
-            FROM events {wanted} GROUP BY k
+    lineage = _lineage(con, rule, rel)
+    con.register(
+        f"{name}_lineage",
+        pa.table(
+            {
+                "k": pa.array([r[0] for r in lineage], pa.string()),
+                "src": pa.array([r[1] for r in lineage], pa.string()),
+                "lo": pa.array([r[2] for r in lineage], pa.struct([("cp", pa.int64()), ("o", pa.int32())])),
+                "hi": pa.array([r[3] for r in lineage], pa.struct([("cp", pa.int64()), ("o", pa.int32())])),
+            }
         ),
-        versions AS (
-            SELECT c.primary_key AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op,
-                   epoch_us(c.committed_at) AS committed_at,
-                   CAST(c.context AS VARCHAR) AS context, CAST(c.after AS VARCHAR) AS after
-            FROM {rel} c JOIN births b ON b.k = c.primary_key, truncates
-            WHERE c.operation IN ('CREATE', 'UPDATE', 'SNAPSHOT')
-              AND (b.gone IS NULL OR (c.commit_position, c.ordinal) > b.gone)
-              AND (truncates.t IS NULL OR (c.commit_position, c.ordinal) > truncates.t)
-        ),
-        cells AS (
-            SELECT k, cp, o, op, committed_at, context, col,
-                   CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1')) AS VARCHAR)
-                       AS val
-            FROM versions, unnest(json_keys(after)) AS u(col)
-        ),
-        marked AS (
-            SELECT *, lag(val) OVER w AS prev, row_number() OVER w AS n FROM cells
-            WINDOW w AS (PARTITION BY k, col ORDER BY cp, o)
+    )
+    present = ", ".join(f"'{op}'" for op in PRESENT)
+    query = (
+        rule.events(rel)
+        .with_(
+            "births",
+            f"SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ({present})) AS gone FROM events {wanted} GROUP BY k",
         )
-        SELECT k, col, arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at,
-                                 'context': context}}, (cp, o)) AS v FROM marked
-        WHERE n = 1 OR val IS DISTINCT FROM prev GROUP BY k, col"""
+        .with_(
+            "lineage",
+            f'SELECT k, k AS src, gone AS lo, NULL AS hi FROM births WHERE k NOT IN (SELECT k FROM "{name}_lineage")\n'
+            "UNION ALL SELECT l.k, l.src, CASE WHEN l.lo IS NOT NULL THEN (l.lo.cp, l.lo.o) END,\n"
+            f'    CASE WHEN l.hi IS NOT NULL THEN (l.hi.cp, l.hi.o) END FROM "{name}_lineage" l\n'
+            "    WHERE l.k IN (SELECT k FROM births)",
+        )
+        .with_(
+            "versions",
+            "SELECT l.k AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op,\n"
+            "       epoch_us(c.committed_at) AS committed_at, CAST(c.context AS VARCHAR) AS context,\n"
+            "       CAST(c.after AS VARCHAR) AS after\n"
+            f"FROM {rel} c JOIN lineage l ON l.src = c.primary_key CROSS JOIN truncates\n"
+            f"WHERE c.operation IN ({present})\n"
+            "  AND (l.lo IS NULL OR (c.commit_position, c.ordinal) > l.lo)\n"
+            "  AND (l.hi IS NULL OR (c.commit_position, c.ordinal) < l.hi)\n"
+            "  AND (truncates.t IS NULL OR (c.commit_position, c.ordinal) > truncates.t)",
+        )
+    )
     names = [c.name for c in layout.columns]
-    if names:  # known columns: one window over the versions, the columns compared side by side
-        paths = ", ".join(_pointer(n) for n in names)
-        changed = ", ".join(
-            f"(n = 1 OR v[{i}] IS DISTINCT FROM p[{i}]) AS ch{i}" for i in range(1, len(names) + 1)
-        )
-        picks = ", ".join(
-            f"arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at, 'context': context}}, "
-            f"(cp, o)) FILTER (WHERE ch{i}) AS c{i}"
-            for i in range(1, len(names) + 1)
-        )
-        structs = ", ".join(f"c{i}" for i in range(1, len(names) + 1))
+    if not names:  # columns unknown: compare every member of each version
         query = (
-            query[: query.index("        cells AS (")]
-            + f"""
-        valued AS (
-            SELECT k, cp, o, op, committed_at, context,
-                   CAST(json_extract(after, [{paths}]) AS VARCHAR[]) AS v FROM versions
-        ),
-        marked AS (
-            SELECT *, lag(v) OVER w AS p, row_number() OVER w AS n FROM valued
-            WINDOW w AS (PARTITION BY k ORDER BY cp, o)
-        ),
-        flagged AS (SELECT k, cp, o, op, committed_at, context, {changed} FROM marked),
-        picked AS (SELECT k, {picks} FROM flagged GROUP BY k),
-        cells AS (
-            SELECT k, unnest(range(0, {len(names)})) AS i, unnest([{structs}]) AS v FROM picked
+            query.with_(
+                "cells",
+                "SELECT k, cp, o, op, committed_at, context, col,\n"
+                "       CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1')) AS VARCHAR)"
+                " AS val\nFROM versions, unnest(json_keys(after)) AS u(col)",
+            )
+            .with_(
+                "marked",
+                "SELECT *, lag(val) OVER w AS prev, row_number() OVER w AS n FROM cells\n"
+                "WINDOW w AS (PARTITION BY k, col ORDER BY cp, o)",
+            )
+            .then(
+                "SELECT k, col, arg_max({'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at,\n"
+                "                        'context': context}, (cp, o)) AS v FROM marked\n"
+                "WHERE n = 1 OR val IS DISTINCT FROM prev GROUP BY k, col"
+            )
         )
-        SELECT k, i, v.cp, v.o, v.op, v.committed_at, v.context FROM cells WHERE v IS NOT NULL"""
+        out = {}
+        for k, col, v in con.execute(query.sql()).fetchall():
+            out[(k, col)] = (v["cp"], v["o"], v["op"], v["committed_at"], v["context"])
+        return out
+    # known columns: one window over the versions, the columns compared side by side; before the ALTER
+    # that added a column, rows hold its fill and no change there sets it (the ALTER did)
+    paths = ", ".join(_pointer(n) for n in names)
+    filled = []
+    changed = []
+    for i, column in enumerate(layout.columns, start=1):
+        if column.since is None:
+            filled.append(f"raw[{i}]")
+            changed.append(f"(n = 1 OR v[{i}] IS DISTINCT FROM p[{i}]) AS ch{i}")
+            continue
+        since = f"({column.since[0]}, {column.since[1]})"
+        fill = "NULL" if column.fill is None else f"CAST(CAST({_sql_text(column.fill)} AS JSON) AS VARCHAR)"
+        filled.append(f"CASE WHEN (cp, o) < {since} THEN {fill} ELSE raw[{i}] END")
+        changed.append(f"((cp, o) >= {since} AND (n = 1 OR v[{i}] IS DISTINCT FROM p[{i}])) AS ch{i}")
+    picks = ", ".join(
+        f"arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at, 'context': context}}, "
+        f"(cp, o)) FILTER (WHERE ch{i}) AS c{i}"
+        for i in range(1, len(names) + 1)
+    )
+    structs = ", ".join(f"c{i}" for i in range(1, len(names) + 1))
+    query = (
+        query.with_(
+            "valued",
+            "SELECT k, cp, o, op, committed_at, context,\n"
+            f"       CAST(json_extract(after, [{paths}]) AS VARCHAR[]) AS raw FROM versions",
         )
-        got = con.sql(query).to_arrow_table()
-        columns = [got.column(j).to_pylist() for j in range(got.num_columns)]
-        return {
-            (k, names[i]): (cp, o, op, at, ctx) for k, i, cp, o, op, at, ctx in zip(*columns, strict=True)
-        }
-    out = {}
-    for k, col, v in con.execute(query).fetchall():
-        out[(k, col)] = (v["cp"], v["o"], v["op"], v["committed_at"], v["context"])
-    return out
+        .with_("filled", f"SELECT *, [{', '.join(filled)}] AS v FROM valued")
+        .with_(
+            "marked",
+            "SELECT *, lag(v) OVER w AS p, row_number() OVER w AS n FROM filled\n"
+            "WINDOW w AS (PARTITION BY k ORDER BY cp, o)",
+        )
+        .with_("flagged", f"SELECT k, cp, o, op, committed_at, context, {', '.join(changed)} FROM marked")
+        .with_("picked", f"SELECT k, {picks} FROM flagged GROUP BY k")
+        .with_("cells", f"SELECT k, unnest(range(0, {len(names)})) AS i, unnest([{structs}]) AS v FROM picked")
+        .then("SELECT k, i, v.cp, v.o, v.op, v.committed_at, v.context FROM cells WHERE v IS NOT NULL")
+    )
+    got = con.sql(query.sql()).to_arrow_table()
+    columns = [got.column(j).to_pylist() for j in range(got.num_columns)]
+    return {(k, names[i]): (cp, o, op, at, ctx) for k, i, cp, o, op, at, ctx in zip(*columns, strict=True)}
+
+
+def _alter(column: Column) -> Origin | None:
+    """The event of the ALTER that added ``column`` (its fill's origin), or None for an original column."""
+    if column.since is None or column.since_at is None:
+        return None
+    micros = int(column.since_at.value // 1000)
+    return (column.since[0], column.since[1], "ALTER", micros, "{}")
+
+
+def _origin(origins: dict[tuple[str, str], Origin], layout: Layout, k: str, col: str) -> Origin | None:
+    """The change that set (k, col); a value no change set since its column was added is the ALTER's."""
+    found = origins.get((k, col))
+    if found is not None:
+        return found
+    column = next((c for c in layout.columns if c.name == col), None)
+    return _alter(column) if column is not None else None
 
 
 def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> dict[str, tuple[Any, ...]]:
     """Per key, the last change that removed it (DELETE, key UPDATE away, or TRUNCATE)."""
-    old_key = old_key_sql(layout.keys)
-    query = f"""
-        WITH gone AS (
-            SELECT primary_key AS k, commit_position AS cp, ordinal AS o FROM {rel} WHERE operation = 'DELETE'
-            UNION ALL
-            SELECT ok, cp, o FROM (
-                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}')
-            WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
+    query = (
+        Rule(DUCKDB, tuple(layout.keys))
+        .gone(rel)
+        .then(
+            "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR), c.commit_position,\n"
+            f"       c.ordinal\nFROM gone g JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"
         )
-        SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR), c.commit_position,
-               c.ordinal
-        FROM (SELECT k, max((cp, o)) AS at FROM gone GROUP BY k) g
-        JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"""
-    out = {row[0]: row[1:] for row in con.execute(query).fetchall()}
+    )
+    out = {row[0]: row[1:] for row in con.execute(query.sql()).fetchall()}
     truncate = con.sql(
         f"SELECT operation, epoch_us(committed_at), CAST(context AS VARCHAR), commit_position, ordinal "
         f"FROM {rel} WHERE operation = 'TRUNCATE' ORDER BY commit_position DESC, ordinal DESC "
@@ -258,6 +344,8 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     old = state_at(src, name, start, con=con, name="c1")
     new = state_at(src, name, end, con=con, name="c2")
     layout = new.layout
+    if not layout.keys and not layout.inferred:
+        return _keyless_diff(src, name, old, new, end, con)
     old_cols = ["__index__", *old.frame.columns]
     new_cols = ["__index__", *new.frame.columns]
     all_cols = list(dict.fromkeys([*new.frame.columns, *old.frame.columns]))
@@ -298,7 +386,7 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
             if change == "removed":
                 op, at, ctx = removal
             else:
-                origin = origins.get((k, col))
+                origin = _origin(origins, layout, k, col)
                 op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
             records.append(
                 {
@@ -313,6 +401,94 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
                 }
             )
     return _indexed_cells(records, layout, "diff")
+
+
+def _keyless_diff(
+    source: Source, table: TableName, old: Any, new: Any, end: pd.Timestamp, con: duckdb.DuckDBPyConnection
+) -> pd.DataFrame:
+    """``diff`` of a table without a primary key: rows pair by content (a row kept from the same change at
+    both times is unchanged); a new row made by an UPDATE whose ``before`` is a vanished row is that row
+    changed; every cell carries the change that made it (for a vanished row: the change that removed it)."""
+    source.load(
+        con,
+        "kd",
+        Scope(
+            table=table,
+            until=end,
+            columns=("operation", "before", "after", "context", "commit_position", "ordinal", "committed_at"),
+        ),
+    )
+    kept = set(old.keys) & set(new.keys)
+    removed = [i for i, k in enumerate(old.keys) if k not in kept]
+    added = [i for i, k in enumerate(new.keys) if k not in kept]
+    changes = {
+        f"{cp}:{o}": (op, at, ctx, before, after, (cp, o))
+        for op, at, ctx, before, after, cp, o in con.sql(
+            "SELECT operation, epoch_us(committed_at), CAST(context AS VARCHAR), CAST(before AS VARCHAR),"
+            " CAST(after AS VARCHAR), commit_position, ordinal FROM kd ORDER BY commit_position, ordinal"
+        ).fetchall()
+    }
+    texts = {i: changes[old.keys[i]][4] for i in removed if old.keys[i] in changes}
+    used: set[str] = set()
+    records: list[dict[str, Any]] = []
+    old_rows = list(old.frame.itertuples(index=False, name=None))
+    new_rows = list(new.frame.itertuples(index=False, name=None))
+    unpaired = list(removed)
+    cols = list(new.frame.columns)
+    for j in added:
+        k = new.keys[j]
+        op, at, ctx, before, _, _ = changes[k]
+        match = next((i for i in unpaired if op == "UPDATE" and texts.get(i) == before), None)
+        if match is not None:
+            unpaired.remove(match)
+            used.add(k)
+        for c, col in enumerate(cols):
+            after_value = _plain(new_rows[j][c])
+            before_value = _plain(old_rows[match][c]) if match is not None and col in old.frame else None
+            if match is not None and _same(before_value, after_value):
+                continue
+            records.append(
+                {
+                    "__index__": k,
+                    "column": col,
+                    "change": "changed" if match is not None else "added",
+                    "old": before_value,
+                    "new": after_value,
+                    "operation": op,
+                    "committed_at": at,
+                    "__ctx__": ctx,
+                }
+            )
+    for i in unpaired:  # the first later DELETE/UPDATE whose before is the row (or a TRUNCATE) removed it
+        k = old.keys[i]
+        position = changes[k][5] if k in changes else (0, 0)
+        event = next(
+            (
+                (key, v)
+                for key, v in changes.items()
+                if v[5] > position
+                and key not in used
+                and (v[0] == "TRUNCATE" or (v[0] in ("UPDATE", "DELETE") and v[3] == texts.get(i)))
+            ),
+            None,
+        )
+        if event is not None and event[1][0] != "TRUNCATE":
+            used.add(event[0])
+        op, at, ctx = (event[1][0], event[1][1], event[1][2]) if event else (None, None, None)
+        for c, col in enumerate(old.frame.columns):
+            records.append(
+                {
+                    "__index__": k,
+                    "column": col,
+                    "change": "removed",
+                    "old": _plain(old_rows[i][c]),
+                    "new": None,
+                    "operation": op,
+                    "committed_at": at,
+                    "__ctx__": ctx,
+                }
+            )
+    return _indexed_cells(records, new.layout, "diff")
 
 
 def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> pd.DataFrame:
@@ -362,7 +538,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
             continue
         values = dict(zip(cols, row, strict=False))
         for col in state.frame.columns:
-            origin = origins.get((k, col))
+            origin = _origin(origins, layout, k, col)
             op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
             records.append(
                 {
@@ -398,15 +574,10 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
         ).fetchall()
         layout = _infer_layout([s[0] for s in sample], [s[1] for s in sample])
     wanted = key_text(layout, key)
-    old_key = old_key_sql(layout.keys)
+    rule = Rule(DUCKDB, tuple(layout.keys))
+    old_key = rule.old_key_of()
     # follow the row through key updates, in both directions
-    moves = [
-        (pk, old)
-        for pk, old in con.sql(
-            f"SELECT primary_key, {old_key} FROM h WHERE {updates_sql(layout.keys)}"
-        ).fetchall()
-        if old is not None and old != pk
-    ]
+    moves = [(pk, old) for old, pk, _, _ in con.sql(rule.moves("h")).fetchall()]
     names = {wanted}
     for _ in range(100):
         grown = set(names)
@@ -432,14 +603,15 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
             continue
         exists = r[2] in PRESENT
         picked.append(r)
-    afters = [r[7] if r[2] in PRESENT else "{}" for r in picked]
+    picked = _with_fills(picked, layout)
+    afters = [r[7] if r[2] in PRESENT or r[2] == "ALTER" else "{}" for r in picked]
     full = layout.columns
     values = frame_from_json(afters, [(c.name, c.kind) for c in full])
     changed: list[list[str]] = []
     previous: dict[str, Any] | None = None
     for i, r in enumerate(picked):
         row = {c.name: values[c.name].iloc[i] for c in full}
-        if r[2] not in PRESENT:
+        if r[2] not in PRESENT and r[2] != "ALTER":
             changed.append([])
             previous = None
             continue
@@ -459,3 +631,31 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     )
     frame = pd.concat([frame, values], axis=1)
     return _context_columns(frame, [r[8] for r in picked])
+
+
+def _with_fills(picked: list[Any], layout: Layout) -> list[Any]:
+    """The row's versions with one ``ALTER`` version per schema change that filled added columns while the
+    row existed: the previous values plus the fills (a fill is an event of its ALTER, not of older rows)."""
+    alters: dict[tuple[int, int], list[Column]] = {}
+    for column in layout.columns:
+        if column.since is not None and column.since_at is not None:
+            alters.setdefault(column.since, []).append(column)
+    if not alters:
+        return picked
+    out: list[Any] = []
+    pending = sorted(alters)
+    for r in [*picked, None]:
+        while pending and (r is None or (r[3], r[4]) > pending[0]):
+            since = pending.pop(0)
+            last = out[-1] if out else None
+            if last is None or (last[2] not in PRESENT and last[2] != "ALTER"):
+                continue  # the row did not exist when the column was added
+            row = parse_json(last[7])
+            for column in alters[since]:
+                if column.name not in row:
+                    row[column.name] = None if column.fill is None else parse_json(column.fill)
+            at = alters[since][0].since_at
+            out.append((last[0], None, "ALTER", since[0], since[1], at, "{}", json_text(row), "{}"))
+        if r is not None:
+            out.append(r)
+    return out
