@@ -200,7 +200,11 @@ Version = tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]
 
 
 def _versions(source: Source, table: TableName) -> list[Version]:
-    raw = source.schemas(table)
+    return versions_of(source.schemas(table))
+
+
+def versions_of(raw: pa.Table) -> list[Version]:
+    """The column sets of rows of ``changes_schemas`` (one table's), in commit order."""
     out = []
     for cp, o, at, cols in zip(
         raw["commit_position"].to_pylist(),

@@ -34,13 +34,14 @@ def _filled() -> tuple[History, dict[str, object]]:
 
 def test_history_shows_a_fill_from_its_alter_on_every_later_version(make: Make) -> None:
     h, t = _filled()
-    frame = history("todo", 1, source=make(h))
+    source = make(h)
+    frame = history("todo", 1, source=source)
     assert list(frame["operation"]) == ["CREATE", "ALTER"]
     assert pd.isna(frame["points"].iloc[0])  # the column did not exist yet
     assert frame["points"].iloc[1] == 3 and frame["changed"].iloc[1] == ["points"]
     assert frame["valid_from"].iloc[1] == pd.Timestamp(t["added"])
     assert frame["task"].iloc[1] == "a"
-    two = history("todo", 2, source=make(h))
+    two = history("todo", 2, source=source)
     assert list(two["operation"]) == ["CREATE", "ALTER", "UPDATE"] and list(two["points"].iloc[1:]) == [3, 3]
     assert two["changed"].iloc[2] == ["task"]
 
@@ -71,10 +72,11 @@ def test_blame_after_a_key_update_credits_each_cell_to_the_change_that_set_it(ma
     h.create("todo", "1", _row(1, "a"), {"user_id": 1})
     h.update("todo", "1", _row(1, "a"), _row(1, "renamed"), {"user_id": 2})
     h.update("todo", "10", _row(1, "renamed"), _row(10, "renamed"), {"user_id": 3})
-    frame = blame("todo", source=make(h))
+    source = make(h)
+    frame = blame("todo", source=source)
     assert frame.loc[(10, "task"), "user_id"] == 2
     assert frame.loc[(10, "price"), "user_id"] == 1 and frame.loc[(10, "price"), "operation"] == "CREATE"
-    one = blame("todo", key=10, source=make(h))
+    one = blame("todo", key=10, source=source)
     assert one.loc[(10, "task"), "user_id"] == 2
 
 
@@ -110,7 +112,8 @@ def test_diff_of_a_table_without_a_primary_key_pairs_rows_by_content_with_their_
 def test_macros_return_fills_and_sql_null_and_no_column_before_it_existed(make: Make) -> None:
     h, t = _filled()
     h.create("todo", "3", {**_row(3, "c"), "price": None, "points": None})
-    con = duckdb(make(h))
+    source = make(h)
+    con = duckdb(source)
     rows = con.sql("SELECT id, points FROM as_of_todo(?) ORDER BY id", params=[h.clock]).fetchall()
     assert rows == [(1, 3), (2, 3), (3, None)]
     assert con.sql("SELECT count(*) FROM as_of_todo(?) WHERE price IS NULL", params=[h.clock]).fetchall() == [
@@ -123,7 +126,7 @@ def test_macros_return_fills_and_sql_null_and_no_column_before_it_existed(make: 
         params=[h.clock],
     ).fetchall()
     assert raw == [("3",), ("3",), (None,)]
-    assert as_of("todo", h.clock, source=make(h))["points"].tolist()[:2] == [3, 3]
+    assert as_of("todo", h.clock, source=source)["points"].tolist()[:2] == [3, 3]
 
 
 def test_macros_give_sql_null_for_null_values_of_every_type(make: Make) -> None:
