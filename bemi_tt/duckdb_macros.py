@@ -36,7 +36,7 @@ _OLD_KEY = (
 #: the fills a row last changed before its columns were added takes, as a JSON object (NULL: none)
 _FILLS = (
     "(SELECT json_group_object(f.name, json(f.fill)) FROM bemi_tt_fills f"
-    " WHERE (f.\"table\" = tbl OR f.\"schema\" || '.' || f.\"table\" = tbl)"
+    ' WHERE (f."table" = tbl OR f."schema" || \'.\' || f."table" = tbl)'
     " AND f.committed_at <= CAST(ts AS TIMESTAMPTZ) AND (present.cp, present.o) < (f.cp, f.o))"
 )
 
@@ -48,8 +48,9 @@ def _macros() -> list[str]:
         Query()
         .with_(
             "c0",
-            "SELECT c.*, (SELECT k.keys FROM bemi_tt_keys k WHERE (k.\"table\" = tbl\n"
-            f"    OR k.\"schema\" || '.' || k.\"table\" = tbl) LIMIT 1) AS __keys\nFROM changes c WHERE {_MATCH}",
+            'SELECT c.*, (SELECT k.keys FROM bemi_tt_keys k WHERE (k."table" = tbl\n'
+            '    OR k."schema" || \'.\' || k."table" = tbl) LIMIT 1) AS __keys\n'
+            f"FROM changes c WHERE {_MATCH}",
         )
         .with_("cut", Rule(DUCKDB).cut("c0", "CAST(ts AS TIMESTAMPTZ)"))
         .with_("scoped", "SELECT c0.* FROM c0, cut WHERE cut.p IS NULL OR c0.commit_position < cut.p")
@@ -81,9 +82,14 @@ def _typed_macro(schema: str, table: str, layout: Layout) -> str | None:
         duck = col.kind.macro
         text = f'json_extract_string("row", {pointer})'
         # JSON null is SQL NULL; typed where DuckDB holds the type, JSON otherwise
-        expr = duck.format(v=text) if duck else f'CASE WHEN {text} IS NOT NULL THEN json_extract("row", {pointer}) END'
+        expr = (
+            duck.format(v=text)
+            if duck
+            else f'CASE WHEN {text} IS NOT NULL THEN json_extract("row", {pointer}) END'
+        )
         if col.since_at is not None:  # no value before the column existed
-            expr = f"CASE WHEN CAST(ts AS TIMESTAMPTZ) >= TIMESTAMPTZ '{col.since_at.isoformat()}' THEN {expr} END"
+            since = f"TIMESTAMPTZ '{col.since_at.isoformat()}'"
+            expr = f"CASE WHEN CAST(ts AS TIMESTAMPTZ) >= {since} THEN {expr} END"
         selects.append(f"{expr} AS {quoted}")
     qualified = f"{schema}.{table}".replace("'", "''")
     return (

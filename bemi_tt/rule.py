@@ -197,7 +197,7 @@ class Rule:
         return where
 
     def moves(self, rel: str) -> str:
-        """Key UPDATEs of ``rel``: ``k`` the key that disappeared, ``to_k`` the key it became, ``cp``, ``o``."""
+        """Key UPDATEs of ``rel``: ``k`` the key that disappeared, ``to_k`` the one it became, position."""
         return (
             f"SELECT ok AS k, pk AS to_k, cp, o FROM (\n"
             f"    SELECT {self.old_key_of()} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o\n"

@@ -89,7 +89,9 @@ class Source(ABC):
     (:meth:`present`, the rows present at a cut). The engine asks for a capability, never for a class.
     """
 
-    pushdown: frozenset[str] = frozenset()
+    @property
+    def pushdown(self) -> frozenset[str]:
+        return frozenset()
 
     def present(
         self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]
@@ -482,7 +484,7 @@ class PostgresSource(Source):
         self._mirror_lock = threading.Lock()
         check_dsn(dsn, what="source")  # a malformed one fails here, its password redacted
 
-    @property  # type: ignore[override]
+    @property
     def pushdown(self) -> frozenset[str]:  # a mirror holds the rows in memory: DuckDB is faster there
         return frozenset() if self.mirror else frozenset({"present"})
 

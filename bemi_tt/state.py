@@ -35,8 +35,6 @@ from bemi_tt.rule import DUCKDB, PRESENT, Rule
 from bemi_tt.sources import Scope, Source, TableName, json_text
 from capture.errors import ConfigurationError
 
-
-
 _shared: duckdb.DuckDBPyConnection | None = None
 _shared_lock = threading.Lock()
 

@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from bemi_tt.dtypes import frame_from_json, parse_json
 from bemi_tt.feed import _context_columns, audit, changes
-from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.rule import DUCKDB, PRESENT, Rule
+from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.state import (
     Column,
     Layout,
@@ -126,16 +126,19 @@ def _lineage(
         earlier = [p for p in positions if hi is None or p < hi]
         return max(earlier) if earlier else None
 
-    out = []
+    out: list[tuple[str, str, tuple[int, int] | None, tuple[int, int] | None]] = []
     for final in sorted({m[1] for m in moves}):
         src, hi = final, None
         for _ in range(len(moves) + 1):
             lo = last_before(removals.get(src, []), hi)
             out.append((final, src, lo, hi))
-            came = [a for a in arrivals.get(src, []) if (lo is None or a[0] > lo) and (hi is None or a[0] < hi)]
+            came = [
+                a for a in arrivals.get(src, []) if (lo is None or a[0] > lo) and (hi is None or a[0] < hi)
+            ]
             if not came:
                 break
-            hi, src = max(came)
+            arrival = max(came)
+            hi, src = arrival[0], arrival[1]
     return out
 
 
@@ -192,11 +195,13 @@ def _origins(
         rule.events(rel)
         .with_(
             "births",
-            f"SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ({present})) AS gone FROM events {wanted} GROUP BY k",
+            f"SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ({present})) AS gone\n"
+            f"FROM events {wanted} GROUP BY k",
         )
         .with_(
             "lineage",
-            f'SELECT k, k AS src, gone AS lo, NULL AS hi FROM births WHERE k NOT IN (SELECT k FROM "{name}_lineage")\n'
+            "SELECT k, k AS src, gone AS lo, NULL AS hi FROM births\n"
+            f'    WHERE k NOT IN (SELECT k FROM "{name}_lineage")\n'
             "UNION ALL SELECT l.k, l.src, CASE WHEN l.lo IS NOT NULL THEN (l.lo.cp, l.lo.o) END,\n"
             f'    CASE WHEN l.hi IS NOT NULL THEN (l.hi.cp, l.hi.o) END FROM "{name}_lineage" l\n'
             "    WHERE l.k IN (SELECT k FROM births)",
@@ -219,8 +224,8 @@ def _origins(
             query.with_(
                 "cells",
                 "SELECT k, cp, o, op, committed_at, context, col,\n"
-                "       CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1')) AS VARCHAR)"
-                " AS val\nFROM versions, unnest(json_keys(after)) AS u(col)",
+                "       CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1'))"
+                " AS VARCHAR) AS val\nFROM versions, unnest(json_keys(after)) AS u(col)",
             )
             .with_(
                 "marked",
@@ -271,7 +276,9 @@ def _origins(
         )
         .with_("flagged", f"SELECT k, cp, o, op, committed_at, context, {', '.join(changed)} FROM marked")
         .with_("picked", f"SELECT k, {picks} FROM flagged GROUP BY k")
-        .with_("cells", f"SELECT k, unnest(range(0, {len(names)})) AS i, unnest([{structs}]) AS v FROM picked")
+        .with_(
+            "cells", f"SELECT k, unnest(range(0, {len(names)})) AS i, unnest([{structs}]) AS v FROM picked"
+        )
         .then("SELECT k, i, v.cp, v.o, v.op, v.committed_at, v.context FROM cells WHERE v IS NOT NULL")
     )
     got = con.sql(query.sql()).to_arrow_table()
@@ -302,8 +309,9 @@ def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> di
         Rule(DUCKDB, tuple(layout.keys))
         .gone(rel)
         .then(
-            "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR), c.commit_position,\n"
-            f"       c.ordinal\nFROM gone g JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"
+            "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR),\n"
+            "       c.commit_position, c.ordinal\n"
+            f"FROM gone g JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"
         )
     )
     out = {row[0]: row[1:] for row in con.execute(query.sql()).fetchall()}
