@@ -275,5 +275,8 @@ class Rule:
             .with_("moves", self.moves(rel))
             .with_("removals", self.removals(rel))
             .with_("gone", f"SELECT k, max({d.position('cp', 'o')}) AS at FROM removals{after} GROUP BY k")
-            .then(f"SELECT k, {d.position_part('at', 1)} AS cp, {d.position_part('at', 2)} AS o FROM gone")
+            .then(
+                f"SELECT k, {d.position_part('gone.at', 1)} AS cp, "
+                f"{d.position_part('gone.at', 2)} AS o FROM gone"
+            )
         )
