@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from bemi_tt.rule import DUCKDB, PRESENT, Query, Rule
 from bemi_tt.sources import Scope, Source, TableName
-from bemi_tt.state import Column, Layout, _pointer, _sql_text
+from bemi_tt.state import Column, Layout, _pointer, _sql_text, load_lineage
 
 __all__ = ["Origin", "cell_origins", "origin_of", "origins_query"]
 
@@ -74,26 +74,26 @@ def cell_origins(
     keys: Sequence[str] | None = None,
 ) -> dict[tuple[str, str], Origin]:
     """For every present (key, column): the change that last set its value; across key UPDATEs the row's
-    earlier keys count, and a value an added column's fill gave is the ALTER's (see :func:`_origin`).
-    ``keys`` limits the work to those primary keys."""
-    source.load(
-        con,
-        name,
-        Scope(
-            table=table,
-            until=ts,
-            columns=(
-                "primary_key",
-                "operation",
-                "before",
-                "after",
-                "context",
-                "commit_position",
-                "ordinal",
-                "committed_at",
-            ),
+    earlier keys count, and a value an added column's fill gave is the ALTER's (see :func:`origin_of`).
+    ``keys`` limits the work to those primary keys (and reads only what decides them)."""
+    scope = Scope(
+        table=table,
+        until=ts,
+        columns=(
+            "primary_key",
+            "operation",
+            "before",
+            "after",
+            "context",
+            "commit_position",
+            "ordinal",
+            "committed_at",
         ),
     )
+    if keys is None:
+        source.load(con, name, scope)
+    else:
+        load_lineage(source, con, name, scope, keys, layout)
     rel = f'"{name}"'
     rule = Rule(DUCKDB, tuple(layout.keys))
     keys_rel = None

@@ -231,10 +231,12 @@ class Rule:
         return f"SELECT min(commit_position) AS p FROM {rel} WHERE committed_at > {ts}"
 
     # -- composed answers ---------------------------------------------------------------------------------
-    def present(self, rel: str, payload: str = "after") -> Query:
+    def present(self, rel: str, payload: str = "after", *, keep: str | None = None) -> Query:
         """``k, cp, o, payload`` of every key present after all of ``rel``'s changes: one aggregate for each
-        key's last change, two small side aggregates (key moves, TRUNCATE) removing what they made gone."""
+        key's last change, two small side aggregates (key moves, TRUNCATE) removing what they made gone.
+        ``keep``: a condition on ``latest.k`` (only some keys)."""
         d = self.dialect
+        kept = f"\n  AND ({keep})" if keep is not None else ""
         return (
             Query()
             .with_("latest", self.last_changes(rel, payload))
@@ -246,7 +248,7 @@ class Rule:
                 f"{d.position_part('latest.at', 2)} AS o, latest.payload AS payload\n"
                 "FROM latest LEFT JOIN moved ON moved.k = latest.k CROSS JOIN truncates\n"
                 "WHERE latest.payload IS NOT NULL AND (moved.at IS NULL OR latest.at > moved.at)\n"
-                "  AND (truncates.t IS NULL OR latest.at > truncates.t)"
+                f"  AND (truncates.t IS NULL OR latest.at > truncates.t){kept}"
             )
         )
 

@@ -14,7 +14,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any
@@ -80,6 +80,12 @@ class Scope:
     until: pd.Timestamp | None = None  # prefix of commit order whose committed_at <= until (per table)
     since: pd.Timestamp | None = None  # committed_at >= since (plain time filter, for audits)
     until_time: pd.Timestamp | None = None  # committed_at <= until_time (plain time filter, for audits)
+    #: only what decides these keys (``primary_key`` texts): their changes, every TRUNCATE, and the key
+    #: UPDATEs whose old key (read from ``before`` by ``key_columns``) is one of them
+    keys: tuple[str, ...] | None = None
+    key_columns: tuple[str, ...] = ()
+    #: commit_position >= start (a window of commit order, e.g. the changes between two cuts)
+    start: int | None = None
 
 
 class Source(ABC):
@@ -102,6 +108,13 @@ class Source(ABC):
     @abstractmethod
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         """Create a view or table ``name`` in ``con`` with the rows of ``changes`` in ``scope``."""
+
+    def first_commit(self, table: TableName) -> pd.Timestamp | None:
+        """When ``table``'s first change committed (None: it has none)."""
+        con = duckdb.connect()
+        self.load(con, "first", Scope(table=table, columns=("committed_at",)))
+        row = con.execute('SELECT min(committed_at) FROM "first"').fetchone()
+        return pd.Timestamp(row[0]) if row and row[0] is not None else None
 
     @abstractmethod
     def schemas(self, table: TableName | None = None) -> pa.Table:
@@ -138,6 +151,17 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
         where.append(f"committed_at >= {_literal(scope.since)}")
     if scope.until_time is not None:
         where.append(f"committed_at <= {_literal(scope.until_time)}")
+    if scope.start is not None:
+        where.append(f"commit_position >= {int(scope.start)}")
+    if scope.keys is not None:
+        from bemi_tt.rule import DUCKDB, Rule
+
+        listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
+        old_key = Rule(DUCKDB, scope.key_columns).old_key_of()
+        where.append(
+            f"(primary_key IN ({listed}) OR operation = 'TRUNCATE' "
+            f"OR (operation = 'UPDATE' AND {old_key} IN ({listed})))"
+        )
     if scope.until is not None:
         inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"
         if where:
@@ -496,6 +520,14 @@ class PostgresSource(Source):
         if not self.winners(con, name, scope, keys):
             self.latest(con, name, scope, keys, latest_sql)
 
+    def first_commit(self, table: TableName) -> pd.Timestamp | None:
+        query = sql.SQL('SELECT min(committed_at) FROM {} WHERE "table" = %s AND "schema" = %s').format(
+            self._name(CHANGES_TABLE)
+        )
+        with self._connect() as conn:
+            row = conn.execute(query, (table[1], table[0])).fetchone()
+        return pd.Timestamp(row[0]) if row and row[0] is not None else None
+
     @classmethod
     def from_engine(cls, engine: Any) -> PostgresSource:
         """Source for a SQLAlchemy engine or connection (any PostgreSQL driver)."""
@@ -536,17 +568,25 @@ class PostgresSource(Source):
             where.append(sql.SQL("committed_at >= {}").format(sql.Literal(scope.since.to_pydatetime())))
         if scope.until_time is not None:
             where.append(sql.SQL("committed_at <= {}").format(sql.Literal(scope.until_time.to_pydatetime())))
+        if scope.start is not None:
+            where.append(sql.SQL("commit_position >= {}").format(sql.Literal(int(scope.start))))
         if scope.until is not None:
-            inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > {}{}").format(
-                self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table
-            )
+            # the table's first change stamped after ``until``, from the ("table", committed_at) index
+            # (OFFSET 0 keeps the planner from walking commit order instead)
+            inner = sql.SQL(
+                "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > {}{}"
+                " OFFSET 0) later"
+            ).format(self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table)
             where.append(
                 sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION))
             )
         return sql.SQL(" AND ").join(where)
 
     def query(self, scope: Scope) -> sql.Composed:
-        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds)."""
+        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds).
+
+        With ``scope.keys``: the keys' changes and the TRUNCATEs from the ``("table", primary_key, ...)``
+        index, plus the key UPDATEs away from them (the old key read from ``before`` in PostgreSQL)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
         cols = sql.SQL(", ").join(
             sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint")
@@ -554,8 +594,27 @@ class PostgresSource(Source):
             else sql.Identifier(c)
             for c in wanted
         )
-        return sql.SQL("SELECT {} FROM {} WHERE {}").format(
-            cols, self._name(CHANGES_TABLE), self.where(scope)
+        if scope.keys is None:
+            return sql.SQL("SELECT {} FROM {} WHERE {}").format(
+                cols, self._name(CHANGES_TABLE), self.where(scope)
+            )
+        from bemi_tt.rule import POSTGRES, Rule
+
+        keys = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, scope.keys)))
+        old_key = sql.SQL(Rule(POSTGRES, scope.key_columns).old_key_of())  # composed of quoted literals
+        where = self.where(replace(scope, keys=None))
+        parts = [
+            sql.SQL("primary_key = ANY({})").format(keys),
+            sql.SQL("primary_key IS NULL AND operation = 'TRUNCATE'"),
+            sql.SQL("operation = 'UPDATE' AND {} = ANY({}) AND primary_key <> ALL({})").format(
+                old_key, keys, keys
+            ),
+        ]
+        return sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
+                cols, self._name(CHANGES_TABLE), where, part
+            )
+            for part in parts
         )
 
     def copy_arrow(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import duckdb
@@ -351,10 +351,12 @@ def state_at(
     ts: pd.Timestamp | None,
     *,
     key: str | None = None,
+    only: Sequence[str] | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
     name: str = "c",
 ) -> State:
-    """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
+    """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then; ``key``
+    or ``only`` (``primary_key`` texts) keep those rows, and only what decides them is read."""
     con = con or _duck()
     versions = _versions(source, table)
     layout = layout_at(versions, ts)
@@ -364,7 +366,14 @@ def state_at(
         until=ts,
         columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
     )
-    if layout is not None and not keys:  # a table without a primary key: rows are matched by content
+    wanted = [key] if key is not None else list(only) if only is not None else None
+    if wanted is not None and keys:  # a key lookup: the keys' changes, TRUNCATEs and moves away
+        source.load(con, name, replace(scope, keys=tuple(wanted), key_columns=tuple(keys)))
+        con.register(f"{name}_wanted", pa.table({"k": pa.array(wanted, pa.string())}))
+        keep = f'latest.k IN (SELECT k FROM "{name}_wanted")'
+        query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"', keep=keep).sql()
+        key = None
+    elif layout is not None and not keys:  # a table without a primary key: rows are matched by content
         source.load(con, name, scope)
         con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
         query = f'SELECT * FROM "{name}_keyless"'
@@ -399,6 +408,39 @@ def state_at(
         frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
     assert layout is not None
     return _typed(layout, rows, frame)
+
+
+#: Up to this many keys, a lookup reads only what decides them; more read the whole table.
+KEY_LOOKUP_LIMIT = 10_000
+
+
+def load_lineage(
+    source: Source,
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    scope: Scope,
+    keys: Sequence[str],
+    layout: Layout,
+) -> set[str]:
+    """Load into view ``name`` the changes in ``scope`` that decide ``keys`` and every key they were moved
+    from or to (followed until no key UPDATE adds one); returns those keys. Too many keys, or a table
+    without a known key, load the whole ``scope`` (and return an empty set)."""
+    if not layout.keys or len(keys) > KEY_LOOKUP_LIMIT:
+        source.load(con, name, scope)
+        return set()
+    rule = Rule(DUCKDB, tuple(layout.keys))
+    names, rel = set(keys), '"' + name.replace('"', '""') + '"'
+    for _ in range(100):
+        source.load(con, name, replace(scope, keys=tuple(sorted(names)), key_columns=rule.keys))
+        moved = con.sql(f"SELECT k, to_k FROM ({rule.moves(rel)})").fetchall()
+        grown = names | {k for pair in moved if pair[0] in names or pair[1] in names for k in pair}
+        if grown == names:
+            return names
+        if len(grown) > KEY_LOOKUP_LIMIT:
+            break
+        names = grown
+    source.load(con, name, scope)
+    return set()
 
 
 def _keyless_rows(con: duckdb.DuckDBPyConnection, rel: str) -> pa.Table:
@@ -437,10 +479,8 @@ def _sql_text(value: str) -> str:
 
 
 def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: list[Version]) -> None:
-    con = _duck()
-    source.load(con, "all_times", Scope(table=table, columns=("committed_at",)))
-    row = _first(con.sql('SELECT min(committed_at) FROM "all_times"').fetchall())
-    starts = [pd.Timestamp(row[0])] if row and row[0] is not None else []
+    first = source.first_commit(table)
+    starts = [first] if first is not None else []
     starts += [v[1] for v in versions]
     if starts and ts < min(starts):
         raise ConfigurationError(

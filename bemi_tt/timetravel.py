@@ -33,6 +33,7 @@ from bemi_tt.state import (
     _versions,
     key_text,
     layout_at,
+    load_lineage,
     resolve_table,
     state_at,
 )
@@ -165,7 +166,7 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     wanted = set(touched)
     old_rows = _rows_of(old, wanted)
     new_rows = _rows_of(new, wanted)
-    origins = cell_origins(src, name, layout, end, con, keys=[k for k in touched if k in new_rows])
+    origins = cell_origins(src, name, layout, end, con, keys=touched)
     gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
     old_nan, new_nan = _nan_is_null(old.frame), _nan_is_null(new.frame)
@@ -369,14 +370,17 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     versions = _versions(src, name)
     layout = layout_at(versions, None)
     con = _duck()
-    src.load(con, "h", Scope(table=name))
     if layout is None:
+        src.load(con, "h", Scope(table=name))
         sample = con.execute(
             "SELECT primary_key, CAST(after AS VARCHAR) FROM h WHERE operation IN "
             "('CREATE', 'UPDATE', 'SNAPSHOT') LIMIT 1000"
         ).fetchall()
         layout = _infer_layout([s[0] for s in sample], [s[1] for s in sample])
-    wanted = key_text(layout, key)
+        wanted = key_text(layout, key)
+    else:  # only the row's changes under each key it had, and the TRUNCATEs
+        wanted = key_text(layout, key)
+        load_lineage(src, con, "h", Scope(table=name), [wanted], layout)
     rule = Rule(DUCKDB, tuple(layout.keys))
     old_key = rule.old_key_of()
     # follow the row through key updates, in both directions
