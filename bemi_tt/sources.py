@@ -109,12 +109,26 @@ class Source(ABC):
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         """Create a view or table ``name`` in ``con`` with the rows of ``changes`` in ``scope``."""
 
+    def cut(self, table: TableName, ts: pd.Timestamp) -> int | None:
+        """The first ``commit_position`` of ``table`` stamped after ``ts`` (None: none is): the prefix of
+        commit order that ``as_of(ts)`` sees ends before it."""
+        from bemi_tt.state import _duck
+
+        con = _duck()
+        self.load(con, "cut", Scope(table=table, columns=("commit_position", "committed_at")))
+        rows = con.execute(
+            f'SELECT min(commit_position) FROM "cut" WHERE committed_at > {_literal(ts)}'
+        ).fetchall()
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def first_commit(self, table: TableName) -> pd.Timestamp | None:
         """When ``table``'s first change committed (None: it has none)."""
-        con = duckdb.connect()
+        from bemi_tt.state import _duck
+
+        con = _duck()
         self.load(con, "first", Scope(table=table, columns=("committed_at",)))
-        row = con.execute('SELECT min(committed_at) FROM "first"').fetchone()
-        return pd.Timestamp(row[0]) if row and row[0] is not None else None
+        rows = con.execute('SELECT min(committed_at) FROM "first"').fetchall()
+        return pd.Timestamp(rows[0][0]) if rows and rows[0][0] is not None else None
 
     @abstractmethod
     def schemas(self, table: TableName | None = None) -> pa.Table:
@@ -519,6 +533,15 @@ class PostgresSource(Source):
 
         if not self.winners(con, name, scope, keys):
             self.latest(con, name, scope, keys, latest_sql)
+
+    def cut(self, table: TableName, ts: pd.Timestamp) -> int | None:
+        query = sql.SQL(
+            "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > %s"
+            ' AND "table" = %s AND "schema" = %s OFFSET 0) later'
+        ).format(self._name(CHANGES_TABLE))
+        with self._connect() as conn:
+            row = conn.execute(query, (ts.to_pydatetime(), table[1], table[0])).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
 
     def first_commit(self, table: TableName) -> pd.Timestamp | None:
         query = sql.SQL('SELECT min(committed_at) FROM {} WHERE "table" = %s AND "schema" = %s').format(

@@ -24,6 +24,7 @@ from bemi_tt.origins import cell_origins, origin_of
 from bemi_tt.rule import DUCKDB, PRESENT, Rule
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.state import (
+    KEY_LOOKUP_LIMIT,
     Column,
     Layout,
     _columns_arg,
@@ -145,8 +146,9 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     if end < start:
         raise ConfigurationError(f"t2 {end.isoformat()} is before t1 {start.isoformat()}: swap them")
     con = _duck()
-    old = state_at(src, name, start, con=con, name="c1")
-    new = state_at(src, name, end, con=con, name="c2")
+    only = _changed_keys(src, name, start, end, con)
+    old = state_at(src, name, start, only=only, con=con, name="c1")
+    new = state_at(src, name, end, only=only, con=con, name="c2")
     layout = new.layout
     if not layout.keys and not layout.inferred:
         return _keyless_diff(src, name, old, new, end, con)
@@ -205,6 +207,37 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
                 }
             )
     return _indexed_cells(records, layout, "diff")
+
+
+def _changed_keys(
+    source: Source, table: TableName, start: pd.Timestamp, end: pd.Timestamp, con: duckdb.DuckDBPyConnection
+) -> list[str] | None:
+    """The keys a change between the cuts at ``start`` and ``end`` touched (their old keys too), or None
+    when the whole table must be compared (a TRUNCATE or a column change between, no primary key, or too
+    many keys): ``diff`` then reads only those keys' changes."""
+    versions = _versions(source, table)
+    layout = layout_at(versions, end)
+    if layout is None or not layout.keys or layout != layout_at(versions, start):
+        return None
+    first = source.cut(table, start)
+    if first is None:
+        return []  # nothing committed after ``start``
+    window = Scope(
+        table=table,
+        until=end,
+        start=first,
+        columns=("primary_key", "operation", "before", "commit_position", "ordinal"),
+    )
+    source.load(con, "window", window)
+    if con.execute("SELECT count(*) FROM \"window\" WHERE operation = 'TRUNCATE'").fetchall() != [(0,)]:
+        return None
+    moves = Rule(DUCKDB, tuple(layout.keys)).moves('"window"')
+    rows = con.execute(
+        'SELECT DISTINCT k FROM (SELECT primary_key AS k FROM "window" WHERE primary_key IS NOT NULL\n'
+        f"UNION ALL SELECT k FROM ({moves}))"
+    ).fetchall()
+    keys = sorted(str(r[0]) for r in rows)
+    return keys if len(keys) <= KEY_LOOKUP_LIMIT else None
 
 
 def _keyless_diff(
