@@ -171,10 +171,10 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
         from bemi_tt.rule import DUCKDB, Rule
 
         listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
-        old_key = Rule(DUCKDB, scope.key_columns).old_key_of()
+        rule = Rule(DUCKDB, scope.key_columns)  # key_updates rules out most UPDATEs before parsing JSON
         where.append(
             f"(primary_key IN ({listed}) OR operation = 'TRUNCATE' "
-            f"OR (operation = 'UPDATE' AND {old_key} IN ({listed})))"
+            f"OR ({rule.key_updates()} AND {rule.old_key_of()} IN ({listed})))"
         )
     if scope.until is not None:
         inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"

@@ -23,12 +23,11 @@ import pyarrow as pa
 from bemi_tt.dtypes import (
     ColumnType,
     column_type,
-    duck_select,
-    frame_from_arrow,
     frame_from_json,
     infer_type,
     parse_json,
     spec_type,
+    typed_rows,
     typed_series,
 )
 from bemi_tt.rule import DUCKDB, PRESENT, Rule
@@ -385,27 +384,17 @@ def state_at(
         query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"').sql()
     if key is not None:
         query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
-    frame: pd.DataFrame | None = None
-    typed = duck_select([(c.name, c.kind) for c in layout.columns], "payload") if layout else None
-    if typed is not None and layout is not None:
-        inner, outer = typed
-        try:
-            rows = con.sql(
-                f"SELECT k, cp, o{', ' + outer if outer else ''} FROM "
-                f"(SELECT k, cp, o, {inner} FROM ({query}))"
-            ).to_arrow_table()
-            frame = frame_from_arrow(rows, [(c.name, c.kind) for c in layout.columns])
-        except (duckdb.ConversionException, duckdb.InvalidInputException):
-            frame = None  # a value DuckDB cannot cast ("NaN" numeric, BC dates): the Python path decides
-    if frame is None:
-        rows = con.sql(query).to_arrow_table()
+    if layout is not None:  # typed column by column in DuckDB (Arrow or Python only where needed)
+        rows, frame = typed_rows(con, query, [(c.name, c.kind) for c in layout.columns])
+        if ts is not None and rows.num_rows == 0:
+            _check_start(source, table, ts, versions)
+        return _typed(layout, rows, frame)
+    rows = con.sql(query).to_arrow_table()
     if ts is not None and rows.num_rows == 0:
         _check_start(source, table, ts, versions)
-    if frame is None:
-        afters = [str(a) for a in rows["payload"].to_pylist()]
-        if layout is None:
-            layout = _infer_layout([str(k) for k in rows["k"].to_pylist()], afters)
-        frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
+    afters = [str(a) for a in rows["payload"].to_pylist()]
+    layout = _infer_layout([str(k) for k in rows["k"].to_pylist()], afters)
+    frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
     assert layout is not None
     return _typed(layout, rows, frame)
 
