@@ -21,6 +21,7 @@ import duckdb as _duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bemi_tt.arguments import SourceLike
 from bemi_tt.rule import DUCKDB, Query, Rule
 from bemi_tt.sources import Scope, get_source
 from bemi_tt.state import Layout, layout_at, versions_of
@@ -98,7 +99,7 @@ def _typed_macro(schema: str, table: str, layout: Layout) -> str | None:
     )
 
 
-def duckdb(source: Any = None) -> _duckdb.DuckDBPyConnection:
+def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
     """A new DuckDB connection over ``source`` (default: the one set by ``bemi_tt.connect``) with views
     ``changes`` and ``changes_schemas`` and the macros ``as_of``, ``as_of_<table>``, ``history``,
     ``table_changes``."""

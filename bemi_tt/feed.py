@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from bemi_tt.arguments import SourceLike, TimeLike
 from bemi_tt.dtypes import parse_json
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.state import _duck, resolve_table
@@ -87,11 +88,11 @@ def _audit_frame(
 
 def changes(
     table: str | None = None,
-    since: Any = None,
-    until: Any = None,
+    since: TimeLike | None = None,
+    until: TimeLike | None = None,
     *,
     operation: Any = None,
-    source: Any = None,
+    source: SourceLike | None = None,
 ) -> pd.DataFrame:
     """The raw change feed in commit order, ``before``/``after``/``context`` as dicts (numbers exact)."""
     frame = _audit_frame(get_source(source), table, since, until, operation, {})
@@ -132,11 +133,11 @@ def _column_order(src: Source) -> dict[TableName, dict[str, int]]:
 
 def audit(
     table: str | None = None,
-    since: Any = None,
-    until: Any = None,
+    since: TimeLike | None = None,
+    until: TimeLike | None = None,
     *,
     operation: Any = None,
-    source: Any = None,
+    source: SourceLike | None = None,
     **context_filters: Any,
 ) -> pd.DataFrame:
     """Who changed what, from where: changes in commit order with ``changed`` columns and the context keys

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from bemi_tt.arguments import KeyLike, SourceLike, TimeLike
 from bemi_tt.dtypes import frame_from_json, parse_json
 from bemi_tt.feed import _context_columns, audit, changes
 from bemi_tt.origins import cell_origins, origin_of
@@ -47,7 +48,12 @@ _NAT = np.iinfo(np.int64).min  # NaT as int64
 
 
 def as_of(
-    table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str | None = None, source: Any = None
+    table: str,
+    ts: TimeLike,
+    *,
+    key: KeyLike | None = None,
+    columns: Sequence[str] | str | None = None,
+    source: SourceLike | None = None,
 ) -> pd.DataFrame:
     """The rows of ``table`` after every transaction committed at or before ``ts``, indexed by primary key.
 
@@ -133,7 +139,7 @@ def _rows_of(state: Any, wanted: set[str]) -> dict[str, tuple[Any, ...]]:
     return {str(keys[i]): row for i, row in zip(picked, rows, strict=True)}
 
 
-def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
+def diff(table: str, t1: TimeLike, t2: TimeLike, *, source: SourceLike | None = None) -> pd.DataFrame:
     """The net difference of ``table`` between ``t1`` and ``t2``: one row per added, removed or changed cell.
 
     Indexed by the key and ``column``; ``change`` is ``added``/``removed``/``changed``; ``old``/``new`` hold
@@ -354,7 +360,7 @@ def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> 
     return _context_columns(frame, [r["__ctx__"] for r in records])
 
 
-def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
+def blame(table: str, key: KeyLike | None = None, *, source: SourceLike | None = None) -> pd.DataFrame:
     """For every current row (or the one ``key``) and column: the value, and the change and context
     that last set it. Indexed by the key and ``column``."""
     src = get_source(source)
@@ -390,7 +396,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
     return _indexed_cells(records, layout, "blame")
 
 
-def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
+def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd.DataFrame:
     """Every version of one row in commit order: ``operation``, ``committed_at``, ``valid_from``/``valid_to``
     (SCD type 2), ``changed`` (columns whose value changed), the row's values and its context keys.
 

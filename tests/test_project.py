@@ -52,7 +52,8 @@ def test_public_api_is_exactly_this() -> None:
     assert bemi_tt.__all__ == sorted(bemi_tt.__all__)
     assert set(bemi_tt.__all__) == {
         "Bemi", "BemiError", "BemiFastAPIMiddleware", "ConfigurationError", "DecodeError",
-        "EmbeddedPostgres", "SlotLostError", "SourceError", "__version__", "as_of", "audit", "blame",
+        "EmbeddedPostgres", "InMemorySource", "SlotLostError", "SourceError", "__version__", "as_of", "audit",
+        "blame",
         "changes", "configure_context", "connect", "context", "diff", "duckdb", "export_parquet",
         "get_context", "history", "install", "plot_activity", "set_context", "uninstall",
     }
@@ -62,6 +63,20 @@ def test_public_api_is_exactly_this() -> None:
     for name in bemi_tt.__all__:
         value = getattr(bemi_tt, name)
         assert value is not None and not inspect.ismodule(value), name
+
+
+def test_public_classes_show_bemi_tt_as_their_module() -> None:
+    import pickle
+
+    import bemi_tt
+
+    classes = [getattr(bemi_tt, n) for n in bemi_tt.__all__ if isinstance(getattr(bemi_tt, n), type)]
+    assert {c.__name__ for c in classes} >= {"InMemorySource", "ConfigurationError", "EmbeddedPostgres"}
+    for cls in classes:
+        assert cls.__module__ == "bemi_tt", cls
+    error = pickle.loads(pickle.dumps(bemi_tt.ConfigurationError("bad value")))
+    assert type(error) is bemi_tt.ConfigurationError and str(error) == "bad value"
+    assert pickle.loads(pickle.dumps(bemi_tt.InMemorySource())).changes.num_rows == 0
 
 
 def test_importing_bemi_tt_does_not_import_pandas_or_duckdb() -> None:
