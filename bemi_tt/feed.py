@@ -45,7 +45,14 @@ def _audit_frame(
     if start is not None and end is not None and end < start:
         raise ConfigurationError(f"until {end.isoformat()} is before since {start.isoformat()}: swap them")
     con = _duck()
-    src.load(con, "a", Scope(table=name, since=start, until_time=end))
+    # the source keeps only rows whose context member reads as the filter's text (a superset: the exact
+    # comparison below decides), so a filtered audit does not read every change
+    prefilter = tuple(
+        (k, v if isinstance(v, str) else json_text(v))
+        for k, v in filters.items()
+        if isinstance(v, (str, int)) and not isinstance(v, bool)
+    )
+    src.load(con, "a", Scope(table=name, since=start, until_time=end, context_text=prefilter))
     where = ["TRUE"]
     params: list[Any] = []
     if start is not None:

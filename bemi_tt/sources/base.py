@@ -56,6 +56,8 @@ class Scope:
     key_columns: tuple[str, ...] = ()
     #: commit_position >= start (a window of commit order, e.g. the changes between two cuts)
     start: int | None = None
+    #: ``(key, text)``: the context's member ``key`` reads as ``text`` (a prefilter of audit's filters)
+    context_text: tuple[tuple[str, str], ...] = ()
 
 
 class Source(ABC):
@@ -135,6 +137,9 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
         where.append(f"committed_at <= {_literal(scope.until_time)}")
     if scope.start is not None:
         where.append(f"commit_position >= {int(scope.start)}")
+    for key, text in scope.context_text:
+        pointer = "/" + key.replace("~", "~0").replace("/", "~1")
+        where.append(f"json_extract_string(context, {_literal(pointer)}) = {_literal(text)}")
     if scope.keys is not None:
         from bemi_tt.rule import DUCKDB, Rule
 

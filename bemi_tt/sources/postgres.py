@@ -141,6 +141,8 @@ class PostgresSource(Source):
             where.append(sql.SQL("committed_at <= {}").format(sql.Literal(scope.until_time.to_pydatetime())))
         if scope.start is not None:
             where.append(sql.SQL("commit_position >= {}").format(sql.Literal(int(scope.start))))
+        for key, text in scope.context_text:
+            where.append(sql.SQL("(context ->> {}) = {}").format(sql.Literal(key), sql.Literal(text)))
         if scope.until is not None:
             # the table's first change stamped after ``until``, from the ("table", committed_at) index
             # (OFFSET 0 keeps the planner from walking commit order instead)
