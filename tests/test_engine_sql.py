@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import psycopg
 import pytest
 from timetravel_history import TODO_COLUMNS, History
@@ -21,7 +22,7 @@ from timetravel_sources import write_changes
 from bemi_tt.duckdb_macros import _macros
 from bemi_tt.origins import origins_query
 from bemi_tt.rule import DUCKDB, POSTGRES, Rule
-from bemi_tt.sources import InMemorySource
+from bemi_tt.sources import InMemorySource, PostgresSource, Scope
 from bemi_tt.state import layout_at, versions_of
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -45,7 +46,21 @@ CASES: dict[str, Callable[[], str]] = {
     "gone_postgres": lambda: Rule(POSTGRES, ("id",)).gone("t").sql(),
     "origins_todo_with_fill": lambda: origins_query(_layout_with_fill(), '"o"', None, '"o_lineage"').sql(),
     "macro_as_of": lambda: _macros()[0],
+    "postgres_key_lookup": lambda: _postgres_key_lookup(),
 }
+
+
+def _postgres_key_lookup() -> str:
+    """What a key lookup asks PostgreSQL: the key's changes and the TRUNCATEs by the table index, the key
+    UPDATEs away from it, all before the time cut found by the ("table", committed_at) index."""
+    scope = Scope(
+        table=("public", "todo"),
+        until=pd.Timestamp("2026-01-01T00:00:00Z"),
+        columns=("primary_key", "operation"),
+        keys=("1",),
+        key_columns=("id",),
+    )
+    return PostgresSource("dbname=x").query(scope).as_string(None)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

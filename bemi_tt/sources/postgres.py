@@ -128,13 +128,12 @@ class PostgresSource(Source):
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
 
-    def where(self, scope: Scope) -> sql.Composable:
-        """The WHERE condition of ``scope`` on ``changes`` (values as literals: COPY takes no parameters)."""
+    def where(self, scope: Scope, cut: sql.Composable | None = None) -> sql.Composable:
+        """The WHERE condition of ``scope`` on ``changes`` (values as literals: COPY takes no parameters);
+        ``cut``: an expression standing for :meth:`cut_sql` (a CTE computing it once)."""
         where: list[sql.Composable] = [sql.SQL("TRUE")]
-        in_table: sql.Composable = sql.SQL("")
         if scope.table is not None:
-            in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
-            where.append(sql.SQL("TRUE{}").format(in_table))
+            where.append(sql.SQL('"schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table)))
         if scope.since is not None:
             where.append(sql.SQL("committed_at >= {}").format(sql.Literal(scope.since.to_pydatetime())))
         if scope.until_time is not None:
@@ -144,16 +143,23 @@ class PostgresSource(Source):
         for key, text in scope.context_text:
             where.append(sql.SQL("(context ->> {}) = {}").format(sql.Literal(key), sql.Literal(text)))
         if scope.until is not None:
-            # the table's first change stamped after ``until``, from the ("table", committed_at) index
-            # (OFFSET 0 keeps the planner from walking commit order instead)
-            inner = sql.SQL(
-                "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > {}{}"
-                " OFFSET 0) later"
-            ).format(self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table)
-            where.append(
-                sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION))
-            )
+            bound = cut if cut is not None else self.cut_sql(scope)
+            where.append(sql.SQL("commit_position < {}").format(bound))
         return sql.SQL(" AND ").join(where)
+
+    def cut_sql(self, scope: Scope) -> sql.Composable:
+        """The first position of ``scope``'s table stamped after ``scope.until`` (the largest position when
+        none is), from the ``("table", committed_at)`` index: OFFSET 0 keeps the planner from walking commit
+        order instead."""
+        assert scope.until is not None
+        in_table: sql.Composable = sql.SQL("")
+        if scope.table is not None:
+            in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
+        inner = sql.SQL(
+            "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > {}{}"
+            " OFFSET 0) later"
+        ).format(self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table)
+        return sql.SQL("coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION))
 
     def query(self, scope: Scope) -> sql.Composed:
         """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds).
@@ -175,7 +181,13 @@ class PostgresSource(Source):
 
         keys = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, scope.keys)))
         old_key = sql.SQL(Rule(POSTGRES, scope.key_columns).old_key_of())  # composed of quoted literals
-        where = self.where(replace(scope, keys=None))
+        # the cut once, in a CTE, for the three parts
+        prefix: sql.Composable = sql.SQL("")
+        cut: sql.Composable | None = None
+        if scope.until is not None:
+            prefix = sql.SQL("WITH cut AS MATERIALIZED (SELECT {} AS p) ").format(self.cut_sql(scope))
+            cut = sql.SQL("(SELECT p FROM cut)")
+        where = self.where(replace(scope, keys=None), cut)
         parts = [
             sql.SQL("primary_key = ANY({})").format(keys),
             sql.SQL("primary_key IS NULL AND operation = 'TRUNCATE'"),
@@ -183,7 +195,7 @@ class PostgresSource(Source):
                 old_key, keys, keys
             ),
         ]
-        return sql.SQL(" UNION ALL ").join(
+        return prefix + sql.SQL(" UNION ALL ").join(
             sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(cols, self._name(CHANGES_TABLE), where, part)
             for part in parts
         )
