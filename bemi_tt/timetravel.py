@@ -108,14 +108,11 @@ def _plain(value: Any, nan_is_null: bool = False) -> Any:
 
 def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> dict[str, tuple[Any, ...]]:
     """Per key, the last change that removed it (DELETE, key UPDATE away, or TRUNCATE)."""
-    query = (
-        Rule(DUCKDB, tuple(layout.keys))
-        .gone(rel)
-        .then(
-            "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR),\n"
-            "       c.commit_position, c.ordinal\n"
-            f"FROM gone g JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"
-        )
+    gone = Rule(DUCKDB, tuple(layout.keys)).gone(rel)
+    query = gone.with_("last_gone", gone.select).then(
+        "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR),\n"
+        "       c.commit_position, c.ordinal\n"
+        f"FROM last_gone g JOIN {rel} c ON c.commit_position = g.cp AND c.ordinal = g.o"
     )
     out = {row[0]: row[1:] for row in con.execute(query.sql()).fetchall()}
     truncate = con.sql(
