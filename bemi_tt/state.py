@@ -366,8 +366,10 @@ def state_at(
         columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
     )
     wanted = [key] if key is not None else list(only) if only is not None else None
-    if wanted is not None and keys:  # a key lookup: the keys' changes, TRUNCATEs and moves away
-        source.load(con, name, replace(scope, keys=tuple(wanted), key_columns=tuple(keys)))
+    if wanted is not None and keys:  # a key lookup: DuckDB pushes the key filter into its scan and
+        # aggregate; a source that can reads only the keys' changes, TRUNCATEs and moves away
+        keyed = replace(scope, keys=tuple(wanted), key_columns=tuple(keys))
+        source.load(con, name, keyed if "keys" in source.pushdown else scope)
         con.register(f"{name}_wanted", pa.table({"k": pa.array(wanted, pa.string())}))
         keep = f'latest.k IN (SELECT k FROM "{name}_wanted")'
         query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"', keep=keep).sql()
@@ -412,9 +414,9 @@ def load_lineage(
     layout: Layout,
 ) -> set[str]:
     """Load into view ``name`` the changes in ``scope`` that decide ``keys`` and every key they were moved
-    from or to (followed until no key UPDATE adds one); returns those keys. Too many keys, or a table
-    without a known key, load the whole ``scope`` (and return an empty set)."""
-    if not layout.keys or len(keys) > KEY_LOOKUP_LIMIT:
+    from or to (followed until no key UPDATE adds one); returns those keys. Too many keys, a table without
+    a known key, or a source without the ``"keys"`` push-down load the whole ``scope`` (an empty set)."""
+    if not layout.keys or len(keys) > KEY_LOOKUP_LIMIT or "keys" not in source.pushdown:
         source.load(con, name, scope)
         return set()
     rule = Rule(DUCKDB, tuple(layout.keys))

@@ -64,7 +64,9 @@ class Source(ABC):
     """A place holding ``changes`` and ``changes_schemas``; loads them into DuckDB for an operation.
 
     ``pushdown`` names what the source computes itself instead of handing DuckDB the rows: ``"present"``
-    (:meth:`present`, the rows present at a cut). The engine asks for a capability, never for a class.
+    (:meth:`present`, the rows present at a cut), ``"keys"`` (a :class:`Scope` with ``keys`` reads only
+    what decides them: worth it where reading is costly; DuckDB pushes a key filter into its own scans).
+    The engine asks for a capability, never for a class.
     """
 
     @property

@@ -74,7 +74,7 @@ class PostgresSource(Source):
 
     @property
     def pushdown(self) -> frozenset[str]:  # a mirror holds the rows in memory: DuckDB is faster there
-        return frozenset() if self.mirror else frozenset({"present"})
+        return frozenset({"keys"}) if self.mirror else frozenset({"present", "keys"})
 
     def present(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]) -> None:
         from bemi_tt.state import latest_sql
