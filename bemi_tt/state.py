@@ -370,8 +370,11 @@ def state_at(
         # aggregate; a source that can reads only the keys' changes, TRUNCATEs and moves away
         keyed = replace(scope, keys=tuple(wanted), key_columns=tuple(keys))
         source.load(con, name, keyed if "keys" in source.pushdown else scope)
-        con.register(f"{name}_wanted", pa.table({"k": pa.array(wanted, pa.string())}))
-        keep = f'latest.k IN (SELECT k FROM "{name}_wanted")'
+        if len(wanted) <= 1000:  # literals: DuckDB pushes them into the scan and the aggregate
+            keep = f"latest.k IN ({', '.join(_sql_text(k) for k in wanted) or 'NULL'})"
+        else:
+            con.register(f"{name}_wanted", pa.table({"k": pa.array(wanted, pa.string())}))
+            keep = f'latest.k IN (SELECT k FROM "{name}_wanted")'
         query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"', keep=keep).sql()
         key = None
     elif layout is not None and not keys:  # a table without a primary key: rows are matched by content
