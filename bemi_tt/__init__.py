@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from bemi_tt.embedded import EmbeddedPostgres
     from bemi_tt.middleware import BemiFastAPIMiddleware
     from bemi_tt.plots import plot_activity
-    from bemi_tt.sources import connect
+    from bemi_tt.sources import InMemorySource, connect
     from bemi_tt.staleness import Freshness, freshness
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
     from bemi_tt.triggers import install, uninstall
@@ -50,6 +50,7 @@ _LAZY = {
     "BemiFastAPIMiddleware": "bemi_tt.middleware",
     "EmbeddedPostgres": "bemi_tt.embedded",
     "Freshness": "bemi_tt.staleness",
+    "InMemorySource": "bemi_tt.sources",
     "as_of": "bemi_tt.timetravel",
     "audit": "bemi_tt.timetravel",
     "blame": "bemi_tt.timetravel",
@@ -75,6 +76,7 @@ __all__ = [
     "DecodeError",
     "EmbeddedPostgres",
     "Freshness",
+    "InMemorySource",
     "SlotLostError",
     "SourceError",
     "StaleWarning",
@@ -100,11 +102,18 @@ __all__ = [
 ]
 
 
+# Public classes show ``bemi_tt`` as their module (tracebacks, reprs, pickling all find them here).
+for _public in (Bemi, BemiError, ConfigurationError, DecodeError, SlotLostError, SourceError, context):
+    _public.__module__ = __name__
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bemi_tt' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
+    if isinstance(value, type):
+        value.__module__ = __name__
     globals()[name] = value
     return value
 

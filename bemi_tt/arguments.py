@@ -1,4 +1,11 @@
-"""Argument checks for analysis questions: a question that cannot match says so instead of answering empty.
+"""The arguments of the analysis functions: their types, defined once, and the checks that make a question
+that cannot match say so instead of answering empty.
+
+``TimeLike`` (from ``bemi_tt.timestamps``): a ``datetime`` (naive means UTC), a ``date``, an ISO 8601 string,
+a ``pandas.Timestamp`` or a ``numpy.datetime64``. ``SourceLike``: a ``postgresql://`` URL or libpq conninfo, a
+SQLAlchemy engine, a Parquet or Delta export directory (path or ``s3://`` URI), or a
+:class:`bemi_tt.sources.Source`. ``KeyLike``: the primary key of one row: a scalar, a tuple in key-column
+order for a composite key, or a dict of key columns.
 
 * :func:`check_key` fits a user's key to the table's primary key (from ``changes_schemas``): a scalar for a
   composite key, a tuple of the wrong length, ``'abc'`` for an integer key, or any key for a table without
@@ -22,21 +29,37 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 import pandas as pd
 from psycopg import sql
+from sqlalchemy.engine import Connection, Engine
 
 from bemi_tt.dtypes import spec_type
 from bemi_tt.sources import PostgresSource, Scope, Source, TableName
+from bemi_tt.timestamps import TimeLike
 from capture.errors import ConfigurationError
 from capture.schema import CHANGES_TABLE
 
-__all__ = ["KEY_SAMPLE", "check_context_filters", "check_key", "key_columns"]
+__all__ = [
+    "KEY_SAMPLE",
+    "KeyLike",
+    "SourceLike",
+    "TimeLike",
+    "check_context_filters",
+    "check_key",
+    "key_columns",
+]
+
+SourceLike = str | os.PathLike[str] | Source | Engine | Connection
+KeyScalar = int | str | Decimal | UUID | date | datetime | bool
+KeyLike = KeyScalar | tuple[Any, ...] | Mapping[str, Any]
 
 #: How many of the latest changes the list of known context keys (for the error message) is taken from.
 KEY_SAMPLE = 100_000

@@ -29,6 +29,7 @@ from datetime import date, time
 from decimal import Decimal
 from typing import Any
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -42,6 +43,7 @@ __all__ = [
     "infer_type",
     "parse_json",
     "spec_type",
+    "typed_rows",
     "typed_series",
 ]
 
@@ -416,3 +418,52 @@ def frame_from_arrow(table: pa.Table, columns: Sequence[tuple[str, ColumnType]])
         else:
             out[name] = pd.Series(column.to_pandas(types_mapper=_MAPPER.get)).astype(kind.dtype)
     return pd.DataFrame(out, index=pd.RangeIndex(table.num_rows))
+
+
+def _cast_failures(
+    con: Any, query: str, columns: Sequence[tuple[str, ColumnType]], payload: str
+) -> set[str]:
+    """The columns some value of which DuckDB cannot cast (``NaN`` numerics, infinity, BC years): each
+    column's cast run alone over the rows of ``query`` (only after the casts of all columns failed)."""
+    failed = set()
+    for column in columns:
+        picked = duck_select([column], payload)
+        if picked is None or column[1].duck is None:
+            continue
+        inner, cast = picked[0], column[1].duck.format(v="__j[1]")
+        try:
+            con.sql(f"SELECT count({cast}) FROM (SELECT {inner} FROM ({query}))").fetchall()
+        except (duckdb.ConversionException, duckdb.InvalidInputException):
+            failed.add(column[0])
+    return failed
+
+
+def typed_rows(
+    con: Any, query: str, columns: Sequence[tuple[str, ColumnType]]
+) -> tuple[pa.Table, pd.DataFrame]:
+    """Run ``query`` (``k, cp, o, payload``: a JSON object per row) and type ``columns`` column by column:
+    inside DuckDB where it holds the type exactly, by Arrow's JSON reader or Python only for the columns
+    that need it (exact numerics beyond 15 digits, json, arrays, bytea, times; and a column holding a value
+    DuckDB cannot cast). Returns the rows (``k, cp, o``) and the typed frame."""
+    in_duck = [(n, k) for n, k in columns if k.duck is not None]
+    rows: pa.Table | None = None
+    for _ in range(2):
+        rest = [c for c in columns if c not in in_duck]
+        picked = duck_select(in_duck, "payload") if in_duck else None
+        inner, outer = picked if picked is not None else ("NULL AS __j", "")
+        extra = (", payload" if rest else "") + (", " + outer if outer else "")
+        try:
+            rows = con.sql(
+                f"SELECT k, cp, o{extra} FROM (SELECT k, cp, o, payload, {inner} FROM ({query}))"
+            ).to_arrow_table()
+            break
+        except (duckdb.ConversionException, duckdb.InvalidInputException):
+            failed = _cast_failures(con, query, in_duck, "payload")
+            in_duck = [c for c in in_duck if c[0] not in failed] if failed else []
+    assert rows is not None
+    parts = frame_from_arrow(rows, in_duck) if in_duck else pd.DataFrame(index=pd.RangeIndex(rows.num_rows))
+    if rest:
+        slow = frame_from_json([str(a) for a in rows["payload"].to_pylist()], rest)
+        parts = pd.concat([parts, slow], axis=1)
+    frame = pd.DataFrame({name: parts[name] for name, _ in columns}, index=pd.RangeIndex(rows.num_rows))
+    return rows, frame

@@ -19,10 +19,12 @@ from typing import Any
 
 import duckdb as _duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from bemi_tt.dtypes import spec_type
+from bemi_tt.arguments import SourceLike
+from bemi_tt.rule import DUCKDB, Query, Rule
 from bemi_tt.sources import Scope, get_source
-from bemi_tt.state import latest_sql
+from bemi_tt.state import Layout, layout_at, versions_of
 
 __all__ = ["duckdb"]
 
@@ -32,21 +34,36 @@ _OLD_KEY = (
     "WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(before, '/' || x)))"
     " AS VARCHAR) END"
 )
+#: the fills a row last changed before its columns were added takes, as a JSON object (NULL: none)
+_FILLS = (
+    "(SELECT json_group_object(f.name, json(f.fill)) FROM bemi_tt_fills f"
+    ' WHERE (f."table" = tbl OR f."schema" || \'.\' || f."table" = tbl)'
+    " AND f.committed_at <= CAST(ts AS TIMESTAMPTZ) AND (present.cp, present.o) < (f.cp, f.o))"
+)
 
 
 def _macros() -> list[str]:
-    scoped = f"""
-        WITH c0 AS (SELECT c.*, (SELECT k.keys FROM bemi_tt_keys k WHERE (k."table" = tbl
-                                 OR k."schema" || '.' || k."table" = tbl) LIMIT 1) AS __keys
-                    FROM changes c WHERE {_MATCH}),
-        cut AS (SELECT coalesce(min(commit_position) FILTER (WHERE committed_at > CAST(ts AS TIMESTAMPTZ)),
-                                9223372036854775807) AS p FROM c0),
-        scoped AS (SELECT c0.* FROM c0, cut WHERE c0.commit_position < cut.p)"""
-    latest = latest_sql("scoped", _OLD_KEY, "CAST(after AS VARCHAR)")
+    # the rule's pieces over the changes of ``tbl`` up to the prefix cut at ``ts``
+    present = Rule(DUCKDB, (), _OLD_KEY).present("scoped", "CAST(after AS VARCHAR)")
+    query = (
+        Query()
+        .with_(
+            "c0",
+            'SELECT c.*, (SELECT k.keys FROM bemi_tt_keys k WHERE (k."table" = tbl\n'
+            '    OR k."schema" || \'.\' || k."table" = tbl) LIMIT 1) AS __keys\n'
+            f"FROM changes c WHERE {_MATCH}",
+        )
+        .with_("cut", Rule(DUCKDB).cut("c0", "CAST(ts AS TIMESTAMPTZ)"))
+        .with_("scoped", "SELECT c0.* FROM c0, cut WHERE cut.p IS NULL OR c0.commit_position < cut.p")
+    )
+    for name, body in present.ctes:
+        query = query.with_(name, body)
+    query = query.with_("present", present.select).then(
+        f"SELECT k AS primary_key, CAST(coalesce(json_merge_patch(payload, {_FILLS}), payload) AS JSON)"
+        ' AS "row", cp AS commit_position, o AS ordinal\nFROM present ORDER BY k'
+    )
     return [
-        f"""CREATE OR REPLACE MACRO as_of(tbl, ts) AS TABLE {scoped}
-            SELECT k AS primary_key, CAST(payload AS JSON) AS "row", cp AS commit_position, o AS ordinal
-            FROM ({latest}) ORDER BY k""",
+        f"CREATE OR REPLACE MACRO as_of(tbl, ts) AS TABLE {query.sql()}",
         f"""CREATE OR REPLACE MACRO history(tbl, key) AS TABLE
             SELECT c.* FROM changes c WHERE {_MATCH} AND c.primary_key = CAST(key AS VARCHAR)
             ORDER BY c.commit_position, c.ordinal""",
@@ -55,17 +72,25 @@ def _macros() -> list[str]:
     ]
 
 
-def _typed_macro(schema: str, table: str, columns: list[dict[str, Any]]) -> str | None:
+def _typed_macro(schema: str, table: str, layout: Layout) -> str | None:
     name = f"as_of_{table}"
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         return None  # table names that are not plain identifiers: use as_of('schema.table', ts)
     selects = []
-    for col in columns:
-        pointer = "'/" + col["name"].replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
-        quoted = '"' + col["name"].replace('"', '""') + '"'
-        duck = spec_type(col).macro
-        value = f'json_extract_string("row", {pointer})'
-        expr = duck.format(v=value) if duck else f'json_extract("row", {pointer})'
+    for col in layout.columns:
+        pointer = "'/" + col.name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
+        quoted = '"' + col.name.replace('"', '""') + '"'
+        duck = col.kind.macro
+        text = f'json_extract_string("row", {pointer})'
+        # JSON null is SQL NULL; typed where DuckDB holds the type, JSON otherwise
+        expr = (
+            duck.format(v=text)
+            if duck
+            else f'CASE WHEN {text} IS NOT NULL THEN json_extract("row", {pointer}) END'
+        )
+        if col.since_at is not None:  # no value before the column existed
+            since = f"TIMESTAMPTZ '{col.since_at.isoformat()}'"
+            expr = f"CASE WHEN CAST(ts AS TIMESTAMPTZ) >= {since} THEN {expr} END"
         selects.append(f"{expr} AS {quoted}")
     qualified = f"{schema}.{table}".replace("'", "''")
     return (
@@ -74,7 +99,7 @@ def _typed_macro(schema: str, table: str, columns: list[dict[str, Any]]) -> str 
     )
 
 
-def duckdb(source: Any = None) -> _duckdb.DuckDBPyConnection:
+def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
     """A new DuckDB connection over ``source`` (default: the one set by ``bemi_tt.connect``) with views
     ``changes`` and ``changes_schemas`` and the macros ``as_of``, ``as_of_<table>``, ``history``,
     ``table_changes``."""
@@ -100,10 +125,27 @@ def duckdb(source: Any = None) -> _duckdb.DuckDBPyConnection:
         }
     )
     con.register("bemi_tt_keys", keys)
+    con.execute(
+        'CREATE TEMP TABLE bemi_tt_fills ("schema" VARCHAR, "table" VARCHAR, name VARCHAR, cp BIGINT,'
+        " o INTEGER, committed_at TIMESTAMPTZ, fill VARCHAR)"
+    )
+    fills: list[tuple[str, str, str, int, int, Any, str]] = []
+    layouts: dict[tuple[str, str], Layout] = {}
+    for schema, table in latest:
+        mine = pc.and_(pc.equal(schemas["schema"], schema), pc.equal(schemas["table"], table))
+        layout = layout_at(versions_of(schemas.filter(mine)), None)
+        if layout is None:
+            continue
+        layouts[(schema, table)] = layout
+        for col in layout.columns:
+            if col.since is not None and col.fill is not None:
+                fills.append((schema, table, col.name, col.since[0], col.since[1], col.since_at, col.fill))
+    if fills:
+        con.executemany("INSERT INTO bemi_tt_fills VALUES (?, ?, ?, ?, ?, ?, ?)", fills)
     for statement in _macros():
         con.execute(statement)
-    for (schema, table), (_, columns) in latest.items():
-        typed = _typed_macro(schema, table, columns)
+    for (schema, table), layout in layouts.items():
+        typed = _typed_macro(schema, table, layout)
         if typed is not None:
             con.execute(typed)
     return con

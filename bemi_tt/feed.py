@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from bemi_tt.arguments import check_context_filters
+from bemi_tt.arguments import SourceLike, TimeLike, check_context_filters
 from bemi_tt.dtypes import parse_json
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.staleness import answer
@@ -55,7 +55,14 @@ def _audit_frame(
     if start is not None and end is not None and end < start:
         raise ConfigurationError(f"until {end.isoformat()} is before since {start.isoformat()}: swap them")
     con = _duck()
-    src.load(con, "a", Scope(table=name, since=start, until_time=end))
+    # the source keeps only rows whose context member reads as the filter's text (a superset: the exact
+    # comparison below decides), so a filtered audit does not read every change
+    prefilter = tuple(
+        (k, v if isinstance(v, str) else json_text(v))
+        for k, v in filters.items()
+        if isinstance(v, (str, int)) and not isinstance(v, bool)
+    )
+    src.load(con, "a", Scope(table=name, since=start, until_time=end, context_text=prefilter))
     where = ["TRUE"]
     params: list[Any] = []
     if start is not None:
@@ -99,11 +106,11 @@ def _audit_frame(
 @answer(warn=False)
 def changes(
     table: str | None = None,
-    since: Any = None,
-    until: Any = None,
+    since: TimeLike | None = None,
+    until: TimeLike | None = None,
     *,
     operation: Any = None,
-    source: Any = None,
+    source: SourceLike | None = None,
 ) -> pd.DataFrame:
     """The raw change feed in commit order, ``before``/``after``/``context`` as dicts (numbers exact)."""
     frame = _audit_frame(get_source(source), table, since, until, operation, {})
@@ -146,11 +153,11 @@ def _column_order(src: Source) -> dict[TableName, dict[str, int]]:
 @answer(warn=False)
 def audit(
     table: str | None = None,
-    since: Any = None,
-    until: Any = None,
+    since: TimeLike | None = None,
+    until: TimeLike | None = None,
     *,
     operation: Any = None,
-    source: Any = None,
+    source: SourceLike | None = None,
     **context_filters: Any,
 ) -> pd.DataFrame:
     """Who changed what, from where: changes in commit order with ``changed`` columns and the context keys

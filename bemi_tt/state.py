@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import duckdb
@@ -23,20 +23,16 @@ import pyarrow as pa
 from bemi_tt.dtypes import (
     ColumnType,
     column_type,
-    duck_select,
-    frame_from_arrow,
     frame_from_json,
     infer_type,
     parse_json,
     spec_type,
+    typed_rows,
     typed_series,
 )
-from bemi_tt.sources import PostgresSource, Scope, Source, TableName, json_text
+from bemi_tt.rule import DUCKDB, PRESENT, Rule
+from bemi_tt.sources import Scope, Source, TableName, json_text
 from capture.errors import ConfigurationError
-
-#: Operations after which a row exists.
-PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
-
 
 _shared: duckdb.DuckDBPyConnection | None = None
 _shared_lock = threading.Lock()
@@ -177,6 +173,7 @@ class Column:
     key: bool
     since: tuple[int, int] | None  # rows last changed before this took ``fill`` (column added later)
     fill: str | None  # JSON text
+    since_at: pd.Timestamp | None = None  # when the ALTER that added it (the fill's event) committed
 
 
 @dataclass(frozen=True)
@@ -200,7 +197,11 @@ Version = tuple[tuple[int, int], pd.Timestamp, list[dict[str, Any]]]
 
 
 def _versions(source: Source, table: TableName) -> list[Version]:
-    raw = source.schemas(table)
+    return versions_of(source.schemas(table))
+
+
+def versions_of(raw: pa.Table) -> list[Version]:
+    """The column sets of rows of ``changes_schemas`` (one table's), in commit order."""
     out = []
     for cp, o, at, cols in zip(
         raw["commit_position"].to_pylist(),
@@ -224,19 +225,20 @@ def layout_at(versions: list[Version], ts: pd.Timestamp | None) -> Layout | None
     for spec in current:
         name = spec["name"]
         since: tuple[int, int] | None = None
+        since_at: pd.Timestamp | None = None
         fill: str | None = None
         for i in range(len(valid) - 1, -1, -1):
             found = next((c for c in valid[i][2] if c["name"] == name), None)
             if found is None:
                 break
             if i == 0:
-                since, fill = None, None
+                since, since_at, fill = None, None, None
             else:
-                since = valid[i][0]
+                since, since_at = valid[i][0], valid[i][1]
                 fill = json.dumps(found["fill"]) if "fill" in found else None
         if since is not None and all(any(c["name"] == name for c in v[2]) for v in valid):
-            since = None
-        columns.append(Column(name, spec_type(spec), bool(spec.get("key")), since, fill))
+            since = since_at = None
+        columns.append(Column(name, spec_type(spec), bool(spec.get("key")), since, fill, since_at))
     return Layout(tuple(columns))
 
 
@@ -267,80 +269,15 @@ def _infer_layout(keys: Sequence[str], afters: Sequence[str]) -> Layout:
     )
 
 
-# -- the SQL that finds current versions ------------------------------------------------------------
+# -- the SQL that finds current versions: composed from the rule ------------------------------------
 def _pointer(name: str) -> str:
     return "'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
 
 
-def old_key_sql(keys: Sequence[str], column: str = "before") -> str:
-    """SQL text of the key a ``before`` object holds, written like ``changes.primary_key``."""
-    if not keys:
-        return "NULL"
-    if len(keys) == 1:
-        return f"json_extract_string({column}, {_pointer(keys[0])})"
-    parts = ", ".join(f"json_extract({column}, {_pointer(k)})" for k in keys)
-    return f"CAST(to_json([{parts}]) AS VARCHAR)"
-
-
-def updates_sql(keys: Sequence[str]) -> str:
-    """The UPDATEs whose ``before`` may hold another key (a key UPDATE), without parsing every ``before``:
-    jsonb text puts short names first, so ``{"id": <primary_key>,`` at the start proves the key is kept."""
-    where = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'"
-    if len(keys) == 1:
-        name = json.dumps(keys[0], ensure_ascii=False).replace("'", "''")
-        where += (
-            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || primary_key || ',')"
-            f" AND NOT starts_with(CAST(before AS VARCHAR), '{{{name}: ' || CAST(to_json(primary_key) AS"
-            " VARCHAR) || ',')"
-        )
-    return where
-
-
-def events_sql(rel: str, old_key: str, payload: str = "after") -> str:
-    """One event per key and change: present (with ``payload``) or gone (DELETE, or the old key of a key
-    UPDATE); TRUNCATE rows are kept apart in ``truncates``."""
-    return f"""
-        events AS (
-            SELECT primary_key AS k, commit_position AS cp, ordinal AS o, operation AS op,
-                   {payload} AS payload
-            FROM {rel} WHERE operation <> 'TRUNCATE' AND primary_key IS NOT NULL
-            UNION ALL
-            SELECT ok, cp, o, 'DELETE', NULL FROM (
-                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}'
-            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
-        ),
-        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')"""
-
-
-def latest_sql(
-    rel: str,
-    old_key: str,
-    payload: str = "after",
-    updates: str = "operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}'",
-) -> str:
-    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes.
-
-    One aggregate finds each key's last change; key UPDATEs (the old key, read from ``before``) and
-    TRUNCATEs are two small side aggregates that remove the keys they made disappear."""
-    return f"""
-        WITH latest AS (
-            SELECT primary_key AS k, max((commit_position, ordinal)) AS at,
-                   arg_max_null(CASE WHEN operation = 'DELETE' THEN NULL ELSE {payload} END,
-                                (commit_position, ordinal)) AS payload
-            FROM {rel} WHERE primary_key IS NOT NULL GROUP BY primary_key
-        ),
-        moved AS (
-            SELECT ok AS k, max((cp, o)) AS at FROM (
-                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE {updates}
-            ) WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk GROUP BY ok
-        ),
-        truncates AS (SELECT max((commit_position, ordinal)) AS t FROM {rel} WHERE operation = 'TRUNCATE')
-        SELECT latest.k AS k, latest.at[1] AS cp, latest.at[2] AS o, latest.payload AS payload
-        FROM latest LEFT JOIN moved ON moved.k = latest.k, truncates
-        WHERE latest.payload IS NOT NULL AND (moved.at IS NULL OR latest.at > moved.at)
-          AND (truncates.t IS NULL OR latest.at > truncates.t)"""
+def latest_sql(rel: str, old_key: str, payload: str = "after", _updates: str = "") -> str:
+    """SELECT k, cp, o, payload of every key present after all of ``rel``'s changes, where ``old_key`` is a
+    column or expression holding each UPDATE's old key (the PostgreSQL source's callback)."""
+    return Rule(DUCKDB, (), old_key).present(rel, payload).sql()
 
 
 @dataclass
@@ -413,10 +350,12 @@ def state_at(
     ts: pd.Timestamp | None,
     *,
     key: str | None = None,
+    only: Sequence[str] | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
     name: str = "c",
 ) -> State:
-    """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then."""
+    """Load ``table``'s changes up to ``ts`` (None: all) and compute the typed rows present then; ``key``
+    or ``only`` (``primary_key`` texts) keep those rows, and only what decides them is read."""
     con = con or _duck()
     versions = _versions(source, table)
     layout = layout_at(versions, ts)
@@ -426,42 +365,76 @@ def state_at(
         until=ts,
         columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
     )
-    if layout is not None and not keys:  # a table without a primary key: rows are matched by content
+    wanted = [key] if key is not None else list(only) if only is not None else None
+    if wanted is not None and keys:  # a key lookup: DuckDB pushes the key filter into its scan and
+        # aggregate; a source that can reads only the keys' changes, TRUNCATEs and moves away
+        keyed = replace(scope, keys=tuple(wanted), key_columns=tuple(keys))
+        source.load(con, name, keyed if "keys" in source.pushdown else scope)
+        if len(wanted) <= 1000:  # literals: DuckDB pushes them into the scan and the aggregate
+            keep = f"latest.k IN ({', '.join(_sql_text(k) for k in wanted) or 'NULL'})"
+        else:
+            con.register(f"{name}_wanted", pa.table({"k": pa.array(wanted, pa.string())}))
+            keep = f'latest.k IN (SELECT k FROM "{name}_wanted")'
+        query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"', keep=keep).sql()
+        key = None
+    elif layout is not None and not keys:  # a table without a primary key: rows are matched by content
         source.load(con, name, scope)
         con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"'))
         query = f'SELECT * FROM "{name}_keyless"'
-    elif isinstance(source, PostgresSource) and not source.mirror:
-        if not source.winners(con, f"{name}_latest", scope, keys):
-            source.latest(con, f"{name}_latest", scope, keys, latest_sql)
+    elif "present" in source.pushdown:  # the source finds the present rows itself (PostgreSQL)
+        source.present(con, f"{name}_latest", scope, keys)
         query = f'SELECT * FROM "{name}_latest"'
     else:
         source.load(con, name, scope)
-        query = latest_sql(f'"{name}"', old_key_sql(keys), "after", updates_sql(keys))
+        query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"').sql()
     if key is not None:
         query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
-    frame: pd.DataFrame | None = None
-    typed = duck_select([(c.name, c.kind) for c in layout.columns], "payload") if layout else None
-    if typed is not None and layout is not None:
-        inner, outer = typed
-        try:
-            rows = con.sql(
-                f"SELECT k, cp, o{', ' + outer if outer else ''} FROM "
-                f"(SELECT k, cp, o, {inner} FROM ({query}))"
-            ).to_arrow_table()
-            frame = frame_from_arrow(rows, [(c.name, c.kind) for c in layout.columns])
-        except (duckdb.ConversionException, duckdb.InvalidInputException):
-            frame = None  # a value DuckDB cannot cast ("NaN" numeric, BC dates): the Python path decides
-    if frame is None:
-        rows = con.sql(query).to_arrow_table()
+    if layout is not None:  # typed column by column in DuckDB (Arrow or Python only where needed)
+        rows, frame = typed_rows(con, query, [(c.name, c.kind) for c in layout.columns])
+        if ts is not None and rows.num_rows == 0:
+            _check_start(source, table, ts, versions)
+        return _typed(layout, rows, frame)
+    rows = con.sql(query).to_arrow_table()
     if ts is not None and rows.num_rows == 0:
         _check_start(source, table, ts, versions)
-    if frame is None:
-        afters = [str(a) for a in rows["payload"].to_pylist()]
-        if layout is None:
-            layout = _infer_layout([str(k) for k in rows["k"].to_pylist()], afters)
-        frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
+    afters = [str(a) for a in rows["payload"].to_pylist()]
+    layout = _infer_layout([str(k) for k in rows["k"].to_pylist()], afters)
+    frame = frame_from_json(afters, [(c.name, c.kind) for c in layout.columns])
     assert layout is not None
     return _typed(layout, rows, frame)
+
+
+#: Up to this many keys, a lookup reads only what decides them; more read the whole table.
+KEY_LOOKUP_LIMIT = 10_000
+
+
+def load_lineage(
+    source: Source,
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    scope: Scope,
+    keys: Sequence[str],
+    layout: Layout,
+) -> set[str]:
+    """Load into view ``name`` the changes in ``scope`` that decide ``keys`` and every key they were moved
+    from or to (followed until no key UPDATE adds one); returns those keys. Too many keys, a table without
+    a known key, or a source without the ``"keys"`` push-down load the whole ``scope`` (an empty set)."""
+    if not layout.keys or len(keys) > KEY_LOOKUP_LIMIT or "keys" not in source.pushdown:
+        source.load(con, name, scope)
+        return set()
+    rule = Rule(DUCKDB, tuple(layout.keys))
+    names, rel = set(keys), '"' + name.replace('"', '""') + '"'
+    for _ in range(100):
+        source.load(con, name, replace(scope, keys=tuple(sorted(names)), key_columns=rule.keys))
+        moved = con.sql(f"SELECT k, to_k FROM ({rule.moves(rel)})").fetchall()
+        grown = names | {k for pair in moved if pair[0] in names or pair[1] in names for k in pair}
+        if grown == names:
+            return names
+        if len(grown) > KEY_LOOKUP_LIMIT:
+            break
+        names = grown
+    source.load(con, name, scope)
+    return set()
 
 
 def _keyless_rows(con: duckdb.DuckDBPyConnection, rel: str) -> pa.Table:
@@ -500,10 +473,8 @@ def _sql_text(value: str) -> str:
 
 
 def _check_start(source: Source, table: TableName, ts: pd.Timestamp, versions: list[Version]) -> None:
-    con = _duck()
-    source.load(con, "all_times", Scope(table=table, columns=("committed_at",)))
-    row = _first(con.sql('SELECT min(committed_at) FROM "all_times"').fetchall())
-    starts = [pd.Timestamp(row[0])] if row and row[0] is not None else []
+    first = source.first_commit(table)
+    starts = [first] if first is not None else []
     starts += [v[1] for v in versions]
     if starts and ts < min(starts):
         raise ConfigurationError(

@@ -18,27 +18,27 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from bemi_tt.arguments import check_key
-from bemi_tt.dtypes import frame_from_json
+from bemi_tt.arguments import KeyLike, SourceLike, TimeLike, check_key
+from bemi_tt.dtypes import frame_from_json, parse_json
 from bemi_tt.feed import _context_columns, audit, changes
-from bemi_tt.sources import Scope, Source, TableName, get_source
+from bemi_tt.origins import cell_origins, origin_of
+from bemi_tt.rule import DUCKDB, PRESENT, Rule
+from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.staleness import answer
 from bemi_tt.state import (
-    PRESENT,
+    KEY_LOOKUP_LIMIT,
+    Column,
     Layout,
     _columns_arg,
     _duck,
     _first,
     _infer_layout,
-    _pointer,
     _versions,
-    events_sql,
     key_text,
     layout_at,
-    old_key_sql,
+    load_lineage,
     resolve_table,
     state_at,
-    updates_sql,
 )
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
@@ -50,7 +50,12 @@ _NAT = np.iinfo(np.int64).min  # NaT as int64
 
 @answer(now="ts")
 def as_of(
-    table: str, ts: Any, *, key: Any = None, columns: Sequence[str] | str | None = None, source: Any = None
+    table: str,
+    ts: TimeLike,
+    *,
+    key: KeyLike | None = None,
+    columns: Sequence[str] | str | None = None,
+    source: SourceLike | None = None,
 ) -> pd.DataFrame:
     """The rows of ``table`` after every transaction committed at or before ``ts``, indexed by primary key.
 
@@ -104,127 +109,15 @@ def _plain(value: Any, nan_is_null: bool = False) -> Any:
     return value
 
 
-def _origins(
-    source: Source,
-    table: TableName,
-    layout: Layout,
-    ts: pd.Timestamp | None,
-    con: duckdb.DuckDBPyConnection,
-    name: str = "o",
-    keys: Sequence[str] | None = None,
-) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """For every present (key, column): the change that last set its value (cp, o, op, committed_at, ctx);
-    ``keys`` limits the work to those primary keys."""
-    source.load(
-        con,
-        name,
-        Scope(
-            table=table,
-            until=ts,
-            columns=(
-                "primary_key",
-                "operation",
-                "before",
-                "after",
-                "context",
-                "commit_position",
-                "ordinal",
-                "committed_at",
-            ),
-        ),
-    )
-    rel = f'"{name}"'
-    old_key = old_key_sql(layout.keys)
-    wanted = ""
-    if keys is not None:
-        con.register(f"{name}_keys", pa.table({"k": pa.array(list(keys), pa.string())}))
-        wanted = f'WHERE k IN (SELECT k FROM "{name}_keys")'
-    query = f"""
-        WITH {events_sql(rel, old_key, "after")},
-        births AS (
-            SELECT k, max((cp, o)) FILTER (WHERE op NOT IN ('CREATE', 'UPDATE', 'SNAPSHOT')) AS gone
-            FROM events {wanted} GROUP BY k
-        ),
-        versions AS (
-            SELECT c.primary_key AS k, c.commit_position AS cp, c.ordinal AS o, c.operation AS op,
-                   epoch_us(c.committed_at) AS committed_at,
-                   CAST(c.context AS VARCHAR) AS context, CAST(c.after AS VARCHAR) AS after
-            FROM {rel} c JOIN births b ON b.k = c.primary_key, truncates
-            WHERE c.operation IN ('CREATE', 'UPDATE', 'SNAPSHOT')
-              AND (b.gone IS NULL OR (c.commit_position, c.ordinal) > b.gone)
-              AND (truncates.t IS NULL OR (c.commit_position, c.ordinal) > truncates.t)
-        ),
-        cells AS (
-            SELECT k, cp, o, op, committed_at, context, col,
-                   CAST(json_extract(after, '/' || replace(replace(col, '~', '~0'), '/', '~1')) AS VARCHAR)
-                       AS val
-            FROM versions, unnest(json_keys(after)) AS u(col)
-        ),
-        marked AS (
-            SELECT *, lag(val) OVER w AS prev, row_number() OVER w AS n FROM cells
-            WINDOW w AS (PARTITION BY k, col ORDER BY cp, o)
-        )
-        SELECT k, col, arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at,
-                                 'context': context}}, (cp, o)) AS v FROM marked
-        WHERE n = 1 OR val IS DISTINCT FROM prev GROUP BY k, col"""
-    names = [c.name for c in layout.columns]
-    if names:  # known columns: one window over the versions, the columns compared side by side
-        paths = ", ".join(_pointer(n) for n in names)
-        changed = ", ".join(
-            f"(n = 1 OR v[{i}] IS DISTINCT FROM p[{i}]) AS ch{i}" for i in range(1, len(names) + 1)
-        )
-        picks = ", ".join(
-            f"arg_max({{'cp': cp, 'o': o, 'op': op, 'committed_at': committed_at, 'context': context}}, "
-            f"(cp, o)) FILTER (WHERE ch{i}) AS c{i}"
-            for i in range(1, len(names) + 1)
-        )
-        structs = ", ".join(f"c{i}" for i in range(1, len(names) + 1))
-        query = (
-            query[: query.index("        cells AS (")]
-            + f"""
-        valued AS (
-            SELECT k, cp, o, op, committed_at, context,
-                   CAST(json_extract(after, [{paths}]) AS VARCHAR[]) AS v FROM versions
-        ),
-        marked AS (
-            SELECT *, lag(v) OVER w AS p, row_number() OVER w AS n FROM valued
-            WINDOW w AS (PARTITION BY k ORDER BY cp, o)
-        ),
-        flagged AS (SELECT k, cp, o, op, committed_at, context, {changed} FROM marked),
-        picked AS (SELECT k, {picks} FROM flagged GROUP BY k),
-        cells AS (
-            SELECT k, unnest(range(0, {len(names)})) AS i, unnest([{structs}]) AS v FROM picked
-        )
-        SELECT k, i, v.cp, v.o, v.op, v.committed_at, v.context FROM cells WHERE v IS NOT NULL"""
-        )
-        got = con.sql(query).to_arrow_table()
-        columns = [got.column(j).to_pylist() for j in range(got.num_columns)]
-        return {
-            (k, names[i]): (cp, o, op, at, ctx) for k, i, cp, o, op, at, ctx in zip(*columns, strict=True)
-        }
-    out = {}
-    for k, col, v in con.execute(query).fetchall():
-        out[(k, col)] = (v["cp"], v["o"], v["op"], v["committed_at"], v["context"])
-    return out
-
-
 def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> dict[str, tuple[Any, ...]]:
     """Per key, the last change that removed it (DELETE, key UPDATE away, or TRUNCATE)."""
-    old_key = old_key_sql(layout.keys)
-    query = f"""
-        WITH gone AS (
-            SELECT primary_key AS k, commit_position AS cp, ordinal AS o FROM {rel} WHERE operation = 'DELETE'
-            UNION ALL
-            SELECT ok, cp, o FROM (
-                SELECT {old_key} AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-                FROM {rel} WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{{}}')
-            WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
-        )
-        SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR), c.commit_position,
-               c.ordinal
-        FROM (SELECT k, max((cp, o)) AS at FROM gone GROUP BY k) g
-        JOIN {rel} c ON (c.commit_position, c.ordinal) = g.at"""
-    out = {row[0]: row[1:] for row in con.execute(query).fetchall()}
+    gone = Rule(DUCKDB, tuple(layout.keys)).gone(rel)
+    query = gone.with_("last_gone", gone.select).then(
+        "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR),\n"
+        "       c.commit_position, c.ordinal\n"
+        f"FROM last_gone g JOIN {rel} c ON c.commit_position = g.cp AND c.ordinal = g.o"
+    )
+    out = {row[0]: row[1:] for row in con.execute(query.sql()).fetchall()}
     truncate = con.sql(
         f"SELECT operation, epoch_us(committed_at), CAST(context AS VARCHAR), commit_position, ordinal "
         f"FROM {rel} WHERE operation = 'TRUNCATE' ORDER BY commit_position DESC, ordinal DESC "
@@ -247,7 +140,7 @@ def _rows_of(state: Any, wanted: set[str]) -> dict[str, tuple[Any, ...]]:
 
 
 @answer(now="t2")
-def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
+def diff(table: str, t1: TimeLike, t2: TimeLike, *, source: SourceLike | None = None) -> pd.DataFrame:
     """The net difference of ``table`` between ``t1`` and ``t2``: one row per added, removed or changed cell.
 
     Indexed by the key and ``column``; ``change`` is ``added``/``removed``/``changed``; ``old``/``new`` hold
@@ -260,9 +153,12 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     if end < start:
         raise ConfigurationError(f"t2 {end.isoformat()} is before t1 {start.isoformat()}: swap them")
     con = _duck()
-    old = state_at(src, name, start, con=con, name="c1")
-    new = state_at(src, name, end, con=con, name="c2")
+    only = _changed_keys(src, name, start, end, con)
+    old = state_at(src, name, start, only=only, con=con, name="c1")
+    new = state_at(src, name, end, only=only, con=con, name="c2")
     layout = new.layout
+    if not layout.keys and not layout.inferred:
+        return _keyless_diff(src, name, old, new, end, con)
     old_cols = ["__index__", *old.frame.columns]
     new_cols = ["__index__", *new.frame.columns]
     all_cols = list(dict.fromkeys([*new.frame.columns, *old.frame.columns]))
@@ -279,7 +175,7 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
     wanted = set(touched)
     old_rows = _rows_of(old, wanted)
     new_rows = _rows_of(new, wanted)
-    origins = _origins(src, name, layout, end, con, keys=[k for k in touched if k in new_rows])
+    origins = cell_origins(src, name, layout, end, con, keys=touched)
     gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
     old_nan, new_nan = _nan_is_null(old.frame), _nan_is_null(new.frame)
@@ -303,7 +199,7 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
             if change == "removed":
                 op, at, ctx = removal
             else:
-                origin = origins.get((k, col))
+                origin = origin_of(origins, layout, k, col)
                 op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
             records.append(
                 {
@@ -318,6 +214,125 @@ def diff(table: str, t1: Any, t2: Any, *, source: Any = None) -> pd.DataFrame:
                 }
             )
     return _indexed_cells(records, layout, "diff")
+
+
+def _changed_keys(
+    source: Source, table: TableName, start: pd.Timestamp, end: pd.Timestamp, con: duckdb.DuckDBPyConnection
+) -> list[str] | None:
+    """The keys a change between the cuts at ``start`` and ``end`` touched (their old keys too), or None
+    when the whole table must be compared (a TRUNCATE or a column change between, no primary key, or too
+    many keys): ``diff`` then reads only those keys' changes."""
+    versions = _versions(source, table)
+    layout = layout_at(versions, end)
+    if layout is None or not layout.keys or layout != layout_at(versions, start):
+        return None
+    first = source.cut(table, start)
+    if first is None:
+        return []  # nothing committed after ``start``
+    window = Scope(
+        table=table,
+        until=end,
+        start=first,
+        columns=("primary_key", "operation", "before", "commit_position", "ordinal"),
+    )
+    source.load(con, "window", window)
+    if con.execute("SELECT count(*) FROM \"window\" WHERE operation = 'TRUNCATE'").fetchall() != [(0,)]:
+        return None
+    moves = Rule(DUCKDB, tuple(layout.keys)).moves('"window"')
+    rows = con.execute(
+        'SELECT DISTINCT k FROM (SELECT primary_key AS k FROM "window" WHERE primary_key IS NOT NULL\n'
+        f"UNION ALL SELECT k FROM ({moves}))"
+    ).fetchall()
+    keys = sorted(str(r[0]) for r in rows)
+    return keys if len(keys) <= KEY_LOOKUP_LIMIT else None
+
+
+def _keyless_diff(
+    source: Source, table: TableName, old: Any, new: Any, end: pd.Timestamp, con: duckdb.DuckDBPyConnection
+) -> pd.DataFrame:
+    """``diff`` of a table without a primary key: rows pair by content (a row kept from the same change at
+    both times is unchanged); a new row made by an UPDATE whose ``before`` is a vanished row is that row
+    changed; every cell carries the change that made it (for a vanished row: the change that removed it)."""
+    source.load(
+        con,
+        "kd",
+        Scope(
+            table=table,
+            until=end,
+            columns=("operation", "before", "after", "context", "commit_position", "ordinal", "committed_at"),
+        ),
+    )
+    kept = set(old.keys) & set(new.keys)
+    removed = [i for i, k in enumerate(old.keys) if k not in kept]
+    added = [i for i, k in enumerate(new.keys) if k not in kept]
+    changes = {
+        f"{cp}:{o}": (op, at, ctx, before, after, (cp, o))
+        for op, at, ctx, before, after, cp, o in con.sql(
+            "SELECT operation, epoch_us(committed_at), CAST(context AS VARCHAR), CAST(before AS VARCHAR),"
+            " CAST(after AS VARCHAR), commit_position, ordinal FROM kd ORDER BY commit_position, ordinal"
+        ).fetchall()
+    }
+    texts = {i: changes[old.keys[i]][4] for i in removed if old.keys[i] in changes}
+    used: set[str] = set()
+    records: list[dict[str, Any]] = []
+    old_rows = list(old.frame.itertuples(index=False, name=None))
+    new_rows = list(new.frame.itertuples(index=False, name=None))
+    unpaired = list(removed)
+    cols = list(new.frame.columns)
+    for j in added:
+        k = new.keys[j]
+        op, at, ctx, before, _, _ = changes[k]
+        match = next((i for i in unpaired if op == "UPDATE" and texts.get(i) == before), None)
+        if match is not None:
+            unpaired.remove(match)
+            used.add(k)
+        for c, col in enumerate(cols):
+            after_value = _plain(new_rows[j][c])
+            before_value = _plain(old_rows[match][c]) if match is not None and col in old.frame else None
+            if match is not None and _same(before_value, after_value):
+                continue
+            records.append(
+                {
+                    "__index__": k,
+                    "column": col,
+                    "change": "changed" if match is not None else "added",
+                    "old": before_value,
+                    "new": after_value,
+                    "operation": op,
+                    "committed_at": at,
+                    "__ctx__": ctx,
+                }
+            )
+    for i in unpaired:  # the first later DELETE/UPDATE whose before is the row (or a TRUNCATE) removed it
+        k = old.keys[i]
+        position = changes[k][5] if k in changes else (0, 0)
+        event = next(
+            (
+                (key, v)
+                for key, v in changes.items()
+                if v[5] > position
+                and key not in used
+                and (v[0] == "TRUNCATE" or (v[0] in ("UPDATE", "DELETE") and v[3] == texts.get(i)))
+            ),
+            None,
+        )
+        if event is not None and event[1][0] != "TRUNCATE":
+            used.add(event[0])
+        op, at, ctx = (event[1][0], event[1][1], event[1][2]) if event else (None, None, None)
+        for c, col in enumerate(old.frame.columns):
+            records.append(
+                {
+                    "__index__": k,
+                    "column": col,
+                    "change": "removed",
+                    "old": _plain(old_rows[i][c]),
+                    "new": None,
+                    "operation": op,
+                    "committed_at": at,
+                    "__ctx__": ctx,
+                }
+            )
+    return _indexed_cells(records, new.layout, "diff")
 
 
 def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> pd.DataFrame:
@@ -347,7 +362,7 @@ def _indexed_cells(records: list[dict[str, Any]], layout: Layout, what: str) -> 
 
 
 @answer()
-def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
+def blame(table: str, key: KeyLike | None = None, *, source: SourceLike | None = None) -> pd.DataFrame:
     """For every current row (or the one ``key``) and column: the value, and the change and context
     that last set it. Indexed by the key and ``column``."""
     src = get_source(source)
@@ -360,7 +375,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
         wanted = key_text(known, key) if known.keys or isinstance(key, str) else str(key)
     state = state_at(src, name, None, con=con, key=wanted)
     layout = state.layout
-    origins = _origins(src, name, layout, None, con, keys=None if wanted is None else [wanted])
+    origins = cell_origins(src, name, layout, None, con, keys=None if wanted is None else [wanted])
     cols = ["__index__", *state.frame.columns]
     nan_null = _nan_is_null(state.frame)
     records = []
@@ -369,7 +384,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
             continue
         values = dict(zip(cols, row, strict=False))
         for col in state.frame.columns:
-            origin = origins.get((k, col))
+            origin = origin_of(origins, layout, k, col)
             op, at, ctx = (origin[2], origin[3], origin[4]) if origin else (None, None, None)
             records.append(
                 {
@@ -385,7 +400,7 @@ def blame(table: str, key: Any = None, *, source: Any = None) -> pd.DataFrame:
 
 
 @answer()
-def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
+def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd.DataFrame:
     """Every version of one row in commit order: ``operation``, ``committed_at``, ``valid_from``/``valid_to``
     (SCD type 2), ``changed`` (columns whose value changed), the row's values and its context keys.
 
@@ -399,23 +414,21 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     versions = _versions(src, name)
     layout = layout_at(versions, None)
     con = _duck()
-    src.load(con, "h", Scope(table=name))
     if layout is None:
+        src.load(con, "h", Scope(table=name))
         sample = con.execute(
             "SELECT primary_key, CAST(after AS VARCHAR) FROM h WHERE operation IN "
             "('CREATE', 'UPDATE', 'SNAPSHOT') LIMIT 1000"
         ).fetchall()
         layout = _infer_layout([s[0] for s in sample], [s[1] for s in sample])
-    wanted = key_text(layout, key)
-    old_key = old_key_sql(layout.keys)
+        wanted = key_text(layout, key)
+    else:  # only the row's changes under each key it had, and the TRUNCATEs
+        wanted = key_text(layout, key)
+        load_lineage(src, con, "h", Scope(table=name), [wanted], layout)
+    rule = Rule(DUCKDB, tuple(layout.keys))
+    old_key = rule.old_key_of()
     # follow the row through key updates, in both directions
-    moves = [
-        (pk, old)
-        for pk, old in con.sql(
-            f"SELECT primary_key, {old_key} FROM h WHERE {updates_sql(layout.keys)}"
-        ).fetchall()
-        if old is not None and old != pk
-    ]
+    moves = [(pk, old) for old, pk, _, _ in con.sql(rule.moves("h")).fetchall()]
     names = {wanted}
     for _ in range(100):
         grown = set(names)
@@ -441,14 +454,15 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
             continue
         exists = r[2] in PRESENT
         picked.append(r)
-    afters = [r[7] if r[2] in PRESENT else "{}" for r in picked]
+    picked = _with_fills(picked, layout)
+    afters = [r[7] if r[2] in PRESENT or r[2] == "ALTER" else "{}" for r in picked]
     full = layout.columns
     values = frame_from_json(afters, [(c.name, c.kind) for c in full])
     changed: list[list[str]] = []
     previous: dict[str, Any] | None = None
     for i, r in enumerate(picked):
         row = {c.name: values[c.name].iloc[i] for c in full}
-        if r[2] not in PRESENT:
+        if r[2] not in PRESENT and r[2] != "ALTER":
             changed.append([])
             previous = None
             continue
@@ -468,3 +482,31 @@ def history(table: str, key: Any, *, source: Any = None) -> pd.DataFrame:
     )
     frame = pd.concat([frame, values], axis=1)
     return _context_columns(frame, [r[8] for r in picked])
+
+
+def _with_fills(picked: list[Any], layout: Layout) -> list[Any]:
+    """The row's versions with one ``ALTER`` version per schema change that filled added columns while the
+    row existed: the previous values plus the fills (a fill is an event of its ALTER, not of older rows)."""
+    alters: dict[tuple[int, int], list[Column]] = {}
+    for column in layout.columns:
+        if column.since is not None and column.since_at is not None:
+            alters.setdefault(column.since, []).append(column)
+    if not alters:
+        return picked
+    out: list[Any] = []
+    pending = sorted(alters)
+    for r in [*picked, None]:
+        while pending and (r is None or (r[3], r[4]) > pending[0]):
+            since = pending.pop(0)
+            last = out[-1] if out else None
+            if last is None or (last[2] not in PRESENT and last[2] != "ALTER"):
+                continue  # the row did not exist when the column was added
+            row = parse_json(last[7])
+            for column in alters[since]:
+                if column.name not in row:
+                    row[column.name] = None if column.fill is None else parse_json(column.fill)
+            at = alters[since][0].since_at
+            out.append((last[0], None, "ALTER", since[0], since[1], at, "{}", json_text(row), "{}"))
+        if r is not None:
+            out.append(r)
+    return out

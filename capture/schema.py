@@ -67,7 +67,15 @@ def changes_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Compo
     return sql.SQL(
         "CREATE TABLE IF NOT EXISTS {name} ({columns}, UNIQUE (commit_position, ordinal));"
         "CREATE INDEX IF NOT EXISTS {by_table} ON {name} (\"table\", primary_key, commit_position, ordinal);"
-    ).format(name=name, columns=columns, by_table=sql.Identifier(f"{table}_table_key_idx"))
+        # the time cut of as_of/diff: a table's first change stamped after a time, without a scan
+        "CREATE INDEX IF NOT EXISTS {by_time} ON {name} (\"table\", committed_at)"
+        " INCLUDE (commit_position, \"schema\");"
+    ).format(
+        name=name,
+        columns=columns,
+        by_table=sql.Identifier(f"{table}_table_key_idx"),
+        by_time=sql.Identifier(f"{table}_table_time_idx"),
+    )
 
 
 def changes_upgrade_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Composed:

@@ -52,10 +52,10 @@ def test_public_api_is_exactly_this() -> None:
     assert bemi_tt.__all__ == sorted(bemi_tt.__all__)
     assert set(bemi_tt.__all__) == {
         "Bemi", "BemiError", "BemiFastAPIMiddleware", "ChainError", "ConfigurationError", "DecodeError",
-        "EmbeddedPostgres", "Freshness", "SlotLostError", "SourceError", "StaleWarning", "__version__",
-        "as_of", "audit", "blame", "changes", "configure_context", "connect", "context", "diff", "duckdb",
-        "export_parquet", "freshness", "get_context", "history", "install", "plot_activity", "set_context",
-        "uninstall", "verify",
+        "EmbeddedPostgres", "Freshness", "InMemorySource", "SlotLostError", "SourceError", "StaleWarning",
+        "__version__", "as_of", "audit", "blame", "changes", "configure_context", "connect", "context",
+        "diff", "duckdb", "export_parquet", "freshness", "get_context", "history", "install", "plot_activity",
+        "set_context", "uninstall", "verify",
     }
     # Import every submodule first: a submodule named like a public function would shadow it.
     for path in (ROOT / "bemi_tt").glob("*.py"):
@@ -63,6 +63,20 @@ def test_public_api_is_exactly_this() -> None:
     for name in bemi_tt.__all__:
         value = getattr(bemi_tt, name)
         assert value is not None and not inspect.ismodule(value), name
+
+
+def test_public_classes_show_bemi_tt_as_their_module() -> None:
+    import pickle
+
+    import bemi_tt
+
+    classes = [getattr(bemi_tt, n) for n in bemi_tt.__all__ if isinstance(getattr(bemi_tt, n), type)]
+    assert {c.__name__ for c in classes} >= {"InMemorySource", "ConfigurationError", "EmbeddedPostgres"}
+    for cls in classes:
+        assert cls.__module__ == "bemi_tt", cls
+    error = pickle.loads(pickle.dumps(bemi_tt.ConfigurationError("bad value")))
+    assert type(error) is bemi_tt.ConfigurationError and str(error) == "bad value"
+    assert pickle.loads(pickle.dumps(bemi_tt.InMemorySource())).changes.num_rows == 0
 
 
 def test_importing_bemi_tt_does_not_import_pandas_or_duckdb() -> None:

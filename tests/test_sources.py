@@ -219,3 +219,58 @@ def test_parquet_source_tells_apart_tables_whose_qualified_names_share_a_partiti
     ):
         as_of("a.b.c", h.clock, source=source)
     assert list(as_of("c", h.clock, source=source)["v"]) == ["schema a.b, table c"]
+
+
+def _many_rows() -> History:
+    """30 rows, each updated; row 7 renumbered to 70 and back-filled by a TRUNCATE-free history."""
+    h = History()
+    h.columns("todo", TODO_COLUMNS)
+    rows = {k: {"id": k, "task": f"t{k}", "done": False, "price": None, "due": None} for k in range(1, 31)}
+    for k, row in rows.items():
+        h.create("todo", str(k), row)
+    for k, row in rows.items():
+        h.update("todo", str(k), row, {**row, "task": f"u{k}"})
+    h.update("todo", "70", {**rows[7], "task": "u7"}, {**rows[7], "id": 70, "task": "u7"})
+    return h
+
+
+def test_postgres_key_lookups_and_diff_read_only_the_changes_that_decide_their_keys(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Push-down: as_of(key=), history, blame(key) and diff fetch the rows of their keys (and of the keys
+    those moved from or to), not the table's whole history."""
+    from bemi_tt.timetravel import blame, diff, history
+
+    h = _many_rows()
+    write_changes(dsn, h.changes, h.schemas)
+    source = PostgresSource(dsn)
+    fetched: list[int] = []
+    fetch = PostgresSource.fetch
+
+    def counting(self: PostgresSource, scope: object) -> object:
+        table = fetch(self, scope)  # type: ignore[arg-type]
+        fetched.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(PostgresSource, "fetch", counting)
+    whole_table: list[str] = []  # the paths that read every key's last change
+    for method in ("winners", "latest"):
+        original = getattr(PostgresSource, method)
+
+        def recording(*args: object, _m: str = method, _o: object = original, **kwargs: object) -> object:
+            whole_table.append(_m)
+            return _o(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(PostgresSource, method, recording)
+    assert list(as_of("todo", h.clock, key=3, source=source)["task"]) == ["u3"]
+    assert whole_table == [] and fetched == [2]  # key 3's CREATE and UPDATE
+    fetched.clear()
+    assert list(history("todo", 70, source=source)["id"]) == [7, 7, 70]
+    assert max(fetched) == 3  # keys 7 and 70: three changes
+    fetched.clear()
+    assert set(blame("todo", 70, source=source)["value"]) >= {"u7"}
+    assert max(fetched) == 3
+    fetched.clear()
+    step = diff("todo", h.changes[-2]["committed_at"], h.clock, source=source)
+    assert set(step.index.get_level_values("id")) == {7, 70}
+    assert whole_table == [] and max(fetched) <= 3  # the step touched keys 7 and 70 only

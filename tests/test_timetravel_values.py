@@ -336,3 +336,40 @@ def test_end_to_end_as_of_equals_the_live_table_value_by_value(
         for key, row in live.items():
             got = {c: _as_text(frame.loc[key, c], c) for c in row}
             assert got == row, f"row {key} from {source}"
+
+
+def test_a_value_duckdb_cannot_cast_sends_only_its_column_through_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Vectorized typing: an ``infinity`` timestamp needs the Python path for its column alone; the
+    integer, text and numeric columns stay typed inside DuckDB."""
+    import bemi_tt.dtypes as dtypes
+    from bemi_tt.sources import InMemorySource
+
+    h = History()
+    h.columns(
+        "t",
+        [
+            {"name": "id", "type": "integer", "type_oid": 23, "key": True},
+            {"name": "name", "type": "text", "type_oid": 25, "key": False},
+            {"name": "price", "type": "numeric(10,2)", "type_oid": 1700, "key": False},
+            {"name": "at", "type": "timestamp with time zone", "type_oid": 1184, "key": False},
+        ],
+    )
+    h.create("t", "1", {"id": 1, "name": "a", "price": Decimal("1.50"), "at": "infinity"})
+    h.create("t", "2", {"id": 2, "name": "b", "price": None, "at": "2026-01-01T00:00:00+00:00"})
+    through_python: list[str] = []
+    python_column = dtypes._python_column
+
+    def spy(rows: Any, name: str, kind: Any) -> Any:
+        through_python.append(name)
+        return python_column(rows, name, kind)
+
+    monkeypatch.setattr(dtypes, "_python_column", spy)
+    frame = as_of("t", h.clock, source=InMemorySource(h.changes, h.schemas))
+    assert through_python == ["at"]
+    assert frame.loc[1, "at"] == "infinity" and frame.loc[2, "at"] == pd.Timestamp("2026-01-01", tz="UTC")
+    assert str(frame["price"].dtype) == "decimal128(10, 2)[pyarrow]" and frame.loc[1, "price"] == Decimal(
+        "1.50"
+    )
+    assert str(frame["name"].dtype) == "string"

@@ -1,24 +1,14 @@
-"""Where the analysis API reads changes from: PostgreSQL ``changes``, a Parquet export, or memory.
-
-Every source does one thing: put the rows of ``changes`` (optionally one table's, up to a time) and of
-``changes_schemas`` into a DuckDB connection, so every operation runs the same SQL on every source.
-``connect(url_or_dir)`` sets the default source; the ``BEMI_TT_SOURCE`` environment variable does too.
+"""A PostgreSQL database holding ``changes`` as a source (:class:`PostgresSource`): rows reach DuckDB
+through ``COPY`` or one CSV value; key lookups, the time cut and the rows present at a cut are pushed down.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import re
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import date, datetime, time, timezone
-from decimal import Decimal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
-from uuid import UUID
 
 import duckdb
 import pandas as pd
@@ -26,415 +16,27 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from psycopg import sql
 
-from bemi_tt.timestamps import to_utc
-from capture.dsn import check_dsn, connect_error, redact
+from bemi_tt.sources.base import (
+    _ARROW_TYPES,
+    SCHEMAS_ARROW,
+    Scope,
+    Source,
+    TableName,
+    _scope_view,
+)
+from capture.dsn import check_dsn, connect_error
 from capture.errors import ConfigurationError, SourceError
 from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, SCHEMAS_TABLE, changes_arrow_schema
 
-__all__ = [
-    "SOURCE_ENV",
-    "InMemorySource",
-    "ParquetSource",
-    "PostgresSource",
-    "Source",
-    "TableName",
-    "connect",
-    "get_source",
-    "json_text",
-]
+__all__ = ["PostgresSource"]
 
-SOURCE_ENV = "BEMI_TT_SOURCE"
-
-#: ``(schema, table)``
-TableName = tuple[str, str]
-
-#: Columns of ``changes_schemas`` as the sources hand them to DuckDB (``columns`` is JSON text).
-SCHEMAS_ARROW = pa.schema(
-    [
-        ("schema", pa.string()),
-        ("table", pa.string()),
-        ("commit_position", pa.int64()),
-        ("ordinal", pa.int32()),
-        ("committed_at", pa.timestamp("us", tz="UTC")),
-        ("columns", pa.string()),
-    ]
-)
-_ARROW_TYPES = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
 _MAX_POSITION = (1 << 63) - 1
 #: How many changes the cut hint looks at after its binary search (bounds the work for quiet tables).
 _HINT_WALK = 200_000
 #: Rows present at a cut, as the PostgreSQL source hands them to DuckDB.
 _WINNERS = pa.schema([("k", pa.string()), ("cp", pa.int64()), ("o", pa.int32()), ("payload", pa.string())])
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What an operation needs: one table (or all), the columns, and changes committed up to ``until``."""
-
-    table: TableName | None = None
-    columns: tuple[str, ...] | None = None
-    until: pd.Timestamp | None = None  # prefix of commit order whose committed_at <= until (per table)
-    since: pd.Timestamp | None = None  # committed_at >= since (plain time filter, for audits)
-    until_time: pd.Timestamp | None = None  # committed_at <= until_time (plain time filter, for audits)
-
-
-class Source(ABC):
-    """A place holding ``changes`` and ``changes_schemas``; loads them into DuckDB for an operation."""
-
-    @abstractmethod
-    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
-        """Create a view or table ``name`` in ``con`` with the rows of ``changes`` in ``scope``."""
-
-    @abstractmethod
-    def schemas(self, table: TableName | None = None) -> pa.Table:
-        """Rows of ``changes_schemas`` (of one table, or all) as Arrow with :data:`SCHEMAS_ARROW`."""
-
-    @abstractmethod
-    def tables(self, name: str | None = None) -> list[TableName]:
-        """Known tables, or those whose table name is ``name`` (cheap where the source allows)."""
-
-    def describe(self) -> str:
-        return type(self).__name__
-
-    def __repr__(self) -> str:
-        return f"<{self.describe()}>"
-
-
-# -- helpers shared by the DuckDB-backed sources ----------------------------------------------------
-def _literal(value: Any) -> str:
-    """A DuckDB SQL literal (views cannot hold parameters)."""
-    if isinstance(value, pd.Timestamp):
-        return f"TIMESTAMPTZ '{value.isoformat()}'"
-    if isinstance(value, int):
-        return str(int(value))
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Scope) -> None:
-    """Create the temp view ``name`` over ``base`` with the rows in ``scope`` (as-of cut computed first)."""
-    cols = ", ".join(f'"{c}"' for c in scope.columns) if scope.columns else "*"
-    where: list[str] = []
-    if scope.table is not None:
-        where.append(f'"schema" = {_literal(scope.table[0])} AND "table" = {_literal(scope.table[1])}')
-    if scope.since is not None:
-        where.append(f"committed_at >= {_literal(scope.since)}")
-    if scope.until_time is not None:
-        where.append(f"committed_at <= {_literal(scope.until_time)}")
-    if scope.until is not None:
-        inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"
-        if where:
-            inner += " AND " + " AND ".join(where)
-        rows = con.sql(inner).fetchall()
-        cut = rows[0][0] if rows and rows[0][0] is not None else None
-        if cut is not None:
-            where.append(f"commit_position < {int(cut)}")
-    text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
-    con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {text}')
-
-
-class _ArrowBacked(Source):
-    """Shared logic of sources whose data DuckDB scans directly (Arrow tables or Parquet files)."""
-
-    def _tables_from(self, relation: duckdb.DuckDBPyRelation) -> list[TableName]:
-        rows = relation.fetchall()
-        return sorted({(str(s), str(t)) for s, t in rows})
-
-
-# -- memory ---------------------------------------------------------------------------------------------
-def json_text(value: Any) -> str:
-    """Typed JSON text the way the capture worker writes values (numerics exact, ISO times, ``\\\\x`` hex)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, Decimal):
-        return str(value) if value.is_finite() else json.dumps(str(value))
-    if isinstance(value, float):
-        return (
-            repr(value)
-            if value == value and value not in (float("inf"), float("-inf"))
-            else json.dumps({"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[str(value)])
-        )
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, pd.Timestamp):
-        value = value.to_pydatetime()
-    if isinstance(value, datetime):
-        return json.dumps(value.isoformat())
-    if isinstance(value, (date, time)):
-        return json.dumps(value.isoformat())
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return json.dumps("\\x" + bytes(value).hex())
-    if isinstance(value, UUID):
-        return json.dumps(str(value))
-    if isinstance(value, Mapping):
-        return (
-            "{"
-            + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{json_text(v)}" for k, v in value.items())
-            + "}"
-        )
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(json_text(v) for v in value) + "]"
-    raise ConfigurationError(
-        f"cannot store {value!r} ({type(value).__name__}) as typed JSON: use JSON "
-        "scalars, Decimal, datetime, date, time, bytes, UUID, dicts or lists"
-    )
-
-
-def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa.Table:
-    if isinstance(rows, pd.DataFrame):
-        rows = rows.to_dict("records")
-    records = list(rows)
-    out: dict[str, list[Any]] = {name: [] for name, _, _ in CHANGES_COLUMNS}
-    for i, row in enumerate(records):
-        if not isinstance(row, Mapping):
-            raise ConfigurationError(f"change #{i} is {type(row).__name__}, not a dict of changes columns")
-        unknown = set(row) - set(out)
-        if unknown:
-            raise ConfigurationError(
-                f"change #{i} has unknown columns {sorted(unknown)!r}; the columns of "
-                f"changes are {list(out)!r}"
-            )
-        for required in ("table", "operation", "committed_at", "commit_position"):
-            if row.get(required) is None:
-                raise ConfigurationError(
-                    f"change #{i} has no {required!r}: every change needs table, "
-                    "operation, committed_at and commit_position"
-                )
-        if row["operation"] not in ("CREATE", "UPDATE", "DELETE", "TRUNCATE", "SNAPSHOT"):
-            raise ConfigurationError(
-                f"change #{i} has operation {row['operation']!r}; use CREATE, UPDATE, "
-                "DELETE, TRUNCATE or SNAPSHOT"
-            )
-        for name in out:
-            value = row.get(name)
-            if name == "id" and value is None:
-                value = i + 1
-            elif name in ("before", "after", "context"):
-                value = "{}" if value is None else value if isinstance(value, str) else json_text(value)
-            elif name == "committed_at":
-                value = to_utc(value, f"change #{i} committed_at").to_pydatetime()
-            elif name == "schema" and value is None:
-                value = "public"
-            elif name == "database" and value is None:
-                value = "memory"
-            elif name == "position" and value is None:
-                value = row["commit_position"]
-            elif name == "ordinal" and value is None:
-                value = 0
-            out[name].append(value)
-    return pa.table({name: pa.array(values, type=_ARROW_TYPES[name]) for name, values in out.items()})
-
-
-def _schemas_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | None) -> pa.Table:
-    if rows is None:
-        return SCHEMAS_ARROW.empty_table()
-    if isinstance(rows, pd.DataFrame):
-        rows = rows.to_dict("records")
-    out: dict[str, list[Any]] = {f.name: [] for f in SCHEMAS_ARROW}
-    for i, row in enumerate(rows):
-        if "table" not in row or "columns" not in row or "commit_position" not in row:
-            raise ConfigurationError(
-                f"schema row #{i} needs table, commit_position and columns, got {sorted(row)!r}"
-            )
-        out["schema"].append(row.get("schema") or "public")
-        out["table"].append(row["table"])
-        out["commit_position"].append(row["commit_position"])
-        out["ordinal"].append(row.get("ordinal") or 0)
-        out["committed_at"].append(
-            to_utc(row.get("committed_at", "1970-01-01"), "committed_at").to_pydatetime()
-        )
-        columns = row["columns"]
-        out["columns"].append(columns if isinstance(columns, str) else json.dumps(list(columns)))
-    return pa.table(out, schema=SCHEMAS_ARROW)
-
-
-class InMemorySource(_ArrowBacked):
-    """Changes held in memory: a test double shipped with the library, built from dicts or a DataFrame.
-
-    ``changes``: rows with the columns of ``changes`` (``table``, ``operation``, ``committed_at`` and
-    ``commit_position`` required; ``before``/``after``/``context`` as dicts or JSON text). ``schemas``:
-    rows of ``changes_schemas`` (``table``, ``commit_position``, ``columns`` as a list of dicts).
-    """
-
-    def __init__(
-        self,
-        changes: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table = (),
-        schemas: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table | None = None,
-    ) -> None:
-        self.changes = (
-            changes.select([f.name for f in changes_arrow_schema()]).cast(changes_arrow_schema())
-            if isinstance(changes, pa.Table)
-            else _changes_table(changes)
-        )
-        self._schemas = (
-            schemas.cast(SCHEMAS_ARROW) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
-        )
-
-    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
-        con.register(f"{name}__arrow", self.changes)
-        _scope_view(con, name, f'"{name}__arrow"', scope)
-
-    def schemas(self, table: TableName | None = None) -> pa.Table:
-        return _filter_schemas(self._schemas, table)
-
-    def tables(self, name: str | None = None) -> list[TableName]:
-        pairs = set(zip(self.changes["schema"].to_pylist(), self.changes["table"].to_pylist(), strict=False))
-        pairs |= set(
-            zip(self._schemas["schema"].to_pylist(), self._schemas["table"].to_pylist(), strict=False)
-        )
-        return sorted(p for p in pairs if name is None or p[1] == name)
-
-    def describe(self) -> str:
-        return f"InMemorySource: {self.changes.num_rows} changes"
-
-
-def _filter_schemas(schemas: pa.Table, table: TableName | None) -> pa.Table:
-    if table is None:
-        return schemas
-    mask = [
-        s == table[0] and t == table[1]
-        for s, t in zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False)
-    ]
-    return schemas.filter(pa.array(mask, type=pa.bool_()))
-
-
-# -- Parquet ----------------------------------------------------------------------------------------------
-def _list_dataset_files(directory: str) -> tuple[pafs.FileSystem, list[str]]:
-    try:
-        from capture.export import list_dataset_files  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        from capture.export_dataset import list_dataset_files
-    return list_dataset_files(directory)  # type: ignore[no-any-return, unused-ignore]
-
-
-def _partition_of(path: str) -> str:
-    for segment in path.split("/"):
-        if segment.startswith(("relation=", "table=")):
-            return segment.split("=", 1)[1]
-    return ""
-
-
-class ParquetSource(_ArrowBacked):
-    """A Parquet export directory, local or in an object store (``s3://bucket/prefix``)."""
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = os.fspath(directory)
-        if "://" not in self.directory and not os.path.isdir(self.directory):
-            raise ConfigurationError(
-                f"export directory {self.directory!r} does not exist: run "
-                "`bemi-tt export` first or pass the directory it wrote"
-            )
-
-    def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
-        from urllib.parse import unquote
-
-        filesystem, paths = _list_dataset_files(self.directory)
-        if table is not None:
-            wanted = f"{table[0]}.{table[1]}"
-            paths = [p for p in paths if unquote(_partition_of(p)) == wanted]
-        return filesystem, paths
-
-    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
-        filesystem, paths = self._files(scope.table)
-        if not paths:
-            con.register(f"{name}__arrow", changes_arrow_schema().empty_table())
-            base = f'"{name}__arrow"'
-        elif isinstance(filesystem, pafs.LocalFileSystem):
-            listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-            cols = ", ".join(
-                f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context") else f'"{c}"'
-                for c, _, _ in CHANGES_COLUMNS
-            )
-            try:
-                con.execute(
-                    f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
-                    f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
-                )
-            except duckdb.Error as exc:  # DuckDB reads every file's footer here: a damaged file fails
-                raise self._damaged(exc, paths) from None
-            base = f'"{name}__files"'
-        else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)
-            dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
-            plain = pa.schema(
-                [
-                    pa.field(f.name, pa.string()) if isinstance(f.type, pa.ExtensionType) else f
-                    for f in dataset.schema
-                ]
-            )
-            con.register(
-                f"{name}__arrow", pads.dataset(paths, filesystem=filesystem, format="parquet", schema=plain)
-            )
-            base = f'"{name}__arrow"'
-        _scope_view(con, name, base, scope)
-
-    def _damaged(self, exc: BaseException, paths: Sequence[str]) -> SourceError:
-        """A ``SourceError`` naming the damaged file (DuckDB's message names it; else the first listed)."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        named = re.search(r"[Ff]ile '([^']+)'", first)
-        path = named.group(1) if named else None
-        culprit = f"file {path!r}" if path else f"one of {len(paths)} files"
-        return SourceError(
-            f"cannot read {culprit} of the Parquet export {self.directory!r}: {first}; restore the file "
-            "from a backup or re-export into an empty directory with `bemi-tt export`"
-        )
-
-    def schemas(self, table: TableName | None = None) -> pa.Table:
-        import pyarrow.parquet as pq
-
-        from capture.export_dataset import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE, resolve_directory
-
-        filesystem, root = resolve_directory(self.directory)
-        for file_name in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE):  # the first release wrote the legacy name
-            path = f"{root}/{META_DIR}/{file_name}"
-            if filesystem.get_file_info(path).type == pafs.FileType.File:
-                break
-        else:
-            return SCHEMAS_ARROW.empty_table()
-        try:
-            raw = pq.read_table(path, filesystem=filesystem)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise SourceError(f"cannot read {path!r}: {exc}; re-run `bemi-tt export`") from exc
-        raw = raw.select([f.name for f in SCHEMAS_ARROW])
-        raw = pa.table({f.name: raw[f.name].cast(f.type) for f in SCHEMAS_ARROW})
-        return _filter_schemas(raw, table)
-
-    def tables(self, name: str | None = None) -> list[TableName]:
-        from urllib.parse import unquote
-
-        import pyarrow.parquet as pq
-
-        filesystem, paths = _list_dataset_files(self.directory)
-        pairs: set[TableName] = set()
-        ambiguous: list[str] = []
-        for p in paths:
-            qualified = unquote(_partition_of(p))
-            if qualified.count(".") == 1:
-                schema, _, table = qualified.partition(".")
-                pairs.add((schema, table))
-            else:  # "a.b.c" is ("a.b", "c") or ("a", "b.c"): the file's rows say which
-                ambiguous.append(p)
-        for p in ambiguous:
-            try:
-                names = pq.read_table(p, columns=["schema", "table"], filesystem=filesystem)
-            except (OSError, pa.ArrowInvalid) as exc:
-                raise SourceError(
-                    f"cannot read file {p!r} of the Parquet export {self.directory!r}: {exc}; restore the "
-                    "file from a backup or re-export into an empty directory with `bemi-tt export`"
-                ) from None
-            pairs |= set(zip(names["schema"].to_pylist(), names["table"].to_pylist(), strict=True))
-        schemas = self.schemas()
-        pairs |= set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False))
-        return sorted(p for p in pairs if name is None or p[1] == name)
-
-    def describe(self) -> str:
-        return f"ParquetSource: {self.directory}"
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------------------
@@ -470,6 +72,33 @@ class PostgresSource(Source):
         self._mirror_lock = threading.Lock()
         check_dsn(dsn, what="source")  # a malformed one fails here, its password redacted
 
+    @property
+    def pushdown(self) -> frozenset[str]:  # a mirror holds the rows in memory: DuckDB is faster there
+        return frozenset({"keys"}) if self.mirror else frozenset({"present", "keys"})
+
+    def present(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]) -> None:
+        from bemi_tt.state import latest_sql
+
+        if not self.winners(con, name, scope, keys):
+            self.latest(con, name, scope, keys, latest_sql)
+
+    def cut(self, table: TableName, ts: pd.Timestamp) -> int | None:
+        query = sql.SQL(
+            "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > %s"
+            ' AND "table" = %s AND "schema" = %s OFFSET 0) later'
+        ).format(self._name(CHANGES_TABLE))
+        with self._connect() as conn:
+            row = conn.execute(query, (ts.to_pydatetime(), table[1], table[0])).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def first_commit(self, table: TableName) -> pd.Timestamp | None:
+        query = sql.SQL('SELECT min(committed_at) FROM {} WHERE "table" = %s AND "schema" = %s').format(
+            self._name(CHANGES_TABLE)
+        )
+        with self._connect() as conn:
+            row = conn.execute(query, (table[1], table[0])).fetchone()
+        return pd.Timestamp(row[0]) if row and row[0] is not None else None
+
     @classmethod
     def from_engine(cls, engine: Any) -> PostgresSource:
         """Source for a SQLAlchemy engine or connection (any PostgreSQL driver)."""
@@ -499,28 +128,44 @@ class PostgresSource(Source):
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
 
-    def where(self, scope: Scope) -> sql.Composable:
-        """The WHERE condition of ``scope`` on ``changes`` (values as literals: COPY takes no parameters)."""
+    def where(self, scope: Scope, cut: sql.Composable | None = None) -> sql.Composable:
+        """The WHERE condition of ``scope`` on ``changes`` (values as literals: COPY takes no parameters);
+        ``cut``: an expression standing for :meth:`cut_sql` (a CTE computing it once)."""
         where: list[sql.Composable] = [sql.SQL("TRUE")]
-        in_table: sql.Composable = sql.SQL("")
         if scope.table is not None:
-            in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
-            where.append(sql.SQL("TRUE{}").format(in_table))
+            where.append(sql.SQL('"schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table)))
         if scope.since is not None:
             where.append(sql.SQL("committed_at >= {}").format(sql.Literal(scope.since.to_pydatetime())))
         if scope.until_time is not None:
             where.append(sql.SQL("committed_at <= {}").format(sql.Literal(scope.until_time.to_pydatetime())))
+        if scope.start is not None:
+            where.append(sql.SQL("commit_position >= {}").format(sql.Literal(int(scope.start))))
+        for key, text in scope.context_text:
+            where.append(sql.SQL("(context ->> {}) = {}").format(sql.Literal(key), sql.Literal(text)))
         if scope.until is not None:
-            inner = sql.SQL("SELECT min(commit_position) FROM {} WHERE committed_at > {}{}").format(
-                self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table
-            )
-            where.append(
-                sql.SQL("commit_position < coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION))
-            )
+            bound = cut if cut is not None else self.cut_sql(scope)
+            where.append(sql.SQL("commit_position < {}").format(bound))
         return sql.SQL(" AND ").join(where)
 
+    def cut_sql(self, scope: Scope) -> sql.Composable:
+        """The first position of ``scope``'s table stamped after ``scope.until`` (the largest position when
+        none is), from the ``("table", committed_at)`` index: OFFSET 0 keeps the planner from walking commit
+        order instead."""
+        assert scope.until is not None
+        in_table: sql.Composable = sql.SQL("")
+        if scope.table is not None:
+            in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
+        inner = sql.SQL(
+            "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > {}{}"
+            " OFFSET 0) later"
+        ).format(self._name(CHANGES_TABLE), sql.Literal(scope.until.to_pydatetime()), in_table)
+        return sql.SQL("coalesce(({}), {})").format(inner, sql.Literal(_MAX_POSITION))
+
     def query(self, scope: Scope) -> sql.Composed:
-        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds)."""
+        """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds).
+
+        With ``scope.keys``: the keys' changes and the TRUNCATEs from the ``("table", primary_key, ...)``
+        index, plus the key UPDATEs away from them (the old key read from ``before`` in PostgreSQL)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
         cols = sql.SQL(", ").join(
             sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint")
@@ -528,8 +173,31 @@ class PostgresSource(Source):
             else sql.Identifier(c)
             for c in wanted
         )
-        return sql.SQL("SELECT {} FROM {} WHERE {}").format(
-            cols, self._name(CHANGES_TABLE), self.where(scope)
+        if scope.keys is None:
+            return sql.SQL("SELECT {} FROM {} WHERE {}").format(
+                cols, self._name(CHANGES_TABLE), self.where(scope)
+            )
+        from bemi_tt.rule import POSTGRES, Rule
+
+        keys = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, scope.keys)))
+        old_key = sql.SQL(Rule(POSTGRES, scope.key_columns).old_key_of())  # composed of quoted literals
+        # the cut once, in a CTE, for the three parts
+        prefix: sql.Composable = sql.SQL("")
+        cut: sql.Composable | None = None
+        if scope.until is not None:
+            prefix = sql.SQL("WITH cut AS MATERIALIZED (SELECT {} AS p) ").format(self.cut_sql(scope))
+            cut = sql.SQL("(SELECT p FROM cut)")
+        where = self.where(replace(scope, keys=None), cut)
+        parts = [
+            sql.SQL("primary_key = ANY({})").format(keys),
+            sql.SQL("primary_key IS NULL AND operation = 'TRUNCATE'"),
+            sql.SQL("operation = 'UPDATE' AND {} = ANY({}) AND primary_key <> ALL({})").format(
+                old_key, keys, keys
+            ),
+        ]
+        return prefix + sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(cols, self._name(CHANGES_TABLE), where, part)
+            for part in parts
         )
 
     def copy_arrow(
@@ -988,73 +656,3 @@ class PostgresSource(Source):
     def describe(self) -> str:
         params = psycopg.conninfo.conninfo_to_dict(self.dsn)
         return f"PostgresSource: database {params.get('dbname', '?')!s}"
-
-
-# -- choosing a source --------------------------------------------------------------------------------
-_default: Source | None = None
-_lock = threading.Lock()
-
-
-def _directory_source(directory: str | os.PathLike[str]) -> Source:
-    """A Delta export (a ``_delta_log/`` directory) or a Parquet export."""
-    from bemi_tt.delta_source import DeltaSource, is_delta_directory
-
-    try:
-        delta = is_delta_directory(directory)
-    except (ConfigurationError, SourceError):  # unreachable or odd URI: the Parquet source reports it on use
-        delta = False
-    return DeltaSource(directory) if delta else ParquetSource(directory)
-
-
-def as_source(value: Any) -> Source:
-    """A :class:`Source` for a URL, conninfo, directory, SQLAlchemy engine, or a Source itself."""
-    if isinstance(value, Source):
-        return value
-    if hasattr(value, "dialect") and (hasattr(value, "url") or hasattr(value, "engine")):
-        return PostgresSource.from_engine(value)
-    if isinstance(value, os.PathLike):
-        return _directory_source(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(
-            f"source {redact(value)!r} is not usable: pass a postgresql:// URL, a libpq conninfo, "
-            "a SQLAlchemy engine, a Parquet export directory or a Source"
-        )
-    text = value.strip()
-    if text.startswith(("postgresql://", "postgres://", "postgresql+", "postgres+")):
-        return PostgresSource(text)
-    if "://" in text or os.path.isdir(text):
-        return _directory_source(text)
-    if "=" in text:
-        return PostgresSource(text)
-    raise ConfigurationError(
-        f"source {redact(value)!r} is neither a PostgreSQL URL/conninfo nor an existing export "
-        "directory: check the path or the URL"
-    )
-
-
-def connect(url_or_dir: Any) -> Source | None:
-    """Set (and return) the default source of the module-level functions ``as_of``, ``diff``, ...;
-    ``connect(None)`` forgets it (``$BEMI_TT_SOURCE`` applies again)."""
-    global _default
-    source = None if url_or_dir is None else as_source(url_or_dir)
-    with _lock:
-        _default = source
-    return source
-
-
-def get_source(source: Any = None) -> Source:
-    """``source`` if given, else the one set by :func:`connect`, else ``$BEMI_TT_SOURCE``."""
-    if source is not None:
-        return as_source(source)
-    if _default is not None:
-        return _default
-    env = os.environ.get(SOURCE_ENV)
-    if env:
-        return as_source(env)
-    raise ConfigurationError(
-        f"no source of changes: call bemi_tt.connect(url_or_dir), set {SOURCE_ENV}, or pass source="
-    )
-
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

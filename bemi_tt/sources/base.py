@@ -1,0 +1,223 @@
+"""What every source is: a place holding ``changes`` and ``changes_schemas`` that puts the rows an
+operation needs into DuckDB (:class:`Source`, :class:`Scope`), and what the DuckDB-backed sources share.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute
+
+from capture.errors import ConfigurationError
+from capture.schema import CHANGES_COLUMNS
+
+__all__ = ["SCHEMAS_ARROW", "Scope", "Source", "TableName", "json_text"]
+
+
+#: ``(schema, table)``
+TableName = tuple[str, str]
+
+#: Columns of ``changes_schemas`` as the sources hand them to DuckDB (``columns`` is JSON text).
+SCHEMAS_ARROW = pa.schema(
+    [
+        ("schema", pa.string()),
+        ("table", pa.string()),
+        ("commit_position", pa.int64()),
+        ("ordinal", pa.int32()),
+        ("committed_at", pa.timestamp("us", tz="UTC")),
+        ("columns", pa.string()),
+    ]
+)
+_ARROW_TYPES = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an operation needs: one table (or all), the columns, and changes committed up to ``until``."""
+
+    table: TableName | None = None
+    columns: tuple[str, ...] | None = None
+    until: pd.Timestamp | None = None  # prefix of commit order whose committed_at <= until (per table)
+    since: pd.Timestamp | None = None  # committed_at >= since (plain time filter, for audits)
+    until_time: pd.Timestamp | None = None  # committed_at <= until_time (plain time filter, for audits)
+    #: only what decides these keys (``primary_key`` texts): their changes, every TRUNCATE, and the key
+    #: UPDATEs whose old key (read from ``before`` by ``key_columns``) is one of them
+    keys: tuple[str, ...] | None = None
+    key_columns: tuple[str, ...] = ()
+    #: commit_position >= start (a window of commit order, e.g. the changes between two cuts)
+    start: int | None = None
+    #: ``(key, text)``: the context's member ``key`` reads as ``text`` (a prefilter of audit's filters)
+    context_text: tuple[tuple[str, str], ...] = ()
+
+
+class Source(ABC):
+    """A place holding ``changes`` and ``changes_schemas``; loads them into DuckDB for an operation.
+
+    ``pushdown`` names what the source computes itself instead of handing DuckDB the rows: ``"present"``
+    (:meth:`present`, the rows present at a cut), ``"keys"`` (a :class:`Scope` with ``keys`` reads only
+    what decides them: worth it where reading is costly; DuckDB pushes a key filter into its own scans).
+    The engine asks for a capability, never for a class.
+    """
+
+    @property
+    def pushdown(self) -> frozenset[str]:
+        return frozenset()
+
+    def present(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope, keys: Sequence[str]) -> None:
+        """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` (with ``"present"``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not push down 'present'")
+
+    @abstractmethod
+    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        """Create a view or table ``name`` in ``con`` with the rows of ``changes`` in ``scope``."""
+
+    def cut(self, table: TableName, ts: pd.Timestamp) -> int | None:
+        """The first ``commit_position`` of ``table`` stamped after ``ts`` (None: none is): the prefix of
+        commit order that ``as_of(ts)`` sees ends before it."""
+        from bemi_tt.state import _duck
+
+        con = _duck()
+        self.load(con, "cut", Scope(table=table, columns=("commit_position", "committed_at")))
+        rows = con.execute(
+            f'SELECT min(commit_position) FROM "cut" WHERE committed_at > {_literal(ts)}'
+        ).fetchall()
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def first_commit(self, table: TableName) -> pd.Timestamp | None:
+        """When ``table``'s first change committed (None: it has none)."""
+        from bemi_tt.state import _duck
+
+        con = _duck()
+        self.load(con, "first", Scope(table=table, columns=("committed_at",)))
+        rows = con.execute('SELECT min(committed_at) FROM "first"').fetchall()
+        return pd.Timestamp(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    @abstractmethod
+    def schemas(self, table: TableName | None = None) -> pa.Table:
+        """Rows of ``changes_schemas`` (of one table, or all) as Arrow with :data:`SCHEMAS_ARROW`."""
+
+    @abstractmethod
+    def tables(self, name: str | None = None) -> list[TableName]:
+        """Known tables, or those whose table name is ``name`` (cheap where the source allows)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
+
+
+# -- helpers shared by the DuckDB-backed sources ----------------------------------------------------
+def _literal(value: Any) -> str:
+    """A DuckDB SQL literal (views cannot hold parameters)."""
+    if isinstance(value, pd.Timestamp):
+        return f"TIMESTAMPTZ '{value.isoformat()}'"
+    if isinstance(value, int):
+        return str(int(value))
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Scope) -> None:
+    """Create the temp view ``name`` over ``base`` with the rows in ``scope`` (as-of cut computed first)."""
+    cols = ", ".join(f'"{c}"' for c in scope.columns) if scope.columns else "*"
+    where: list[str] = []
+    if scope.table is not None:
+        where.append(f'"schema" = {_literal(scope.table[0])} AND "table" = {_literal(scope.table[1])}')
+    if scope.since is not None:
+        where.append(f"committed_at >= {_literal(scope.since)}")
+    if scope.until_time is not None:
+        where.append(f"committed_at <= {_literal(scope.until_time)}")
+    if scope.start is not None:
+        where.append(f"commit_position >= {int(scope.start)}")
+    for key, text in scope.context_text:
+        pointer = "/" + key.replace("~", "~0").replace("/", "~1")
+        where.append(f"json_extract_string(context, {_literal(pointer)}) = {_literal(text)}")
+    if scope.keys is not None:
+        from bemi_tt.rule import DUCKDB, Rule
+
+        listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
+        rule = Rule(DUCKDB, scope.key_columns)  # key_updates rules out most UPDATEs before parsing JSON
+        where.append(
+            f"(primary_key IN ({listed}) OR operation = 'TRUNCATE' "
+            f"OR ({rule.key_updates()} AND {rule.old_key_of()} IN ({listed})))"
+        )
+    if scope.until is not None:
+        inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"
+        if where:
+            inner += " AND " + " AND ".join(where)
+        rows = con.sql(inner).fetchall()
+        cut = rows[0][0] if rows and rows[0][0] is not None else None
+        if cut is not None:
+            where.append(f"commit_position < {int(cut)}")
+    text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
+    con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {text}')
+
+
+class _ArrowBacked(Source):
+    """Shared logic of sources whose data DuckDB scans directly (Arrow tables or Parquet files)."""
+
+    def _tables_from(self, relation: duckdb.DuckDBPyRelation) -> list[TableName]:
+        rows = relation.fetchall()
+        return sorted({(str(s), str(t)) for s, t in rows})
+
+
+def json_text(value: Any) -> str:
+    """Typed JSON text the way the capture worker writes values (numerics exact, ISO times, ``\\\\x`` hex)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, Decimal):
+        return str(value) if value.is_finite() else json.dumps(str(value))
+    if isinstance(value, float):
+        return (
+            repr(value)
+            if value == value and value not in (float("inf"), float("-inf"))
+            else json.dumps({"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[str(value)])
+        )
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if isinstance(value, datetime):
+        return json.dumps(value.isoformat())
+    if isinstance(value, (date, time)):
+        return json.dumps(value.isoformat())
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return json.dumps("\\x" + bytes(value).hex())
+    if isinstance(value, UUID):
+        return json.dumps(str(value))
+    if isinstance(value, Mapping):
+        return (
+            "{"
+            + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{json_text(v)}" for k, v in value.items())
+            + "}"
+        )
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(json_text(v) for v in value) + "]"
+    raise ConfigurationError(
+        f"cannot store {value!r} ({type(value).__name__}) as typed JSON: use JSON "
+        "scalars, Decimal, datetime, date, time, bytes, UUID, dicts or lists"
+    )
+
+
+def _filter_schemas(schemas: pa.Table, table: TableName | None) -> pa.Table:
+    if table is None:
+        return schemas
+    mask = [
+        s == table[0] and t == table[1]
+        for s, t in zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False)
+    ]
+    return schemas.filter(pa.array(mask, type=pa.bool_()))

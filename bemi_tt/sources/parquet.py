@@ -1,0 +1,151 @@
+"""A Parquet export directory, local or in an object store, as a source (:class:`ParquetSource`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from bemi_tt.sources.base import SCHEMAS_ARROW, Scope, TableName, _ArrowBacked, _filter_schemas, _scope_view
+from capture.errors import ConfigurationError, SourceError
+from capture.schema import CHANGES_COLUMNS, changes_arrow_schema
+
+__all__ = ["ParquetSource"]
+
+
+# -- Parquet ----------------------------------------------------------------------------------------------
+def _list_dataset_files(directory: str) -> tuple[pafs.FileSystem, list[str]]:
+    try:
+        from capture.export import list_dataset_files  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        from capture.export_dataset import list_dataset_files
+    return list_dataset_files(directory)  # type: ignore[no-any-return, unused-ignore]
+
+
+def _partition_of(path: str) -> str:
+    for segment in path.split("/"):
+        if segment.startswith(("relation=", "table=")):
+            return segment.split("=", 1)[1]
+    return ""
+
+
+class ParquetSource(_ArrowBacked):
+    """A Parquet export directory, local or in an object store (``s3://bucket/prefix``)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+        if "://" not in self.directory and not os.path.isdir(self.directory):
+            raise ConfigurationError(
+                f"export directory {self.directory!r} does not exist: run "
+                "`bemi-tt export` first or pass the directory it wrote"
+            )
+
+    def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
+        from urllib.parse import unquote
+
+        filesystem, paths = _list_dataset_files(self.directory)
+        if table is not None:
+            wanted = f"{table[0]}.{table[1]}"
+            paths = [p for p in paths if unquote(_partition_of(p)) == wanted]
+        return filesystem, paths
+
+    def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
+        filesystem, paths = self._files(scope.table)
+        if not paths:
+            con.register(f"{name}__arrow", changes_arrow_schema().empty_table())
+            base = f'"{name}__arrow"'
+        elif isinstance(filesystem, pafs.LocalFileSystem):
+            listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+            cols = ", ".join(
+                f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context") else f'"{c}"'
+                for c, _, _ in CHANGES_COLUMNS
+            )
+            try:
+                con.execute(
+                    f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
+                    f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
+                )
+            except duckdb.Error as exc:  # DuckDB reads every file's footer here: a damaged file fails
+                raise self._damaged(exc, paths) from None
+            base = f'"{name}__files"'
+        else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)
+            dataset = pads.dataset(paths, filesystem=filesystem, format="parquet")
+            plain = pa.schema(
+                [
+                    pa.field(f.name, pa.string()) if isinstance(f.type, pa.ExtensionType) else f
+                    for f in dataset.schema
+                ]
+            )
+            con.register(
+                f"{name}__arrow", pads.dataset(paths, filesystem=filesystem, format="parquet", schema=plain)
+            )
+            base = f'"{name}__arrow"'
+        _scope_view(con, name, base, scope)
+
+    def _damaged(self, exc: BaseException, paths: Sequence[str]) -> SourceError:
+        """A ``SourceError`` naming the damaged file (DuckDB's message names it; else the first listed)."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        named = re.search(r"[Ff]ile '([^']+)'", first)
+        path = named.group(1) if named else None
+        culprit = f"file {path!r}" if path else f"one of {len(paths)} files"
+        return SourceError(
+            f"cannot read {culprit} of the Parquet export {self.directory!r}: {first}; restore the file "
+            "from a backup or re-export into an empty directory with `bemi-tt export`"
+        )
+
+    def schemas(self, table: TableName | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        from capture.export_dataset import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE, resolve_directory
+
+        filesystem, root = resolve_directory(self.directory)
+        for file_name in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE):  # the first release wrote the legacy name
+            path = f"{root}/{META_DIR}/{file_name}"
+            if filesystem.get_file_info(path).type == pafs.FileType.File:
+                break
+        else:
+            return SCHEMAS_ARROW.empty_table()
+        try:
+            raw = pq.read_table(path, filesystem=filesystem)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SourceError(f"cannot read {path!r}: {exc}; re-run `bemi-tt export`") from exc
+        raw = raw.select([f.name for f in SCHEMAS_ARROW])
+        raw = pa.table({f.name: raw[f.name].cast(f.type) for f in SCHEMAS_ARROW})
+        return _filter_schemas(raw, table)
+
+    def tables(self, name: str | None = None) -> list[TableName]:
+        from urllib.parse import unquote
+
+        import pyarrow.parquet as pq
+
+        filesystem, paths = _list_dataset_files(self.directory)
+        pairs: set[TableName] = set()
+        ambiguous: list[str] = []
+        for p in paths:
+            qualified = unquote(_partition_of(p))
+            if qualified.count(".") == 1:
+                schema, _, table = qualified.partition(".")
+                pairs.add((schema, table))
+            else:  # "a.b.c" is ("a.b", "c") or ("a", "b.c"): the file's rows say which
+                ambiguous.append(p)
+        for p in ambiguous:
+            try:
+                names = pq.read_table(p, columns=["schema", "table"], filesystem=filesystem)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise SourceError(
+                    f"cannot read file {p!r} of the Parquet export {self.directory!r}: {exc}; restore the "
+                    "file from a backup or re-export into an empty directory with `bemi-tt export`"
+                ) from None
+            pairs |= set(zip(names["schema"].to_pylist(), names["table"].to_pylist(), strict=True))
+        schemas = self.schemas()
+        pairs |= set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False))
+        return sorted(p for p in pairs if name is None or p[1] == name)
+
+    def describe(self) -> str:
+        return f"ParquetSource: {self.directory}"

@@ -1,0 +1,15 @@
+WITH moves AS (
+    SELECT ok AS k, pk AS to_k, cp, o FROM (
+        SELECT json_extract_string(before, '/id') AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+        FROM "o" WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}' AND NOT starts_with(CAST(before AS VARCHAR), '{"id": ' || primary_key || ',') AND NOT starts_with(CAST(before AS VARCHAR), '{"id": ' || CAST(to_json(primary_key) AS VARCHAR) || ',')
+    ) m WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
+),
+events AS (
+    SELECT primary_key AS k, commit_position AS cp, ordinal AS o, operation AS op, after AS payload
+    FROM "o" WHERE operation <> 'TRUNCATE' AND primary_key IS NOT NULL
+    UNION ALL
+    SELECT k, cp, o, 'DELETE', NULL FROM moves
+),
+truncates AS (
+    SELECT max((commit_position, ordinal)) AS t FROM "o" WHERE operation = 'TRUNCATE'
+)
