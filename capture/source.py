@@ -382,12 +382,15 @@ class SlotReader:
     def close(self) -> None:
         """End the peek: close the cursor and its transaction (needed before advancing)."""
         cur, self._cursor = self._cursor, None
-        if cur is None or self.conn.closed:
+        if cur is None:
+            return
+        if self.conn.closed:  # broken and closed elsewhere: close the cursor locally, or its finalizer warns
+            cur.close()
             return
         try:
             cur.close()
             self.conn.rollback()
-        except psycopg.OperationalError:
+        except psycopg.Error:
             # the connection broke mid-peek (the worker learns it from its next statement and
             # reconnects): closing it closes the cursor without a round trip, so neither this call
             # nor the cursor's finalizer raises while the generator is being torn down
