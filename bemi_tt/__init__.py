@@ -103,7 +103,8 @@ __all__ = [
 
 
 # Public classes show ``bemi_tt`` as their module (tracebacks, reprs, pickling all find them here).
-for _public in (Bemi, BemiError, ConfigurationError, DecodeError, SlotLostError, SourceError, context):
+for _public in (Bemi, BemiError, ChainError, ConfigurationError, DecodeError, SlotLostError, SourceError,
+                StaleWarning, context):
     _public.__module__ = __name__
 
 
