@@ -31,6 +31,10 @@ the server for such a keepalive (a status update with the reply flag). So ``--on
 streaming as: note ``pg_current_wal_flush_lsn()`` at start and read with that as ``upto``. A batch
 generator closed before its end (the caller stopped mid-way) cannot know what the caller used of its
 last batch: the next call reconnects and restarts from the slot, exactly like the next SQL peek.
+Each call is self-contained like a peek: the walsender sends a table's Relation message once per
+connection, so the reader replays the cached one (with its Type messages) before the table's first
+change in every later call, and gives Relation and Type messages (sent at 0/0) the LSN of the change
+they precede, as the SQL functions do.
 
 Errors: a lost connection raises ``psycopg.OperationalError`` (the worker's reconnect path); a missing
 slot ``SlotLostError``, a slot another process streams ``SlotInUseError``; other server errors as
@@ -72,9 +76,11 @@ _KEEPALIVE = struct.Struct(">cQqB")  # 'k', wal end, clock, reply requested
 _STATUS = struct.Struct(">cQQQqB")  # 'r', write, flush, apply, clock, reply requested
 _COMMIT_END = struct.Struct(">Q")  # pgoutput Commit: 'C', flags (1), commit lsn (8), end lsn (8), time (8)
 _W, _K, _R = b"w", b"k", b"r"
-_BEGIN, _COMMIT = ord("B"), ord("C")
-#: How long to wait for data before asking the server where it is (a reply-requested status update).
-_ASK_AFTER = 0.2
+_BEGIN, _COMMIT, _RELATION, _TYPE, _TRUNCATE_KIND = (ord(c) for c in "BCRYT")
+_CHANGES = frozenset(ord(c) for c in "IUDT")
+_OID = struct.Struct(">I")
+#: How often a reader waiting for data asks the server where it is (a reply-requested status update).
+_ASK_EVERY = 1.0
 
 
 class ChangeReader(Protocol):
@@ -205,6 +211,11 @@ class StreamReader:
         self._in_transaction = False
         self._last_status = 0.0
         self._dirty = False  # a batch generator was abandoned: restart from the slot
+        # the Relation (with its Type) messages of this connection by relation OID, the Type messages
+        # waiting for their Relation, and the relations whose Relation this peek_batches call yielded
+        self._relations: dict[int, tuple[bytes, ...]] = {}
+        self._types: list[bytes] = []
+        self._sent: set[int] = set()
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -234,6 +245,8 @@ class StreamReader:
         self._boundary = self._confirmed
         self._in_transaction = False
         self._dirty = False
+        self._relations.clear()
+        self._types.clear()
         self._last_status = time.monotonic()
         self._stop.clear()
         self._thread = threading.Thread(
@@ -322,6 +335,7 @@ class StreamReader:
         A list is yielded as soon as no more data is at hand, so latency does not wait for a full batch.
         """
         conn = self._connection()
+        self._sent.clear()
         finished = False
         try:
             if self._boundary >= upto and not self._in_transaction:
@@ -344,8 +358,7 @@ class StreamReader:
         """Up to one batch of what is at hand (waiting for the first message); whether ``upto`` was met."""
         rows: list[tuple[int, bytes]] = []
         pending: list[int] = []  # rows still waiting for their LSN
-        asked = False
-        waited_since = time.monotonic()
+        asked_at: float | None = None
         while len(rows) < self.batch or pending:
             now = time.monotonic()
             if now - self._last_status >= self.status_interval:
@@ -356,18 +369,21 @@ class StreamReader:
                 if kind == _W:
                     start = _XLOG.unpack_from(data)[1]
                     payload = bytes(data[_XLOG.size :])
+                    first = payload[0] if payload else 0
                     if start == 0:
                         # the walsender sends Relation and Type messages at 0/0; the SQL functions give
                         # them the LSN of the change they precede: patched when that change arrives
                         pending.append(len(rows))
-                    elif pending:
-                        for index in pending:
-                            rows[index] = (start, rows[index][1])
-                        pending.clear()
+                    else:
+                        if first in _CHANGES:
+                            self._replay_relations(rows, start, payload)
+                        if pending:
+                            for index in pending:
+                                rows[index] = (start, rows[index][1])
+                            pending.clear()
                     rows.append((start, payload))
                     if start > self._received:
                         self._received = start
-                    first = payload[0] if payload else 0
                     if first == _BEGIN:
                         self._in_transaction = True
                     elif first == _COMMIT and len(payload) >= 18:
@@ -377,6 +393,13 @@ class StreamReader:
                             self._boundary = end
                         if end >= upto:
                             return rows, True
+                    elif first == _TYPE:
+                        self._types.append(payload)
+                    elif first == _RELATION and len(payload) >= 5:
+                        oid = _OID.unpack_from(payload, 1)[0]
+                        self._relations[oid] = (*self._types, payload)
+                        self._types.clear()
+                        self._sent.add(oid)
                 elif kind == _K:
                     _, wal_end, _clock, reply = _KEEPALIVE.unpack(bytes(data))
                     if wal_end > self._received:
@@ -397,11 +420,11 @@ class StreamReader:
                 raise psycopg.OperationalError(f"replication connection lost: {_text(conn.error_message)}")
             if rows and not pending:
                 return rows, False  # nothing more at hand: hand over what we have
-            # nothing at all: wait on the socket; ask the server for its position once in a while
-            if not asked and now - waited_since >= _ASK_AFTER:
+            # nothing at all: ask the server where it is (it answers with a keepalive), then wait
+            if asked_at is None or now - asked_at >= _ASK_EVERY:
                 self._send_status(conn, reply=True)
-                asked = True
-            timeout = max(0.0, min(self.status_interval - (now - self._last_status), _ASK_AFTER))
+                asked_at = now
+            timeout = max(0.0, min(self.status_interval - (now - self._last_status), _ASK_EVERY))
             with selectors.DefaultSelector() as sel:
                 sel.register(conn.socket, selectors.EVENT_READ)
                 ready = sel.select(timeout)
@@ -410,10 +433,31 @@ class StreamReader:
                     conn.consume_input()
                 except psycopg.OperationalError as exc:
                     raise psycopg.OperationalError(f"replication connection lost: {exc}") from None
-            elif asked and now - waited_since >= self.status_interval:
-                asked = False  # ask again: an idle server answers once per question
-                waited_since = now
         return rows, False
+
+    def _replay_relations(self, rows: list[tuple[int, bytes]], lsn: int, change: bytes) -> None:
+        """Put the cached Relation (and Type) messages of ``change``'s tables before it, once per call.
+
+        The walsender sends a table's Relation message once per connection; every SQL peek sends it again
+        before the table's first change. Replaying it keeps each :meth:`peek_batches` call self-contained
+        like a peek, so a consumer may start a fresh decoder state per call.
+        """
+        if change[0] == _TRUNCATE_KIND:
+            if len(change) < 6:
+                return
+            count = _OID.unpack_from(change, 1)[0]
+            oids = struct.unpack_from(f">{count}I", change, 6) if len(change) >= 6 + 4 * count else ()
+        elif len(change) >= 5:
+            oids = (_OID.unpack_from(change, 1)[0],)
+        else:
+            return
+        for oid in oids:
+            if oid in self._sent:
+                continue
+            cached = self._relations.get(oid)
+            if cached is not None:
+                rows.extend((lsn, message) for message in cached)
+            self._sent.add(oid)
 
     # -- ending --------------------------------------------------------------------------------------
 

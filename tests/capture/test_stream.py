@@ -177,6 +177,29 @@ def test_the_slot_never_passes_what_the_caller_confirmed_and_the_rest_is_sent_ag
     assert [c.end_lsn for c in resent] == [c.end_lsn for c in commits[4:]]
 
 
+def test_every_call_carries_the_relation_messages_of_its_tables_like_a_peek(
+    dsn: str, slot: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("CREATE TABLE u (id int PRIMARY KEY)")
+    admin.execute("INSERT INTO t VALUES (1, 'a')")
+    with StreamReader(dsn, slot, PUB) as reader:
+        first = read_all(reader, flushed(admin))
+        reader.confirm(decode(first[-1][1]).end_lsn)  # type: ignore[union-attr]
+        admin.execute("INSERT INTO u VALUES (1)")
+        admin.execute("INSERT INTO t VALUES (2, 'b')")
+        admin.execute("UPDATE t SET v = 'c'")
+        upto = flushed(admin)
+        second = read_all(reader, upto)
+        wait_until(lambda: confirmed_flush(admin) == reader.confirmed, "the confirmation to arrive")
+    # a SQL peek from the confirmed position reads the same bytes at the same LSNs
+    with psycopg.connect(dsn) as peek_conn:
+        peeked = [row for batch in SlotReader(peek_conn, slot, PUB).peek_batches(upto) for row in batch]
+    assert second == peeked
+    kinds = [chr(d[0]) for _, d in second]
+    # u's Relation arrived from the server; t's was replayed before t's first change of this call only
+    assert kinds == ["B", "R", "I", "C", "B", "R", "I", "C", "B", "U", "U", "C"]
+
+
 def test_an_abandoned_batch_generator_restarts_from_the_slot(
     dsn: str, slot: str, admin: psycopg.Connection
 ) -> None:
@@ -214,7 +237,7 @@ def test_keepalive_replies_keep_the_connection_alive_past_a_short_wal_sender_tim
             target += 1  # a position the idle server only reports on request
         admin.execute("INSERT INTO t VALUES (2, 'b')")
         rows = read_all(reader, flushed(admin))
-        assert [type(decode(d)).__name__ for _, d in rows] == ["Begin", "Insert", "Commit"]
+        assert [type(decode(d)).__name__ for _, d in rows] == ["Begin", "Relation", "Insert", "Commit"]
         assert (
             admin.execute(
                 "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
