@@ -81,6 +81,8 @@ _CHANGES = frozenset(ord(c) for c in "IUDT")
 _OID = struct.Struct(">I")
 #: How often a reader waiting for data asks the server where it is (a reply-requested status update).
 _ASK_EVERY = 1.0
+#: How long closing waits for the server to end the stream (and release the slot).
+_CLOSE_WAIT = 5.0
 
 
 class ChangeReader(Protocol):
@@ -478,6 +480,7 @@ class StreamReader:
                         self._send_status(conn)
                     conn.put_copy_end()
                     conn.flush()
+                    _await_copy_end(conn, time.monotonic() + _CLOSE_WAIT)
             except psycopg.OperationalError:
                 pass  # closing a lost connection: nothing to tell the server
             finally:
@@ -488,6 +491,26 @@ class StreamReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _await_copy_end(conn: pq.abc.PGconn, deadline: float) -> None:
+    """Discard what is still in flight until the server ends the COPY too (or ``deadline`` passes).
+
+    The walsender releases the slot when it leaves START_REPLICATION; waiting for that here means a
+    reader started right after this one (a restart from the slot) finds the slot free.
+    """
+    while time.monotonic() < deadline:
+        size, _ = conn.get_copy_data(1)
+        if size > 0:
+            continue
+        if size < 0:  # the server's CopyDone (-1) or an error (-2): collect the command's results
+            while conn.get_result() is not None:
+                pass
+            return
+        with selectors.DefaultSelector() as sel:
+            sel.register(conn.socket, selectors.EVENT_READ)
+            if sel.select(max(0.0, deadline - time.monotonic())):
+                conn.consume_input()
 
 
 def _text(value: bytes | None) -> str:
