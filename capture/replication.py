@@ -226,6 +226,10 @@ class StreamReader:
         """The highest position confirmed so far (what the slot may move to)."""
         return self._confirmed
 
+    def start(self) -> None:
+        """Open the stream now (else the first read does): connection and slot errors surface here."""
+        self._connection()
+
     def _start(self) -> pq.abc.PGconn:
         conn = pq.PGconn.connect(self._conninfo.encode())
         if conn.status != pq.ConnStatus.OK:

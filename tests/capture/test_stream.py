@@ -1,7 +1,9 @@
-"""The streaming replication reader (capture/replication.py) against a real server.
+"""The streaming replication reader (capture/replication.py) and the worker on it, against a real server.
 
-Every test creates its own publication and pgoutput slot in the test's fresh database and reads it
-with ``START_REPLICATION`` through psycopg's libpq layer; nothing is mocked.
+The reader tests create their own publication and pgoutput slot in the test's fresh database and read
+it with ``START_REPLICATION`` through psycopg's libpq layer; nothing is mocked. The worker's
+exactly-once, crash and randomized tests (test_exactly_once.py, test_randomized.py, ...) run on the
+streaming reader, the worker's default.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capture.errors import DecodeError, SlotInUseError, SlotLostError
+from capture.errors import ConfigurationError, DecodeError, SlotInUseError, SlotLostError
 from capture.pgoutput import Begin, Commit, Insert, Message, Relation, decode
 from capture.replication import (
     ChangeReader,
@@ -27,6 +29,7 @@ from capture.replication import (
     encode_copy_message,
 )
 from capture.source import SlotReader
+from capture.worker import run
 
 PUB = "p_stream"
 SESSION = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres"
@@ -322,3 +325,61 @@ def test_malformed_replication_messages_are_decode_errors(data: bytes) -> None:
     except DecodeError:
         return
     assert encode_copy_message(message) == data
+
+
+# -- the worker on the streaming path ----------------------------------------------------------------
+
+
+def worker_rows(dsn: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT primary_key, operation FROM changes WHERE operation <> 'SNAPSHOT'"
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+
+
+def test_the_worker_switches_between_the_sql_and_the_streaming_reader_without_loss_or_duplicates(
+    dsn: str,
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE w (id int PRIMARY KEY)")
+    run(dsn, once=True, reader="sql")
+    expected = []
+    for round_, reader in enumerate(["stream", "sql", "stream", "stream", "sql"]):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for i in range(3):
+                conn.execute("INSERT INTO w VALUES (%s)", (round_ * 10 + i,))
+                expected.append((str(round_ * 10 + i), "CREATE"))
+        assert run(dsn, once=True, reader=reader).changes == 3
+        assert worker_rows(dsn) == expected
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # the streaming worker confirmed (through status updates) what it wrote: nothing is retained
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn >= pg_current_wal_flush_lsn() - 1024 * 1024, active_pid"
+            " FROM pg_replication_slots WHERE slot_name = 'bemi_tt'"
+        ).fetchone()
+    assert row == (True, None)
+
+
+def test_a_streaming_run_in_batches_confirms_the_slot_past_the_last_written_commit(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE w (id int PRIMARY KEY)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(30):
+            conn.execute("INSERT INTO w VALUES (%s)", (i,))
+    stats = run(dsn, once=True, batch_changes=10)
+    assert stats.changes == 30 and stats.batches >= 3
+    with psycopg.connect(dsn) as conn:
+        end = conn.execute("SELECT end_position FROM changes_positions WHERE slot = 'bemi_tt'").fetchone()
+        slot = conn.execute(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots"
+            " WHERE slot_name = 'bemi_tt'"
+        ).fetchone()
+    assert end is not None and slot is not None and slot[0] >= end[0]
+
+
+@pytest.mark.parametrize("reader", ["streaming", "", None, "SQL"])
+def test_an_unknown_reader_is_rejected_before_connecting(reader: object) -> None:
+    with pytest.raises(ConfigurationError, match="reader must be 'stream' or 'sql'"):
+        run("postgresql://nobody@127.0.0.1:1/none", once=True, reader=reader)  # type: ignore[arg-type]
