@@ -79,6 +79,10 @@ _W, _K, _R = b"w", b"k", b"r"
 _BEGIN, _COMMIT, _RELATION, _TYPE, _TRUNCATE_KIND = (ord(c) for c in "BCRYT")
 _CHANGES = frozenset(ord(c) for c in "IUDT")
 _OID = struct.Struct(">I")
+_LSN = struct.Struct(">Q")
+_W_BYTE, _K_BYTE = ord("w"), ord("k")
+#: First bytes of the messages the fast path takes: row changes (Insert, Update, Delete) and Messages.
+_FAST = frozenset(ord(c) for c in "IUDM")
 #: How often a reader waiting for data asks the server where it is (a reply-requested status update).
 _ASK_EVERY = 1.0
 #: How long closing waits for the server to end the stream (and release the slot).
@@ -218,6 +222,7 @@ class StreamReader:
         self._relations: dict[int, tuple[bytes, ...]] = {}
         self._types: list[bytes] = []
         self._sent: set[int] = set()
+        self._unsent: set[int] = set()  # cached relations not yet yielded in this call (fast path if empty)
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -342,6 +347,7 @@ class StreamReader:
         """
         conn = self._connection()
         self._sent.clear()
+        self._unsent = set(self._relations)
         finished = False
         try:
             if self._boundary >= upto and not self._in_transaction:
@@ -361,35 +367,44 @@ class StreamReader:
                 self._dirty = True
 
     def _read(self, conn: pq.abc.PGconn, upto: int) -> tuple[list[tuple[int, bytes]], bool]:
-        """Up to one batch of what is at hand (waiting for the first message); whether ``upto`` was met."""
+        """Up to one batch of what is at hand (waiting for the first message); whether ``upto`` was met.
+
+        The hot path (an XLogData with a row change) costs a call, a slice and an append; everything
+        else (transaction bounds, Relation/Type messages, keepalives) takes the slow branch.
+        """
         rows: list[tuple[int, bytes]] = []
+        append = rows.append
+        get = conn.get_copy_data
+        batch = self.batch
         pending: list[int] = []  # rows still waiting for their LSN
         asked_at: float | None = None
-        while len(rows) < self.batch or pending:
-            now = time.monotonic()
-            if now - self._last_status >= self.status_interval:
-                self._send_status(conn)
-            size, data = conn.get_copy_data(1)
+        if time.monotonic() - self._last_status >= self.status_interval:
+            self._send_status(conn)
+        while len(rows) < batch or pending:
+            size, data = get(1)
             if size > 0:
-                kind = data[:1]
-                if kind == _W:
-                    start = _XLOG.unpack_from(data)[1]
+                if data[0] == _W_BYTE:
                     payload = bytes(data[_XLOG.size :])
+                    start = _LSN.unpack_from(data, 1)[0]
                     first = payload[0] if payload else 0
+                    if start and first in _FAST and not pending and not self._unsent:
+                        append((start, payload))  # a row change of a table already described
+                        self._received = start
+                        continue
                     if start == 0:
                         # the walsender sends Relation and Type messages at 0/0; the SQL functions give
                         # them the LSN of the change they precede: patched when that change arrives
                         pending.append(len(rows))
                     else:
-                        if first in _CHANGES:
+                        if first in _CHANGES and self._unsent:
                             self._replay_relations(rows, start, payload)
                         if pending:
                             for index in pending:
                                 rows[index] = (start, rows[index][1])
                             pending.clear()
-                    rows.append((start, payload))
-                    if start > self._received:
-                        self._received = start
+                        if start > self._received:
+                            self._received = start
+                    append((start, payload))
                     if first == _BEGIN:
                         self._in_transaction = True
                     elif first == _COMMIT and len(payload) >= 18:
@@ -406,7 +421,8 @@ class StreamReader:
                         self._relations[oid] = (*self._types, payload)
                         self._types.clear()
                         self._sent.add(oid)
-                elif kind == _K:
+                        self._unsent.discard(oid)
+                elif data[0] == _K_BYTE:
                     _, wal_end, _clock, reply = _KEEPALIVE.unpack(bytes(data))
                     if wal_end > self._received:
                         self._received = wal_end
@@ -417,7 +433,7 @@ class StreamReader:
                         if wal_end >= upto:
                             return rows, True
                 else:
-                    raise DecodeError(f"unknown replication message type {bytes(kind)!r}", 0)
+                    raise DecodeError(f"unknown replication message type {bytes(data[:1])!r}", 0)
                 continue
             if size == -1:  # the server ended the stream: its final result says why
                 result = conn.get_result()
@@ -427,6 +443,9 @@ class StreamReader:
             if rows and not pending:
                 return rows, False  # nothing more at hand: hand over what we have
             # nothing at all: ask the server where it is (it answers with a keepalive), then wait
+            now = time.monotonic()
+            if now - self._last_status >= self.status_interval:
+                self._send_status(conn)
             if asked_at is None or now - asked_at >= _ASK_EVERY:
                 self._send_status(conn, reply=True)
                 asked_at = now
@@ -464,6 +483,7 @@ class StreamReader:
             if cached is not None:
                 rows.extend((lsn, message) for message in cached)
             self._sent.add(oid)
+            self._unsent.discard(oid)
 
     # -- ending --------------------------------------------------------------------------------------
 
