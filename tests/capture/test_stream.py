@@ -356,7 +356,7 @@ def test_the_worker_switches_between_the_sql_and_the_streaming_reader_without_lo
         # the streaming worker confirmed (through status updates) what it wrote: nothing is retained
         row = conn.execute(
             "SELECT confirmed_flush_lsn >= pg_current_wal_flush_lsn() - 1024 * 1024, active_pid"
-            " FROM pg_replication_slots WHERE slot_name = 'bemi_tt'"
+            " FROM pg_replication_slots WHERE database = current_database()"
         ).fetchone()
     assert row == (True, None)
 
@@ -371,10 +371,13 @@ def test_a_streaming_run_in_batches_confirms_the_slot_past_the_last_written_comm
     stats = run(dsn, once=True, batch_changes=10)
     assert stats.changes == 30 and stats.batches >= 3
     with psycopg.connect(dsn) as conn:
-        end = conn.execute("SELECT end_position FROM changes_positions WHERE slot = 'bemi_tt'").fetchone()
         slot = conn.execute(
-            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots"
-            " WHERE slot_name = 'bemi_tt'"
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint, slot_name FROM pg_replication_slots"
+            " WHERE database = current_database()"
+        ).fetchone()
+        assert slot is not None
+        end = conn.execute(
+            "SELECT end_position FROM changes_positions WHERE slot = %s", (slot[1],)
         ).fetchone()
     assert end is not None and slot is not None and slot[0] >= end[0]
 
