@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-changes", type=int, default=50_000)
     parser.add_argument("--export-to")
     parser.add_argument("--export-every", type=float, default=60.0)
+    parser.add_argument(
+        "--reader",
+        choices=("stream", "sql"),
+        default="stream",
+        help="read the slot with the streaming protocol (default) or the SQL functions (fallback)",
+    )
     parser.add_argument("--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             export_to=args.export_to,
             export_every=args.export_every,
             batch_changes=args.batch_changes,
+            reader=args.reader,
         )
     except BemiError as exc:
         print(f"error: {exc}", file=sys.stderr)

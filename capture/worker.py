@@ -1,10 +1,13 @@
 """The capture loop: server checks, publication and slot set-up, snapshot, batches, signals, status.
 
-One iteration reads everything committed up to the current flushed WAL position with one peek call
-(capture/source.py), stitches it (capture/stitch.py) and writes it (capture/sink.py), committing the
-destination every ``batch_changes`` changes at a transaction boundary; once the peek is finished the slot
-is advanced. Source transactions already recorded in ``changes_positions`` are skipped, so restarts
-after any crash resume exactly where the last destination commit stopped.
+One iteration reads everything committed up to the current flushed WAL position (``--once``: the
+position noted at start), stitches it (capture/stitch.py) and writes it (capture/sink.py), committing
+the destination every ``batch_changes`` changes at a transaction boundary. The slot is read with the
+streaming replication protocol (capture/replication.py, the default: decoding overlaps writing, and
+each destination commit is confirmed to the server at once with a standby status update) or, as the
+fallback where replication connections are refused, with one peek call (capture/source.py) after which
+the slot is advanced. Source transactions already recorded in ``changes_positions`` are skipped, so
+restarts after any crash resume exactly where the last destination commit stopped.
 
 Own tables: when the destination is the source database, the worker's tables (``changes``,
 ``changes_schemas``, ``changes_positions`` in the destination schema) are decoded by the all-tables
@@ -19,7 +22,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +44,7 @@ from capture.errors import (
     SlotLostError,
 )
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
+from capture.replication import ChangeReader, StreamReader
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.signing import ContextKey, KeyRing, keys_from_env
 from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE, Position, Sink
@@ -61,6 +65,8 @@ _RETRY_MIN, _RETRY_MAX = 0.5, 30.0
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 #: First key of the advisory lock a worker holds on its slot (ASCII "BEMI"); the second is hashtext(slot).
 _SLOT_LOCK_CLASS = 0x42454D49
+#: How the slot is read: the streaming protocol (default) or the SQL functions (fallback).
+READERS = ("stream", "sql")
 #: How long a starting worker waits for the slot's lock: a killed worker's backend may linger a moment.
 SLOT_LOCK_WAIT = "5s"
 
@@ -216,7 +222,7 @@ class _Session:
     schema: str
     batch_changes: int
     meta: psycopg.Connection
-    reader: src.SlotReader
+    reader: ChangeReader
     sink: Sink
     database: str
     own: frozenset[tuple[str, str]]
@@ -232,11 +238,18 @@ class _Session:
         self.untracked.clear()
         self.untracked.update((str(r[0]), str(r[1])) for r in rows)
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the slot is read with the streaming protocol (else with the SQL functions)."""
+        return isinstance(self.reader, StreamReader)
+
     def close(self) -> None:
         self.sink.close()
-        for conn in (self.reader.conn, self.sink.conn, self.meta):
+        reader = self.reader
+        close_reader = reader.conn.close if isinstance(reader, src.SlotReader) else reader.close
+        for close in (close_reader, self.sink.conn.close, self.meta.close):
             try:
-                conn.close()
+                close()
             except Exception:  # pragma: no cover - closing a broken connection
                 log.debug("error closing a connection", exc_info=True)
 
@@ -303,10 +316,12 @@ def _open(
     snapshot: bool | None,
     stats: CaptureStats,
     context_keys: KeyRing | None = None,
+    reader: str = "stream",
 ) -> _Session:
     """Connect, check the server, set up publication, slot, destination tables and the snapshot."""
     meta = _connect(source_dsn, autocommit=True)
     opened: list[psycopg.Connection] = [meta]
+    stream: StreamReader | None = None
     try:
         src.check_server(meta)
         slot = src.resolve_slot(meta, slot)
@@ -367,8 +382,16 @@ def _open(
         info, created = src.ensure_slot(meta, slot, database)
         if created:
             log.info("created replication slot %s at %s", slot, format_lsn(info.confirmed_flush))
-        reader_conn = _connect(source_dsn, autocommit=False)
-        opened.append(reader_conn)
+        change_reader: ChangeReader
+        if reader == "stream":
+            # started here, so a server that refuses replication connections fails the start at once
+            stream = StreamReader(source_dsn, slot, publication, options=session_options(source_dsn))
+            stream.start()
+            change_reader = stream
+        else:
+            reader_conn = _connect(source_dsn, autocommit=False)
+            opened.append(reader_conn)
+            change_reader = src.SlotReader(reader_conn, slot, publication)
         session = _Session(
             source_dsn,
             destination_dsn,
@@ -377,7 +400,7 @@ def _open(
             schema,
             batch_changes,
             meta,
-            src.SlotReader(reader_conn, slot, publication),
+            change_reader,
             sink,
             database,
             own,
@@ -427,6 +450,8 @@ def _open(
             sink.commit(snapshot_position=None, initialize=True)  # first start without a snapshot
         return session
     except BaseException:
+        if stream is not None:
+            stream.close()
         for conn in opened:
             conn.close()
         raise
@@ -474,7 +499,8 @@ def _drain(
     write = sink.write
     try:
         stopped = reached = False
-        for rows in session.reader.peek_batches(upto):
+        batches = session.reader.peek_batches(upto)
+        for rows in batches:
             for lsn, data in rows:
                 kind = data[0]
                 if skipping and kind != _B and kind != _C and kind != _R:
@@ -550,7 +576,10 @@ def _drain(
         else:
             sink.rollback()
     finally:
-        session.reader.close()
+        if not session.streaming:
+            session.reader.close()  # ends the peek's transaction: the slot cannot be advanced before
+        elif isinstance(batches, Generator):
+            batches.close()  # a stream stopped mid-way sends what the caller did not use again
     return finished
 
 
@@ -573,6 +602,9 @@ def _commit(
     done = session.sink.commit()
     if done is not None:
         last[0], last[1] = done
+        if isinstance(session.reader, StreamReader):
+            # committed: the slot may move past it now (the stream has no end of peek to wait for)
+            session.reader.confirm(done[1])
     stats.changes += count
     stats.transactions += transactions
     stats.batches += 1
@@ -598,7 +630,9 @@ def _advance(session: _Session, lsn: int) -> None:
             f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
         )
     src.check_slot(info, session.database)
-    if lsn > info.confirmed_flush:
+    if isinstance(session.reader, StreamReader):
+        session.reader.confirm(lsn)  # the walsender holds the slot: a status update moves it
+    elif lsn > info.confirmed_flush:
         src.advance(session.meta, session.slot, lsn)
 
 
@@ -648,11 +682,17 @@ def run(
     stop: threading.Event | None = None,
     schema: str = "public",
     context_keys: KeyRing | Iterable[ContextKey | str | bytes] | None = None,
+    reader: str = "stream",
 ) -> CaptureStats:
     """Capture changes from ``dsn`` into ``changes`` at ``destination`` (default: the same database).
 
     ``context_keys``: the keys signed contexts are checked with (``changes.context_verified``); None
     reads ``BEMI_TT_CONTEXT_KEY``, an empty list means none (``context_verified`` stays NULL).
+
+    ``reader``: ``"stream"`` reads the slot with the streaming replication protocol
+    (capture/replication.py; needs a replication connection, which pg_hba.conf may refuse); ``"sql"``
+    with ``pg_logical_slot_peek_binary_changes`` over an ordinary connection (the fallback; slower, it
+    decodes the backlog again on each call).
 
     ``once``: drain what was committed before the call, then return. Otherwise run until ``stop`` is set
     or SIGTERM/SIGINT arrives (the current batch is finished). ``snapshot``: None records the existing rows
@@ -673,6 +713,8 @@ def run(
         raise ConfigurationError(f"export_every must be a positive number of seconds, got {export_every!r}")
     if snapshot is not None and not isinstance(snapshot, bool):
         raise ConfigurationError(f"snapshot must be True, False or None, got {snapshot!r}")
+    if reader not in READERS:
+        raise ConfigurationError(f"reader must be 'stream' or 'sql', got {reader!r}")
     keys = context_keys if isinstance(context_keys, KeyRing) else (
         keys_from_env() if context_keys is None else tuple(context_keys)
     )
@@ -698,6 +740,7 @@ def run(
                     snapshot=snapshot,
                     stats=stats,
                     context_keys=ring,
+                    reader=reader,
                 )
                 snapshot = False  # done (or not wanted): never again after a reconnect
                 opened = True
@@ -760,14 +803,15 @@ def _loop(
                 f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
             )
         src.check_slot(info, session.database)
+        confirmed = _confirmed(session, info.confirmed_flush)
         if once:
             upto = target_box[0]
             assert upto is not None
-            if info.confirmed_flush >= upto:
+            if confirmed >= upto:
                 return
         else:
             upto = _flushed(session.meta)
-        if upto <= info.confirmed_flush:
+        if upto <= confirmed:
             _maybe_export(
                 session.destination_dsn, export_to, export_every, export_state, schema=session.schema
             )
@@ -784,9 +828,16 @@ def _loop(
             return
 
 
+def _confirmed(session: _Session, slot_confirmed: int) -> int:
+    """The slot's confirmed position, or what the stream confirmed (the server applies it a moment later)."""
+    if isinstance(session.reader, StreamReader):
+        return max(slot_confirmed, session.reader.confirmed)
+    return slot_confirmed
+
+
 def _advance_done(session: _Session, upto: int) -> bool:
     info = src.slot_info(session.meta, session.slot)
-    return info is not None and info.confirmed_flush >= upto
+    return info is not None and _confirmed(session, info.confirmed_flush) >= upto
 
 
 def status(
