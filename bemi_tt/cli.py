@@ -131,7 +131,8 @@ def _capture(args: argparse.Namespace) -> int:
         keys = load_key_file(args.context_key_file)
     stats = run(args.dsn, destination=args.destination, once=args.once, snapshot=args.snapshot or None,
                 slot=args.slot, publication=args.publication, export_to=args.export_to,
-                export_every=args.export_every, context_keys=keys)
+                export_every=args.export_every, context_keys=keys,
+                reader=args.reader)
     print(stats)
     return 0
 
@@ -287,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also export changes to this Parquet directory periodically")
     p.add_argument("--export-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between exports with --export-to (default: 60)")
+    p.add_argument("--reader", choices=["stream", "sql"], default="stream",
+                   help="stream: the replication protocol (default); sql: "
+                        "pg_logical_slot_peek_binary_changes, for servers that refuse replication connections")
     p.add_argument("--context-key-file", default=None, metavar="FILE",
                    help="keys (one per line) that verify signed contexts: changes.context_verified "
                         "(default: $BEMI_TT_CONTEXT_KEY; without keys it is NULL)")
