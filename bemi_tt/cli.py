@@ -289,8 +289,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--export-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds between exports with --export-to (default: 60)")
     p.add_argument("--reader", choices=["stream", "sql"], default="stream",
-                   help="stream: the replication protocol (default); sql: "
-                        "pg_logical_slot_peek_binary_changes, for servers that refuse replication connections")
+                   help="stream: the replication protocol (default); sql: the SQL functions "
+                        "(pg_logical_slot_peek_binary_changes), for servers refusing replication connections")
     p.add_argument("--context-key-file", default=None, metavar="FILE",
                    help="keys (one per line) that verify signed contexts: changes.context_verified "
                         "(default: $BEMI_TT_CONTEXT_KEY; without keys it is NULL)")
