@@ -156,7 +156,8 @@ def plot_activity(
     # labelled in UTC whatever matplotlib's timezone setting says (the counts are UTC buckets)
     locator = mdates.AutoDateLocator(tz=timezone.utc)  # type: ignore[no-untyped-call]
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc))  # type: ignore[no-untyped-call]
+    formatter = mdates.ConciseDateFormatter(locator, tz=timezone.utc)  # type: ignore[no-untyped-call]
+    ax.xaxis.set_major_formatter(formatter)
     ax.set_xlabel("commit time (UTC)")
     ax.set_ylabel("changes")
     ax.set_title("changes per " + ("table" if by == "table" else by))
