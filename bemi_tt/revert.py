@@ -124,18 +124,23 @@ class _Step:
             action = (
                 sql.SQL("DO UPDATE SET {}").format(
                     sql.SQL(", ").join(
-                        sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in others
+                        sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                        for c in others
                     )
                 )
                 if others
                 else sql.SQL("DO NOTHING")
             )
-            return head + sql.SQL(" ON CONFLICT ({}) ").format(
-                sql.SQL(", ").join(sql.Identifier(k) for k in t.keys)
-            ) + action
+            return (
+                head
+                + sql.SQL(" ON CONFLICT ({}) ").format(sql.SQL(", ").join(sql.Identifier(k) for k in t.keys))
+                + action
+            )
         guards = [_guard(t, c, v) for c, v in expect.items() if c not in t.keys]
         if t.keys:
-            parts = [sql.SQL("{} = {}").format(sql.Identifier(k), _value(t, k, self.where[k])) for k in t.keys]
+            parts: list[sql.Composable] = [
+                sql.SQL("{} = {}").format(sql.Identifier(k), _value(t, k, self.where[k])) for k in t.keys
+            ]
             if not force:
                 parts += guards
             where = sql.SQL(" AND ").join(parts)
@@ -147,7 +152,9 @@ class _Step:
             return sql.SQL("DELETE FROM {} WHERE {}").format(t.ident, where)
         return sql.SQL("UPDATE {} SET {} WHERE {}").format(
             t.ident,
-            sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), _value(t, c, v)) for c, v in values.items()),
+            sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(c), _value(t, c, v)) for c, v in values.items()
+            ),
             where,
         )
 
@@ -203,8 +210,9 @@ def _guard(table: _Table, column: str, value: Any) -> sql.Composable:
 class UndoPlan:
     """Statements undoing a selection of history; see the module docstring."""
 
-    def __init__(self, action: str, selection: dict[str, Any], steps: list[_Step], preview: pd.DataFrame,
-                 undone: int) -> None:
+    def __init__(
+        self, action: str, selection: dict[str, Any], steps: list[_Step], preview: pd.DataFrame, undone: int
+    ) -> None:
         self.action = action
         self.selection = selection
         self.steps = steps
@@ -230,7 +238,8 @@ class UndoPlan:
         return len(self.steps)
 
     def __repr__(self) -> str:
-        return f"<UndoPlan {self.action} {json.dumps(self.selection, default=str)}: {len(self.steps)} statements>"
+        selection = json.dumps(self.selection, default=str)
+        return f"<UndoPlan {self.action} {selection}: {len(self.steps)} statements>"
 
     def apply(self, engine: sa.Engine | sa.Connection | str, force: bool = False) -> int:
         """Run the plan in one transaction on ``engine`` (the tracked database) under :attr:`context`;
@@ -241,7 +250,7 @@ class UndoPlan:
         if not isinstance(force, bool):
             raise ConfigurationError(f"force must be True or False, got {force!r}")
         own = isinstance(engine, str)
-        eng: Any = sa.create_engine(_sqlalchemy_url(engine)) if isinstance(engine, str) else engine
+        eng: Any = _engine(engine) if isinstance(engine, str) else engine
         if not isinstance(eng, (sa.Engine, sa.Connection)):
             raise ConfigurationError(
                 f"apply() takes a SQLAlchemy engine or connection of the tracked database, or its URL; "
@@ -255,7 +264,7 @@ class UndoPlan:
                 with eng.begin() as conn:
                     return self._run(conn, force)
         finally:
-            if own:
+            if own and isinstance(eng, sa.Engine):
                 eng.dispose()
 
     def _run(self, conn: sa.Connection, force: bool) -> int:
@@ -280,13 +289,15 @@ class UndoPlan:
         return written
 
 
-def _sqlalchemy_url(dsn: str) -> str:
-    if dsn.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + dsn.split("://", 1)[1]
-    if "://" in dsn:
-        return dsn
-    return "postgresql+psycopg:///?" + "&".join(
-        f"{k}={v}" for k, v in (part.split("=", 1) for part in dsn.split())
+def _engine(dsn: str) -> sa.Engine:
+    """An engine for a ``postgresql://`` URL or libpq conninfo (psycopg parses both; the hook applies)."""
+    import psycopg
+
+    from capture.dsn import check_dsn
+
+    conninfo = check_dsn(dsn)
+    return sa.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(conninfo), poolclass=sa.NullPool
     )
 
 
@@ -295,15 +306,16 @@ def _live_columns(conn: sa.Connection, tables: Iterable[TableName]) -> dict[Tabl
     out: dict[TableName, set[str]] = {}
     for schema, name in tables:
         rows = conn.exec_driver_sql(
-            "SELECT a.attname FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
+            "SELECT a.attname FROM pg_catalog.pg_attribute a "
+            "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
             "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %(s)s "
             "AND c.relname = %(t)s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''",
             {"s": schema, "t": name},
         ).fetchall()
         if not rows:
             raise ConfigurationError(
-                f"table {_table_label((schema, name))} does not exist in this database: apply the plan to the "
-                "tracked database it was made from"
+                f"table {_table_label((schema, name))} does not exist in this database: apply the plan to "
+                "the "                "tracked database it was made from"
             )
         out[(schema, name)] = {str(r[0]) for r in rows}
     return out
@@ -333,8 +345,20 @@ def _text(value: Any) -> str:
 
 
 # -- revert ----------------------------------------------------------------------------------------------
-_FEED_COLUMNS = ("committed_at", "schema", "table", "operation", "primary_key", "changed", "before", "after",
-                 "context_verified", "transaction_id", "commit_position", "ordinal")
+_FEED_COLUMNS = (
+    "committed_at",
+    "schema",
+    "table",
+    "operation",
+    "primary_key",
+    "changed",
+    "before",
+    "after",
+    "context_verified",
+    "transaction_id",
+    "commit_position",
+    "ordinal",
+)
 
 
 def revert(
@@ -387,7 +411,8 @@ def revert(
         if row["operation"] == "TRUNCATE":
             raise ConfigurationError(
                 f"the selection holds the TRUNCATE of {_table_label(name)} committed at "
-                f"{row['committed_at'].isoformat()} (transaction {row['transaction_id']}), which cannot be undone "
+                f"{row['committed_at'].isoformat()} (transaction {row['transaction_id']}), which cannot be "
+                "undone "
                 "change by change: narrow the selection, or use restore(table, ts) to bring the table back"
             )
         t = _table(src, name, tables)
@@ -432,18 +457,17 @@ def _undo_step(t: _Table, row: Mapping[str, Any], origin: dict[str, Any]) -> _St
     if op == "UPDATE":
         if not before:
             raise ConfigurationError(
-                f"{_describe(t, row)} recorded no old values (REPLICA IDENTITY DEFAULT, or a table rewrite by "
-                "ALTER TABLE), so it cannot be undone: narrow the selection, or use restore(table, ts)"
+                f"{_describe(t, row)} recorded no old values (REPLICA IDENTITY DEFAULT, or a table rewrite "
+                "by ALTER TABLE), so it cannot be undone: narrow the selection, or use restore(table, ts)"
             )
         changed = [c for c in after if c in now and c in before and _text(before[c]) != _text(after[c])]
         if not changed:
             return None  # an UPDATE that changed nothing: nothing to undo
-        if t.keys:
-            expect = {c: after[c] for c in changed}
-        else:  # no key: the whole row locates it
-            expect = {c: v for c, v in after.items() if c in now}
-        return _Step(t, "update", {c: before[c] for c in changed}, {k: after.get(k) for k in t.keys}, expect,
-                     origin)
+        # the changed columns are the guard; without a key, the whole row locates it
+        expect = {c: after[c] for c in changed} if t.keys else {c: v for c, v in after.items() if c in now}
+        return _Step(
+            t, "update", {c: before[c] for c in changed}, {k: after.get(k) for k in t.keys}, expect, origin
+        )
     raise ConfigurationError(f"{_describe(t, row)} is an operation revert does not know: {op!r}")
 
 
@@ -469,17 +493,30 @@ def _present(
         if ts is not None:
             _check_start(source, name, ts, versions)  # before the history starts: say so
         return {}
-    source.load(con, view, Scope(table=name, until=ts,
-                                 columns=("primary_key", "operation", "before", "after", "commit_position",
-                                          "ordinal")))
+    source.load(
+        con,
+        view,
+        Scope(
+            table=name,
+            until=ts,
+            columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
+        ),
+    )
     rel = '"' + view + '"'
     if layout.keys:
         rows = con.sql(Rule(DUCKDB, tuple(layout.keys)).present(rel).sql()).fetchall()
         found = [(str(k), int(cp), int(o), str(p)) for k, cp, o, p in rows]
     else:
         table = _keyless_rows(con, rel)
-        found = list(zip(table["k"].to_pylist(), table["cp"].to_pylist(), table["o"].to_pylist(),
-                         table["payload"].to_pylist(), strict=True))
+        found = list(
+            zip(
+                table["k"].to_pylist(),
+                table["cp"].to_pylist(),
+                table["o"].to_pylist(),
+                table["payload"].to_pylist(),
+                strict=True,
+            )
+        )
     if ts is not None and not found:
         _check_start(source, name, ts, versions)
     names = {c.name for c in layout.columns}
@@ -503,7 +540,7 @@ def restore(
 ) -> UndoPlan:
     """A plan bringing ``table`` (or only the rows with these primary ``keys``) back to ``as_of(table, ts)``:
     rows added since are deleted, rows removed since are inserted, changed rows get their old values back
-    (only the columns that differ). The columns written are those the table had at ``ts`` that it still has."""
+    (only the columns that differ). The columns written are those the table had at ``ts`` and still has."""
     src = get_source(source)
     name = resolve_table(src, table)
     when = to_utc(ts, "ts")
@@ -524,31 +561,55 @@ def restore(
     if t.keys:
         for k in sorted(set(current) - set(target)):
             row = current[k][0]
-            steps.append(_Step(t, "delete", {}, {c: row.get(c) for c in t.keys}, row,
-                               {"position": current[k][1]}))
+            steps.append(
+                _Step(t, "delete", {}, {c: row.get(c) for c in t.keys}, row, {"position": current[k][1]})
+            )
         for k in sorted(set(current) & set(target)):
             old, new = current[k][0], target[k][0]
             diff = [c for c in names if c not in t.keys and _text(old.get(c)) != _text(new.get(c))]
             if diff:
-                steps.append(_Step(t, "update", {c: new.get(c) for c in diff}, {c: old.get(c) for c in t.keys},
-                                   {c: old.get(c) for c in diff}, {"position": target[k][1]}))
+                steps.append(
+                    _Step(
+                        t,
+                        "update",
+                        {c: new.get(c) for c in diff},
+                        {c: old.get(c) for c in t.keys},
+                        {c: old.get(c) for c in diff},
+                        {"position": target[k][1]},
+                    )
+                )
         for k in sorted(set(target) - set(current)):
-            steps.append(_Step(t, "insert", {c: v for c, v in target[k][0].items() if c in t.specs}, {}, {},
-                               {"position": target[k][1]}))
+            steps.append(
+                _Step(
+                    t,
+                    "insert",
+                    {c: v for c, v in target[k][0].items() if c in t.specs},
+                    {},
+                    {},
+                    {"position": target[k][1]},
+                )
+            )
     else:  # rows are their content: delete the copies too many, insert the copies missing
+
         def counted(rows: Mapping[str, tuple[dict[str, Any], tuple[int, int]]]) -> Counter[str]:
             return Counter(_text({c: r.get(c) for c in names}) for r, _ in rows.values())
 
         now_rows, then_rows = counted(current), counted(target)
-        by_text = {_text({c: r.get(c) for c in names}): (r, p) for r, p in [*current.values(), *target.values()]}
+        by_text = {
+            _text({c: r.get(c) for c in names}): (r, p) for r, p in [*current.values(), *target.values()]
+        }
         for text, n in sorted((now_rows - then_rows).items()):
             row, position = by_text[text]
-            steps += [_Step(t, "delete", {}, {}, {c: row.get(c) for c in names}, {"position": position})
-                      for _ in range(n)]
+            steps += [
+                _Step(t, "delete", {}, {}, {c: row.get(c) for c in names}, {"position": position})
+                for _ in range(n)
+            ]
         for text, n in sorted((then_rows - now_rows).items()):
             row, position = by_text[text]
-            steps += [_Step(t, "insert", {c: row.get(c) for c in names}, {}, {}, {"position": position})
-                      for _ in range(n)]
+            steps += [
+                _Step(t, "insert", {c: row.get(c) for c in names}, {}, {}, {"position": position})
+                for _ in range(n)
+            ]
     _origins(src, name, steps, con)
     context_names = sorted({k for s in steps for k in s.origin.get("context", {})})
     preview = _preview(steps, cache, single=True, context_names=context_names)
@@ -563,24 +624,33 @@ def _origins(source: Source, name: TableName, steps: list[_Step], con: Any) -> N
     positions = {s.origin["position"] for s in steps}
     if not positions:
         return
-    con.register("restore_positions", pa.table({"cp": [p[0] for p in positions], "o": [p[1] for p in positions]}))
-    source.load(con, "restore_origins", Scope(table=name, columns=("operation", "committed_at", "context",
-                                                                   "commit_position", "ordinal")))
+    con.register(
+        "restore_positions", pa.table({"cp": [p[0] for p in positions], "o": [p[1] for p in positions]})
+    )
+    source.load(
+        con,
+        "restore_origins",
+        Scope(table=name, columns=("operation", "committed_at", "context", "commit_position", "ordinal")),
+    )
     rows = con.sql(
-        'SELECT c.commit_position, c.ordinal, c.operation, c.committed_at, CAST(c.context AS VARCHAR) '
+        "SELECT c.commit_position, c.ordinal, c.operation, c.committed_at, CAST(c.context AS VARCHAR) "
         'FROM "restore_origins" c JOIN "restore_positions" p ON c.commit_position = p.cp AND c.ordinal = p.o'
     ).fetchall()
     found = {(int(cp), int(o)): (op, at, ctx) for cp, o, op, at, ctx in rows}
     for step in steps:
         op, at, ctx = found.get(step.origin["position"], (None, None, None))
         context = parse_json(ctx) if ctx else {}
-        step.origin.update(operation=op, committed_at=pd.Timestamp(at) if at is not None else None,
-                           context=context if isinstance(context, dict) else {})
+        step.origin.update(
+            operation=op,
+            committed_at=pd.Timestamp(at) if at is not None else None,
+            context=context if isinstance(context, dict) else {},
+        )
 
 
 # -- preview ---------------------------------------------------------------------------------------------
-def _preview(steps: list[_Step], tables: Mapping[TableName, _Table], *, single: bool,
-             context_names: Sequence[str]) -> pd.DataFrame:
+def _preview(
+    steps: list[_Step], tables: Mapping[TableName, _Table], *, single: bool, context_names: Sequence[str]
+) -> pd.DataFrame:
     """Per row and column the plan changes: the value now (``old``), after the plan (``new``), and the change
     undone; several steps on one row (followed across key updates) net out like ``diff``."""
     rows: dict[int, dict[str, Any]] = {}
@@ -633,9 +703,19 @@ def _preview(steps: list[_Step], tables: Mapping[TableName, _Table], *, single: 
             if change == "removed":
                 new = None
                 origin = entry["origin"]
-            records.append({"table": t, "key": entry["key"], "column": column, "change": change,
-                            "old": old, "new": new, "operation": origin.get("operation"),
-                            "committed_at": origin.get("committed_at"), "context": origin.get("context", {})})
+            records.append(
+                {
+                    "table": t,
+                    "key": entry["key"],
+                    "column": column,
+                    "change": change,
+                    "old": old,
+                    "new": new,
+                    "operation": origin.get("operation"),
+                    "committed_at": origin.get("committed_at"),
+                    "context": origin.get("context", {}),
+                }
+            )
     _type_values(records)
     first = next(iter(tables.values()), None)
     if single:
@@ -643,15 +723,19 @@ def _preview(steps: list[_Step], tables: Mapping[TableName, _Table], *, single: 
         index_rows = [(*r["key"], r["column"]) for r in records]
     else:
         names = ["table", "primary_key"]
-        index_rows = [(r["table"].label, r["key"][0] if len(r["key"]) == 1 else _text(r["key"]), r["column"])
-                      for r in records]
+        index_rows = [
+            (r["table"].label, r["key"][0] if len(r["key"]) == 1 else _text(r["key"]), r["column"])
+            for r in records
+        ]
     index = (
         pd.MultiIndex.from_tuples(index_rows, names=[*names, "column"])
         if records
         else pd.MultiIndex.from_arrays([[] for _ in [*names, "column"]], names=[*names, "column"])
     )
-    data = {c: pd.Series([r[c] for r in records], index=index, dtype=object)
-            for c in ("change", "old", "new", "operation")}
+    data = {
+        c: pd.Series([r[c] for r in records], index=index, dtype=object)
+        for c in ("change", "old", "new", "operation")
+    }
     frame = pd.DataFrame(data, index=index)
     frame["change"] = frame["change"].astype(pd.StringDtype())
     frame["operation"] = frame["operation"].astype(pd.StringDtype())
@@ -677,7 +761,10 @@ def _type_values(records: list[dict[str, Any]]) -> None:
         texts = ['{"v":' + _text(records[i][side]) + "}" for i, side in cells]
         values = frame_from_json(texts, [("v", kind)])["v"].tolist()
         for (i, side), value in zip(cells, values, strict=True):
-            missing = value is None or value is pd.NA or value is pd.NaT or (
-                isinstance(value, float) and value != value and records[i][side] is None
+            missing = (
+                value is None
+                or value is pd.NA
+                or value is pd.NaT
+                or (isinstance(value, float) and value != value and records[i][side] is None)
             )
             records[i][side] = None if missing else value

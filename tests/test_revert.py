@@ -93,8 +93,12 @@ class Writer:
             if others and choice < 0.2:
                 code = self.rng.choice(others)
                 if self.rng.random() < 0.7:
-                    ops.append((sa.text("UPDATE item SET note = :v WHERE shop = 1 AND code = :code"),
-                                {"v": _value(self.rng, "note"), "code": code}))
+                    ops.append(
+                        (
+                            sa.text("UPDATE item SET note = :v WHERE shop = 1 AND code = :code"),
+                            {"v": _value(self.rng, "note"), "code": code},
+                        )
+                    )
                 else:
                     ops.append((sa.text("DELETE FROM item WHERE shop = 1 AND code = :code"), {"code": code}))
                     others.remove(code)
@@ -102,23 +106,46 @@ class Writer:
                 ops.append(self.insert(self.new_code()))
             elif choice < 0.75:
                 column = self.rng.choice(VALUE_COLUMNS)
-                ops.append((sa.text(f"UPDATE item SET {column} = {CASTS.get(column, ':v')} "
-                                    "WHERE shop = :shop AND code = :code"),
-                            {"v": _value(self.rng, column), "shop": self.shop,
-                             "code": self.rng.choice(self.live)}))
+                ops.append(
+                    (
+                        sa.text(
+                            f"UPDATE item SET {column} = {CASTS.get(column, ':v')} "
+                            "WHERE shop = :shop AND code = :code"
+                        ),
+                        {
+                            "v": _value(self.rng, column),
+                            "shop": self.shop,
+                            "code": self.rng.choice(self.live),
+                        },
+                    )
+                )
             elif choice < 0.85:
                 old, new = self.rng.choice(self.live), self.new_code()
-                ops.append((sa.text("UPDATE item SET code = :new, note = :note WHERE shop = :shop AND code = :old"),
-                            {"new": new, "note": _value(self.rng, "note"), "shop": self.shop, "old": old}))
+                ops.append(
+                    (
+                        sa.text(
+                            "UPDATE item SET code = :new, note = :note WHERE shop = :shop AND code = :old"
+                        ),
+                        {"new": new, "note": _value(self.rng, "note"), "shop": self.shop, "old": old},
+                    )
+                )
                 self.live[self.live.index(old)] = new
             else:
                 victim = self.rng.choice(self.live)
-                ops.append((sa.text("DELETE FROM item WHERE shop = :shop AND code = :code"),
-                            {"shop": self.shop, "code": victim}))
+                ops.append(
+                    (
+                        sa.text("DELETE FROM item WHERE shop = :shop AND code = :code"),
+                        {"shop": self.shop, "code": victim},
+                    )
+                )
                 self.live.remove(victim)
             if self.rng.random() < 0.2:  # the table without a key, too
-                ops.append((sa.text("INSERT INTO tally VALUES (:label, :n)"),
-                            {"label": f"u{self.user}", "n": Decimal(self.rng.randrange(100)) / 10}))
+                ops.append(
+                    (
+                        sa.text("INSERT INTO tally VALUES (:label, :n)"),
+                        {"label": f"u{self.user}", "n": Decimal(self.rng.randrange(100)) / 10},
+                    )
+                )
         self.script.append(ops)
 
 
@@ -138,15 +165,35 @@ def workload(seed: int) -> list[tuple[int, list[tuple[sa.TextClause, dict[str, A
         writer.transaction(others if writer is b else None)
         plan.append((writer.user, writer.script[-1]))
     # user 2 also updates and deletes rows of the keyless table it wrote
-    plan.append((2, [(sa.text("UPDATE tally SET n = n + 1 WHERE ctid = (SELECT ctid FROM tally WHERE label = 'u2' "
-                              "ORDER BY n LIMIT 1)"), {}),
-                     (sa.text("DELETE FROM tally WHERE ctid = (SELECT ctid FROM tally WHERE label = 'u1' "
-                              "ORDER BY n DESC LIMIT 1)"), {})]))
+    plan.append(
+        (
+            2,
+            [
+                (
+                    sa.text(
+                        "UPDATE tally SET n = n + 1 WHERE ctid = (SELECT ctid FROM tally WHERE label = 'u2' "
+                        "ORDER BY n LIMIT 1)"
+                    ),
+                    {},
+                ),
+                (
+                    sa.text(
+                        "DELETE FROM tally WHERE ctid = (SELECT ctid FROM tally WHERE label = 'u1' "
+                        "ORDER BY n DESC LIMIT 1)"
+                    ),
+                    {},
+                ),
+            ],
+        )
+    )
     return plan
 
 
-def run(engine: sa.Engine, plan: list[tuple[int, list[tuple[sa.TextClause, dict[str, Any]]]]],
-        skip: Callable[[int, int], bool] = lambda i, user: False) -> None:
+def run(
+    engine: sa.Engine,
+    plan: list[tuple[int, list[tuple[sa.TextClause, dict[str, Any]]]]],
+    skip: Callable[[int, int], bool] = lambda i, user: False,
+) -> None:
     for i, (user, ops) in enumerate(plan):
         if skip(i, user):
             continue
@@ -268,7 +315,9 @@ def test_a_change_not_yet_captured_is_a_conflict_too(todo: sa.Engine, dsn: str) 
 
 
 def test_the_reverts_own_changes_are_captured_with_the_revert_context(todo: sa.Engine, dsn: str) -> None:
-    _write(todo, 2, "INSERT INTO todo VALUES (1, 'Sleep', false)", "INSERT INTO todo VALUES (2, 'Eat', false)")
+    _write(
+        todo, 2, "INSERT INTO todo VALUES (1, 'Sleep', false)", "INSERT INTO todo VALUES (2, 'Eat', false)"
+    )
     capture(dsn, once=True)
     with bemi_tt.context(user_id=99):  # who runs the revert stays in the context
         assert revert("todo", user_id=2, source=dsn).apply(todo) == 2
@@ -286,7 +335,10 @@ def test_revert_of_a_key_update_and_a_delete_puts_the_row_back(todo: sa.Engine, 
     capture(dsn, once=True)
     undo = revert("todo", user_id=2, source=dsn)
     preview = undo.preview.reset_index()
-    cells = {(r["id"], r["column"]): (r["change"], r["old"], r["new"], r["operation"]) for _, r in preview.iterrows()}
+    cells = {
+        (r["id"], r["column"]): (r["change"], r["old"], r["new"], r["operation"])
+        for _, r in preview.iterrows()
+    }
     # a key update undone is a change of the key, indexed by the key the row has after the plan
     assert cells[(1, "id")] == ("changed", 10, 1, "UPDATE")
     assert cells[(1, "task")] == ("changed", "Moved", "Sleep", "UPDATE")
@@ -316,7 +368,9 @@ def test_restore_with_keys_touches_only_those_rows(todo: sa.Engine, dsn: str) ->
     _write(todo, 1, "INSERT INTO todo VALUES (1, 'Sleep', false), (2, 'Eat', false)")
     with todo.connect() as conn:
         then = conn.exec_driver_sql("SELECT clock_timestamp()").scalar_one()
-    _write(todo, 2, "UPDATE todo SET task = 'Nap' WHERE id IN (1, 2)", "INSERT INTO todo VALUES (3, 'New', true)")
+    _write(
+        todo, 2, "UPDATE todo SET task = 'Nap' WHERE id IN (1, 2)", "INSERT INTO todo VALUES (3, 'New', true)"
+    )
     capture(dsn, once=True)
     undo = restore("todo", then, source=dsn, keys=[1, 3])
     assert {s.kind for s in undo.steps} == {"update", "delete"}
@@ -332,7 +386,7 @@ def test_bad_arguments_name_the_bad_value(todo: sa.Engine, dsn: str) -> None:
         revert("todo", source=dsn)
     with pytest.raises(bemi_tt.ConfigurationError, match="'12'"):
         revert(transaction_id="12", source=dsn)  # type: ignore[arg-type]
-    with pytest.raises(bemi_tt.ConfigurationError, match="'usr_id'.*did you mean 'user_id'"):
+    with pytest.raises(bemi_tt.ConfigurationError, match=r"'usr_id'.*did you mean 'user_id'"):
         revert(usr_id=1, source=dsn)
     with pytest.raises(bemi_tt.ConfigurationError, match="since"):
         revert(since="yesterday-ish", source=dsn)
