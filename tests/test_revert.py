@@ -24,7 +24,8 @@ from conftest import Server, drop_database
 from psycopg import sql
 
 import bemi_tt
-from bemi_tt.revert import ConflictError, restore, revert
+from bemi_tt import ConflictError
+from bemi_tt.undo import restore, revert
 from capture.worker import run as capture
 
 SCHEMA = [

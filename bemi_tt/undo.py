@@ -1,4 +1,4 @@
-"""Acting on history: ``revert`` (undo chosen changes) and ``restore`` (bring a table back to a time).
+"""Undo plans: ``revert`` (undo chosen changes) and ``restore`` (bring a table back to a time).
 
 Both return an :class:`UndoPlan` and change nothing until :meth:`UndoPlan.apply`:
 
@@ -44,7 +44,7 @@ from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.state import _check_start, _duck, _keyless_rows, _versions, key_text, layout_at, resolve_table
 from bemi_tt.state import table_label as _table_label
 from bemi_tt.timestamps import to_utc
-from capture.errors import BemiError, ConfigurationError
+from capture.errors import ConfigurationError, ConflictError
 
 __all__ = ["ConflictError", "UndoPlan", "restore", "revert"]
 
@@ -55,14 +55,6 @@ _JSON_TYPES = {"json", "jsonb"}
 # format_type text: words, numbers, quoted identifiers and . ( ) [ ] , and spaces; nothing that can end a
 # cast (no quote but an identifier's, no operator, no comment, no semicolon)
 _TYPE_TEXT = re.compile(r'(?:\s+|[A-Za-z_][A-Za-z0-9_$]*|[0-9]+|"(?:[^"]|"")+"|[.()\[\],])+')
-
-
-class ConflictError(BemiError):
-    """Applying an undo plan found rows changed after the changes it undoes; nothing was written."""
-
-    def __init__(self, message: str, rows: Sequence[str]) -> None:
-        super().__init__(message)
-        self.rows = list(rows)
 
 
 # -- one statement of a plan --------------------------------------------------------------------------
