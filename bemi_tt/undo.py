@@ -264,6 +264,8 @@ class UndoPlan:
         written = 0
         conflicts: list[_Step] = []
         for step in self.steps:
+            if step.kind != "delete" and not set(step.values) & live[step.table.name]:
+                continue  # every column it would write is gone (dropped) or generated: nothing to do
             text = step.statement(force, live[step.table.name]).as_string(None)
             count = conn.exec_driver_sql(text.replace("%", "%%")).rowcount
             written += max(count, 0)
