@@ -1,5 +1,5 @@
-"""``bemi-tt revert`` and ``bemi-tt restore``: a dry run prints the SQL and writes nothing, ``--apply`` runs it,
-bad input is one ``bemi-tt: error:`` line naming the bad value."""
+"""``bemi-tt revert`` and ``bemi-tt restore``: a dry run prints the SQL and writes nothing, ``--apply``
+runs it, bad input is one ``bemi-tt: error:`` line naming the bad value."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def test_revert_dry_run_is_the_default_and_prints_typed_sql_without_writing(trac
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("-- revert of 2 changes: 2 statements (dry run")
-    assert lines[1].startswith("""UPDATE "public"."todo" SET "price" = '2.00'::numeric(8,2) WHERE "id" = '2'""")
+    assert lines[1].startswith(
+        """UPDATE "public"."todo" SET "price" = '2.00'::numeric(8,2) WHERE "id" = '2'"""
+    )
     assert lines[2].startswith("""UPDATE "public"."todo" SET "task" = 'Sleep'::text WHERE "id" = '1'""")
     assert _rows(tracked) == before
     dry = _bemi_tt("revert", "--where", "user_id=8", "--source", tracked, "--dry-run")
