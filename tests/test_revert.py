@@ -475,3 +475,67 @@ def test_literals_read_back_as_exactly_the_recorded_value(
     literal = literal_of(table, column, parse_json(recorded))
     back = literal_table.execute(sql.SQL("SELECT to_jsonb({})::text").format(literal)).fetchone()
     assert back is not None and back[0] == recorded, literal.as_string(None)
+
+
+def test_revert_across_tables_with_a_foreign_key_undoes_in_reverse_commit_order(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE parent (id integer PRIMARY KEY, name text)")
+        conn.exec_driver_sql("CREATE TABLE child (id integer PRIMARY KEY, parent integer REFERENCES parent)")
+    bemi_tt.install(engine)
+    capture(dsn, once=True)
+    _write(engine, 1, "INSERT INTO parent VALUES (1, 'old')", "INSERT INTO child VALUES (10, 1)")
+    _write(engine, 2, "INSERT INTO parent VALUES (2, 'new')", "INSERT INTO child VALUES (20, 2)")
+    _write(engine, 2, "DELETE FROM child WHERE id = 10", "DELETE FROM parent WHERE id = 1")
+    capture(dsn, once=True)
+    undo = revert(user_id=2, source=dsn)
+    assert undo.preview.index.names == ["table", "primary_key", "column"]
+    assert set(undo.preview["change"]) == {"added", "removed"}
+    undo.apply(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT * FROM parent").fetchall() == [(1, "old")]
+        assert conn.exec_driver_sql("SELECT * FROM child").fetchall() == [(10, 1)]
+
+
+def test_revert_after_columns_were_added_and_dropped_writes_the_columns_the_table_has(
+    todo: sa.Engine, dsn: str
+) -> None:
+    _write(todo, 1, "INSERT INTO todo VALUES (1, 'Sleep', false)")
+    _write(todo, 2, "UPDATE todo SET task = 'Nap', done = true WHERE id = 1",
+           "INSERT INTO todo VALUES (2, 'x', true)")
+    _write(todo, 1, "ALTER TABLE todo ADD COLUMN prio integer DEFAULT 5", "ALTER TABLE todo DROP COLUMN done")
+    _write(todo, 2, "UPDATE todo SET prio = 9 WHERE id = 2")
+    capture(dsn, once=True)
+    undo = revert("todo", user_id=2, source=dsn)
+    assert "done" not in undo.sql  # dropped since: nothing to write it to
+    undo.apply(todo)
+    assert _rows(todo) == [(1, "Sleep", 5)]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1))
+def test_revert_of_a_users_writes_over_random_workloads_equals_the_workload_without_them(
+    pg_server: Server, seed: int
+) -> None:
+    names = [f"hyp{seed}_{side}" for side in ("live", "oracle")]
+    engines = []
+    try:
+        for name in names:
+            with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            engines.append(sa.create_engine(pg_server.sqlalchemy_url(name)))
+        live, oracle_engine = engines
+        setup(live)
+        setup(oracle_engine, tracked=False)
+        plan = workload(seed)
+        run(live, plan)
+        run(oracle_engine, plan, skip=lambda i, user: user == 2)
+        capture(_dsn(live), once=True)
+        revert(user_id=2, source=_dsn(live)).apply(live)
+        assert table_text(live) == table_text(oracle_engine)
+    finally:
+        for eng in engines:
+            eng.dispose()
+        for name in names:
+            drop_database(pg_server, name)
