@@ -8,6 +8,7 @@ import sys
 
 import psycopg
 import pytest
+from test_cli_bad_input import BAD_DSNS, SECRET, _check
 
 from bemi_tt.cli import main
 
@@ -125,3 +126,19 @@ def test_no_traceback_reaches_the_terminal(tracked: str) -> None:
     result = _bemi_tt("restore", "todo", "now", "--key", "abc", "--source", tracked)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("bemi-tt: error: ")
+
+
+UNDO_ARGV = {
+    "revert-dry-run": lambda dsn: ["revert", "--where", "user_id=1", "--source", dsn],
+    "revert-apply": lambda dsn: ["revert", "--where", "user_id=1", "--dsn", dsn, "--apply"],
+    "restore": lambda dsn: ["restore", "todo", "now", "--source", dsn],
+}
+
+
+@pytest.mark.parametrize("command", sorted(UNDO_ARGV))
+@pytest.mark.parametrize("dsn,code,says", BAD_DSNS)
+def test_a_bad_connection_string_exits_with_one_line_and_no_password(
+    capsys: pytest.CaptureFixture[str], command: str, dsn: str, code: int, says: str
+) -> None:
+    line = _check(capsys, UNDO_ARGV[command](dsn), code, f"{SECRET}%zz")
+    assert says in line
