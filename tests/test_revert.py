@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
@@ -32,6 +33,7 @@ from bemi_tt.dtypes import parse_json
 from bemi_tt.sources import json_text
 from bemi_tt.undo import _Table, restore, revert
 from bemi_tt.undo import _value as literal_of
+from capture.export import export_parquet
 from capture.worker import run as capture
 
 SCHEMA = [
@@ -539,3 +541,24 @@ def test_revert_of_a_users_writes_over_random_workloads_equals_the_workload_with
             eng.dispose()
         for name in names:
             drop_database(pg_server, name)
+
+
+def test_a_plan_read_from_a_parquet_export_is_the_plan_read_from_postgresql(
+    engine: sa.Engine, dsn: str, tmp_path: Path
+) -> None:
+    setup(engine)
+    plan = workload(6)
+    run(engine, plan[:10])
+    with engine.connect() as conn:
+        middle = conn.exec_driver_sql("SELECT clock_timestamp()").scalar_one()
+    run(engine, plan[10:])
+    capture(dsn, once=True)
+    export_parquet(dsn, str(tmp_path / "export"), progress=False)
+    exported = str(tmp_path / "export")
+    online_revert, offline_revert = revert(user_id=2, source=dsn), revert(user_id=2, source=exported)
+    assert offline_revert.sql == online_revert.sql != ""
+    pd.testing.assert_frame_equal(offline_revert.preview, online_revert.preview)
+    for table in ("item", "tally"):
+        online, offline = restore(table, middle, source=dsn), restore(table, middle, source=exported)
+        assert offline.sql == online.sql != ""
+        pd.testing.assert_frame_equal(offline.preview, online.preview)
