@@ -87,6 +87,16 @@ class _Step:
     expect: dict[str, Any]  # guard: column -> value the row holds now
     origin: dict[str, Any] = field(default_factory=dict)  # the change undone (preview, messages)
 
+    def __post_init__(self) -> None:  # columns in the table's order (jsonb images do not keep it)
+        rank = {c: i for i, c in enumerate(self.table.specs)}
+        for name in ("values", "where", "expect"):
+            columns = getattr(self, name)
+            setattr(
+                self,
+                name,
+                {c: columns[c] for c in sorted(columns, key=lambda c: (rank.get(c, len(rank)), c))},
+            )
+
     def row_label(self) -> str:
         t = self.table
         if not t.keys:
@@ -309,7 +319,8 @@ def _live_columns(conn: sa.Connection, tables: Iterable[TableName]) -> dict[Tabl
         if not rows:
             raise ConfigurationError(
                 f"table {_table_label((schema, name))} does not exist in this database: apply the plan to "
-                "the "                "tracked database it was made from"
+                "the "
+                "tracked database it was made from"
             )
         out[(schema, name)] = {str(r[0]) for r in rows}
     return out
@@ -692,6 +703,8 @@ def _preview(
         for column, (old, new, origin) in entry["cells"].items():
             if change == "changed" and _text(old) == _text(new):
                 continue
+            if change != "changed" and column in t.keys:
+                continue  # the key is the index, as in diff
             if change == "added":
                 old = None
             if change == "removed":

@@ -357,6 +357,11 @@ def test_revert_of_a_key_update_and_a_delete_puts_the_row_back(todo: sa.Engine, 
     assert _rows(todo) == [(1, "Sleep", False), (2, "Eat", None)]
 
 
+def _cell(value: Any) -> str:
+    """A preview or diff cell, comparable (NaN equals NaN, lists and dicts by their JSON)."""
+    return json_text(value.tolist() if hasattr(value, "tolist") else value)
+
+
 def test_restore_makes_the_live_table_equal_as_of(engine: sa.Engine, dsn: str) -> None:
     setup(engine)
     plan = workload(5)
@@ -365,6 +370,18 @@ def test_restore_makes_the_live_table_equal_as_of(engine: sa.Engine, dsn: str) -
         middle = conn.exec_driver_sql("SELECT clock_timestamp()").scalar_one()
     run(engine, plan[12:])
     capture(dsn, once=True)
+    # the preview is diff(middle, now) turned around: each added row removed, each removed row added
+    turned = {"added": "removed", "removed": "added", "changed": "changed"}
+    changes = bemi_tt.diff("item", middle, "now", source=dsn).reset_index()
+    expected_cells = {
+        (r["shop"], r["code"], r["column"], turned[r["change"]], _cell(r["new"]), _cell(r["old"]))
+        for _, r in changes.iterrows()
+    }
+    preview = restore("item", middle, source=dsn).preview.reset_index()
+    assert {
+        (r["shop"], r["code"], r["column"], r["change"], _cell(r["old"]), _cell(r["new"]))
+        for _, r in preview.iterrows()
+    } == expected_cells
     for table in ("item", "tally"):
         expected = bemi_tt.as_of(table, middle, source=dsn)
         restore(table, middle, source=dsn).apply(engine)
