@@ -319,8 +319,7 @@ def _live_columns(conn: sa.Connection, tables: Iterable[TableName]) -> dict[Tabl
         if not rows:
             raise ConfigurationError(
                 f"table {_table_label((schema, name))} does not exist in this database: apply the plan to "
-                "the "
-                "tracked database it was made from"
+                "the tracked database it was made from"
             )
         out[(schema, name)] = {str(r[0]) for r in rows}
     return out
@@ -346,6 +345,7 @@ def _table(source: Source, name: TableName, cache: dict[TableName, _Table]) -> _
 
 
 def _text(value: Any) -> str:
+    """A recorded value's JSON text: how two values compare (``1.50`` and ``1.5`` differ, as in the row)."""
     return json_text(value)
 
 
@@ -417,8 +417,8 @@ def revert(
             raise ConfigurationError(
                 f"the selection holds the TRUNCATE of {_table_label(name)} committed at "
                 f"{row['committed_at'].isoformat()} (transaction {row['transaction_id']}), which cannot be "
-                "undone "
-                "change by change: narrow the selection, or use restore(table, ts) to bring the table back"
+                "undone change by change: narrow the selection, or use restore(table, ts) to bring the "
+                "table back"
             )
         t = _table(src, name, tables)
         origin = {

@@ -579,3 +579,22 @@ def test_a_plan_read_from_a_parquet_export_is_the_plan_read_from_postgresql(
         online, offline = restore(table, middle, source=dsn), restore(table, middle, source=exported)
         assert offline.sql == online.sql != ""
         pd.testing.assert_frame_equal(offline.preview, online.preview)
+
+
+def test_changes_recorded_without_old_values_are_refused_naming_the_change(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE todo (id integer PRIMARY KEY, task text NOT NULL, done boolean)")
+    bemi_tt.install(engine, replica_identity_full=False)  # REPLICA IDENTITY DEFAULT: old values not logged
+    capture(dsn, once=True)
+    todo = engine
+    _write(todo, 1, "INSERT INTO todo VALUES (1, 'Sleep', false), (2, 'Eat', false)")
+    _write(todo, 2, "UPDATE todo SET task = 'Nap' WHERE id = 1")
+    _write(todo, 3, "DELETE FROM todo WHERE id = 2")
+    capture(dsn, once=True)
+    with pytest.raises(bemi_tt.ConfigurationError, match=r"the UPDATE of todo key 1 .* recorded no old"):
+        revert("todo", user_id=2, source=dsn)
+    with pytest.raises(bemi_tt.ConfigurationError, match=r"the DELETE of todo key 2 .* recorded only the"):
+        revert("todo", user_id=3, source=dsn)
+    restore("todo", "now", source=dsn)  # restore needs no old values: it compares states
