@@ -598,3 +598,13 @@ def test_changes_recorded_without_old_values_are_refused_naming_the_change(
     with pytest.raises(bemi_tt.ConfigurationError, match=r"the DELETE of todo key 2 .* recorded only the"):
         revert("todo", user_id=3, source=dsn)
     restore("todo", "now", source=dsn)  # restore needs no old values: it compares states
+
+
+def test_restore_across_a_truncate_puts_the_truncated_rows_back(todo: sa.Engine, dsn: str) -> None:
+    _write(todo, 1, "INSERT INTO todo VALUES (1, 'Sleep', false), (2, 'Eat', null)")
+    with todo.connect() as conn:
+        then = conn.exec_driver_sql("SELECT clock_timestamp()").scalar_one()
+    _write(todo, 2, "TRUNCATE todo", "INSERT INTO todo VALUES (2, 'Other', true), (3, 'New', true)")
+    capture(dsn, once=True)
+    restore("todo", then, source=dsn).apply(todo)
+    assert _rows(todo) == [(1, "Sleep", False), (2, "Eat", None)]
