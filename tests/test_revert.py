@@ -608,3 +608,16 @@ def test_restore_across_a_truncate_puts_the_truncated_rows_back(todo: sa.Engine,
     capture(dsn, once=True)
     restore("todo", then, source=dsn).apply(todo)
     assert _rows(todo) == [(1, "Sleep", False), (2, "Eat", None)]
+
+
+DAMAGED_TYPES = ["integer); DROP TABLE todo; --", "text /* x */", 'U&"d\\0061t"', "int'"]
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_TYPES)
+def test_a_type_in_changes_schemas_that_is_not_a_type_name_is_refused(damaged: str) -> None:
+    table = _Table(("public", "todo"), {"c": {"name": "c", "type": damaged}}, [])
+    with pytest.raises(bemi_tt.ConfigurationError, match="not a type name"):
+        literal_of(table, "c", 1)
+    for fine in ("numeric(10,2)", "timestamp(3) with time zone", 'public."My Type"[]', "bit varying(5)"):
+        table = _Table(("public", "t"), {"c": {"name": "c", "type": fine}}, [])
+        assert literal_of(table, "c", 1).as_string(None) == f"'1'::{fine}"
