@@ -42,12 +42,15 @@ if TYPE_CHECKING:
     from bemi_tt.staleness import Freshness, freshness
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
     from bemi_tt.triggers import install, uninstall
+    from bemi_tt.undo import restore, revert
     from capture.chain import verify
+    from capture.errors import ConflictError
     from capture.export import export_parquet
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
     "BemiFastAPIMiddleware": "bemi_tt.middleware",
+    "ConflictError": "capture.errors",
     "EmbeddedPostgres": "bemi_tt.embedded",
     "Freshness": "bemi_tt.staleness",
     "InMemorySource": "bemi_tt.sources",
@@ -63,6 +66,8 @@ _LAZY = {
     "history": "bemi_tt.timetravel",
     "install": "bemi_tt.triggers",
     "plot_activity": "bemi_tt.plots",
+    "restore": "bemi_tt.undo",
+    "revert": "bemi_tt.undo",
     "uninstall": "bemi_tt.triggers",
     "verify": "capture.chain",
 }
@@ -73,6 +78,7 @@ __all__ = [
     "BemiFastAPIMiddleware",
     "ChainError",
     "ConfigurationError",
+    "ConflictError",
     "DecodeError",
     "EmbeddedPostgres",
     "Freshness",
@@ -96,6 +102,8 @@ __all__ = [
     "history",
     "install",
     "plot_activity",
+    "restore",
+    "revert",
     "set_context",
     "uninstall",
     "verify",

@@ -221,6 +221,99 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- undo: revert and restore ----------------------------------------------------------------------
+def _undo_source(args: argparse.Namespace) -> Any:
+    """Where the plan reads history: --source, else the tracked database (--dsn), else $BEMI_TT_SOURCE."""
+    if args.source is not None:
+        return args.source
+    return args.dsn if args.dsn is not None else None
+
+
+def _run_plan(args: argparse.Namespace, plan: Any, what: str) -> int:
+    if not args.apply:
+        if not plan.steps:
+            print(f"-- {what}: nothing to undo")
+            return 0
+        print(f"-- {what}: {len(plan.steps)} statements (dry run, nothing written; --apply runs them in one "
+              "transaction, each guarded against rows changed since)")
+        sys.stdout.write(plan.sql)
+        return 0
+    from capture.worker import resolve_dsn
+
+    written = plan.apply(resolve_dsn(args.dsn), force=args.force)
+    print(f"{what}: {written} rows written in one transaction (context {plan.context['bemi_tt_action']!r})")
+    return 0
+
+
+def _revert(args: argparse.Namespace) -> int:
+    from bemi_tt.undo import revert
+
+    filters = _where_filters(args.where)
+    _check_times(since=args.since, until=args.until)
+    plan = revert(args.table, since=args.since, until=args.until, transaction_id=args.transaction_id,
+                  source=_undo_source(args), **filters)
+    return _run_plan(args, plan, f"revert of {plan.undone} changes")
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from bemi_tt.undo import restore
+
+    _check_times(ts=args.ts)
+    plan = restore(args.table, args.ts, source=_undo_source(args), keys=args.key or None)
+    return _run_plan(args, plan, f"restore of {args.table} to {args.ts}")
+
+
+def _where_filters(items: Sequence[str]) -> dict[str, str]:
+    filters: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--where takes KEY=VALUE, got {item!r}")
+        filters[key] = value
+    return filters
+
+
+def _undo_commands(sub: Any) -> None:
+    """``bemi-tt revert`` and ``bemi-tt restore``: print the plan's SQL (default) or apply it."""
+
+    def options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source", default=None,
+                       help="PostgreSQL URL holding `changes`, or an export directory, to read history from "
+                            "(default: --dsn, then $BEMI_TT_SOURCE)")
+        p.add_argument("--dsn", default=None,
+                       help="PostgreSQL URL of the tracked database the plan is applied to (default: "
+                            "$BEMI_TT_DSN, then $DB_HOST/$DB_PORT/$DB_NAME/$DB_USER/$DB_PASSWORD)")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--dry-run", action="store_true",
+                          help="print the SQL and write nothing (the default)")
+        mode.add_argument("--apply", action="store_true",
+                          help="run the SQL in one transaction on --dsn; rows changed since make it fail, "
+                               "naming them, and write nothing")
+        p.add_argument("--force", action="store_true",
+                       help="with --apply: overwrite rows changed after the undone changes")
+
+    description = ("Undo chosen changes (newest first): print the SQL that would undo them, or --apply it.")
+    p = sub.add_parser("revert", help=description, description=description)
+    p.set_defaults(handler=_revert)
+    p.add_argument("--table", default=None, help="only this table (default: every table)")
+    p.add_argument("--since", default=None, help="only changes committed at or after this time")
+    p.add_argument("--until", default=None, help="only changes committed at or before this time")
+    p.add_argument("--transaction-id", type=int, default=None, metavar="XID",
+                   help="only the changes of this transaction (changes.transaction_id)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="context filter, e.g. --where user_id=187234 (repeatable)")
+    options(p)
+
+    description = "Bring a table (or some rows) back to what it was at a time: print the SQL, or --apply it."
+    p = sub.add_parser("restore", help=description, description=description)
+    p.set_defaults(handler=_restore)
+    p.add_argument("table", help="table name, e.g. todo or public.todo")
+    p.add_argument("ts", help="time, ISO 8601 (naive means UTC)")
+    p.add_argument("--key", action="append", default=[],
+                   help="only the row with this primary key (a JSON array for composite keys; repeatable)")
+    options(p)
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -350,6 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="context filter, e.g. --where user_id=187234 (repeatable)")
     read_options(p)
+    _undo_commands(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
     BemiError
     ├── ConfigurationError        bad arguments, settings or server configuration; says the fix
+    ├── ConflictError             an undo (revert/restore) met rows changed after what it undoes; names them
     ├── OperationalError          the environment refused an operation that was asked for correctly
     │   ├── PrivilegeError        the database role lacks a privilege; names the GRANT that fixes it
     │   ├── StorageError          files cannot be written or read: disk full, read-only, permissions
@@ -25,6 +26,7 @@ __all__ = [
     "BemiError",
     "ChainError",
     "ConfigurationError",
+    "ConflictError",
     "ConnectionFailedError",
     "DecodeError",
     "OperationalError",
@@ -43,6 +45,15 @@ class BemiError(Exception):
 
 class ConfigurationError(BemiError, ValueError):
     """A bad argument, setting or server configuration; the message says what to change."""
+
+
+class ConflictError(BemiError):
+    """Applying an undo plan (``revert``/``restore``) met rows changed after the changes it undoes, so it
+    wrote nothing; ``rows`` names them (``todo id=1``)."""
+
+    def __init__(self, message: str, rows: list[str] | None = None) -> None:
+        self.rows = list(rows or [])
+        super().__init__(message)
 
 
 class OperationalError(BemiError):
