@@ -382,7 +382,7 @@ def test_sink_stores_and_logs_a_digest_every_n_rows_and_verify_checks_them(
         sink = Sink(conn, "s", digest_every=2)
         sink.setup()
         for cp in (10, 20, 30):
-            sink.write(ChangeRow(str(cp), "t", "CREATE", "{}", f'{{"id": {cp}}}', "{}", at, "public", "d",
+            sink.write(ChangeRow(str(cp), "t", "CREATE", "{}", f'{{"id":{cp}}}', "{}", at, "public", "d",
                                  cp, cp, cp, 0))
             sink.mark(cp, cp, at)
             sink.commit()
