@@ -12,7 +12,12 @@ tables created later. A role that may not create event triggers gets a NOTICE an
 ``install`` again after creating tables (e.g. at the end of each migration). Everything is idempotent;
 ``uninstall`` removes exactly what ``install`` created.
 
-Roles: the event trigger fires for every role's DDL, so its function runs as the installing role
+Roles: ``emit_context()`` runs as the installing role (``SECURITY DEFINER``, ``search_path = pg_catalog,
+pg_temp``), so that ``install``, run by a superuser, can revoke ``pg_logical_emit_message`` from PUBLIC:
+then only the trigger can emit a ``bemi`` message; it also revokes write rights on the capture worker's
+tables from every role but their owner. What it may not do it reports, with the statements, in
+:attr:`Installation.warnings` (docs/privileges.md). The event trigger fires for every role's DDL, so its
+function runs as the installing role
 (``SECURITY DEFINER``, ``search_path = pg_catalog, pg_temp``) and only on the tables of the command that
 fired it; the functions that alter tables on request (``track_table``, ``track_all``, ``untrack_all``,
 ``restore_identity``) are not executable by PUBLIC. Where the installing role may not alter a new table,
@@ -392,7 +397,8 @@ _SECURE = (
     "  IF su THEN\n"
     "    FOR f IN " + _EMIT_FUNCTIONS + " LOOP\n"
     "      FOR o IN " + _FUNCTION_OWNERS + " LOOP\n"
-    "        EXECUTE 'GRANT EXECUTE ON FUNCTION ' || f::text || ' TO ' || pg_catalog.quote_ident(o.rolname);\n"
+    "        EXECUTE 'GRANT EXECUTE ON FUNCTION ' || f::text || ' TO '\n"
+    "          || pg_catalog.quote_ident(o.rolname);\n"
     "      END LOOP;\n"
     "      EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || f::text || ' FROM PUBLIC';\n"
     "    END LOOP;\n"

@@ -25,11 +25,15 @@ chain begins at the first hashed row and the result says how many rows came befo
 Erasure-ready: the chain covers only ``row_digest``, and the digest covers each JSON value through its
 own hash, so a later erasure can replace a value by its hash and keep the chain verifiable.
 
-Canonical JSON: the worker writes JSON text that jsonb reformats (key order, spaces, ``1e16`` →
-``10000000000000000``, duplicate keys: the last wins). :func:`canonical_json` maps the written text and
-what jsonb gives back (``jsonb::text``, or the Parquet export's JSON) to the same text: keys sorted and
-deduplicated like jsonb, compact separators, strings re-escaped one way, numbers as PostgreSQL's numeric
-prints them.
+Canonical JSON: jsonb reformats what it stores (key order, spaces, ``1e16`` → ``10000000000000000``,
+duplicate keys: the last wins). :func:`canonical_json` maps any JSON text and what jsonb gives back
+(``jsonb::text``, or the Parquet export's JSON) to the same text: keys sorted by code point and
+deduplicated like jsonb, separators ``,`` and ``:`` without spaces, non-ASCII kept, strings escaped as
+Python's ``json`` does (quote, backslash, newline, CR, tab, backspace and form feed by their short
+escapes, other control characters as ``\\u00XX``), numbers as PostgreSQL's numeric prints them (plain
+digits, no exponent, ``-0`` → ``0``).
+The worker's row images are in that form already (capture/values.py writes it), so the sink hashes them
+as they are (:func:`text_digest`); :func:`verify_rows` always canonicalises what is stored.
 """
 
 from __future__ import annotations

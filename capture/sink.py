@@ -13,7 +13,10 @@ first), so the row is complete when its digest is computed; when that row was ne
 tracking started without a snapshot) the column stays absent.
 
 Every row gets ``context_verified`` (from the stitcher), ``row_digest`` and ``chain_hash``
-(:mod:`capture.chain`), chained in write order, which is ``(commit_position, ordinal)`` order. The chain
+(:mod:`capture.chain`), chained in write order, which is ``(commit_position, ordinal)`` order. A
+``ChangeRow``'s ``before`` and ``after`` must be canonical JSON (:func:`capture.chain.canonical_json`;
+capture/values.py writes it): they are hashed as they are, never parsed. The context is canonicalised
+once per distinct context. The chain
 goes on from the last row in ``changes`` (a first-release table's unhashed rows: from the start); each
 commit records the head in ``changes_positions`` and, every ``digest_every`` rows, in ``changes_digests``.
 
@@ -35,7 +38,15 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from capture.chain import GENESIS, Chain, canonical_json, context_digest, digest_with, header_prefix, text_digest
+from capture.chain import (
+    GENESIS,
+    Chain,
+    canonical_json,
+    context_digest,
+    digest_with,
+    header_prefix,
+    text_digest,
+)
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import (
     CHANGE_COLUMNS,

@@ -271,7 +271,8 @@ def _compile_parser(
     assert encoder.names is not None
     count = len(encoder.converters)
     # keys in the encoder's (sorted, canonical) order, as row_json writes them
-    template = "{" + ",".join(json_string(encoder.names[i]).replace("%", "%%") + ":%s" for i in encoder.order) + "}"
+    names = encoder.names
+    template = "{" + ",".join(json_string(names[i]).replace("%", "%%") + ":%s" for i in encoder.order) + "}"
     lines = [
         "def parse(data):",
         f"    if data[6] != {count >> 8} or data[7] != {count & 0xFF}:",

@@ -1,11 +1,15 @@
 """Pure conversion of PostgreSQL text-format column values (as pgoutput sends them) into JSON text.
 
 The rule: a value becomes the JSON that PostgreSQL's own ``to_jsonb(value)`` gives for it, so that
-rows decoded from the WAL and rows read with ``to_jsonb`` compare equal. Concretely:
+rows decoded from the WAL and rows read with ``to_jsonb`` compare equal, written in the canonical form of
+capture/chain.py (:func:`~capture.chain.canonical_json` of the output is the output: object keys sorted,
+no spaces, numbers as numeric prints them), so the sink hashes it without parsing. Concretely:
 
 * ``int2/int4/int8`` and ``numeric`` → JSON numbers with the digits verbatim (numeric stays exact,
-  never a float); ``float4/float8`` → numbers; ``NaN``/``Infinity``/``-Infinity`` → JSON strings.
-* ``bool`` → ``true``/``false``; ``json``/``jsonb`` → the JSON itself, nested.
+  never a float); ``float4/float8`` → numbers, an exponent form (``1e+20``) written out in digits as
+  numeric would; ``NaN``/``Infinity``/``-Infinity`` → JSON strings.
+* ``bool`` → ``true``/``false``; ``json``/``jsonb`` → the JSON itself, nested (re-written canonically:
+  the only values parsed here).
 * ``timestamptz`` → ``"2026-11-27T10:00:00.123456+00:00"`` (ISO 8601, ``T``, offset ``±HH:MM[:SS]``;
   the fraction as PostgreSQL prints it, trailing zeros dropped); ``timestamp`` → the same without
   offset; ``'infinity'``/``'-infinity'`` stay those strings; BC values keep PostgreSQL's `` BC`` suffix.
@@ -744,7 +748,7 @@ class ValueEncoder:
                 )
             self.names = tuple(names)
             if len(set(self.names)) != len(self.names):
-                raise ValueError(f"names must be distinct (a JSON object has one value per key), got {names!r}")
+                raise ValueError(f"names must be distinct (one value per JSON key), got {names!r}")
             self.order = tuple(sorted(range(len(self.names)), key=self.names.__getitem__))
             self._prefixes = tuple(_json_string(n) + ":" for n in self.names)
             self._template = "{" + ",".join(

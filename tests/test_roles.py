@@ -265,12 +265,13 @@ _EMIT_CALLS = (
 def _may_not_emit(role_dsn: str) -> None:
     for call in _EMIT_CALLS:
         with psycopg.connect(role_dsn) as conn, pytest.raises(
-            psycopg.errors.InsufficientPrivilege, match="permission denied for function pg_logical_emit_message"
+            psycopg.errors.InsufficientPrivilege,
+            match="permission denied for function pg_logical_emit_message",
         ):
             conn.execute(call)  # type: ignore[arg-type]
 
 
-def test_after_a_superuser_install_the_application_role_may_not_emit_bemi_messages_but_its_writes_carry_context(
+def test_after_a_superuser_install_the_app_role_may_not_emit_bemi_messages_but_its_writes_carry_context(
     pg_server: Any, database: str, dsn: str, engine: sa.Engine, make_role: MakeRole
 ) -> None:
     app, worker = make_role("app", ""), make_role("worker", "REPLICATION")
@@ -343,7 +344,8 @@ def test_install_by_a_table_owner_reports_write_rights_it_may_not_take(
     for role in (owner, worker):
         _grant_create(dsn, database, role)
     run(make_conninfo(dsn, user=worker), once=True)
-    _exec(make_conninfo(dsn, user=worker), sql.SQL("GRANT UPDATE ON changes TO {}").format(sql.Identifier(owner)))
+    _exec(make_conninfo(dsn, user=worker),
+          sql.SQL("GRANT UPDATE ON changes TO {}").format(sql.Identifier(owner)))
     eng = _app_engine(pg_server, database, owner)
     try:
         report = install(eng)
