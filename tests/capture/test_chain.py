@@ -159,7 +159,8 @@ def test_canonical_json_of_values_py_images_equals_canonical_json_of_jsonb(dsn: 
 def test_canonical_json_keeps_the_text_backslash_u0000_in_strings() -> None:
     """Numbers are tagged with NULs while re-encoding; a string holding the six characters \u0000 (which
     jsonb can hold, unlike a NUL) must come out unchanged, not be taken for a tag."""
-    for text in ['{"a":"\\\\u0000"}', '["\\\\u0000x","x\\\\u0000",1.50]', '{"\\\\u0000":"\\\\u00001\\\\u0000"}']:
+    texts = ['{"a":"\\\\u0000"}', '["\\\\u0000x","x\\\\u0000",1.50]', '{"\\\\u0000":"\\\\u00001\\\\u0000"}']
+    for text in texts:
         assert canonical_json(text) == text
         assert json.loads(canonical_json(text)) == json.loads(text)
 
