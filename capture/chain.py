@@ -87,6 +87,8 @@ def canonical_number(literal: str) -> str:
     if _PLAIN_NUMBER.match(literal) and not (literal.startswith("-") and not literal.strip("-0.")):
         return literal
     value = Decimal(literal)
+    if not -16400 < value.adjusted() < 131100:  # jsonb refuses it; never write out a billion digits
+        raise ValueError(f"number {literal[:40]!r} is outside the range of PostgreSQL's numeric")
     text = format(value, "f")
     return text[1:] if value.is_zero() and text.startswith("-") else text
 

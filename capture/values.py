@@ -267,8 +267,20 @@ _boolean = {"t": "true", "f": "false"}.__getitem__
 
 
 def _json(s: str) -> str:
-    # jsonb cannot hold \u0000: keep such json values as text rather than fail the whole batch.
-    return _json_string(s) if "\\u0000" in s else canonical_json(s)
+    # jsonb cannot hold \u0000, a lone surrogate or a number beyond numeric's range: keep such json values
+    # as text rather than fail the whole batch
+    if "\\u0000" in s:
+        return _json_string(s)
+    try:
+        out = canonical_json(s)
+        if _SURROGATE_ESCAPE.search(s):
+            out.encode()  # a lone surrogate (a pair is one character, and fine)
+    except (ValueError, UnicodeEncodeError):
+        return _json_string(s)
+    return out
+
+
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _jsonb(s: str) -> str:

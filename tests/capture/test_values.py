@@ -786,3 +786,15 @@ def test_row_json_is_the_chains_canonical_text_so_the_sink_hashes_it_unparsed(
     # the per-value path the stitcher takes for partial rows (unchanged TOAST, key-only old tuples)
     encoder = ValueEncoder(oids, _PAIR_TYPES)
     assert row_json(names, [encoder.value_json(i, v) for i, v in enumerate(values)]) == out
+
+
+def test_json_values_jsonb_cannot_hold_stay_text_so_canonicalising_never_fails(
+    conn: psycopg.Connection,
+) -> None:
+    """json (not jsonb) accepts a lone surrogate escape and any exponent; canonicalising them would fail
+    (or write out a billion digits), so they stay JSON strings of their text, which jsonb accepts."""
+    for text in ['{"a": 1e999999999}', '["\\ud800"]', '{"x": 1e-999999}']:
+        out = text_to_json(text, 114)
+        assert json.loads(out) == text
+        assert conn.execute("SELECT %s::jsonb #>> '{}'", (out,)).fetchone() == (text,)
+    assert text_to_json('["\\ud83d\\ude00", 1e2]', 114) == '["\U0001f600",100]'  # a pair is fine
