@@ -109,7 +109,10 @@ def _grants(args: argparse.Namespace) -> int:
           f"--    bemi-tt install postgresql://{args.installer}@.../{args.database} (each migration), then:")
     for statement in steps["installer"]:
         print(statement + ";")
-    print(f"-- 3. the worker: bemi-tt capture --dsn postgresql://{args.worker}@.../{args.database}")
+    print(f"-- 3. the worker: bemi-tt capture --dsn postgresql://{args.worker}@.../{args.database};\n"
+          f"--    after its first run, as {args.worker} (owner of changes):")
+    for statement in steps["worker"]:
+        print(statement + ";")
     return 0
 
 

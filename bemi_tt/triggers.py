@@ -12,7 +12,12 @@ tables created later. A role that may not create event triggers gets a NOTICE an
 ``install`` again after creating tables (e.g. at the end of each migration). Everything is idempotent;
 ``uninstall`` removes exactly what ``install`` created.
 
-Roles: the event trigger fires for every role's DDL, so its function runs as the installing role
+Roles: ``emit_context()`` runs as the installing role (``SECURITY DEFINER``, ``search_path = pg_catalog,
+pg_temp``), so that ``install``, run by a superuser, can revoke ``pg_logical_emit_message`` from PUBLIC:
+then only the trigger can emit a ``bemi`` message; it also revokes write rights on the capture worker's
+tables from every role but their owner. What it may not do it reports, with the statements, in
+:attr:`Installation.warnings` (docs/privileges.md). The event trigger fires for every role's DDL, so its
+function runs as the installing role
 (``SECURITY DEFINER``, ``search_path = pg_catalog, pg_temp``) and only on the tables of the command that
 fired it; the functions that alter tables on request (``track_table``, ``track_all``, ``untrack_all``,
 ``restore_identity``) are not executable by PUBLIC. Where the installing role may not alter a new table,
@@ -82,44 +87,48 @@ _SETUP = (
     # first check skips those repeats before any parsing (measured: 1.40x -> 1.02x on executemany).
     # Assignments, not PERFORM: plpgsql evaluates them on its fast path. (A WHEN clause on the trigger
     # was measured slower: PostgreSQL prepares it again for every statement.)
+    # SECURITY DEFINER (runs as the installing role, with a fixed search_path and qualified names): the
+    # application role then needs no EXECUTE on pg_logical_emit_message, which install revokes from PUBLIC
+    # where it may (docs/privileges.md), so the only way to emit a 'bemi' message is this trigger.
+    # current_query() and the transaction-local settings are the session's, as before.
     r"""CREATE OR REPLACE FUNCTION bemi_tt.emit_context() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-  query text := current_query();
+  query text := pg_catalog.current_query();
   encoded text;
   legacy text;
   last text;
   ignored text;
 BEGIN
-  IF query = current_setting('bemi_tt.last_query', true) THEN
+  IF query = pg_catalog.current_setting('bemi_tt.last_query', true) THEN
     RETURN NULL;
   END IF;
   -- a match without capture groups, then a split: 2-3x cheaper than substring() with a capture
   encoded := CASE WHEN query ~ '^/\*bemi:(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\*/'
-    THEN split_part(substr(query, 8), '*/', 1) END;
+    THEN pg_catalog.split_part(pg_catalog.substr(query, 8), '*/', 1) END;
   -- a process still on the original bemi-sqlalchemy package appends ' /*Bemi <json> Bemi*/' (its JSON is
   -- the context, "SQL" included); trusted at the very end only. Stored in last_context as is: JSON starts
   -- with '{', which base64 never does.
-  IF encoded IS NULL AND strpos(query, ' Bemi*/') > 0 THEN
-    legacy := substring(query from ' /\*Bemi (\{.*\}) Bemi\*/\s*;?\s*$');
+  IF encoded IS NULL AND pg_catalog.strpos(query, ' Bemi*/') > 0 THEN
+    legacy := pg_catalog.substring(query, ' /\*Bemi (\{.*\}) Bemi\*/\s*;?\s*$');
   END IF;
-  last := current_setting('bemi_tt.last_context', true);
+  last := pg_catalog.current_setting('bemi_tt.last_context', true);
   IF legacy IS NOT NULL THEN
     IF legacy IS DISTINCT FROM last THEN
-      ignored := pg_logical_emit_message(true, 'bemi', legacy);
-      ignored := set_config('bemi_tt.last_context', legacy, true);
-      ignored := set_config('bemi_tt.last_query', query, true);
+      ignored := pg_catalog.pg_logical_emit_message(true, 'bemi', legacy);
+      ignored := pg_catalog.set_config('bemi_tt.last_context', legacy, true);
+      ignored := pg_catalog.set_config('bemi_tt.last_query', query, true);
     END IF;
   ELSIF encoded <> '' THEN
     IF encoded IS DISTINCT FROM last THEN
-      ignored := pg_logical_emit_message(true, 'bemi', decode(encoded, 'base64'));
-      ignored := set_config('bemi_tt.last_context', encoded, true);
-      ignored := set_config('bemi_tt.last_query', query, true);
+      ignored := pg_catalog.pg_logical_emit_message(true, 'bemi', pg_catalog.decode(encoded, 'base64'));
+      ignored := pg_catalog.set_config('bemi_tt.last_context', encoded, true);
+      ignored := pg_catalog.set_config('bemi_tt.last_query', query, true);
     END IF;
   ELSIF last <> '' THEN
-    ignored := pg_logical_emit_message(true, 'bemi', '{}'::text);
-    ignored := set_config('bemi_tt.last_context', '', true);
-    ignored := set_config('bemi_tt.last_query', query, true);
+    ignored := pg_catalog.pg_logical_emit_message(true, 'bemi', '{}'::text);
+    ignored := pg_catalog.set_config('bemi_tt.last_context', '', true);
+    ignored := pg_catalog.set_config('bemi_tt.last_query', query, true);
   END IF;
   RETURN NULL;
 END
@@ -354,6 +363,138 @@ _SCHEMA_EMPTY = (
 )
 
 
+# -- privileges (docs/privileges.md) ------------------------------------------------------------------
+# The capture worker's tables, in any schema (the test of bemi_tt.trackable, which they are not).
+_WORKER_TABLES = (
+    "SELECT c.oid, c.relowner, c.relacl FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'p') AND ("
+    "(c.relname IN ('changes', 'changes_schemas', 'changes_digests') AND EXISTS (SELECT FROM"
+    " pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'"
+    " AND NOT a.attisdropped)) OR (c.relname = 'changes_positions' AND EXISTS (SELECT FROM"
+    " pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position'"
+    " AND NOT a.attisdropped)))"
+)
+_EMIT_FUNCTIONS = (
+    "SELECT p.oid FROM pg_catalog.pg_proc p WHERE p.proname = 'pg_logical_emit_message'"
+    " AND p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace"
+)
+# Non-superuser roles owning bemi_tt's functions: the SECURITY DEFINER ones emit messages as their owner.
+_FUNCTION_OWNERS = (
+    "SELECT DISTINCT r.oid, r.rolname FROM pg_catalog.pg_proc b JOIN pg_catalog.pg_namespace n"
+    " ON n.oid = b.pronamespace JOIN pg_catalog.pg_roles r ON r.oid = b.proowner"
+    " WHERE n.nspname = 'bemi_tt' AND NOT r.rolsuper"
+)
+# What install does where its role may. Only a superuser may revoke EXECUTE on pg_logical_emit_message
+# (owned by the bootstrap superuser; a non-owner's REVOKE only warns "no privileges could be revoked"):
+# then nobody but superusers and the owners of bemi_tt's functions can emit a 'bemi' message, so a context
+# can only come through the trigger. The owners are granted EXECUTE first, so writes never fail. Write
+# rights on the worker's tables (its record; nobody else has any business writing it) are revoked from
+# PUBLIC and every role but the owner, on the tables this role owns (or as a superuser).
+_SECURE = (
+    "DO $bemi$\nDECLARE\n"
+    "  su boolean := (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);\n"
+    "  f pg_catalog.regprocedure;\n  o record;\n  w record;\n"
+    "BEGIN\n"
+    "  IF su THEN\n"
+    "    FOR f IN " + _EMIT_FUNCTIONS + " LOOP\n"
+    "      FOR o IN " + _FUNCTION_OWNERS + " LOOP\n"
+    "        EXECUTE 'GRANT EXECUTE ON FUNCTION ' || f::text || ' TO '\n"
+    "          || pg_catalog.quote_ident(o.rolname);\n"
+    "      END LOOP;\n"
+    "      EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || f::text || ' FROM PUBLIC';\n"
+    "    END LOOP;\n"
+    "  END IF;\n"
+    "  FOR w IN SELECT DISTINCT t.oid::pg_catalog.regclass::text AS rel,"
+    " CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(g.rolname) END AS who\n"
+    "    FROM (" + _WORKER_TABLES + ") t CROSS JOIN LATERAL pg_catalog.aclexplode(t.relacl) a\n"
+    "    LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee\n"
+    "    WHERE a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE') AND a.grantee <> t.relowner\n"
+    "      AND (su OR pg_catalog.pg_has_role(t.relowner, 'USAGE'))\n"
+    "  LOOP\n"
+    "    EXECUTE 'REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ' || w.rel || ' FROM ' || w.who || ' CASCADE';\n"
+    "  END LOOP;\n"
+    "END\n$bemi$"
+)
+_EMIT_STATE = (
+    "SELECT p.oid::pg_catalog.regprocedure::text,"
+    " pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE') FROM pg_catalog.pg_proc p"
+    " WHERE p.oid IN (" + _EMIT_FUNCTIONS + ") ORDER BY 1"
+)
+_OWNERS_STATE = (
+    "SELECT o.rolname::text, bool_and(pg_catalog.has_function_privilege(o.oid, p.oid, 'EXECUTE'))"
+    " FROM (" + _FUNCTION_OWNERS + ") o CROSS JOIN pg_catalog.pg_proc p"
+    " WHERE p.oid IN (" + _EMIT_FUNCTIONS + ") GROUP BY 1 ORDER BY 1"
+)
+# Roles granted EXECUTE by name that are neither superusers nor owners of bemi_tt's functions.
+_OTHER_EMITTERS = (
+    "SELECT DISTINCT g.rolname::text FROM pg_catalog.pg_proc p"
+    " CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a JOIN pg_catalog.pg_roles g ON g.oid = a.grantee"
+    " WHERE p.oid IN (" + _EMIT_FUNCTIONS + ") AND a.grantee <> p.proowner AND NOT g.rolsuper"
+    " AND g.oid NOT IN (SELECT o.oid FROM (" + _FUNCTION_OWNERS + ") o) ORDER BY 1"
+)
+_TABLE_WRITERS = (
+    "SELECT t.oid::pg_catalog.regclass::text, pg_catalog.pg_get_userbyid(t.relowner)::text,"
+    " pg_catalog.string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'"
+    " ELSE pg_catalog.quote_ident(g.rolname) END, ', ')"
+    " FROM (" + _WORKER_TABLES + ") t CROSS JOIN LATERAL pg_catalog.aclexplode(t.relacl) a"
+    " LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee"
+    " WHERE a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE') AND a.grantee <> t.relowner"
+    " GROUP BY 1, 2 ORDER BY 1"
+)
+
+
+def _secure(conn: Connection, warnings: list[str]) -> None:
+    """Close what lets a role forge history (``_SECURE``); a warning with the statements for the rest."""
+    _run(conn, _SECURE)
+    found: list[str] = []
+    emit = conn.exec_driver_sql(_EMIT_STATE, execution_options={"no_parameters": True}).all()
+    owners = conn.exec_driver_sql(_OWNERS_STATE, execution_options={"no_parameters": True}).all()
+    lacking = [str(name) for name, may in owners if not may]
+    if lacking:
+        found.append(
+            f"bemi_tt: role {', '.join(lacking)} owns bemi_tt's trigger functions but may not call "
+            "pg_logical_emit_message, so every write to a tracked table fails with permission denied; run "
+            "as a superuser: " + " ".join(
+                f"GRANT EXECUTE ON FUNCTION pg_catalog.{fn} TO {_quote(name)};" for fn, _ in emit
+                for name in lacking
+            )
+        )
+    if any(public for _, public in emit):
+        keep = [str(name) for name, _ in owners]
+        found.append(
+            "bemi_tt: every role may call pg_logical_emit_message, so any client can emit a 'bemi' "
+            "message with a made-up context (the worker stores it with context_verified false when it has "
+            "keys); only a superuser may revoke it (docs/privileges.md), so run as a superuser: " + " ".join(
+                [f"GRANT EXECUTE ON FUNCTION pg_catalog.{fn} TO {_quote(name)};" for fn, _ in emit
+                 for name in keep]
+                + [f"REVOKE EXECUTE ON FUNCTION pg_catalog.{fn} FROM PUBLIC;" for fn, _ in emit]
+            )
+        )
+    others = [str(r[0]) for r in conn.exec_driver_sql(_OTHER_EMITTERS,
+                                                      execution_options={"no_parameters": True})]
+    if others:
+        who = ", ".join(_quote(name) for name in others)
+        found.append(
+            f"bemi_tt: role {', '.join(others)} was granted EXECUTE on pg_logical_emit_message, so it can "
+            "emit 'bemi' messages with a made-up context; unless it needs that, run as a superuser: "
+            + " ".join(f"REVOKE EXECUTE ON FUNCTION pg_catalog.{fn} FROM {who};" for fn, _ in emit)
+        )
+    for table, owner, who in conn.exec_driver_sql(_TABLE_WRITERS, execution_options={"no_parameters": True}):
+        found.append(
+            f"bemi_tt: {who} may write {table}, the capture worker's record of history (bemi-tt verify "
+            f"would find the edits, but nothing prevents them); run as {owner} (its owner) or a superuser: "
+            f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {table} FROM {who};"
+        )
+    for message in found:
+        log.warning(message)
+    warnings.extend(found)
+
+
+def _quote(name: str) -> str:
+    from psycopg import sql
+
+    return sql.Identifier(name).as_string(None)
+
+
 _WAL_LEVEL_MESSAGE = (
     "bemi_tt: wal_level is {level!r}, so the capture worker cannot read changes (it needs 'logical'): "
     "run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"
@@ -540,6 +681,7 @@ def install(
             if not event_trigger:
                 warnings.append(_NO_EVENT_TRIGGER_MESSAGE)
         _ddl_tracking(conn, "install_ddl_tracking")
+        _secure(conn, warnings)
     return Installation(changed, event_trigger, wal_level, tuple(warnings), tracking_slot)
 
 
@@ -731,7 +873,9 @@ def grant_statements(
     """The least-privilege set-up (docs/privileges.md), as SQL: who runs what, in order.
 
     ``"admin"`` (a superuser, or on managed PostgreSQL the administrator role, once): the three roles and
-    their rights. ``"installer"`` (the tables' owner, after ``bemi-tt install``): what the worker reads.
+    their rights, and ``pg_logical_emit_message`` for the installer only (a true superuser only; see
+    docs/privileges.md). ``"installer"`` (the tables' owner, after ``bemi-tt install``): what the worker
+    reads. ``"worker"`` (after its first run): nobody else may write its tables.
     Nobody is a superuser: the installer has REPLICATION (to create the slot at install) and owns the
     tables; the worker has REPLICATION and creates its tables in ``schema``; the application only writes.
     On Amazon RDS/Aurora use ``GRANT rds_replication TO <role>`` instead of ``ALTER ROLE ... REPLICATION``.
@@ -754,6 +898,10 @@ def grant_statements(
             q("GRANT CREATE ON DATABASE {d} TO {r}", d=database, r=worker),
             q("GRANT USAGE, CREATE ON SCHEMA {s} TO {r}", s=schema, r=worker),
             q("GRANT USAGE ON SCHEMA {s} TO {r}", s=schema, r=application),
+            # only the trigger may emit 'bemi' messages: it runs as the installer (SECURITY DEFINER), so
+            # the installer keeps EXECUTE and PUBLIC (the application) loses it. A DO block because the
+            # signatures differ (PostgreSQL 17 added a flush argument); only a superuser may run it.
+            _emit_grants(installer),
         ],
         "installer": [
             # the rows install copied when tracking began: the worker records them, then deletes them
@@ -764,7 +912,27 @@ def grant_statements(
             q("ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
               s=schema, r=application),
         ],
+        "worker": [
+            # after the worker's first run (it creates them): its record is written by the worker only
+            # (PostgreSQL grants nobody else anything by default; this undoes any grant made since)
+            q("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {s}.changes, {s}.changes_schemas,"
+              " {s}.changes_positions, {s}.changes_digests FROM PUBLIC, {r}", s=schema, r=application),
+        ],
     }
+
+
+def _emit_grants(installer: str) -> str:
+    """A DO block: EXECUTE on every ``pg_logical_emit_message`` signature for ``installer`` only."""
+    from psycopg import sql
+
+    role = sql.Literal(sql.Identifier(installer).as_string(None)).as_string(None)
+    if "$bemi$" in role:
+        raise ConfigurationError(f"role name {installer!r} contains $bemi$; choose another name")
+    return (
+        "DO $bemi$ DECLARE f pg_catalog.regprocedure; BEGIN FOR f IN " + _EMIT_FUNCTIONS + " LOOP"
+        " EXECUTE 'GRANT EXECUTE ON FUNCTION ' || f::text || ' TO ' || " + role + ";"
+        " EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || f::text || ' FROM PUBLIC'; END LOOP; END $bemi$"
+    )
 
 
 #: The capture worker's tables (capture/schema.py, capture/sink.py); its index is "changes_table_key_idx".
@@ -822,6 +990,7 @@ def _offline_extras() -> list[str]:
     return [
         *REPLACE_BEMI,
         *ddl_statements(),
+        _SECURE,
         "DO $$ BEGIN RAISE NOTICE 'bemi_tt: tracking begins when the capture worker first runs: SQL cannot "
         "create its replication slot with a snapshot; run bemi-tt install URL right after this script "
         "to begin now'; END $$",

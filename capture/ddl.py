@@ -23,10 +23,12 @@ rewritten ``"partition"``; the rows follow as ``bemi_rewrite`` messages). A TRUN
 writes its rows as ``bemi_truncate`` messages (triggers on the partitions, see ``_TRUNCATE_FUNCTIONS``).
 The worker turns these into ``changes_schemas`` rows and ``changes`` rows at the exact position.
 
-The DDL functions fire for every role's DDL and run with that role's rights: they only read the catalog
-(readable by everyone), the rewritten table (its owner ran the ALTER) and call ``pg_logical_emit_message``
-(executable by everyone), so no role's DDL can fail on a privilege; ``search_path`` is fixed so the
-caller's setting cannot change what they call. The partition trigger functions run as the installer.
+The DDL functions fire for every role's DDL and run as the installer (``SECURITY DEFINER``, a fixed
+``search_path``): install revokes ``pg_logical_emit_message`` from PUBLIC where it may
+(docs/privileges.md), so the caller may not emit. They read the catalog and the rewritten table (when
+the installer may not, the REWRITE is recorded with ``"captured": false``, a gap), so no role's DDL can
+fail on a privilege; nobody can call an event trigger function directly. The partition trigger
+functions run as the installer too.
 
 Cost: a rewrite writes every row of the table into the WAL once more (about the row's text size plus
 ~60 bytes) and the worker records one UPDATE per row; for a large table, ``SET LOCAL
@@ -48,8 +50,8 @@ __all__ = ["ddl_tracking_installed", "install_ddl_tracking", "install_statements
 log = logging.getLogger(__name__)
 
 # The message for one table (its columns as pgoutput sends them, attnums, primary key, replica identity),
-# shared by the event trigger and install/uninstall's tracking records. Inlined in each function: the
-# event trigger runs as the caller, who may lack USAGE on schema bemi_tt (so it calls nothing there).
+# shared by the event trigger and install/uninstall's tracking records. Inlined in each function:
+# emit_tracking runs as the caller of install/uninstall, so nothing else in schema bemi_tt is called.
 _MESSAGE = """(
   SELECT pg_catalog.jsonb_build_object(
     'event', {event}, 'schema', n.nspname, 'table', c.relname, 'oid', c.oid,
@@ -91,7 +93,7 @@ END
 $bemi$
 """
 _FUNCTIONS = """
-CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION bemi_tt.emit_ddl() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO' SET TimeZone = 'UTC' SET extra_float_digits = 3
 SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $bemi$
 DECLARE
@@ -130,6 +132,8 @@ BEGIN
                                             'changes_digests'));
     msg := """ + _MESSAGE.format(rel="root", event="'REWRITE'") + """;
     CONTINUE WHEN msg IS NULL;
+    -- the owner (a non-superuser's install) may not read another role's table: a recorded gap, no error
+    capture := capture AND pg_catalog.has_table_privilege(rw.rel, 'SELECT');
     PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || pg_catalog.jsonb_build_object(
       'captured', capture, 'reason', rw.why, 'partition', CASE WHEN rw.rel <> root THEN rw.rel END))::text);
     CONTINUE WHEN NOT capture;
@@ -180,7 +184,7 @@ END
 $bemi$
 """
 _DROP_FUNCTION = """
-CREATE OR REPLACE FUNCTION bemi_tt.emit_drop() RETURNS event_trigger LANGUAGE plpgsql
+CREATE OR REPLACE FUNCTION bemi_tt.emit_drop() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   obj record;

@@ -13,7 +13,10 @@ first), so the row is complete when its digest is computed; when that row was ne
 tracking started without a snapshot) the column stays absent.
 
 Every row gets ``context_verified`` (from the stitcher), ``row_digest`` and ``chain_hash``
-(:mod:`capture.chain`), chained in write order, which is ``(commit_position, ordinal)`` order. The chain
+(:mod:`capture.chain`), chained in write order, which is ``(commit_position, ordinal)`` order. A
+``ChangeRow``'s ``before`` and ``after`` must be canonical JSON (:func:`capture.chain.canonical_json`;
+capture/values.py writes it): they are hashed as they are, never parsed. The context is canonicalised
+once per distinct context. The chain
 goes on from the last row in ``changes`` (a first-release table's unhashed rows: from the start); each
 commit records the head in ``changes_positions`` and, every ``digest_every`` rows, in ``changes_digests``.
 
@@ -35,7 +38,15 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from capture.chain import GENESIS, Chain, context_digest, digest_with, header_prefix, value_digest
+from capture.chain import (
+    GENESIS,
+    Chain,
+    canonical_json,
+    context_digest,
+    digest_with,
+    header_prefix,
+    text_digest,
+)
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import (
     CHANGE_COLUMNS,
@@ -214,9 +225,6 @@ class Sink:
         self._shared_verified: bool | None = None
         self._context_digest = b""
         self._context_digests: dict[str, bytes] = {}
-        #: digests of recent ``after`` images: under REPLICA IDENTITY FULL the next UPDATE/DELETE of the
-        #: row sends the same image as its ``before`` (same encoder, same text), so it is not parsed twice
-        self._after_digests: dict[str, bytes] = {}
         self._since_digest = 0  # rows chained since the last stored digest (committed)
         self._pending_digest = 0
 
@@ -324,16 +332,11 @@ class Sink:
             self._prefix = header_prefix(
                 schema, table, row.database, verified, row.committed_at, row.transaction_id, commit
             )
-        known = self._after_digests
-        before_digest = known.pop(before, None) if before != "{}" else None
-        after_digest = value_digest(after)
-        if after != "{}":
-            if len(known) >= 16384:
-                known.clear()
-            known[after] = after_digest
+        # the images are canonical JSON as the stitcher wrote them (capture/values.py): hashed as they are,
+        # never parsed (verify canonicalises what jsonb gives back to the same text)
         digest = digest_with(
             self._prefix, operation, pk, position, ordinal, before, after, self._context_digest,
-            before_digest, after_digest,
+            text_digest(before), text_digest(after),
         )
         chain_hash = self._chain.add(digest)
         self._chain_key = (commit, ordinal)
@@ -385,7 +388,8 @@ class Sink:
         fill = None if found is None else found[0]
         if not fill or fill == "{}":
             return row.after
-        return fill if row.after == "{}" else f"{row.after[:-1]},{fill[1:]}"
+        # jsonb's text, merged: canonical again (keys sorted, compact) as the digest expects
+        return canonical_json(fill if row.after == "{}" else f"{row.after[:-1]},{fill[1:]}")
 
     def write_many(self, rows: Iterable[ChangeRow]) -> None:
         for row in rows:

@@ -270,7 +270,9 @@ def _compile_parser(
     """
     assert encoder.names is not None
     count = len(encoder.converters)
-    template = "{" + ",".join(json_string(n).replace("%", "%%") + ":%s" for n in encoder.names) + "}"
+    # keys in the encoder's (sorted, canonical) order, as row_json writes them
+    names = encoder.names
+    template = "{" + ",".join(json_string(names[i]).replace("%", "%%") + ":%s" for i in encoder.order) + "}"
     lines = [
         "def parse(data):",
         f"    if data[6] != {count >> 8} or data[7] != {count & 0xFF}:",
@@ -292,7 +294,7 @@ def _compile_parser(
             "    else:",
             "        return None",
         ]
-    values = "".join(f"j{i}, " for i in range(count))
+    values = "".join(f"j{i}, " for i in encoder.order)
     keys = "".join(f"v{i}, " for i in key_indexes)
     lines += [
         "    if pos != len(data):",

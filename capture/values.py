@@ -1,11 +1,15 @@
 """Pure conversion of PostgreSQL text-format column values (as pgoutput sends them) into JSON text.
 
 The rule: a value becomes the JSON that PostgreSQL's own ``to_jsonb(value)`` gives for it, so that
-rows decoded from the WAL and rows read with ``to_jsonb`` compare equal. Concretely:
+rows decoded from the WAL and rows read with ``to_jsonb`` compare equal, written in the canonical form of
+capture/chain.py (:func:`~capture.chain.canonical_json` of the output is the output: object keys sorted,
+no spaces, numbers as numeric prints them), so the sink hashes it without parsing. Concretely:
 
 * ``int2/int4/int8`` and ``numeric`` → JSON numbers with the digits verbatim (numeric stays exact,
-  never a float); ``float4/float8`` → numbers; ``NaN``/``Infinity``/``-Infinity`` → JSON strings.
-* ``bool`` → ``true``/``false``; ``json``/``jsonb`` → the JSON itself, nested.
+  never a float); ``float4/float8`` → numbers, an exponent form (``1e+20``) written out in digits as
+  numeric would; ``NaN``/``Infinity``/``-Infinity`` → JSON strings.
+* ``bool`` → ``true``/``false``; ``json``/``jsonb`` → the JSON itself, nested (re-written canonically:
+  the only values parsed here).
 * ``timestamptz`` → ``"2026-11-27T10:00:00.123456+00:00"`` (ISO 8601, ``T``, offset ``±HH:MM[:SS]``;
   the fraction as PostgreSQL prints it, trailing zeros dropped); ``timestamp`` → the same without
   offset; ``'infinity'``/``'-infinity'`` stay those strings; BC values keep PostgreSQL's `` BC`` suffix.
@@ -52,6 +56,7 @@ text); reload into the same mapping (``dict.update``) and existing encoders foll
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +64,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string  # the C implementation when available
 from typing import Any, Final
 
+from capture.chain import canonical_json, canonical_number
 from capture.errors import DecodeError
 
 __all__ = [
@@ -242,7 +248,15 @@ _NON_FINITE: Final = frozenset(("NaN", "Infinity", "-Infinity"))
 
 
 def _number(s: str) -> str:
-    return '"' + s + '"' if s in _NON_FINITE else s
+    return '"' + s + '"' if s in _NON_FINITE else s  # numeric_out: plain digits, already canonical
+
+
+def _float(s: str) -> str:
+    # float8out's shortest form may use an exponent ('1e+20', '1.5e-07') or be '-0': the canonical number
+    # is numeric's (what to_jsonb stores), plain digits
+    if s in _NON_FINITE:
+        return '"' + s + '"'
+    return canonical_number(s) if "e" in s or s == "-0" else s
 
 
 def _verbatim(s: str) -> str:
@@ -253,8 +267,32 @@ _boolean = {"t": "true", "f": "false"}.__getitem__
 
 
 def _json(s: str) -> str:
-    # jsonb cannot hold \u0000: keep such json values as text rather than fail the whole batch.
-    return _json_string(s) if "\\u0000" in s else s
+    # jsonb cannot hold \u0000, a lone surrogate or a number beyond numeric's range: keep such json values
+    # as text rather than fail the whole batch
+    if "\\u0000" in s:
+        return _json_string(s)
+    try:
+        out = canonical_json(s)
+        if _SURROGATE_ESCAPE.search(s):
+            out.encode()  # a lone surrogate (a pair is one character, and fine)
+    except (ValueError, UnicodeEncodeError):
+        return _json_string(s)
+    return out
+
+
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _jsonb(s: str) -> str:
+    return canonical_json(s)  # jsonb_out: keys by length, ", " and ": " separators
+
+
+def _jsonb_bytes(raw: bytes) -> str:
+    return canonical_json(raw.decode())
+
+
+def _float_bytes(raw: bytes) -> str:
+    return _float(raw.decode())
 
 
 def _timestamptz(s: str) -> str:
@@ -320,12 +358,12 @@ _SCALARS: Final[Mapping[int, Callable[[str], str]]] = {
     20: _verbatim,
     21: _verbatim,
     23: _verbatim,
-    700: _number,
-    701: _number,
+    700: _float,
+    701: _float,
     1700: _number,
     16: _boolean,
     114: _json,
-    3802: _verbatim,  # jsonb text output is valid JSON, verbatim
+    3802: _jsonb,
     1184: _timestamptz,
     1114: _timestamp,
 }
@@ -435,6 +473,21 @@ def _array_converter(element: Callable[[str], str], delimiter: str) -> Callable[
                 return "[" + s[1:-1] + "]"
             return generic(s)
 
+    elif delimiter == "," and element is _float:
+
+        def convert(s: str) -> str:  # also no exponent and no '-0': every element is already canonical
+            if (
+                s[:1] == "{"
+                and "N" not in s
+                and "I" not in s
+                and "e" not in s
+                and "-0" not in s
+                and '"' not in s
+                and s.find("{", 1) < 0
+            ):
+                return "[" + s[1:-1] + "]"
+            return generic(s)
+
     elif delimiter == "," and element is _json_string:
 
         def convert(s: str) -> str:  # escaping never makes a comma, so split after escaping once
@@ -524,7 +577,7 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
     after the last column of the type was dropped) can pair a field with another type, and invalid
     JSON would make the jsonb COPY fail on every retry.
     """
-    built: list[Any] = [None, (), ()]  # attributes, name prefixes, converters
+    built: list[Any] = [None, (), (), ()]  # attributes, name prefixes, converters, key order
     render = _render_record
     check = _strict_json
 
@@ -536,9 +589,11 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
         if attributes is not built[0]:
             built[1] = tuple(_json_string(name) + ":" for name, _ in attributes)
             built[2] = tuple(_str_converter(t, types, depth + 1) for _, t in attributes)
+            built[3] = tuple(sorted(range(len(attributes)), key=lambda i: attributes[i][0]))
             built[0] = attributes
         prefixes: tuple[str, ...] = built[1]
         converters: tuple[Callable[[str], str], ...] = built[2]
+        order: tuple[int, ...] = built[3]
         if not prefixes and s == "()":
             return "{}"
         fields = _parse_record(s)
@@ -549,7 +604,7 @@ def _composite_converter(oid: int, types: Mapping[int, TypeInfo], depth: int) ->
         ):
             return _json_string(s)  # written under other attributes than the catalog's now
         try:
-            result = render(prefixes, converters, fields)
+            result = render(prefixes, converters, fields, order)
             check(result)  # the catalog can be newer than the row (see above): never let a misfit through
         except (ValueError, KeyError):
             return _json_string(s)
@@ -567,15 +622,21 @@ _strict_json: Final = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 def _render_record(
-    prefixes: Sequence[str], converters: Sequence[Callable[[str], str]], fields: Sequence[str | None]
+    prefixes: Sequence[str],
+    converters: Sequence[Callable[[str], str]],
+    fields: Sequence[str | None],
+    order: Sequence[int],
 ) -> str:
-    """The JSON object of record fields, paired with the first ``len(fields)`` attributes."""
+    """The JSON object of record fields, paired with the first ``len(fields)`` attributes, keys in
+    ``order`` (sorted: the canonical form, capture/chain.py)."""
+    count = len(fields)
     return (
         "{"
         + ",".join(
             [
-                prefix + ("null" if field is None else convert_field(field))
-                for prefix, convert_field, field in zip(prefixes, converters, fields)  # noqa: B905
+                prefixes[i] + ("null" if (field := fields[i]) is None else converters[i](field))
+                for i in order
+                if i < count
             ]
         )
         + "}"
@@ -626,8 +687,10 @@ def _bytes_converter(oid: int, types: Mapping[int, TypeInfo]) -> Callable[[bytes
         if info is None or not info.base_oid:
             break
         base = info.base_oid
-    if base in _INTEGER_OIDS or base == 3802:
+    if base in _INTEGER_OIDS:
         return bytes.decode
+    if base == 3802:
+        return _jsonb_bytes
     if base == 16:
         return {b"t": "true", b"f": "false"}.__getitem__
     fast = _BYTES_CONVERTERS.get(base)
@@ -644,8 +707,8 @@ def _bytes_converter(oid: int, types: Mapping[int, TypeInfo]) -> Callable[[bytes
 
 
 _BYTES_CONVERTERS: Final[Mapping[int, Callable[[bytes], str]]] = {
-    700: _number_bytes,
-    701: _number_bytes,
+    700: _float_bytes,
+    701: _float_bytes,
     1700: _number_bytes,
     1184: _timestamptz_bytes,
 }
@@ -660,7 +723,7 @@ class ValueEncoder:
     placeholder must be replaced by its real value first (``ValueError`` otherwise).
     """
 
-    __slots__ = ("_converters", "_prefixes", "_template", "converters", "names")
+    __slots__ = ("_converters", "_pick", "_prefixes", "_sorted", "_template", "converters", "names", "order")
 
     def __init__(
         self,
@@ -683,16 +746,30 @@ class ValueEncoder:
         )
         self._converters = self.converters
         self.names: tuple[str, ...] | None = None
+        #: Column indexes in the order of their names: :meth:`row_json`'s key order, the canonical one
+        #: (keys sorted, capture/chain.py), so the sink hashes the text as it is.
+        self.order: tuple[int, ...] = tuple(range(len(self.converters)))
         self._prefixes: tuple[str, ...] = ()
         self._template: str | None = None
+        self._sorted = self.converters
+        self._pick: Callable[[Sequence[bytes | None]], Sequence[bytes | None]] = tuple
         if names is not None:
             if isinstance(names, str) or len(names) != len(self.converters):
                 raise ValueError(
                     f"names must give one column name per type OID ({len(self.converters)}), got {names!r}"
                 )
             self.names = tuple(names)
+            if len(set(self.names)) != len(self.names):
+                raise ValueError(f"names must be distinct (one value per JSON key), got {names!r}")
+            self.order = tuple(sorted(range(len(self.names)), key=self.names.__getitem__))
             self._prefixes = tuple(_json_string(n) + ":" for n in self.names)
-            self._template = "{" + ",".join(p.replace("%", "%%") + "%s" for p in self._prefixes) + "}"
+            self._template = "{" + ",".join(
+                self._prefixes[i].replace("%", "%%") + "%s" for i in self.order
+            ) + "}"
+            self._sorted = tuple(self.converters[i] for i in self.order)
+            if self.order != tuple(range(len(self.order))):
+                # values permuted into key order, in C
+                self._pick = operator.itemgetter(*self.order)  # (two columns at least: a permutation)
 
     def value_json(self, index: int, raw: bytes | None) -> str:
         """JSON text of the value ``raw`` (text-format bytes, or None for NULL) of column ``index``."""
@@ -704,12 +781,13 @@ class ValueEncoder:
             raise _bad_value(index, raw, exc) from None
 
     def row_json(self, values: Sequence[bytes | None]) -> str:
-        """A whole row as a JSON object text, ``{"col":value,...}`` (needs ``names``)."""
+        """A whole row as a JSON object text, ``{"col":value,...}`` (needs ``names``), canonical: keys
+        sorted, compact, each value canonical (capture/chain.py's form, which the sink hashes as is)."""
         try:
             if len(values) != len(self._converters):
                 raise TypeError
             return self._template % tuple(  # type: ignore[operator]
-                ["null" if v is None else c(v) for c, v in zip(self._converters, values)]  # noqa: B905
+                ["null" if v is None else c(v) for c, v in zip(self._sorted, self._pick(values))]  # noqa: B905
             )
         except (TypeError, AttributeError, KeyError, UnicodeDecodeError):
             if self.names is None or len(values) != len(self._prefixes):
@@ -740,10 +818,12 @@ def _bad_value(index: int, raw: object, exc: Exception) -> Exception:
 
 
 def row_json(names: Sequence[str], fragments: Sequence[str]) -> str:
-    """A JSON object text from column names (escaped here) and JSON value texts: ``{"a":1,"b":"x"}``."""
+    """A JSON object text from distinct column names (escaped here) and JSON value texts:
+    ``{"a":1,"b":"x"}``, keys sorted (canonical when the fragments are)."""
     if isinstance(names, str) or isinstance(fragments, str) or len(names) != len(fragments):
         raise ValueError(f"row_json needs as many names as fragments, got {names!r} and {fragments!r}")
-    return "{" + ",".join([_json_string(n) + ":" + f for n, f in zip(names, fragments, strict=False)]) + "}"
+    pairs = sorted(zip(names, fragments, strict=False), key=lambda pair: pair[0])
+    return "{" + ",".join([_json_string(n) + ":" + f for n, f in pairs]) + "}"
 
 
 def text_to_json(text: str | None, type_oid: int, type_info: Mapping[int, TypeInfo] | None = None) -> str:

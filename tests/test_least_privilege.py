@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import bemi_tt
@@ -68,6 +69,17 @@ def test_pipeline_with_exactly_the_documented_grants_and_no_superuser(
 
         stats = capture(make_conninfo(dsn, user=names["worker"]), once=True)  # REPLICATION, no superuser
         assert stats.snapshot_rows == 1
+        assert not [w for w in installation.warnings if "pg_logical_emit_message" in w]
+        with psycopg.connect(make_conninfo(dsn, user=names["worker"]), autocommit=True) as conn:
+            for statement in steps["worker"]:
+                conn.execute(statement.encode())
+        app_dsn = make_conninfo(dsn, user=names["app"])
+        for forgery in ("SELECT pg_logical_emit_message(true, 'bemi', '{\"user\": \"mallory\"}')",
+                        "UPDATE changes SET context = '{}'"):
+            with psycopg.connect(app_dsn) as conn, pytest.raises(
+                psycopg.errors.InsufficientPrivilege, match="permission denied for"
+            ):
+                conn.execute(forgery)  # type: ignore[arg-type]
     finally:
         installer.dispose()
         app.dispose()
@@ -97,3 +109,68 @@ def test_bemi_tt_grants_prints_the_documented_sql(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert 'CREATE ROLE "w" LOGIN REPLICATION;' in out
     assert 'GRANT SELECT, DELETE ON bemi_tt.snapshots, bemi_tt.snapshot_rows TO "w";' in out
+    assert "' TO ' || '\"bemi_installer\"'; EXECUTE 'REVOKE EXECUTE ON FUNCTION '" in out
+    assert ('REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON "public".changes, "public".changes_schemas,'
+            ' "public".changes_positions, "public".changes_digests FROM PUBLIC, "app";') in out
+
+
+def _emit_signatures(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc WHERE proname = 'pg_logical_emit_message' ORDER BY 1"
+        )]
+
+
+def _statements(warning: str) -> list[str]:
+    """The SQL a warning tells the DBA to run (after its last colon)."""
+    tail = warning.rsplit("superuser: ", 1)[1]
+    return [part.strip() for part in tail.split(";") if part.strip()]
+
+
+@pytest.mark.parametrize("before", ["public", "nobody"])
+def test_install_by_a_non_superuser_reports_the_statements_that_close_pg_logical_emit_message(
+    pg_server: Any, database: str, dsn: str, roles: Any, before: str
+) -> None:
+    """``public``: the DBA skipped the revoke; ``nobody``: revoked it without granting the installer."""
+    names, steps = roles
+    action = "GRANT EXECUTE ON FUNCTION {} TO PUBLIC" if before == "public" else \
+        "REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC, {}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for signature in _emit_signatures(dsn):
+            conn.execute(sql.SQL(action).format(sql.SQL(signature), sql.Identifier(names["installer"])))
+    url = pg_server.sqlalchemy_url(database)
+    installer = sa.create_engine(url.set(username=names["installer"]))
+    app = sa.create_engine(url.set(username=names["app"]))
+    try:
+        with installer.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE todo (id int PRIMARY KEY)"))
+            conn.execute(sa.text(f'GRANT INSERT ON todo TO "{names["app"]}"'))
+        warnings = [w for w in bemi_tt.install(installer).warnings if "pg_logical_emit_message" in w]
+        if before == "public":
+            [warning] = warnings
+            assert "every role may call pg_logical_emit_message" in warning
+        else:
+            [warning] = warnings
+            assert "every write to a tracked table fails" in warning
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied for function"), \
+                    bemi_tt.context(user="ann"), app.begin() as conn:  # a write with context
+                conn.execute(sa.text("INSERT INTO todo VALUES (0)"))
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the DBA runs what the warning says
+            for statement in _statements(warning):
+                conn.execute(statement.encode())
+        assert not [w for w in bemi_tt.install(installer).warnings if "pg_logical_emit_message" in w]
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied for function"), \
+                app.begin() as conn:
+            conn.execute(sa.text("SELECT pg_logical_emit_message(true, 'bemi', '{}')"))
+        with bemi_tt.context(user="ann"), app.begin() as conn:
+            conn.execute(sa.text("INSERT INTO todo VALUES (1)"))
+        with installer.begin() as conn:
+            for statement in steps["installer"]:
+                conn.execute(sa.text(statement))
+        capture(make_conninfo(dsn, user=names["worker"]), once=True)
+    finally:
+        installer.dispose()
+        app.dispose()
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT operation, context ->> 'user' FROM changes WHERE operation <> 'SNAPSHOT'")
+        assert rows.fetchall() == [("CREATE", "ann")]

@@ -230,7 +230,12 @@ def test_an_unprivileged_role_cannot_call_the_functions_that_alter_tables(
     # trigger giving new partitions that trigger; neither can be called
     output = ["DateStyle=ISO", "TimeZone=UTC", "extra_float_digits=3", "IntervalStyle=postgres",
               "bytea_output=hex"]
+    # emit_context and the DDL functions: they emit messages, which the caller may not (install revoked
+    # pg_logical_emit_message from PUBLIC)
     assert sorted(secdef) == [
+        ("emit_context", ["search_path=pg_catalog, pg_temp"]),
+        ("emit_ddl", ["search_path=pg_catalog, pg_temp", *output]),
+        ("emit_drop", ["search_path=pg_catalog, pg_temp"]),
         ("emit_truncate", ["search_path=pg_catalog, pg_temp", *output]),
         ("track_new_partitions", ["search_path=pg_catalog, pg_temp"]),
         ("track_new_tables", ["search_path=pg_catalog, pg_temp"]),
@@ -248,3 +253,108 @@ def test_a_worker_that_may_not_update_an_old_publication_names_the_fix(
     with caplog.at_level(logging.WARNING, logger="capture"):
         run(make_conninfo(dsn, user=worker), once=True)  # capture itself still works
     assert 'ALTER PUBLICATION "bemi_tt" SET (publish_generated_columns = stored);' in caplog.text
+
+
+_EMIT_CALLS = (
+    "SELECT pg_logical_emit_message(true, 'bemi', '{\"user\": \"mallory\"}')",
+    "SELECT pg_logical_emit_message(true, 'bemi', '\\x7b7d'::bytea)",
+    "SELECT pg_catalog.pg_logical_emit_message(false, 'bemi', '{}')",
+)
+
+
+def _may_not_emit(role_dsn: str) -> None:
+    for call in _EMIT_CALLS:
+        with psycopg.connect(role_dsn) as conn, pytest.raises(
+            psycopg.errors.InsufficientPrivilege,
+            match="permission denied for function pg_logical_emit_message",
+        ):
+            conn.execute(call)  # type: ignore[arg-type]
+
+
+def test_after_a_superuser_install_the_app_role_may_not_emit_bemi_messages_but_its_writes_carry_context(
+    pg_server: Any, database: str, dsn: str, engine: sa.Engine, make_role: MakeRole
+) -> None:
+    app, worker = make_role("app", ""), make_role("worker", "REPLICATION")
+    _grant_create(dsn, database, worker)
+    report = install(engine)
+    assert not [w for w in report.warnings if "pg_logical_emit_message" in w]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ensure_publication(conn, "bemi_tt")  # FOR ALL TABLES needs a superuser
+    worker_dsn = make_conninfo(dsn, user=worker)
+    run(worker_dsn, once=True)
+    _exec(dsn, "CREATE TABLE todo (id int PRIMARY KEY, task text)",
+          sql.SQL("GRANT ALL ON todo TO {}").format(sql.Identifier(app)))
+    _may_not_emit(make_conninfo(dsn, user=app))
+    eng = _app_engine(pg_server, database, app)
+    try:
+        with context(user="alice"), eng.begin() as conn:
+            conn.execute(sa.text("INSERT INTO todo VALUES (1, 'a')"))
+            conn.execute(sa.text("UPDATE todo SET task = 'b' WHERE id = 1"))
+        with context(user="bob"), eng.begin() as conn:
+            conn.execute(sa.text("DELETE FROM todo WHERE id = 1"))
+    finally:
+        eng.dispose()
+    assert run(worker_dsn, once=True).changes == 3  # capture works with the REPLICATION-only worker
+    assert [(r[0], r[1], r[4]) for r in _changes(dsn)] == [
+        ("todo", "CREATE", "alice"), ("todo", "UPDATE", "alice"), ("todo", "DELETE", "bob"),
+    ]
+
+
+def test_install_takes_write_rights_on_the_workers_tables_from_every_other_role(
+    dsn: str, database: str, engine: sa.Engine, make_role: MakeRole
+) -> None:
+    app, worker = make_role("app", ""), make_role("worker", "REPLICATION")
+    _grant_create(dsn, database, worker)
+    install(engine)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ensure_publication(conn, "bemi_tt")
+    worker_dsn = make_conninfo(dsn, user=worker)
+    run(worker_dsn, once=True)  # the worker creates (and owns) changes and its companions
+    _exec(dsn, "CREATE TABLE todo (id int PRIMARY KEY)", "INSERT INTO todo VALUES (1)")
+    run(worker_dsn, once=True)
+    tables = ("changes", "changes_schemas", "changes_positions", "changes_digests")
+    # the usual grant for an application, made by a superuser after the worker's tables exist, covers them
+    _exec(dsn, sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO PUBLIC, {}").format(sql.Identifier(app)))
+    app_dsn = make_conninfo(dsn, user=app)
+    with psycopg.connect(app_dsn) as conn:  # the grant took: the application could rewrite history
+        assert conn.execute("UPDATE changes SET primary_key = primary_key").rowcount > 0
+    report = install(engine)  # e.g. the next migration
+    assert not [w for w in report.warnings if "may write" in w]
+    statements = [
+        "UPDATE changes SET context = '{\"user\": \"mallory\"}'", "DELETE FROM changes",
+        "INSERT INTO changes SELECT * FROM changes", *(f"TRUNCATE {t}" for t in tables),
+        "UPDATE changes_positions SET chain_hash = NULL", "DELETE FROM changes_digests",
+        "INSERT INTO changes_schemas SELECT * FROM changes_schemas",
+    ]
+    for statement in statements:
+        with psycopg.connect(app_dsn) as conn, pytest.raises(
+            psycopg.errors.InsufficientPrivilege, match="permission denied for table"
+        ):
+            conn.execute(statement)  # type: ignore[arg-type]
+    with psycopg.connect(app_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM changes").fetchone() == (1,)  # reading stays granted
+    _exec(dsn, "INSERT INTO todo VALUES (2)")
+    assert run(worker_dsn, once=True).changes == 1  # the owner still writes
+
+
+def test_install_by_a_table_owner_reports_write_rights_it_may_not_take(
+    dsn: str, database: str, pg_server: Any, engine: sa.Engine, make_role: MakeRole
+) -> None:
+    owner, worker = make_role("owner", ""), make_role("worker", "REPLICATION")
+    for role in (owner, worker):
+        _grant_create(dsn, database, role)
+    run(make_conninfo(dsn, user=worker), once=True)
+    _exec(make_conninfo(dsn, user=worker),
+          sql.SQL("GRANT UPDATE ON changes TO {}").format(sql.Identifier(owner)))
+    eng = _app_engine(pg_server, database, owner)
+    try:
+        report = install(eng)
+    finally:
+        eng.dispose()
+    [table_warning] = [w for w in report.warnings if "may write" in w]
+    assert table_warning.endswith(
+        f'run as {worker} (its owner) or a superuser: REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON changes FROM'
+        f" {owner};"
+    )
+    [emit_warning] = [w for w in report.warnings if "every role may call pg_logical_emit_message" in w]
+    assert "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(" in emit_warning

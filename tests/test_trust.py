@@ -125,10 +125,26 @@ def test_signature_copied_onto_another_context_does_not_verify(
     assert [(r[2]["user_id"], r[3]) for r in rows] == [(1, False), (7, True)]
 
 
-def test_direct_pg_logical_emit_message_from_a_non_superuser_is_stored_unverified(
+def test_direct_pg_logical_emit_message_is_denied_to_a_non_superuser_after_install(
     engine: sa.Engine, dsn: str, todo: sa.Table, app_role: str
 ) -> None:
-    with psycopg.connect(_as(dsn, app_role)) as conn:  # the trigger needs it executable by the app role
+    with psycopg.connect(_as(dsn, app_role)) as conn, pytest.raises(
+        psycopg.errors.InsufficientPrivilege, match="permission denied for function pg_logical_emit_message"
+    ):
+        conn.execute("SELECT pg_logical_emit_message(true, 'bemi', '{\"user_id\": 1}')")
+
+
+def test_direct_pg_logical_emit_message_where_the_server_allows_it_is_stored_unverified(
+    engine: sa.Engine, dsn: str, todo: sa.Table, app_role: str
+) -> None:
+    # a server where the revoke was not possible (or was undone): signing is then the defence
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for (signature,) in conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc WHERE proname = 'pg_logical_emit_message'"
+        ).fetchall():
+            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                sql.SQL(signature), sql.Identifier(app_role)))
+    with psycopg.connect(_as(dsn, app_role)) as conn:
         conn.execute("SELECT pg_logical_emit_message(true, 'bemi', '{\"user_id\": 1}')")
         conn.execute("INSERT INTO todo VALUES (1, 'direct')")
     capture(dsn, once=True, context_keys=[KEY])

@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
+from capture.chain import canonical_json
 from capture.errors import DecodeError
 from capture.pgoutput import UNCHANGED, Insert, Relation, decode
 from capture.values import (
@@ -302,6 +303,8 @@ def test_value_json_equals_to_jsonb_of_the_same_value(utc: Captured, family: str
     expected = [exact(v) for v in utc.from_sql[family]]
     assert len(wal) == len(FAMILIES[family][1])
     assert wal == expected
+    # byte for byte: the canonical text of to_jsonb (what verify recomputes from jsonb), keys sorted
+    assert utc.from_wal[family] == [canonical_json(v) for v in utc.from_sql[family]]
 
 
 def test_value_json_is_accepted_by_jsonb_and_equal_to_to_jsonb_on_the_server(
@@ -387,11 +390,22 @@ def conn(server_db: str) -> Iterator[psycopg.Connection]:
         yield connection
 
 
+#: to_jsonb's text of the last value ``server_says`` asked for
+LAST_TO_JSONB: list[str] = [""]
+
+
 def server_says(conn: psycopg.Connection, value: object, pg_type: str) -> tuple[str, Any]:
     query = sql.SQL("SELECT v::text, to_jsonb(v)::text FROM (SELECT %s::{} AS v) s").format(sql.SQL(pg_type))
     row = conn.execute(query, (value,)).fetchone()
     assert row is not None
+    LAST_TO_JSONB[0] = row[1]
     return row[0], exact(row[1])
+
+
+def same_canonical_text(encoded: str) -> bool:
+    """The encoder's JSON is the canonical text of the server's ``to_jsonb`` (capture/chain.py): the very
+    bytes the chain hashes, so the sink can hash it as it is."""
+    return encoded == canonical_json(LAST_TO_JSONB[0]) == canonical_json(encoded)
 
 
 finite_decimals = st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(
@@ -406,6 +420,7 @@ finite_decimals = st.decimals(allow_nan=False, allow_infinity=False, places=None
 def test_numeric_is_exact_for_any_decimal(conn: psycopg.Connection, value: Decimal) -> None:
     text, expected = server_says(conn, value, "numeric")
     assert exact(text_to_json(text, 1700)) == expected
+    assert same_canonical_text(text_to_json(text, 1700))
 
 
 @settings(max_examples=40, deadline=None)
@@ -413,6 +428,7 @@ def test_numeric_is_exact_for_any_decimal(conn: psycopg.Connection, value: Decim
 def test_float8_matches_to_jsonb(conn: psycopg.Connection, value: float) -> None:
     text, expected = server_says(conn, value, "float8")
     assert exact(text_to_json(text, 701)) == expected
+    assert same_canonical_text(text_to_json(text, 701))
 
 
 text_without_nul = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)))
@@ -424,6 +440,7 @@ text_without_nul = st.text(st.characters(exclude_characters="\0", exclude_catego
 def test_text_arrays_match_to_jsonb(conn: psycopg.Connection, value: list[str | None]) -> None:
     text, expected = server_says(conn, value, "text[]")
     assert exact(text_to_json(text, 1009)) == expected
+    assert same_canonical_text(text_to_json(text, 1009))
 
 
 ZONES = [
@@ -452,6 +469,7 @@ def test_timestamptz_matches_to_jsonb_in_any_session_time_zone(
     finally:
         conn.execute("SET TimeZone = 'UTC'")
     assert exact(text_to_json(text, 1184)) == expected
+    assert same_canonical_text(text_to_json(text, 1184))
 
 
 # --------------------------------------------------------------------------- pure properties
@@ -679,3 +697,104 @@ def test_a_field_that_does_not_fit_its_attribute_type_keeps_the_value_as_text() 
     assert text_to_json("(1,x)", 60000, {60000: pair}) == '"(1,x)"'
     assert text_to_json("(1,NaN)", 60000, {60000: pair}) == '"(1,NaN)"'  # jsonb takes no NaN literal
     assert text_to_json("(x,1)", 60000, {60000: pair}) == '{"b":"x","c":1}'
+
+
+# --------------------------------------------------------------------------- canonical rows (the chain)
+
+_ints = st.integers(min_value=-(2**63), max_value=2**63 - 1).map(str)
+_float_texts = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False).flatmap(
+        lambda f: st.sampled_from([repr(f), f"{f:e}", f"{f:.17g}"])  # float8out's forms and others
+    ),
+    st.sampled_from(["-0", "0", "NaN", "Infinity", "-Infinity", "1e+20", "1.5e-07", "-1e-05", "1e+308"]),
+)
+_json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.text(st.characters(exclude_categories=("Cs",))),
+    st.floats(allow_nan=False, allow_infinity=False), finite_decimals,
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _json_text(value: Any, separators: tuple[str, str]) -> str:
+    """JSON text as a client or jsonb_out may write it: any key order, numbers as written."""
+    def render(v: Any) -> str:
+        if isinstance(v, Decimal):
+            return str(v)  # may carry an exponent: '1E+5'
+        if isinstance(v, list):
+            return "[" + separators[0].join(render(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + separators[0].join(
+                json.dumps(k, ensure_ascii=False) + separators[1] + render(x) for k, x in reversed(v.items())
+            ) + "}"
+        return json.dumps(v, ensure_ascii=False)
+
+    return render(value)
+
+
+_jsonb_texts = _json_values.map(lambda v: _json_text(v, (", ", ": ")))  # jsonb_out's spacing
+_json_texts = st.tuples(_json_values, st.sampled_from([(",", ":"), (" , ", " : "), (",\n", ":\t")])).map(
+    lambda pair: _json_text(*pair)
+)
+_PAIR_OID = 990001
+_CANONICAL_TYPES = {  # type OID -> PostgreSQL text output of a value of that type
+    23: st.integers(min_value=-(2**31), max_value=2**31 - 1).map(str),
+    20: _ints,
+    1700: finite_decimals.map(lambda d: format(d, "f")),
+    701: _float_texts,
+    16: st.sampled_from(["t", "f"]),
+    25: text_without_nul,
+    3802: _jsonb_texts,
+    114: _json_texts,
+    1184: st.sampled_from(["2026-11-27 10:00:00.5+00", "infinity", "2026-11-27 10:00:00+05:30"]),
+    1007: st.lists(st.one_of(st.none(), st.integers(-9, 99)), max_size=4).map(
+        lambda xs: "{" + ",".join("NULL" if x is None else str(x) for x in xs) + "}"
+    ),
+    1022: st.lists(_float_texts, max_size=4).map(lambda xs: "{" + ",".join(xs) + "}"),
+    _PAIR_OID: st.tuples(st.integers(-5, 5), st.sampled_from(["x", "", "a b"])).map(
+        lambda p: f'({p[0]},"{p[1]}")'
+    ),
+}
+_PAIR_TYPES = {_PAIR_OID: TypeInfo(_PAIR_OID, "pair_za", "C", attributes=(("z", 23), ("a", 25)))}
+
+
+@st.composite
+def _rows(draw: st.DrawFn) -> tuple[list[str], list[int], list[bytes | None]]:
+    names = draw(st.lists(st.text(st.characters(exclude_characters="\0"), min_size=1, max_size=6),
+                          min_size=1, max_size=8, unique=True))
+    oids = [draw(st.sampled_from(sorted(_CANONICAL_TYPES))) for _ in names]
+    values = [None if draw(st.integers(0, 9)) == 0 else draw(_CANONICAL_TYPES[o]).encode() for o in oids]
+    return names, oids, values
+
+
+@settings(max_examples=300, deadline=None)
+@given(_rows())
+@example((["b", "a", "ab", "B"], [3802, 701, 114, _PAIR_OID],
+          [b'{"z": 1, "a": [1.50, 1e+2]}', b"1e+20", b'{"k":1, "k":2}', b'(1,"x")']))
+def test_row_json_is_the_chains_canonical_text_so_the_sink_hashes_it_unparsed(
+    row: tuple[list[str], list[int], list[bytes | None]],
+) -> None:
+    names, oids, values = row
+    out = ValueEncoder(oids, _PAIR_TYPES, names=names).row_json(values)
+    assert out == canonical_json(out)
+    assert list(json.loads(out)) == sorted(names)
+    # the per-value path the stitcher takes for partial rows (unchanged TOAST, key-only old tuples)
+    encoder = ValueEncoder(oids, _PAIR_TYPES)
+    assert row_json(names, [encoder.value_json(i, v) for i, v in enumerate(values)]) == out
+
+
+def test_json_values_jsonb_cannot_hold_stay_text_so_canonicalising_never_fails(
+    conn: psycopg.Connection,
+) -> None:
+    """json (not jsonb) accepts a lone surrogate escape and any exponent; canonicalising them would fail
+    (or write out a billion digits), so they stay JSON strings of their text, which jsonb accepts."""
+    for text in ['{"a": 1e999999999}', '["\\ud800"]', '{"x": 1e-999999}']:
+        out = text_to_json(text, 114)
+        assert json.loads(out) == text
+        assert conn.execute("SELECT %s::jsonb #>> '{}'", (out,)).fetchone() == (text,)
+    assert text_to_json('["\\ud83d\\ude00", 1e2]', 114) == '["\U0001f600",100]'  # a pair is fine
