@@ -168,17 +168,18 @@ def _cast(expr: str, spark_sql_type: str) -> str:
     return expr
 
 
-def _typed_columns(layout: Layout, payload: str = "payload") -> list[str]:
-    """The select list typing ``payload`` (a row's JSON) into the columns of ``layout``; rows last changed
-    before a column was added take its fill."""
-    types = [spark_type(c.kind) for c in layout.columns]
-    struct = ", ".join(
-        f"{_quote(c.name)} {_parsed_as(t)}" for c, t in zip(layout.columns, types, strict=True)
-    )
-    parsed = f"from_json({payload}, {SPARK.literal(struct)})"
+def _row_type(layout: Layout) -> str:
+    """The struct ``from_json`` parses a row's JSON into (one field per column of ``layout``)."""
+    return ", ".join(f"{_quote(c.name)} {_parsed_as(spark_type(c.kind))}" for c in layout.columns)
+
+
+def _typed_columns(layout: Layout, row: str = "r") -> list[str]:
+    """The select list typing ``row`` (a row's JSON parsed by ``from_json`` into :func:`_row_type`) into
+    the columns of ``layout``; rows last changed before a column was added take its fill."""
     out = []
-    for column, t in zip(layout.columns, types, strict=True):
-        value = _cast(f"{parsed}.{_quote(column.name)}", t)
+    for column in layout.columns:
+        t = spark_type(column.kind)
+        value = _cast(f"{row}.{_quote(column.name)}", t)
         if column.since is not None:
             fill = "NULL"
             if column.fill is not None:
@@ -215,11 +216,21 @@ def present_query(rel: str, keys: tuple[str, ...], ts: pd.Timestamp | None) -> Q
     return query.then(present.select)
 
 
-def as_of_sql(layout: Layout, rel: str, ts: pd.Timestamp | None) -> str:
-    """The Spark SQL of :func:`as_of` over the changes in ``rel`` (what the engine generates)."""
+def as_of_sql(path: str | os.PathLike[str], table: str, ts: TimeLike, *, changes: str = "changes") -> str:
+    """The Spark SQL :func:`as_of` runs, over a table or view ``changes`` holding ``table``'s changes (the
+    ``changes`` columns, JSON as text): to read, or to run where the export is already a table."""
+    source = _source(path)
+    name = resolve_table(source, table)
+    when = to_utc(ts)
+    return _as_of_sql(_layout(source, name, when), changes, when)
+
+
+def _as_of_sql(layout: Layout, rel: str, ts: pd.Timestamp | None) -> str:
     query = present_query(rel, tuple(layout.keys), ts)
-    query = query.with_("present", query.select)
-    return query.then(f"SELECT {', '.join(_typed_columns(layout))} FROM present").sql()
+    query = query.with_("present", query.select).with_(
+        "parsed", f"SELECT cp, o, from_json(payload, {SPARK.literal(_row_type(layout))}) AS r FROM present"
+    )
+    return query.then(f"SELECT {', '.join(_typed_columns(layout))} FROM parsed").sql()
 
 
 def _view_name(prefix: str, table: TableName) -> str:
@@ -235,7 +246,7 @@ def as_of(spark: SparkSession, path: str | os.PathLike[str], table: str, ts: Tim
     when = to_utc(ts)
     layout = _layout(source, name, when)
     rel = _changes(spark, source, name, _view_name("changes", name))
-    return spark.sql(as_of_sql(layout, rel, when))
+    return spark.sql(_as_of_sql(layout, rel, when))
 
 
 def register_as_of(spark: SparkSession, path: str | os.PathLike[str], ts: TimeLike) -> dict[str, str]:
@@ -254,7 +265,7 @@ def register_as_of(spark: SparkSession, path: str | os.PathLike[str], ts: TimeLi
             continue
         view = table if table not in views else f"{schema}_{table}"
         rel = _changes(spark, source, (schema, table), _view_name("changes", (schema, table)))
-        spark.sql(as_of_sql(layout, rel, when)).createOrReplaceTempView(view)
+        spark.sql(_as_of_sql(layout, rel, when)).createOrReplaceTempView(view)
         views[view] = f"{schema}.{table}"
     return views
 
@@ -287,9 +298,7 @@ def _deciding(
         wanted=wanted,
     ).collect()
     # collect() gives times in the driver's local zone, naive: the instants they are
-    changes = [
-        {**row.asDict(), "committed_at": row["committed_at"].astimezone(timezone.utc)} for row in rows
-    ]
+    changes = [{**row.asDict(), "committed_at": row["committed_at"].astimezone(timezone.utc)} for row in rows]
     return InMemorySource(changes, source.schemas(name))
 
 
