@@ -34,7 +34,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "unknown"
 
 if TYPE_CHECKING:
-    from bemi_tt.duckdb_macros import duckdb
+    from bemi_tt.duckdb_macros import duckdb, register_as_of
     from bemi_tt.embedded import EmbeddedPostgres
     from bemi_tt.middleware import BemiFastAPIMiddleware
     from bemi_tt.plots import plot_activity
@@ -66,6 +66,7 @@ _LAZY = {
     "history": "bemi_tt.timetravel",
     "install": "bemi_tt.triggers",
     "plot_activity": "bemi_tt.plots",
+    "register_as_of": "bemi_tt.duckdb_macros",
     "restore": "bemi_tt.undo",
     "revert": "bemi_tt.undo",
     "uninstall": "bemi_tt.triggers",
@@ -102,6 +103,7 @@ __all__ = [
     "history",
     "install",
     "plot_activity",
+    "register_as_of",
     "restore",
     "revert",
     "set_context",

@@ -21,12 +21,14 @@ import duckdb as _duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bemi_tt.arguments import SourceLike
-from bemi_tt.rule import DUCKDB, Query, Rule
-from bemi_tt.sources import Scope, get_source
-from bemi_tt.state import Layout, layout_at, versions_of
+from bemi_tt.arguments import SourceLike, TimeLike
+from bemi_tt.rule import DUCKDB, Query, Rule, _string
+from bemi_tt.sources import Scope, TableName, get_source
+from bemi_tt.state import Layout, _matches, _pick, _readings, layout_at, table_label, versions_of
+from bemi_tt.timestamps import to_utc
+from capture.errors import ConfigurationError
 
-__all__ = ["duckdb"]
+__all__ = ["duckdb", "register_as_of"]
 
 _MATCH = '(c."table" = tbl OR c."schema" || \'.\' || c."table" = tbl)'
 _OLD_KEY = (
@@ -72,10 +74,9 @@ def _macros() -> list[str]:
     ]
 
 
-def _typed_macro(schema: str, table: str, layout: Layout) -> str | None:
-    name = f"as_of_{table}"
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        return None  # table names that are not plain identifiers: use as_of('schema.table', ts)
+def _typed_columns(layout: Layout, ts: str = "ts") -> list[str]:
+    """The typed select list over ``as_of``'s ``row`` of the columns of ``layout`` (``ts``: the SQL of the
+    time asked), shared by the ``as_of_<table>`` macros and the as-of views."""
     selects = []
     for col in layout.columns:
         pointer = "'/" + col.name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"
@@ -90,19 +91,32 @@ def _typed_macro(schema: str, table: str, layout: Layout) -> str | None:
         )
         if col.since_at is not None:  # no value before the column existed
             since = f"TIMESTAMPTZ '{col.since_at.isoformat()}'"
-            expr = f"CASE WHEN CAST(ts AS TIMESTAMPTZ) >= {since} THEN {expr} END"
+            expr = f"CASE WHEN CAST({ts} AS TIMESTAMPTZ) >= {since} THEN {expr} END"
         selects.append(f"{expr} AS {quoted}")
+    return selects
+
+
+def _typed_macro(schema: str, table: str, layout: Layout) -> str | None:
+    name = f"as_of_{table}"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return None  # table names that are not plain identifiers: use as_of('schema.table', ts)
     qualified = f"{schema}.{table}".replace("'", "''")
     return (
-        f"CREATE OR REPLACE MACRO {name}(ts) AS TABLE SELECT {', '.join(selects)} "
+        f"CREATE OR REPLACE MACRO {name}(ts) AS TABLE SELECT {', '.join(_typed_columns(layout))} "
         f"FROM as_of('{qualified}', ts)"
     )
 
 
-def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
+def duckdb(
+    source: SourceLike | None = None, *, as_of: TimeLike | None = None
+) -> _duckdb.DuckDBPyConnection:
     """A new DuckDB connection over ``source`` (default: the one set by ``bemi_tt.connect``) with views
     ``changes`` and ``changes_schemas`` and the macros ``as_of``, ``as_of_<table>``, ``history``,
-    ``table_changes``."""
+    ``table_changes``.
+
+    ``as_of=ts``: also a view per tracked table showing it as it was at ``ts`` (:func:`register_as_of`),
+    named ``schema.table`` and, for the table a bare name means (public first), ``table``: any SQL, any
+    join, runs against one consistent point of history."""
     src = get_source(source)
     con = _duckdb.connect()
     src.load(con, "changes", Scope())
@@ -148,4 +162,70 @@ def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
         typed = _typed_macro(schema, table, layout)
         if typed is not None:
             con.execute(typed)
+    if as_of is not None:
+        when = to_utc(as_of, "as_of")
+        tables = sorted(latest)
+        for schema, table in tables:
+            if layout_at(versions_of(_schemas_of(schemas, (schema, table))), when) is None:
+                continue  # created after ``ts``: no such table then
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+            register_as_of(con, table_label((schema, table), tables), when, name=(schema, table))
+            bare = _pick(table, _matches([(None, table)], tables))
+            if bare == (schema, table) and table not in _RESERVED:
+                register_as_of(con, table_label((schema, table), tables), when)
     return con
+
+
+#: names the connection already uses: a tracked table of that name is only ``schema.table``
+_RESERVED = ("changes", "changes_schemas", "bemi_tt_keys", "bemi_tt_fills")
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _schemas_of(schemas: pa.Table, table: TableName) -> pa.Table:
+    mine = pc.and_(pc.equal(schemas["schema"], table[0]), pc.equal(schemas["table"], table[1]))
+    return schemas.filter(mine)
+
+
+def register_as_of(
+    con: _duckdb.DuckDBPyConnection,
+    table: str,
+    ts: TimeLike,
+    name: str | tuple[str, str] | None = None,
+) -> str:
+    """Create (or replace) in ``con`` (a :func:`duckdb` connection) a view of ``table`` as it was at ``ts``:
+    the rows of :func:`bemi_tt.as_of` (the same rule, through the ``as_of`` macro), key columns included,
+    typed like ``as_of_<table>``, with the columns the table had at ``ts``. ``name``: the view's name
+    (default: the table's; a ``(schema, name)`` pair for a view in a schema). Returns the view's SQL name.
+    """
+    when = to_utc(ts)
+    schemas = con.sql("SELECT * FROM changes_schemas").to_arrow_table()
+    tables = sorted(set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=True)))
+    if not isinstance(table, str):
+        raise ConfigurationError(f"table must be a table name such as 'todo' or 'public.todo', got {table!r}")
+    found = _pick(table, _matches(_readings(table), tables))
+    if found is None:
+        known = ", ".join(table_label(t, tables) for t in tables) or "none"
+        raise ConfigurationError(f"unknown or ambiguous table {table!r}: the schema record has: {known}")
+    layout = layout_at(versions_of(_schemas_of(schemas, found)), when)
+    if layout is None:
+        raise ConfigurationError(
+            f"table {table!r} did not exist at {when.isoformat()} (its schema record starts later): "
+            "pass a later time"
+        )
+    at = f"TIMESTAMPTZ '{when.isoformat()}'"
+    qualified = _string(f"{found[0]}.{found[1]}")
+    view = (
+        _quote(found[1])
+        if name is None
+        else _quote(name)
+        if isinstance(name, str)
+        else f"{_quote(name[0])}.{_quote(name[1])}"
+    )
+    con.execute(
+        f"CREATE OR REPLACE VIEW {view} AS SELECT {', '.join(_typed_columns(layout, at))} "
+        f"FROM as_of({qualified}, {at})"
+    )
+    return view

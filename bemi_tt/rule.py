@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-__all__ = ["DUCKDB", "POSTGRES", "PRESENT", "Dialect", "Query", "Rule"]
+__all__ = ["DUCKDB", "POSTGRES", "PRESENT", "SPARK", "Dialect", "Query", "Rule"]
 
 #: Operations after which a row exists.
 PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
@@ -125,8 +125,46 @@ class PostgresDialect(Dialect):
         return f"(array_agg({value} ORDER BY commit_position DESC, ordinal DESC))[1]"
 
 
+class SparkDialect(Dialect):
+    """Spark SQL (4.0+): JSON as text, read with ``get_json_object`` (numbers as Spark's JSON parser prints
+    them: a key ``1.50`` reads as ``1.5``), positions as structs ordered field by field."""
+
+    name = "spark"
+
+    def literal(self, value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"  # backslash escapes
+
+    def _path(self, name: str) -> str | None:
+        return None if "'" in name or "]" in name else self.literal(f"$['{name}']")
+
+    def field_text(self, obj: str, name: str) -> str:
+        path = self._path(name)
+        if path is None:  # a name JSONPath cannot spell: a map lookup reads any name
+            return f"from_json({obj}, 'map<string,string>')[{self.literal(name)}]"
+        return f"get_json_object({obj}, {path})"
+
+    def field_json(self, obj: str, name: str) -> str:
+        return f"variant_get(parse_json({obj}), {self.literal(f'$[{json.dumps(name)}]')}, 'variant')"
+
+    def key_array(self, obj: str, names: Sequence[str]) -> str:
+        return f"to_json(array({', '.join(self.field_json(obj, n) for n in names)}))"
+
+    def not_empty(self, obj: str) -> str:
+        return f"{obj} <> '{{}}'"
+
+    def position(self, cp: str = "commit_position", o: str = "ordinal") -> str:
+        return f"named_struct('cp', {cp}, 'o', {o})"
+
+    def position_part(self, value: str, part: int) -> str:
+        return f"{value}.{'cp' if part == 1 else 'o'}"
+
+    def last_by_position(self, value: str) -> str:
+        return f"max_by({value}, named_struct('cp', commit_position, 'o', ordinal))"
+
+
 DUCKDB = DuckDBDialect()
 POSTGRES = PostgresDialect()
+SPARK = SparkDialect()
 
 
 @dataclass(frozen=True)
