@@ -22,8 +22,10 @@ elsewhere (a ticket, a log, another system), and pass it later as ``anchor``: hi
 is then proven unchanged. Rows from before hashing began (a first-release table) have no hash: the
 chain begins at the first hashed row and the result says how many rows came before it.
 
-Erasure-ready: the chain covers only ``row_digest``, and the digest covers each JSON value through its
-own hash, so a later erasure can replace a value by its hash and keep the chain verifiable.
+Erasure (capture/erase.py): the chain covers only ``row_digest``, and the digest covers each JSON value
+through its own hash. An erasure records the original hashes of the columns it rewrites; verify checks an
+erased row (its context carries ``_bemi_erased``) with them, so the rest of the row and the chain stay
+proven, and counts it in ``Verified.erased`` instead of calling it altered.
 
 Canonical JSON: the worker writes JSON text that jsonb reformats (key order, spaces, ``1e16`` →
 ``10000000000000000``, duplicate keys: the last wins). :func:`canonical_json` maps the written text and
@@ -37,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -260,16 +262,23 @@ class Verified(int):
     unhashed: int
     head: Anchor | None
     source: str
+    #: of the verified changes, those whose values were erased (checked with their recorded hashes)
+    erased: int
 
-    def __new__(cls, verified: int, *, unhashed: int, head: Anchor | None, source: str) -> Verified:
+    def __new__(
+        cls, verified: int, *, unhashed: int, head: Anchor | None, source: str, erased: int = 0
+    ) -> Verified:
         self = super().__new__(cls, verified)
         self.unhashed = unhashed
         self.head = head
         self.source = source
+        self.erased = erased
         return self
 
     def __str__(self) -> str:
         text = f"{int(self)} changes verified in {self.source}"
+        if self.erased:
+            text += f" ({self.erased} of them erased: values removed, original hashes recorded)"
         if self.unhashed:
             text += (
                 f"; the chain begins after {self.unhashed} earlier rows without hashes "
@@ -318,14 +327,16 @@ CHAIN_COLUMNS = tuple(ChainRow.__dataclass_fields__)
 
 
 def verify_rows(
-    rows: Iterable[ChainRow], *, source: str, anchors: Sequence[Anchor] = (), head: Anchor | None = None
+    rows: Iterable[ChainRow], *, source: str, anchors: Sequence[Anchor] = (), head: Anchor | None = None,
+    erased: Mapping[tuple[int, int], tuple[str, str, str]] | None = None,
 ) -> Verified:
     """Check rows given in ``(commit_position, ordinal)`` order; ``anchors``: known hashes at points of
-    history; ``head``: where the chain must end (the worker's record). Raises ``ChainError``."""
+    history; ``head``: where the chain must end (the worker's record); ``erased``: the original
+    (before, after, context) hashes of erased rows (capture/erase.py). Raises ``ChainError``."""
     wanted = {(a.commit_position, a.ordinal): a for a in anchors}
     previous = GENESIS
     last: ChainRow | None = None
-    unhashed = verified = 0
+    unhashed = verified = erased_rows = 0
     context_cache: dict[str, bytes] = {}
     for row in rows:
         if row.chain_hash is None or row.row_digest is None:
@@ -350,6 +361,9 @@ def verify_rows(
             transaction_id=row.transaction_id, position=row.position, commit_position=row.commit_position,
             ordinal=row.ordinal, context_digest=cdigest,
         )
+        if digest != row.row_digest and erased and _erased_digest(row, erased) == row.row_digest:
+            digest = row.row_digest  # erased: the rest of the row is proven by the recorded hashes
+            erased_rows += 1
         if digest != row.row_digest:
             raise ChainError(
                 f"{row.name()} in {source} was altered: its content no longer matches its row_digest"
@@ -388,7 +402,19 @@ def verify_rows(
             f"{source} ends {where}, but the worker recorded its head at commit_position "
             f"{head.commit_position}, ordinal {head.ordinal}: rows at the end were deleted or rewritten"
         )
-    return Verified(verified, unhashed=unhashed, head=end, source=source)
+    return Verified(verified, unhashed=unhashed, head=end, source=source, erased=erased_rows)
+
+
+def _erased_digest(row: ChainRow, erased: Mapping[tuple[int, int], tuple[str, str, str]]) -> str | None:
+    """The digest of an erased row from its recorded column hashes; None unless it is in erased form."""
+    hashes = erased.get((row.commit_position, row.ordinal))
+    if hashes is None or row.context is None or '"_bemi_erased"' not in row.context:
+        return None
+    prefix = header_prefix(row.schema, row.table, row.database, row.context_verified, row.committed_at,
+                           row.transaction_id, row.commit_position)
+    before, after, ctx = (bytes.fromhex(h) for h in hashes)
+    return digest_with(prefix, row.operation, row.primary_key, row.position, row.ordinal, None, None, ctx,
+                       before, after).hex()
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------------
@@ -489,11 +515,14 @@ def verify_changes(
         try:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                from capture.erase import pg_erased_digests
+
                 return verify_rows(
                     _pg_rows(conn, sql.Identifier(schema, CHANGES_TABLE)),
                     source=f"{schema}.{CHANGES_TABLE}",
                     anchors=[*kept, *digests],
                     head=head,
+                    erased=pg_erased_digests(conn, schema),
                 )
         finally:
             conn.rollback()
@@ -566,8 +595,11 @@ def verify_export(directory: str, *, anchors: Iterable[Anchor | str] = ()) -> Ve
     its end are only caught by an ``anchor`` at or after them. Raises ``ChainError`` like
     :func:`verify_changes`, naming the row (its key; ``id`` as exported).
     """
+    from capture.erase import export_erased_digests
+
     kept = [a if isinstance(a, Anchor) else Anchor.parse(a) for a in anchors]
-    return verify_rows(_export_rows(directory), source=f"the export {directory!r}", anchors=kept)
+    return verify_rows(_export_rows(directory), source=f"the export {directory!r}", anchors=kept,
+                       erased=export_erased_digests(directory))
 
 
 def verify(source: Any, *, schema: str = "public", anchors: Iterable[Anchor | str] = ()) -> Verified:

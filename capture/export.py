@@ -450,4 +450,8 @@ def _export(
 
     stream_units(conn, name, watermark, batch_rows, write)
     _export_schemas(conn, filesystem, root, schema, schemas_table)
+    # erasures recorded in PostgreSQL since the last run reach the files written before (capture/erase.py)
+    from capture.erase import sync_export_erasures
+
+    sync_export_erasures(conn, filesystem, root, schema, table, held.renew)
     return ExportStats(exported, files, written, watermark)
