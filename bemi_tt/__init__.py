@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bemi_tt.embedded import EmbeddedPostgres
     from bemi_tt.middleware import BemiFastAPIMiddleware
     from bemi_tt.plots import plot_activity
+    from bemi_tt.retention import erase
     from bemi_tt.sources import InMemorySource, connect
     from bemi_tt.staleness import Freshness, freshness
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
@@ -58,6 +59,7 @@ _LAZY = {
     "connect": "bemi_tt.sources",
     "diff": "bemi_tt.timetravel",
     "duckdb": "bemi_tt.duckdb_macros",
+    "erase": "bemi_tt.retention",
     "export_parquet": "capture.export",
     "freshness": "bemi_tt.staleness",
     "history": "bemi_tt.timetravel",
@@ -90,6 +92,7 @@ __all__ = [
     "context",
     "diff",
     "duckdb",
+    "erase",
     "export_parquet",
     "freshness",
     "get_context",

@@ -221,6 +221,38 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context_selector(items: Sequence[str]) -> dict[str, Any] | None:
+    """``--context KEY=VALUE`` items → a dict; VALUE is JSON when it parses (``7`` a number), else text."""
+    import json
+
+    if not items:
+        return None
+    selector: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--context takes KEY=VALUE, got {item!r}")
+        try:
+            selector[key] = json.loads(value)
+        except ValueError:
+            selector[key] = value
+    return selector
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from bemi_tt.retention import erase
+    from capture.worker import resolve_dsn
+
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    options: dict[str, Any] = {"table": args.table, "key": args.key, "what": what, "by": args.by,
+                               "reason": args.reason, "context": _context_selector(args.context)}
+    if args.directory is None or args.dsn is not None:
+        print(erase(resolve_dsn(args.dsn), schema=args.schema, **options))
+    if args.directory is not None:
+        print(erase(args.directory, **options))
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -350,6 +382,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="context filter, e.g. --where user_id=187234 (repeatable)")
     read_options(p)
+
+    p = command("erase", _erase,
+                "Erase personal values from recorded history (changes and/or a Parquet export), keeping "
+                "operations, times, keys and the hash chain; the erasure is recorded.")
+    p.add_argument("directory", nargs="?", default=None, metavar="DIR",
+                   help="a Parquet export directory to erase in (with --dsn: both)")
+    dsn_option(p)
+    p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
+    p.add_argument("--table", default=None, help="only changes of this table, e.g. users")
+    p.add_argument("--key", default=None,
+                   help="only the changes of the row with this primary key (a JSON array for composite keys)")
+    p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE",
+                   help="only changes whose context has KEY=VALUE (VALUE as JSON if it parses: 7 is a "
+                        "number, '\"7\"' text); repeatable")
+    p.add_argument("--what", default="before,after,context", metavar="COLUMNS",
+                   help="which of before,after,context lose their values (default: all three)")
+    p.add_argument("--by", default=None, help="who asks, recorded with the erasure (default: the role/user)")
+    p.add_argument("--reason", default=None, help="why, recorded with the erasure (e.g. a ticket)")
     return parser
 
 

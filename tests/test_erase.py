@@ -223,3 +223,24 @@ def test_erasing_in_postgresql_then_exporting_again_erases_the_files_written_bef
         assert bemi_tt.as_of("users", t, source=str(export)).equals(bemi_tt.as_of("users", t, source=dsn))
     assert not bemi_tt.as_of("users", story[1], source=dsn).equals(expected[story[1]])
     assert verify_export(str(export)).erased == verify_changes(dsn).erased == 2
+
+
+def test_cli_erase_by_context_in_database_and_export(dsn: str, story: list[datetime], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    export = tmp_path / "export"
+    export_parquet(dsn, str(export), progress=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "bemi_tt.cli", "erase", str(export), "--dsn", dsn, "--context", "user_id=8",
+         "--by", "dpo", "--reason", "ticket 9"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("erased 2 changes") == 2
+    assert "cy@" not in _texts(dsn)
+    for file in export.rglob("*.parquet"):
+        assert not any("cy@" in str(v) for v in pq.read_table(file)["after"].to_pylist())
+    bad = subprocess.run([sys.executable, "-m", "bemi_tt.cli", "erase", "--dsn", dsn, "--context", "x"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

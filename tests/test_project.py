@@ -54,8 +54,8 @@ def test_public_api_is_exactly_this() -> None:
         "Bemi", "BemiError", "BemiFastAPIMiddleware", "ChainError", "ConfigurationError", "DecodeError",
         "EmbeddedPostgres", "Freshness", "InMemorySource", "SlotLostError", "SourceError", "StaleWarning",
         "__version__", "as_of", "audit", "blame", "changes", "configure_context", "connect", "context",
-        "diff", "duckdb", "export_parquet", "freshness", "get_context", "history", "install", "plot_activity",
-        "set_context", "uninstall", "verify",
+        "diff", "duckdb", "erase", "export_parquet", "freshness", "get_context", "history", "install",
+        "plot_activity", "set_context", "uninstall", "verify",
     }
     # Import every submodule first: a submodule named like a public function would shadow it.
     for path in (ROOT / "bemi_tt").glob("*.py"):
