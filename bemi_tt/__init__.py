@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from bemi_tt.embedded import EmbeddedPostgres
     from bemi_tt.middleware import BemiFastAPIMiddleware
     from bemi_tt.plots import plot_activity
-    from bemi_tt.retention import erase
+    from bemi_tt.retention import erase, prune
     from bemi_tt.sources import InMemorySource, connect
     from bemi_tt.staleness import Freshness, freshness
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
@@ -65,6 +65,7 @@ _LAZY = {
     "history": "bemi_tt.timetravel",
     "install": "bemi_tt.triggers",
     "plot_activity": "bemi_tt.plots",
+    "prune": "bemi_tt.retention",
     "uninstall": "bemi_tt.triggers",
     "verify": "capture.chain",
 }
@@ -99,6 +100,7 @@ __all__ = [
     "history",
     "install",
     "plot_activity",
+    "prune",
     "set_context",
     "uninstall",
     "verify",

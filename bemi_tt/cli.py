@@ -253,6 +253,15 @@ def _erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from bemi_tt.retention import prune
+    from capture.worker import resolve_dsn
+
+    _check_times(before=args.before)
+    print(prune(resolve_dsn(args.dsn), before=args.before, schema=args.schema))
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -400,6 +409,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="which of before,after,context lose their values (default: all three)")
     p.add_argument("--by", default=None, help="who asks, recorded with the erasure (default: the role/user)")
     p.add_argument("--reason", default=None, help="why, recorded with the erasure (e.g. a ticket)")
+
+    p = command("prune", _prune,
+                "Fold the history before a time into a baseline: as_of from then on is unchanged, earlier "
+                "times raise; verify resumes the chain at the recorded horizon.")
+    dsn_option(p)
+    p.add_argument("--before", required=True, metavar="TS",
+                   help="keep history from this time on, ISO 8601 (naive means UTC)")
+    p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
     return parser
 
 

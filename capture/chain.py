@@ -264,21 +264,35 @@ class Verified(int):
     source: str
     #: of the verified changes, those whose values were erased (checked with their recorded hashes)
     erased: int
+    #: the pruning horizon the chain resumed at (capture/prune.py), None when history was never pruned
+    horizon: Any
+    #: anchors before the horizon, which nothing can check any more
+    skipped_anchors: int
 
     def __new__(
-        cls, verified: int, *, unhashed: int, head: Anchor | None, source: str, erased: int = 0
+        cls, verified: int, *, unhashed: int, head: Anchor | None, source: str, erased: int = 0,
+        horizon: Any = None, skipped_anchors: int = 0,
     ) -> Verified:
         self = super().__new__(cls, verified)
         self.unhashed = unhashed
         self.head = head
         self.source = source
         self.erased = erased
+        self.horizon = horizon
+        self.skipped_anchors = skipped_anchors
         return self
 
     def __str__(self) -> str:
         text = f"{int(self)} changes verified in {self.source}"
         if self.erased:
             text += f" ({self.erased} of them erased: values removed, original hashes recorded)"
+        if self.horizon is not None:
+            text += (
+                f"; history before {self.horizon.before.isoformat()} was pruned: its {self.horizon.rows} "
+                "baseline rows match the horizon record and the chain resumes from the pruned prefix's head"
+            )
+            if self.skipped_anchors:
+                text += f" ({self.skipped_anchors} anchors before it cannot be checked)"
         if self.unhashed:
             text += (
                 f"; the chain begins after {self.unhashed} earlier rows without hashes "
@@ -329,6 +343,7 @@ CHAIN_COLUMNS = tuple(ChainRow.__dataclass_fields__)
 def verify_rows(
     rows: Iterable[ChainRow], *, source: str, anchors: Sequence[Anchor] = (), head: Anchor | None = None,
     erased: Mapping[tuple[int, int], tuple[str, str, str]] | None = None,
+    horizon: Any = None,
 ) -> Verified:
     """Check rows given in ``(commit_position, ordinal)`` order; ``anchors``: known hashes at points of
     history; ``head``: where the chain must end (the worker's record); ``erased``: the original
@@ -336,11 +351,48 @@ def verify_rows(
     wanted = {(a.commit_position, a.ordinal): a for a in anchors}
     previous = GENESIS
     last: ChainRow | None = None
-    unhashed = verified = erased_rows = 0
+    unhashed = verified = erased_rows = skipped = baseline_rows = 0
+    baseline = hashlib.sha256()
+    start: Anchor | None = None
+    if horizon is not None:  # pruned (capture/prune.py): the chain resumes at the recorded head
+        if horizon.head is not None:
+            start = Anchor(*horizon.head)
+            previous = start.chain_hash
+            anchored = wanted.pop((start.commit_position, start.ordinal), None)
+            if anchored is not None and anchored.chain_hash != start.chain_hash:
+                raise ChainError(
+                    f"the pruned prefix's head in {source} is {start.chain_hash}, not the anchored "
+                    f"{anchored.chain_hash}: history up to that point was rewritten"
+                )
+        before = {k for k in wanted if k[0] < horizon.position}
+        skipped = len(before)
+        for k in before:
+            del wanted[k]
     context_cache: dict[str, bytes] = {}
     for row in rows:
+        if horizon is not None and row.commit_position < horizon.position:
+            digest = row_digest(
+                table=row.table, schema=row.schema, database=row.database, operation=row.operation,
+                primary_key=row.primary_key, before=row.before, after=row.after,
+                context=row.context if row.context is not None else "{}",
+                context_verified=row.context_verified, committed_at=row.committed_at,
+                transaction_id=row.transaction_id, position=row.position,
+                commit_position=row.commit_position, ordinal=row.ordinal,
+            )
+            if (row.row_digest is not None and digest != row.row_digest and erased
+                    and _erased_digest(row, erased) == row.row_digest):
+                digest, erased_rows = row.row_digest, erased_rows + 1
+            if row.row_digest is None or digest != row.row_digest or row.chain_hash is not None:
+                raise ChainError(
+                    f"{row.name()} in {source} lies before the pruning horizon but is not an unaltered "
+                    "baseline row: it was altered or inserted by hand"
+                )
+            baseline.update(bytes.fromhex(digest))
+            baseline_rows += 1
+            verified += 1
+            continue
         if row.chain_hash is None or row.row_digest is None:
-            if verified == 0:
+            if verified == baseline_rows and start is None:
                 unhashed += 1
                 last = row
                 continue
@@ -370,7 +422,8 @@ def verify_rows(
             )
         expected = chain_next(previous, digest)
         if expected != row.chain_hash:
-            after_text = "the start of the chain" if last is None or verified == 0 else last.name()
+            after_text = ("the start of the chain" if last is None or verified == baseline_rows
+                          else last.name())
             if chain_next(GENESIS, digest) == row.chain_hash:
                 raise ChainError(
                     f"{row.name()} in {source} starts a new chain after {after_text}: rows before it were "
@@ -389,7 +442,15 @@ def verify_rows(
                 f"the chain at {row.name()} in {source} is {expected}, not the anchored {anchor.chain_hash}: "
                 "history up to that point was rewritten"
             )
-    end = None if last is None or verified == 0 else Anchor(last.commit_position, last.ordinal, previous)
+    if horizon is not None and (baseline_rows != horizon.rows or baseline.hexdigest() != horizon.baseline):
+        raise ChainError(
+            f"the baseline in {source} ({baseline_rows} rows before the pruning horizon) does not match the "
+            f"horizon record ({horizon.rows} rows): baseline rows were altered, inserted or deleted"
+        )
+    chained = verified - baseline_rows
+    end = None if last is None or chained == 0 else Anchor(last.commit_position, last.ordinal, previous)
+    if end is None and start is not None:
+        end = start  # everything was folded: the chain ends where the pruned prefix did
     if wanted:
         missing = min(wanted)
         raise ChainError(
@@ -402,7 +463,8 @@ def verify_rows(
             f"{source} ends {where}, but the worker recorded its head at commit_position "
             f"{head.commit_position}, ordinal {head.ordinal}: rows at the end were deleted or rewritten"
         )
-    return Verified(verified, unhashed=unhashed, head=end, source=source, erased=erased_rows)
+    return Verified(verified, unhashed=unhashed, head=end, source=source, erased=erased_rows, horizon=horizon,
+                    skipped_anchors=skipped)
 
 
 def _erased_digest(row: ChainRow, erased: Mapping[tuple[int, int], tuple[str, str, str]]) -> str | None:
@@ -516,6 +578,7 @@ def verify_changes(
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 from capture.erase import pg_erased_digests
+                from capture.prune import pg_horizon
 
                 return verify_rows(
                     _pg_rows(conn, sql.Identifier(schema, CHANGES_TABLE)),
@@ -523,6 +586,7 @@ def verify_changes(
                     anchors=[*kept, *digests],
                     head=head,
                     erased=pg_erased_digests(conn, schema),
+                    horizon=pg_horizon(conn, schema),
                 )
         finally:
             conn.rollback()
@@ -596,10 +660,11 @@ def verify_export(directory: str, *, anchors: Iterable[Anchor | str] = ()) -> Ve
     :func:`verify_changes`, naming the row (its key; ``id`` as exported).
     """
     from capture.erase import export_erased_digests
+    from capture.prune import export_horizon
 
     kept = [a if isinstance(a, Anchor) else Anchor.parse(a) for a in anchors]
     return verify_rows(_export_rows(directory), source=f"the export {directory!r}", anchors=kept,
-                       erased=export_erased_digests(directory))
+                       erased=export_erased_digests(directory), horizon=export_horizon(directory))
 
 
 def verify(source: Any, *, schema: str = "public", anchors: Iterable[Anchor | str] = ()) -> Verified:

@@ -454,4 +454,7 @@ def _export(
     from capture.erase import sync_export_erasures
 
     sync_export_erasures(conn, filesystem, root, schema, table, held.renew)
+    from capture.prune import sync_export_horizon
+
+    sync_export_horizon(conn, filesystem, root, schema)  # an export that starts at a pruned baseline
     return ExportStats(exported, files, written, watermark)

@@ -55,7 +55,7 @@ def test_public_api_is_exactly_this() -> None:
         "EmbeddedPostgres", "Freshness", "InMemorySource", "SlotLostError", "SourceError", "StaleWarning",
         "__version__", "as_of", "audit", "blame", "changes", "configure_context", "connect", "context",
         "diff", "duckdb", "erase", "export_parquet", "freshness", "get_context", "history", "install",
-        "plot_activity", "set_context", "uninstall", "verify",
+        "plot_activity", "prune", "set_context", "uninstall", "verify",
     }
     # Import every submodule first: a submodule named like a public function would shadow it.
     for path in (ROOT / "bemi_tt").glob("*.py"):
