@@ -382,7 +382,8 @@ def verify_rows(
             if (row.row_digest is not None and digest != row.row_digest and erased
                     and _erased_digest(row, erased) == row.row_digest):
                 digest, erased_rows = row.row_digest, erased_rows + 1
-            if row.row_digest is None or digest != row.row_digest or row.chain_hash is not None:
+            if row.row_digest is None or digest != row.row_digest or row.chain_hash != (
+                    horizon.head[2] if horizon.head is not None else None):
                 raise ChainError(
                     f"{row.name()} in {source} lies before the pruning horizon but is not an unaltered "
                     "baseline row: it was altered or inserted by hand"

@@ -18,12 +18,14 @@
 - the horizon is recorded in ``bemi_tt.horizons``: ``before``, ``C``, the chain head of the last folded row,
   the SHA-256 over the baseline rows' digests and their count.
 
-The chain (capture/chain.py): baseline rows carry a ``row_digest`` but no ``chain_hash``; ``verify`` checks
-each one's digest and their combined hash against the horizon record, then resumes the chain at ``C`` from
-the recorded head, so every kept row is proven exactly as before (an anchor at or after ``C`` also proves
-the head). What it can no longer check: anything before ``TS`` (gone), and anchors before ``C`` (reported as
-skipped). The baseline is as trustworthy as the horizon record: anyone who can write both could rewrite
-the baseline, as anyone who can write ``changes`` could always recompute the chain.
+The chain (capture/chain.py): baseline rows carry a ``row_digest`` and, as ``chain_hash``, the folded prefix's
+head (they are not links of the chain: they say where it resumes, and the worker continues from it when
+everything was folded); ``verify`` checks each one's digest and their combined hash against the horizon
+record, then resumes the chain at ``C`` from the recorded head, so every kept row is proven exactly as before
+(an anchor at or after ``C`` also proves the head). What it can no longer check: anything before ``TS``
+(gone), and anchors before ``C`` (reported as skipped). The baseline is as trustworthy as the horizon record:
+anyone who can write both could rewrite the baseline, as anyone who can write ``changes`` could always
+recompute the chain.
 
 Exports: a Parquet export keeps its own (longer, still exact) history; the next export run into it writes
 nothing below its watermark, and an export made after the prune starts with the baseline and gets the
@@ -52,7 +54,8 @@ HORIZON_FILE = "horizon.json"
 _SETUP = (
     "CREATE SCHEMA IF NOT EXISTS bemi_tt",
     "CREATE TABLE IF NOT EXISTS bemi_tt.horizons (changes_table text PRIMARY KEY,"
-    " before timestamptz NOT NULL, position bigint NOT NULL, head_position bigint, head_ordinal integer, head_hash text,"
+    " before timestamptz NOT NULL, position bigint NOT NULL, head_position bigint, head_ordinal integer,"
+    " head_hash text,"
     " baseline text NOT NULL, rows bigint NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),"
     " pruned_by text NOT NULL DEFAULT current_user)",
 )
@@ -271,8 +274,9 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
                     cur.itersize = 10_000
                     cur.execute(sql.SQL(
                         'SELECT "schema", "table", database, operation, primary_key, before::text,'
-                        " after::text, commit_position, ordinal, chain_hash FROM {} WHERE commit_position < %s"
-                        " ORDER BY commit_position, ordinal").format(changes), (cut,))
+                        " after::text, commit_position, ordinal, chain_hash FROM {}"
+                        " WHERE commit_position < %s ORDER BY commit_position, ordinal").format(changes),
+                        (cut,))
                     for r in cur:
                         folded += 1
                         if r[9] is not None:
@@ -291,7 +295,7 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
                     ordinal=ordinal)
                 digests.append(digest)
                 inserts.append((key, rel_table, after, context, before, rel_schema, database, cut - 1,
-                                cut - 1, ordinal, digest))
+                                cut - 1, ordinal, digest, head[2] if head else None))
             horizon = Horizon(before, cut, head, _digest_rows(digests), len(base))
             conn.execute(sql.SQL("DELETE FROM {} WHERE commit_position < %s").format(changes), (cut,))
             with conn.cursor() as cur:
@@ -299,7 +303,7 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
                     'INSERT INTO {} (primary_key, "table", operation, before, after, context, committed_at,'
                     ' "schema", database, transaction_id, position, commit_position, ordinal,'
                     " context_verified, row_digest, chain_hash) VALUES (%s, %s, 'SNAPSHOT', '{{}}',"
-                    " %s::jsonb, %s::jsonb, %s, %s, %s, NULL, %s, %s, %s, NULL, %s, NULL)").format(changes),
+                    " %s::jsonb, %s::jsonb, %s, %s, %s, NULL, %s, %s, %s, NULL, %s, %s)").format(changes),
                     inserts)
             _replace_versions(conn, schemas, versions, cut, before)
             digests_table = sql.Identifier(schema, DIGESTS_TABLE)
@@ -330,7 +334,8 @@ def _pg_versions(conn: Any, schemas: sql.Composable, cut: int) -> dict[tuple[str
     """Each relation's versions before the cut (by name of the newest), oldest first."""
     rows = conn.execute(sql.SQL(
         'SELECT "schema", "table", commit_position, ordinal, step, columns, relation_oid, event,'
-        ' replica_identity FROM {} WHERE commit_position < %s ORDER BY commit_position, ordinal, step').format(schemas),
+        ' replica_identity FROM {} WHERE commit_position < %s'
+        " ORDER BY commit_position, ordinal, step").format(schemas),
         (cut,)).fetchall()
     by_relation: dict[Any, list[dict[str, Any]]] = {}
     for rel_schema, rel_table, position, ordinal, _, columns, oid, event, identity in rows:
