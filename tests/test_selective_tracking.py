@@ -201,3 +201,118 @@ def test_drop_members_removes_exactly_the_named_members(obj: dict[str, object], 
     assert json.loads(out) == {k: v for k, v in obj.items() if k not in names}
     if not names & set(obj):
         assert out == text  # untouched, byte for byte
+
+
+MIGRATION = '''
+import sqlalchemy as sa
+from alembic import op
+from bemi_tt.context import Bemi
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade():
+    op.create_table("users", sa.Column("id", sa.Integer, primary_key=True), sa.Column("email", sa.Text),
+                    sa.Column("password_hash", sa.Text))
+    op.create_table("secrets", sa.Column("id", sa.Integer, primary_key=True), sa.Column("token", sa.Text))
+    Bemi.migration_upgrade(exclude_tables=["secrets"], exclude_columns={"users": ["password_hash"]})
+
+
+def downgrade():
+    Bemi.migration_downgrade()
+'''
+
+
+def _alembic(tmp_path: Path, url: object) -> object:
+    import textwrap
+
+    from alembic.config import Config
+
+    env = textwrap.dedent('''
+        from alembic import context
+        from sqlalchemy import create_engine
+
+        url = context.config.attributes["url"]
+        if context.is_offline_mode():
+            context.configure(url=url, literal_binds=True)
+            with context.begin_transaction():
+                context.run_migrations()
+        else:
+            engine = create_engine(url)
+            with engine.connect() as connection:
+                context.configure(connection=connection)
+                with context.begin_transaction():
+                    context.run_migrations()
+            engine.dispose()
+    ''')
+    root = tmp_path / "migrations"
+    (root / "versions").mkdir(parents=True)
+    (root / "env.py").write_text(env)
+    (root / "versions" / "0001_users.py").write_text(MIGRATION)
+    config = Config()
+    config.set_main_option("script_location", str(root))
+    config.attributes["url"] = url
+    return config
+
+
+def test_migration_upgrade_excludes_tables_and_columns(
+    tmp_path: Path, pg_server: object, database: str, engine: sa.Engine, dsn: str
+) -> None:
+    from alembic import command
+
+    config = _alembic(tmp_path, pg_server.sqlalchemy_url(database))  # type: ignore[attr-defined]
+    command.upgrade(config, "head")  # type: ignore[arg-type]
+    capture(dsn, once=True)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users VALUES (1, 'a@x', 'hash-1')"))
+        conn.execute(sa.text("UPDATE users SET password_hash = 'hash-2', email = 'b@x'"))
+        conn.execute(sa.text("INSERT INTO secrets VALUES (1, 'tok')"))
+    capture(dsn, once=True)
+    rows = _changes_text(dsn)
+    assert [(t, op) for t, op, _, _ in rows if t != "alembic_version"] == [
+        ("users", "CREATE"), ("users", "UPDATE")]
+    assert all("hash-" not in b + a and "tok" not in b + a for _, _, b, a in rows)
+
+
+def test_offline_migration_emits_the_exclusions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from alembic import command
+
+    config = _alembic(tmp_path, "postgresql://localhost/offline")
+    command.upgrade(config, "0001", sql=True)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "SELECT bemi_tt.set_exclusions(" in out and '"password_hash"' in out and '"secrets"' in out
+
+
+def test_stitcher_applies_a_bemi_exclude_message_from_its_position_on() -> None:
+    """A worker that started with an older configuration: the message takes effect where it was written."""
+    from capture.pgoutput import Begin, Column, Commit, Insert, Message, Relation, Update
+    from capture.stitch import ChangeRow, SchemaChange, Stitcher
+
+    users = Relation(2001, "public", "users", "f", (Column(True, "id", 23, -1), Column(False, "pw", 25, -1),
+                                                     Column(False, "name", 25, -1)))
+    other = Relation(2002, "public", "other", "f", (Column(True, "id", 23, -1),))
+    s = Stitcher("db", {})
+    s.add_relation(users, primary_key=["id"])
+    s.add_relation(other, primary_key=["id"])
+    config = [{"schema": "public", "table": "other", "columns": None},
+              {"schema": "public", "table": "users", "columns": ["pw"]}]
+    out = s.feed(1000, Begin(1500, 10**15, 7))
+    for i, message in enumerate([
+        Insert(2001, (b"1", b"secret-1", b"Ann")),
+        Insert(2002, (b"1",)),
+        Message(True, 0, "bemi_exclude", json.dumps(config).encode()),
+        Update(2001, "O", (b"1", b"secret-1", b"Anne"), (b"1", b"secret-2", b"Ann")),
+        Insert(2002, (b"2",)),
+    ]):
+        out += s.feed(1008 + 8 * i, message)
+    out += s.feed(1500, Commit(0, 1500, 1560, 10**15))
+    rows = [r for r in out if isinstance(r, ChangeRow)]
+    versions = [v for v in out if isinstance(v, SchemaChange)]
+    assert [(r.table, r.operation) for r in rows] == [("users", "CREATE"), ("other", "CREATE"),
+                                                      ("users", "UPDATE")]
+    assert json.loads(rows[0].after) == {"id": 1, "pw": "secret-1", "name": "Ann"}  # before the message
+    assert json.loads(rows[2].before) == {"id": 1, "name": "Anne"} and "secret" not in rows[2].after
+    assert [(v.table, json.loads(v.event)[0]["kind"]) for v in versions] == [
+        ("other", "untracked"), ("users", "exclude")]
+    assert [c["name"] for c in json.loads(versions[1].columns)] == ["id", "name"]
