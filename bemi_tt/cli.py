@@ -80,8 +80,18 @@ def _demo(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from bemi_tt.triggers import install
 
+    exclude_columns: dict[str, list[str]] | None = None
+    for item in args.exclude_column:
+        table, sep, column = item.rpartition(".")
+        if not sep or not table or not column:
+            raise ConfigurationError(
+                f"--exclude-column takes TABLE.COLUMN (e.g. users.password_hash), got {item!r}"
+            )
+        exclude_columns = exclude_columns or {}
+        exclude_columns.setdefault(table, []).append(column)
     installation = install(
-        args.dsn, replica_identity_full=not args.no_replica_identity_full, slot=args.slot
+        args.dsn, replica_identity_full=not args.no_replica_identity_full, slot=args.slot,
+        exclude_tables=args.exclude_table or None, exclude_columns=exclude_columns,
     )
     for warning in installation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -301,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave REPLICA IDENTITY as it is (default: set FULL so `before` holds whole rows)")
     p.add_argument("--slot", default=None,
                    help="replication slot the worker will read (default: bemi_tt_<database>)")
+    p.add_argument("--exclude-table", action="append", default=[], metavar="TABLE",
+                   help="never track this table (repeatable; replaces the stored exclusions)")
+    p.add_argument("--exclude-column", action="append", default=[], metavar="TABLE.COLUMN",
+                   help="never record this column, e.g. users.password_hash (repeatable; replaces the "
+                        "stored exclusions)")
 
     p = command("grants", _grants,
                 "Print the SQL for least-privilege roles (application, installer, worker).")

@@ -260,17 +260,31 @@ $fn$""",
     # Stores the exclusions (install(exclude_tables=, exclude_columns=)) and, when they changed, emits them
     # as a bemi_exclude message in this transaction, so the capture worker applies them in stream order;
     # excluded tables lose the context trigger (and get their replica identity back) and leave a
-    # FOR TABLE publication. config: [{"schema", "table", "columns": [names] | null}] sorted.
-    """CREATE OR REPLACE FUNCTION bemi_tt.set_exclusions(config jsonb) RETURNS boolean
+    # FOR TABLE publication. tables: [{"schema", "table"}], columns: [{"schema", "table", "columns"}]; a
+    # NULL argument keeps that part as stored. A whole table wins over its columns.
+    """CREATE OR REPLACE FUNCTION bemi_tt.set_exclusions(tables jsonb, columns jsonb) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   stored jsonb;
+  config jsonb;
   r record;
   ignored text;
 BEGIN
   SELECT coalesce(jsonb_agg(jsonb_build_object('schema', x."schema", 'table', x."table",
     'columns', to_jsonb(x.columns)) ORDER BY x."schema", x."table"), '[]'::jsonb)
   INTO stored FROM bemi_tt.exclusions x;
+  SELECT coalesce(jsonb_agg(jsonb_build_object('schema', n.s, 'table', n.t, 'columns', to_jsonb(n.c))
+    ORDER BY n.s, n.t), '[]'::jsonb) INTO config FROM (
+    SELECT DISTINCT ON (a.s, a.t) a.s, a.t, a.c FROM (
+      SELECT e ->> 'schema' AS s, e ->> 'table' AS t, NULL::text[] AS c
+      FROM jsonb_array_elements(coalesce(tables, (SELECT jsonb_agg(x) FROM jsonb_array_elements(stored) x
+                                                  WHERE x -> 'columns' = 'null'::jsonb), '[]'::jsonb)) e
+      UNION ALL
+      SELECT e ->> 'schema', e ->> 'table', ARRAY(SELECT v FROM jsonb_array_elements_text(e -> 'columns') v
+                                                  ORDER BY v)
+      FROM jsonb_array_elements(coalesce(columns, (SELECT jsonb_agg(x) FROM jsonb_array_elements(stored) x
+                                                   WHERE x -> 'columns' <> 'null'::jsonb), '[]'::jsonb)) e
+    ) a ORDER BY a.s, a.t, a.c IS NULL DESC) n;
   IF stored = config THEN
     RETURN false;
   END IF;
@@ -308,7 +322,8 @@ $fn$""",
     # Functions are executable by PUBLIC by default. These alter tables; they run with the caller's
     # rights, but only the installing role (and the event trigger, below) has any business calling them.
     "REVOKE ALL ON FUNCTION bemi_tt.track_table(oid, boolean), bemi_tt.track_all(boolean),"
-    " bemi_tt.untrack_all(), bemi_tt.restore_identity(oid), bemi_tt.set_exclusions(jsonb) FROM PUBLIC",
+    " bemi_tt.untrack_all(), bemi_tt.restore_identity(oid), bemi_tt.set_exclusions(jsonb, jsonb)"
+    " FROM PUBLIC",
 )
 
 # The event trigger fires for every role's DDL, and a function runs with its caller's rights: as the
@@ -399,7 +414,7 @@ _TEARDOWN = (
     "DROP FUNCTION IF EXISTS bemi_tt.track_all(boolean)",
     "DROP FUNCTION IF EXISTS bemi_tt.track_table(oid, boolean)",
     "DROP FUNCTION IF EXISTS bemi_tt.restore_identity(oid)",
-    "DROP FUNCTION IF EXISTS bemi_tt.set_exclusions(jsonb)",
+    "DROP FUNCTION IF EXISTS bemi_tt.set_exclusions(jsonb, jsonb)",
     "DROP FUNCTION IF EXISTS bemi_tt.trackable(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_context()",
     "DROP TABLE IF EXISTS bemi_tt.replica_identity_changes",
@@ -501,8 +516,14 @@ def _exclusions_statement(
 
     from capture.exclude import parse_exclusions
 
-    config = json.dumps(parse_exclusions(exclude_tables, exclude_columns).config(), separators=(",", ":"))
-    return sql.SQL("SELECT bemi_tt.set_exclusions({}::jsonb)").format(sql.Literal(config)).as_string(None)
+    parsed = parse_exclusions(exclude_tables, exclude_columns)
+    tables = [{"schema": s, "table": t} for s, t in sorted(parsed.tables)]
+    columns = [{"schema": s, "table": t, "columns": sorted(c)}
+               for (s, t), c in sorted(parsed.columns.items())]
+    given = [sql.SQL("NULL") if value is None else sql.SQL("{}::jsonb").format(sql.Literal(json.dumps(value)))
+             for value in (tables if exclude_tables is not None else None,
+                           columns if exclude_columns is not None else None)]
+    return sql.SQL("SELECT bemi_tt.set_exclusions({}, {})").format(*given).as_string(None)
 
 
 def _check_excluded_keys(conn: Connection, exclusions: Exclusions) -> None:
@@ -521,6 +542,21 @@ def _check_excluded_keys(conn: Connection, exclusions: Exclusions) -> None:
                 "every change is recorded under; exclude the other columns, or the whole table with "
                 f"exclude_tables=[{f'{schema}.{table}'!r}]"
             )
+
+
+def _merged_exclusions(
+    conn: Connection,
+    exclude_tables: Iterable[str] | None,
+    exclude_columns: Mapping[str, Iterable[str]] | None,
+) -> Exclusions:
+    """The configuration install leaves: each given argument replaces its part of the stored one."""
+    from capture.exclude import Exclusions, parse_exclusions
+
+    given = parse_exclusions(exclude_tables, exclude_columns)
+    stored = _stored_exclusions(conn)
+    tables = given.tables if exclude_tables is not None else stored.tables
+    columns = given.columns if exclude_columns is not None else stored.columns
+    return Exclusions(set(tables), {k: v for k, v in columns.items() if k not in tables})
 
 
 def _stored_exclusions(conn: Connection) -> Exclusions:
@@ -618,9 +654,9 @@ def install(
     Selective tracking (capture/exclude.py, docs/retention-and-erasure.md): ``exclude_tables`` (names,
     ``"users"`` or ``"schema.users"``; unqualified means ``public``) are not tracked at all;
     ``exclude_columns`` (``{"users": ["password_hash"]}``) never reach ``changes``, its exports or
-    ``as_of``, and every schema version of the table names them. Each argument given replaces the stored
-    configuration (pass ``[]``/``{}`` to clear it); leaving both None keeps what an earlier install stored.
-    A primary key column cannot be excluded.
+    ``as_of``, and every schema version of the table names them. Each argument given replaces its part of
+    the stored configuration (pass ``[]``/``{}`` to clear it); None keeps that part as an earlier install
+    stored it. A primary key column cannot be excluded.
 
     A Connection runs it inside its transaction (commit it yourself, as Alembic does).
     """
@@ -637,10 +673,7 @@ def install(
     warnings: list[str] = []
     with _connection(target) as conn:
         _check_postgresql(conn)
-        from capture.exclude import parse_exclusions
-
-        exclusions = (parse_exclusions(exclude_tables, exclude_columns) if excluding
-                      else _stored_exclusions(conn))
+        exclusions = _merged_exclusions(conn, exclude_tables, exclude_columns)
         _check_excluded_keys(conn, exclusions)
         wal_level = str(_run(conn, "SELECT pg_catalog.current_setting('wal_level')"))
         if wal_level != "logical":
@@ -963,12 +996,8 @@ def migration_upgrade(
     # autocommit mode; then install runs in the migration's transaction. Tracking thus begins when this
     # call returns (changes made later in the migration are recorded too).
     with migration.autocommit_block():
-        from capture.exclude import parse_exclusions
-
         bind = op.get_bind()
-        exclusions = (parse_exclusions(exclude_tables, exclude_columns)
-                      if exclude_tables is not None or exclude_columns is not None
-                      else _stored_exclusions(bind))
+        exclusions = _merged_exclusions(bind, exclude_tables, exclude_columns)
         _start_tracking(bind, None, [], exclusions)  # its warnings come again from install, below
     install(op.get_bind(), replica_identity_full=replica_identity_full, exclude_tables=exclude_tables,
             exclude_columns=exclude_columns)

@@ -316,3 +316,31 @@ def test_stitcher_applies_a_bemi_exclude_message_from_its_position_on() -> None:
     assert [(v.table, json.loads(v.event)[0]["kind"]) for v in versions] == [
         ("other", "untracked"), ("users", "exclude")]
     assert [c["name"] for c in json.loads(versions[1].columns)] == ["id", "name"]
+
+
+def test_each_argument_replaces_only_its_part_of_the_stored_exclusions(engine: sa.Engine) -> None:
+    _setup(engine)
+    bemi_tt.install(engine, exclude_columns={"users": ["password_hash"]}, start_tracking=False)
+    bemi_tt.install(engine, exclude_tables=["secrets"], start_tracking=False)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text('SELECT "table", columns FROM bemi_tt.exclusions ORDER BY 1')).all()
+    assert [tuple(r) for r in stored] == [("secrets", None), ("users", ["password_hash"])]
+    bemi_tt.install(engine, exclude_columns={}, start_tracking=False)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text('SELECT "table", columns FROM bemi_tt.exclusions ORDER BY 1')).all()
+    assert [tuple(r) for r in stored] == [("secrets", None)]
+
+
+def test_cli_install_excludes_columns(engine: sa.Engine, dsn: str) -> None:
+    import subprocess
+    import sys
+
+    _setup(engine)
+    url = engine.url.render_as_string(hide_password=False).replace("+psycopg", "")
+    result = subprocess.run([sys.executable, "-m", "bemi_tt.cli", "install", url, "--exclude-column",
+                             "users.password_hash", "--exclude-table", "secrets"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text('SELECT "table", columns FROM bemi_tt.exclusions ORDER BY 1')).all()
+    assert [tuple(r) for r in stored] == [("secrets", None), ("users", ["password_hash"])]
