@@ -561,9 +561,10 @@ def _merged_exclusions(
 
 def _stored_exclusions(conn: Connection) -> Exclusions:
     """The exclusions an earlier install stored (none before the first install)."""
-    from capture.exclude import Exclusions
+    from capture.exclude import READABLE, Exclusions
 
-    if not _run(conn, "SELECT pg_catalog.to_regclass('bemi_tt.exclusions') IS NOT NULL"):
+    # catalog lookups: to_regclass fails without USAGE on schema bemi_tt (made by a superuser's worker)
+    if not conn.exec_driver_sql(READABLE, ("exclusions",)).scalar():
         return Exclusions()
     rows = conn.exec_driver_sql(
         'SELECT "schema", "table", columns FROM bemi_tt.exclusions', execution_options={"no_parameters": True}

@@ -309,10 +309,10 @@ def _pg_keys(conn: Any, schemas: sql.Composable, tables: Iterable[tuple[str, str
 
 def pg_erased_digests(conn: Any, schema: str) -> dict[tuple[int, int], tuple[str, str, str]]:
     """The recorded hashes of the erased changes of ``schema.changes`` (for ``verify``)."""
+    from capture.exclude import readable
     from capture.schema import CHANGES_TABLE
 
-    found = conn.execute("SELECT to_regclass('bemi_tt.erased') IS NOT NULL").fetchone()
-    if not found or not found[0]:
+    if not readable(conn, "erased"):
         return {}
     rows = conn.execute(
         "SELECT commit_position, ordinal, before_digest, after_digest, context_digest FROM bemi_tt.erased"
@@ -534,11 +534,9 @@ def sync_export_erasures(
     from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
 
     name = f"{schema}.{changes_table}"
-    found = conn.execute(
-        "SELECT to_regclass('bemi_tt.erased') IS NOT NULL AND has_table_privilege('bemi_tt.erased', 'SELECT')"
-        " AND has_table_privilege('bemi_tt.erasures', 'SELECT')"
-    ).fetchone()
-    if not found or not found[0]:
+    from capture.exclude import readable
+
+    if not readable(conn, "erased") or not readable(conn, "erasures"):
         return 0
     erasures = conn.execute(
         "SELECT id, erased_at, erased_by, selector, what, reason, rows FROM bemi_tt.erasures"

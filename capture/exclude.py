@@ -34,6 +34,7 @@ __all__ = [
     "drop_members",
     "load_exclusions",
     "parse_exclusions",
+    "readable",
     "recorded_exclusions",
 ]
 
@@ -174,10 +175,20 @@ def _qualified(name: object, what: str) -> tuple[str, str]:
     return (schema or "public", table)
 
 
-_LOAD = (
-    "SELECT pg_catalog.to_regclass('bemi_tt.exclusions') IS NOT NULL"
-    " AND pg_catalog.has_table_privilege('bemi_tt.exclusions', 'SELECT')"
+#: Whether ``bemi_tt.<name>`` exists and this role may read it (catalog lookups: ``to_regclass`` fails
+#: without USAGE on the schema, e.g. when a superuser's worker created it).
+READABLE = (
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'bemi_tt'"
+    " AND c.relname = %s AND pg_catalog.has_schema_privilege(n.oid, 'USAGE')"
+    " AND pg_catalog.has_table_privilege(c.oid, 'SELECT'))"
 )
+
+
+def readable(conn: psycopg.Connection, name: str) -> bool:
+    """Whether table ``bemi_tt.<name>`` exists and this role may read it."""
+    row = conn.execute(READABLE, (name,)).fetchone()
+    return bool(row and row[0])
 
 
 def recorded_exclusions(
@@ -209,8 +220,7 @@ def recorded_exclusions(
 
 def load_exclusions(conn: psycopg.Connection) -> Exclusions:
     """The configuration stored in the source database (empty when install never stored one)."""
-    row = conn.execute(_LOAD).fetchone()
-    if not row or not row[0]:
+    if not readable(conn, "exclusions"):
         return Exclusions()
     rows = conn.execute('SELECT "schema", "table", columns FROM bemi_tt.exclusions').fetchall()
     return Exclusions.from_config({"schema": s, "table": t, "columns": c} for s, t, c in rows)

@@ -45,6 +45,7 @@ from typing import Any
 from psycopg import sql
 
 from capture.errors import ConfigurationError
+from capture.exclude import readable
 
 __all__ = ["BASELINE_MARKER", "Horizon", "Pruned", "baseline_rows", "export_horizon", "pg_horizon",
            "prune_changes", "sync_export_horizon"]
@@ -311,7 +312,7 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
                             (digests_table.as_string(conn),)).fetchone() == (True,):
                 conn.execute(sql.SQL("DELETE FROM {} WHERE commit_position < %s").format(digests_table),
                              (cut,))
-            if conn.execute("SELECT to_regclass('bemi_tt.erased') IS NOT NULL").fetchone() == (True,):
+            if readable(conn, "erased"):
                 conn.execute("DELETE FROM bemi_tt.erased WHERE changes_table = %s AND commit_position < %s",
                              (record, cut))
             conn.execute(
@@ -375,8 +376,7 @@ def pg_horizon(conn: Any, schema: str) -> Horizon | None:
     """The horizon recorded for ``schema.changes`` (None: never pruned)."""
     from capture.schema import CHANGES_TABLE
 
-    found = conn.execute("SELECT to_regclass('bemi_tt.horizons') IS NOT NULL").fetchone()
-    if not found or not found[0]:
+    if not readable(conn, "horizons"):
         return None
     row = conn.execute(
         "SELECT before, position, head_position, head_ordinal, head_hash, baseline, rows"
