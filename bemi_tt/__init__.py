@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bemi_tt.embedded import EmbeddedPostgres
     from bemi_tt.middleware import BemiFastAPIMiddleware
     from bemi_tt.plots import plot_activity
+    from bemi_tt.retention import erase, prune
     from bemi_tt.sources import InMemorySource, connect
     from bemi_tt.staleness import Freshness, freshness
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
@@ -61,11 +62,13 @@ _LAZY = {
     "connect": "bemi_tt.sources",
     "diff": "bemi_tt.timetravel",
     "duckdb": "bemi_tt.duckdb_macros",
+    "erase": "bemi_tt.retention",
     "export_parquet": "capture.export",
     "freshness": "bemi_tt.staleness",
     "history": "bemi_tt.timetravel",
     "install": "bemi_tt.triggers",
     "plot_activity": "bemi_tt.plots",
+    "prune": "bemi_tt.retention",
     "register_as_of": "bemi_tt.duckdb_macros",
     "restore": "bemi_tt.undo",
     "revert": "bemi_tt.undo",
@@ -97,12 +100,14 @@ __all__ = [
     "context",
     "diff",
     "duckdb",
+    "erase",
     "export_parquet",
     "freshness",
     "get_context",
     "history",
     "install",
     "plot_activity",
+    "prune",
     "register_as_of",
     "restore",
     "revert",

@@ -80,8 +80,18 @@ def _demo(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     from bemi_tt.triggers import install
 
+    exclude_columns: dict[str, list[str]] | None = None
+    for item in args.exclude_column:
+        table, sep, column = item.rpartition(".")
+        if not sep or not table or not column:
+            raise ConfigurationError(
+                f"--exclude-column takes TABLE.COLUMN (e.g. users.password_hash), got {item!r}"
+            )
+        exclude_columns = exclude_columns or {}
+        exclude_columns.setdefault(table, []).append(column)
     installation = install(
-        args.dsn, replica_identity_full=not args.no_replica_identity_full, slot=args.slot
+        args.dsn, replica_identity_full=not args.no_replica_identity_full, slot=args.slot,
+        exclude_tables=args.exclude_table or None, exclude_columns=exclude_columns,
     )
     for warning in installation.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -317,6 +327,47 @@ def _undo_commands(sub: Any) -> None:
     options(p)
 
 
+def _context_selector(items: Sequence[str]) -> dict[str, Any] | None:
+    """``--context KEY=VALUE`` items → a dict; VALUE is JSON when it parses (``7`` a number), else text."""
+    import json
+
+    if not items:
+        return None
+    selector: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--context takes KEY=VALUE, got {item!r}")
+        try:
+            selector[key] = json.loads(value)
+        except ValueError:
+            selector[key] = value
+    return selector
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from bemi_tt.retention import erase
+    from capture.worker import resolve_dsn
+
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    options: dict[str, Any] = {"table": args.table, "key": args.key, "what": what, "by": args.by,
+                               "reason": args.reason, "context": _context_selector(args.context)}
+    if args.directory is None or args.dsn is not None:
+        print(erase(resolve_dsn(args.dsn), schema=args.schema, **options))
+    if args.directory is not None:
+        print(erase(args.directory, **options))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from bemi_tt.retention import prune
+    from capture.worker import resolve_dsn
+
+    _check_times(before=args.before)
+    print(prune(resolve_dsn(args.dsn), before=args.before, schema=args.schema))
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -356,6 +407,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave REPLICA IDENTITY as it is (default: set FULL so `before` holds whole rows)")
     p.add_argument("--slot", default=None,
                    help="replication slot the worker will read (default: bemi_tt_<database>)")
+    p.add_argument("--exclude-table", action="append", default=[], metavar="TABLE",
+                   help="never track this table (repeatable; replaces the stored exclusions)")
+    p.add_argument("--exclude-column", action="append", default=[], metavar="TABLE.COLUMN",
+                   help="never record this column, e.g. users.password_hash (repeatable; replaces the "
+                        "stored exclusions)")
 
     p = command("grants", _grants,
                 "Print the SQL for least-privilege roles (application, installer, worker).")
@@ -447,6 +503,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="context filter, e.g. --where user_id=187234 (repeatable)")
     read_options(p)
     _undo_commands(sub)
+
+    p = command("erase", _erase,
+                "Erase personal values from recorded history (changes and/or a Parquet export), keeping "
+                "operations, times, keys and the hash chain; the erasure is recorded.")
+    p.add_argument("directory", nargs="?", default=None, metavar="DIR",
+                   help="a Parquet export directory to erase in (with --dsn: both)")
+    dsn_option(p)
+    p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
+    p.add_argument("--table", default=None, help="only changes of this table, e.g. users")
+    p.add_argument("--key", default=None,
+                   help="only the changes of the row with this primary key (a JSON array for composite keys)")
+    p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE",
+                   help="only changes whose context has KEY=VALUE (VALUE as JSON if it parses: 7 is a "
+                        "number, '\"7\"' text); repeatable")
+    p.add_argument("--what", default="before,after,context", metavar="COLUMNS",
+                   help="which of before,after,context lose their values (default: all three)")
+    p.add_argument("--by", default=None, help="who asks, recorded with the erasure (default: the role/user)")
+    p.add_argument("--reason", default=None, help="why, recorded with the erasure (e.g. a ticket)")
+
+    p = command("prune", _prune,
+                "Fold the history before a time into a baseline: as_of from then on is unchanged, earlier "
+                "times raise; verify resumes the chain at the recorded horizon.")
+    dsn_option(p)
+    p.add_argument("--before", required=True, metavar="TS",
+                   help="keep history from this time on, ISO 8601 (naive means UTC)")
+    p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
     return parser
 
 

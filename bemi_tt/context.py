@@ -33,7 +33,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -442,11 +442,17 @@ class Bemi:
         return get_context()
 
     @staticmethod
-    def migration_upgrade(*, replica_identity_full: bool = True) -> None:
+    def migration_upgrade(
+        *,
+        replica_identity_full: bool = True,
+        exclude_tables: Iterable[str] | None = None,
+        exclude_columns: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
         """Inside an Alembic ``upgrade()``: install tracking (see :func:`bemi_tt.triggers.install`)."""
         from bemi_tt.triggers import migration_upgrade
 
-        migration_upgrade(replica_identity_full=replica_identity_full)
+        migration_upgrade(replica_identity_full=replica_identity_full, exclude_tables=exclude_tables,
+                          exclude_columns=exclude_columns)
 
     @staticmethod
     def migration_downgrade() -> None:

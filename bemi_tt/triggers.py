@@ -43,16 +43,19 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from capture.dsn import check_dsn, connect_error, one_line, redact
 from capture.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from capture.exclude import Exclusions
 
 __all__ = [
     "EVENT_TRIGGER",
@@ -81,6 +84,11 @@ _SETUP = (
     # Tables whose replica identity install changed, with the setting to restore.
     "CREATE TABLE IF NOT EXISTS bemi_tt.replica_identity_changes ("
     " relid oid PRIMARY KEY, previous \"char\" NOT NULL, previous_index oid)",
+    # Selective tracking (capture/exclude.py): tables (columns NULL) and columns never recorded. Readable
+    # by every role: the capture worker starts from it, and it names columns, never values.
+    "CREATE TABLE IF NOT EXISTS bemi_tt.exclusions (\"schema\" text NOT NULL, \"table\" text NOT NULL,"
+    " columns text[], PRIMARY KEY (\"schema\", \"table\"))",
+    "GRANT SELECT ON bemi_tt.exclusions TO PUBLIC",
     # The marker is only trusted when it is exactly /*bemi:<valid base64>*/ at the very start. A message
     # is emitted only when it differs from the transaction's last one; an unmarked statement after a
     # context emits {} so it cannot inherit it. executemany runs one statement text once per row: the
@@ -151,7 +159,13 @@ LANGUAGE sql STABLE AS $fn$
         AND NOT a.attisdropped))
       AND NOT (c.relname = 'changes_positions' AND EXISTS (
         SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position'
-        AND NOT a.attisdropped)))
+        AND NOT a.attisdropped))
+      -- excluded by install(exclude_tables=...), itself or through a partitioned ancestor
+      AND NOT EXISTS (
+        SELECT FROM bemi_tt.exclusions x JOIN pg_catalog.pg_class ac ON ac.relname = x."table"
+        JOIN pg_catalog.pg_namespace an ON an.oid = ac.relnamespace AND an.nspname = x."schema"
+        WHERE x.columns IS NULL AND (ac.oid = rel OR ac.oid IN (
+          SELECT p.relid FROM pg_catalog.pg_partition_ancestors(rel) p))))
 $fn$""",
     # Puts back the replica identity install replaced (recorded in replica_identity_changes), if the table
     # still has FULL; forgets the record either way.
@@ -252,10 +266,73 @@ BEGIN
   RETURN n;
 END
 $fn$""",
+    # Stores the exclusions (install(exclude_tables=, exclude_columns=)) and, when they changed, emits them
+    # as a bemi_exclude message in this transaction, so the capture worker applies them in stream order;
+    # excluded tables lose the context trigger (and get their replica identity back) and leave a
+    # FOR TABLE publication. tables: [{"schema", "table"}], columns: [{"schema", "table", "columns"}]; a
+    # NULL argument keeps that part as stored. A whole table wins over its columns.
+    """CREATE OR REPLACE FUNCTION bemi_tt.set_exclusions(tables jsonb, columns jsonb) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  stored jsonb;
+  config jsonb;
+  r record;
+  ignored text;
+BEGIN
+  SELECT coalesce(jsonb_agg(jsonb_build_object('schema', x."schema", 'table', x."table",
+    'columns', to_jsonb(x.columns)) ORDER BY x."schema", x."table"), '[]'::jsonb)
+  INTO stored FROM bemi_tt.exclusions x;
+  SELECT coalesce(jsonb_agg(jsonb_build_object('schema', n.s, 'table', n.t, 'columns', to_jsonb(n.c))
+    ORDER BY n.s, n.t), '[]'::jsonb) INTO config FROM (
+    SELECT DISTINCT ON (a.s, a.t) a.s, a.t, a.c FROM (
+      SELECT e ->> 'schema' AS s, e ->> 'table' AS t, NULL::text[] AS c
+      FROM jsonb_array_elements(coalesce(tables, (SELECT jsonb_agg(x) FROM jsonb_array_elements(stored) x
+                                                  WHERE x -> 'columns' = 'null'::jsonb), '[]'::jsonb)) e
+      UNION ALL
+      SELECT e ->> 'schema', e ->> 'table', ARRAY(SELECT v FROM jsonb_array_elements_text(e -> 'columns') v
+                                                  ORDER BY v)
+      FROM jsonb_array_elements(coalesce(columns, (SELECT jsonb_agg(x) FROM jsonb_array_elements(stored) x
+                                                   WHERE x -> 'columns' <> 'null'::jsonb), '[]'::jsonb)) e
+    ) a ORDER BY a.s, a.t, a.c IS NULL DESC) n;
+  IF stored = config THEN
+    RETURN false;
+  END IF;
+  DELETE FROM bemi_tt.exclusions;
+  INSERT INTO bemi_tt.exclusions ("schema", "table", columns)
+  SELECT e ->> 'schema', e ->> 'table', CASE WHEN jsonb_typeof(e -> 'columns') = 'array'
+    THEN ARRAY(SELECT jsonb_array_elements_text(e -> 'columns')) END
+  FROM jsonb_array_elements(config) e;
+  ignored := pg_logical_emit_message(true, 'bemi_exclude', config::text);
+  FOR r IN
+    SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS target
+    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE t.tgname = 'bemi_tt_context' AND NOT bemi_tt.trackable(c.oid) ORDER BY c.oid
+  LOOP
+    EXECUTE 'DROP TRIGGER bemi_tt_context ON ' || r.target;
+    PERFORM bemi_tt.restore_identity(r.oid);
+  END LOOP;
+  IF EXISTS (SELECT FROM pg_publication WHERE pubname = 'bemi_tt' AND NOT puballtables) THEN
+    FOR r IN
+      SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS target
+      FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+      JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE p.pubname = 'bemi_tt' AND NOT bemi_tt.trackable(c.oid) ORDER BY 1
+    LOOP
+      BEGIN
+        EXECUTE 'ALTER PUBLICATION bemi_tt DROP TABLE ' || r.target;
+      EXCEPTION WHEN insufficient_privilege THEN
+        NULL;  -- the worker drops its changes all the same
+      END;
+    END LOOP;
+  END IF;
+  RETURN true;
+END
+$fn$""",
     # Functions are executable by PUBLIC by default. These alter tables; they run with the caller's
     # rights, but only the installing role (and the event trigger, below) has any business calling them.
     "REVOKE ALL ON FUNCTION bemi_tt.track_table(oid, boolean), bemi_tt.track_all(boolean),"
-    " bemi_tt.untrack_all(), bemi_tt.restore_identity(oid) FROM PUBLIC",
+    " bemi_tt.untrack_all(), bemi_tt.restore_identity(oid), bemi_tt.set_exclusions(jsonb, jsonb)"
+    " FROM PUBLIC",
 )
 
 # The event trigger fires for every role's DDL, and a function runs with its caller's rights: as the
@@ -346,9 +423,11 @@ _TEARDOWN = (
     "DROP FUNCTION IF EXISTS bemi_tt.track_all(boolean)",
     "DROP FUNCTION IF EXISTS bemi_tt.track_table(oid, boolean)",
     "DROP FUNCTION IF EXISTS bemi_tt.restore_identity(oid)",
+    "DROP FUNCTION IF EXISTS bemi_tt.set_exclusions(jsonb, jsonb)",
     "DROP FUNCTION IF EXISTS bemi_tt.trackable(oid)",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_context()",
     "DROP TABLE IF EXISTS bemi_tt.replica_identity_changes",
+    "DROP TABLE IF EXISTS bemi_tt.exclusions",
     # slots install created whose snapshot no worker ever took: nothing reads them, they only retain WAL
     "DO $$ BEGIN IF pg_catalog.to_regclass('bemi_tt.snapshots') IS NOT NULL THEN"
     " PERFORM pg_catalog.pg_drop_replication_slot(s.slot_name) FROM pg_catalog.pg_replication_slots s"
@@ -507,7 +586,7 @@ _WAL_LEVEL_WARNING = (
 )
 _TRACKING_FUNCTIONS = (
     "emit_context", "trackable", "track_table", "track_all", "untrack_all", "restore_identity",
-    "track_new_tables",
+    "track_new_tables", "set_exclusions",
 )
 # Roles owning schema bemi_tt or install's functions that the current role cannot act as: CREATE in the
 # schema or CREATE OR REPLACE of those functions would fail. (Catalog joins, not to_regprocedure: that
@@ -543,20 +622,95 @@ class Installation:
         return self.wal_level == "logical"
 
 
-def install_statements(*, replica_identity_full: bool = True) -> list[str]:
+def install_statements(
+    *,
+    replica_identity_full: bool = True,
+    exclude_tables: Iterable[str] | None = None,
+    exclude_columns: Mapping[str, Iterable[str]] | None = None,
+) -> list[str]:
     """The constant SQL ``install`` runs, in order (for Alembic offline mode and review)."""
     _check_flag(replica_identity_full)
     flag = "true" if replica_identity_full else "false"
+    exclusions = _exclusions_statement(exclude_tables, exclude_columns)
     return [
         _WAL_LEVEL_WARNING,
         *_SETUP,
         _EVENT_FUNCTION.format(replica_identity_full=flag),
         _REVOKE_EVENT_FUNCTION,
+        *([exclusions] if exclusions is not None else []),
         f"SELECT bemi_tt.track_all({flag})",
         _PUBLISH,
         "DROP EVENT TRIGGER IF EXISTS bemi_tt_track_new_tables",
         _EVENT_TRIGGER,
     ]
+
+
+def _exclusions_statement(
+    exclude_tables: Iterable[str] | None, exclude_columns: Mapping[str, Iterable[str]] | None
+) -> str | None:
+    """``SELECT bemi_tt.set_exclusions(...)`` for install's arguments; None when both are None (keep)."""
+    if exclude_tables is None and exclude_columns is None:
+        return None
+    import json
+
+    from psycopg import sql
+
+    from capture.exclude import parse_exclusions
+
+    parsed = parse_exclusions(exclude_tables, exclude_columns)
+    tables = [{"schema": s, "table": t} for s, t in sorted(parsed.tables)]
+    columns = [{"schema": s, "table": t, "columns": sorted(c)}
+               for (s, t), c in sorted(parsed.columns.items())]
+    given = [sql.SQL("NULL") if value is None else sql.SQL("{}::jsonb").format(sql.Literal(json.dumps(value)))
+             for value in (tables if exclude_tables is not None else None,
+                           columns if exclude_columns is not None else None)]
+    return sql.SQL("SELECT bemi_tt.set_exclusions({}, {})").format(*given).as_string(None)
+
+
+def _check_excluded_keys(conn: Connection, exclusions: Exclusions) -> None:
+    """Refuse to exclude a primary key column: the key is what every change is recorded under."""
+    for (schema, table), columns in sorted(exclusions.columns.items()):
+        keys = conn.execute(sa.text(
+            "SELECT a.attname::text FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a"
+            " ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+            " WHERE i.indisprimary AND i.indrelid = pg_catalog.to_regclass("
+            " pg_catalog.quote_ident(:schema) || '.' || pg_catalog.quote_ident(:table))"
+        ), {"schema": schema, "table": table}).scalars().all()
+        bad = sorted(columns & set(keys))
+        if bad:
+            raise ConfigurationError(
+                f"exclude_columns: {', '.join(bad)} of {schema}.{table} is part of its primary key, which "
+                "every change is recorded under; exclude the other columns, or the whole table with "
+                f"exclude_tables=[{f'{schema}.{table}'!r}]"
+            )
+
+
+def _merged_exclusions(
+    conn: Connection,
+    exclude_tables: Iterable[str] | None,
+    exclude_columns: Mapping[str, Iterable[str]] | None,
+) -> Exclusions:
+    """The configuration install leaves: each given argument replaces its part of the stored one."""
+    from capture.exclude import Exclusions, parse_exclusions
+
+    given = parse_exclusions(exclude_tables, exclude_columns)
+    stored = _stored_exclusions(conn)
+    tables = given.tables if exclude_tables is not None else stored.tables
+    columns = given.columns if exclude_columns is not None else stored.columns
+    return Exclusions(set(tables), {k: v for k, v in columns.items() if k not in tables})
+
+
+def _stored_exclusions(conn: Connection) -> Exclusions:
+    """The exclusions an earlier install stored (none before the first install)."""
+    from capture.exclude import READABLE, Exclusions
+
+    # catalog lookups: to_regclass fails without USAGE on schema bemi_tt (made by a superuser's worker)
+    if not conn.exec_driver_sql(READABLE, ("exclusions",)).scalar():
+        return Exclusions()
+    rows = conn.exec_driver_sql(
+        'SELECT "schema", "table", columns FROM bemi_tt.exclusions', execution_options={"no_parameters": True}
+    ).all()
+    return Exclusions.from_config({"schema": r[0], "table": r[1], "columns": r[2]} for r in rows)
 
 
 def _check_flag(value: object) -> None:
@@ -628,6 +782,8 @@ def install(
     replica_identity_full: bool = True,
     slot: str | None = None,
     start_tracking: bool = True,
+    exclude_tables: Iterable[str] | None = None,
+    exclude_columns: Mapping[str, Iterable[str]] | None = None,
 ) -> Installation:
     """Install the trigger function, triggers on existing tables and the event trigger; idempotent.
 
@@ -637,6 +793,13 @@ def install(
     The slot retains WAL until a worker reads it. Where that cannot happen (``wal_level``, no
     REPLICATION, a transaction that has already written), ``warnings`` says so with the fix.
 
+    Selective tracking (capture/exclude.py, docs/retention-and-erasure.md): ``exclude_tables`` (names,
+    ``"users"`` or ``"schema.users"``; unqualified means ``public``) are not tracked at all;
+    ``exclude_columns`` (``{"users": ["password_hash"]}``) never reach ``changes``, its exports or
+    ``as_of``, and every schema version of the table names them. Each argument given replaces its part of
+    the stored configuration (pass ``[]``/``{}`` to clear it); None keeps that part as an earlier install
+    stored it. A primary key column cannot be excluded.
+
     A Connection runs it inside its transaction (commit it yourself, as Alembic does).
     """
     _check_flag(replica_identity_full)
@@ -644,20 +807,32 @@ def install(
         from capture.worker import check_slot_name
 
         check_slot_name(slot)
-    statements = install_statements(replica_identity_full=replica_identity_full)
+    statements = install_statements(
+        replica_identity_full=replica_identity_full, exclude_tables=exclude_tables,
+        exclude_columns=exclude_columns,
+    )
+    excluding = exclude_tables is not None or exclude_columns is not None
     warnings: list[str] = []
     with _connection(target) as conn:
         _check_postgresql(conn)
+        exclusions = _merged_exclusions(conn, exclude_tables, exclude_columns)
+        _check_excluded_keys(conn, exclusions)
         wal_level = str(_run(conn, "SELECT pg_catalog.current_setting('wal_level')"))
         if wal_level != "logical":
             warnings.append(_WAL_LEVEL_MESSAGE.format(level=wal_level))
             log.warning(warnings[-1])
         tracking = start_tracking and wal_level == "logical"
-        tracking_slot = _start_tracking(conn, slot, warnings) if tracking else None
+        tracking_slot = _start_tracking(conn, slot, warnings, exclusions) if tracking else None
         from bemi_tt.bemi_compat import replace_bemi
 
         replace_bemi(conn, warnings)
         owners = _run(conn, _OTHER_OWNERS)
+        if owners and excluding and _stored_exclusions(conn).config() != exclusions.config():
+            raise ConfigurationError(
+                f"cannot change the tracked tables and columns: schema bemi_tt and its functions belong to "
+                f"role {owners}; run bemi_tt.install(engine, exclude_tables=..., exclude_columns=...) as "
+                "that role or a superuser"
+            )
         if owners:
             # Installed by another role (e.g. a superuser, before this role's migrations), or schema bemi_tt
             # made by a superuser's capture worker: nothing can be created or replaced from here (and doing
@@ -692,7 +867,9 @@ _SLOT_STATE = (
 )
 
 
-def _start_tracking(conn: Connection, slot: str | None, warnings: list[str]) -> str | None:
+def _start_tracking(
+    conn: Connection, slot: str | None, warnings: list[str], exclusions: Exclusions | None = None
+) -> str | None:
     """Create the worker's slot with its snapshot unless it exists; the slot name, None if impossible.
 
     Runs before install writes anything in ``conn``'s transaction: creating a logical slot waits for
@@ -733,7 +910,7 @@ def _start_tracking(conn: Connection, slot: str | None, warnings: list[str]) -> 
     try:
         if not may_replicate:
             raise psycopg.errors.InsufficientPrivilege("the role has no REPLICATION attribute")
-        stage_snapshot(conninfo, slot)
+        stage_snapshot(conninfo, slot, exclusions=exclusions)  # excluded tables/columns never copied
     except ConfigurationError as exc:  # the publication is missing and this role may not create it
         warnings.append(f"bemi_tt: tracking begins only when the capture worker first runs: {exc}")
         log.warning(warnings[-1])
@@ -961,13 +1138,24 @@ def include_object(
     return table_name not in WORKER_TABLES
 
 
-def migration_upgrade(*, replica_identity_full: bool = True) -> None:
-    """Install tracking from inside an Alembic migration (online: on its connection; offline: as SQL)."""
+def migration_upgrade(
+    *,
+    replica_identity_full: bool = True,
+    exclude_tables: Iterable[str] | None = None,
+    exclude_columns: Mapping[str, Iterable[str]] | None = None,
+) -> None:
+    """Install tracking from inside an Alembic migration (online: on its connection; offline: as SQL).
+
+    ``exclude_tables``/``exclude_columns``: as for :func:`install` (None keeps the stored ones).
+    """
     from alembic import op
 
     migration = op.get_context()
     if migration.as_sql:
-        for statement in install_statements(replica_identity_full=replica_identity_full):
+        for statement in install_statements(
+            replica_identity_full=replica_identity_full, exclude_tables=exclude_tables,
+            exclude_columns=exclude_columns,
+        ):
             op.execute(sa.text(statement))
         for statement in _offline_extras():
             op.execute(sa.text(statement))
@@ -977,8 +1165,11 @@ def migration_upgrade(*, replica_identity_full: bool = True) -> None:
     # autocommit mode; then install runs in the migration's transaction. Tracking thus begins when this
     # call returns (changes made later in the migration are recorded too).
     with migration.autocommit_block():
-        _start_tracking(op.get_bind(), None, [])  # its warnings come again from install, below
-    install(op.get_bind(), replica_identity_full=replica_identity_full)
+        bind = op.get_bind()
+        exclusions = _merged_exclusions(bind, exclude_tables, exclude_columns)
+        _start_tracking(bind, None, [], exclusions)  # its warnings come again from install, below
+    install(op.get_bind(), replica_identity_full=replica_identity_full, exclude_tables=exclude_tables,
+            exclude_columns=exclude_columns)
 
 
 def _offline_extras() -> list[str]:

@@ -22,8 +22,10 @@ elsewhere (a ticket, a log, another system), and pass it later as ``anchor``: hi
 is then proven unchanged. Rows from before hashing began (a first-release table) have no hash: the
 chain begins at the first hashed row and the result says how many rows came before it.
 
-Erasure-ready: the chain covers only ``row_digest``, and the digest covers each JSON value through its
-own hash, so a later erasure can replace a value by its hash and keep the chain verifiable.
+Erasure (capture/erase.py): the chain covers only ``row_digest``, and the digest covers each JSON value
+through its own hash. An erasure records the original hashes of the columns it rewrites; verify checks an
+erased row (its context carries ``_bemi_erased``) with them, so the rest of the row and the chain stay
+proven, and counts it in ``Verified.erased`` instead of calling it altered.
 
 Canonical JSON: jsonb reformats what it stores (key order, spaces, ``1e16`` → ``10000000000000000``,
 duplicate keys: the last wins). :func:`canonical_json` maps any JSON text and what jsonb gives back
@@ -41,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -279,16 +281,37 @@ class Verified(int):
     unhashed: int
     head: Anchor | None
     source: str
+    #: of the verified changes, those whose values were erased (checked with their recorded hashes)
+    erased: int
+    #: the pruning horizon the chain resumed at (capture/prune.py), None when history was never pruned
+    horizon: Any
+    #: anchors before the horizon, which nothing can check any more
+    skipped_anchors: int
 
-    def __new__(cls, verified: int, *, unhashed: int, head: Anchor | None, source: str) -> Verified:
+    def __new__(
+        cls, verified: int, *, unhashed: int, head: Anchor | None, source: str, erased: int = 0,
+        horizon: Any = None, skipped_anchors: int = 0,
+    ) -> Verified:
         self = super().__new__(cls, verified)
         self.unhashed = unhashed
         self.head = head
         self.source = source
+        self.erased = erased
+        self.horizon = horizon
+        self.skipped_anchors = skipped_anchors
         return self
 
     def __str__(self) -> str:
         text = f"{int(self)} changes verified in {self.source}"
+        if self.erased:
+            text += f" ({self.erased} of them erased: values removed, original hashes recorded)"
+        if self.horizon is not None:
+            text += (
+                f"; history before {self.horizon.before.isoformat()} was pruned: its {self.horizon.rows} "
+                "baseline rows match the horizon record and the chain resumes from the pruned prefix's head"
+            )
+            if self.skipped_anchors:
+                text += f" ({self.skipped_anchors} anchors before it cannot be checked)"
         if self.unhashed:
             text += (
                 f"; the chain begins after {self.unhashed} earlier rows without hashes "
@@ -337,18 +360,59 @@ CHAIN_COLUMNS = tuple(ChainRow.__dataclass_fields__)
 
 
 def verify_rows(
-    rows: Iterable[ChainRow], *, source: str, anchors: Sequence[Anchor] = (), head: Anchor | None = None
+    rows: Iterable[ChainRow], *, source: str, anchors: Sequence[Anchor] = (), head: Anchor | None = None,
+    erased: Mapping[tuple[int, int], tuple[str, str, str]] | None = None,
+    horizon: Any = None,
 ) -> Verified:
     """Check rows given in ``(commit_position, ordinal)`` order; ``anchors``: known hashes at points of
-    history; ``head``: where the chain must end (the worker's record). Raises ``ChainError``."""
+    history; ``head``: where the chain must end (the worker's record); ``erased``: the original
+    (before, after, context) hashes of erased rows (capture/erase.py). Raises ``ChainError``."""
     wanted = {(a.commit_position, a.ordinal): a for a in anchors}
     previous = GENESIS
     last: ChainRow | None = None
-    unhashed = verified = 0
+    unhashed = verified = erased_rows = skipped = baseline_rows = 0
+    baseline = hashlib.sha256()
+    start: Anchor | None = None
+    if horizon is not None:  # pruned (capture/prune.py): the chain resumes at the recorded head
+        if horizon.head is not None:
+            start = Anchor(*horizon.head)
+            previous = start.chain_hash
+            anchored = wanted.pop((start.commit_position, start.ordinal), None)
+            if anchored is not None and anchored.chain_hash != start.chain_hash:
+                raise ChainError(
+                    f"the pruned prefix's head in {source} is {start.chain_hash}, not the anchored "
+                    f"{anchored.chain_hash}: history up to that point was rewritten"
+                )
+        before = {k for k in wanted if k[0] < horizon.position}
+        skipped = len(before)
+        for k in before:
+            del wanted[k]
     context_cache: dict[str, bytes] = {}
     for row in rows:
+        if horizon is not None and row.commit_position < horizon.position:
+            digest = row_digest(
+                table=row.table, schema=row.schema, database=row.database, operation=row.operation,
+                primary_key=row.primary_key, before=row.before, after=row.after,
+                context=row.context if row.context is not None else "{}",
+                context_verified=row.context_verified, committed_at=row.committed_at,
+                transaction_id=row.transaction_id, position=row.position,
+                commit_position=row.commit_position, ordinal=row.ordinal,
+            )
+            if (row.row_digest is not None and digest != row.row_digest and erased
+                    and _erased_digest(row, erased) == row.row_digest):
+                digest, erased_rows = row.row_digest, erased_rows + 1
+            if row.row_digest is None or digest != row.row_digest or row.chain_hash != (
+                    horizon.head[2] if horizon.head is not None else None):
+                raise ChainError(
+                    f"{row.name()} in {source} lies before the pruning horizon but is not an unaltered "
+                    "baseline row: it was altered or inserted by hand"
+                )
+            baseline.update(bytes.fromhex(digest))
+            baseline_rows += 1
+            verified += 1
+            continue
         if row.chain_hash is None or row.row_digest is None:
-            if verified == 0:
+            if verified == baseline_rows and start is None:
                 unhashed += 1
                 last = row
                 continue
@@ -369,13 +433,17 @@ def verify_rows(
             transaction_id=row.transaction_id, position=row.position, commit_position=row.commit_position,
             ordinal=row.ordinal, context_digest=cdigest,
         )
+        if digest != row.row_digest and erased and _erased_digest(row, erased) == row.row_digest:
+            digest = row.row_digest  # erased: the rest of the row is proven by the recorded hashes
+            erased_rows += 1
         if digest != row.row_digest:
             raise ChainError(
                 f"{row.name()} in {source} was altered: its content no longer matches its row_digest"
             )
         expected = chain_next(previous, digest)
         if expected != row.chain_hash:
-            after_text = "the start of the chain" if last is None or verified == 0 else last.name()
+            after_text = ("the start of the chain" if last is None or verified == baseline_rows
+                          else last.name())
             if chain_next(GENESIS, digest) == row.chain_hash:
                 raise ChainError(
                     f"{row.name()} in {source} starts a new chain after {after_text}: rows before it were "
@@ -394,7 +462,15 @@ def verify_rows(
                 f"the chain at {row.name()} in {source} is {expected}, not the anchored {anchor.chain_hash}: "
                 "history up to that point was rewritten"
             )
-    end = None if last is None or verified == 0 else Anchor(last.commit_position, last.ordinal, previous)
+    if horizon is not None and (baseline_rows != horizon.rows or baseline.hexdigest() != horizon.baseline):
+        raise ChainError(
+            f"the baseline in {source} ({baseline_rows} rows before the pruning horizon) does not match the "
+            f"horizon record ({horizon.rows} rows): baseline rows were altered, inserted or deleted"
+        )
+    chained = verified - baseline_rows
+    end = None if last is None or chained == 0 else Anchor(last.commit_position, last.ordinal, previous)
+    if end is None and start is not None:
+        end = start  # everything was folded: the chain ends where the pruned prefix did
     if wanted:
         missing = min(wanted)
         raise ChainError(
@@ -407,7 +483,20 @@ def verify_rows(
             f"{source} ends {where}, but the worker recorded its head at commit_position "
             f"{head.commit_position}, ordinal {head.ordinal}: rows at the end were deleted or rewritten"
         )
-    return Verified(verified, unhashed=unhashed, head=end, source=source)
+    return Verified(verified, unhashed=unhashed, head=end, source=source, erased=erased_rows, horizon=horizon,
+                    skipped_anchors=skipped)
+
+
+def _erased_digest(row: ChainRow, erased: Mapping[tuple[int, int], tuple[str, str, str]]) -> str | None:
+    """The digest of an erased row from its recorded column hashes; None unless it is in erased form."""
+    hashes = erased.get((row.commit_position, row.ordinal))
+    if hashes is None or row.context is None or '"_bemi_erased"' not in row.context:
+        return None
+    prefix = header_prefix(row.schema, row.table, row.database, row.context_verified, row.committed_at,
+                           row.transaction_id, row.commit_position)
+    before, after, ctx = (bytes.fromhex(h) for h in hashes)
+    return digest_with(prefix, row.operation, row.primary_key, row.position, row.ordinal, None, None, ctx,
+                       before, after).hex()
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------------
@@ -508,11 +597,16 @@ def verify_changes(
         try:
             with conn.transaction():
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                from capture.erase import pg_erased_digests
+                from capture.prune import pg_horizon
+
                 return verify_rows(
                     _pg_rows(conn, sql.Identifier(schema, CHANGES_TABLE)),
                     source=f"{schema}.{CHANGES_TABLE}",
                     anchors=[*kept, *digests],
                     head=head,
+                    erased=pg_erased_digests(conn, schema),
+                    horizon=pg_horizon(conn, schema),
                 )
         finally:
             conn.rollback()
@@ -585,8 +679,12 @@ def verify_export(directory: str, *, anchors: Iterable[Anchor | str] = ()) -> Ve
     its end are only caught by an ``anchor`` at or after them. Raises ``ChainError`` like
     :func:`verify_changes`, naming the row (its key; ``id`` as exported).
     """
+    from capture.erase import export_erased_digests
+    from capture.prune import export_horizon
+
     kept = [a if isinstance(a, Anchor) else Anchor.parse(a) for a in anchors]
-    return verify_rows(_export_rows(directory), source=f"the export {directory!r}", anchors=kept)
+    return verify_rows(_export_rows(directory), source=f"the export {directory!r}", anchors=kept,
+                       erased=export_erased_digests(directory), horizon=export_horizon(directory))
 
 
 def verify(source: Any, *, schema: str = "public", anchors: Iterable[Anchor | str] = ()) -> Verified:

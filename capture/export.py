@@ -450,4 +450,11 @@ def _export(
 
     stream_units(conn, name, watermark, batch_rows, write)
     _export_schemas(conn, filesystem, root, schema, schemas_table)
+    # erasures recorded in PostgreSQL since the last run reach the files written before (capture/erase.py)
+    from capture.erase import sync_export_erasures
+
+    sync_export_erasures(conn, filesystem, root, schema, table, held.renew)
+    from capture.prune import sync_export_horizon
+
+    sync_export_horizon(conn, filesystem, root, schema)  # an export that starts at a pruned baseline
     return ExportStats(exported, files, written, watermark)

@@ -27,11 +27,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from capture.errors import ConfigurationError
+from capture.exclude import Exclusions
 from capture.pgoutput import parse_lsn
 from capture.sink import Sink
 from capture.stitch import ChangeRow, ColumnSpec, SchemaChange, column_json
@@ -78,9 +80,11 @@ def exported_snapshot(dsn: str, slot: str) -> Iterator[tuple[int, str]]:
 
 
 def snapshot_tables(
-    conn: psycopg.Connection, publication: str, ignored: Callable[[str, str], bool]
+    conn: psycopg.Connection, publication: str, ignored: Callable[[str, str], bool],
+    exclusions: Exclusions | None = None,
 ) -> list[SnapshotTable]:
-    """The tables of ``publication`` (partitioned roots, not partitions), minus ignored ones."""
+    """The tables of ``publication`` (partitioned roots, not partitions), minus ignored and excluded
+    ones, with their columns minus the excluded ones (capture/exclude.py: never read)."""
     # the columns pgoutput sends: STORED generated ones too when the publication publishes them (PG 18)
     pub = conn.execute(
         "SELECT to_jsonb(p) ->> 'pubgencols' FROM pg_publication p WHERE pubname = %s", (publication,)
@@ -107,13 +111,15 @@ def snapshot_tables(
         (publication,),
     ).fetchall()
     tables = []
+    excluded = exclusions or Exclusions()
     for schema, name, oid, estimate, names, types, oids, attnums, identity, key in rows:
-        if ignored(schema, name) or not names:
+        if ignored(schema, name) or excluded.table(schema, name) or not names:
             continue
         keys = set(key or ())
+        hidden = excluded.columns_of(schema, name)
         columns = tuple(
             ColumnSpec(n, t, int(o), n in keys, int(a))
-            for n, t, o, a in zip(names, types, oids, attnums, strict=True)
+            for n, t, o, a in zip(names, types, oids, attnums, strict=True) if n not in hidden
         )
         tables.append(SnapshotTable(
             schema, name, columns, tuple(key or ()), max(int(estimate), 0), int(oid), identity
@@ -202,6 +208,7 @@ def write_snapshot(
     session_options: str,
     progress: bool | None = None,
     before_rows: Callable[[int], None] | None = None,
+    exclusions: Exclusions | None = None,
 ) -> int:
     """Copy every tracked table as SNAPSHOT rows, consistent with a fresh slot point; return rows written.
 
@@ -225,12 +232,12 @@ def write_snapshot(
             before_rows(point)
         position = point - 1
         ordinal = 0
-        for table in snapshot_tables(conn, publication, ignored):
+        for table in snapshot_tables(conn, publication, ignored, exclusions):
             key_names = table.key
             names = [c.name for c in table.columns]
             encoder = ValueEncoder([c.type_oid for c in table.columns], type_info, names=names)
             key_index = [names.index(k) for k in key_names]
-            sink.write_schema(_snapshot_version(table, position, taken_at, type_info))
+            sink.write_schema(_snapshot_version(table, position, taken_at, type_info, exclusions))
             query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
                 sql.SQL(", ").join(sql.Identifier(n) for n in names), sql.Identifier(table.schema, table.name)
             )
@@ -349,7 +356,10 @@ ORDER BY 1, 2
 SLOT_WAIT = "60s"
 
 
-def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt", *, wait: str = SLOT_WAIT) -> int:
+def stage_snapshot(
+    conninfo: str, slot: str, publication: str = "bemi_tt", *, wait: str = SLOT_WAIT,
+    exclusions: Exclusions | None = None,
+) -> int:
     """Create logical slot ``slot`` (pgoutput) and copy the rows as of its consistent point into bemi_tt.
 
     The worker's publication is created first: pgoutput reads a change only through a publication that
@@ -379,24 +389,32 @@ def stage_snapshot(conninfo: str, slot: str, publication: str = "bemi_tt", *, wa
                 with psycopg.connect(conninfo) as conn:
                     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(name)))
-                    _copy_into_stage(conn, slot, point, publication)
+                    _copy_into_stage(conn, slot, point, publication, exclusions or Exclusions())
             except BaseException:
                 setup.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                 raise
     return point
 
 
-def _copy_into_stage(conn: psycopg.Connection, slot: str, point: int, publication: str) -> None:
+def _copy_into_stage(
+    conn: psycopg.Connection, slot: str, point: int, publication: str, exclusions: Exclusions
+) -> None:
     gen = conn.info.server_version >= 180000
-    tables = []
-    for index, (schema, name, names, types, oids, attnums, oid, identity, key) in enumerate(
-        conn.execute(_STAGE_TABLES, {"gen": gen, "pub": publication}).fetchall()
-    ):
+    tables: list[dict[str, Any]] = []
+    for schema, name, names, types, oids, attnums, oid, identity, key in conn.execute(
+        _STAGE_TABLES, {"gen": gen, "pub": publication}
+    ).fetchall():
+        if exclusions.table(schema, name):
+            continue  # excluded (capture/exclude.py): never copied
+        index = len(tables)  # the worker reads table i's rows at table_index i
         keys = set(key or ())
+        hidden = exclusions.columns_of(schema, name)
         columns = [
             {"name": n, "type": t, "type_oid": int(o), "key": n in keys, "attnum": int(a)}
             for n, t, o, a in zip(names or (), types or (), oids or (), attnums or (), strict=True)
+            if n not in hidden
         ]
+        names = [c["name"] for c in columns]
         tables.append({"schema": schema, "table": name, "columns": columns, "key": list(key or ()),
                        "oid": int(oid), "replica_identity": identity})
         if not names:
@@ -434,6 +452,7 @@ def write_staged_snapshot(
     database: str,
     type_info: Mapping[int, TypeInfo],
     ignored: Callable[[str, str], bool],
+    exclusions: Exclusions | None = None,
 ) -> tuple[int, int] | None:
     """Write the snapshot ``install`` took for ``slot`` as SNAPSHOT rows; (rows, point), None if none.
 
@@ -462,27 +481,31 @@ def write_staged_snapshot(
     point, taken_at, tables = int(found[0]), found[1], found[2]
     position = point - 1
     ordinal = 0
+    excluded = exclusions or Exclusions()
     for index, spec in enumerate(tables):
         schema, name = str(spec["schema"]), str(spec["table"])
-        if ignored(schema, name) or not spec["columns"]:
+        if ignored(schema, name) or excluded.table(schema, name) or not spec["columns"]:
             continue
+        # excluded since install staged the copy: left out here (capture/exclude.py)
+        hidden = excluded.columns_of(schema, name)
+        shown = [i for i, c in enumerate(spec["columns"]) if str(c["name"]) not in hidden]
         columns = tuple(
             ColumnSpec(str(c["name"]), str(c["type"]), int(c["type_oid"]), bool(c["key"]),
                        None if c.get("attnum") is None else int(c["attnum"]))
-            for c in spec["columns"]
+            for c in (spec["columns"][i] for i in shown)
         )
         oid = None if spec.get("oid") is None else int(spec["oid"])
         table = SnapshotTable(schema, name, columns, tuple(spec["key"]), 0, oid, spec.get("replica_identity"))
         names = [c.name for c in columns]
         encoder = ValueEncoder([c.type_oid for c in columns], type_info, names=names)
         key_index = [names.index(k) for k in table.key]
-        sink.write_schema(_snapshot_version(table, position, taken_at, type_info))
+        sink.write_schema(_snapshot_version(table, position, taken_at, type_info, excluded))
         with conn.cursor() as cur:
             for (vals,) in cur.stream(
                 "SELECT vals FROM bemi_tt.snapshot_rows WHERE slot = %s AND table_index = %s ORDER BY n",
                 (slot, index),
             ):
-                values = [None if v is None else str(v).encode() for v in vals]
+                values = [None if vals[i] is None else str(vals[i]).encode() for i in shown]
                 row = _snapshot_row(table, values, key_index, encoder, taken_at, database, position, ordinal)
                 sink.write(row)
                 ordinal += 1
@@ -513,12 +536,18 @@ def discard_staged_snapshot(conn: psycopg.Connection, slot: str) -> None:
 
 
 def _snapshot_version(
-    table: SnapshotTable, position: int, taken_at: datetime, type_info: Mapping[int, TypeInfo]
+    table: SnapshotTable, position: int, taken_at: datetime, type_info: Mapping[int, TypeInfo],
+    exclusions: Exclusions | None = None,
 ) -> SchemaChange:
     """The schema version a SNAPSHOT starts a relation with (the worker's snapshot or install's alike)."""
+    event = '[{"kind":"new_relation","command":"SNAPSHOT"}]'
+    hidden = exclusions.columns_of(table.schema, table.name) if exclusions is not None else frozenset()
+    if hidden:  # the columns are left out (capture/exclude.py): the record says so
+        event = json.dumps([{"kind": "new_relation", "command": "SNAPSHOT"},
+                            {"kind": "exclude", "columns": sorted(hidden)}], separators=(",", ":"))
     return SchemaChange(
         table.schema, table.name, position, 0, taken_at, _columns_json(table.columns, type_info), table.oid,
-        '[{"kind":"new_relation","command":"SNAPSHOT"}]', "{}", table.replica_identity,
+        event, "{}", table.replica_identity,
     )
 
 

@@ -183,9 +183,14 @@ def publish_new_tables(conn: psycopg.Connection, name: str) -> tuple[list[str], 
     owner = conn.execute(
         "SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s", (name,)
     ).fetchone()
+    from capture.exclude import load_exclusions
+
+    excluded = load_exclusions(conn).tables  # install(exclude_tables=...): never published again
     added: list[str] = []
     if owner and owner[0]:
         for schema, table in owned_unpublished_tables(conn, name):
+            if (schema, table) in excluded:
+                continue
             try:
                 with conn.transaction():
                     conn.execute(
@@ -196,9 +201,13 @@ def publish_new_tables(conn: psycopg.Connection, name: str) -> tuple[list[str], 
             except psycopg.errors.DuplicateObject:
                 continue
             added.append(f"{schema}.{table}")
-    left = [f"{s}.{t}" for s, t in owned_unpublished_tables(conn, name, owned=False)]
+    from capture.exclude import load_exclusions
+
+    excluded = load_exclusions(conn).tables
+    others = owned_unpublished_tables(conn, name, owned=False)
     if not (owner and owner[0]):
-        left = [f"{s}.{t}" for s, t in owned_unpublished_tables(conn, name)] + left
+        others = owned_unpublished_tables(conn, name) + others
+    left = [f"{s}.{t}" for s, t in others if (s, t) not in excluded]
     return added, left
 
 

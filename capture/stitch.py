@@ -52,6 +52,7 @@ from datetime import datetime
 from typing import Any, Final, NamedTuple
 
 from capture.errors import DecodeError
+from capture.exclude import EXCLUDE_PREFIX, Exclusions, drop_members
 from capture.pgoutput import (
     UNCHANGED,
     Begin,
@@ -190,6 +191,7 @@ EVENT_KINDS = (
     "tracked",  # {"what": ..., "empty": bool}: tracking (re)starts; empty says the table had no rows
     "rewrite",  # {"captured": bool, "reason": int, "partition"?}: a DDL gave rows new values; captured:
     # every row follows as an UPDATE (same transaction, next ordinals); not captured: a gap
+    "exclude",  # {"columns": [names]}: these columns are not recorded (capture/exclude.py)
 )
 
 
@@ -323,6 +325,34 @@ def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
             return None
         parts.append(table.encoder.value_json(i, raw))
     return "[" + ",".join(parts) + "]"
+
+
+def _hide_columns(columns: str, hidden: frozenset[str]) -> str:
+    """A ``changes_schemas.columns`` JSON array without the columns named in ``hidden`` (others verbatim)."""
+    decoder = json.JSONDecoder()
+    items = json.loads(columns)
+    if not any(isinstance(c, dict) and c.get("name") in hidden for c in items):
+        return columns
+    kept: list[str] = []
+    pos = columns.index("[") + 1
+    for item in items:
+        while columns[pos] in " \t\n\r,":
+            pos += 1
+        _, end = decoder.raw_decode(columns, pos)
+        if not (isinstance(item, dict) and item.get("name") in hidden):
+            kept.append(columns[pos:end])
+        pos = end
+    return "[" + ",".join(kept) + "]"
+
+
+#: Events about one column, and the members naming it.
+_COLUMN_EVENTS = {"add_column": ("name",), "drop_column": ("name",), "rename_column": ("old", "new"),
+                  "alter_column_type": ("name",)}
+
+
+def _mentions(event: Mapping[str, Any], hidden: frozenset[str]) -> bool:
+    """Whether ``event`` is about an excluded column (then it is left out of the record)."""
+    return any(event.get(m) in hidden for m in _COLUMN_EVENTS.get(str(event.get("kind")), ()))
 
 
 def _json(value: Any) -> str:
@@ -588,6 +618,11 @@ class Stitcher:
     ignored_schemas: set[str] = field(default_factory=set)
     #: the keys signed contexts are checked with (None: ``context_verified`` stays None)
     context_keys: KeyRing | None = None
+    #: tables and columns never recorded (capture/exclude.py); updated in place by ``bemi_exclude``
+    exclusions: Exclusions = field(default_factory=Exclusions)
+    #: what the schema record last said per table (``capture.exclude.recorded_exclusions``): excluded
+    #: columns, or None for an excluded table; a ``bemi_exclude`` message records what differs from it
+    recorded_exclusions: dict[tuple[str, str], frozenset[str] | None] = field(default_factory=dict)
     _tables: dict[int, _Table] = field(default_factory=dict)
     _xid: int = 0
     _commit_lsn: int = 0
@@ -666,7 +701,9 @@ class Stitcher:
             keys = identity
         encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
         parse = _compile_parser(encoder, keys)
-        self._tables[relation.oid] = _Table(relation, False, names, encoder, keys, identity, full, parse)
+        # an excluded table is decoded like any other (it may be included again), its rows never emitted
+        excluded = self.exclusions.table(relation.namespace, relation.name)
+        self._tables[relation.oid] = _Table(relation, excluded, names, encoder, keys, identity, full, parse)
 
     def _schema_change(
         self,
@@ -684,17 +721,76 @@ class Stitcher:
             return []
         if command is not None:
             events = [{**e, "command": command} for e in events]
-        return [self._version(version, _columns_text(version.columns, self.type_info, fills), events)]
+        return self._version(version, _columns_text(version.columns, self.type_info, fills), events)
 
-    def _version(self, version: RelationVersion, columns: str, events: list[dict[str, Any]]) -> SchemaChange:
-        """A ``changes_schemas`` row at the current position, taking the next step."""
+    def _version(
+        self, version: RelationVersion, columns: str, events: list[dict[str, Any]]
+    ) -> list[SchemaChange]:
+        """A ``changes_schemas`` row at the current position, taking the next step; [] when excluded.
+
+        An excluded table gets no version (only the ``untracked`` one its exclusion records); a table with
+        excluded columns gets versions without them, without the events about them, and with an
+        ``exclude`` event naming them.
+        """
         assert self._committed_at is not None
+        if self.exclusions:
+            name = (version.schema, version.table)
+            excluding = any(e.get("command") == "EXCLUDE" for e in events)
+            if name in self.exclusions.tables and not excluding:
+                return []
+            hidden = self.exclusions.columns.get(name)
+            if hidden:
+                columns = _hide_columns(columns, hidden)
+                events = [e for e in events if not _mentions(e, hidden)]
+                if not events:
+                    return []  # only about excluded columns (e.g. a restart's first Relation message)
+                if not any(e.get("kind") == "exclude" for e in events):
+                    events = [*events, {"kind": "exclude", "columns": sorted(hidden)}]
+            if name in self.exclusions.tables:
+                self.recorded_exclusions[name] = None
+            elif hidden:
+                self.recorded_exclusions[name] = hidden
+            else:
+                self.recorded_exclusions.pop(name, None)
         step = self._step
         self._step = step + 1
-        return SchemaChange(
+        return [SchemaChange(
             version.schema, version.table, self._commit_lsn, self._ordinal, self._committed_at, columns,
             version.oid, _json(events), self._context, version.replica_identity, step,
-        )
+        )]
+
+    def _exclude(self, content: bytes) -> list[SchemaChange]:
+        """A ``bemi_exclude`` message: take the new configuration, record it for the tables it changes."""
+        try:
+            new = Exclusions.from_config(json.loads(content.decode("utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return []  # not ours to interpret; never stop the worker
+        self.exclusions.replace(new)
+        for table in self._tables.values():
+            if table.encoder is not None:  # not one of the worker's own tables
+                rel = table.relation
+                table.ignored = new.table(rel.namespace, rel.name)
+        # compared with what the record says (the worker may have started with this configuration already)
+        recorded = self.recorded_exclusions
+        out: list[SchemaChange] = []
+        for name in sorted(new.tables | set(new.columns) | set(recorded)):
+            version = self.known_columns.by_name.get(name)
+            if version is None or self._committed_at is None:
+                continue
+            said = recorded.get(name, frozenset())
+            columns = _columns_text(version.columns, self.type_info)
+            if new.table(*name) != (said is None):
+                if new.table(*name):
+                    self.known_columns.record(replace(version, tracked=False), version)
+                    event: dict[str, Any] = {"kind": "untracked", "what": "table", "reason": "excluded"}
+                else:  # its rows are recorded again from here on, without a baseline
+                    self.known_columns.record(replace(version, tracked=True), version)
+                    event = {"kind": "tracked", "what": "table", "empty": False}
+                out += self._version(version, columns, [{**event, "command": "EXCLUDE"}])
+            elif not new.table(*name) and said != new.columns_of(*name):
+                out += self._version(version, columns, [
+                    {"kind": "exclude", "columns": sorted(new.columns_of(*name)), "command": "EXCLUDE"}])
+        return out
 
     def _ddl(self, content: bytes) -> list[SchemaChange]:
         try:
@@ -712,16 +808,16 @@ class Stitcher:
             # a table without the context trigger (bemi_tt/triggers.py): its rows carry no context
             if previous is None or self._committed_at is None:
                 return []
-            return [self._version(previous, _columns_text(previous.columns, self.type_info), [
+            return self._version(previous, _columns_text(previous.columns, self.type_info), [
                 {"kind": "untracked", "what": str(event.get("what") or "context"),
-                 "reason": event.get("reason"), "command": command}])]
+                 "reason": event.get("reason"), "command": command}])
         if columns is None:  # a dropped table: every row of it is gone
             if previous is None or (oid is None and previous.oid is not None):
                 return []
             self.known_columns.forget(previous)
             if self._committed_at is None:
                 return []
-            return [self._version(previous, "[]", [{"kind": "drop_table", "command": command}])]
+            return self._version(previous, "[]", [{"kind": "drop_table", "command": command}])
         spec = []
         fills: dict[str, str] = {}
         try:
@@ -786,6 +882,8 @@ class Stitcher:
                 self._verified = self._last_verified
             elif message.prefix == DDL_PREFIX:
                 return list(self._ddl(message.content))
+            elif message.prefix == EXCLUDE_PREFIX:
+                return list(self._exclude(message.content))
             elif message.prefix == TRUNCATE_PREFIX or message.prefix == REWRITE_PREFIX:
                 return list(self._message_row(lsn, message.prefix, message.content))
             return []
@@ -837,6 +935,12 @@ class Stitcher:
         assert self._committed_at is not None
         ordinal = self._ordinal
         self._ordinal = ordinal + 1
+        if self.exclusions.columns:
+            hidden = self.exclusions.columns.get((rel.namespace, rel.name))
+            if hidden:  # excluded columns never reach ``changes`` (nor the TOAST values the sink fills)
+                before = drop_members(before, hidden)
+                after = drop_members(after, hidden)
+                missing = tuple(m for m in missing if m not in hidden)
         return ChangeRow(key, rel.name, operation, before, after, self._context, self._committed_at,
                          rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal,
                          missing, previous, self._verified)
@@ -873,7 +977,7 @@ class Stitcher:
         spec = version.columns
         names = tuple(c.name for c in spec)
         table = self._tables.get(root)
-        if table is not None and table.ignored:
+        if (table is not None and table.ignored) or self.exclusions.table(version.schema, version.table):
             return []
         if table is not None and table.names == names and table.encoder is not None:
             encoder = table.encoder

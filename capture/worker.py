@@ -43,6 +43,7 @@ from capture.errors import (
     SlotInUseError,
     SlotLostError,
 )
+from capture.exclude import Exclusions, load_exclusions, recorded_exclusions
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
 from capture.replication import ChangeReader, StreamReader
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
@@ -232,6 +233,9 @@ class _Session:
     #: Tables without a context trigger while others have one: their rows never take the context of
     #: another statement's message (a statement on them emits none). Updated in place by describe().
     untracked: set[tuple[str, str]] = field(default_factory=set)
+    #: tables and columns never recorded (capture/exclude.py): the stored configuration at start, then
+    #: each ``bemi_exclude`` message in stream order (the stitchers update this object in place)
+    exclusions: Exclusions = field(default_factory=Exclusions)
 
     def load_untracked(self) -> None:
         rows = self.meta.execute(_UNTRACKED).fetchall()
@@ -408,13 +412,14 @@ def _open(
         )
         session.load_types()
         session.load_untracked()
+        session.exclusions = load_exclusions(meta)
         first = position is None
         staged = None
         if snapshot is None and first and not created:
             # the slot and the snapshot bemi_tt.install took when tracking began (capture/snapshot.py)
             staged = write_staged_snapshot(
                 meta, slot=slot, sink=sink, database=database, type_info=session.type_info,
-                ignored=session.ignored,
+                ignored=session.ignored, exclusions=session.exclusions,
             )
         elif not snapshot:
             discard_staged_snapshot(meta, slot)  # outdated: recorded already, or the slot is new
@@ -441,6 +446,7 @@ def _open(
                 ignored=session.ignored,
                 session_options=session_options(source_dsn),
                 before_rows=drain_backlog,
+                exclusions=session.exclusions,
             )
             if drained:
                 _advance(session, drained[0])
@@ -482,6 +488,8 @@ def _drain(
         session.sink.known_columns(),
         ignored_tables=set(session.own),
         context_keys=session.context_keys,
+        exclusions=session.exclusions,
+        recorded_exclusions=recorded_exclusions(session.sink.conn, session.sink.schemas),
     )
     stitcher.ignored_schemas.add("bemi_tt")
     sink = session.sink

@@ -54,8 +54,9 @@ def test_public_api_is_exactly_this() -> None:
         "Bemi", "BemiError", "BemiFastAPIMiddleware", "ChainError", "ConfigurationError", "ConflictError",
         "DecodeError", "EmbeddedPostgres", "Freshness", "InMemorySource", "SlotLostError", "SourceError",
         "StaleWarning", "__version__", "as_of", "audit", "blame", "changes", "configure_context", "connect",
-        "context", "diff", "duckdb", "export_parquet", "freshness", "get_context", "history", "install",
-        "plot_activity", "register_as_of", "restore", "revert", "set_context", "uninstall", "verify",
+        "context", "diff", "duckdb", "erase", "export_parquet", "freshness", "get_context", "history",
+        "install", "plot_activity", "prune", "register_as_of", "restore", "revert", "set_context",
+        "uninstall", "verify",
     }
     # Import every submodule first: a submodule named like a public function would shadow it.
     for path in (ROOT / "bemi_tt").glob("*.py"):
