@@ -873,7 +873,12 @@ class Stitcher:
         table = self._tables.get(root)
         if table is not None and table.ignored:
             return []
-        if table is not None and table.names == names and table.encoder is not None:
+        if (
+            table is not None
+            and table.names == names
+            and tuple(c.type_oid for c in table.relation.columns) == tuple(c.type_oid for c in spec)
+            and table.encoder is not None
+        ):  # the Relation message may predate the version (a type change is sent at the next row)
             encoder = table.encoder
         else:
             encoder = ValueEncoder([c.type_oid for c in spec], self.type_info, names=names)

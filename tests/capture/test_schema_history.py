@@ -461,3 +461,25 @@ def test_the_parquet_export_carries_every_column_of_the_record(
     ]
     assert [r["step"] for r in exported][-2:] == [0, 1]
     assert json.loads(exported[-1]["context"]) == {"who": "m"}
+
+
+def test_a_worker_behind_a_type_change_records_the_rewritten_values_in_the_new_type(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, done boolean NOT NULL)")
+        conn.execute("INSERT INTO t VALUES (1, true), (2, false)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the worker last saw done as boolean
+        conn.execute("INSERT INTO t VALUES (3, true)")
+        conn.execute("ALTER TABLE t ALTER COLUMN done TYPE int USING (CASE WHEN done THEN 1 ELSE 0 END)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT operation, primary_key, after FROM changes WHERE operation = 'UPDATE'"
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+    assert sorted((op, pk, after["done"]) for op, pk, after in rows) == [
+        ("UPDATE", "1", 1), ("UPDATE", "2", 0), ("UPDATE", "3", 1)
+    ]
