@@ -337,10 +337,16 @@ def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
             if opened is not None and (r.name != opened.name or r.has("drop_table")):
                 dropped = r.has("drop_table")
                 holds.append(
-                    Hold(oid, opened.name, None if first else opened.position, r.position,
-                         None if first else opened.committed_at, r.committed_at,
-                         "drop" if dropped and r.name == opened.name else "rename",
-                         None if dropped and r.name == opened.name else r.name)
+                    Hold(
+                        oid,
+                        opened.name,
+                        None if first else opened.position,
+                        r.position,
+                        None if first else opened.committed_at,
+                        r.committed_at,
+                        "drop" if dropped and r.name == opened.name else "rename",
+                        None if dropped and r.name == opened.name else r.name,
+                    )
                 )
                 first = False
                 opened = None
@@ -350,8 +356,14 @@ def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
                 opened = r
         if opened is not None:
             holds.append(
-                Hold(oid, opened.name, None if first else opened.position, None,
-                     None if first else opened.committed_at, None)
+                Hold(
+                    oid,
+                    opened.name,
+                    None if first else opened.position,
+                    None,
+                    None if first else opened.committed_at,
+                    None,
+                )
             )
     # a name taken by another relation ends the earlier hold where the new one starts
     out: list[Hold] = []
@@ -367,8 +379,13 @@ def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
             if nxt is not None:
                 at = nxt.start or _first_position(by_oid[nxt.oid])
                 if h.end is None or at < h.end:
-                    h = replace(h, end=at, end_at=by_oid[nxt.oid][0].committed_at if nxt.start is None
-                                else nxt.start_at, ended="taken", renamed=None)
+                    h = replace(
+                        h,
+                        end=at,
+                        end_at=by_oid[nxt.oid][0].committed_at if nxt.start is None else nxt.start_at,
+                        ended="taken",
+                        renamed=None,
+                    )
             out.append(h)
     return sorted(out, key=lambda h: (h.name, h.start or (-1, -1)))
 
@@ -633,8 +650,7 @@ def load_relation(
     columns = con.sql(f'SELECT * FROM "{name}__named" LIMIT 0').columns
     quoted = ['"' + c.replace('"', '""') + '"' if c not in ("before", "after") else c for c in columns]
     con.execute(
-        f'CREATE OR REPLACE TEMP VIEW "{name}" AS '
-        + Rule(DUCKDB).shaped(f'"{name}__named"', quoted, eras)
+        f'CREATE OR REPLACE TEMP VIEW "{name}" AS ' + Rule(DUCKDB).shaped(f'"{name}__named"', quoted, eras)
     )
 
 
