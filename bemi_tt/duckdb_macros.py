@@ -21,7 +21,16 @@ import duckdb as _duckdb
 from bemi_tt.arguments import SourceLike
 from bemi_tt.rule import DUCKDB, Query, Rule
 from bemi_tt.sources import Scope, get_source
-from bemi_tt.state import Layout, Relation, holds_of, key_eras, layout_at, rename_eras, schema_rows
+from bemi_tt.state import (
+    Layout,
+    Relation,
+    holds_of,
+    key_eras,
+    layout_at,
+    lives_of,
+    rename_eras,
+    schema_rows,
+)
 
 __all__ = ["duckdb"]
 
@@ -161,15 +170,15 @@ def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
     names: list[tuple[str, str, str, Any, Any]] = []
     segments: list[tuple[str, str, str, Any, Any, Any, Any]] = []
     relations: dict[str, Relation] = {}
+    lives = lives_of(rows)
     for hold in holds:
-        rel = str(hold.oid)
+        rel = f"{hold.oid}:{hold.life}"
         names.append((rel, *hold.name, hold.start_at, hold.end_at))
         start, end = hold.start, hold.end
         segments.append((rel, *hold.name, *(start or (None, None)), *(end or (None, None))))
-    for oid in {h.oid for h in holds}:
-        own = tuple(r for r in rows if r.oid == oid)
-        relations[str(oid)] = Relation(
-            own[-1].name, oid, tuple(r.version for r in own if not r.has("drop_table")), (), own
+    for (oid, life), own in lives.items():
+        relations[f"{oid}:{life}"] = Relation(
+            own[-1].name, oid, tuple(r.version for r in own if not r.has("drop_table")), (), tuple(own)
         )
     legacy = {r.name for r in rows if r.oid is None} - {h.name for h in holds}
     legacy |= {
@@ -180,8 +189,8 @@ def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
         rel = f"name:{name[0]}.{name[1]}"
         names.append((rel, *name, None, None))
         segments.append((rel, *name, None, None, None, None))
-        own = tuple(r for r in rows if r.name == name)
-        relations[rel] = Relation(name, None, tuple(r.version for r in own), None, own)
+        named = tuple(r for r in rows if r.name == name)
+        relations[rel] = Relation(name, None, tuple(r.version for r in named), None, named)
     _table(
         con,
         "bemi_tt_names",
@@ -208,7 +217,7 @@ def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
         eras = key_eras(relation, None)
         if len(eras) > 1 and eras[-1][0] is not None:
             key_changes.append((rel, *eras[-1][0]))
-        if relation.oid is None or any(h.oid == relation.oid and h.end is None for h in holds):
+        if relation.oid is None or any(f"{h.oid}:{h.life}" == rel and h.end is None for h in holds):
             layouts[relation.name] = layout  # a table that exists now gets its typed macro
         for col in layout.columns:
             if col.since is not None and col.fill is not None:

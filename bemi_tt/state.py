@@ -319,20 +319,38 @@ class Hold:
     #: why it ended: "rename" (to ``renamed``), "drop", "taken" (another relation took the name)
     ended: str | None = None
     renamed: TableName | None = None
+    #: which life of the OID (a table attached as a partition ends; detached again, it starts anew)
+    life: int = 0
+
+    @property
+    def rel(self) -> tuple[int, int]:
+        return (self.oid, self.life)
+
+
+def lives_of(rows: Sequence[SchemaRow]) -> dict[tuple[int, int], list[SchemaRow]]:
+    """Each relation's versions by ``(OID, life)``: a ``drop_table`` ends a life (a later version of the
+    OID, a partition detached again, starts the next one)."""
+    out: dict[tuple[int, int], list[SchemaRow]] = {}
+    ended: dict[int, int] = {}
+    for r in rows:
+        if r.oid is None:
+            continue
+        life = ended.get(r.oid, 0)
+        out.setdefault((r.oid, life), []).append(r)
+        if r.has("drop_table"):
+            ended[r.oid] = life + 1
+    return out
 
 
 def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
     """Who held which name when, from the record: a rename ends one name's hold and starts another, a
     ``drop_table`` ends the relation, and a new relation under a held name ends the old hold there (a drop
     the record missed: a new OID is a new relation)."""
-    by_oid: dict[int, list[SchemaRow]] = {}
-    for r in rows:
-        if r.oid is not None:
-            by_oid.setdefault(r.oid, []).append(r)
+    by_oid = lives_of(rows)
     holds: list[Hold] = []
-    for oid, versions in by_oid.items():
+    for (oid, life), versions in by_oid.items():
         opened: SchemaRow | None = None
-        first = True
+        first = life == 0  # a later life (a table detached again) starts at its first version
         for r in versions:
             if opened is not None and (r.name != opened.name or r.has("drop_table")):
                 dropped = r.has("drop_table")
@@ -346,6 +364,7 @@ def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
                         r.committed_at,
                         "drop" if dropped and r.name == opened.name else "rename",
                         None if dropped and r.name == opened.name else r.name,
+                        life,
                     )
                 )
                 first = False
@@ -363,6 +382,7 @@ def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
                     None,
                     None if first else opened.committed_at,
                     None,
+                    life=life,
                 )
             )
     # a name taken by another relation ends the earlier hold where the new one starts
@@ -370,19 +390,19 @@ def holds_of(rows: Sequence[SchemaRow]) -> list[Hold]:
     for name in {h.name for h in holds}:
         named = sorted(
             (h for h in holds if h.name == name),
-            key=lambda h: (h.start or _first_position(by_oid[h.oid]), h.oid),
+            key=lambda h: (h.start or _first_position(by_oid[h.rel]), h.rel),
         )
         for i, h in enumerate(named):
             if i > 0 and h.start is None:  # not the name's first holder: it starts at its first version
-                h = replace(h, start=_first_position(by_oid[h.oid]), start_at=by_oid[h.oid][0].committed_at)
+                h = replace(h, start=_first_position(by_oid[h.rel]), start_at=by_oid[h.rel][0].committed_at)
             nxt = named[i + 1] if i + 1 < len(named) else None
             if nxt is not None:
-                at = nxt.start or _first_position(by_oid[nxt.oid])
+                at = nxt.start or _first_position(by_oid[nxt.rel])
                 if h.end is None or at < h.end:
                     h = replace(
                         h,
                         end=at,
-                        end_at=by_oid[nxt.oid][0].committed_at if nxt.start is None else nxt.start_at,
+                        end_at=by_oid[nxt.rel][0].committed_at if nxt.start is None else nxt.start_at,
                         ended="taken",
                         renamed=None,
                     )
@@ -484,13 +504,14 @@ def relation_at(source: Source, table: TableName, ts: pd.Timestamp | None) -> Re
         named = [r for r in rows if r.name == table]
         return Relation(table, None, tuple(r.version for r in named), None, tuple(named))
     holds = holds_of(rows)
+    lives = lives_of(rows)
     mine = [h for h in holds if h.name == table]
     held = [h for h in mine if h.end is None] if ts is None else [h for h in mine if _covers(h, ts)]
     hold = held[-1] if held else None
     if hold is None:
         now = [h for h in mine if h.end is None]
         if now and ts is not None:
-            first = min(r.committed_at for r in rows if r.oid == now[-1].oid)
+            first = lives[now[-1].rel][0].committed_at
             earlier = [h for h in mine if h.end_at is not None and h.end_at <= ts]
             if first > ts and earlier:  # the current table came later; the earlier one was gone at ts
                 raise ConfigurationError(_no_table(table, ts, earlier[-1], holds))
@@ -504,8 +525,8 @@ def relation_at(source: Source, table: TableName, ts: pd.Timestamp | None) -> Re
         else:
             raise ConfigurationError(_no_table(table, ts, mine[-1], holds))
     oid = hold.oid
-    own = tuple(r for r in rows if r.oid == oid or (r.oid is None and r.name == table))
-    parts = [h for h in holds if h.oid == oid]
+    own = tuple(r for r in rows if r.oid is None and r.name == table) + tuple(lives[hold.rel])
+    parts = [h for h in holds if h.rel == hold.rel]
     segments: tuple[Segment, ...] | None = tuple((*h.name, h.start, h.end) for h in parts)
     if len(parts) == 1 and parts[0].start is None and parts[0].end is None:
         segments = None
@@ -524,13 +545,13 @@ def _ending(hold: Hold) -> str:
 
 
 def _now_named(hold: Hold, holds: Sequence[Hold]) -> str:
-    current = [h for h in holds if h.oid == hold.oid and h.end is None]
+    current = [h for h in holds if h.rel == hold.rel and h.end is None]
     return f"; that relation is now {_label(current[-1].name)}" if current else ""
 
 
-def _holding(holds: Sequence[Hold], oid: int, ts: pd.Timestamp) -> Hold | None:
-    """The name relation ``oid`` had at ``ts``."""
-    then = [h for h in holds if h.oid == oid and _covers(h, ts)]
+def _holding(holds: Sequence[Hold], rel: tuple[int, int], ts: pd.Timestamp) -> Hold | None:
+    """The name relation ``rel`` had at ``ts``."""
+    then = [h for h in holds if h.rel == rel and _covers(h, ts)]
     return then[-1] if then else None
 
 
@@ -541,7 +562,7 @@ def _covers(hold: Hold, ts: pd.Timestamp) -> bool:
 def _no_table(table: TableName, ts: pd.Timestamp, near: Hold, holds: Sequence[Hold]) -> str:
     """The error for a name no relation had at ``ts``: which name the relation that had it had then."""
     head = f"no table was named {_label(table)} at {ts.isoformat()}"
-    then = _holding(holds, near.oid, ts)
+    then = _holding(holds, near.rel, ts)
     if then is not None:
         other = _label(then.name)
         return f"{head}: the relation of that name was named {other} then; pass '{other}'"
