@@ -186,7 +186,9 @@ EVENT_KINDS = (
     "alter_column_type",  # {"attnum", "name", "old", "new"} (format_type texts)
     "primary_key",  # {"old": [names], "new": [names]}
     "replica_identity",  # {"old", "new"}: pg_class.relreplident letters d/n/f/i
-    "untracked",  # {"what": "ddl" | "context" | "rewrite", "reason"}: a tracking gap begins
+    "attach_partition",  # {"partition": {"oid", "schema", "table"}}: its rows follow as CREATEs of the root
+    "detach_partition",  # {"partition": ...}: its rows follow as DELETEs of the root (and start its own)
+    "untracked",  # {"what": "ddl" | "context" | "truncate", "reason"}: a tracking gap begins
     "tracked",  # {"what": ..., "empty": bool}: tracking (re)starts; empty says the table had no rows
     "rewrite",  # {"captured": bool, "reason": int, "partition"?}: a DDL gave rows new values; captured:
     # every row follows as an UPDATE (same transaction, next ordinals); not captured: a gap
@@ -744,6 +746,11 @@ class Stitcher:
             if event.get("partition") is not None:
                 events[0]["partition"] = event["partition"]
             fills = {}
+        elif command in ("ATTACH PARTITION", "DETACH PARTITION") and isinstance(event.get("partition"), dict):
+            # the root gained or lost a partition's rows (they follow as CREATEs / DELETEs of the root)
+            events = [{"kind": "attach_partition" if command == "ATTACH PARTITION" else "detach_partition",
+                       "partition": event["partition"]}]
+            fills = {}
         elif command in ("TRACK", "UNTRACK"):
             # install / uninstall: a gap starts, or tracking (re)starts; a repeated install is no event
             what = str(event.get("what") or "ddl")
@@ -897,6 +904,8 @@ class Stitcher:
         row_json = encoder.row_json(values)
         if prefix == TRUNCATE_PREFIX:
             return [self._emit(rel, key, "DELETE", row_json, EMPTY, lsn)]
+        if event.get("op") == "CREATE":  # rows an ATTACH/DETACH PARTITION brought into the relation
+            return [self._emit(rel, key, "CREATE", EMPTY, row_json, lsn)]
         return [self._emit(rel, key, "UPDATE", EMPTY, row_json, lsn)]
 
     def _key(
