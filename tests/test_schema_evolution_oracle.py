@@ -122,6 +122,23 @@ STEPS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
+        "attach partition",  # a table of its own until now: its rows become rows of events
+        [
+            "CREATE TABLE events_side (id int PRIMARY KEY, kind text, seq int)",
+            "INSERT INTO events_side VALUES (201, 'side', 5), (202, 'side', 6)",
+            "ALTER TABLE events ATTACH PARTITION events_side FOR VALUES FROM (200) TO (300)",
+            "UPDATE events SET kind = 'joined' WHERE id = 201",
+        ],
+    ),
+    (
+        "detach partition",  # its rows leave events and start a table of their own
+        [
+            "ALTER TABLE events DETACH PARTITION events_high",
+            "INSERT INTO events_high VALUES (104, 'own', 1)",
+            "UPDATE events_high SET kind = 'moved' WHERE id = 101",
+        ],
+    ),
+    (
         "drop table then create table",
         [
             "DROP TABLE tasks",
@@ -149,12 +166,12 @@ STEPS: list[tuple[str, list[str]]] = [
         "truncate the partitioned table",
         [
             "TRUNCATE events",
-            "INSERT INTO events VALUES (150, 'only', 1)",
+            "INSERT INTO events VALUES (250, 'only', 1)",
         ],
     ),
 ]
 
-TABLES = ("todo", "tasks", "tags", "events")
+TABLES = ("todo", "tasks", "tags", "events", "events_side", "events_high")
 
 
 def _plain(value: Any) -> Any:
@@ -184,7 +201,10 @@ def _copy(conn: psycopg.Connection) -> dict[str, tuple[list[str], list[tuple[Any
     """The live tables that exist now, as rows."""
     out = {}
     for table in TABLES:
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{table}",)).fetchone()
+        exists = conn.execute(  # partitions are recorded under their root
+            "SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND NOT relispartition)",
+            (f"public.{table}",),
+        ).fetchone()
         if not exists or not exists[0]:
             continue
         cur = conn.execute(f'SELECT * FROM "{table}"')
