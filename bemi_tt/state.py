@@ -632,6 +632,19 @@ def rename_eras(relation: Relation, ts: pd.Timestamp | None) -> list[Era]:
     return eras
 
 
+def renamed_columns(relation: Relation, start: pd.Timestamp, end: pd.Timestamp) -> dict[str, str]:
+    """The columns of the version valid at ``start`` renamed by ``end`` (by attnum): old name → new."""
+    then, now = _valid(relation, start), _valid(relation, end)
+    if not then or not now:
+        return {}
+    out = {}
+    for col in then[-1][2]:
+        match = next((c for c in now[-1][2] if _same_column(c, col)), None)
+        if match is not None and match["name"] != col["name"]:
+            out[str(col["name"])] = str(match["name"])
+    return out
+
+
 def key_eras(relation: Relation, ts: pd.Timestamp | None) -> list[tuple[tuple[int, int] | None, list[str]]]:
     """Where ``relation``'s primary key (by attnum) changed up to ``ts``: ``(start, key names now)`` per
     stretch with one key, in commit order (one element: the key never changed)."""

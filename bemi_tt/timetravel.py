@@ -40,6 +40,7 @@ from bemi_tt.state import (
     load_lineage,
     load_relation,
     relation_at,
+    renamed_columns,
     resolve_table,
     state_at,
 )
@@ -162,6 +163,14 @@ def diff(table: str, t1: TimeLike, t2: TimeLike, *, source: SourceLike | None = 
     only = _changed_keys(src, name, start, end, con) if same else None
     old = state_at(src, name, start, only=only, con=con, name="c1", relation=then)
     new = state_at(src, name, end, only=only, con=con, name="c2", relation=now)
+    if then.oid is not None and then.oid == now.oid:  # one relation: a renamed column is the same column
+        renames = renamed_columns(now, start, end)
+        old.frame = old.frame.rename(columns=renames)
+        old.frame.index = old.frame.index.rename(
+            [renames.get(str(n), n) for n in old.frame.index.names]
+            if isinstance(old.frame.index, pd.MultiIndex)
+            else renames.get(str(old.frame.index.name), old.frame.index.name)
+        )
     layout = new.layout
     if not layout.keys and not layout.inferred:
         return _keyless_diff(src, name, old, new, end, con, now)
