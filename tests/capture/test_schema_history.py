@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from bemi_tt.sources import PostgresSource
+from bemi_tt.timetravel import as_of
 from bemi_tt.triggers import install, uninstall
 from capture.worker import run
 
@@ -248,6 +250,8 @@ def test_alembic_downgrade_base_and_upgrade_head_record_the_dropped_rows_as_gone
     )
     assert [kinds(v) for v in got if v["oid"] == new] == [["new_relation", "tracked"]]
     assert got[-1]["event"][1]["empty"] is True
+    # the engine: the recreated table is empty; the dropped rows never come back
+    assert len(as_of("todo", "now", source=PostgresSource(dsn))) == 0
 
 
 def test_truncate_records_exactly_the_rows_of_the_tables_it_emptied(engine: sa.Engine, dsn: str) -> None:
