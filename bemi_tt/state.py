@@ -525,7 +525,12 @@ def relation_at(source: Source, table: TableName, ts: pd.Timestamp | None) -> Re
         else:
             raise ConfigurationError(_no_table(table, ts, mine[-1], holds))
     oid = hold.oid
-    own = tuple(r for r in rows if r.oid is None and r.name == table) + tuple(lives[hold.rel])
+    own = tuple(
+        sorted(
+            [r for r in rows if r.oid is None and r.name == table] + lives[hold.rel],
+            key=lambda r: (r.position, r.step),
+        )
+    )
     parts = [h for h in holds if h.rel == hold.rel]
     segments: tuple[Segment, ...] | None = tuple((*h.name, h.start, h.end) for h in parts)
     if len(parts) == 1 and parts[0].start is None and parts[0].end is None:
