@@ -7,7 +7,9 @@ stamped at or before ``t``.
 
 Every answer is composed from these pieces: :meth:`Rule.present` (``as_of``, the macros, the PostgreSQL
 winners), :meth:`Rule.events` (``blame``/``diff`` origins), :meth:`Rule.gone` (what removed a row),
-:meth:`Rule.moves` (following a row across key updates), :meth:`Rule.cut` (the prefix at a time). A
+:meth:`Rule.moves` (following a row across key updates), :meth:`Rule.cut` (the prefix at a time); the
+schema record adds :meth:`Rule.shaped` (images naming columns as a later version does: renames followed by
+attnum) and :meth:`Rule.rebased` (the rows present at a primary key change, keyed by the new key). A
 :class:`Query` holds named common table expressions and a final SELECT, so a caller adds pieces or replaces
 the SELECT by name, never by cutting SQL text. The two :class:`Dialect` s differ only in JSON access,
 positions and "the last value by position"; a further dialect (Spark) implements the same methods.

@@ -5,6 +5,11 @@ none); each key's last change up to a cut is one ``arg_max`` over ``(commit_posi
 UPDATEs (the old key, read from ``before``) and TRUNCATEs remove the keys they made disappear. Order is
 always commit order, never time: ``state_at(t)`` is the state after the longest prefix of the table's
 commits whose ``committed_at <= t``.
+
+A table name means the relation (OID) that had it at ``t`` (:func:`relation_at`, the reading rule of
+``changes_schemas``): its changes under every name it had (renames; a drop ends it, a new OID of the same
+name is another relation), images renamed to the names valid at ``t`` by attnum, the rows present at a
+primary key change re-keyed by the new key, and a refusal (:class:`SourceError`) inside a tracking gap.
 """
 
 from __future__ import annotations
