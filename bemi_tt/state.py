@@ -730,6 +730,30 @@ def _present_across_keys(
     return f"SELECT k, cp, o, payload FROM {previous}"
 
 
+def earlier_keys(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    eras: Sequence[tuple[tuple[int, int] | None, list[str]]],
+    layout: Layout,
+    keys: set[str],
+) -> set[str]:
+    """The keys the rows now keyed ``keys`` had before each primary key change (view ``name`` holds the
+    relation's changes): the row present at a change under its old key is the one its new key names."""
+    if len(eras) < 2:
+        return set()
+    _present_across_keys(con, name, eras, layout)
+    found, wanted = set(), set(keys)
+    for i in range(len(eras) - 2, -1, -1):  # from the last change back
+        new_key = Rule(DUCKDB, tuple(eras[i + 1][1])).old_key_of("payload")
+        listed = ", ".join(_sql_text(k) for k in sorted(wanted)) or "NULL"
+        rows = con.sql(
+            f'SELECT k FROM "{name}__key{i}__present" WHERE {new_key} IN ({listed})'
+        ).fetchall()
+        wanted = {str(r[0]) for r in rows}
+        found |= wanted
+    return found
+
+
 # -- the SQL that finds current versions: composed from the rule ------------------------------------
 def _pointer(name: str) -> str:
     return "'/" + name.replace("~", "~0").replace("/", "~1").replace("'", "''") + "'"

@@ -35,6 +35,8 @@ from bemi_tt.state import (
     _first,
     _infer_layout,
     check_gap,
+    earlier_keys,
+    key_eras,
     key_text,
     layout_at,
     load_lineage,
@@ -467,6 +469,7 @@ def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd
         if grown == names:
             break
         names = grown
+    names |= earlier_keys(con, "h", key_eras(relation, None), layout, names)  # before a primary key change
     con.register("h_names", pa.table({"k": pa.array(sorted(names), pa.string())}))
     rows = con.sql(f"""
         SELECT primary_key, {old_key} AS old_key, operation, commit_position, ordinal, committed_at,

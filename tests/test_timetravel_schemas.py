@@ -159,3 +159,21 @@ def test_history_blame_and_diff_follow_a_renamed_table_and_column(engine: sa.Eng
     assert cells.loc[(2, "label"), "operation"] == "UPDATE"
     changed = diff("u", first, "now", source=source)
     assert list(changed.index) == [(2, "label")] and changed.loc[(2, "label"), "old"] == "b"
+
+
+def test_history_by_the_new_primary_key_includes_the_row_before_the_key_changed(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, v int)")
+        install(engine)
+        conn.execute("INSERT INTO t VALUES (1, 'a', 0), (2, 'b', 0)")
+        conn.execute("UPDATE t SET v = 1 WHERE id = 1")
+        conn.execute("ALTER TABLE t DROP CONSTRAINT t_pkey, ADD PRIMARY KEY (code)")
+        conn.execute("UPDATE t SET v = 2 WHERE code = 'a'")
+    run(dsn, once=True)
+    source = PostgresSource(dsn)
+    rows = history("t", "a", source=source)
+    assert list(rows["operation"]) == ["CREATE", "UPDATE", "UPDATE"] and list(rows["v"]) == [0, 1, 2]
+    now = as_of("t", "now", source=source)
+    assert list(now.index) == ["a", "b"] and list(now["v"]) == [2, 0]  # no duplicate keys
