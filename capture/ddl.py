@@ -21,6 +21,13 @@ More ``event`` values: ``TRACK`` (install: every table, with ``"empty"``), ``UNT
 tracking gap begins), ``REWRITE`` (a DDL rewrote values, with ``"captured"``, ``"reason"`` and the
 rewritten ``"partition"``; the rows follow as ``bemi_rewrite`` messages). A TRUNCATE of a partition
 writes its rows as ``bemi_truncate`` messages (triggers on the partitions, see ``_TRUNCATE_FUNCTIONS``).
+``ATTACH PARTITION`` / ``DETACH PARTITION`` (the root's message with ``"partition"``): the moved rows follow
+as ``bemi_rewrite`` messages with ``"op": "CREATE"`` (attached: rows of the root; detached: rows of the
+detached table, a relation of its own from here) and ``bemi_truncate`` ones (detached: gone from the root);
+an attached table's own relation ends (``"columns": null``). ``ALTER TABLE … DISABLE/ENABLE TRIGGER`` on
+tracking's triggers: ``UNTRACK`` with ``"what": "truncate"`` (a partition's TRUNCATE trigger: rows can
+vanish unrecorded) or ``"context"`` (the context trigger: rows stay exact), ``TRACK`` (``"what":
+"triggers"``) once all are enabled again.
 The worker turns these into ``changes_schemas`` rows and ``changes`` rows at the exact position.
 
 The DDL functions fire for every role's DDL and run with that role's rights: they only read the catalog
