@@ -403,8 +403,32 @@ $bemi$
 """,
 )
 
-# Which leaf partitions each parent had when last looked at (by the event trigger above, as the installer):
-# ATTACH and DETACH PARTITION report only the parent, so the difference says which partition moved.
+# DROP TABLE of a partition: its rows leave the root without a row change, and at sql_drop they are gone:
+# the root's record gets a gap (``untracked``, what "partition") that a SNAPSHOT ends. Runs as the
+# installer (the partitions it knows are in bemi_tt.partitions).
+_PARTITION_DROP_FUNCTION = """
+CREATE OR REPLACE FUNCTION bemi_tt.partition_dropped() RETURNS event_trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  obj record;
+  msg jsonb;
+BEGIN
+  FOR obj IN SELECT d.objid, d.object_identity, p.root FROM pg_catalog.pg_event_trigger_dropped_objects() d
+             JOIN bemi_tt.partitions p ON p.leaf = d.objid WHERE d.object_type = 'table'
+  LOOP
+    DELETE FROM bemi_tt.partitions p WHERE p.leaf = obj.objid;
+    msg := """ + _MESSAGE.format(rel="obj.root", event="'UNTRACK'") + """;
+    CONTINUE WHEN msg IS NULL;  -- the root went too
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || pg_catalog.jsonb_build_object(
+      'what', 'partition', 'reason', 'DROP TABLE ' || obj.object_identity))::text);
+  END LOOP;
+END
+$bemi$
+"""
+
+
+# Which leaf partitions each root had when last looked at (by the event trigger above, as the installer):
+# ATTACH and DETACH PARTITION report only the root, so the difference says which partition moved.
 _PARTITIONS = (
     "CREATE TABLE IF NOT EXISTS bemi_tt.partitions (leaf oid PRIMARY KEY, root oid NOT NULL)",
     "REVOKE ALL ON bemi_tt.partitions FROM PUBLIC",
@@ -429,6 +453,10 @@ _INSTALL = (
     "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
     " EXECUTE FUNCTION bemi_tt.emit_drop()",
     *_PARTITIONS,
+    _PARTITION_DROP_FUNCTION,
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partition_drop",
+    "CREATE EVENT TRIGGER bemi_tt_partition_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
+    " EXECUTE FUNCTION bemi_tt.partition_dropped()",
     *_TRUNCATE_FUNCTIONS,
     "REVOKE ALL ON FUNCTION bemi_tt.track_truncates(oid) FROM PUBLIC",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
@@ -454,6 +482,8 @@ _UNINSTALL = (
     "DROP FUNCTION IF EXISTS bemi_tt.emit_ddl()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_drop()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_tracking(text)",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partition_drop",
+    "DROP FUNCTION IF EXISTS bemi_tt.partition_dropped()",
     "DROP TABLE IF EXISTS bemi_tt.partitions",
 )
 _INSUFFICIENT_PRIVILEGE = "42501"

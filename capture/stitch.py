@@ -757,6 +757,8 @@ class Stitcher:
             if command == "UNTRACK":
                 version = replace(version, tracked=False)
                 events = [{"kind": "untracked", "what": what}]
+                if event.get("reason"):  # DISABLE TRIGGER, DROP TABLE of a partition
+                    events[0]["reason"] = event["reason"]
             else:
                 version = replace(version, tracked=True)
                 if previous is None or not previous.tracked:

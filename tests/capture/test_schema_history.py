@@ -19,6 +19,7 @@ from alembic.config import Config
 from bemi_tt.sources import PostgresSource
 from bemi_tt.timetravel import as_of
 from bemi_tt.triggers import install, uninstall
+from capture.errors import SourceError
 from capture.worker import run
 
 
@@ -546,3 +547,20 @@ def test_disabling_a_tracking_trigger_records_a_gap_and_enabling_it_records_trac
         ("t", "untracked", "context"),
         ("t", "tracked", "triggers"),
     ]
+
+
+def test_dropping_one_partition_records_a_gap_of_the_root(engine: sa.Engine, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+        conn.execute("CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)")
+        conn.execute("INSERT INTO m VALUES (1), (11)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE m1")  # its row leaves m without a row change
+    run(dsn, once=True)
+    last = [e for v in record(dsn) if v["table"] == "m" for e in v["event"]][-1]
+    assert (last["kind"], last["what"], last["reason"]) == ("untracked", "partition", "DROP TABLE public.m1")
+    with pytest.raises(SourceError, match=r"partition tracking stopped .*DROP TABLE public\.m1"):
+        as_of("m", "now", source=PostgresSource(dsn))  # never a silently wrong table
