@@ -13,50 +13,105 @@ numerics beyond 15 digits stay JSON there: exact values need the Python path).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import duckdb as _duckdb
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from bemi_tt.arguments import SourceLike, TimeLike
 from bemi_tt.rule import DUCKDB, Query, Rule, _string
-from bemi_tt.sources import Scope, TableName, get_source
-from bemi_tt.state import Layout, _matches, _pick, _readings, layout_at, table_label, versions_of
+from bemi_tt.sources import Scope, get_source
+from bemi_tt.state import (
+    Layout,
+    Relation,
+    _covers,
+    _matches,
+    _pick,
+    _readings,
+    holds_of,
+    key_eras,
+    layout_at,
+    lives_of,
+    relation_in,
+    rename_eras,
+    schema_rows,
+    table_label,
+)
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
 
 __all__ = ["duckdb", "register_as_of"]
 
-_MATCH = '(c."table" = tbl OR c."schema" || \'.\' || c."table" = tbl)'
-_OLD_KEY = (
-    "CASE WHEN len(__keys) = 1 THEN json_extract_string(before, '/' || __keys[1]) "
-    "WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(before, '/' || x)))"
-    " AS VARCHAR) END"
+#: the relation ``tbl`` names at ``ts``: the one holding the name then, else the one holding it now
+_RELATION = (
+    'SELECT h.rel FROM bemi_tt_names h WHERE (h."table" = tbl OR h."schema" || \'.\' || h."table" = tbl)\n'
+    "ORDER BY (h.held_from IS NULL OR h.held_from <= CAST(ts AS TIMESTAMPTZ))\n"
+    "    AND (h.held_to IS NULL OR CAST(ts AS TIMESTAMPTZ) < h.held_to) DESC,\n"
+    "  h.held_to IS NULL DESC, h.held_from DESC NULLS LAST LIMIT 1"
+)
+#: the changes of relation ``rel``: under each name it had, in that name's stretch of commit order
+_SEGMENT = (
+    'c."schema" = s."schema" AND c."table" = s."table"'
+    " AND (s.from_cp IS NULL OR (c.commit_position, c.ordinal) >= (s.from_cp, s.from_o))"
+    " AND (s.to_cp IS NULL OR (c.commit_position, c.ordinal) < (s.to_cp, s.to_o))"
+)
+
+
+def _key_of(image: str) -> str:
+    """The primary key (``__keys``) an image holds, written like ``changes.primary_key``."""
+    return (
+        f"CASE WHEN len(__keys) = 1 THEN json_extract_string({image}, '/' || __keys[1]) "
+        f"WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract({image}, "
+        "'/' || x))) AS VARCHAR) END"
+    )
+
+
+_OLD_KEY = _key_of("before")
+#: changes before the relation's last primary key change, keyed by the key valid now (read from their
+#: images; exact unless two rows shared a value of the new key before it was one)
+_REKEYED = (
+    "SELECT c0.* REPLACE (CASE WHEN k.cp IS NOT NULL AND (c0.commit_position, c0.ordinal) < (k.cp, k.o)"
+    " AND c0.operation <> 'TRUNCATE'\n"
+    f"    THEN CASE WHEN c0.operation = 'DELETE' THEN {_key_of('c0.before')} ELSE {_key_of('c0.after')} END\n"
+    "    ELSE c0.primary_key END AS primary_key)\n"
+    "FROM c0 LEFT JOIN bemi_tt_key_changes k ON k.rel = (SELECT rel FROM relation)"
 )
 #: the fills a row last changed before its columns were added takes, as a JSON object (NULL: none)
 _FILLS = (
     "(SELECT json_group_object(f.name, json(f.fill)) FROM bemi_tt_fills f"
-    ' WHERE (f."table" = tbl OR f."schema" || \'.\' || f."table" = tbl)'
+    " WHERE f.rel = (SELECT rel FROM relation)"
     " AND f.committed_at <= CAST(ts AS TIMESTAMPTZ) AND (present.cp, present.o) < (f.cp, f.o))"
 )
 
 
+def _renamed(image: str) -> str:
+    """``image`` of change ``c`` with members renamed since (by attnum) also under their current names."""
+    return (
+        f"coalesce(json_merge_patch(c.{image}, (SELECT json_group_object(n.new, json_extract(c.{image},"
+        " n.pointer)) FROM bemi_tt_renames n WHERE n.rel = s.rel\n"
+        "    AND (n.from_cp IS NULL OR (c.commit_position, c.ordinal) >= (n.from_cp, n.from_o))\n"
+        f"    AND (n.to_cp IS NULL OR (c.commit_position, c.ordinal) < (n.to_cp, n.to_o)))), c.{image})"
+    )
+
+
 def _macros() -> list[str]:
-    # the rule's pieces over the changes of ``tbl`` up to the prefix cut at ``ts``
+    # the rule's pieces over the changes of the relation ``tbl`` names at ``ts``, up to the prefix cut there
     present = Rule(DUCKDB, (), _OLD_KEY).present("scoped", "CAST(after AS VARCHAR)")
     query = (
         Query()
+        .with_("relation", _RELATION)
         .with_(
             "c0",
-            'SELECT c.*, (SELECT k.keys FROM bemi_tt_keys k WHERE (k."table" = tbl\n'
-            '    OR k."schema" || \'.\' || k."table" = tbl) LIMIT 1) AS __keys\n'
-            f"FROM changes c WHERE {_MATCH}",
+            f"SELECT c.* REPLACE ({_renamed('before')} AS before, {_renamed('after')} AS after),\n"
+            "    (SELECT k.keys FROM bemi_tt_keys k WHERE k.rel = s.rel) AS __keys\n"
+            f"FROM changes c JOIN bemi_tt_segments s ON s.rel = (SELECT rel FROM relation) AND {_SEGMENT}",
         )
-        .with_("cut", Rule(DUCKDB).cut("c0", "CAST(ts AS TIMESTAMPTZ)"))
-        .with_("scoped", "SELECT c0.* FROM c0, cut WHERE cut.p IS NULL OR c0.commit_position < cut.p")
+        .with_("keyed", _REKEYED)
+        .with_("cut", Rule(DUCKDB).cut("keyed", "CAST(ts AS TIMESTAMPTZ)"))
+        .with_(
+            "scoped",
+            "SELECT keyed.* FROM keyed, cut\nWHERE cut.p IS NULL OR keyed.commit_position < cut.p",
+        )
     )
     for name, body in present.ctes:
         query = query.with_(name, body)
@@ -64,13 +119,19 @@ def _macros() -> list[str]:
         f"SELECT k AS primary_key, CAST(coalesce(json_merge_patch(payload, {_FILLS}), payload) AS JSON)"
         ' AS "row", cp AS commit_position, o AS ordinal\nFROM present ORDER BY k'
     )
+    now = "CAST('infinity' AS TIMESTAMPTZ)"
+    every = (
+        f"SELECT c.* FROM changes c JOIN bemi_tt_segments s ON s.rel = (SELECT h.rel FROM bemi_tt_names h"
+        ' WHERE (h."table" = tbl OR h."schema" || \'.\' || h."table" = tbl)'
+        f" ORDER BY h.held_to IS NULL DESC, coalesce(h.held_to, {now}) DESC LIMIT 1) AND {_SEGMENT}"
+    )
     return [
         f"CREATE OR REPLACE MACRO as_of(tbl, ts) AS TABLE {query.sql()}",
         f"""CREATE OR REPLACE MACRO history(tbl, key) AS TABLE
-            SELECT c.* FROM changes c WHERE {_MATCH} AND c.primary_key = CAST(key AS VARCHAR)
-            ORDER BY c.commit_position, c.ordinal""",
+            SELECT * FROM ({every}) WHERE primary_key = CAST(key AS VARCHAR)
+            ORDER BY commit_position, ordinal""",
         f"""CREATE OR REPLACE MACRO table_changes(tbl) AS TABLE
-            SELECT c.* FROM changes c WHERE {_MATCH} ORDER BY c.commit_position, c.ordinal""",
+            SELECT * FROM ({every}) ORDER BY commit_position, ordinal""",
     ]
 
 
@@ -112,7 +173,8 @@ def duckdb(
 ) -> _duckdb.DuckDBPyConnection:
     """A new DuckDB connection over ``source`` (default: the one set by ``bemi_tt.connect``) with views
     ``changes`` and ``changes_schemas`` and the macros ``as_of``, ``as_of_<table>``, ``history``,
-    ``table_changes``.
+    ``table_changes``. A table name is followed through the schema record as in the Python API: to the
+    relation it named at ``ts`` (renames, drops and recreations), its columns by attnum.
 
     ``as_of=ts``: also a view per tracked table showing it as it was at ``ts`` (:func:`register_as_of`),
     named ``schema.table`` and, for the table a bare name means (public first), ``table``: any SQL, any
@@ -122,40 +184,85 @@ def duckdb(
     src.load(con, "changes", Scope())
     schemas = src.schemas()
     con.register("changes_schemas", schemas)
-    latest: dict[tuple[str, str], tuple[tuple[int, int], list[dict[str, Any]]]] = {}
-    for row in schemas.to_pylist():
-        key = (row["schema"], row["table"])
-        position = (row["commit_position"], row["ordinal"])
-        if key not in latest or latest[key][0] < position:
-            latest[key] = (position, json.loads(row["columns"]))
-    keys = pa.table(
-        {
-            "schema": pa.array([k[0] for k in latest], pa.string()),
-            "table": pa.array([k[1] for k in latest], pa.string()),
-            "keys": pa.array(
-                [[c["name"] for c in cols if c.get("key")] for _, cols in latest.values()],
-                pa.list_(pa.string()),
-            ),
-        }
+    rows = schema_rows(schemas)
+    holds = holds_of(rows)
+    # relations: one per OID, and per name for a record without identities (the first release)
+    names: list[tuple[str, str, str, Any, Any]] = []
+    segments: list[tuple[str, str, str, Any, Any, Any, Any]] = []
+    relations: dict[str, Relation] = {}
+    lives = lives_of(rows)
+    for hold in holds:
+        rel = f"{hold.oid}:{hold.life}"
+        names.append((rel, *hold.name, hold.start_at, hold.end_at))
+        start, end = hold.start, hold.end
+        segments.append((rel, *hold.name, *(start or (None, None)), *(end or (None, None))))
+    for (oid, life), own in lives.items():
+        relations[f"{oid}:{life}"] = Relation(
+            own[-1].name, oid, tuple(r.version for r in own if not r.has("drop_table")), (), tuple(own)
+        )
+    legacy = {r.name for r in rows if r.oid is None} - {h.name for h in holds}
+    legacy |= {
+        (str(s), str(t)) for s, t in con.sql('SELECT DISTINCT "schema", "table" FROM changes').fetchall()
+    }
+    legacy -= {h.name for h in holds}
+    for name in sorted(legacy):
+        rel = f"name:{name[0]}.{name[1]}"
+        names.append((rel, *name, None, None))
+        segments.append((rel, *name, None, None, None, None))
+        named = tuple(r for r in rows if r.name == name)
+        relations[rel] = Relation(name, None, tuple(r.version for r in named), None, named)
+    _table(
+        con,
+        "bemi_tt_names",
+        'rel VARCHAR, "schema" VARCHAR, "table" VARCHAR, held_from TIMESTAMPTZ, held_to TIMESTAMPTZ',
+        names,
     )
-    con.register("bemi_tt_keys", keys)
-    con.execute(
-        'CREATE TEMP TABLE bemi_tt_fills ("schema" VARCHAR, "table" VARCHAR, name VARCHAR, cp BIGINT,'
-        " o INTEGER, committed_at TIMESTAMPTZ, fill VARCHAR)"
+    _table(
+        con,
+        "bemi_tt_segments",
+        'rel VARCHAR, "schema" VARCHAR, "table" VARCHAR, from_cp BIGINT,'
+        " from_o INTEGER, to_cp BIGINT, to_o INTEGER",
+        segments,
     )
-    fills: list[tuple[str, str, str, int, int, Any, str]] = []
+    keys: list[tuple[str, list[str]]] = []
+    key_changes: list[tuple[str, int, int]] = []
+    fills: list[tuple[str, str, int, int, Any, str]] = []
+    renames: list[tuple[str, Any, Any, Any, Any, str, str]] = []
     layouts: dict[tuple[str, str], Layout] = {}
-    for schema, table in latest:
-        mine = pc.and_(pc.equal(schemas["schema"], schema), pc.equal(schemas["table"], table))
-        layout = layout_at(versions_of(schemas.filter(mine)), None)
+    for rel, relation in relations.items():
+        layout = layout_at(list(relation.versions), None)
         if layout is None:
             continue
-        layouts[(schema, table)] = layout
+        keys.append((rel, layout.keys))
+        eras = key_eras(relation, None)
+        if len(eras) > 1 and eras[-1][0] is not None:
+            key_changes.append((rel, *eras[-1][0]))
+        if relation.oid is None or any(f"{h.oid}:{h.life}" == rel and h.end is None for h in holds):
+            layouts[relation.name] = layout  # a table that exists now gets its typed macro
         for col in layout.columns:
             if col.since is not None and col.fill is not None:
-                fills.append((schema, table, col.name, col.since[0], col.since[1], col.since_at, col.fill))
-    if fills:
-        con.executemany("INSERT INTO bemi_tt_fills VALUES (?, ?, ?, ?, ?, ?, ?)", fills)
+                fills.append((rel, col.name, col.since[0], col.since[1], col.since_at, col.fill))
+        for start, end, pairs in rename_eras(relation, None):
+            for old, new in pairs:
+                if old != new:
+                    renames.append(
+                        (rel, *(start or (None, None)), *(end or (None, None)), _pointer(old), new)
+                    )
+    _table(con, "bemi_tt_keys", "rel VARCHAR, keys VARCHAR[]", keys)
+    _table(con, "bemi_tt_key_changes", "rel VARCHAR, cp BIGINT, o INTEGER", key_changes)
+    _table(
+        con,
+        "bemi_tt_fills",
+        "rel VARCHAR, name VARCHAR, cp BIGINT, o INTEGER, committed_at TIMESTAMPTZ, fill VARCHAR",
+        fills,
+    )
+    _table(
+        con,
+        "bemi_tt_renames",
+        "rel VARCHAR, from_cp BIGINT, from_o INTEGER, to_cp BIGINT, to_o INTEGER,"
+        " pointer VARCHAR, new VARCHAR",
+        renames,
+    )
     for statement in _macros():
         con.execute(statement)
     for (schema, table), layout in layouts.items():
@@ -164,9 +271,12 @@ def duckdb(
             con.execute(typed)
     if as_of is not None:
         when = to_utc(as_of, "as_of")
-        tables = sorted(latest)
+        # the names tables had at ``ts`` (a table renamed later keeps its name of then)
+        held = {h.name for h in holds if _covers(h, when)} | legacy
+        tables = sorted(held)
         for schema, table in tables:
-            if layout_at(versions_of(_schemas_of(schemas, (schema, table))), when) is None:
+            relation = relations.get(f"name:{schema}.{table}") or relation_in(rows, (schema, table), when)
+            if layout_at(list(relation.versions), when) is None:
                 continue  # created after ``ts``: no such table then
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
             register_as_of(con, table_label((schema, table), tables), when, name=(schema, table))
@@ -184,11 +294,6 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _schemas_of(schemas: pa.Table, table: TableName) -> pa.Table:
-    mine = pc.and_(pc.equal(schemas["schema"], table[0]), pc.equal(schemas["table"], table[1]))
-    return schemas.filter(mine)
-
-
 def register_as_of(
     con: _duckdb.DuckDBPyConnection,
     table: str,
@@ -201,15 +306,16 @@ def register_as_of(
     (default: the table's; a ``(schema, name)`` pair for a view in a schema). Returns the view's SQL name.
     """
     when = to_utc(ts)
-    schemas = con.sql("SELECT * FROM changes_schemas").to_arrow_table()
-    tables = sorted(set(zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=True)))
+    rows = schema_rows(con.sql("SELECT * FROM changes_schemas").to_arrow_table())
+    tables = sorted({r.name for r in rows})
     if not isinstance(table, str):
         raise ConfigurationError(f"table must be a table name such as 'todo' or 'public.todo', got {table!r}")
     found = _pick(table, _matches(_readings(table), tables))
     if found is None:
         known = ", ".join(table_label(t, tables) for t in tables) or "none"
         raise ConfigurationError(f"unknown or ambiguous table {table!r}: the schema record has: {known}")
-    layout = layout_at(versions_of(_schemas_of(schemas, found)), when)
+    # the relation the name meant at ``ts`` (renames, drops and recreations), as the ``as_of`` macro reads it
+    layout = layout_at(list(relation_in(rows, found, when).versions), when)
     if layout is None:
         raise ConfigurationError(
             f"table {table!r} did not exist at {when.isoformat()} (its schema record starts later): "
@@ -229,3 +335,14 @@ def register_as_of(
         f"FROM as_of({qualified}, {at})"
     )
     return view
+
+
+def _pointer(name: str) -> str:
+    return "/" + name.replace("~", "~0").replace("/", "~1")
+
+
+def _table(con: _duckdb.DuckDBPyConnection, name: str, columns: str, rows: list[Any]) -> None:
+    con.execute(f"CREATE TEMP TABLE {name} ({columns})")
+    if rows:
+        marks = ", ".join("?" for _ in rows[0])
+        con.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from bemi_tt.rule import DUCKDB, PRESENT, Query, Rule
 from bemi_tt.sources import Scope, Source, TableName
-from bemi_tt.state import Column, Layout, _pointer, _sql_text, load_lineage
+from bemi_tt.state import Column, Layout, Relation, _pointer, _sql_text, load_lineage, load_relation
 
 __all__ = ["Origin", "cell_origins", "origin_of", "origins_query"]
 
@@ -72,6 +72,7 @@ def cell_origins(
     con: duckdb.DuckDBPyConnection,
     name: str = "o",
     keys: Sequence[str] | None = None,
+    relation: Relation | None = None,
 ) -> dict[tuple[str, str], Origin]:
     """For every present (key, column): the change that last set its value; across key UPDATEs the row's
     earlier keys count, and a value an added column's fill gave is the ALTER's (see :func:`origin_of`).
@@ -91,9 +92,12 @@ def cell_origins(
         ),
     )
     if keys is None:
-        source.load(con, name, scope)
+        if relation is not None:  # under every name it had, columns named as at ``ts``
+            load_relation(source, con, name, scope, relation, ts)
+        else:
+            source.load(con, name, scope)
     else:
-        load_lineage(source, con, name, scope, keys, layout)
+        load_lineage(source, con, name, scope, keys, layout, relation)
     rel = f'"{name}"'
     rule = Rule(DUCKDB, tuple(layout.keys))
     keys_rel = None

@@ -7,7 +7,9 @@ stamped at or before ``t``.
 
 Every answer is composed from these pieces: :meth:`Rule.present` (``as_of``, the macros, the PostgreSQL
 winners), :meth:`Rule.events` (``blame``/``diff`` origins), :meth:`Rule.gone` (what removed a row),
-:meth:`Rule.moves` (following a row across key updates), :meth:`Rule.cut` (the prefix at a time). A
+:meth:`Rule.moves` (following a row across key updates), :meth:`Rule.cut` (the prefix at a time); the
+schema record adds :meth:`Rule.shaped` (images naming columns as a later version does: renames followed by
+attnum) and :meth:`Rule.rebased` (the rows present at a primary key change, keyed by the new key). A
 :class:`Query` holds named common table expressions and a final SELECT, so a caller adds pieces or replaces
 the SELECT by name, never by cutting SQL text. The two :class:`Dialect` s differ only in JSON access,
 positions and "the last value by position"; a further dialect (Spark) implements the same methods.
@@ -19,7 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-__all__ = ["DUCKDB", "POSTGRES", "PRESENT", "SPARK", "Dialect", "Query", "Rule"]
+__all__ = ["DUCKDB", "POSTGRES", "PRESENT", "SPARK", "Dialect", "Era", "Query", "Rule", "within"]
 
 #: Operations after which a row exists.
 PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
@@ -67,6 +69,11 @@ class Dialect:
         """The aggregate: ``value`` of the group's last change in commit order (NULLs kept)."""
         raise NotImplementedError
 
+    def renamed(self, obj: str, pairs: Sequence[tuple[str, str]]) -> str:
+        """The JSON object ``obj`` as text with members ``(old, new)`` of ``pairs`` under their new names
+        (the others left out); ``{}`` stays ``{}``."""
+        raise NotImplementedError
+
 
 class DuckDBDialect(Dialect):
     name = "duckdb"
@@ -97,6 +104,10 @@ class DuckDBDialect(Dialect):
     def last_by_position(self, value: str) -> str:
         return f"arg_max_null({value}, (commit_position, ordinal))"
 
+    def renamed(self, obj: str, pairs: Sequence[tuple[str, str]]) -> str:
+        members = ", ".join(f"{_string(new)}, {self.field_json(obj, old)}" for old, new in pairs)
+        return f"CASE WHEN {self.not_empty(obj)} THEN CAST(json_object({members}) AS VARCHAR) ELSE '{{}}' END"
+
 
 class PostgresDialect(Dialect):
     name = "postgres"
@@ -124,6 +135,25 @@ class PostgresDialect(Dialect):
     def last_by_position(self, value: str) -> str:
         return f"(array_agg({value} ORDER BY commit_position DESC, ordinal DESC))[1]"
 
+    def renamed(self, obj: str, pairs: Sequence[tuple[str, str]]) -> str:
+        members = ", ".join(f"{_string(new)}, {self.field_json(obj, old)}" for old, new in pairs)
+        return f"CASE WHEN {self.not_empty(obj)} THEN jsonb_build_object({members})::text ELSE '{{}}' END"
+
+
+def within(start: tuple[int, int] | None, end: tuple[int, int] | None) -> str:
+    """The condition that a change's ``(commit_position, ordinal)`` lies in ``[start, end)`` (None: open)."""
+    parts = []
+    if start is not None:
+        cp, o = int(start[0]), int(start[1])
+        parts.append(f"(commit_position > {cp} OR (commit_position = {cp} AND ordinal >= {o}))")
+    if end is not None:
+        cp, o = int(end[0]), int(end[1])
+        parts.append(f"(commit_position < {cp} OR (commit_position = {cp} AND ordinal < {o}))")
+    return " AND ".join(parts) or "TRUE"
+
+
+#: A stretch of commit order in one column naming: ``(start, end, ((name then, name now), ...))``.
+Era = tuple[tuple[int, int] | None, tuple[int, int] | None, tuple[tuple[str, str], ...]]
 
 class SparkDialect(Dialect):
     """Spark SQL (4.0+): JSON as text, read with ``get_json_object`` (numbers as Spark's JSON parser prints
@@ -267,6 +297,29 @@ class Rule:
     def cut(self, rel: str, ts: str) -> str:
         """The first position of ``rel`` committed after ``ts``: the prefix rule keeps what lies before it."""
         return f"SELECT min(commit_position) AS p FROM {rel} WHERE committed_at > {ts}"
+
+    def shaped(self, rel: str, columns: Sequence[str], eras: Sequence[Era]) -> str:
+        """``rel``'s changes (``columns``) with the images of each era's changes (``before``, ``after``)
+        under the names the columns have now: a rename is followed by attribute number, so a row last
+        written before it shows its value under the new name."""
+        d = self.dialect
+
+        def image(col: str) -> str:
+            whens = " ".join(
+                f"WHEN {within(start, end)} THEN {d.renamed(col, pairs)}" for start, end, pairs in eras
+            )
+            return f"CASE {whens} ELSE CAST({col} AS VARCHAR) END AS {col}"
+
+        picked = ", ".join(image(c) if c in ("before", "after") else c for c in columns)
+        return f"SELECT {picked} FROM {rel}"
+
+    def rebased(self, rel: str) -> str:
+        """Rows present (``k, cp, o, payload``, ``rel``) as SNAPSHOT changes keyed by this rule's key: the
+        baseline the changes after a primary key change apply to (each row keeps its position)."""
+        return (
+            f"SELECT {self.old_key_of('payload')} AS primary_key, 'SNAPSHOT' AS operation, '{{}}' AS before,"
+            f" payload AS after, cp AS commit_position, o AS ordinal FROM {rel}"
+        )
 
     # -- composed answers ---------------------------------------------------------------------------------
     def present(self, rel: str, payload: str = "after", *, keep: str | None = None) -> Query:

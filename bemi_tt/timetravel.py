@@ -29,14 +29,20 @@ from bemi_tt.state import (
     KEY_LOOKUP_LIMIT,
     Column,
     Layout,
+    Relation,
     _columns_arg,
     _duck,
     _first,
     _infer_layout,
-    _versions,
+    check_gap,
+    earlier_keys,
+    key_eras,
     key_text,
     layout_at,
     load_lineage,
+    load_relation,
+    relation_at,
+    renamed_columns,
     resolve_table,
     state_at,
 )
@@ -65,13 +71,14 @@ def as_of(
     src = get_source(source)
     name = resolve_table(src, table)
     when = to_utc(ts)
+    relation = relation_at(src, name, when)  # the relation the name denotes at ``ts``
     key = check_key(src, name, key, ts=when) if key is not None else None
     con = _duck()
     wanted: str | None = None
     if key is not None:
-        layout = layout_at(_versions(src, name), when) or Layout(())
+        layout = layout_at(list(relation.versions), when) or Layout(())
         wanted = key_text(layout, key) if layout.keys or isinstance(key, str) else str(key)
-    state = state_at(src, name, when, key=wanted, con=con)
+    state = state_at(src, name, when, key=wanted, con=con, relation=relation)
     frame = state.frame
     picked = _columns_arg(columns, state.layout)
     return frame[picked] if picked is not None else frame
@@ -153,12 +160,22 @@ def diff(table: str, t1: TimeLike, t2: TimeLike, *, source: SourceLike | None = 
     if end < start:
         raise ConfigurationError(f"t2 {end.isoformat()} is before t1 {start.isoformat()}: swap them")
     con = _duck()
-    only = _changed_keys(src, name, start, end, con)
-    old = state_at(src, name, start, only=only, con=con, name="c1")
-    new = state_at(src, name, end, only=only, con=con, name="c2")
+    then, now = relation_at(src, name, start), relation_at(src, name, end)
+    same = then.oid == now.oid and then.simple and now.simple
+    only = _changed_keys(src, name, start, end, con) if same else None
+    old = state_at(src, name, start, only=only, con=con, name="c1", relation=then)
+    new = state_at(src, name, end, only=only, con=con, name="c2", relation=now)
+    if then.oid is not None and then.oid == now.oid:  # one relation: a renamed column is the same column
+        renames = renamed_columns(now, start, end)
+        old.frame = old.frame.rename(columns=renames)
+        old.frame.index = old.frame.index.rename(
+            [renames.get(str(n), n) for n in old.frame.index.names]
+            if isinstance(old.frame.index, pd.MultiIndex)
+            else renames.get(str(old.frame.index.name), old.frame.index.name)
+        )
     layout = new.layout
     if not layout.keys and not layout.inferred:
-        return _keyless_diff(src, name, old, new, end, con)
+        return _keyless_diff(src, name, old, new, end, con, now)
     old_cols = ["__index__", *old.frame.columns]
     new_cols = ["__index__", *new.frame.columns]
     all_cols = list(dict.fromkeys([*new.frame.columns, *old.frame.columns]))
@@ -175,7 +192,7 @@ def diff(table: str, t1: TimeLike, t2: TimeLike, *, source: SourceLike | None = 
     wanted = set(touched)
     old_rows = _rows_of(old, wanted)
     new_rows = _rows_of(new, wanted)
-    origins = cell_origins(src, name, layout, end, con, keys=touched)
+    origins = cell_origins(src, name, layout, end, con, keys=touched, relation=now)
     gone = _gone_events(con, '"o"', layout) if set(old_rows) - set(new_rows) else {}
     records: list[dict[str, Any]] = []
     old_nan, new_nan = _nan_is_null(old.frame), _nan_is_null(new.frame)
@@ -222,7 +239,7 @@ def _changed_keys(
     """The keys a change between the cuts at ``start`` and ``end`` touched (their old keys too), or None
     when the whole table must be compared (a TRUNCATE or a column change between, no primary key, or too
     many keys): ``diff`` then reads only those keys' changes."""
-    versions = _versions(source, table)
+    versions = list(relation_at(source, table, end).versions)
     layout = layout_at(versions, end)
     if layout is None or not layout.keys or layout != layout_at(versions, start):
         return None
@@ -248,12 +265,19 @@ def _changed_keys(
 
 
 def _keyless_diff(
-    source: Source, table: TableName, old: Any, new: Any, end: pd.Timestamp, con: duckdb.DuckDBPyConnection
+    source: Source,
+    table: TableName,
+    old: Any,
+    new: Any,
+    end: pd.Timestamp,
+    con: duckdb.DuckDBPyConnection,
+    relation: Relation,
 ) -> pd.DataFrame:
     """``diff`` of a table without a primary key: rows pair by content (a row kept from the same change at
     both times is unchanged); a new row made by an UPDATE whose ``before`` is a vanished row is that row
     changed; every cell carries the change that made it (for a vanished row: the change that removed it)."""
-    source.load(
+    load_relation(
+        source,
         con,
         "kd",
         Scope(
@@ -261,6 +285,8 @@ def _keyless_diff(
             until=end,
             columns=("operation", "before", "after", "context", "commit_position", "ordinal", "committed_at"),
         ),
+        relation,
+        end,
     )
     kept = set(old.keys) & set(new.keys)
     removed = [i for i, k in enumerate(old.keys) if k not in kept]
@@ -367,15 +393,18 @@ def blame(table: str, key: KeyLike | None = None, *, source: SourceLike | None =
     that last set it. Indexed by the key and ``column``."""
     src = get_source(source)
     name = resolve_table(src, table)
+    relation = relation_at(src, name, None)
     key = check_key(src, name, key) if key is not None else None
     con = _duck()
     wanted = None
     if key is not None:
-        known = layout_at(_versions(src, name), None) or Layout(())
+        known = layout_at(list(relation.versions), None) or Layout(())
         wanted = key_text(known, key) if known.keys or isinstance(key, str) else str(key)
-    state = state_at(src, name, None, con=con, key=wanted)
+    state = state_at(src, name, None, con=con, key=wanted, relation=relation)
     layout = state.layout
-    origins = cell_origins(src, name, layout, None, con, keys=None if wanted is None else [wanted])
+    origins = cell_origins(
+        src, name, layout, None, con, keys=None if wanted is None else [wanted], relation=relation
+    )
     cols = ["__index__", *state.frame.columns]
     nan_null = _nan_is_null(state.frame)
     records = []
@@ -411,11 +440,13 @@ def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd
     if key is None:
         raise ConfigurationError("history() needs the key of one row, e.g. history('todo', 1)")
     key = check_key(src, name, key)
-    versions = _versions(src, name)
+    relation = relation_at(src, name, None)
+    check_gap(relation, None, name)
+    versions = list(relation.versions)
     layout = layout_at(versions, None)
     con = _duck()
     if layout is None:
-        src.load(con, "h", Scope(table=name))
+        load_relation(src, con, "h", Scope(table=name), relation)
         sample = con.execute(
             "SELECT primary_key, CAST(after AS VARCHAR) FROM h WHERE operation IN "
             "('CREATE', 'UPDATE', 'SNAPSHOT') LIMIT 1000"
@@ -424,7 +455,7 @@ def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd
         wanted = key_text(layout, key)
     else:  # only the row's changes under each key it had, and the TRUNCATEs
         wanted = key_text(layout, key)
-        load_lineage(src, con, "h", Scope(table=name), [wanted], layout)
+        load_lineage(src, con, "h", Scope(table=name), [wanted], layout, relation)
     rule = Rule(DUCKDB, tuple(layout.keys))
     old_key = rule.old_key_of()
     # follow the row through key updates, in both directions
@@ -438,6 +469,7 @@ def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd
         if grown == names:
             break
         names = grown
+    names |= earlier_keys(con, "h", key_eras(relation, None), layout, names)  # before a primary key change
     con.register("h_names", pa.table({"k": pa.array(sorted(names), pa.string())}))
     rows = con.sql(f"""
         SELECT primary_key, {old_key} AS old_key, operation, commit_position, ordinal, committed_at,

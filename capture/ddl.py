@@ -21,6 +21,13 @@ More ``event`` values: ``TRACK`` (install: every table, with ``"empty"``), ``UNT
 tracking gap begins), ``REWRITE`` (a DDL rewrote values, with ``"captured"``, ``"reason"`` and the
 rewritten ``"partition"``; the rows follow as ``bemi_rewrite`` messages). A TRUNCATE of a partition
 writes its rows as ``bemi_truncate`` messages (triggers on the partitions, see ``_TRUNCATE_FUNCTIONS``).
+``ATTACH PARTITION`` / ``DETACH PARTITION`` (the root's message with ``"partition"``): the moved rows follow
+as ``bemi_rewrite`` messages with ``"op": "CREATE"`` (attached: rows of the root; detached: rows of the
+detached table, a relation of its own from here) and ``bemi_truncate`` ones (detached: gone from the root);
+an attached table's own relation ends (``"columns": null``). ``ALTER TABLE … DISABLE/ENABLE TRIGGER`` on
+tracking's triggers: ``UNTRACK`` with ``"what": "truncate"`` (a partition's TRUNCATE trigger: rows can
+vanish unrecorded) or ``"context"`` (the context trigger: rows stay exact), ``TRACK`` (``"what":
+"triggers"``) once all are enabled again.
 The worker turns these into ``changes_schemas`` rows and ``changes`` rows at the exact position.
 
 The DDL functions fire for every role's DDL and run as the installer (``SECURITY DEFINER``, a fixed
@@ -112,6 +119,27 @@ BEGIN
     IF msg IS NOT NULL THEN
       PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', msg::text);
     END IF;
+    -- ALTER TABLE ... DISABLE/ENABLE TRIGGER on tracking's own triggers: a gap begins or ends (a disabled
+    -- partition TRUNCATE trigger loses rows; a disabled context trigger only the context)
+    CONTINUE WHEN obj.command_tag <> 'ALTER TABLE'
+      OR pg_catalog.current_query() !~* '(dis|en)able[^;]*trigger';
+    root := coalesce(pg_catalog.pg_partition_root(obj.objid), obj.objid);
+    SELECT pg_catalog.string_agg(DISTINCT CASE WHEN t.tgname = 'bemi_tt_context' THEN 'context'
+                                               ELSE 'truncate' END, ',')
+      INTO names
+      FROM (SELECT root AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree(root)) p
+      JOIN pg_catalog.pg_trigger t ON t.tgrelid = p.relid
+      WHERE t.tgname IN ('bemi_tt_context', 'bemi_tt_truncate', 'bemi_tt_truncate_done')
+        AND t.tgenabled IN ('D', 'R');
+    CONTINUE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_trigger t WHERE t.tgrelid = root
+                              AND t.tgname IN ('bemi_tt_context', 'bemi_tt_truncate'));
+    msg := """ + _MESSAGE.format(rel="root", event="'TRACK'") + """;
+    CONTINUE WHEN msg IS NULL;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || CASE WHEN names IS NULL
+      THEN pg_catalog.jsonb_build_object('event', 'TRACK', 'what', 'triggers')
+      ELSE pg_catalog.jsonb_build_object('event', 'UNTRACK', 'reason', 'DISABLE TRIGGER',
+             'what', CASE WHEN pg_catalog.strpos(names, 'truncate') > 0 THEN 'truncate' ELSE 'context' END)
+      END)::text);
   END LOOP;
   IF coalesce(pg_catalog.current_setting('bemi_tt.rewritten', true), '') = '' THEN
     RETURN;
@@ -278,20 +306,139 @@ $bemi$
 """,
     """
 CREATE OR REPLACE FUNCTION bemi_tt.track_new_partitions() RETURNS event_trigger LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bemi$
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO' SET TimeZone = 'UTC'
+SET extra_float_digits = 3 SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $bemi$
 DECLARE
   obj record;
+  part_leaf record;
+  parent oid;
+  top oid;
+  msg jsonb;
+  part jsonb;
+  names text;
+  texts text;
+  seen oid[] := '{}';
+  tops oid[];
 BEGIN
-  FOR obj IN SELECT DISTINCT e.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
+  FOR obj IN SELECT DISTINCT e.objid, e.command_tag FROM pg_catalog.pg_event_trigger_ddl_commands() AS e
              JOIN pg_catalog.pg_class c ON c.oid = e.objid
              WHERE e.classid = 'pg_catalog.pg_class'::regclass AND c.relkind IN ('r', 'p')
                AND (c.relispartition OR c.relkind = 'p')
   LOOP
-    PERFORM bemi_tt.track_truncates(pg_catalog.pg_partition_root(obj.objid));
+    parent := pg_catalog.pg_partition_root(obj.objid);
+    PERFORM bemi_tt.track_truncates(parent);
+    CONTINUE WHEN parent = ANY (seen);
+    seen := seen || parent;
+    tops := '{}';
+    -- leaves that joined the tree: ATTACH PARTITION made their rows rows of the parent (recorded as
+    -- CREATEs of the parent; the attached table, a relation of its own until now, ends)
+    FOR part_leaf IN SELECT t.relid FROM pg_catalog.pg_partition_tree(parent) t
+                JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                WHERE t.isleaf AND c.relkind = 'r' AND t.relid <> parent
+                  AND NOT EXISTS (SELECT FROM bemi_tt.partitions p WHERE p.leaf = t.relid AND p.root = parent)
+    LOOP
+      DELETE FROM bemi_tt.partitions p WHERE p.leaf = part_leaf.relid;
+      INSERT INTO bemi_tt.partitions (leaf, root) VALUES (part_leaf.relid, parent);
+      CONTINUE WHEN obj.command_tag <> 'ALTER TABLE';  -- CREATE TABLE ... PARTITION OF: empty
+      SELECT a.relid INTO top FROM pg_catalog.pg_partition_ancestors(part_leaf.relid) a
+        JOIN pg_catalog.pg_inherits i ON i.inhrelid = a.relid WHERE i.inhparent = parent;
+      IF NOT top = ANY (tops) THEN
+        tops := tops || top;
+        SELECT pg_catalog.jsonb_build_object('oid', c.oid, 'schema', n.nspname, 'table', c.relname)
+          INTO part FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.oid = top;
+        msg := """ + _MESSAGE.format(rel="parent", event="'ATTACH PARTITION'") + """;
+        CONTINUE WHEN msg IS NULL;
+        PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl',
+          (msg || pg_catalog.jsonb_build_object('partition', part))::text);
+        PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (part || pg_catalog.jsonb_build_object(
+          'event', 'ATTACH PARTITION', 'columns', NULL))::text);
+      END IF;
+      SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a.attname), ', ' ORDER BY a.attnum),
+             pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) || '::text', ', ' ORDER BY a.attnum)
+        INTO names, texts
+        FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = part_leaf.relid AND a.attnum > 0 AND NOT a.attisdropped;
+      EXECUTE 'SELECT count(pg_catalog.pg_logical_emit_message(true, ''bemi_rewrite'','
+        || ' pg_catalog.jsonb_build_object(''root'', ' || parent || ', ''op'', ''CREATE'', ''row'','
+        || ' pg_catalog.jsonb_object(ARRAY[' || names || ']::text[], ARRAY[' || texts || ']::text[]))::text))'
+        || ' FROM ONLY ' || part_leaf.relid::pg_catalog.regclass::text;
+    END LOOP;
+    -- leaves that left it: DETACH PARTITION took their rows out of the parent (recorded as DELETEs of the
+    -- parent) into a relation of its own (a new relation starting with those rows as CREATEs)
+    tops := '{}';
+    FOR part_leaf IN SELECT p.leaf AS relid FROM bemi_tt.partitions p WHERE p.root = parent
+                AND NOT EXISTS (SELECT FROM pg_catalog.pg_partition_tree(parent) t WHERE t.relid = p.leaf)
+    LOOP
+      DELETE FROM bemi_tt.partitions p WHERE p.leaf = part_leaf.relid;
+      CONTINUE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = part_leaf.relid);  -- dropped
+      top := coalesce(pg_catalog.pg_partition_root(part_leaf.relid), part_leaf.relid);
+      IF NOT top = ANY (tops) THEN
+        tops := tops || top;
+        SELECT pg_catalog.jsonb_build_object('oid', c.oid, 'schema', n.nspname, 'table', c.relname)
+          INTO part FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.oid = top;
+        msg := """ + _MESSAGE.format(rel="parent", event="'DETACH PARTITION'") + """;
+        IF msg IS NOT NULL THEN
+          PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl',
+            (msg || pg_catalog.jsonb_build_object('partition', part))::text);
+        END IF;
+        msg := """ + _MESSAGE.format(rel="top", event="'DETACH PARTITION'") + """;
+        IF msg IS NOT NULL THEN
+          PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', msg::text);
+        END IF;
+      END IF;
+      SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a.attname), ', ' ORDER BY a.attnum),
+             pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) || '::text', ', ' ORDER BY a.attnum)
+        INTO names, texts
+        FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = part_leaf.relid AND a.attnum > 0 AND NOT a.attisdropped;
+      EXECUTE 'SELECT count(pg_catalog.pg_logical_emit_message(true, ''bemi_truncate'','
+        || ' pg_catalog.jsonb_build_object(''root'', ' || parent || ', ''partition'', ' || part_leaf.relid
+        || ', ''row'', pg_catalog.jsonb_object(ARRAY[' || names || ']::text[], ARRAY[' || texts
+        || ']::text[]))::text)), count(pg_catalog.pg_logical_emit_message(true, ''bemi_rewrite'','
+        || ' pg_catalog.jsonb_build_object(''root'', ' || top || ', ''op'', ''CREATE'', ''row'','
+        || ' pg_catalog.jsonb_object(ARRAY[' || names || ']::text[], ARRAY[' || texts || ']::text[]))::text))'
+        || ' FROM ONLY ' || part_leaf.relid::pg_catalog.regclass::text;
+    END LOOP;
   END LOOP;
 END
 $bemi$
 """,
+)
+
+# DROP TABLE of a partition: its rows leave the root without a row change, and at sql_drop they are gone:
+# the root's record gets a gap (``untracked``, what "partition") that a SNAPSHOT ends. Runs as the
+# installer (the partitions it knows are in bemi_tt.partitions).
+_PARTITION_DROP_FUNCTION = """
+CREATE OR REPLACE FUNCTION bemi_tt.partition_dropped() RETURNS event_trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  obj record;
+  msg jsonb;
+BEGIN
+  FOR obj IN SELECT d.objid, d.object_identity, p.root FROM pg_catalog.pg_event_trigger_dropped_objects() d
+             JOIN bemi_tt.partitions p ON p.leaf = d.objid WHERE d.object_type = 'table'
+  LOOP
+    DELETE FROM bemi_tt.partitions p WHERE p.leaf = obj.objid;
+    msg := """ + _MESSAGE.format(rel="obj.root", event="'UNTRACK'") + """;
+    CONTINUE WHEN msg IS NULL;  -- the root went too
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'bemi_ddl', (msg || pg_catalog.jsonb_build_object(
+      'what', 'partition', 'reason', 'DROP TABLE ' || obj.object_identity))::text);
+  END LOOP;
+END
+$bemi$
+"""
+
+
+# Which leaf partitions each root had when last looked at (by the event trigger above, as the installer):
+# ATTACH and DETACH PARTITION report only the root, so the difference says which partition moved.
+_PARTITIONS = (
+    "CREATE TABLE IF NOT EXISTS bemi_tt.partitions (leaf oid PRIMARY KEY, root oid NOT NULL)",
+    "REVOKE ALL ON bemi_tt.partitions FROM PUBLIC",
+    "DELETE FROM bemi_tt.partitions",
+    "INSERT INTO bemi_tt.partitions (leaf, root) SELECT c.oid, pg_catalog.pg_partition_root(c.oid)"
+    " FROM pg_catalog.pg_class c WHERE c.relispartition AND c.relkind = 'r'",
 )
 
 
@@ -309,6 +456,11 @@ _INSTALL = (
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_drop",
     "CREATE EVENT TRIGGER bemi_tt_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
     " EXECUTE FUNCTION bemi_tt.emit_drop()",
+    *_PARTITIONS,
+    _PARTITION_DROP_FUNCTION,
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partition_drop",
+    "CREATE EVENT TRIGGER bemi_tt_partition_drop ON sql_drop WHEN TAG IN ('DROP TABLE')"
+    " EXECUTE FUNCTION bemi_tt.partition_dropped()",
     *_TRUNCATE_FUNCTIONS,
     "REVOKE ALL ON FUNCTION bemi_tt.track_truncates(oid) FROM PUBLIC",
     "DROP EVENT TRIGGER IF EXISTS bemi_tt_partitions",
@@ -334,6 +486,9 @@ _UNINSTALL = (
     "DROP FUNCTION IF EXISTS bemi_tt.emit_ddl()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_drop()",
     "DROP FUNCTION IF EXISTS bemi_tt.emit_tracking(text)",
+    "DROP EVENT TRIGGER IF EXISTS bemi_tt_partition_drop",
+    "DROP FUNCTION IF EXISTS bemi_tt.partition_dropped()",
+    "DROP TABLE IF EXISTS bemi_tt.partitions",
 )
 _INSUFFICIENT_PRIVILEGE = "42501"
 

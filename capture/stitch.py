@@ -187,7 +187,9 @@ EVENT_KINDS = (
     "alter_column_type",  # {"attnum", "name", "old", "new"} (format_type texts)
     "primary_key",  # {"old": [names], "new": [names]}
     "replica_identity",  # {"old", "new"}: pg_class.relreplident letters d/n/f/i
-    "untracked",  # {"what": "ddl" | "context" | "rewrite", "reason"}: a tracking gap begins
+    "attach_partition",  # {"partition": {"oid", "schema", "table"}}: its rows follow as CREATEs of the root
+    "detach_partition",  # {"partition": ...}: its rows follow as DELETEs of the root (and start its own)
+    "untracked",  # {"what": "ddl" | "context" | "truncate", "reason"}: a tracking gap begins
     "tracked",  # {"what": ..., "empty": bool}: tracking (re)starts; empty says the table had no rows
     "rewrite",  # {"captured": bool, "reason": int, "partition"?}: a DDL gave rows new values; captured:
     # every row follows as an UPDATE (same transaction, next ordinals); not captured: a gap
@@ -842,12 +844,19 @@ class Stitcher:
             if event.get("partition") is not None:
                 events[0]["partition"] = event["partition"]
             fills = {}
+        elif command in ("ATTACH PARTITION", "DETACH PARTITION") and isinstance(event.get("partition"), dict):
+            # the root gained or lost a partition's rows (they follow as CREATEs / DELETEs of the root)
+            events = [{"kind": "attach_partition" if command == "ATTACH PARTITION" else "detach_partition",
+                       "partition": event["partition"]}]
+            fills = {}
         elif command in ("TRACK", "UNTRACK"):
             # install / uninstall: a gap starts, or tracking (re)starts; a repeated install is no event
             what = str(event.get("what") or "ddl")
             if command == "UNTRACK":
                 version = replace(version, tracked=False)
                 events = [{"kind": "untracked", "what": what}]
+                if event.get("reason"):  # DISABLE TRIGGER, DROP TABLE of a partition
+                    events[0]["reason"] = event["reason"]
             else:
                 version = replace(version, tracked=True)
                 if previous is None or not previous.tracked:
@@ -979,7 +988,12 @@ class Stitcher:
         table = self._tables.get(root)
         if (table is not None and table.ignored) or self.exclusions.table(version.schema, version.table):
             return []
-        if table is not None and table.names == names and table.encoder is not None:
+        if (
+            table is not None
+            and table.names == names
+            and tuple(c.type_oid for c in table.relation.columns) == tuple(c.type_oid for c in spec)
+            and table.encoder is not None
+        ):  # the Relation message may predate the version (a type change is sent at the next row)
             encoder = table.encoder
         else:
             encoder = ValueEncoder([c.type_oid for c in spec], self.type_info, names=names)
@@ -998,6 +1012,8 @@ class Stitcher:
         row_json = encoder.row_json(values)
         if prefix == TRUNCATE_PREFIX:
             return [self._emit(rel, key, "DELETE", row_json, EMPTY, lsn)]
+        if event.get("op") == "CREATE":  # rows an ATTACH/DETACH PARTITION brought into the relation
+            return [self._emit(rel, key, "CREATE", EMPTY, row_json, lsn)]
         return [self._emit(rel, key, "UPDATE", EMPTY, row_json, lsn)]
 
     def _key(

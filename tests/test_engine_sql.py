@@ -23,6 +23,7 @@ from bemi_tt.duckdb_macros import _macros
 from bemi_tt.origins import origins_query
 from bemi_tt.rule import DUCKDB, POSTGRES, Rule
 from bemi_tt.sources import InMemorySource, PostgresSource, Scope
+from bemi_tt.sources.base import segments_condition
 from bemi_tt.state import layout_at, versions_of
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -47,6 +48,17 @@ CASES: dict[str, Callable[[], str]] = {
     "origins_todo_with_fill": lambda: origins_query(_layout_with_fill(), '"o"', None, '"o_lineage"').sql(),
     "macro_as_of": lambda: _macros()[0],
     "postgres_key_lookup": lambda: _postgres_key_lookup(),
+    # the schema record applied: images renamed by attnum per era, rows re-keyed after a key change, one
+    # relation's changes under each name it had
+    "shaped_duckdb_rename": lambda: Rule(DUCKDB).shaped(
+        '"c__named"',
+        ["primary_key", "before", "after", "commit_position"],
+        [(None, (7, 0), (("title", "label"),))],
+    ),
+    "rebased_duckdb_composite_key": lambda: Rule(DUCKDB, ("a", "b")).rebased('"c__key0__present"'),
+    "segments_condition": lambda: segments_condition(
+        [("public", "todo", None, (7, 0)), ("public", "tasks", (7, 0), None)], lambda v: f"'{v}'"
+    ),
 }
 
 

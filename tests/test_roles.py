@@ -217,7 +217,8 @@ def test_an_unprivileged_role_cannot_call_the_functions_that_alter_tables(
             conn.execute(call)  # type: ignore[arg-type]
     with psycopg.connect(app_dsn) as conn, pytest.raises(psycopg.Error):
         conn.execute("SELECT bemi_tt.track_new_tables()")  # event trigger functions cannot be called
-    for call in ("SELECT bemi_tt.track_new_partitions()", "SELECT bemi_tt.emit_truncate()"):
+    for call in ("SELECT bemi_tt.track_new_partitions()", "SELECT bemi_tt.emit_truncate()",
+                 "SELECT bemi_tt.partition_dropped()"):
         with psycopg.connect(app_dsn) as conn, pytest.raises(psycopg.Error):
             conn.execute(call)  # type: ignore[arg-type]  # (event) trigger functions cannot be called
     assert _tracking(dsn) == {"victim": (True, "n")}
@@ -226,8 +227,9 @@ def test_an_unprivileged_role_cannot_call_the_functions_that_alter_tables(
             "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'bemi_tt'::regnamespace"
             " AND prosecdef"
         ).fetchall()
-    # capture/ddl.py's: the partition TRUNCATE trigger (which reads the rows it emits) and the event
-    # trigger giving new partitions that trigger; neither can be called
+    # capture/ddl.py's: the partition TRUNCATE trigger (which reads the rows it emits), the event trigger
+    # giving new partitions that trigger and emitting the rows ATTACH/DETACH PARTITION move, the one
+    # recording a dropped partition's gap; none can be called
     output = ["DateStyle=ISO", "TimeZone=UTC", "extra_float_digits=3", "IntervalStyle=postgres",
               "bytea_output=hex"]
     # emit_context and the DDL functions: they emit messages, which the caller may not (install revoked
@@ -237,7 +239,8 @@ def test_an_unprivileged_role_cannot_call_the_functions_that_alter_tables(
         ("emit_ddl", ["search_path=pg_catalog, pg_temp", *output]),
         ("emit_drop", ["search_path=pg_catalog, pg_temp"]),
         ("emit_truncate", ["search_path=pg_catalog, pg_temp", *output]),
-        ("track_new_partitions", ["search_path=pg_catalog, pg_temp"]),
+        ("partition_dropped", ["search_path=pg_catalog, pg_temp"]),
+        ("track_new_partitions", ["search_path=pg_catalog, pg_temp", *output]),
         ("track_new_tables", ["search_path=pg_catalog, pg_temp"]),
     ]
 

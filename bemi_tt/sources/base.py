@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -21,7 +21,7 @@ import pyarrow.compute
 from capture.errors import ConfigurationError
 from capture.schema import CHANGES_COLUMNS
 
-__all__ = ["SCHEMAS_ARROW", "Scope", "Source", "TableName", "json_text"]
+__all__ = ["SCHEMAS_ARROW", "Scope", "Segment", "Source", "TableName", "json_text", "segments_condition"]
 
 
 #: ``(schema, table)``
@@ -36,6 +36,10 @@ SCHEMAS_ARROW = pa.schema(
         ("ordinal", pa.int32()),
         ("committed_at", pa.timestamp("us", tz="UTC")),
         ("columns", pa.string()),
+        # the relation's identity and what happened (NULL / 0 / "[]" in rows of the first release)
+        ("relation_oid", pa.int64()),
+        ("step", pa.int32()),
+        ("event", pa.string()),
     ]
 )
 _ARROW_TYPES = {name: arrow_type for name, _, arrow_type in CHANGES_COLUMNS}
@@ -58,6 +62,36 @@ class Scope:
     start: int | None = None
     #: ``(key, text)``: the context's member ``key`` reads as ``text`` (a prefilter of audit's filters)
     context_text: tuple[tuple[str, str], ...] = ()
+    #: one relation's changes under each name it had (instead of ``table``'s): ``(schema, table, from,
+    #: to)``, positions ``(commit_position, ordinal)``, ``from`` inclusive, ``to`` exclusive, None: open
+    segments: tuple[Segment, ...] | None = None
+
+
+#: A stretch of commit order in which a relation had one name: ``(schema, table, from, to)``.
+Segment = tuple[str, str, tuple[int, int] | None, tuple[int, int] | None]
+
+
+def segments_condition(segments: Sequence[Segment], literal: Callable[[str], str]) -> str:
+    """The SQL condition (plain SQL, DuckDB and PostgreSQL alike) that a change lies in one of
+    ``segments``; ``literal`` quotes a string."""
+
+    def at_or_after(at: tuple[int, int]) -> str:
+        cp, o = int(at[0]), int(at[1])
+        return f"(commit_position > {cp} OR (commit_position = {cp} AND ordinal >= {o}))"
+
+    def before(at: tuple[int, int]) -> str:
+        cp, o = int(at[0]), int(at[1])
+        return f"(commit_position < {cp} OR (commit_position = {cp} AND ordinal < {o}))"
+
+    parts = []
+    for schema, table, start, end in segments:
+        part = f'("schema" = {literal(schema)} AND "table" = {literal(table)}'
+        if start is not None:
+            part += " AND " + at_or_after(start)
+        if end is not None:
+            part += " AND " + before(end)
+        parts.append(part + ")")
+    return "(" + (" OR ".join(parts) or "FALSE") + ")"
 
 
 class Source(ABC):
@@ -131,7 +165,9 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
     """Create the temp view ``name`` over ``base`` with the rows in ``scope`` (as-of cut computed first)."""
     cols = ", ".join(f'"{c}"' for c in scope.columns) if scope.columns else "*"
     where: list[str] = []
-    if scope.table is not None:
+    if scope.segments is not None:
+        where.append(segments_condition(scope.segments, _literal))
+    elif scope.table is not None:
         where.append(f'"schema" = {_literal(scope.table[0])} AND "table" = {_literal(scope.table[1])}')
     if scope.since is not None:
         where.append(f"committed_at >= {_literal(scope.since)}")

@@ -93,7 +93,23 @@ def _schemas_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | None) -> p
         )
         columns = row["columns"]
         out["columns"].append(columns if isinstance(columns, str) else json.dumps(list(columns)))
+        out["relation_oid"].append(row.get("relation_oid"))
+        out["step"].append(row.get("step") or 0)
+        event = row.get("event")
+        out["event"].append("[]" if event is None else event if isinstance(event, str) else json.dumps(event))
     return pa.table(out, schema=SCHEMAS_ARROW)
+
+
+def _arrow_schemas(table: pa.Table) -> pa.Table:
+    """``changes_schemas`` rows as Arrow with :data:`SCHEMAS_ARROW` (columns a first release lacks: NULL)."""
+    return pa.table(
+        {
+            f.name: table[f.name].cast(f.type)
+            if f.name in table.column_names
+            else pa.nulls(table.num_rows, f.type)
+            for f in SCHEMAS_ARROW
+        }
+    )
 
 
 class InMemorySource(_ArrowBacked):
@@ -115,7 +131,7 @@ class InMemorySource(_ArrowBacked):
             else _changes_table(changes)
         )
         self._schemas = (
-            schemas.cast(SCHEMAS_ARROW) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
+            _arrow_schemas(schemas) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
         )
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:

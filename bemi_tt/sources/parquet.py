@@ -35,6 +35,13 @@ def _partition_of(path: str) -> str:
     return ""
 
 
+def _relation_of(path: str) -> str:
+    """``schema.table`` of a file's partition."""
+    from urllib.parse import unquote
+
+    return unquote(_partition_of(path))
+
+
 class ParquetSource(_ArrowBacked):
     """A Parquet export directory, local or in an object store (``s3://bucket/prefix``)."""
 
@@ -47,16 +54,19 @@ class ParquetSource(_ArrowBacked):
             )
 
     def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
-        from urllib.parse import unquote
-
         filesystem, paths = _list_dataset_files(self.directory)
         if table is not None:
             wanted = f"{table[0]}.{table[1]}"
-            paths = [p for p in paths if unquote(_partition_of(p)) == wanted]
+            paths = [p for p in paths if _relation_of(p) == wanted]
         return filesystem, paths
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
-        filesystem, paths = self._files(scope.table)
+        if scope.segments is not None:  # one relation under every name it had: each name's partition
+            filesystem, paths = self._files(None)
+            wanted = {f"{s}.{t}" for s, t, _, _ in scope.segments}
+            paths = [p for p in paths if _relation_of(p) in wanted]
+        else:
+            filesystem, paths = self._files(scope.table)
         if not paths:
             con.register(f"{name}__arrow", changes_arrow_schema().empty_table())
             base = f'"{name}__arrow"'
@@ -115,8 +125,19 @@ class ParquetSource(_ArrowBacked):
             raw = pq.read_table(path, filesystem=filesystem)
         except (OSError, pa.ArrowInvalid) as exc:
             raise SourceError(f"cannot read {path!r}: {exc}; re-run `bemi-tt export`") from exc
-        raw = raw.select([f.name for f in SCHEMAS_ARROW])
-        raw = pa.table({f.name: raw[f.name].cast(f.type) for f in SCHEMAS_ARROW})
+        # JSON columns as text; columns the first release did not write are NULL
+        raw = pa.table(
+            {
+                f.name: (
+                    raw[f.name].cast(pa.string())
+                    if isinstance(raw[f.name].type, pa.ExtensionType)
+                    else raw[f.name]
+                ).cast(f.type)
+                if f.name in raw.column_names
+                else pa.nulls(raw.num_rows, f.type)
+                for f in SCHEMAS_ARROW
+            }
+        )
         return _filter_schemas(raw, table)
 
     def tables(self, name: str | None = None) -> list[TableName]:

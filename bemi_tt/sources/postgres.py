@@ -25,6 +25,7 @@ from bemi_tt.sources.base import (
     Source,
     TableName,
     _scope_view,
+    segments_condition,
 )
 from capture.dsn import check_dsn, connect_error
 from capture.errors import ConfigurationError, SourceError
@@ -46,6 +47,11 @@ def _conninfo(url: str) -> str:
         _scheme, rest = url.split("://", 1)
         url = "postgresql://" + rest
     return url
+
+
+def _quote(value: str) -> str:
+    """A PostgreSQL string literal (standard_conforming_strings, as on every supported server)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _below(cut: int | None) -> sql.Composable:
@@ -132,7 +138,9 @@ class PostgresSource(Source):
         """The WHERE condition of ``scope`` on ``changes`` (values as literals: COPY takes no parameters);
         ``cut``: an expression standing for :meth:`cut_sql` (a CTE computing it once)."""
         where: list[sql.Composable] = [sql.SQL("TRUE")]
-        if scope.table is not None:
+        if scope.segments is not None:  # one relation under every name it had
+            where.append(sql.SQL(segments_condition(scope.segments, _quote)))
+        elif scope.table is not None:
             where.append(sql.SQL('"schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table)))
         if scope.since is not None:
             where.append(sql.SQL("committed_at >= {}").format(sql.Literal(scope.since.to_pydatetime())))
@@ -153,7 +161,9 @@ class PostgresSource(Source):
         order instead."""
         assert scope.until is not None
         in_table: sql.Composable = sql.SQL("")
-        if scope.table is not None:
+        if scope.segments is not None:
+            in_table = sql.SQL(" AND " + segments_condition(scope.segments, _quote))
+        elif scope.table is not None:
             in_table = sql.SQL(' AND "schema" = {} AND "table" = {}').format(*map(sql.Literal, scope.table))
         inner = sql.SQL(
             "SELECT min(commit_position) FROM (SELECT commit_position FROM {} WHERE committed_at > {}{}"
@@ -575,7 +585,7 @@ class PostgresSource(Source):
         )
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
-        if self.mirror and scope.table is not None:
+        if self.mirror and scope.table is not None and scope.segments is None:
             con.register(f"{name}__arrow", self.mirrored(scope.table))
             _scope_view(con, name, f'"{name}__arrow"', scope)
             return
@@ -616,18 +626,24 @@ class PostgresSource(Source):
             return result
 
     def schemas(self, table: TableName | None = None) -> pa.Table:
-        query = sql.SQL(
-            'SELECT "schema", "table", commit_position, ordinal, committed_at, columns::text FROM {}'
-        ).format(self._name(SCHEMAS_TABLE))
-        params: list[Any] = []
-        if table is not None:
-            query = sql.SQL('{} WHERE "schema" = %s AND "table" = %s').format(query)
-            params = list(table)
-        with self._connect() as conn:
-            try:
-                rows = conn.execute(query, params).fetchall()
-            except psycopg.errors.UndefinedTable:
-                rows = []
+        rows: list[Any] = []
+        # a first-release table (no worker has upgraded it yet) lacks the relation's identity and events
+        for later in (sql.SQL("relation_oid, step, event::text"), sql.SQL("NULL::bigint, 0, '[]'")):
+            query = sql.SQL(
+                'SELECT "schema", "table", commit_position, ordinal, committed_at, columns::text, {} FROM {}'
+            ).format(later, self._name(SCHEMAS_TABLE))
+            params: list[Any] = []
+            if table is not None:
+                query = sql.SQL('{} WHERE "schema" = %s AND "table" = %s').format(query)
+                params = list(table)
+            with self._connect() as conn:
+                try:
+                    rows = conn.execute(query, params).fetchall()
+                    break
+                except psycopg.errors.UndefinedTable:
+                    break
+                except psycopg.errors.UndefinedColumn:
+                    continue
         return pa.table(
             {f.name: pa.array([r[i] for r in rows], type=f.type) for i, f in enumerate(SCHEMAS_ARROW)}
         )

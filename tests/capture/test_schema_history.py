@@ -16,7 +16,10 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from bemi_tt.sources import PostgresSource
+from bemi_tt.timetravel import as_of
 from bemi_tt.triggers import install, uninstall
+from capture.errors import SourceError
 from capture.worker import run
 
 
@@ -248,6 +251,8 @@ def test_alembic_downgrade_base_and_upgrade_head_record_the_dropped_rows_as_gone
     )
     assert [kinds(v) for v in got if v["oid"] == new] == [["new_relation", "tracked"]]
     assert got[-1]["event"][1]["empty"] is True
+    # the engine: the recreated table is empty; the dropped rows never come back
+    assert len(as_of("todo", "now", source=PostgresSource(dsn))) == 0
 
 
 def test_truncate_records_exactly_the_rows_of_the_tables_it_emptied(engine: sa.Engine, dsn: str) -> None:
@@ -461,3 +466,101 @@ def test_the_parquet_export_carries_every_column_of_the_record(
     ]
     assert [r["step"] for r in exported][-2:] == [0, 1]
     assert json.loads(exported[-1]["context"]) == {"who": "m"}
+
+
+def test_a_worker_behind_a_type_change_records_the_rewritten_values_in_the_new_type(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, done boolean NOT NULL)")
+        conn.execute("INSERT INTO t VALUES (1, true), (2, false)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the worker last saw done as boolean
+        conn.execute("INSERT INTO t VALUES (3, true)")
+        conn.execute("ALTER TABLE t ALTER COLUMN done TYPE int USING (CASE WHEN done THEN 1 ELSE 0 END)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT operation, primary_key, after FROM changes WHERE operation = 'UPDATE'"
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+    assert sorted((op, pk, after["done"]) for op, pk, after in rows) == [
+        ("UPDATE", "1", 1), ("UPDATE", "2", 0), ("UPDATE", "3", 1)
+    ]
+
+
+def test_attach_and_detach_partition_move_the_rows_and_are_events_of_the_root(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+        conn.execute("CREATE TABLE side (id int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO m VALUES (1, 'a'), (2, 'b')")
+        conn.execute("INSERT INTO side VALUES (11, 's')")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the worker is stopped during the DDL
+        conn.execute("ALTER TABLE m ATTACH PARTITION side FOR VALUES FROM (10) TO (20)")
+        conn.execute("ALTER TABLE m DETACH PARTITION m1")
+        conn.execute("INSERT INTO m1 VALUES (3, 'c')")
+    run(dsn, once=True)
+    got = [(v["table"], kinds(v)) for v in record(dsn)]
+    assert ("m", ["attach_partition"]) in got and ("side", ["drop_table"]) in got
+    assert ("m", ["detach_partition"]) in got and ("m1", ["new_relation"]) in got
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            'SELECT "table", operation, primary_key FROM changes WHERE "table" IN (\'m\', \'m1\', \'side\')'
+            " AND operation <> 'SNAPSHOT' ORDER BY commit_position, ordinal"
+        ).fetchall()
+    assert rows == [
+        ("m", "CREATE", "11"),
+        ("m", "DELETE", "1"),
+        ("m1", "CREATE", "1"),
+        ("m", "DELETE", "2"),
+        ("m1", "CREATE", "2"),
+        ("m1", "CREATE", "3"),
+    ]
+
+
+def test_disabling_a_tracking_trigger_records_a_gap_and_enabling_it_records_tracking_again(
+    engine: sa.Engine, dsn: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE m1 DISABLE TRIGGER bemi_tt_truncate")
+        conn.execute("ALTER TABLE m1 ENABLE TRIGGER bemi_tt_truncate")
+        conn.execute("ALTER TABLE t DISABLE TRIGGER bemi_tt_context")
+        conn.execute("ALTER TABLE t ENABLE TRIGGER bemi_tt_context")
+        conn.execute("ALTER TABLE t ADD COLUMN v int")  # no trigger named: no tracking event
+    run(dsn, once=True)
+    got = [(v["table"], e["kind"], e.get("what")) for v in record(dsn) for e in v["event"]]
+    assert [g for g in got if g[1] in ("tracked", "untracked")] == [
+        ("m", "untracked", "truncate"),
+        ("m", "tracked", "triggers"),
+        ("t", "untracked", "context"),
+        ("t", "tracked", "triggers"),
+    ]
+
+
+def test_dropping_one_partition_records_a_gap_of_the_root(engine: sa.Engine, dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE m (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10)")
+        conn.execute("CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)")
+        conn.execute("INSERT INTO m VALUES (1), (11)")
+    install(engine)
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE m1")  # its row leaves m without a row change
+    run(dsn, once=True)
+    last = [e for v in record(dsn) if v["table"] == "m" for e in v["event"]][-1]
+    assert (last["kind"], last["what"], last["reason"]) == ("untracked", "partition", "DROP TABLE public.m1")
+    with pytest.raises(SourceError, match=r"partition tracking stopped .*DROP TABLE public\.m1"):
+        as_of("m", "now", source=PostgresSource(dsn))  # never a silently wrong table

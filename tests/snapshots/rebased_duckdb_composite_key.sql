@@ -1,0 +1,1 @@
+SELECT CAST(to_json([json_extract(payload, '/a'), json_extract(payload, '/b')]) AS VARCHAR) AS primary_key, 'SNAPSHOT' AS operation, '{}' AS before, payload AS after, cp AS commit_position, o AS ordinal FROM "c__key0__present"

@@ -1,0 +1,1 @@
+(("schema" = 'public' AND "table" = 'todo' AND (commit_position < 7 OR (commit_position = 7 AND ordinal < 0))) OR ("schema" = 'public' AND "table" = 'tasks' AND (commit_position > 7 OR (commit_position = 7 AND ordinal >= 0))))
