@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from bemi_tt.sources import InMemorySource, ParquetSource, PostgresSource, Source
-from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
+from capture.schema import CHANGES_COLUMNS, changes_ddl, moved_keys_backfill, schemas_ddl
 
 if TYPE_CHECKING:
     from timetravel_history import History
@@ -61,6 +61,8 @@ def write_changes(
                         for r in schema_rows
                     ],
                 )
+            # the old key of each key UPDATE, as the worker writes it (rows here are written by hand)
+            cur.execute(moved_keys_backfill())
 
 
 def build_source(

@@ -165,7 +165,8 @@ class PostgresSource(Source):
         """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds).
 
         With ``scope.keys``: the keys' changes and the TRUNCATEs from the ``("table", primary_key, ...)``
-        index, plus the key UPDATEs away from them (the old key read from ``before`` in PostgreSQL)."""
+        index, plus the key UPDATEs away from them from the ``("table", before_primary_key)`` index (the
+        worker writes each key UPDATE's old key there: no ``before`` image is read)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
         cols = sql.SQL(", ").join(
             sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint")
@@ -177,10 +178,7 @@ class PostgresSource(Source):
             return sql.SQL("SELECT {} FROM {} WHERE {}").format(
                 cols, self._name(CHANGES_TABLE), self.where(scope)
             )
-        from bemi_tt.rule import POSTGRES, Rule
-
         keys = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, scope.keys)))
-        old_key = sql.SQL(Rule(POSTGRES, scope.key_columns).old_key_of())  # composed of quoted literals
         # the cut once, in a CTE, for the three parts
         prefix: sql.Composable = sql.SQL("")
         cut: sql.Composable | None = None
@@ -191,9 +189,7 @@ class PostgresSource(Source):
         parts = [
             sql.SQL("primary_key = ANY({})").format(keys),
             sql.SQL("primary_key IS NULL AND operation = 'TRUNCATE'"),
-            sql.SQL("operation = 'UPDATE' AND {} = ANY({}) AND primary_key <> ALL({})").format(
-                old_key, keys, keys
-            ),
+            sql.SQL("before_primary_key = ANY({}) AND primary_key <> ALL({})").format(keys, keys),
         ]
         return prefix + sql.SQL(" UNION ALL ").join(
             sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(cols, self._name(CHANGES_TABLE), where, part)
@@ -403,14 +399,11 @@ class PostgresSource(Source):
         below = _below(cut)
         if key is None:
             moves: sql.Composable = sql.SQL("NULL::text")
-        else:
-            old = sql.SQL("(before ->> {})").format(sql.Literal(key))
+        else:  # the old keys the worker wrote: no ``before`` image is parsed
             moves = sql.SQL(
-                """string_agg('"' || replace({old}, '"', '""') || '",' || commit_position || ',' || ordinal,
-                              E'\\n')
-                   FILTER (WHERE operation = 'UPDATE' AND {old} IS NOT NULL
-                                 AND {old} IS DISTINCT FROM primary_key)"""
-            ).format(old=old)
+                """string_agg('"' || replace(before_primary_key, '"', '""') || '",' || commit_position
+                              || ',' || ordinal, E'\\n') FILTER (WHERE before_primary_key IS NOT NULL)"""
+            )
         late = (
             sql.SQL("min(commit_position) FILTER (WHERE committed_at > {})").format(
                 sql.Literal(scope.until.to_pydatetime())
@@ -498,17 +491,9 @@ class PostgresSource(Source):
         """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` in two steps: the
         positions of every change (small columns, old keys computed in PostgreSQL) to find each key's last
         change in DuckDB, then only those changes' ``after`` through a temporary table join."""
-        if not keys:
-            old_key: sql.Composable = sql.SQL("NULL::text")
-            normalise = "old_key"
-        elif len(keys) == 1:
-            old_key = sql.SQL("before ->> {}").format(sql.Literal(keys[0]))
-            normalise = "old_key"
-        else:
-            old_key = sql.SQL("jsonb_build_array({})::text").format(
-                sql.SQL(", ").join(sql.SQL("before -> {}").format(sql.Literal(k)) for k in keys)
-            )
-            normalise = "CAST(json(old_key) AS VARCHAR)"
+        # the old key of a key UPDATE as the worker wrote it (like primary_key: compact JSON when composite)
+        old_key: sql.Composable = sql.SQL("before_primary_key") if keys else sql.SQL("NULL::text")
+        normalise = "old_key"
         # one scan: the rows committed up to ``until`` and, for the prefix rule, the first position after it
         until = sql.Literal(scope.until.to_pydatetime()) if scope.until is not None else None
         fields = [
@@ -516,13 +501,7 @@ class PostgresSource(Source):
             ("operation", sql.SQL("operation"), pa.string()),
             ("commit_position", sql.SQL("commit_position"), pa.int64()),
             ("ordinal", sql.SQL("ordinal"), pa.int32()),
-            (
-                "old_key",
-                sql.SQL("CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END").format(
-                    old_key
-                ),
-                pa.string(),
-            ),
+            ("old_key", old_key, pa.string()),
         ]
         rows = sql.SQL("{} WHERE {}").format(
             self._name(CHANGES_TABLE),
