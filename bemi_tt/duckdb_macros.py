@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from bemi_tt.arguments import SourceLike
 from bemi_tt.rule import DUCKDB, Query, Rule
-from bemi_tt.sources import Scope, get_source
+from bemi_tt.sources import get_source
 from bemi_tt.state import Layout, layout_at, versions_of
 
 __all__ = ["duckdb"]
@@ -105,7 +105,8 @@ def duckdb(source: SourceLike | None = None) -> _duckdb.DuckDBPyConnection:
     ``table_changes``."""
     src = get_source(source)
     con = _duckdb.connect()
-    src.load(con, "changes", Scope())
+    # read as queries scan it: PostgreSQL streams ``changes`` per query instead of copying it up front
+    src.lazy(con, "changes")
     schemas = src.schemas()
     con.register("changes_schemas", schemas)
     latest: dict[tuple[str, str], tuple[tuple[int, int], list[dict[str, Any]]]] = {}

@@ -140,7 +140,11 @@ def changes_upgrade_ddl(
 
 
 def moved_keys_backfill(
-    schema: str = "public", table: str = CHANGES_TABLE, schemas_table: str = SCHEMAS_TABLE, *, step: bool = True
+    schema: str = "public",
+    table: str = CHANGES_TABLE,
+    schemas_table: str = SCHEMAS_TABLE,
+    *,
+    step: bool = True,
 ) -> sql.Composed:
     """``UPDATE`` setting ``before_primary_key`` on the key UPDATEs of rows written before the worker
     wrote it, exactly as the worker computes it: the old key from ``before`` by the key columns of the
@@ -169,7 +173,8 @@ def moved_keys_backfill(
       WHEN count(*) = 1 THEN (array_agg(CASE
           WHEN jsonb_typeof(c.before -> (e.x ->> 'name')) = 'boolean'
             THEN CASE WHEN (c.before ->> (e.x ->> 'name'))::boolean THEN 't' ELSE 'f' END
-          WHEN (e.x ->> 'type_oid') IN ('1184', '1114') OR (e.x ->> 'base_type') IN ('timestamptz', 'timestamp')
+          WHEN (e.x ->> 'type_oid') IN ('1184', '1114')
+               OR (e.x ->> 'base_type') IN ('timestamptz', 'timestamp')
             THEN regexp_replace(regexp_replace(c.before ->> (e.x ->> 'name'), 'T', ' '),
                                 '([+-][0-9][0-9]):00( BC)?$', '\\1\\2')
           ELSE c.before ->> (e.x ->> 'name') END))[1]

@@ -135,9 +135,8 @@ def test_an_interrupted_upgrade_leaves_the_older_table_as_it_was(dsn: str) -> No
         ).fetchone() == (0,)
         conn.execute(changes_ddl())  # the next start does it all
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM changes WHERE before_primary_key IS NOT NULL").fetchone() == (
-            16,
-        )
+        moved = conn.execute("SELECT count(*) FROM changes WHERE before_primary_key IS NOT NULL").fetchone()
+    assert moved == (16,)
 
 
 def _chain() -> tuple[History, dict[str, Any]]:
@@ -211,6 +210,7 @@ def test_a_key_lookup_on_postgresql_reads_no_change_of_another_key(dsn: str) -> 
     scans = [n for n in nodes(plan[0]["Plan"]) if "Scan" in n["Node Type"]]
     assert scans and all(n["Node Type"] != "Seq Scan" for n in scans)
     assert sum(n.get("Rows Removed by Filter", 0) for n in scans) == 0, [
-        (n.get("Index Name"), n.get("Index Cond"), n.get("Filter"), n.get("Rows Removed by Filter")) for n in scans
+        (n.get("Index Name"), n.get("Index Cond"), n.get("Filter"), n.get("Rows Removed by Filter"))
+        for n in scans
     ]
     assert any("before_primary_key" in str(n.get("Index Cond", "")) for n in scans)

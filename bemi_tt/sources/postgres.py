@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -51,6 +51,56 @@ def _conninfo(url: str) -> str:
 def _below(cut: int | None) -> sql.Composable:
     """``AND commit_position < cut`` (nothing when there is no cut)."""
     return sql.SQL("AND commit_position < {}").format(sql.Literal(cut)) if cut is not None else sql.SQL("")
+
+
+def _csv_convert(types: Mapping[str, pa.DataType]) -> pacsv.ConvertOptions:
+    """How ``COPY ... (FORMAT csv)`` of ``changes`` reads: unquoted empty is NULL, quoted empty is ''."""
+    return pacsv.ConvertOptions(
+        column_types=dict(types),
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        null_values=[""],
+        true_values=["t"],  # PostgreSQL's CSV booleans (context_verified)
+        false_values=["f"],
+    )
+
+
+class _CopyFile(io.RawIOBase):
+    """The chunks of a ``COPY ... TO STDOUT`` as a readable file (for pyarrow's streaming CSV reader)."""
+
+    def __init__(self, first: Any, chunks: Iterator[Any]) -> None:
+        self._chunks = chunks
+        self._pending = memoryview(first).cast("B")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target):
+            if not self._pending:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._pending = memoryview(chunk).cast("B")
+                continue
+            n = min(len(target) - filled, len(self._pending))
+            target[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return filled
+
+
+class _Restartable:
+    """An Arrow stream DuckDB can scan any number of times: each scan asks for a new reader (through the
+    Arrow PyCapsule interface), which runs its query only when its first batch is read."""
+
+    def __init__(self, make: Callable[[], pa.RecordBatchReader]) -> None:
+        self._make = make
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self._make().__arrow_c_stream__(requested_schema)
 
 
 class PostgresSource(Source):
@@ -552,6 +602,64 @@ class PostgresSource(Source):
             f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT w.k, w.cp, w.o, a.payload '
             f'FROM "{name}__winners" w JOIN "{name}__afters" a USING (cp, o)'
         )
+
+    def batches(self, scope: Scope, *, ordered: bool = False) -> pa.RecordBatchReader:
+        """The rows of ``scope`` as a stream of Arrow batches, read from one ``COPY`` as they are consumed:
+        memory is one batch, whatever the number of rows. The query starts at the first batch read (a
+        reader only asked for its schema opens no connection). ``ordered``: in commit order."""
+        wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
+        types = {c: (pa.int64() if c == "committed_at" else _ARROW_TYPES[c]) for c in wanted}
+        schema = pa.schema(
+            [(c, pa.timestamp("us", tz="UTC") if c == "committed_at" else t) for c, t in types.items()]
+        )
+        query: sql.Composable = self.query(scope)
+        if ordered:
+            assert "commit_position" in wanted and "ordinal" in wanted
+            query = sql.SQL("{} ORDER BY commit_position, ordinal").format(query)
+        copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+
+        def read() -> Iterator[pa.RecordBatch]:
+            try:
+                with self._connect() as conn, conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                    chunks = iter(copy)
+                    first = next(chunks, None)
+                    if first is None:
+                        return
+                    reader = pacsv.open_csv(
+                        io.BufferedReader(_CopyFile(first, chunks), 1 << 22),
+                        read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 22),
+                        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                        convert_options=_csv_convert(types),
+                    )
+                    for batch in reader:
+                        if "committed_at" in types:
+                            i = batch.schema.get_field_index("committed_at")
+                            batch = batch.set_column(
+                                i, "committed_at", batch.column(i).cast(pa.timestamp("us", tz="UTC"))
+                            )
+                        yield batch
+            except psycopg.errors.UndefinedTable as exc:
+                raise SourceError(
+                    f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                    "worker (`bemi-tt capture`) on it first"
+                ) from exc
+
+        return pa.RecordBatchReader.from_batches(schema, read())
+
+    def stream(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> bool:
+        if self.mirror:
+            return super().stream(con, name, scope)
+        con.register(name, self.batches(scope, ordered=True))
+        return True
+
+    def lazy(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        """View ``name`` of every change, streamed from PostgreSQL by each query that scans it (nothing is
+        copied up front; ``mirror=True`` keeps the changes in memory instead)."""
+        if self.mirror:
+            super().lazy(con, name)
+            return
+        con.register(f"{name}__stream", _Restartable(lambda: self.batches(Scope())))
+        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM "{name}__stream"')
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         if self.mirror and scope.table is not None:
