@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import psycopg
+import pyarrow as pa
 import pytest
 from timetravel_history import TODO_COLUMNS, History
-from timetravel_sources import Make
+from timetravel_sources import Make, write_changes
 
 from bemi_tt import as_of, blame, diff, history
-from bemi_tt.sources import InMemorySource, PostgresSource, Scope
-from capture.schema import changes_ddl, moved_keys_backfill
+from bemi_tt.sources import InMemorySource, PostgresSource, Scope, as_source
+from capture.export import export_parquet
+from capture.schema import CHANGES_COLUMNS, changes_ddl, moved_keys_backfill
 from capture.worker import run
 
 
@@ -214,3 +217,45 @@ def test_a_key_lookup_on_postgresql_reads_no_change_of_another_key(dsn: str) -> 
         for n in scans
     ]
     assert any("before_primary_key" in str(n.get("Index Cond", "")) for n in scans)
+
+
+def _export_of_an_earlier_release(
+    dsn: str, directory: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export whose files (and, for Delta, table) lack ``before_primary_key``, as earlier ones had."""
+    import capture.export_delta
+    import capture.export_read
+
+    with monkeypatch.context() as patch:
+        older = [c for c in CHANGES_COLUMNS if c[0] != "before_primary_key"]
+        patch.setattr(capture.export_read, "CHANGES_COLUMNS", tuple(older))
+        schema = pa.schema([(c, t) for c, _, t in older])
+        patch.setattr(capture.export_delta, "changes_arrow_schema", lambda: schema)
+        patch.setattr(capture.export_read, "changes_arrow_schema", lambda: schema)
+        export_parquet(dsn, str(directory), progress=False, format=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_an_export_of_an_earlier_release_reads_and_goes_on_with_the_column(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    h, t = _chain()
+    write_changes(dsn, h.changes[:4], h.schemas)
+    _export_of_an_earlier_release(dsn, tmp_path / "x", fmt, monkeypatch)
+    early = InMemorySource(h.changes[:4], h.schemas)  # only files without the column: read all the same
+    pd.testing.assert_frame_equal(
+        as_of("todo", t["first move"], source=as_source(tmp_path / "x")),
+        as_of("todo", t["first move"], source=early),
+    )
+    write_changes(dsn, h.changes[4:], [], create=False)
+    export_parquet(dsn, str(tmp_path / "x"), progress=False, format=fmt)  # this release's export
+    source = as_source(tmp_path / "x")
+    oracle = InMemorySource(h.changes, h.schemas)
+    for ts in t.values():
+        pd.testing.assert_frame_equal(as_of("todo", ts, source=source), as_of("todo", ts, source=oracle))
+    pd.testing.assert_frame_equal(history("todo", 3, source=source), history("todo", 3, source=oracle))
+    if fmt == "delta":
+        from capture.export_delta import read_delta
+
+        moved = read_delta(str(tmp_path / "x"))["before_primary_key"].to_pylist()
+        assert moved == [None] * 5 + ["2", None, None]  # the earlier release's rows have none

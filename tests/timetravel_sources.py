@@ -23,16 +23,22 @@ Make = Callable[["History"], Source]
 
 
 def write_changes(
-    dsn: str, changes: Sequence[Mapping[str, Any]], schemas: Sequence[Mapping[str, Any]] | None = None
+    dsn: str,
+    changes: Sequence[Mapping[str, Any]],
+    schemas: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    create: bool = True,
 ) -> None:
-    """Create ``changes``/``changes_schemas`` in ``dsn`` and insert the rows (normalised as in memory)."""
+    """Create ``changes``/``changes_schemas`` in ``dsn`` and insert the rows (normalised as in memory);
+    ``create=False``: add rows to the tables already there."""
     memory = InMemorySource(changes, schemas)
     names = [name for name, _, _ in CHANGES_COLUMNS if name != "id"]
     rows = memory.changes.select(names).to_pylist()
     schema_rows = memory.schemas().to_pylist()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(changes_ddl())
-        conn.execute(schemas_ddl())
+        if create:
+            conn.execute(changes_ddl())
+            conn.execute(schemas_ddl())
         with conn.cursor() as cur:
             if rows:
                 cur.executemany(
