@@ -5,8 +5,11 @@ through ``COPY`` or one CSV value; key lookups, the time cut and the rows presen
 from __future__ import annotations
 
 import io
+import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -33,6 +36,9 @@ from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, SCHEMAS_TABLE, change
 __all__ = ["PostgresSource"]
 
 _MAX_POSITION = (1 << 63) - 1
+#: Idle connections a source keeps for its next calls.
+_IDLE_CONNECTIONS = 4
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 #: How many changes the cut hint looks at after its binary search (bounds the work for quiet tables).
 _HINT_WALK = 200_000
 #: Rows present at a cut, as the PostgreSQL source hands them to DuckDB.
@@ -92,6 +98,11 @@ class _CopyFile(io.RawIOBase):
         return filled
 
 
+def _close_all(connections: list[psycopg.Connection[Any]]) -> None:
+    while connections:
+        connections.pop().close()
+
+
 class _Restartable:
     """An Arrow stream DuckDB can scan any number of times: each scan asks for a new reader (through the
     Arrow PyCapsule interface), which runs its query only when its first batch is read."""
@@ -120,6 +131,10 @@ class PostgresSource(Source):
         self.mirror = mirror
         self._mirrors: dict[TableName, pa.Table] = {}
         self._mirror_lock = threading.Lock()
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._pool_lock = threading.Lock()
+        self._pool_pid = os.getpid()
+        weakref.finalize(self, _close_all, self._idle)
         check_dsn(dsn, what="source")  # a malformed one fails here, its password redacted
 
     @property
@@ -169,11 +184,49 @@ class PostgresSource(Source):
                 params[key] = str(value)
         return cls(psycopg.conninfo.make_conninfo(**params))
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    @contextmanager
+    def _connect(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection (autocommit) for one block: an idle one kept from an earlier block when there is
+        one, since connecting costs more than a key lookup's queries. Kept only when the block left it
+        idle (no transaction, no COPY running); at most :data:`_IDLE_CONNECTIONS` are kept, all closed
+        when the source is collected or the process exits, and none crosses a fork."""
+        conn = self._checkout()
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        self._checkin(conn)
+
+    def _checkout(self) -> psycopg.Connection[Any]:
+        with self._pool_lock:
+            if self._pool_pid != os.getpid():  # a forked child must not share the parent's sockets
+                self._idle.clear()
+                self._pool_pid = os.getpid()
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and conn.info.transaction_status == _IDLE:
+                    return conn
+                conn.close()
         try:
             return psycopg.connect(self.dsn, autocommit=True)
         except psycopg.Error as exc:
             raise connect_error(exc, self.original, what="the changes database") from None
+
+    def _checkin(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.info.transaction_status != _IDLE or os.getpid() != self._pool_pid:
+            conn.close()
+            return
+        with self._pool_lock:
+            if len(self._idle) < _IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections this source keeps (a later call connects again)."""
+        with self._pool_lock:
+            _close_all(self._idle)
 
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
