@@ -15,6 +15,7 @@ from timetravel_sources import build_source
 import bemi_tt
 import bemi_tt.feed
 from bemi_tt import audit, changes
+from bemi_tt.errors import ConnectionFailedError
 from bemi_tt.sources import InMemorySource, PostgresSource, Scope
 
 
@@ -57,10 +58,13 @@ def test_a_stream_of_postgresql_changes_opens_no_query_until_read(dsn: str, tmp_
     h = _history()
     source = build_source("postgres", h.changes, h.schemas, dsn=dsn, tmp_path=tmp_path)
     assert isinstance(source, PostgresSource)
+    source.close()
+    source.dsn = "host=/nonexistent dbname=nothing"  # a query would fail now: none may run
     unread = source.batches(Scope(table=("public", "todo")))
     assert unread.schema.names[:2] == ["id", "primary_key"]
-    source.dsn = "host=/nonexistent dbname=nothing"  # a query now would fail: none is run
     assert unread.schema.field("committed_at").type.tz == "UTC"
+    with pytest.raises(ConnectionFailedError):  # the first batch runs the query
+        unread.read_next_batch()
 
 
 def test_duckdb_on_postgresql_copies_nothing_up_front_and_answers_as_before(
