@@ -20,7 +20,7 @@ import duckdb as _duckdb
 
 from bemi_tt.arguments import SourceLike, TimeLike
 from bemi_tt.rule import DUCKDB, Query, Rule, _string
-from bemi_tt.sources import Scope, get_source
+from bemi_tt.sources import get_source
 from bemi_tt.state import (
     Layout,
     Relation,
@@ -181,7 +181,8 @@ def duckdb(
     join, runs against one consistent point of history."""
     src = get_source(source)
     con = _duckdb.connect()
-    src.load(con, "changes", Scope())
+    # read as queries scan it: PostgreSQL streams ``changes`` per query instead of copying it up front
+    src.lazy(con, "changes")
     schemas = src.schemas()
     con.register("changes_schemas", schemas)
     rows = schema_rows(schemas)
@@ -201,9 +202,7 @@ def duckdb(
             own[-1].name, oid, tuple(r.version for r in own if not r.has("drop_table")), (), tuple(own)
         )
     legacy = {r.name for r in rows if r.oid is None} - {h.name for h in holds}
-    legacy |= {
-        (str(s), str(t)) for s, t in con.sql('SELECT DISTINCT "schema", "table" FROM changes').fetchall()
-    }
+    legacy |= set(src.tables())  # asked of the source: scanning the lazy ``changes`` view reads it all
     legacy -= {h.name for h in holds}
     for name in sorted(legacy):
         rel = f"name:{name[0]}.{name[1]}"

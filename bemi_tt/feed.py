@@ -13,10 +13,11 @@ on the database.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from bemi_tt.arguments import SourceLike, TimeLike, check_context_filters
 from bemi_tt.dtypes import parse_json
@@ -29,10 +30,14 @@ from capture.errors import ConfigurationError
 __all__ = ["audit", "changes"]
 
 
-def _context_columns(frame: pd.DataFrame, contexts: Sequence[str | None]) -> pd.DataFrame:
-    """Add one column per context key (``context.<key>`` when the name is taken)."""
+def _context_columns(frame: pd.DataFrame, contexts: Sequence[Any]) -> pd.DataFrame:
+    """Add one column per context key (``context.<key>`` when the name is taken); ``contexts``: per row,
+    the context's JSON text (None: none) or the dict already parsed."""
     memo: dict[str, Any] = {}
-    parsed = [memo[c] if c in memo else memo.setdefault(c, parse_json(c)) if c else {} for c in contexts]
+    parsed = [
+        c if isinstance(c, dict) else memo[c] if c in memo else memo.setdefault(c, parse_json(c)) if c else {}
+        for c in contexts
+    ]
     names: dict[str, None] = {}
     for ctx in parsed:
         for k in ctx if isinstance(ctx, dict) else ():
@@ -46,23 +51,22 @@ def _context_columns(frame: pd.DataFrame, contexts: Sequence[str | None]) -> pd.
     return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1) if columns else frame
 
 
-def _audit_frame(
+#: Rows per batch handed from DuckDB to pandas: memory beyond the answer stays one batch's worth.
+BATCH_ROWS = 65_536
+_PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype(), pa.bool_(): pd.BooleanDtype()}
+
+
+def _audit_frames(
     src: Source, table: str | None, since: Any, until: Any, operation: Any, filters: dict[str, Any]
-) -> pd.DataFrame:
+) -> Iterator[pd.DataFrame]:
+    """The matching changes in commit order, as DataFrames of at most :data:`BATCH_ROWS` rows (JSON
+    columns as text): a source that streams (PostgreSQL) is read as the batches are consumed, so no
+    stage holds every change at once."""
     name = resolve_table(src, table) if table is not None else None
     start = to_utc(since, "since") if since is not None else None
     end = to_utc(until, "until") if until is not None else None
     if start is not None and end is not None and end < start:
         raise ConfigurationError(f"until {end.isoformat()} is before since {start.isoformat()}: swap them")
-    con = _duck()
-    # the source keeps only rows whose context member reads as the filter's text (a superset: the exact
-    # comparison below decides), so a filtered audit does not read every change
-    prefilter = tuple(
-        (k, v if isinstance(v, str) else json_text(v))
-        for k, v in filters.items()
-        if isinstance(v, (str, int)) and not isinstance(v, bool)
-    )
-    src.load(con, "a", Scope(table=name, since=start, until_time=end, context_text=prefilter))
     where = ["TRUE"]
     params: list[Any] = []
     if start is not None:
@@ -93,14 +97,36 @@ def _audit_frame(
         else:
             where.append("CAST(json_extract(context, ?) AS VARCHAR) = CAST(CAST(? AS JSON) AS VARCHAR)")
             params += [path, json_text(value)]
-    return con.execute(
+    con = _duck()
+    # the source keeps only rows whose context member reads as the filter's text (a superset: the exact
+    # comparison below decides), so a filtered audit does not read every change
+    prefilter = tuple(
+        (k, v if isinstance(v, str) else json_text(v))
+        for k, v in filters.items()
+        if isinstance(v, (str, int)) and not isinstance(v, bool)
+    )
+    ordered = src.stream(con, "a", Scope(table=name, since=start, until_time=end, context_text=prefilter))
+    relation = con.sql(
         f"""
         SELECT committed_at, "schema", "table", operation, primary_key, CAST(before AS VARCHAR) AS before,
                CAST(after AS VARCHAR) AS after, CAST(context AS VARCHAR) AS context,
                CAST(context_verified AS BOOLEAN) AS context_verified, transaction_id, commit_position, ordinal
-        FROM a WHERE {" AND ".join(f"({w})" for w in where)} ORDER BY commit_position, ordinal""",
-        params,
-    ).fetch_df()
+        FROM a WHERE {" AND ".join(f"({w})" for w in where)}
+        {"" if ordered else "ORDER BY commit_position, ordinal"}""",
+        params=params,
+    )
+    reader = relation.to_arrow_reader(BATCH_ROWS)
+    empty = True
+    for batch in reader:
+        if batch.num_rows:
+            empty = False
+            yield batch.to_pandas(types_mapper=_PANDAS_TYPES.get)
+    if empty:
+        yield reader.schema.empty_table().to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
 @answer(warn=False)
@@ -113,10 +139,12 @@ def changes(
     source: SourceLike | None = None,
 ) -> pd.DataFrame:
     """The raw change feed in commit order, ``before``/``after``/``context`` as dicts (numbers exact)."""
-    frame = _audit_frame(get_source(source), table, since, until, operation, {})
-    for col in ("before", "after", "context"):
-        frame[col] = pd.Series([parse_json(v) for v in frame[col]], index=frame.index, dtype=object)
-    return _finish_feed(frame)
+    frames = []
+    for frame in _audit_frames(get_source(source), table, since, until, operation, {}):
+        for col in ("before", "after", "context"):  # parsed batch by batch: no second copy of the text
+            frame[col] = pd.Series([parse_json(v) for v in frame[col]], index=frame.index, dtype=object)
+        frames.append(frame)
+    return _finish_feed(_concat(frames))
 
 
 def _finish_feed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -165,29 +193,35 @@ def audit(
     also matches a number with the same text, as the CLI's ``--where user_id=187234`` does).
     ``context_verified`` says whether the context was signed by the application (module docstring)."""
     src = get_source(source)
-    frame = _audit_frame(src, table, since, until, operation, context_filters)
-    befores = [parse_json(v) for v in frame["before"]]
-    afters = [parse_json(v) for v in frame["after"]]
     order = _column_order(src)
-    changed = []
-    for sch, tab, op, b, a in zip(
-        frame["schema"], frame["table"], frame["operation"], befores, afters, strict=True
-    ):
-        if op == "UPDATE" and b:
-            names = [k for k in a if b.get(k, a[k]) != a[k] or k not in b]
-        elif op in ("CREATE", "SNAPSHOT", "UPDATE"):
-            names = list(a)
-        elif op == "DELETE":
-            names = list(b)
-        else:
-            names = []
-        rank: dict[str, int] = order.get((sch, tab), {})
-        changed.append(sorted(names, key=lambda n: (rank.get(n, len(rank)), n)))
-    contexts = list(frame["context"])
-    frame["before"] = pd.Series(befores, index=frame.index, dtype=object)
-    frame["after"] = pd.Series(afters, index=frame.index, dtype=object)
-    frame.insert(5, "changed", pd.Series(changed, index=frame.index, dtype=object))
-    frame = _finish_feed(frame.drop(columns=["context"]))
+    frames = []
+    contexts: list[Any] = []
+    memo: dict[str, Any] = {}
+    for frame in _audit_frames(src, table, since, until, operation, context_filters):
+        befores = [parse_json(v) for v in frame["before"]]
+        afters = [parse_json(v) for v in frame["after"]]
+        changed = []
+        for sch, tab, op, b, a in zip(
+            frame["schema"], frame["table"], frame["operation"], befores, afters, strict=True
+        ):
+            if op == "UPDATE" and b:
+                names = [k for k in a if b.get(k, a[k]) != a[k] or k not in b]
+            elif op in ("CREATE", "SNAPSHOT", "UPDATE"):
+                names = list(a)
+            elif op == "DELETE":
+                names = list(b)
+            else:
+                names = []
+            rank: dict[str, int] = order.get((sch, tab), {})
+            changed.append(sorted(names, key=lambda n: (rank.get(n, len(rank)), n)))
+        # contexts parsed once per distinct text (a transaction's rows share one)
+        contexts += [memo[c] if c in memo else memo.setdefault(c, parse_json(c)) if c else {}
+                     for c in frame["context"]]
+        frame["before"] = pd.Series(befores, index=frame.index, dtype=object)
+        frame["after"] = pd.Series(afters, index=frame.index, dtype=object)
+        frame.insert(5, "changed", pd.Series(changed, index=frame.index, dtype=object))
+        frames.append(frame.drop(columns=["context"]))
+    frame = _finish_feed(_concat(frames))
     if frame.empty and context_filters:  # a non-empty answer proves every filter's key exists
         check_context_filters(src, context_filters)
     return _context_columns(frame, contexts)

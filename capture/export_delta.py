@@ -282,6 +282,23 @@ def _file_sizes(table: DeltaTable) -> dict[str, int]:
     return dict(zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True))
 
 
+#: Delta's names of the Arrow types of the columns a later release added to ``changes``.
+_DELTA_TYPES = {pa.string(): "string", pa.bool_(): "boolean", pa.int64(): "long", pa.int32(): "integer"}
+
+
+def _add_missing_columns(deltalake: Any, delta: DeltaTable) -> None:
+    """Add to a table an earlier release created the ``changes`` columns it lacks (nullable: its files
+    read them as NULL), so its schema is the one every unit is committed with."""
+    have = {field.name for field in delta.schema().fields}
+    missing = [f for f in changes_arrow_schema() if f.name not in have]
+    if missing:
+        delta.alter.add_columns(
+            [deltalake.Field(f.name, _DELTA_TYPES[f.type], nullable=True) for f in missing],
+            commit_properties=_commit_properties(deltalake, {"bemi_tt.operation": "add columns"}),
+        )
+        delta.update_incremental()
+
+
 def export_delta_locked(
     conn: psycopg.Connection,
     directory: str,
@@ -318,6 +335,7 @@ def export_delta_locked(
             commit_properties=_commit_properties(deltalake, {"bemi_tt.source": f"{schema}.{table_name}"}),
         )
     delta = open_delta_table(directory)
+    _add_missing_columns(deltalake, delta)
     watermark = delta_watermark(delta)
     before = _file_sizes(delta)
     _check_prefix(conn, name, _DeltaState(filesystem, root, watermark=watermark, row_count=delta.count()))

@@ -17,6 +17,7 @@ __all__ = [
     "changes_arrow_schema",
     "changes_ddl",
     "changes_upgrade_ddl",
+    "moved_keys_backfill",
     "schemas_ddl",
 ]
 
@@ -45,9 +46,14 @@ CHANGES_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("context_verified", "boolean", pa.bool_()),
     ("row_digest", "text", pa.string()),
     ("chain_hash", "text", pa.string()),
+    # the key an UPDATE moved its row away from, written like primary_key (the key valid at the change);
+    # NULL when the key stayed: key lookups find the moves away from a key by index, not in ``before``
+    ("before_primary_key", "text", pa.string()),
 )
 #: Columns a first-release ``changes`` table lacks (nullable, so adding them rewrites nothing).
 ADDED_COLUMNS = ("context_verified", "row_digest", "chain_hash")
+#: Added later with a backfill from ``before`` and ``changes_schemas`` (see :func:`moved_keys_backfill`).
+MOVED_KEY_COLUMN = "before_primary_key"
 
 #: JSON columns: jsonb in PostgreSQL, JSON-typed strings in Arrow/Parquet.
 JSON_COLUMNS = ("before", "after", "context")
@@ -59,7 +65,8 @@ def changes_arrow_schema() -> pa.Schema:
 
 
 def changes_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Composed:
-    """``CREATE TABLE IF NOT EXISTS`` for ``changes`` plus its indexes; idempotent."""
+    """``CREATE TABLE IF NOT EXISTS`` for ``changes`` plus its indexes; idempotent. An older table is
+    upgraded in place (:func:`changes_upgrade_ddl`), so it never lacks a column the engine reads."""
     name = sql.Identifier(schema, table)
     columns = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(col), sql.SQL(pg_type)) for col, pg_type, _ in CHANGES_COLUMNS
@@ -70,24 +77,114 @@ def changes_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Compo
         # the time cut of as_of/diff: a table's first change stamped after a time, without a scan
         "CREATE INDEX IF NOT EXISTS {by_time} ON {name} (\"table\", committed_at)"
         " INCLUDE (commit_position, \"schema\");"
+        "{upgrade}"
     ).format(
         name=name,
         columns=columns,
         by_table=sql.Identifier(f"{table}_table_key_idx"),
         by_time=sql.Identifier(f"{table}_table_time_idx"),
+        upgrade=changes_upgrade_ddl(schema, table),
     )
 
 
-def changes_upgrade_ddl(schema: str = "public", table: str = CHANGES_TABLE) -> sql.Composed:
-    """Add the columns a first-release ``changes`` table lacks; idempotent, metadata only (no rewrite)."""
+def changes_upgrade_ddl(
+    schema: str = "public", table: str = CHANGES_TABLE, schemas_table: str = SCHEMAS_TABLE
+) -> sql.Composed:
+    """Bring an older ``changes`` table up to date; idempotent, and crash-safe run in one transaction.
+
+    The trust columns are nullable (adding them rewrites nothing). ``before_primary_key`` is added
+    together with its backfill (:func:`moved_keys_backfill`) only when it is missing, so a table whose
+    column exists is complete: the worker writes it for every row from then on. Then its partial index
+    (only key UPDATEs are in it: nothing for the worker to maintain on other rows).
+    """
     types = {name: pg_type for name, pg_type, _ in CHANGES_COLUMNS}
-    return sql.SQL("ALTER TABLE {} {}").format(
-        sql.Identifier(schema, table),
+    name = sql.Identifier(schema, table)
+    add = sql.SQL("ALTER TABLE {} {}").format(
+        name,
         sql.SQL(", ").join(
             sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(sql.Identifier(c), sql.SQL(types[c]))
             for c in ADDED_COLUMNS
         ),
     )
+    add_moved = sql.SQL("ALTER TABLE {} ADD COLUMN {} text").format(name, sql.Identifier(MOVED_KEY_COLUMN))
+    schemas = sql.Identifier(schema, schemas_table)
+
+    def literal(query: sql.Composable) -> sql.Composable:  # a DO block's body is a literal
+        return sql.Literal(query.as_string(None))
+
+    return sql.SQL(
+        "{add};"
+        "DO $bemi$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a"
+        " WHERE a.attrelid = {regclass}::regclass AND a.attname = {column} AND NOT a.attisdropped) THEN"
+        " EXECUTE {add_moved};"
+        " IF to_regclass({schemas_regclass}) IS NOT NULL THEN"
+        "  IF EXISTS (SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = {schemas_regclass}::regclass"
+        "   AND a.attname = 'step' AND NOT a.attisdropped)"
+        "  THEN EXECUTE {backfill}; ELSE EXECUTE {backfill_first_release}; END IF;"
+        " END IF;"
+        " END IF; END $bemi$;"
+        "CREATE INDEX IF NOT EXISTS {by_moved} ON {name} (\"table\", {column_id}) INCLUDE (commit_position)"
+        " WHERE {column_id} IS NOT NULL"
+    ).format(
+        add=add,
+        regclass=sql.Literal(name.as_string(None)),
+        column=sql.Literal(MOVED_KEY_COLUMN),
+        column_id=sql.Identifier(MOVED_KEY_COLUMN),
+        add_moved=literal(add_moved),
+        schemas_regclass=sql.Literal(schemas.as_string(None)),
+        backfill=literal(moved_keys_backfill(schema, table, schemas_table)),
+        backfill_first_release=literal(moved_keys_backfill(schema, table, schemas_table, step=False)),
+        by_moved=sql.Identifier(f"{table}_table_moved_idx"),
+        name=name,
+    )
+
+
+def moved_keys_backfill(
+    schema: str = "public",
+    table: str = CHANGES_TABLE,
+    schemas_table: str = SCHEMAS_TABLE,
+    *,
+    step: bool = True,
+) -> sql.Composed:
+    """``UPDATE`` setting ``before_primary_key`` on the key UPDATEs of rows written before the worker
+    wrote it, exactly as the worker computes it: the old key from ``before`` by the key columns of the
+    version of ``changes_schemas`` valid at the change (the table's first version for a change older than
+    every version), one column as the text PostgreSQL prints (``to_jsonb`` writes timestamps with a ``T``
+    and booleans as ``true``: turned back), several as compact JSON of the values; set only where it
+    differs from ``primary_key``. Idempotent: rows already set are left alone.
+
+    ``step=False``: a first-release ``changes_schemas`` without the ``step`` column.
+    """
+    changes = sql.Identifier(schema, table)
+    schemas = sql.Identifier(schema, schemas_table)
+    order = sql.SQL(", step DESC" if step else "")
+    first = sql.SQL(", step" if step else "")
+    return sql.SQL(
+        """UPDATE {changes} AS u SET before_primary_key = m.ok FROM (
+  SELECT c.id, c.primary_key, k.ok FROM {changes} AS c
+  CROSS JOIN LATERAL (SELECT coalesce(
+      (SELECT s.columns FROM {schemas} AS s WHERE s."schema" = c."schema" AND s."table" = c."table"
+         AND (s.commit_position, s.ordinal) <= (c.commit_position, c.ordinal)
+       ORDER BY s.commit_position DESC, s.ordinal DESC{order} LIMIT 1),
+      (SELECT s.columns FROM {schemas} AS s WHERE s."schema" = c."schema" AND s."table" = c."table"
+       ORDER BY s.commit_position, s.ordinal{first} LIMIT 1)) AS columns) AS v
+  CROSS JOIN LATERAL (SELECT CASE
+      WHEN count(*) = 0 OR NOT bool_and(c.before ? (e.x ->> 'name')) THEN NULL
+      WHEN count(*) = 1 THEN (array_agg(CASE
+          WHEN jsonb_typeof(c.before -> (e.x ->> 'name')) = 'boolean'
+            THEN CASE WHEN (c.before ->> (e.x ->> 'name'))::boolean THEN 't' ELSE 'f' END
+          WHEN (e.x ->> 'type_oid') IN ('1184', '1114')
+               OR (e.x ->> 'base_type') IN ('timestamptz', 'timestamp')
+            THEN regexp_replace(regexp_replace(c.before ->> (e.x ->> 'name'), 'T', ' '),
+                                '([+-][0-9][0-9]):00( BC)?$', '\\1\\2')
+          ELSE c.before ->> (e.x ->> 'name') END))[1]
+      ELSE '[' || string_agg((c.before -> (e.x ->> 'name'))::text, ',' ORDER BY e.n) || ']'
+    END AS ok
+    FROM jsonb_array_elements(v.columns) WITH ORDINALITY AS e(x, n)
+    WHERE jsonb_typeof(v.columns) = 'array' AND (e.x ->> 'key')::boolean) AS k
+  WHERE c.operation = 'UPDATE' AND c.before <> '{{}}'::jsonb AND c.before_primary_key IS NULL
+) AS m WHERE u.id = m.id AND m.ok IS NOT NULL AND m.ok IS DISTINCT FROM m.primary_key"""
+    ).format(changes=changes, schemas=schemas, order=order, first=first)
 
 
 def schemas_ddl(schema: str = "public", table: str = SCHEMAS_TABLE) -> sql.Composed:

@@ -84,8 +84,11 @@ _COPY_COLUMNS = (
     "ordinal",
     "row_digest",
     "chain_hash",
+    "before_primary_key",
 )
-assert sorted(_COPY_COLUMNS) == sorted((*CHANGE_COLUMNS, "context_verified", "row_digest", "chain_hash"))
+assert sorted(_COPY_COLUMNS) == sorted(
+    (*CHANGE_COLUMNS, "context_verified", "row_digest", "chain_hash", "before_primary_key")
+)
 _BOOL = {None: _NULL, True: "t", False: "f"}
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -298,7 +301,7 @@ class Sink:
     def write(self, row: ChangeRow) -> None:
         """Queue one change row (digested and chained); COPY the queue when it reaches ``chunk_rows``."""
         (pk, table, operation, before, after, context, _, schema, _, _, position, commit, ordinal, missing,
-         _, verified) = row
+         _, verified, moved_from) = row
         if self._chain is None:
             self._chain = Chain(self._read_head())
         if missing and pk is not None:
@@ -348,7 +351,8 @@ class Sink:
             before = before.translate(_ESCAPES)
         self._buffer.append(
             f"{self._shared}{operation}\t{_NULL if pk is None else _escape(pk)}\t{before}\t"
-            f"{after}\t{_BOOL[verified]}\t{position}\t{ordinal}\t{digest.hex()}\t{chain_hash}\n"
+            f"{after}\t{_BOOL[verified]}\t{position}\t{ordinal}\t{digest.hex()}\t{chain_hash}\t"
+            f"{_NULL if moved_from is None else _escape(moved_from)}\n"
         )
         self.pending += 1
         if len(self._buffer) >= self.chunk_rows:

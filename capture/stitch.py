@@ -133,6 +133,8 @@ class ChangeRow(NamedTuple):
     previous_key: str | None = None  # where to look for ``missing`` values when the key changed
     #: the context's signature verified (True), not (False), or the worker has no key (None)
     context_verified: bool | None = None
+    #: an UPDATE that moved its row's key: the old key, written like ``primary_key``; else None
+    before_primary_key: str | None = None
 
 
 #: The ``changes`` columns a :class:`ChangeRow` fills, in its field order.
@@ -939,7 +941,8 @@ class Stitcher:
             raise ValueError(f"change for relation {oid} before its Relation message") from None
 
     def _emit(self, rel: Relation, key: str | None, operation: str, before: str, after: str, lsn: int,
-              missing: tuple[str, ...] = (), previous: str | None = None) -> ChangeRow:
+              missing: tuple[str, ...] = (), previous: str | None = None,
+              moved_from: str | None = None) -> ChangeRow:
         """A change row of the current transaction, taking the next ordinal."""
         assert self._committed_at is not None
         ordinal = self._ordinal
@@ -952,7 +955,7 @@ class Stitcher:
                 missing = tuple(m for m in missing if m not in hidden)
         return ChangeRow(key, rel.name, operation, before, after, self._context, self._committed_at,
                          rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal,
-                         missing, previous, self._verified)
+                         missing, previous, self._verified, moved_from)
 
     def _truncate(self, lsn: int, message: Truncate) -> list[ChangeRow]:
         rows = []
@@ -1129,9 +1132,12 @@ class Stitcher:
                 if message.old_kind == "O" and UNCHANGED in new:
                     new = tuple(o if n is UNCHANGED else n for n, o in zip(new, old, strict=True))
             after, missing = self._row(table, new)
-            previous = self._key(table, old, None) if missing and old is not None else None
+            old_key = self._key(table, old, None) if old is not None else None
+            previous = old_key if missing else None
             key = self._key(table, new, old)
-            return self._emit(rel, key, "UPDATE", before, after, lsn, missing, previous)
+            # the old key, by the key valid at this change: key lookups find moves without ``before``
+            moved_from = old_key if old_key is not None and old_key != key else None
+            return self._emit(rel, key, "UPDATE", before, after, lsn, missing, previous, moved_from)
         assert isinstance(message, Delete)
         indexes = table.identity_indexes if message.old_kind == "K" else None
         before, _ = self._row(table, message.old, indexes)

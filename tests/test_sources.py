@@ -274,3 +274,26 @@ def test_postgres_key_lookups_and_diff_read_only_the_changes_that_decide_their_k
     step = diff("todo", h.changes[-2]["committed_at"], h.clock, source=source)
     assert set(step.index.get_level_values("id")) == {7, 70}
     assert whole_table == [] and max(fetched) <= 3  # the step touched keys 7 and 70 only
+
+
+def test_a_postgres_source_reuses_an_idle_connection_and_never_one_left_busy(dsn: str) -> None:
+    from bemi_tt.sources import PostgresSource
+
+    source = PostgresSource(dsn)
+    with source._connect() as conn:
+        first = conn.info.backend_pid
+    with source._connect() as conn:  # reused: a key lookup does not pay for connecting again
+        assert conn.info.backend_pid == first
+        conn.execute("BEGIN")  # left inside a transaction: closed, never handed out again
+    with source._connect() as conn:
+        assert conn.info.backend_pid != first
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        second = conn.info.backend_pid
+    with pytest.raises(ZeroDivisionError), source._connect() as conn:
+        assert conn.info.backend_pid == second
+        raise ZeroDivisionError  # a block that failed: its connection is closed
+    assert conn.closed
+    with source._connect() as conn:
+        assert conn.info.backend_pid not in (first, second)
+    source.close()  # closes the idle ones
+    assert conn.closed

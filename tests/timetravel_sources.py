@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from bemi_tt.sources import InMemorySource, ParquetSource, PostgresSource, Source
-from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
+from capture.schema import CHANGES_COLUMNS, changes_ddl, moved_keys_backfill, schemas_ddl
 
 if TYPE_CHECKING:
     from timetravel_history import History
@@ -23,16 +23,22 @@ Make = Callable[["History"], Source]
 
 
 def write_changes(
-    dsn: str, changes: Sequence[Mapping[str, Any]], schemas: Sequence[Mapping[str, Any]] | None = None
+    dsn: str,
+    changes: Sequence[Mapping[str, Any]],
+    schemas: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    create: bool = True,
 ) -> None:
-    """Create ``changes``/``changes_schemas`` in ``dsn`` and insert the rows (normalised as in memory)."""
+    """Create ``changes``/``changes_schemas`` in ``dsn`` and insert the rows (normalised as in memory);
+    ``create=False``: add rows to the tables already there."""
     memory = InMemorySource(changes, schemas)
     names = [name for name, _, _ in CHANGES_COLUMNS if name != "id"]
     rows = memory.changes.select(names).to_pylist()
     schema_rows = memory.schemas().to_pylist()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(changes_ddl())
-        conn.execute(schemas_ddl())
+        if create:
+            conn.execute(changes_ddl())
+            conn.execute(schemas_ddl())
         with conn.cursor() as cur:
             if rows:
                 cur.executemany(
@@ -61,6 +67,8 @@ def write_changes(
                         for r in schema_rows
                     ],
                 )
+            # the old key of each key UPDATE, as the worker writes it (rows here are written by hand)
+            cur.execute(moved_keys_backfill())
 
 
 def build_source(

@@ -115,6 +115,18 @@ class Source(ABC):
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         """Create a view or table ``name`` in ``con`` with the rows of ``changes`` in ``scope``."""
 
+    def stream(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> bool:
+        """Create view ``name`` of the rows in ``scope`` for one pass; True when they come in commit order
+        as they are read (then a query over them needs no ORDER BY and runs in bounded memory).
+
+        Sources that DuckDB scans directly need nothing more than :meth:`load`."""
+        self.load(con, name, scope)
+        return False
+
+    def lazy(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        """Create view ``name`` of every change, read when a query scans it (default: :meth:`load`)."""
+        self.load(con, name, Scope())
+
     def cut(self, table: TableName, ts: pd.Timestamp) -> int | None:
         """The first ``commit_position`` of ``table`` stamped after ``ts`` (None: none is): the prefix of
         commit order that ``as_of(ts)`` sees ends before it."""

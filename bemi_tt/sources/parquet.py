@@ -35,6 +35,10 @@ def _partition_of(path: str) -> str:
     return ""
 
 
+#: DuckDB types of the columns an earlier release's files may lack.
+_DUCK_TYPES = {pa.bool_(): "BOOLEAN", pa.int64(): "BIGINT", pa.int32(): "INTEGER"}
+
+
 def _relation_of(path: str) -> str:
     """``schema.table`` of a file's partition."""
     from urllib.parse import unquote
@@ -72,16 +76,17 @@ class ParquetSource(_ArrowBacked):
             base = f'"{name}__arrow"'
         elif isinstance(filesystem, pafs.LocalFileSystem):
             listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-            cols = ", ".join(
-                f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context") else f'"{c}"'
-                for c, _, _ in CHANGES_COLUMNS
-            )
-            try:
-                con.execute(
-                    f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM '
-                    f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
+            files = f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
+            try:  # DuckDB reads every file's footer here: a damaged file fails
+                present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {files}").fetchall()}
+                cols = ", ".join(
+                    f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context")
+                    else f'"{c}"' if c in present
+                    else f'CAST(NULL AS {_DUCK_TYPES.get(t, "VARCHAR")}) AS "{c}"'  # an earlier release's
+                    for c, _, t in CHANGES_COLUMNS
                 )
-            except duckdb.Error as exc:  # DuckDB reads every file's footer here: a damaged file fails
+                con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM {files}')
+            except duckdb.Error as exc:
                 raise self._damaged(exc, paths) from None
             base = f'"{name}__files"'
         else:  # object store: DuckDB scans the pyarrow dataset (projection and filters pushed down)

@@ -5,8 +5,11 @@ through ``COPY`` or one CSV value; key lookups, the time cut and the rows presen
 from __future__ import annotations
 
 import io
+import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +37,9 @@ from capture.schema import CHANGES_COLUMNS, CHANGES_TABLE, SCHEMAS_TABLE, change
 __all__ = ["PostgresSource"]
 
 _MAX_POSITION = (1 << 63) - 1
+#: Idle connections a source keeps for its next calls.
+_IDLE_CONNECTIONS = 4
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 #: How many changes the cut hint looks at after its binary search (bounds the work for quiet tables).
 _HINT_WALK = 200_000
 #: Rows present at a cut, as the PostgreSQL source hands them to DuckDB.
@@ -59,6 +65,61 @@ def _below(cut: int | None) -> sql.Composable:
     return sql.SQL("AND commit_position < {}").format(sql.Literal(cut)) if cut is not None else sql.SQL("")
 
 
+def _csv_convert(types: Mapping[str, pa.DataType]) -> pacsv.ConvertOptions:
+    """How ``COPY ... (FORMAT csv)`` of ``changes`` reads: unquoted empty is NULL, quoted empty is ''."""
+    return pacsv.ConvertOptions(
+        column_types=dict(types),
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        null_values=[""],
+        true_values=["t"],  # PostgreSQL's CSV booleans (context_verified)
+        false_values=["f"],
+    )
+
+
+class _CopyFile(io.RawIOBase):
+    """The chunks of a ``COPY ... TO STDOUT`` as a readable file (for pyarrow's streaming CSV reader)."""
+
+    def __init__(self, first: Any, chunks: Iterator[Any]) -> None:
+        self._chunks = chunks
+        self._pending = memoryview(first).cast("B")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target):
+            if not self._pending:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._pending = memoryview(chunk).cast("B")
+                continue
+            n = min(len(target) - filled, len(self._pending))
+            target[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return filled
+
+
+def _close_all(connections: list[psycopg.Connection[Any]]) -> None:
+    while connections:
+        connections.pop().close()
+
+
+class _Restartable:
+    """An Arrow stream DuckDB can scan any number of times: each scan asks for a new reader (through the
+    Arrow PyCapsule interface), which runs its query only when its first batch is read."""
+
+    def __init__(self, make: Callable[[], pa.RecordBatchReader]) -> None:
+        self._make = make
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self._make().__arrow_c_stream__(requested_schema)
+
+
 class PostgresSource(Source):
     """A PostgreSQL database holding ``changes``; rows reach DuckDB through ``COPY`` or one CSV value.
 
@@ -76,6 +137,10 @@ class PostgresSource(Source):
         self.mirror = mirror
         self._mirrors: dict[TableName, pa.Table] = {}
         self._mirror_lock = threading.Lock()
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._pool_lock = threading.Lock()
+        self._pool_pid = os.getpid()
+        weakref.finalize(self, _close_all, self._idle)
         check_dsn(dsn, what="source")  # a malformed one fails here, its password redacted
 
     @property
@@ -125,11 +190,49 @@ class PostgresSource(Source):
                 params[key] = str(value)
         return cls(psycopg.conninfo.make_conninfo(**params))
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    @contextmanager
+    def _connect(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection (autocommit) for one block: an idle one kept from an earlier block when there is
+        one, since connecting costs more than a key lookup's queries. Kept only when the block left it
+        idle (no transaction, no COPY running); at most :data:`_IDLE_CONNECTIONS` are kept, all closed
+        when the source is collected or the process exits, and none crosses a fork."""
+        conn = self._checkout()
+        try:
+            yield conn
+        except BaseException:
+            conn.close()
+            raise
+        self._checkin(conn)
+
+    def _checkout(self) -> psycopg.Connection[Any]:
+        with self._pool_lock:
+            if self._pool_pid != os.getpid():  # a forked child must not share the parent's sockets
+                self._idle.clear()
+                self._pool_pid = os.getpid()
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed and conn.info.transaction_status == _IDLE:
+                    return conn
+                conn.close()
         try:
             return psycopg.connect(self.dsn, autocommit=True)
         except psycopg.Error as exc:
             raise connect_error(exc, self.original, what="the changes database") from None
+
+    def _checkin(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.info.transaction_status != _IDLE or os.getpid() != self._pool_pid:
+            conn.close()
+            return
+        with self._pool_lock:
+            if len(self._idle) < _IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections this source keeps (a later call connects again)."""
+        with self._pool_lock:
+            _close_all(self._idle)
 
     def _name(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
@@ -175,7 +278,8 @@ class PostgresSource(Source):
         """The SELECT over ``changes`` for ``scope`` (committed_at as epoch microseconds).
 
         With ``scope.keys``: the keys' changes and the TRUNCATEs from the ``("table", primary_key, ...)``
-        index, plus the key UPDATEs away from them (the old key read from ``before`` in PostgreSQL)."""
+        index, plus the key UPDATEs away from them from the ``("table", before_primary_key)`` index (the
+        worker writes each key UPDATE's old key there: no ``before`` image is read)."""
         wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
         cols = sql.SQL(", ").join(
             sql.SQL("(extract(epoch FROM committed_at) * 1000000)::bigint")
@@ -187,10 +291,7 @@ class PostgresSource(Source):
             return sql.SQL("SELECT {} FROM {} WHERE {}").format(
                 cols, self._name(CHANGES_TABLE), self.where(scope)
             )
-        from bemi_tt.rule import POSTGRES, Rule
-
         keys = sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, scope.keys)))
-        old_key = sql.SQL(Rule(POSTGRES, scope.key_columns).old_key_of())  # composed of quoted literals
         # the cut once, in a CTE, for the three parts
         prefix: sql.Composable = sql.SQL("")
         cut: sql.Composable | None = None
@@ -201,9 +302,7 @@ class PostgresSource(Source):
         parts = [
             sql.SQL("primary_key = ANY({})").format(keys),
             sql.SQL("primary_key IS NULL AND operation = 'TRUNCATE'"),
-            sql.SQL("operation = 'UPDATE' AND {} = ANY({}) AND primary_key <> ALL({})").format(
-                old_key, keys, keys
-            ),
+            sql.SQL("before_primary_key = ANY({}) AND primary_key <> ALL({})").format(keys, keys),
         ]
         return prefix + sql.SQL(" UNION ALL ").join(
             sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(cols, self._name(CHANGES_TABLE), where, part)
@@ -413,14 +512,11 @@ class PostgresSource(Source):
         below = _below(cut)
         if key is None:
             moves: sql.Composable = sql.SQL("NULL::text")
-        else:
-            old = sql.SQL("(before ->> {})").format(sql.Literal(key))
+        else:  # the old keys the worker wrote: no ``before`` image is parsed
             moves = sql.SQL(
-                """string_agg('"' || replace({old}, '"', '""') || '",' || commit_position || ',' || ordinal,
-                              E'\\n')
-                   FILTER (WHERE operation = 'UPDATE' AND {old} IS NOT NULL
-                                 AND {old} IS DISTINCT FROM primary_key)"""
-            ).format(old=old)
+                """string_agg('"' || replace(before_primary_key, '"', '""') || '",' || commit_position
+                              || ',' || ordinal, E'\\n') FILTER (WHERE before_primary_key IS NOT NULL)"""
+            )
         late = (
             sql.SQL("min(commit_position) FILTER (WHERE committed_at > {})").format(
                 sql.Literal(scope.until.to_pydatetime())
@@ -508,17 +604,9 @@ class PostgresSource(Source):
         """Create view ``name`` (k, cp, o, payload) of the rows present at ``scope`` in two steps: the
         positions of every change (small columns, old keys computed in PostgreSQL) to find each key's last
         change in DuckDB, then only those changes' ``after`` through a temporary table join."""
-        if not keys:
-            old_key: sql.Composable = sql.SQL("NULL::text")
-            normalise = "old_key"
-        elif len(keys) == 1:
-            old_key = sql.SQL("before ->> {}").format(sql.Literal(keys[0]))
-            normalise = "old_key"
-        else:
-            old_key = sql.SQL("jsonb_build_array({})::text").format(
-                sql.SQL(", ").join(sql.SQL("before -> {}").format(sql.Literal(k)) for k in keys)
-            )
-            normalise = "CAST(json(old_key) AS VARCHAR)"
+        # the old key of a key UPDATE as the worker wrote it (like primary_key: compact JSON when composite)
+        old_key: sql.Composable = sql.SQL("before_primary_key") if keys else sql.SQL("NULL::text")
+        normalise = "old_key"
         # one scan: the rows committed up to ``until`` and, for the prefix rule, the first position after it
         until = sql.Literal(scope.until.to_pydatetime()) if scope.until is not None else None
         fields = [
@@ -526,13 +614,7 @@ class PostgresSource(Source):
             ("operation", sql.SQL("operation"), pa.string()),
             ("commit_position", sql.SQL("commit_position"), pa.int64()),
             ("ordinal", sql.SQL("ordinal"), pa.int32()),
-            (
-                "old_key",
-                sql.SQL("CASE WHEN operation = 'UPDATE' AND before <> '{{}}'::jsonb THEN {} END").format(
-                    old_key
-                ),
-                pa.string(),
-            ),
+            ("old_key", old_key, pa.string()),
         ]
         rows = sql.SQL("{} WHERE {}").format(
             self._name(CHANGES_TABLE),
@@ -583,6 +665,64 @@ class PostgresSource(Source):
             f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT w.k, w.cp, w.o, a.payload '
             f'FROM "{name}__winners" w JOIN "{name}__afters" a USING (cp, o)'
         )
+
+    def batches(self, scope: Scope, *, ordered: bool = False) -> pa.RecordBatchReader:
+        """The rows of ``scope`` as a stream of Arrow batches, read from one ``COPY`` as they are consumed:
+        memory is one batch, whatever the number of rows. The query starts at the first batch read (a
+        reader only asked for its schema opens no connection). ``ordered``: in commit order."""
+        wanted = scope.columns or tuple(c for c, _, _ in CHANGES_COLUMNS)
+        types = {c: (pa.int64() if c == "committed_at" else _ARROW_TYPES[c]) for c in wanted}
+        schema = pa.schema(
+            [(c, pa.timestamp("us", tz="UTC") if c == "committed_at" else t) for c, t in types.items()]
+        )
+        query: sql.Composable = self.query(scope)
+        if ordered:
+            assert "commit_position" in wanted and "ordinal" in wanted
+            query = sql.SQL("{} ORDER BY commit_position, ordinal").format(query)
+        copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+
+        def read() -> Iterator[pa.RecordBatch]:
+            try:
+                with self._connect() as conn, conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                    chunks = iter(copy)
+                    first = next(chunks, None)
+                    if first is None:
+                        return
+                    reader = pacsv.open_csv(
+                        io.BufferedReader(_CopyFile(first, chunks), 1 << 22),
+                        read_options=pacsv.ReadOptions(column_names=list(types), block_size=1 << 22),
+                        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                        convert_options=_csv_convert(types),
+                    )
+                    for batch in reader:
+                        if "committed_at" in types:
+                            i = batch.schema.get_field_index("committed_at")
+                            batch = batch.set_column(
+                                i, "committed_at", batch.column(i).cast(pa.timestamp("us", tz="UTC"))
+                            )
+                        yield batch
+            except psycopg.errors.UndefinedTable as exc:
+                raise SourceError(
+                    f"database has no {self.schema}.{CHANGES_TABLE} table: run the capture "
+                    "worker (`bemi-tt capture`) on it first"
+                ) from exc
+
+        return pa.RecordBatchReader.from_batches(schema, read())
+
+    def stream(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> bool:
+        if self.mirror:
+            return super().stream(con, name, scope)
+        con.register(name, self.batches(scope, ordered=True))
+        return True
+
+    def lazy(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        """View ``name`` of every change, streamed from PostgreSQL by each query that scans it (nothing is
+        copied up front; ``mirror=True`` keeps the changes in memory instead)."""
+        if self.mirror:
+            super().lazy(con, name)
+            return
+        con.register(f"{name}__stream", _Restartable(lambda: self.batches(Scope())))
+        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS SELECT * FROM "{name}__stream"')
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         if self.mirror and scope.table is not None and scope.segments is None:

@@ -33,7 +33,7 @@ COLUMNS = [name for name, _, _ in CHANGES_COLUMNS if name != "id"]
 SELECT = sql.SQL(
     'SELECT id, primary_key, "table", operation, before::text, after::text, context::text, committed_at,'
     ' "schema", "database", transaction_id, "position", commit_position, ordinal, context_verified,'
-    " row_digest, chain_hash FROM {}"
+    " row_digest, chain_hash, before_primary_key FROM {}"
     " ORDER BY commit_position, ordinal"
 )
 
@@ -120,6 +120,8 @@ def generate(
                 (None, True, False)[made % 3],  # the trust columns travel too (not derived from rng)
                 f"{made:064x}" if made % 2 else None,
                 f"{made + 1:064x}" if made % 2 else None,
+                # the old key of a key UPDATE travels too (not derived from rng)
+                f"old {key}" if operation == "UPDATE" and key is not None and made % 4 == 0 else None,
             )
             made += 1
         position = commit + 100

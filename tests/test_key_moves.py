@@ -1,0 +1,261 @@
+"""Key UPDATEs: the worker writes each one's old key (``changes.before_primary_key``), an older table gets
+the column by a backfill that gives the same values, and key lookups follow moves exactly on every source
+(on PostgreSQL from the column's index, reading no other key's changes)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psycopg
+import pyarrow as pa
+import pytest
+from timetravel_history import TODO_COLUMNS, History
+from timetravel_sources import Make, write_changes
+
+from bemi_tt import as_of, blame, diff, history
+from bemi_tt.sources import InMemorySource, PostgresSource, Scope, as_source
+from capture.export import export_parquet
+from capture.schema import CHANGES_COLUMNS, changes_ddl, moved_keys_backfill
+from capture.worker import run
+
+
+def _moved(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            'SELECT id, "table", operation, primary_key, before_primary_key FROM changes ORDER BY id'
+        ).fetchall()
+
+
+def _workload(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t_int (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE t_full (id int PRIMARY KEY, v text)")
+        conn.execute("ALTER TABLE t_full REPLICA IDENTITY FULL")
+        conn.execute("CREATE TABLE t_ts (at timestamptz PRIMARY KEY, v text)")
+        conn.execute("ALTER TABLE t_ts REPLICA IDENTITY FULL")
+        conn.execute("CREATE TABLE t_stamp (at timestamp PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE t_comp (a int, b text, v numeric(6,2), PRIMARY KEY (a, b))")
+        conn.execute("ALTER TABLE t_comp REPLICA IDENTITY FULL")
+        conn.execute("CREATE TABLE t_text (k text PRIMARY KEY, v int)")
+    run(dsn, once=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in ("t_int", "t_full"):
+            conn.execute(f"INSERT INTO {table} SELECT g, 'r' || g FROM generate_series(1, 5) g")
+            conn.execute(f"UPDATE {table} SET v = 'kept' WHERE id = 2")  # no move
+            conn.execute(f"UPDATE {table} SET id = 10 WHERE id = 1")  # a chain: 1 -> 10 -> 100
+            conn.execute(f"UPDATE {table} SET id = 100 WHERE id = 10")
+            conn.execute(f"UPDATE {table} SET id = id + 10 WHERE id IN (3, 4)")  # two moves in one statement
+            conn.execute(f"UPDATE {table} SET id = 1 WHERE id = 100")  # back to a key it had
+        conn.execute("SET TimeZone = 'Asia/Kolkata'")
+        conn.execute(
+            "INSERT INTO t_ts VALUES ('2026-01-01 10:00+00', 'a'), ('2026-01-02 10:00:00.5+05:30', 'b')"
+        )
+        conn.execute("UPDATE t_ts SET at = at + interval '1 day'")
+        conn.execute("UPDATE t_ts SET v = 'same key'")
+        conn.execute("INSERT INTO t_stamp VALUES ('2026-01-01 10:00', 'a')")
+        conn.execute("UPDATE t_stamp SET at = '2026-03-01 00:00:00.25'")
+        conn.execute("INSERT INTO t_comp VALUES (1, 'x', 1.5), (2, 'he said \"hi\", ok', 2)")
+        conn.execute("UPDATE t_comp SET b = 'y' WHERE a = 1")
+        conn.execute("UPDATE t_comp SET a = 3 WHERE a = 2")
+        conn.execute("UPDATE t_comp SET v = 9 WHERE a = 3")
+        conn.execute("INSERT INTO t_text VALUES ('a\"b,c', 1), ('plain', 2)")
+        conn.execute("UPDATE t_text SET k = 'moved' WHERE k = 'a\"b,c'")
+    run(dsn, once=True)
+
+
+def test_the_worker_writes_the_old_key_of_each_key_update_like_primary_key(dsn: str) -> None:
+    _workload(dsn)
+    got = [(t, op, pk, old) for _, t, op, pk, old in _moved(dsn) if old is not None]
+    assert sorted(r for r in got if r[0] == "t_int") == sorted(
+        ("t_int", "UPDATE", new, old) for old, new in (("1", "10"), ("10", "100"), ("3", "13"), ("4", "14"),
+                                                       ("100", "1"))
+    )
+    assert sorted(r[2:] for r in got if r[0] == "t_full") == sorted(r[2:] for r in got if r[0] == "t_int")
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT primary_key, before_primary_key FROM changes WHERE \"table\" = 't_ts'"
+            " AND operation = 'UPDATE' ORDER BY id"
+        ).fetchall()
+        keys = {r[0] for r in conn.execute("SELECT primary_key FROM changes WHERE \"table\" = 't_ts'")}
+    moved = [old for _, old in rows if old is not None]
+    assert len(moved) == 2 and all(old in keys for old in moved)  # the very text primary_key had
+    assert [old for _, old in rows[2:]] == [None, None]  # a FULL image of an UPDATE that kept its key
+    stamp = [(pk, old) for t, _, pk, old in got if t == "t_stamp"]
+    assert stamp == [("2026-03-01 00:00:00.25", "2026-01-01 10:00:00")]
+    comp = [(pk, old) for t, _, pk, old in got if t == "t_comp"]
+    assert [json.loads(old) for _, old in comp] == [[1, "x"], [2, 'he said "hi", ok']]
+    compact = [json.dumps(json.loads(old), separators=(",", ":"), ensure_ascii=False) for _, old in comp]
+    assert [old for _, old in comp] == compact  # like primary_key
+    assert [(pk, old) for t, _, pk, old in got if t == "t_text"] == [("moved", 'a"b,c')]
+    with psycopg.connect(dsn) as conn:  # nothing but key UPDATEs carries it
+        assert conn.execute(
+            "SELECT count(*) FROM changes WHERE before_primary_key IS NOT NULL"
+            " AND (operation <> 'UPDATE' OR before_primary_key = primary_key)"
+        ).fetchone() == (0,)
+
+
+def test_an_older_changes_table_gets_the_column_by_a_backfill_equal_to_what_the_worker_writes(
+    dsn: str,
+) -> None:
+    _workload(dsn)
+    written = _moved(dsn)
+    assert sum(1 for *_, old in written if old is not None) == 16
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX changes_table_moved_idx")
+        conn.execute("ALTER TABLE changes DROP COLUMN before_primary_key")  # as an older release left it
+        conn.execute(changes_ddl())  # what the worker runs at start-up
+    assert _moved(dsn) == written
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(changes_ddl())  # idempotent: the column exists, nothing is recomputed
+        conn.execute(moved_keys_backfill())  # and the backfill itself only fills what is missing
+        assert conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'changes_table_moved_idx'"
+        ).fetchone()
+    assert _moved(dsn) == written
+    run(dsn, once=True)  # the worker starts on the upgraded table and goes on writing it
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE t_int SET id = 50 WHERE id = 1")
+    run(dsn, once=True)
+    assert _moved(dsn)[-1][3:] == ("50", "1")
+
+
+def test_an_interrupted_upgrade_leaves_the_older_table_as_it_was(dsn: str) -> None:
+    _workload(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX changes_table_moved_idx")
+        conn.execute("ALTER TABLE changes DROP COLUMN before_primary_key")
+        with pytest.raises(psycopg.errors.QueryCanceled), conn.transaction():
+            conn.execute(changes_ddl())
+            conn.execute("SET LOCAL statement_timeout = 1")
+            conn.execute("SELECT pg_sleep(1)")  # the crash, before the upgrade's commit
+        assert conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'changes'"
+            " AND column_name = 'before_primary_key'"
+        ).fetchone() == (0,)
+        conn.execute(changes_ddl())  # the next start does it all
+    with psycopg.connect(dsn) as conn:
+        moved = conn.execute("SELECT count(*) FROM changes WHERE before_primary_key IS NOT NULL").fetchone()
+    assert moved == (16,)
+
+
+def _chain() -> tuple[History, dict[str, Any]]:
+    """todo 1 -> 2 -> 3 (renumbered twice), then a new row takes key 1 again; 4 is edited, 5 deleted."""
+    def row(key: int, task: str) -> dict[str, Any]:
+        return {"id": key, "task": task, "done": False, "price": Decimal("1.50"), "due": None}
+
+    h = History()
+    t: dict[str, Any] = {}
+    h.columns("todo", TODO_COLUMNS)
+    for key in (1, 4, 5):
+        h.create("todo", str(key), row(key, f"r{key}"), {"user_id": key})
+    t["created"] = h.clock
+    h.update("todo", "2", row(1, "r1"), row(2, "r1"), {"user_id": 20})
+    t["first move"] = h.clock
+    h.update("todo", "4", row(4, "r4"), row(4, "edited"), {"user_id": 40})
+    h.update("todo", "3", row(2, "r1"), row(3, "moved twice"), {"user_id": 30})
+    t["second move"] = h.clock
+    h.create("todo", "1", row(1, "new one"), {"user_id": 10})
+    h.delete("todo", "5", row(5, "r5"))
+    t["end"] = h.clock
+    return h, t
+
+
+@pytest.mark.parametrize("key", [1, 2, 3, 4, 5])
+def test_a_key_lookup_after_a_chain_of_renumberings_is_exact_on_every_source(make: Make, key: int) -> None:
+    h, t = _chain()
+    source = make(h)
+    oracle = InMemorySource(h.changes, h.schemas)  # the whole table, read without any push-down
+    for ts in (*t.values(), h.between(t["first move"])):
+        whole = as_of("todo", ts, source=oracle)
+        one = as_of("todo", ts, key=key, source=source)
+        expected = whole.loc[[key]] if key in whole.index else whole.iloc[0:0]
+        pd.testing.assert_frame_equal(one, expected, check_index_type=False)
+    pd.testing.assert_frame_equal(history("todo", key, source=source), history("todo", key, source=oracle))
+    if key in as_of("todo", t["end"], source=oracle).index:
+        pd.testing.assert_frame_equal(
+            blame("todo", key=key, source=source), blame("todo", key=key, source=oracle)
+        )
+        pd.testing.assert_frame_equal(
+            blame("todo", key=key, source=source), blame("todo", source=oracle).loc[[key]]
+        )
+    for start, end in ((t["created"], t["end"]), (t["first move"], t["second move"])):
+        pd.testing.assert_frame_equal(
+            diff("todo", start, end, source=source), diff("todo", start, end, source=oracle)
+        )
+
+
+def test_a_key_lookup_on_postgresql_reads_no_change_of_another_key(dsn: str) -> None:
+    """The lookup's plan reads the key's changes, the TRUNCATEs and the moves away from it by index: no
+    row of another key is read and filtered out (before, every UPDATE's ``before`` image was)."""
+    _workload(dsn)
+    source = PostgresSource(dsn)
+    scope = Scope(
+        table=("public", "t_int"),
+        columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
+        keys=("1",),
+        key_columns=("id",),
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE changes")
+        conn.execute("SET enable_seqscan = off")
+        conn.execute("SET enable_bitmapscan = off")
+        plan = conn.execute(
+            psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) {}").format(source.query(scope))
+        ).fetchone()[0]  # type: ignore[index]
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    scans = [n for n in nodes(plan[0]["Plan"]) if "Scan" in n["Node Type"]]
+    assert scans and all(n["Node Type"] != "Seq Scan" for n in scans)
+    assert sum(n.get("Rows Removed by Filter", 0) for n in scans) == 0, [
+        (n.get("Index Name"), n.get("Index Cond"), n.get("Filter"), n.get("Rows Removed by Filter"))
+        for n in scans
+    ]
+    assert any("before_primary_key" in str(n.get("Index Cond", "")) for n in scans)
+
+
+def _export_of_an_earlier_release(
+    dsn: str, directory: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export whose files (and, for Delta, table) lack ``before_primary_key``, as earlier ones had."""
+    import capture.export_delta
+    import capture.export_read
+
+    with monkeypatch.context() as patch:
+        older = [c for c in CHANGES_COLUMNS if c[0] != "before_primary_key"]
+        patch.setattr(capture.export_read, "CHANGES_COLUMNS", tuple(older))
+        schema = pa.schema([(c, t) for c, _, t in older])
+        patch.setattr(capture.export_delta, "changes_arrow_schema", lambda: schema)
+        patch.setattr(capture.export_read, "changes_arrow_schema", lambda: schema)
+        export_parquet(dsn, str(directory), progress=False, format=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_an_export_of_an_earlier_release_reads_and_goes_on_with_the_column(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    h, t = _chain()
+    write_changes(dsn, h.changes[:4], h.schemas)
+    _export_of_an_earlier_release(dsn, tmp_path / "x", fmt, monkeypatch)
+    early = InMemorySource(h.changes[:4], h.schemas)  # only files without the column: read all the same
+    pd.testing.assert_frame_equal(
+        as_of("todo", t["first move"], source=as_source(tmp_path / "x")),
+        as_of("todo", t["first move"], source=early),
+    )
+    write_changes(dsn, h.changes[4:], [], create=False)
+    export_parquet(dsn, str(tmp_path / "x"), progress=False, format=fmt)  # this release's export
+    source = as_source(tmp_path / "x")
+    oracle = InMemorySource(h.changes, h.schemas)
+    for ts in t.values():
+        pd.testing.assert_frame_equal(as_of("todo", ts, source=source), as_of("todo", ts, source=oracle))
+    pd.testing.assert_frame_equal(history("todo", 3, source=source), history("todo", 3, source=oracle))
+    if fmt == "delta":
+        from capture.export_delta import read_delta
+
+        moved = read_delta(str(tmp_path / "x"))["before_primary_key"].to_pylist()
+        assert moved == [None] * 5 + ["2", None, None]  # the earlier release's rows have none
