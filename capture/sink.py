@@ -42,6 +42,7 @@ import psycopg
 from psycopg import sql
 
 from capture.chain import GENESIS, Chain, context_digest, digest_with, header_prefix, value_digest
+from capture.protocol import DIGESTS_TABLE, POSITIONS_TABLE
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import (
     CHANGE_COLUMNS,
@@ -54,10 +55,6 @@ from capture.stitch import (
 
 __all__ = ["DIGESTS_TABLE", "POSITIONS_TABLE", "Position", "Sink", "digests_ddl", "positions_ddl"]
 
-#: One row per replication slot: the last source transaction written to ``changes``.
-POSITIONS_TABLE = "changes_positions"
-#: Periodic chain digests: the head hash at a point of history, to print and anchor elsewhere.
-DIGESTS_TABLE = "changes_digests"
 log = logging.getLogger("capture")
 
 _NULL = "\\N"

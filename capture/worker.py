@@ -44,10 +44,11 @@ from capture.errors import (
     SlotLostError,
 )
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
+from capture.protocol import CHANGES_TABLE, POSITIONS_TABLE, WORKER_TABLES
+from capture.protocol import SCHEMA as TRACKING_SCHEMA
 from capture.replication import ChangeReader, StreamReader
-from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.signing import ContextKey, KeyRing, keys_from_env
-from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE, Position, Sink
+from capture.sink import Position, Sink
 from capture.snapshot import discard_staged_snapshot, write_snapshot, write_staged_snapshot
 from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
 from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info, uses_composite
@@ -255,7 +256,7 @@ class _Session:
 
     def ignored(self, schema: str, table: str) -> bool:
         # schema bemi_tt holds tracking's own bookkeeping (bemi_tt.install), never application data
-        return schema == "bemi_tt" or (schema, table) in self.own
+        return schema == TRACKING_SCHEMA or (schema, table) in self.own
 
     def load_types(self) -> None:
         # in place: stitchers and their encoders hold this mapping and read composite attributes from it
@@ -332,7 +333,7 @@ def _open(worker: Worker, slot: str | None, snapshot: bool | None) -> _Session:
         same = _identity(meta) == _identity(sink_conn)
         sink_conn.rollback()
         own = (
-            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE, DIGESTS_TABLE))
+            frozenset((schema, t) for t in WORKER_TABLES)
             if same
             else frozenset()
         )
@@ -602,7 +603,7 @@ class Worker:
             ignored_tables=set(session.own),
             context_keys=session.context_keys,
         )
-        stitcher.ignored_schemas.add("bemi_tt")
+        stitcher.ignored_schemas.add(TRACKING_SCHEMA)
         stats = self.stats
         sink = session.sink
         batch = session.batch_changes
