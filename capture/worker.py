@@ -1,16 +1,21 @@
 """The capture loop: server checks, publication and slot set-up, snapshot, batches, signals, status.
 
-One iteration reads everything committed up to the current flushed WAL position (``--once``: the
-position noted at start), stitches it (capture/stitch.py) and writes it (capture/sink.py), committing
-the destination every ``batch_changes`` changes at a transaction boundary. The slot is read with the
-streaming replication protocol (capture/replication.py, the default: decoding overlaps writing, and
-each destination commit is confirmed to the server at once with a standby status update) or, as the
-fallback where replication connections are refused, with one peek call (capture/source.py) after which
-the slot is advanced. Source transactions already recorded in ``changes_positions`` are skipped, so
-restarts after any crash resume exactly where the last destination commit stopped.
+A :class:`Worker` owns one run: its configuration, the position the destination committed, the
+``--once`` target and the export schedule; a ``_Session`` (connections, reader, sink, catalog caches)
+is rebuilt after each reconnect. One iteration reads everything committed up to the current flushed
+WAL position (``--once``: the position noted at start), stitches it (capture/stitch.py) and writes it
+(capture/sink.py), committing the destination every ``batch_changes`` changes at a transaction
+boundary. Batch commits run on the sink's writer thread behind the batch's last COPY chunks while the
+next batch is decoded; a position is confirmed to the slot only once its COMMIT succeeded, and each
+read ends with everything committed. The slot is read with the streaming replication protocol
+(capture/replication.py, the default: decoding overlaps writing, and each destination commit is
+confirmed to the server with a standby status update) or, as the fallback where replication
+connections are refused, with one peek call (capture/source.py) after which the slot is advanced.
+Source transactions already recorded in ``changes_positions`` are skipped, so restarts after any
+crash resume exactly where the last destination commit stopped.
 
-Own tables: when the destination is the source database, the worker's tables (``changes``,
-``changes_schemas``, ``changes_positions`` in the destination schema) are decoded by the all-tables
+Own tables: when the destination is the source database, the worker's tables
+(:data:`capture.protocol.WORKER_TABLES` in the destination schema) are decoded by the all-tables
 publication and ignored (see capture/source.py for why and what it costs).
 """
 
