@@ -21,12 +21,14 @@ import logging
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from capture.protocol import BEMI_PREFIX
+
 __all__ = ["BEMI_MESSAGE_PREFIX", "REPLACE_BEMI", "bemi_objects", "replace_bemi"]
 
 log = logging.getLogger("bemi_tt")
 
-#: The logical message prefix of the original package's trigger.
-BEMI_MESSAGE_PREFIX = "_bemi"
+#: The logical message prefix of the original package's trigger (capture/protocol.py).
+BEMI_MESSAGE_PREFIX = BEMI_PREFIX
 
 #: Drops everything ``Bemi.migration_upgrade()`` created (constant SQL: Alembic offline mode emits it).
 REPLACE_BEMI = (

@@ -40,6 +40,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from capture.errors import ConfigurationError
+from capture.protocol import MARKER_PREFIX
 from capture.signing import SIGNATURE_MEMBER, ContextKey, HeadSigner, keys_from_env
 from capture.stitch import MAX_CONTEXT_DEPTH, numeric_literal_fits
 
@@ -142,7 +143,7 @@ class EncodedContext:
             else:
                 raw, b64 = _sql_member(statement)
                 payload = self.b64_head + b64 + base64.b64encode(self.signer.member(raw)).decode("ascii")
-            done = self.statements[statement] = f"/*bemi:{payload}*/{statement}"
+            done = self.statements[statement] = f"{MARKER_PREFIX}{payload}*/{statement}"
         return done
 
 

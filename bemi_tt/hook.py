@@ -15,10 +15,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from bemi_tt.context import _current
+from capture.protocol import MARKER_PREFIX
 
 __all__ = ["MARKER_PREFIX", "install_hook", "is_write", "uninstall_hook"]
 
-MARKER_PREFIX = "/*bemi:"
 #: Statements that change rows and so fire the statement-level trigger (TRUNCATE included: who emptied it).
 WRITE_KEYWORDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE"})
 _DML = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})

@@ -8,7 +8,10 @@ One run, one embedded server:
    once with the streaming reader (``--reader stream``, the default) and once with the old peek path
    (``--reader sql``, ``pg_logical_slot_peek_binary_changes``), in the same run. Prints medians of
    ``--runs`` runs (a fresh slot each), the ratios to the floor and the worker's peak RSS; then one run
-   with ``changes`` in the source database itself (its own writes are decoded too);
+   with ``changes`` in the source database itself (its own writes are decoded too). The destinations
+   live on a second server: on the source's, every run after the first would also decode the WAL of
+   the earlier runs' COPY (``--once`` reads up to the flush position at its start), which
+   pg_recvlogical's ``--endpos`` never reads;
 3. one transaction of ``--changes`` rows: worker rate and peak RSS (it must not hold it in memory);
 4. latency from commit to row in ``changes`` at a steady ``--rate`` changes/s for ``--seconds``.
 
@@ -164,9 +167,8 @@ def recvlogical(dsn: str, slot: str, endpos: str) -> float:
     return time.perf_counter() - started
 
 
-def latency(pg: EmbeddedPostgres, source: str, rate: int, seconds: float) -> list[float]:
-    """Seconds from commit to row in ``changes`` for rows written at ``rate`` changes/s."""
-    destination = pg.url(database="bench_latency")
+def latency(destination: str, source: str, rate: int, seconds: float) -> list[float]:
+    """Seconds from commit to row in ``changes`` at ``destination`` for rows written at ``rate`` changes/s."""
     run(source, destination=destination, slot="latency", once=True, snapshot=False)
     process = subprocess.Popen(
         [
@@ -243,10 +245,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.changes < 1000 or args.runs < 1:
         parser.error("--changes must be >= 1000 and --runs >= 1")
-    with EmbeddedPostgres(settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"}) as pg:
+    settings = {"max_wal_size": "4GB", "checkpoint_timeout": "30min"}
+    with EmbeddedPostgres(settings=settings) as pg, EmbeddedPostgres(settings=settings) as target:
         source = pg.url(database="bench_source")
         with psycopg.connect(pg.dsn, autocommit=True) as admin:
-            for name in ["bench_source", "bench_same", "bench_big", "bench_latency"] + [
+            create_database(admin, "bench_source")
+        with psycopg.connect(target.dsn, autocommit=True) as admin:
+            for name in ["bench_big", "bench_latency"] + [
                 f"bench_{kind}_{i}" for i in range(args.runs) for kind in ("dest", "peek")
             ]:
                 create_database(admin, name)
@@ -261,7 +266,7 @@ def main() -> None:
             for kind, slot in (("dest", "worker"), ("peek", "peek")):
                 run(
                     source,
-                    destination=pg.url(database=f"bench_{kind}_{i}"),
+                    destination=target.url(database=f"bench_{kind}_{i}"),
                     slot=f"{slot}_{i}",
                     once=True,
                     snapshot=False,
@@ -285,8 +290,9 @@ def main() -> None:
             floors.append(args.changes / recvlogical(source, f"floor_{i}", endpos))
             rates = {}
             for kind, slot, reader in (("dest", "worker", "stream"), ("peek", "peek", "sql")):
-                seconds, peak = worker(source, pg.url(database=f"bench_{kind}_{i}"), f"{slot}_{i}", reader)
-                captured = count_changes(pg.url(database=f"bench_{kind}_{i}"))
+                destination = target.url(database=f"bench_{kind}_{i}")
+                seconds, peak = worker(source, destination, f"{slot}_{i}", reader)
+                captured = count_changes(destination)
                 if captured != args.changes:
                     raise SystemExit(
                         f"worker ({reader}) captured {captured} changes, expected {args.changes}"
@@ -295,13 +301,13 @@ def main() -> None:
                 rss.append(peak)
             workers.append(rates["stream"])
             peeks.append(rates["sql"])
-            writes.append(write_floor(pg.url(database=f"bench_dest_{i}")))
+            writes.append(write_floor(target.url(database=f"bench_dest_{i}")))
             print(
                 f"run {i + 1}: pg_recvlogical {floors[-1]:,.0f} changes/s, worker streaming"
                 f" {workers[-1]:,.0f} changes/s ({workers[-1] / floors[-1]:.2f}x), worker peek path"
                 f" {peeks[-1]:,.0f} changes/s ({peeks[-1] / floors[-1]:.2f}x),"
                 f" peak RSS {max(rss[-2:]):.0f} MB;"
-                f" COPY into changes alone {writes[-1]:,.0f} rows/s"
+                f" COPY into changes alone {writes[-1]:,.0f} rows/s; load average {os.getloadavg()[0]:.1f}"
             )
         floor, rate, write = statistics.median(floors), statistics.median(workers), statistics.median(writes)
         peek = statistics.median(peeks)
@@ -321,7 +327,7 @@ def main() -> None:
             f" peak RSS {peak:.0f} MB"
         )
 
-        big = pg.url(database="bench_big")
+        big = target.url(database="bench_big")
         run(source, destination=big, slot="big", once=True, snapshot=False)
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute("SELECT pg_logical_emit_message(true, 'bemi', '{\"job\": \"bulk\"}')")
@@ -336,7 +342,7 @@ def main() -> None:
             f"peak RSS {peak:.0f} MB (goal <= 300 MB)"
         )
 
-        samples = latency(pg, source, args.rate, args.seconds)
+        samples = latency(target.url(database="bench_latency"), source, args.rate, args.seconds)
         print(
             f"latency at {args.rate:,} changes/s for {args.seconds:.0f} s ({len(samples):,} rows): "
             f"p50 {percentile(samples, 0.5) * 1000:.0f} ms, p99 {percentile(samples, 0.99) * 1000:.0f} ms"

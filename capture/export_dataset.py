@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -67,8 +66,6 @@ IDENTITY_FILE = "dataset.json"
 _IDENTITY_FORMAT = "bemi_tt changes export"
 #: The transaction log directory that makes a directory a Delta table (``capture.export_delta``).
 DELTA_LOG_DIR = "_delta_log"
-#: Test hook: seconds to sleep after a file's bytes are written and before it becomes visible.
-TEST_DELAY_ENV = "BEMI_TT_EXPORT_TEST_DELAY"
 
 _NAME_RE = re.compile(
     r"^(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-(?:(?P<k>[0-9]+)of(?P<n>[0-9]+)|c)-(?P<rows>[0-9]+)\.parquet$"
@@ -347,12 +344,6 @@ def list_dataset_files(directory: str) -> tuple[pafs.FileSystem, list[str]]:
     return filesystem, [f.path for f in state.files]
 
 
-def _test_delay() -> None:
-    delay = os.environ.get(TEST_DELAY_ENV)
-    if delay:
-        time.sleep(float(delay))
-
-
 def write_atomic(filesystem: pafs.FileSystem, path: str, data: pa.Buffer | bytes) -> None:
     """Make ``path`` appear complete or not at all.
 
@@ -370,7 +361,6 @@ def write_atomic(filesystem: pafs.FileSystem, path: str, data: pa.Buffer | bytes
                 out.write(memoryview(data))
                 out.flush()
                 os.fsync(out.fileno())
-            _test_delay()
             os.replace(temporary, path)
         except BaseException:
             if os.path.exists(temporary):
@@ -382,8 +372,7 @@ def write_atomic(filesystem: pafs.FileSystem, path: str, data: pa.Buffer | bytes
         finally:
             os.close(descriptor)
         return
-    _test_delay()  # object stores need no directories: none are created
-    with filesystem.open_output_stream(path) as out:
+    with filesystem.open_output_stream(path) as out:  # object stores need no directories: none are made
         out.write(data)
 
 

@@ -49,7 +49,6 @@ from capture.export import (
 from capture.export_dataset import (
     DatasetState,
     Key,
-    _test_delay,
     delete_files,
     format_key,
     is_delta_table,
@@ -217,7 +216,6 @@ def _commit_unit(
         "bemi_tt.last_commit_position": str(last[0]),
         "bemi_tt.rows": str(rows.num_rows),
     }
-    _test_delay()  # test hook: the files are there, the commit not yet
     delta.create_write_transaction(
         actions,
         "append",

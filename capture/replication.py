@@ -223,6 +223,7 @@ class StreamReader:
         self._types: list[bytes] = []
         self._sent: set[int] = set()
         self._unsent: set[int] = set()  # cached relations not yet yielded in this call (fast path if empty)
+        self._selector: selectors.BaseSelector | None = None  # waits on this connection's socket
 
     # -- connection ---------------------------------------------------------------------------------
 
@@ -375,22 +376,28 @@ class StreamReader:
         rows: list[tuple[int, bytes]] = []
         append = rows.append
         get = conn.get_copy_data
+        lsn_at = _LSN.unpack_from
+        header = _XLOG.size
+        fast_kinds = _FAST
         batch = self.batch
         pending: list[int] = []  # rows still waiting for their LSN
         asked_at: float | None = None
+        # the fast path is open while no row waits for its LSN and every cached Relation was replayed;
+        # it leaves _received to _note (the last row's LSN is the highest received)
+        fast = not self._unsent
         if time.monotonic() - self._last_status >= self.status_interval:
             self._send_status(conn)
         while len(rows) < batch or pending:
             size, data = get(1)
             if size > 0:
                 if data[0] == _W_BYTE:
-                    payload = bytes(data[_XLOG.size :])
-                    start = _LSN.unpack_from(data, 1)[0]
-                    first = payload[0] if payload else 0
-                    if start and first in _FAST and not pending and not self._unsent:
+                    payload = bytes(data[header:])
+                    start = lsn_at(data, 1)[0]
+                    first = payload[0] if size > header else 0
+                    if fast and start and first in fast_kinds:
                         append((start, payload))  # a row change of a table already described
-                        self._received = start
                         continue
+                    self._note(rows)
                     if start == 0:
                         # the walsender sends Relation and Type messages at 0/0; the SQL functions give
                         # them the LSN of the change they precede: patched when that change arrives
@@ -422,8 +429,10 @@ class StreamReader:
                         self._types.clear()
                         self._sent.add(oid)
                         self._unsent.discard(oid)
+                    fast = not pending and not self._unsent
                 elif data[0] == _K_BYTE:
                     _, wal_end, _clock, reply = _KEEPALIVE.unpack(bytes(data))
+                    self._note(rows)
                     if wal_end > self._received:
                         self._received = wal_end
                     if reply:
@@ -440,6 +449,7 @@ class StreamReader:
                 raise self._error(conn, result)
             if size < -1:
                 raise psycopg.OperationalError(f"replication connection lost: {_text(conn.error_message)}")
+            self._note(rows)
             if rows and not pending:
                 return rows, False  # nothing more at hand: hand over what we have
             # nothing at all: ask the server where it is (it answers with a keepalive), then wait
@@ -450,15 +460,21 @@ class StreamReader:
                 self._send_status(conn, reply=True)
                 asked_at = now
             timeout = max(0.0, min(self.status_interval - (now - self._last_status), _ASK_EVERY))
-            with selectors.DefaultSelector() as sel:
-                sel.register(conn.socket, selectors.EVENT_READ)
-                ready = sel.select(timeout)
-            if ready:
+            if self._selector is None:
+                self._selector = selectors.DefaultSelector()
+                self._selector.register(conn.socket, selectors.EVENT_READ)
+            if self._selector.select(timeout):
                 try:
                     conn.consume_input()
                 except psycopg.OperationalError as exc:
                     raise psycopg.OperationalError(f"replication connection lost: {exc}") from None
+        self._note(rows)
         return rows, False
+
+    def _note(self, rows: list[tuple[int, bytes]]) -> None:
+        """Record the last row's LSN as received (the highest so far: the fast path leaves it to this)."""
+        if rows and rows[-1][0] > self._received:
+            self._received = rows[-1][0]
 
     def _replay_relations(self, rows: list[tuple[int, bytes]], lsn: int, change: bytes) -> None:
         """Put the cached Relation (and Type) messages of ``change``'s tables before it, once per call.
@@ -496,6 +512,9 @@ class StreamReader:
         with self._lock:
             conn, self._conn = self._conn, None
             self._dirty = False
+            if self._selector is not None:
+                self._selector.close()
+                self._selector = None
             if conn is None:
                 return
             try:

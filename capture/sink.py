@@ -22,12 +22,18 @@ commit records the head in ``changes_positions`` and, every ``digest_every`` row
 
 Chunks are COPYed by a background thread (at most two waiting), so PostgreSQL parses one chunk while
 Python stitches the next; every other use of the connection waits for it first. (One COPY statement
-kept open across chunks was measured too: no faster, the server's per-row cost dominates.)
+kept open across chunks was measured too: no faster, the server's per-row cost dominates; so was COPY
+in binary: jsonb's binary input is its text again, and the server's cost per row stayed the same.)
+``commit(wait=False)`` queues the commit on that thread too, so the worker decodes the next batch while
+the server finishes the last chunks and syncs the commit; :meth:`Sink.take_committed` reports the
+positions once durable, and only those are ever confirmed to the slot.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -47,6 +53,7 @@ from capture.chain import (
     header_prefix,
     text_digest,
 )
+from capture.protocol import DIGESTS_TABLE, POSITIONS_TABLE
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import (
     CHANGE_COLUMNS,
@@ -59,10 +66,6 @@ from capture.stitch import (
 
 __all__ = ["DIGESTS_TABLE", "POSITIONS_TABLE", "Position", "Sink", "digests_ddl", "positions_ddl"]
 
-#: One row per replication slot: the last source transaction written to ``changes``.
-POSITIONS_TABLE = "changes_positions"
-#: Periodic chain digests: the head hash at a point of history, to print and anchor elsewhere.
-DIGESTS_TABLE = "changes_digests"
 log = logging.getLogger("capture")
 
 _NULL = "\\N"
@@ -134,40 +137,47 @@ def _escape(value: str) -> str:
 
 
 class _Copier:
-    """Runs COPY chunks on a background thread, so the server parses while Python stitches the next one.
+    """Runs the destination's writes on a background thread, in order: COPY chunks and commits.
 
-    At most two chunks wait; :meth:`wait` blocks until all are written and re-raises a COPY error.
+    The server parses one chunk (or commits a batch) while Python stitches the next. At most two jobs
+    wait; :meth:`wait` blocks until all are done and re-raises the first error (jobs after it are
+    dropped, so nothing after a failed COPY is ever committed).
     """
 
     def __init__(self, copy: Callable[[bytes], None]) -> None:
         self._copy = copy
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
     def put(self, data: bytes) -> None:
+        """Queue one COPY chunk."""
+        self.put_job(functools.partial(self._copy, data))
+
+    def put_job(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (it runs on the writer thread, after everything queued before it)."""
         if self._error is not None:
             self.wait()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="bemi-tt-copy", daemon=True)
             self._thread.start()
-        self._queue.put(data)
+        self._queue.put(job)
 
     def _run(self) -> None:
         while True:
-            data = self._queue.get()
+            job = self._queue.get()
             try:
-                if data is None:
+                if job is None:
                     return
                 if self._error is None:
-                    self._copy(data)
+                    job()
             except BaseException as exc:  # handed to the main thread by wait()
                 self._error = exc
             finally:
                 self._queue.task_done()
 
     def wait(self) -> None:
-        """Block until every queued chunk is written; raise the first COPY error."""
+        """Block until every queued job is done; raise the first error."""
         if self._thread is not None:
             self._queue.join()
         error, self._error = self._error, None
@@ -220,6 +230,8 @@ class Sink:
         self._shared = ""
         self._context_in = ""
         self._copier = _Copier(self._copy_chunk)
+        #: positions of queued commits that succeeded (appended by the writer thread)
+        self._committed: collections.deque[tuple[int, int]] = collections.deque()
         self.pending = 0  # change rows written in the open transaction
         self._mark: tuple[int, int, datetime | None] | None = None
         self._chain: Chain | None = None  # None: read the head from ``changes`` before the next row
@@ -442,17 +454,57 @@ class Sink:
         self._mark = (commit_position, end_position, committed_at)
 
     def commit(
-        self, *, snapshot_position: int | None = None, initialize: bool = False
+        self, *, snapshot_position: int | None = None, initialize: bool = False, wait: bool = True
     ) -> tuple[int, int] | None:
-        """Flush, record the marked position, COMMIT; return the committed (commit, end) position."""
+        """Flush, record the marked position, COMMIT; return the committed (commit, end) position.
+
+        ``wait=False``: queue the commit behind the COPY chunks on the writer thread and return None at
+        once; the position is reported by :meth:`take_committed` after the COMMIT succeeded (a failure
+        is raised by the next use of the sink, and nothing queued after it is committed).
+        """
         self.flush()
-        self._copier.wait()
         mark, self._mark = self._mark, None
+        position: tuple[object, ...] | None = None
         if mark is not None or snapshot_position is not None or initialize:
             commit_position, end_position, committed_at = mark if mark is not None else (0, 0, None)
             head: tuple[int | None, int | None, str | None] = (None, None, None)
             if self.pending and self._chain is not None and self._chain_key is not None:
                 head = (*self._chain_key, self._chain.head)
+            position = (
+                self.slot,
+                commit_position,
+                end_position,
+                committed_at,
+                snapshot_position,
+                snapshot_position,
+                *head,
+            )
+        digest: tuple[int, int, str] | None = None
+        if (
+            self._since_digest + self._pending_digest >= self.digest_every
+            and self._chain is not None
+            and self._chain_key is not None
+        ):
+            digest = (*self._chain_key, self._chain.head)
+            self._since_digest = self._pending_digest = 0
+        # counted as committed now: a failed commit only shifts when the next digest is stored
+        self._since_digest += self._pending_digest
+        self._pending_digest = 0
+        self.pending = 0
+        done = None if mark is None else (mark[0], mark[1])
+        report = None if wait else done
+        self._copier.put_job(functools.partial(self._commit_job, position, digest, report))
+        if not wait:
+            return None
+        self._copier.wait()
+        return done
+
+    def _commit_job(
+        self, position: tuple[object, ...] | None, digest: tuple[int, int, str] | None,
+        report: tuple[int, int] | None,
+    ) -> None:
+        """On the writer thread: the position (and digest) rows, then COMMIT."""
+        if position is not None:
             self.conn.execute(
                 sql.SQL(
                     "INSERT INTO {p} AS p (slot, commit_position, end_position, committed_at,"
@@ -469,38 +521,32 @@ class Sink:
                     " chain_ordinal = coalesce(EXCLUDED.chain_ordinal, p.chain_ordinal),"
                     " chain_hash = coalesce(EXCLUDED.chain_hash, p.chain_hash)"
                 ).format(p=self.positions),
-                (
-                    self.slot,
-                    commit_position,
-                    end_position,
-                    committed_at,
-                    snapshot_position,
-                    snapshot_position,
-                    *head,
-                ),
+                position,
             )
-        if (
-            self._since_digest + self._pending_digest >= self.digest_every
-            and self._chain is not None
-            and self._chain_key is not None
-        ):
+        if digest is not None:
             self.conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (commit_position, ordinal, chain_hash) VALUES (%s, %s, %s)"
                     " ON CONFLICT DO NOTHING"
                 ).format(self.digests),
-                (*self._chain_key, self._chain.head),
+                digest,
             )
             # the line an operator can ship elsewhere and pass back to verify as an anchor
-            log.info("chain digest %s/%s:%s", *self._chain_key, self._chain.head)
-            self._since_digest = self._pending_digest = 0
+            log.info("chain digest %s/%s:%s", *digest)
         self.conn.commit()
-        self._since_digest += self._pending_digest
-        self._pending_digest = 0
-        self.pending = 0
-        if mark is None:
-            return None
-        return mark[0], mark[1]
+        if report is not None:
+            self._committed.append(report)
+
+    def take_committed(self) -> list[tuple[int, int]]:
+        """The (commit, end) positions of the queued commits that succeeded since the last call."""
+        done = []
+        while self._committed:
+            done.append(self._committed.popleft())
+        return done
+
+    def wait(self) -> None:
+        """Block until every queued COPY and commit is done; raise the first error."""
+        self._copier.wait()
 
     def rollback(self) -> None:
         """Drop everything written since the last commit."""

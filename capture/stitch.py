@@ -70,6 +70,7 @@ from capture.pgoutput import (
     pg_timestamp_to_datetime,
     text_tuple,
 )
+from capture.protocol import BEMI_PREFIX, CONTEXT_PREFIX, DDL_PREFIX, REWRITE_PREFIX, TRUNCATE_PREFIX
 from capture.signing import KeyRing, open_context
 from capture.values import (
     INLINE_EXPRESSIONS,
@@ -92,14 +93,6 @@ __all__ = [
     "parse_context",
 ]
 
-CONTEXT_PREFIX = "bemi"
-#: The original bemi-sqlalchemy package's trigger: the same JSON context, once per row (rolling deploys).
-BEMI_PREFIX = "_bemi"
-DDL_PREFIX = "bemi_ddl"
-#: One row a TRUNCATE of a partition removed (capture/ddl.py): recorded as a DELETE of the root.
-TRUNCATE_PREFIX = "bemi_truncate"
-#: One row a DDL rewrite gave new values (capture/ddl.py): recorded as an UPDATE with the new row.
-REWRITE_PREFIX = "bemi_rewrite"
 EMPTY = "{}"
 
 

@@ -1,16 +1,21 @@
 """The capture loop: server checks, publication and slot set-up, snapshot, batches, signals, status.
 
-One iteration reads everything committed up to the current flushed WAL position (``--once``: the
-position noted at start), stitches it (capture/stitch.py) and writes it (capture/sink.py), committing
-the destination every ``batch_changes`` changes at a transaction boundary. The slot is read with the
-streaming replication protocol (capture/replication.py, the default: decoding overlaps writing, and
-each destination commit is confirmed to the server at once with a standby status update) or, as the
-fallback where replication connections are refused, with one peek call (capture/source.py) after which
-the slot is advanced. Source transactions already recorded in ``changes_positions`` are skipped, so
-restarts after any crash resume exactly where the last destination commit stopped.
+A :class:`Worker` owns one run: its configuration, the position the destination committed, the
+``--once`` target and the export schedule; a ``_Session`` (connections, reader, sink, catalog caches)
+is rebuilt after each reconnect. One iteration reads everything committed up to the current flushed
+WAL position (``--once``: the position noted at start), stitches it (capture/stitch.py) and writes it
+(capture/sink.py), committing the destination every ``batch_changes`` changes at a transaction
+boundary. Batch commits run on the sink's writer thread behind the batch's last COPY chunks while the
+next batch is decoded; a position is confirmed to the slot only once its COMMIT succeeded, and each
+read ends with everything committed. The slot is read with the streaming replication protocol
+(capture/replication.py, the default: decoding overlaps writing, and each destination commit is
+confirmed to the server with a standby status update) or, as the fallback where replication
+connections are refused, with one peek call (capture/source.py) after which the slot is advanced.
+Source transactions already recorded in ``changes_positions`` are skipped, so restarts after any
+crash resume exactly where the last destination commit stopped.
 
-Own tables: when the destination is the source database, the worker's tables (``changes``,
-``changes_schemas``, ``changes_positions`` in the destination schema) are decoded by the all-tables
+Own tables: when the destination is the source database, the worker's tables
+(:data:`capture.protocol.WORKER_TABLES` in the destination schema) are decoded by the all-tables
 publication and ignored (see capture/source.py for why and what it costs).
 """
 
@@ -45,15 +50,16 @@ from capture.errors import (
 )
 from capture.exclude import Exclusions, load_exclusions, recorded_exclusions
 from capture.pgoutput import Begin, Commit, Relation, decode, format_lsn
+from capture.protocol import CHANGES_TABLE, POSITIONS_TABLE, WORKER_TABLES
+from capture.protocol import SCHEMA as TRACKING_SCHEMA
 from capture.replication import ChangeReader, StreamReader
-from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 from capture.signing import ContextKey, KeyRing, keys_from_env
-from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE, Position, Sink
+from capture.sink import Position, Sink
 from capture.snapshot import discard_staged_snapshot, write_snapshot, write_staged_snapshot
 from capture.stitch import NOT_HANDLED, ChangeRow, SchemaChange, Stitcher
 from capture.values import TYPE_INFO_QUERY, TypeInfo, load_type_info, uses_composite
 
-__all__ = ["CaptureStats", "resolve_dsn", "run", "status"]
+__all__ = ["CaptureStats", "Worker", "resolve_dsn", "run", "status"]
 
 log = logging.getLogger("capture")
 
@@ -259,7 +265,7 @@ class _Session:
 
     def ignored(self, schema: str, table: str) -> bool:
         # schema bemi_tt holds tracking's own bookkeeping (bemi_tt.install), never application data
-        return schema == "bemi_tt" or (schema, table) in self.own
+        return schema == TRACKING_SCHEMA or (schema, table) in self.own
 
     def load_types(self) -> None:
         # in place: stitchers and their encoders hold this mapping and read composite attributes from it
@@ -309,20 +315,10 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 """
 
 
-def _open(
-    source_dsn: str,
-    destination_dsn: str,
-    *,
-    slot: str | None,
-    publication: str,
-    schema: str,
-    batch_changes: int,
-    snapshot: bool | None,
-    stats: CaptureStats,
-    context_keys: KeyRing | None = None,
-    reader: str = "stream",
-) -> _Session:
+def _open(worker: Worker, slot: str | None, snapshot: bool | None) -> _Session:
     """Connect, check the server, set up publication, slot, destination tables and the snapshot."""
+    source_dsn, destination_dsn = worker.source_dsn, worker.destination_dsn
+    publication, schema, reader, stats = worker.publication, worker.schema, worker.reader, worker.stats
     meta = _connect(source_dsn, autocommit=True)
     opened: list[psycopg.Connection] = [meta]
     stream: StreamReader | None = None
@@ -346,7 +342,7 @@ def _open(
         same = _identity(meta) == _identity(sink_conn)
         sink_conn.rollback()
         own = (
-            frozenset((schema, t) for t in (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE, DIGESTS_TABLE))
+            frozenset((schema, t) for t in WORKER_TABLES)
             if same
             else frozenset()
         )
@@ -402,13 +398,13 @@ def _open(
             slot,
             publication,
             schema,
-            batch_changes,
+            worker.batch_changes,
             meta,
             change_reader,
             sink,
             database,
             own,
-            context_keys=context_keys,
+            context_keys=worker.context_keys,
         )
         session.load_types()
         session.load_untracked()
@@ -427,13 +423,13 @@ def _open(
             stats.snapshot_rows += staged[0]
             log.info("snapshot taken by install at %s: %d rows", format_lsn(staged[1]), staged[0])
         elif snapshot or (snapshot is None and first):
-            last = [position.commit_position, position.end_position] if position else [0, 0]
+            worker.position = (position.commit_position, position.end_position) if position else (0, 0)
             drained: list[int] = []
 
             def drain_backlog(point: int) -> None:
                 # the slot's transactions committed before the snapshot's point go first, in the same
                 # destination transaction, so `changes` is inserted in (commit_position, ordinal) order
-                if _drain(session, point, last, threading.Event(), stats, below=point, commit=False):
+                if worker.drain(session, point, threading.Event(), below=point, commit=False):
                     drained.append(point)
 
             rows = write_snapshot(
@@ -449,7 +445,7 @@ def _open(
                 exclusions=session.exclusions,
             )
             if drained:
-                _advance(session, drained[0])
+                worker.advance(session, drained[0])
             stats.snapshot_rows += rows
             log.info("snapshot: %d rows", rows)
         elif position is None:
@@ -467,128 +463,343 @@ def _user(conn: psycopg.Connection) -> str:
     return src.quote_ident(conn.info.user)
 
 
-def _drain(
-    session: _Session,
-    upto: int,
-    last: list[int],
-    stop: threading.Event,
-    stats: CaptureStats,
-    *,
-    below: int | None = None,
-    commit: bool = True,
-) -> bool:
-    """Read and write every transaction committed before ``upto``; True when the peek was finished.
+class Worker:
+    """One capture run: its configuration, the captured position, the ``--once`` target, the export schedule.
 
-    ``below``: stop before the first transaction whose commit position is at or after it. ``commit``
-    False writes everything in one destination transaction and leaves it open (for the snapshot).
+    ``position`` is the (commit, end) WAL position of the last source transaction the destination has
+    committed: transactions at or below it are skipped when they are read again, and only positions the
+    destination committed are ever confirmed to the slot (exactly once). A connected ``_Session`` is
+    rebuilt after each reconnect; the worker outlives it.
     """
-    stitcher = Stitcher(
-        session.database,
-        session.type_info,
-        session.sink.known_columns(),
-        ignored_tables=set(session.own),
-        context_keys=session.context_keys,
-        exclusions=session.exclusions,
-        recorded_exclusions=recorded_exclusions(session.sink.conn, session.sink.schemas),
-    )
-    stitcher.ignored_schemas.add("bemi_tt")
-    sink = session.sink
-    batch = session.batch_changes
-    skipping = False
-    produced = False
-    written = 0
-    transactions = 0
-    started = time.monotonic()
-    committed_at: datetime | None = None
-    feed = stitcher.feed
-    untracked = session.untracked  # the same set, refreshed in place as relations are described
-    to_row = stitcher.change
-    from_data = stitcher.change_data
-    write = sink.write
-    try:
-        stopped = reached = False
-        batches = session.reader.peek_batches(upto)
-        for rows in batches:
-            for lsn, data in rows:
-                kind = data[0]
-                if skipping and kind != _B and kind != _C and kind != _R:
-                    continue
-                if kind in (_I, _U, _D):
-                    row = from_data(lsn, data)
-                    if row is NOT_HANDLED:
-                        row = to_row(lsn, decode(data))  # type: ignore[arg-type]
-                    if row is not None:
-                        produced = True
-                        if untracked and (row.schema, row.table) in untracked:
-                            row = row._replace(context="{}")
-                        write(row)
-                    continue
-                message = decode(data)
-                if kind == _R:
-                    assert isinstance(message, Relation)
-                    key, types = session.describe(message)
-                    changes = stitcher.add_relation(
-                        message,
-                        primary_key=key,
-                        type_names=types,
-                        ignored=session.ignored(message.namespace, message.name),
-                    )
-                    if not skipping and changes:
-                        produced = True
-                        for change in changes:
-                            sink.write_schema(change)
-                    continue
-                if kind == _B:
-                    assert isinstance(message, Begin)
-                    if below is not None and message.final_lsn >= below:
-                        stopped = reached = True
-                        break
-                    skipping = message.final_lsn <= last[0]
-                    if skipping:
-                        stats.skipped_transactions += 1
-                    produced = False
-                    feed(lsn, message)
-                    continue
-                if kind == _C:
-                    assert isinstance(message, Commit)
-                    feed(lsn, message)
-                    if produced and not skipping:  # transactions touching only ignored tables leave no mark
-                        committed_at = _when(message.commit_time)
-                        sink.mark(message.commit_lsn, message.end_lsn, committed_at)
-                        transactions += 1
-                    if commit and transactions and (sink.pending >= batch or stop.is_set()):
-                        written += _commit(session, last, stats, transactions, upto, started, committed_at)
-                        transactions = 0
-                        started = time.monotonic()
-                    if stop.is_set():
-                        stopped = True
-                        break
-                    continue
-                for out in feed(lsn, message):
-                    produced = True
-                    if type(out) is ChangeRow:
-                        if untracked and (out.schema, out.table) in untracked:
-                            out = out._replace(context="{}")
-                        write(out)
-                    else:
-                        assert isinstance(out, SchemaChange)
-                        sink.write_schema(out)
-            if stopped:
+
+    def __init__(
+        self,
+        source_dsn: str,
+        destination_dsn: str,
+        *,
+        slot: str | None,
+        publication: str,
+        schema: str,
+        batch_changes: int,
+        snapshot: bool | None,
+        context_keys: KeyRing | None,
+        reader: str,
+        once: bool,
+        stop: threading.Event,
+        export_to: str | None,
+        export_every: float,
+    ) -> None:
+        self.source_dsn = source_dsn
+        self.destination_dsn = destination_dsn
+        self.slot = slot
+        self.publication = publication
+        self.schema = schema
+        self.batch_changes = batch_changes
+        self.snapshot = snapshot
+        self.context_keys = context_keys
+        self.reader = reader
+        self.once = once
+        self.stop = stop
+        self.export_to = export_to
+        self.export_every = export_every
+        self.stats = CaptureStats()
+        self.position: tuple[int, int] = (0, 0)
+        #: ``--once``: the source's flush position when the run first connected (kept across reconnects)
+        self.target: int | None = None
+        self._exported_at = time.monotonic()
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self) -> CaptureStats:
+        """Connect and capture until done (``once``) or stopped; reconnect after a lost connection."""
+        started = time.monotonic()
+        retry = _RETRY_MIN
+        opened = False
+        while not self.stop.is_set():
+            session: _Session | None = None
+            try:
+                session = _open(self, self.slot, self.snapshot)
+                self.snapshot = False  # done (or not wanted): never again after a reconnect
+                opened = True
+                retry = _RETRY_MIN  # connected again: the next loss starts the backoff from the beginning
+                self.slot = session.slot  # resolved: a reconnect uses the same slot
+                log.info(
+                    "capturing %s (slot %s, publication %s) into %s",
+                    _describe(self.source_dsn),
+                    self.slot,
+                    self.publication,
+                    _describe(self.destination_dsn),
+                )
+                self.loop(session)
                 break
-        finished = reached or not stopped
-        if not commit:
-            stats.changes += sink.pending
-            stats.transactions += transactions
-        elif transactions:
-            written += _commit(session, last, stats, transactions, upto, started, committed_at)
-        else:
-            sink.rollback()
-    finally:
-        if not session.streaming:
-            session.reader.close()  # ends the peek's transaction: the slot cannot be advanced before
-        elif isinstance(batches, Generator):
-            batches.close()  # a stream stopped mid-way sends what the caller did not use again
-    return finished
+            except (psycopg.OperationalError, ConnectionFailedError, SlotInUseError) as exc:
+                # lost connections and failed reconnects are retried once capturing has started; a
+                # lingering backend of our own lost session may still hold the slot's lock for a moment
+                message = one_line(redact(exc, self.source_dsn, self.destination_dsn))
+                if not opened:
+                    if isinstance(exc, BemiError):
+                        raise
+                    raise ConnectionFailedError(
+                        f"cannot start capturing {_describe(self.source_dsn)}: {message}"
+                    ) from None
+                log.warning("connection lost (%s); reconnecting in %.1f s", message, retry)
+                if self.stop.wait(retry):
+                    break
+                retry = min(retry * 2, _RETRY_MAX)
+            except psycopg.Error as exc:
+                raise database_error(exc, "capturing", self.source_dsn) from None
+            finally:
+                if session is not None:
+                    session.close()
+        self.maybe_export(force=self.export_to is not None)
+        self.stats.seconds = time.monotonic() - started
+        return self.stats
+
+    def loop(self, session: _Session) -> None:
+        """Drain the slot up to the flushed position (``once``: the target), again and again."""
+        position = session.sink.position()
+        self.position = (position.commit_position, position.end_position) if position else (0, 0)
+        if self.once and self.target is None:
+            self.target = _flushed(session.meta)
+        idle = _IDLE_MIN
+        while not self.stop.is_set():
+            info = src.slot_info(session.meta, session.slot)
+            if info is None:
+                raise SlotLostError(
+                    f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
+                )
+            src.check_slot(info, session.database)
+            confirmed = _confirmed(session, info.confirmed_flush)
+            if self.once:
+                upto = self.target
+                assert upto is not None
+                if confirmed >= upto:
+                    return
+            else:
+                upto = _flushed(session.meta)
+            if upto <= confirmed:
+                self.maybe_export()
+                self.stop.wait(idle)
+                idle = min(idle * 2, _IDLE_MAX)
+                continue
+            idle = _IDLE_MIN
+            if self.drain(session, upto, self.stop):
+                self.advance(session, upto)
+            elif self.position[1]:
+                self.advance(session, self.position[1])
+            self.maybe_export()
+            if self.once and _advance_done(session, upto):
+                return
+
+    # -- reading and writing -------------------------------------------------------------------------
+    def drain(
+        self,
+        session: _Session,
+        upto: int,
+        stop: threading.Event,
+        *,
+        below: int | None = None,
+        commit: bool = True,
+    ) -> bool:
+        """Read and write every transaction committed before ``upto``; True when the read was finished.
+
+        ``below``: stop before the first transaction whose commit position is at or after it. ``commit``
+        False writes everything in one destination transaction and leaves it open (for the snapshot).
+        Batches are committed on the sink's writer thread while the next one is decoded; everything is
+        committed (and confirmed) when this returns.
+        """
+        stitcher = Stitcher(
+            session.database,
+            session.type_info,
+            session.sink.known_columns(),
+            ignored_tables=set(session.own),
+            context_keys=session.context_keys,
+            exclusions=session.exclusions,
+            recorded_exclusions=recorded_exclusions(session.sink.conn, session.sink.schemas),
+        )
+        stitcher.ignored_schemas.add(TRACKING_SCHEMA)
+        stats = self.stats
+        sink = session.sink
+        batch = session.batch_changes
+        skipping = False
+        produced = False
+        transactions = 0
+        started = time.monotonic()
+        committed_at: datetime | None = None
+        marked = self.position
+        done_before = self.position[0]
+        feed = stitcher.feed
+        untracked = session.untracked  # the same set, refreshed in place as relations are described
+        to_row = stitcher.change
+        from_data = stitcher.change_data
+        write = sink.write
+        batches = session.reader.peek_batches(upto)
+        try:
+            stopped = reached = False
+            for rows in batches:
+                self._confirm(session)  # batches the writer thread committed meanwhile
+                for lsn, data in rows:
+                    kind = data[0]
+                    if skipping and kind != _B and kind != _C and kind != _R:
+                        continue
+                    if kind in (_I, _U, _D):
+                        row = from_data(lsn, data)
+                        if row is NOT_HANDLED:
+                            row = to_row(lsn, decode(data))  # type: ignore[arg-type]
+                        if row is not None:
+                            produced = True
+                            if untracked and (row.schema, row.table) in untracked:
+                                row = row._replace(context="{}")
+                            write(row)
+                        continue
+                    message = decode(data)
+                    if kind == _R:
+                        assert isinstance(message, Relation)
+                        key, types = session.describe(message)
+                        changes = stitcher.add_relation(
+                            message,
+                            primary_key=key,
+                            type_names=types,
+                            ignored=session.ignored(message.namespace, message.name),
+                        )
+                        if not skipping and changes:
+                            produced = True
+                            for change in changes:
+                                sink.write_schema(change)
+                        continue
+                    if kind == _B:
+                        assert isinstance(message, Begin)
+                        if below is not None and message.final_lsn >= below:
+                            stopped = reached = True
+                            break
+                        skipping = message.final_lsn <= done_before
+                        if skipping:
+                            stats.skipped_transactions += 1
+                        produced = False
+                        feed(lsn, message)
+                        continue
+                    if kind == _C:
+                        assert isinstance(message, Commit)
+                        feed(lsn, message)
+                        # transactions touching only ignored tables leave no mark
+                        if produced and not skipping:
+                            committed_at = _when(message.commit_time)
+                            sink.mark(message.commit_lsn, message.end_lsn, committed_at)
+                            marked = (message.commit_lsn, message.end_lsn)
+                            transactions += 1
+                        if commit and transactions and (sink.pending >= batch or stop.is_set()):
+                            # on the writer thread: the next batch is decoded while this one commits
+                            self._commit(session, transactions, upto, started, committed_at, marked,
+                                         wait=stop.is_set())
+                            transactions = 0
+                            started = time.monotonic()
+                        if stop.is_set():
+                            stopped = True
+                            break
+                        continue
+                    for out in feed(lsn, message):
+                        produced = True
+                        if type(out) is ChangeRow:
+                            if untracked and (out.schema, out.table) in untracked:
+                                out = out._replace(context="{}")
+                            write(out)
+                        else:
+                            assert isinstance(out, SchemaChange)
+                            sink.write_schema(out)
+                if stopped:
+                    break
+            finished = reached or not stopped
+            if not commit:
+                stats.changes += sink.pending
+                stats.transactions += transactions
+            elif transactions:
+                self._commit(session, transactions, upto, started, committed_at, marked, wait=True)
+            else:
+                sink.wait()  # a queued commit that failed must fail this read (before "finished")
+                self._confirm(session)
+                sink.rollback()
+        finally:
+            if not session.streaming:
+                session.reader.close()  # ends the peek's transaction: the slot cannot be advanced before
+            elif isinstance(batches, Generator):
+                batches.close()  # a stream stopped mid-way sends what the caller did not use again
+        return finished
+
+    def _commit(
+        self,
+        session: _Session,
+        transactions: int,
+        upto: int,
+        started: float,
+        committed_at: datetime | None,
+        marked: tuple[int, int],
+        *,
+        wait: bool,
+    ) -> None:
+        """Commit the batch up to ``marked`` (``wait`` False: on the writer thread, confirmed later)."""
+        count = session.sink.pending
+        done = session.sink.commit(wait=wait)
+        stats = self.stats
+        stats.changes += count
+        stats.transactions += transactions
+        stats.batches += 1
+        self._confirm(session, done)
+        lag = (datetime.now(timezone.utc) - committed_at).total_seconds() if committed_at else 0.0
+        elapsed = time.monotonic() - started
+        log.info(
+            "wrote %d changes in %d transactions up to %s (%.0f changes/s); lag %s bytes, %.3f s",
+            count,
+            transactions,
+            format_lsn(marked[0]),
+            count / elapsed if elapsed > 0 else 0.0,
+            max(upto - marked[1], 0),
+            lag,
+        )
+
+    def _confirm(self, session: _Session, done: tuple[int, int] | None = None) -> None:
+        """Take the positions the destination committed: the slot may move past them now."""
+        positions = session.sink.take_committed()
+        if done is not None:
+            positions.append(done)
+        if not positions:
+            return
+        self.position = max(self.position, *positions)
+        self.stats.last_commit_position = self.position[0]
+        if isinstance(session.reader, StreamReader):
+            # the stream has no end of peek to wait for: a status update moves the slot at once
+            session.reader.confirm(self.position[1])
+
+    def advance(self, session: _Session, lsn: int) -> None:
+        """Move the slot to ``lsn`` (everything before it is in the destination)."""
+        info = src.slot_info(session.meta, session.slot)
+        if info is None:
+            raise SlotLostError(
+                f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
+            )
+        src.check_slot(info, session.database)
+        if isinstance(session.reader, StreamReader):
+            session.reader.confirm(lsn)  # the walsender holds the slot: a status update moves it
+        elif lsn > info.confirmed_flush:
+            src.advance(session.meta, session.slot, lsn)
+
+    # -- export --------------------------------------------------------------------------------------
+    def maybe_export(self, force: bool = False) -> None:
+        """Export ``changes`` to Parquet every ``export_every`` seconds (a busy directory never stops
+        capturing)."""
+        if self.export_to is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._exported_at < self.export_every:
+            return
+        self._exported_at = now
+        try:
+            from capture.export import export_parquet
+        except ImportError:  # pragma: no cover - the export module ships with the package
+            log.warning("capture.export is not available: --export-to ignored")
+            return
+        try:
+            export_parquet(self.destination_dsn, self.export_to, progress=False, schema=self.schema)
+        except OperationalError as exc:  # a busy directory, a full disk, a dataset that needs attention
+            log.warning("export to %s skipped: %s", self.export_to, redact(exc, self.destination_dsn))
 
 
 def _when(commit_time: int) -> datetime:
@@ -597,83 +808,10 @@ def _when(commit_time: int) -> datetime:
     return pg_timestamp_to_datetime(commit_time)
 
 
-def _commit(
-    session: _Session,
-    last: list[int],
-    stats: CaptureStats,
-    transactions: int,
-    upto: int,
-    started: float,
-    committed_at: datetime | None,
-) -> int:
-    count = session.sink.pending
-    done = session.sink.commit()
-    if done is not None:
-        last[0], last[1] = done
-        if isinstance(session.reader, StreamReader):
-            # committed: the slot may move past it now (the stream has no end of peek to wait for)
-            session.reader.confirm(done[1])
-    stats.changes += count
-    stats.transactions += transactions
-    stats.batches += 1
-    stats.last_commit_position = last[0]
-    lag = (datetime.now(timezone.utc) - committed_at).total_seconds() if committed_at else 0.0
-    elapsed = time.monotonic() - started
-    log.info(
-        "wrote %d changes in %d transactions up to %s (%.0f changes/s); lag %s bytes, %.3f s",
-        count,
-        transactions,
-        format_lsn(last[0]),
-        count / elapsed if elapsed > 0 else 0.0,
-        max(upto - last[1], 0),
-        lag,
-    )
-    return count
-
-
-def _advance(session: _Session, lsn: int) -> None:
-    info = src.slot_info(session.meta, session.slot)
-    if info is None:
-        raise SlotLostError(
-            f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
-        )
-    src.check_slot(info, session.database)
-    if isinstance(session.reader, StreamReader):
-        session.reader.confirm(lsn)  # the walsender holds the slot: a status update moves it
-    elif lsn > info.confirmed_flush:
-        src.advance(session.meta, session.slot, lsn)
-
-
 def _flushed(meta: psycopg.Connection) -> int:
     row = meta.execute("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
     assert row is not None
     return int(row[0])
-
-
-def _maybe_export(
-    destination: str,
-    export_to: str | None,
-    every: float,
-    state: dict[str, float],
-    force: bool = False,
-    schema: str = "public",
-) -> None:
-    """Export ``changes`` to Parquet every ``every`` seconds; a busy directory never stops capturing."""
-    if export_to is None:
-        return
-    now = time.monotonic()
-    if not force and now - state.get("last", 0.0) < every:
-        return
-    state["last"] = now
-    try:
-        from capture.export import export_parquet
-    except ImportError:  # pragma: no cover - the export module ships with the package
-        log.warning("capture.export is not available: --export-to ignored")
-        return
-    try:
-        export_parquet(destination, export_to, progress=False, schema=schema)
-    except OperationalError as exc:  # a busy directory, a full disk, a dataset that needs attention
-        log.warning("export to %s skipped: %s", export_to, redact(exc, destination))
 
 
 def run(
@@ -728,112 +866,23 @@ def run(
     )
     ring = keys if isinstance(keys, KeyRing) else KeyRing(keys) if keys else None
     stop = stop if stop is not None else threading.Event()
-    stats = CaptureStats()
-    started = time.monotonic()
-    export_state: dict[str, float] = {"last": time.monotonic()}
+    worker = Worker(
+        source_dsn,
+        destination_dsn,
+        slot=slot,
+        publication=publication,
+        schema=schema,
+        batch_changes=batch_changes,
+        snapshot=snapshot,
+        context_keys=ring,
+        reader=reader,
+        once=once,
+        stop=stop,
+        export_to=export_to,
+        export_every=export_every,
+    )
     with _signals(stop):
-        retry = _RETRY_MIN
-        target: list[int | None] = [None]
-        opened = False
-        while not stop.is_set():
-            session: _Session | None = None
-            try:
-                session = _open(
-                    source_dsn,
-                    destination_dsn,
-                    slot=slot,
-                    publication=publication,
-                    schema=schema,
-                    batch_changes=batch_changes,
-                    snapshot=snapshot,
-                    stats=stats,
-                    context_keys=ring,
-                    reader=reader,
-                )
-                snapshot = False  # done (or not wanted): never again after a reconnect
-                opened = True
-                retry = _RETRY_MIN  # connected again: the next loss starts the backoff from the beginning
-                slot = session.slot  # resolved: a reconnect uses the same slot
-                log.info(
-                    "capturing %s (slot %s, publication %s) into %s",
-                    _describe(source_dsn),
-                    slot,
-                    publication,
-                    _describe(destination_dsn),
-                )
-                _loop(session, once, stop, stats, export_to, export_every, export_state, target)
-                break
-            except (psycopg.OperationalError, ConnectionFailedError, SlotInUseError) as exc:
-                # lost connections and failed reconnects are retried once capturing has started; a
-                # lingering backend of our own lost session may still hold the slot's lock for a moment
-                message = one_line(redact(exc, source_dsn, destination_dsn))
-                if not opened:
-                    if isinstance(exc, BemiError):
-                        raise
-                    raise ConnectionFailedError(
-                        f"cannot start capturing {_describe(source_dsn)}: {message}"
-                    ) from None
-                log.warning("connection lost (%s); reconnecting in %.1f s", message, retry)
-                if stop.wait(retry):
-                    break
-                retry = min(retry * 2, _RETRY_MAX)
-            except psycopg.Error as exc:
-                raise database_error(exc, "capturing", source_dsn) from None
-            finally:
-                if session is not None:
-                    session.close()
-        _maybe_export(
-            destination_dsn, export_to, export_every, export_state, force=export_to is not None, schema=schema
-        )
-    stats.seconds = time.monotonic() - started
-    return stats
-
-
-def _loop(
-    session: _Session,
-    once: bool,
-    stop: threading.Event,
-    stats: CaptureStats,
-    export_to: str | None,
-    export_every: float,
-    export_state: dict[str, float],
-    target_box: list[int | None],
-) -> None:
-    position = session.sink.position()
-    last = [position.commit_position, position.end_position] if position else [0, 0]
-    if once and target_box[0] is None:
-        target_box[0] = _flushed(session.meta)
-    idle = _IDLE_MIN
-    while not stop.is_set():
-        info = src.slot_info(session.meta, session.slot)
-        if info is None:
-            raise SlotLostError(
-                f"replication slot {session.slot!r} vanished while capturing: changes may be lost"
-            )
-        src.check_slot(info, session.database)
-        confirmed = _confirmed(session, info.confirmed_flush)
-        if once:
-            upto = target_box[0]
-            assert upto is not None
-            if confirmed >= upto:
-                return
-        else:
-            upto = _flushed(session.meta)
-        if upto <= confirmed:
-            _maybe_export(
-                session.destination_dsn, export_to, export_every, export_state, schema=session.schema
-            )
-            stop.wait(idle)
-            idle = min(idle * 2, _IDLE_MAX)
-            continue
-        idle = _IDLE_MIN
-        if _drain(session, upto, last, stop, stats):
-            _advance(session, upto)
-        elif last[1]:
-            _advance(session, last[1])
-        _maybe_export(session.destination_dsn, export_to, export_every, export_state, schema=session.schema)
-        if once and _advance_done(session, upto):
-            return
+        return worker.run()
 
 
 def _confirmed(session: _Session, slot_confirmed: int) -> int:

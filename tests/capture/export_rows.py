@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
+import functools
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from capture.export_dataset import TEST_DELAY_ENV
 from capture.schema import CHANGES_COLUMNS, changes_ddl, schemas_ddl
 
 TABLES = [
@@ -170,10 +171,91 @@ def dataset_rows(table: Any) -> list[tuple]:
     return list(zip(*columns, strict=True))
 
 
+class _HalfWritten:
+    """A binary file whose ``write`` stops halfway for a while: a crash then finds a torn file."""
+
+    def __init__(self, file: Any, delay: float) -> None:
+        self._file = file
+        self._delay = delay
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        half = len(view) // 2
+        written = self._file.write(view[:half])
+        self._file.flush()
+        time.sleep(self._delay)
+        return int(written) + int(self._file.write(view[half:]))
+
+    def __enter__(self) -> _HalfWritten:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def slow_writes(delay: float) -> Callable[[], None]:
+    """Slow every file the export writes down, so that a kill lands while files are half written.
+
+    Installed by the test itself (in the killed child process, or around an in-process call): a local
+    file's bytes stop halfway for ``delay`` seconds, whatever the export does to make files appear whole;
+    an object store's file waits ``delay`` before its upload; a Delta commit waits ``delay`` after its
+    files. Returns the function that undoes it.
+    """
+    import deltalake
+
+    import capture.compact
+    import capture.export
+    import capture.export_dataset
+    import capture.export_delta
+
+    undo: list[Callable[[], None]] = []
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        old = getattr(owner, name, None)
+        setattr(owner, name, value)
+        undo.append(lambda: delattr(owner, name) if old is None else setattr(owner, name, old))
+
+    def slow_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        opened = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - closed by its caller
+        return _HalfWritten(opened, delay) if "w" in mode and "b" in mode else opened
+
+    patch(capture.export_dataset, "open", slow_open)  # shadows the builtin in that module only
+    original = capture.export_dataset.write_atomic
+
+    @functools.wraps(original)
+    def write_atomic(filesystem: Any, path: str, data: Any) -> None:
+        if not capture.export_dataset._is_local(filesystem):
+            time.sleep(delay)  # one PUT per file: the wait goes before it
+        original(filesystem, path, data)
+
+    for module in (capture.export_dataset, capture.export, capture.compact, capture.export_delta):
+        patch(module, "write_atomic", write_atomic)
+    create = deltalake.DeltaTable.create_write_transaction
+
+    @functools.wraps(create)
+    def commit_later(self: Any, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(delay)  # the unit's files are there, its commit not yet
+        return create(self, *args, **kwargs)
+
+    patch(deltalake.DeltaTable, "create_write_transaction", commit_later)
+
+    def restore() -> None:
+        while undo:
+            undo.pop()()
+
+    return restore
+
+
 def run_and_kill(code: str, until: Callable[[], bool]) -> None:
     """Run Python ``code`` in a subprocess with slowed file writes; SIGKILL it once ``until()`` holds."""
-    env = {**os.environ, TEST_DELAY_ENV: "0.05"}
-    process = subprocess.Popen([sys.executable, "-c", code], env=env)
+    prelude = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import export_rows; export_rows.slow_writes(0.05); "
+    )
+    process = subprocess.Popen([sys.executable, "-c", prelude + code])
     try:
         deadline = time.monotonic() + 120
         while not until():

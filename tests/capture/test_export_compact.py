@@ -8,13 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from export_rows import changes_rows, dataset_rows, fill, more
+from export_rows import changes_rows, dataset_rows, fill, more, slow_writes
 
 from capture.compact import compact
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
 from capture.export_dataset import (
-    TEST_DELAY_ENV,
     list_dataset_files,
     read_dataset,
     read_dataset_state,
@@ -65,7 +64,7 @@ def test_export_after_compaction_neither_repeats_nor_skips_changes(dsn: str, tmp
 
 
 def test_a_reader_running_during_compaction_never_sees_a_duplicate_or_a_gap(
-    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dsn: str, tmp_path: Path
 ) -> None:
     fill(dsn, 1500)
     export_parquet(dsn, str(tmp_path), batch_rows=250, progress=False)
@@ -92,12 +91,13 @@ def test_a_reader_running_during_compaction_never_sees_a_duplicate_or_a_gap(
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
-    monkeypatch.setenv(TEST_DELAY_ENV, "0.05")  # slow each file down so reads interleave with the swaps
+    restore = slow_writes(0.05)  # slow each file down so reads interleave with the swaps
     reader = threading.Thread(target=read_while_compacting)
     reader.start()
     try:
         stats = compact(str(tmp_path))
     finally:
+        restore()
         done.set()
         reader.join()
     assert not errors

@@ -1,7 +1,8 @@
 """Crashes: SIGKILL an export or a compaction mid-write, rerun, and the dataset equals ``changes``.
 
-The subprocesses set ``BEMI_TT_EXPORT_TEST_DELAY`` (``capture.export_dataset``): each file sleeps after its
-bytes are written and before it becomes visible, so the kill lands while files are half done.
+The subprocesses install ``export_rows.slow_writes`` themselves: each file's bytes stop halfway for a while,
+so the kill lands while files are half written; only an export that never shows a file before it is
+whole passes.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def test_a_kill_during_export_then_a_rerun_gives_exactly_the_changes(dsn: str, t
     fill(dsn, 3000)
     code = f"import capture.export as e; e.export_parquet({dsn!r}, {str(tmp_path)!r}, batch_rows=500)"
 
-    def mid_unit() -> bool:  # a unit done, the next one has files visible and one more being written
+    def mid_unit() -> bool:  # a unit done, the next one has files visible (and, slowed, one half written)
         state = _state(tmp_path)
-        return state.watermark is not None and state.incomplete is not None and bool(state.temporary)
+        return state.watermark is not None and state.incomplete is not None
 
     run_and_kill(code, mid_unit)
     _all_visible_files_are_whole(tmp_path)
