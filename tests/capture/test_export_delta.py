@@ -121,9 +121,15 @@ def test_kills_at_random_points_then_a_rerun_give_exactly_the_changes(dsn: str, 
 
         pause = rng.uniform(0, 0.1)  # the kill lands anywhere in the next unit: reading, writing, committing
 
-        def far_enough(log: Path = log, target: int = target, pause: float = pause) -> bool:
+        mid_file = round_ == 3  # one kill for certain while a unit's file is half written
+
+        def far_enough(
+            log: Path = log, target: int = target, pause: float = pause, mid_file: bool = mid_file
+        ) -> bool:
             if not (log.is_dir() and len(list(log.glob("*.json"))) >= target):
                 return False
+            if mid_file:
+                return any(tmp_path.glob("*/*/.*.tmp"))
             time.sleep(pause)
             return True
 
