@@ -53,6 +53,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from capture.dsn import check_dsn, connect_error, one_line, redact
 from capture.errors import ConfigurationError
+from capture.protocol import WORKER_TABLES as _WORKER_TABLE_NAMES
+from capture.protocol import worker_table_sql
 
 if TYPE_CHECKING:
     from capture.exclude import Exclusions
@@ -154,12 +156,7 @@ LANGUAGE sql STABLE AS $fn$
       AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
       AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::regclass
                       AND d.objid = c.oid AND d.deptype = 'e')
-      AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_digests') AND EXISTS (
-        SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
-        AND NOT a.attisdropped))
-      AND NOT (c.relname = 'changes_positions' AND EXISTS (
-        SELECT FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position'
-        AND NOT a.attisdropped))
+      AND NOT """ + worker_table_sql("c") + """
       -- excluded by install(exclude_tables=...), itself or through a partitioned ancestor
       AND NOT EXISTS (
         SELECT FROM bemi_tt.exclusions x JOIN pg_catalog.pg_class ac ON ac.relname = x."table"
@@ -445,12 +442,8 @@ _SCHEMA_EMPTY = (
 # -- privileges (docs/privileges.md) ------------------------------------------------------------------
 # The capture worker's tables, in any schema (the test of bemi_tt.trackable, which they are not).
 _WORKER_TABLES = (
-    "SELECT c.oid, c.relowner, c.relacl FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'p') AND ("
-    "(c.relname IN ('changes', 'changes_schemas', 'changes_digests') AND EXISTS (SELECT FROM"
-    " pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'"
-    " AND NOT a.attisdropped)) OR (c.relname = 'changes_positions' AND EXISTS (SELECT FROM"
-    " pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position'"
-    " AND NOT a.attisdropped)))"
+    "SELECT c.oid, c.relowner, c.relacl FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'p') AND "
+    + worker_table_sql("c")
 )
 _EMIT_FUNCTIONS = (
     "SELECT p.oid FROM pg_catalog.pg_proc p WHERE p.proname = 'pg_logical_emit_message'"
@@ -1113,7 +1106,7 @@ def _emit_grants(installer: str) -> str:
 
 
 #: The capture worker's tables (capture/schema.py, capture/sink.py); its index is "changes_table_key_idx".
-WORKER_TABLES = frozenset({"changes", "changes_schemas", "changes_positions", "changes_digests"})
+WORKER_TABLES = frozenset(_WORKER_TABLE_NAMES)
 
 
 def include_object(

@@ -51,6 +51,7 @@ from typing import Any
 import psycopg
 
 from capture.errors import ConfigurationError
+from capture.protocol import worker_table_sql
 
 __all__ = ["ddl_tracking_installed", "install_ddl_tracking", "install_statements", "uninstall_ddl_tracking"]
 
@@ -153,11 +154,8 @@ BEGIN
     CONTINUE WHEN rw.why & 6 = 0;  -- persistence or access method: no value changed
     root := coalesce(pg_catalog.pg_partition_root(rw.rel), rw.rel);
     -- the capture worker's own tables (never recorded; ``changes`` may be huge)
-    CONTINUE WHEN EXISTS (SELECT FROM pg_catalog.pg_class c
-                          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
-                          WHERE c.oid = root AND a.attname = 'commit_position' AND NOT a.attisdropped
-                          AND c.relname IN ('changes', 'changes_schemas', 'changes_positions',
-                                            'changes_digests'));
+    CONTINUE WHEN EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = root
+                          AND """ + worker_table_sql("c") + """);
     msg := """ + _MESSAGE.format(rel="root", event="'REWRITE'") + """;
     CONTINUE WHEN msg IS NULL;
     -- the owner (a non-superuser's install) may not read another role's table: a recorded gap, no error

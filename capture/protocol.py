@@ -23,6 +23,7 @@ __all__ = [
     "SCHEMAS_TABLE",
     "TRUNCATE_PREFIX",
     "WORKER_TABLES",
+    "worker_table_sql",
 ]
 
 #: What the hook prepends to a write statement: ``/*bemi:<base64 of the context JSON>*/``.
@@ -48,3 +49,19 @@ SCHEMAS_TABLE: Final = "changes_schemas"
 POSITIONS_TABLE: Final = "changes_positions"
 DIGESTS_TABLE: Final = "changes_digests"
 WORKER_TABLES: Final = (CHANGES_TABLE, SCHEMAS_TABLE, POSITIONS_TABLE, DIGESTS_TABLE)
+
+
+def worker_table_sql(rel: str = "c") -> str:
+    """SQL true for a ``pg_class`` row ``rel`` that is one of the worker's tables, in any schema.
+
+    Recognised by name and by a column only they have (``commit_position``; ``snapshot_position`` for the
+    positions table), so an application table that happens to be called ``changes`` is still tracked.
+    Used by tracking, the snapshot, the publication check and the DDL event triggers alike.
+    """
+    named = ", ".join(f"'{name}'" for name in WORKER_TABLES if name != POSITIONS_TABLE)
+    return (
+        f"(({rel}.relname IN ({named}) AND EXISTS (SELECT FROM pg_catalog.pg_attribute wa"
+        f" WHERE wa.attrelid = {rel}.oid AND wa.attname = 'commit_position' AND NOT wa.attisdropped))"
+        f" OR ({rel}.relname = '{POSITIONS_TABLE}' AND EXISTS (SELECT FROM pg_catalog.pg_attribute wa"
+        f" WHERE wa.attrelid = {rel}.oid AND wa.attname = 'snapshot_position' AND NOT wa.attisdropped)))"
+    )

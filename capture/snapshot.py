@@ -35,6 +35,7 @@ from psycopg import sql
 from capture.errors import ConfigurationError
 from capture.exclude import Exclusions
 from capture.pgoutput import parse_lsn
+from capture.protocol import worker_table_sql
 from capture.sink import Sink
 from capture.stitch import ChangeRow, ColumnSpec, SchemaChange, column_json
 from capture.values import TypeInfo, ValueEncoder
@@ -340,11 +341,7 @@ WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartitio
   AND NOT starts_with(n.nspname, 'pg_')
   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                   AND d.deptype = 'e')
-  AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_digests') AND EXISTS (
-           SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'commit_position'
-           AND NOT a.attisdropped))
-  AND NOT (c.relname = 'changes_positions' AND EXISTS (SELECT FROM pg_attribute a
-           WHERE a.attrelid = c.oid AND a.attname = 'snapshot_position' AND NOT a.attisdropped))
+  AND NOT """ + worker_table_sql("c") + """
   AND EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = %(pub)s AND p.schemaname = n.nspname
               AND p.tablename = c.relname)
 ORDER BY 1, 2

@@ -35,6 +35,7 @@ from psycopg import sql
 
 from capture.errors import ConfigurationError, SlotLostError, SourceError
 from capture.pgoutput import format_lsn
+from capture.protocol import worker_table_sql
 
 __all__ = [
     "SlotInfo",
@@ -153,9 +154,7 @@ WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartitio
   AND n.nspname NOT IN ('information_schema', 'bemi_tt') AND NOT starts_with(n.nspname, 'pg_')
   AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                   AND d.deptype = 'e')
-  AND NOT (c.relname IN ('changes', 'changes_schemas', 'changes_positions', 'changes_digests') AND EXISTS (
-           SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND NOT a.attisdropped
-           AND a.attname IN ('commit_position', 'snapshot_position')))
+  AND NOT """ + worker_table_sql("c") + """
   AND pg_has_role(c.relowner, 'USAGE') = %(owned)s
   AND NOT EXISTS (SELECT FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                   WHERE p.pubname = %(pub)s AND r.prrelid = c.oid)
