@@ -181,6 +181,7 @@ def duckdb(
     join, runs against one consistent point of history."""
     src = get_source(source)
     con = _duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")  # as the Python API answers; DuckDB would take the machine's zone
     # read as queries scan it: PostgreSQL streams ``changes`` per query instead of copying it up front
     src.lazy(con, "changes")
     schemas = src.schemas()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -159,3 +162,14 @@ def test_register_as_of_names_the_view_and_refuses_unknown_tables(make: Make) ->
         register_as_of(con, "nope", times[2])
     with pytest.raises(ConfigurationError, match="did not exist"):
         register_as_of(con, "app.tags", times[0])
+
+
+def test_duckdb_connection_shows_times_in_utc_whatever_the_machines_time_zone() -> None:
+    # DuckDB takes its session time zone from the process's; as_of answers in UTC, so must the macros
+    code = (
+        "import bemi_tt; con = bemi_tt.duckdb(bemi_tt.InMemorySource([], [])); "
+        "print(con.sql(\"SELECT current_setting('TimeZone')\").fetchall()[0][0])"
+    )
+    env = {**os.environ, "TZ": "Asia/Tokyo"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, "UTC"), out.stderr
