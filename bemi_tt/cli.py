@@ -222,12 +222,7 @@ def _history(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from bemi_tt.timetravel import audit
 
-    filters: dict[str, str] = {}
-    for item in args.where:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigurationError(f"--where takes KEY=VALUE, got {item!r}")
-        filters[key] = value
+    filters = _key_values(args.where, "--where")
     _check_times(since=args.since, until=args.until)
     frame = audit(args.table, since=args.since, until=args.until, source=_source(args), **filters)
     _print_frame(frame, args.format)
@@ -261,7 +256,7 @@ def _run_plan(args: argparse.Namespace, plan: Any, what: str) -> int:
 def _revert(args: argparse.Namespace) -> int:
     from bemi_tt.undo import revert
 
-    filters = _where_filters(args.where)
+    filters = _key_values(args.where, "--where")
     _check_times(since=args.since, until=args.until)
     plan = revert(args.table, since=args.since, until=args.until, transaction_id=args.transaction_id,
                   source=_undo_source(args), **filters)
@@ -276,14 +271,15 @@ def _restore(args: argparse.Namespace) -> int:
     return _run_plan(args, plan, f"restore of {args.table} to {args.ts}")
 
 
-def _where_filters(items: Sequence[str]) -> dict[str, str]:
-    filters: dict[str, str] = {}
+def _key_values(items: Sequence[str], option: str) -> dict[str, str]:
+    """Repeated ``option KEY=VALUE`` items (``--where``, ``--context``) → a dict of text values."""
+    pairs: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigurationError(f"--where takes KEY=VALUE, got {item!r}")
-        filters[key] = value
-    return filters
+            raise ConfigurationError(f"{option} takes KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
 
 
 def _undo_commands(sub: Any) -> None:
@@ -334,10 +330,7 @@ def _context_selector(items: Sequence[str]) -> dict[str, Any] | None:
     if not items:
         return None
     selector: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigurationError(f"--context takes KEY=VALUE, got {item!r}")
+    for key, value in _key_values(items, "--context").items():
         try:
             selector[key] = json.loads(value)
         except ValueError:
