@@ -1,4 +1,8 @@
-"""One real PostgreSQL server per test session, a fresh database per test.
+"""One real PostgreSQL server per test process, a fresh database per test.
+
+The suite runs in pytest-xdist worker processes (``-n``): each worker is a session with its own server,
+since replication slots and ``ALTER SYSTEM`` are server-wide and tests create both. The controlling
+process starts none.
 
 ``BEMI_TT_TEST_DSN`` points the suite at an external server (it must have ``wal_level=logical``);
 ``BEMI_TT_PG_BINDIR`` picks the binaries of the embedded one (e.g. Debian's PostgreSQL 15).
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from timetravel_history import History
 from timetravel_sources import KINDS, Make, build_source
 
-from bemi_tt.embedded import EmbeddedPostgres
+from bemi_tt.embedded import EmbeddedPostgres, find_bindir
 from bemi_tt.sources import Source
 
 
@@ -94,7 +99,23 @@ def _session_server() -> Server:
     return _server
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core (at most 4: the largest test file bounds the gain); none against an
+    external server, whose slots and settings parallel tests would share."""
+    if os.environ.get("BEMI_TT_TEST_DSN"):
+        return 0
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    """Whether this process only hands tests to xdist workers (it runs none, so it needs no server)."""
+    return bool(getattr(config.option, "numprocesses", None)) and "PYTEST_XDIST_WORKER" not in os.environ
+
+
 def pytest_report_header(config: pytest.Config) -> str:
+    if _xdist_controller(config) and not os.environ.get("BEMI_TT_TEST_DSN"):
+        done = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True)
+        return f"postgresql: {done.stdout.strip() or done.stderr.strip()} (one server per worker)"
     return f"postgresql: {_session_server().version_text}"
 
 
