@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -11,29 +10,11 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic_project import alembic_project
 from wal_messages import create_slot, read_events, row_contexts, without_sql
 
 import bemi_tt.hook  # noqa: F401  (activates the hook)
 from bemi_tt.context import context
-
-ENV = '''
-from alembic import context
-from sqlalchemy import create_engine
-
-config = context.config
-url = config.attributes["url"]
-if context.is_offline_mode():
-    context.configure(url=url, literal_binds=True)
-    with context.begin_transaction():
-        context.run_migrations()
-else:
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        context.configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
-'''
 
 FIRST = '''
 import sqlalchemy as sa
@@ -77,15 +58,8 @@ TRACKED = ["alembic_version", "later", "todo"]
 
 @pytest.fixture
 def alembic_config(tmp_path: Path, pg_server: Any, database: str) -> Config:
-    root = tmp_path / "migrations"
-    (root / "versions").mkdir(parents=True)
-    (root / "env.py").write_text(textwrap.dedent(ENV))
-    (root / "versions" / "0001_todo.py").write_text(textwrap.dedent(FIRST))
-    (root / "versions" / "0002_later.py").write_text(textwrap.dedent(SECOND))
-    config = Config()
-    config.set_main_option("script_location", str(root))
-    config.attributes["url"] = pg_server.sqlalchemy_url(database)
-    return config
+    migrations = {"0001_todo": FIRST, "0002_later": SECOND}
+    return alembic_project(tmp_path / "migrations", pg_server.sqlalchemy_url(database), migrations)
 
 
 def _state(dsn: str) -> tuple[list[str], list[str], bool]:

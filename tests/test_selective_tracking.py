@@ -16,6 +16,8 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
+from alembic.config import Config
+from alembic_project import alembic_project
 from hypothesis import given
 from test_least_privilege import roles as documented_roles  # noqa: F401  (a fixture of that name)
 
@@ -225,36 +227,8 @@ def downgrade():
 '''
 
 
-def _alembic(tmp_path: Path, url: object) -> object:
-    import textwrap
-
-    from alembic.config import Config
-
-    env = textwrap.dedent('''
-        from alembic import context
-        from sqlalchemy import create_engine
-
-        url = context.config.attributes["url"]
-        if context.is_offline_mode():
-            context.configure(url=url, literal_binds=True)
-            with context.begin_transaction():
-                context.run_migrations()
-        else:
-            engine = create_engine(url)
-            with engine.connect() as connection:
-                context.configure(connection=connection)
-                with context.begin_transaction():
-                    context.run_migrations()
-            engine.dispose()
-    ''')
-    root = tmp_path / "migrations"
-    (root / "versions").mkdir(parents=True)
-    (root / "env.py").write_text(env)
-    (root / "versions" / "0001_users.py").write_text(MIGRATION)
-    config = Config()
-    config.set_main_option("script_location", str(root))
-    config.attributes["url"] = url
-    return config
+def _alembic(tmp_path: Path, url: object) -> Config:
+    return alembic_project(tmp_path / "migrations", url, {"0001_users": MIGRATION})
 
 
 def test_migration_upgrade_excludes_tables_and_columns(
@@ -262,7 +236,7 @@ def test_migration_upgrade_excludes_tables_and_columns(
 ) -> None:
     from alembic import command
 
-    config = _alembic(tmp_path, pg_server.sqlalchemy_url(database))  # type: ignore[attr-defined]
+    config = _alembic(tmp_path, pg_server.sqlalchemy_url(database))
     command.upgrade(config, "head")  # type: ignore[arg-type]
     capture(dsn, once=True)
     with engine.begin() as conn:

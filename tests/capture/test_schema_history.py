@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.config import Config
+from alembic_project import alembic_project
 
 from bemi_tt.sources import PostgresSource
 from bemi_tt.timetravel import as_of
@@ -187,18 +187,6 @@ def test_uninstall_and_install_record_the_tracking_gap(engine: sa.Engine, dsn: s
     assert len([v for v in record(dsn) if v["table"] == "t"]) == 4
 
 
-ENV = '''
-from alembic import context
-from sqlalchemy import create_engine
-
-engine = create_engine(context.config.attributes["url"])
-with engine.connect() as connection:
-    context.configure(connection=connection)
-    with context.begin_transaction():
-        context.run_migrations()
-engine.dispose()
-'''
-
 MIGRATION = '''
 import sqlalchemy as sa
 from alembic import op
@@ -225,15 +213,9 @@ def test_alembic_downgrade_base_and_upgrade_head_record_the_dropped_rows_as_gone
     steps = ['op.drop_table("todo")', "Bemi.migration_downgrade()"]  # documented: migration_downgrade last
     if tracking_removed == "first":  # the order of the issue's report: the drop runs untracked
         steps.reverse()
-    root = tmp_path / "migrations"
-    (root / "versions").mkdir(parents=True)
-    (root / "env.py").write_text(ENV)
-    (root / "versions" / "0001_todo.py").write_text(
-        MIGRATION.replace("{downgrade}", "\n".join("    " + s for s in steps))
-    )
-    config = Config()
-    config.set_main_option("script_location", str(root))
-    config.attributes["url"] = pg_server.sqlalchemy_url(database)
+    migration = MIGRATION.replace("{downgrade}", "\n".join("    " + s for s in steps))
+    url = pg_server.sqlalchemy_url(database)
+    config = alembic_project(tmp_path / "migrations", url, {"0001_todo": migration})
     command.upgrade(config, "head")
     run(dsn, once=True)
     with engine.begin() as conn:
