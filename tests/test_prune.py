@@ -179,6 +179,12 @@ def test_prune_again_at_the_same_time_does_nothing(dsn: str, history: list[tuple
     assert prune_changes(dsn, before=history[2][0]).horizon is None
 
 
-def test_prune_refuses_an_export_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="export directory"):
-        bemi_tt.prune(str(tmp_path), before="2026-01-01")
+def test_prune_refuses_a_time_without_a_zone_or_in_the_future(dsn: str, history: list[tuple[datetime, Any]]
+                                                              ) -> None:
+    with pytest.raises(ConfigurationError, match="no time zone"):
+        bemi_tt.prune(dsn, before=history[3][0].replace(tzinfo=None))
+    with pytest.raises(ConfigurationError, match="in the future"):
+        bemi_tt.prune(dsn, before="2999-01-01T00:00:00Z")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM changes WHERE operation = 'SNAPSHOT'"
+                            " AND context ? '_bemi_baseline'").fetchone() == (0,)
