@@ -529,7 +529,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a local Parquet export directory to prune instead of the database")
     dsn_option(p)
     p.add_argument("--before", required=True, metavar="TS",
-                   help="keep history from this time on, ISO 8601 with a time zone (e.g. 2026-01-01T00:00:00Z)")
+                   help="keep history from this time on: ISO 8601 with a zone, e.g. 2026-01-01T00:00:00Z")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="with DIR: wait this long for a running export or compaction (default: 0)")
     p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")

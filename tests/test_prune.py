@@ -58,6 +58,10 @@ def _step(engine: sa.Engine, *statements: str) -> None:
 
 @pytest.fixture
 def history(engine: sa.Engine, dsn: str) -> list[tuple[datetime, dict[str, list[tuple[Any, ...]]]]]:
+    return workload(engine, dsn)
+
+
+def workload(engine: sa.Engine, dsn: str) -> list[tuple[datetime, dict[str, list[tuple[Any, ...]]]]]:
     """A workload with key updates, deletes, a TRUNCATE, a keyless table and an added column; the oracle
     read after each transaction."""
     with engine.begin() as conn:

@@ -14,7 +14,7 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from test_prune import TABLES, _answer, _live, _now, _step, history  # noqa: F401 - history is a fixture
+from test_prune import TABLES, _answer, _live, _now, _step, workload
 
 import bemi_tt
 from capture.chain import verify_export
@@ -33,6 +33,11 @@ COMPARED = ["primary_key", "table", "operation", "before", "after", "context", "
             "row_digest", "chain_hash", "before_primary_key"]
 
 
+@pytest.fixture
+def history(engine: sa.Engine, dsn: str) -> History:
+    return workload(engine, dsn)
+
+
 def _directory_rows(directory: Path) -> list[tuple[Any, ...]]:
     table = read_dataset(str(directory))
     data = {c: table[c].to_pylist() for c in COMPARED}
@@ -42,8 +47,10 @@ def _directory_rows(directory: Path) -> list[tuple[Any, ...]]:
 def _database_rows(dsn: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         conn.execute("SET TimeZone TO 'UTC'")
-        columns = ", ".join(f'"{c}"' + ("::text" if c in ("before", "after", "context") else "") for c in COMPARED)
-        return [tuple(r) for r in conn.execute(f"SELECT {columns} FROM changes ORDER BY commit_position, ordinal")]
+        columns = ", ".join(f'"{c}"' + ("::text" if c in ("before", "after", "context") else "")
+                            for c in COMPARED)
+        query = f"SELECT {columns} FROM changes ORDER BY commit_position, ordinal"
+        return [tuple(r) for r in conn.execute(query)]
 
 
 def _same_json(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> None:
@@ -241,7 +248,7 @@ def test_prune_names_a_target_that_is_not_an_export_directory(tmp_path: Path) ->
         bemi_tt.prune(other, before=when)
     delta = tmp_path / "delta"
     (delta / "_delta_log").mkdir(parents=True)
-    with pytest.raises(ConfigurationError, match="Delta export.*prune the database"):
+    with pytest.raises(ConfigurationError, match=r"Delta export.*prune the database"):
         bemi_tt.prune(delta, before=when)
     with pytest.raises(ConfigurationError, match="local export directories only"):
         bemi_tt.prune("s3://bucket/prefix?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1",
@@ -249,7 +256,8 @@ def test_prune_names_a_target_that_is_not_an_export_directory(tmp_path: Path) ->
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
-def test_cli_prune_of_a_directory(exported: Path, history: History, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prune_of_a_directory(exported: Path, history: History, capsys: pytest.CaptureFixture[str]
+                                  ) -> None:
     from bemi_tt.cli import main
 
     assert main(["prune", str(exported), "--before", history[3][0].isoformat()]) == 0
