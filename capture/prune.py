@@ -47,8 +47,9 @@ from psycopg import sql
 from capture.errors import ConfigurationError
 from capture.exclude import readable
 
-__all__ = ["BASELINE_MARKER", "Horizon", "Pruned", "baseline_rows", "export_horizon", "pg_horizon",
-           "prune_changes", "sync_export_horizon"]
+__all__ = ["BASELINE_MARKER", "BaselineRow", "Fold", "Horizon", "Pruned", "baseline_rows", "check_before",
+           "export_horizon", "fold", "folded_versions", "group_versions", "pg_horizon", "prune_changes",
+           "read_horizon", "sync_export_horizon"]
 
 BASELINE_MARKER = "_bemi_baseline"
 HORIZON_FILE = "horizon.json"
@@ -260,8 +261,9 @@ class Fold:
     context: str
 
 
-def fold(changes: Iterable[tuple[_Change, str | None]], versions: Mapping[tuple[str, str], list[dict[str, Any]]],
-         *, cut: int, before: datetime, previous: Horizon | None) -> Fold:
+def fold(changes: Iterable[tuple[_Change, str | None]],
+         versions: Mapping[tuple[str, str], list[dict[str, Any]]], *, cut: int, before: datetime,
+         previous: Horizon | None) -> Fold:
     """Fold ``changes`` (every change before ``cut`` in commit order, each with its ``chain_hash``) into
     baseline rows and their horizon: the one rule shared by the database and the export directory prune."""
     from capture.chain import row_digest
@@ -332,6 +334,20 @@ def folded_versions(versions: Mapping[tuple[str, str], list[dict[str, Any]]], cu
     return out
 
 
+def check_before(before: Any) -> None:
+    """A prune's time must be an aware instant that has passed: a later one would stamp the baseline
+    after the present, and ``as_of`` now would raise."""
+    if not isinstance(before, datetime) or before.tzinfo is None:
+        raise ConfigurationError(
+            f"before must be a datetime with a time zone, got {before!r}: prune deletes history, so it "
+            "does not guess the zone; pass e.g. 2026-01-01T00:00:00+00:00")
+    now = datetime.now(timezone.utc)
+    if before > now:
+        raise ConfigurationError(
+            f"before={before.isoformat()} is in the future (now is {now.isoformat(timespec='seconds')}): "
+            "prune keeps history from a time that has passed; pass an earlier time")
+
+
 # -- PostgreSQL -----------------------------------------------------------------------------------------
 
 
@@ -341,8 +357,7 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
     from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
     from capture.sink import DIGESTS_TABLE
 
-    if not isinstance(before, datetime) or before.tzinfo is None:
-        raise ConfigurationError(f"before must be an aware datetime, got {before!r}")
+    check_before(before)
     changes = sql.Identifier(schema, CHANGES_TABLE)
     schemas = sql.Identifier(schema, SCHEMAS_TABLE)
     record = f"{schema}.{CHANGES_TABLE}"

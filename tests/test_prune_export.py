@@ -282,3 +282,21 @@ def test_a_pruned_export_is_a_valid_layout(dsn: str, history: History, tmp_path:
     assert sum(pq.read_metadata(f.path).num_rows for f in state.files) == state.rows
     assert os.path.isfile(directory / "_bemi_tt" / "horizon.json")
     assert (directory / "_bemi_tt" / "lock").exists()
+
+
+def test_a_directory_pruned_later_than_the_database_keeps_its_own_horizon_through_the_next_export(
+    engine: sa.Engine, dsn: str, history: History, tmp_path: Path
+) -> None:
+    prune_changes(dsn, before=history[2][0])
+    directory = tmp_path / "export"
+    export_parquet(dsn, str(directory), progress=False)  # starts at the database's baseline, gets its horizon
+    bemi_tt.prune(directory, before=history[4][0])
+    own = export_horizon(str(directory))
+    assert own is not None and own.before == history[4][0]
+    _step(engine, "INSERT INTO tags VALUES (7, 'g')")
+    capture(dsn, once=True)
+    export_parquet(dsn, str(directory), progress=False)
+    assert export_horizon(str(directory)) == own
+    verify_export(str(directory))
+    for table in TABLES:
+        assert _answer(table, history[5][0], str(directory)) == history[5][1][table]
