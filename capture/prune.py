@@ -489,19 +489,111 @@ def read_horizon(filesystem: Any, root: str) -> Horizon | None:
 
 def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> bool:
     """After an export run: an export that starts at PostgreSQL's baseline gets the horizon record (so
-    ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact."""
+    ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact. A
+    directory pruned itself gets the erasures recorded in PostgreSQL into its baseline rows
+    (:func:`erase_export_baseline`)."""
     from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
 
     horizon = pg_horizon(conn, schema)
+    own = read_horizon(filesystem, root)
+    if own is not None and own != horizon:
+        erase_export_baseline(conn, filesystem, root, schema, own)
     if horizon is None:
         return False
     state = read_dataset_state(filesystem, root)
     first = min((f.first for f in state.files), default=None)
     if first is None or first < (horizon.position - 1, 0):
         return False
-    own = read_horizon(filesystem, root)
     if own is not None and own.position >= horizon.position:
         return False  # the directory was pruned itself, at or after the database's horizon: keep its record
     write_atomic(filesystem, f"{root}/{META_DIR}/{HORIZON_FILE}",
                  json.dumps(horizon.to_json(), sort_keys=True).encode("utf-8"))
     return True
+
+
+def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, own: Horizon) -> int:
+    """Erase, in a directory pruned by itself, the baseline rows whose values came from a change PostgreSQL
+    has erased since; the number of rows erased.
+
+    Its baseline rows have keys of their own (``(C - 1, i)`` of the directory's cut), so the erasures that
+    reach the export by key (capture/erase.py ``sync_export_erasures``) miss them. A keyed baseline row holds
+    the image of its key's last change before the cut: when PostgreSQL records that change as erased, the
+    row takes the erased form (the erasure's id, its ``what``), and ``erasures.json`` its original hashes
+    (so ``verify`` still checks it). Keyless rows are matched by content and cannot be traced: erase them
+    with ``erase(DIR, ...)``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capture.erase import (
+        ERASED_MARKER,
+        ERASURES_FILE,
+        _digests,
+        _erase_row,
+        _export_keys,
+        _read_record,
+        _texts,
+    )
+    from capture.export import parquet_bytes
+    from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
+    from capture.schema import CHANGES_TABLE
+
+    if not readable(conn, "erased") or not readable(conn, "erasures"):
+        return 0
+    changes = sql.Identifier(schema, CHANGES_TABLE)
+    found = conn.execute(sql.SQL(
+        'SELECT DISTINCT ON (c."schema", c."table", c.primary_key) c."schema", c."table", c.primary_key,'
+        " e.erasure, r.what FROM bemi_tt.erased e"
+        " JOIN {c} c ON c.commit_position = e.commit_position AND c.ordinal = e.ordinal"
+        " JOIN bemi_tt.erasures r ON r.id = e.erasure"
+        " WHERE e.changes_table = %s AND c.commit_position < %s AND c.primary_key IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM {c} l WHERE l.\"schema\" = c.\"schema\" AND l.\"table\" = c.\"table\""
+        " AND l.primary_key = c.primary_key AND l.commit_position < %s"
+        " AND (l.commit_position, l.ordinal) > (c.commit_position, c.ordinal))"
+        ' ORDER BY c."schema", c."table", c.primary_key, e.erasure').format(c=changes),
+        (f"{schema}.{CHANGES_TABLE}", own.position, own.position)).fetchall()
+    wanted = {(str(r[0]), str(r[1]), str(r[2])): (str(r[3]), tuple(r[4])) for r in found}
+    if not wanted:
+        return 0
+    record = _read_record(filesystem, root)
+    keys = _export_keys(filesystem, root)
+    rewrites = []
+    for data_file in read_dataset_state(filesystem, root).files:
+        if data_file.first[0] >= own.position:
+            continue  # no baseline row in it
+        data = pq.read_table(data_file.path, filesystem=filesystem)
+        positions = data.column("commit_position").to_pylist()
+        ordinals = data.column("ordinal").to_pylist()
+        names = list(zip(data.column("schema").to_pylist(), data.column("table").to_pylist(),
+                         data.column("primary_key").to_pylist(), strict=True))
+        texts = {c: _texts(data.column(c)) for c in ("before", "after", "context")}
+        hits = 0
+        for i, name in enumerate(names):
+            if (positions[i] >= own.position or name not in wanted
+                    or f'"{ERASED_MARKER}"' in texts["context"][i]):
+                continue  # not a baseline row, not erased in PostgreSQL, or erased already
+            label = f"{positions[i]}/{ordinals[i]}"
+            erasure, what = wanted[name]
+            record["rows"].setdefault(label, [*_digests(texts["before"][i], texts["after"][i],
+                                                        texts["context"][i]), erasure])
+            new = _erase_row(texts["before"][i], texts["after"][i], texts["context"][i],
+                             keys.get((str(name[0]), str(name[1])), frozenset()), erasure, what)
+            texts["before"][i], texts["after"][i], texts["context"][i] = new
+            hits += 1
+        if hits:
+            for column, values in texts.items():
+                index = data.schema.get_field_index(column)
+                field = data.schema.field(index)
+                array = pa.array(values, pa.string())
+                if isinstance(field.type, pa.BaseExtensionType):
+                    array = pa.ExtensionArray.from_storage(field.type, array)
+                data = data.set_column(index, field, array)
+            rewrites.append((data_file.path, data, hits))
+    if not rewrites:
+        return 0
+    # the record first: a crash in between leaves rows recorded but not yet erased, which the next run erases
+    write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}",
+                 json.dumps(record, sort_keys=True).encode("utf-8"))
+    for path, data, _ in rewrites:
+        write_atomic(filesystem, path, parquet_bytes(data))
+    return sum(hits for _, _, hits in rewrites)

@@ -300,3 +300,26 @@ def test_a_directory_pruned_later_than_the_database_keeps_its_own_horizon_throug
     verify_export(str(directory))
     for table in TABLES:
         assert _answer(table, history[5][0], str(directory)) == history[5][1][table]
+
+
+def test_an_erasure_in_the_database_reaches_the_baseline_of_a_directory_pruned_by_itself(
+    engine: sa.Engine, dsn: str, history: History, tmp_path: Path
+) -> None:
+    from capture.erase import erase_changes
+
+    directory = tmp_path / "export"
+    export_parquet(dsn, str(directory), progress=False)
+    cut_at = history[5][0]
+    bemi_tt.prune(directory, before=cut_at)  # users 1, 20 and 4 now live in the baseline rows only
+    erase_changes(dsn, table="users", key=20)
+    erase_changes(dsn, table="users", key=4, what=("context",))  # the values stay
+    _step(engine, "INSERT INTO tags VALUES (8, 'h')")
+    capture(dsn, once=True)
+    export_parquet(dsn, str(directory), progress=False)
+    frame = bemi_tt.as_of("users", cut_at, source=str(directory))
+    assert frame.loc[20].isna().all()
+    assert frame.loc[4, "name"] == "Di" and frame.loc[1, "name"] == "Anne"
+    # the baseline rows of 20 and 4, and the kept DELETE of 20 (reached by its key, as ever)
+    assert verify_export(str(directory)).erased == 3
+    export_parquet(dsn, str(directory), progress=False)  # again: nothing more to erase
+    assert verify_export(str(directory)).erased == 3
