@@ -29,8 +29,8 @@ recompute the chain.
 
 Exports: a Parquet export keeps its own (longer, still exact) history; the next export run into it writes
 nothing below its watermark, and an export made after the prune starts with the baseline and gets the
-horizon (``_bemi_tt/horizon.json``) so ``verify`` passes there too. Pruning an export directory itself is
-not built.
+horizon (``_bemi_tt/horizon.json``) so ``verify`` passes there too. An export directory is pruned with the
+same ``fold`` by ``capture.prune_export``.
 """
 
 from __future__ import annotations
