@@ -109,3 +109,36 @@ def test_a_prune_killed_from_outside_while_writing_leaves_the_old_state(
     assert bemi_tt.prune(directory, before=history[4][0]).horizon is not None
     _exact(directory, history[4:])
     verify_export(str(directory))
+
+
+def test_a_prune_after_a_killed_export_keeps_its_unfinished_unit_for_the_rerun(dsn: str, tmp_path: Path
+                                                                              ) -> None:
+    """Synthetic rows (tests/capture/export_rows.py: their hashes are not a chain, so no verify here)."""
+    sys.path.insert(0, str(Path(__file__).parent / "capture"))
+    from export_rows import changes_rows, dataset_rows, fill, run_and_kill
+
+    from capture.export_dataset import read_dataset, read_dataset_state, resolve_directory
+
+    fill(dsn, 3000)
+    directory = tmp_path / "export"
+    code = f"import capture.export as e; e.export_parquet({dsn!r}, {str(directory)!r}, batch_rows=500)"
+
+    def mid_unit() -> bool:
+        state = read_dataset_state(*resolve_directory(str(directory)))
+        return state.watermark is not None and state.watermark[0] > 0 and state.incomplete is not None \
+            and len(state.files) > 20
+
+    run_and_kill(code, mid_unit)
+    expected = changes_rows(dsn)
+    readable = dataset_rows(read_dataset(str(directory)))
+    cut_at = readable[len(readable) // 2][7]  # committed_at of a row in the middle of what is readable
+    pruned = bemi_tt.prune(directory, before=cut_at)
+    assert pruned.horizon is not None
+    cut = pruned.horizon.position
+    assert read_dataset_state(*resolve_directory(str(directory))).incomplete is not None  # still there
+    kept = [r for r in dataset_rows(read_dataset(str(directory))) if r[12] >= cut]
+    assert kept == [r for r in readable if r[12] >= cut]
+    export_parquet(dsn, str(directory), progress=False)  # finishes the unit, then the rest
+    rows = dataset_rows(read_dataset(str(directory)))
+    assert [r for r in rows if r[12] >= cut] == [r for r in expected if r[12] >= cut]
+    assert len([r for r in rows if r[12] < cut]) == pruned.horizon.rows
