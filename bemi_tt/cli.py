@@ -357,6 +357,12 @@ def _prune(args: argparse.Namespace) -> int:
     from capture.worker import resolve_dsn
 
     _check_times(before=args.before)
+    if args.directory is not None and args.dsn is not None:
+        raise ConfigurationError(
+            f"pass either an export directory ({args.directory!r}) or --dsn, not both: prune one at a time")
+    if args.directory is not None:
+        print(prune(args.directory, before=args.before, wait=args.wait))
+        return 0
     print(prune(resolve_dsn(args.dsn), before=args.before, schema=args.schema))
     return 0
 
@@ -516,11 +522,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default=None, help="why, recorded with the erasure (e.g. a ticket)")
 
     p = command("prune", _prune,
-                "Fold the history before a time into a baseline: as_of from then on is unchanged, earlier "
-                "times raise; verify resumes the chain at the recorded horizon.")
+                "Fold the history before a time into a baseline, in the database (--dsn) or in a local "
+                "Parquet export directory (DIR): as_of from then on is unchanged, earlier times raise; "
+                "verify resumes the chain at the recorded horizon.")
+    p.add_argument("directory", nargs="?", default=None, metavar="DIR",
+                   help="a local Parquet export directory to prune instead of the database")
     dsn_option(p)
     p.add_argument("--before", required=True, metavar="TS",
-                   help="keep history from this time on, ISO 8601 (naive means UTC)")
+                   help="keep history from this time on: ISO 8601 with a zone, e.g. 2026-01-01T00:00:00Z")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="with DIR: wait this long for a running export or compaction (default: 0)")
     p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
     return parser
 

@@ -2,13 +2,14 @@
 
 Thin over ``capture.erase`` and ``capture.prune``: a PostgreSQL URL, libpq string or psycopg connection
 acts on the ``changes`` table (one transaction); a directory (local or ``s3://``) erases in a Parquet
-export. See docs/retention-and-erasure.md.
+export; a local export directory is pruned by ``capture.prune_export``. See docs/retention-and-erasure.md.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from datetime import date, datetime
 from typing import Any
 
 from capture.erase import JSON_COLUMNS, Erasure, erase_changes, erase_export
@@ -54,23 +55,50 @@ def erase(
                          reason=reason)
 
 
-def prune(target: Any, *, before: Any, schema: str = "public") -> Pruned:
-    """Fold the history of ``target`` (a database holding ``changes``) committed at or before ``before``
-    into a baseline: ``as_of`` at every instant from ``before`` on is unchanged, ``as_of``/``diff`` before it
-    raise, naming ``before`` as where history starts, and ``verify`` resumes the chain at the recorded
-    horizon. One transaction. ``before``: datetime (naive means UTC), ISO 8601 text or pandas Timestamp.
-    An export directory is not pruned (its history stays exact, only longer): see
-    docs/retention-and-erasure.md.
-    """
+def _looks_like_path(target: Any) -> bool:
+    """A string meant as a directory (that may not exist), not a database URL or libpq string."""
+    return isinstance(target, str) and "://" not in target and "=" not in target and (
+        os.sep in target or target.startswith((".", "~")) or os.path.exists(target))
+
+
+def _prune_time(value: Any) -> datetime:
+    """``before`` as an aware UTC datetime; a time without a zone is refused (prune deletes history: a
+    guessed zone could fold hours too many)."""
+    import numpy as np
+    import pandas as pd
+
     from bemi_tt.timestamps import to_utc
 
-    when = to_utc(before, "before").to_pydatetime()
-    if _is_directory(target):
+    when = to_utc(value, "before")  # not a time at all: its own error, naming the value
+    naive = isinstance(value, np.datetime64) or (isinstance(value, date) and not isinstance(value, datetime))
+    if isinstance(value, datetime):
+        naive = value.tzinfo is None
+    elif isinstance(value, str) and value.strip().lower() not in ("now", "today"):
+        naive = pd.Timestamp(value.strip()).tzinfo is None
+    if naive:
         raise ConfigurationError(
-            f"prune works on the database holding changes, not on an export directory ({target!r}): an "
-            "export keeps its longer, still exact history; export into a new directory after pruning to "
-            "start it at the baseline"
+            f"before={value!r} has no time zone: prune deletes history, so it does not guess one; write it "
+            "like '2026-01-01T00:00:00+00:00' (or ...Z for UTC)"
         )
+    result: datetime = when.to_pydatetime()
+    return result
+
+
+def prune(target: Any, *, before: Any, schema: str = "public", wait: float = 0.0) -> Pruned:
+    """Fold the history of ``target`` committed at or before ``before`` into a baseline: ``as_of`` at every
+    instant from ``before`` on is unchanged, ``as_of``/``diff`` before it raise, naming ``before`` as where
+    history starts, and ``verify`` resumes the chain at the recorded horizon.
+
+    ``target``: a database holding ``changes`` (URL, libpq string or psycopg connection; one transaction)
+    or a local Parquet export directory (swapped in atomically under the export lock, which it waits
+    ``wait`` seconds for). ``before``: a time with a zone that has passed (datetime, ISO 8601 text, pandas
+    Timestamp, 'now'). See docs/retention-and-erasure.md.
+    """
+    when = _prune_time(before)
+    if _is_directory(target) or _looks_like_path(target):
+        from capture.prune_export import prune_export
+
+        return prune_export(os.path.expanduser(os.fspath(target)), before=when, wait=wait)
     from capture.worker import resolve_dsn
 
     dsn = resolve_dsn(target) if isinstance(target, str) or target is None else target

@@ -297,12 +297,18 @@ def _check_prefix(conn: psycopg.Connection, name: sql.Composable, state: Dataset
     """Fail if ``changes`` has more rows at or below the watermark than the dataset: they would be lost."""
     if state.watermark is None:
         return
-    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(None, state.watermark))
+    from capture.prune import read_horizon
+
+    # a pruned dataset holds its baseline (at C - 1) instead of the changes before the horizon C
+    horizon = read_horizon(state.filesystem, state.root)
+    lower = (horizon.position - 1, (1 << 32) - 1) if horizon is not None else None
+    rows = state.rows - (horizon.rows if horizon is not None else 0)
+    query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(lower, state.watermark))
     row = conn.execute(query).fetchone()
     behind = int(row[0]) if row else 0
-    if behind > state.rows:
+    if behind > rows:
         raise SourceError(
-            f"{behind - state.rows} rows of changes have keys at or below the export watermark "
+            f"{behind - rows} rows of changes have keys at or below the export watermark "
             f"{state.watermark!r} but are not in the dataset {state.root!r} (inserted out of key order); "
             "re-export into an empty directory"
         )

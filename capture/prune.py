@@ -29,8 +29,8 @@ recompute the chain.
 
 Exports: a Parquet export keeps its own (longer, still exact) history; the next export run into it writes
 nothing below its watermark, and an export made after the prune starts with the baseline and gets the
-horizon (``_bemi_tt/horizon.json``) so ``verify`` passes there too. Pruning an export directory itself is
-not built.
+horizon (``_bemi_tt/horizon.json``) so ``verify`` passes there too. An export directory is pruned with the
+same ``fold`` by ``capture.prune_export``.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ from psycopg import sql
 from capture.errors import ConfigurationError
 from capture.exclude import readable
 
-__all__ = ["BASELINE_MARKER", "Horizon", "Pruned", "baseline_rows", "export_horizon", "pg_horizon",
-           "prune_changes", "sync_export_horizon"]
+__all__ = ["BASELINE_MARKER", "BaselineRow", "Fold", "Horizon", "Pruned", "baseline_rows", "check_before",
+           "export_horizon", "fold", "folded_versions", "group_versions", "pg_horizon", "prune_changes",
+           "read_horizon", "sync_export_horizon"]
 
 BASELINE_MARKER = "_bemi_baseline"
 HORIZON_FILE = "horizon.json"
@@ -236,17 +237,127 @@ def _digest_rows(rows: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class BaselineRow:
+    """One row of a baseline: a ``SNAPSHOT`` at ``(cut - 1, ordinal)`` stamped ``before``."""
+
+    schema: str
+    table: str
+    database: str
+    primary_key: str | None
+    after: str
+    ordinal: int
+    row_digest: str
+    chain_hash: str | None
+
+
+@dataclass(frozen=True)
+class Fold:
+    """What folding the changes before a cut gives: the baseline rows, the horizon, how many were folded."""
+
+    rows: list[BaselineRow]
+    horizon: Horizon
+    folded: int
+    context: str
+
+
+def fold(changes: Iterable[tuple[_Change, str | None]],
+         versions: Mapping[tuple[str, str], list[dict[str, Any]]], *, cut: int, before: datetime,
+         previous: Horizon | None) -> Fold:
+    """Fold ``changes`` (every change before ``cut`` in commit order, each with its ``chain_hash``) into
+    baseline rows and their horizon: the one rule shared by the database and the export directory prune."""
+    from capture.chain import row_digest
+
+    folded = 0
+    head = previous.head if previous is not None else None
+
+    def read() -> Iterator[_Change]:
+        nonlocal folded, head
+        for change, chain_hash in changes:
+            folded += 1
+            if chain_hash is not None:
+                head = (int(change.commit_position), int(change.ordinal), str(chain_hash))
+            yield change
+
+    base = baseline_rows(read(), {k: v for k, v in versions.items() if v})
+    context = json.dumps({BASELINE_MARKER: before.isoformat()}, separators=(",", ":"))
+    rows = []
+    for ordinal, (rel_schema, rel_table, database, key, after) in enumerate(base):
+        digest = row_digest(
+            table=rel_table, schema=rel_schema, database=database, operation="SNAPSHOT",
+            primary_key=key, before="{}", after=after, context=context, context_verified=None,
+            committed_at=before, transaction_id=None, position=cut - 1, commit_position=cut - 1,
+            ordinal=ordinal)
+        rows.append(BaselineRow(rel_schema, rel_table, database, key, after, ordinal, digest,
+                                head[2] if head else None))
+    horizon = Horizon(before, cut, head, _digest_rows(r.row_digest for r in rows), len(rows))
+    return Fold(rows, horizon, folded, context)
+
+
+def group_versions(rows: Iterable[Sequence[Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each live relation's schema versions (by name of the newest), oldest first, from rows of
+    ``(schema, table, commit_position, ordinal, columns, relation_oid, event, replica_identity)`` (JSON
+    parsed) in ``(commit_position, ordinal, step)`` order."""
+    by_relation: dict[Any, list[dict[str, Any]]] = {}
+    for rel_schema, rel_table, position, ordinal, columns, oid, event, identity in rows:
+        ident = oid if oid is not None else (rel_schema, rel_table)
+        by_relation.setdefault(ident, []).append({
+            "schema": rel_schema, "table": rel_table, "position": (int(position), int(ordinal)),
+            "columns": columns, "oid": oid, "event": event or [], "replica_identity": identity,
+        })
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for history in by_relation.values():
+        last = history[-1]
+        if any(e.get("kind") == "drop_table" for e in last["event"]):
+            continue  # a dropped relation: every row of it is gone, and so is its record
+        out[(str(last["schema"]), str(last["table"]))] = [v for v in history if v["columns"]] or history
+    return out
+
+
+def folded_versions(versions: Mapping[tuple[str, str], list[dict[str, Any]]], cut: int,
+                    before: datetime) -> list[dict[str, Any]]:
+    """The schema versions that replace those before the cut: one per live relation at ``(cut - 1, 0)``,
+    stamped ``before``, with the newest columns (no fills: the baseline rows hold them) and the event
+    ``pruned``."""
+    out = []
+    for (rel_schema, rel_table), history in sorted(versions.items()):
+        last = history[-1]
+        columns = [{k: v for k, v in c.items() if k != "fill"} for c in last["columns"]]
+        kept = [e for e in last["event"] if e.get("kind") == "exclude"
+                or (e.get("kind") == "untracked" and e.get("what") == "table")]
+        out.append({
+            "schema": rel_schema, "table": rel_table, "commit_position": cut - 1, "ordinal": 0,
+            "committed_at": before, "columns": columns, "relation_oid": last["oid"], "step": 0,
+            "event": [{"kind": "pruned", "before": before.isoformat(), "position": cut}, *kept],
+            "context": {}, "replica_identity": last["replica_identity"],
+        })
+    return out
+
+
+def check_before(before: Any) -> None:
+    """A prune's time must be an aware instant that has passed: a later one would stamp the baseline
+    after the present, and ``as_of`` now would raise."""
+    if not isinstance(before, datetime) or before.tzinfo is None:
+        raise ConfigurationError(
+            f"before must be a datetime with a time zone, got {before!r}: prune deletes history, so it "
+            "does not guess the zone; pass e.g. 2026-01-01T00:00:00+00:00")
+    now = datetime.now(timezone.utc)
+    if before > now:
+        raise ConfigurationError(
+            f"before={before.isoformat()} is in the future (now is {now.isoformat(timespec='seconds')}): "
+            "prune keeps history from a time that has passed; pass an earlier time")
+
+
 # -- PostgreSQL -----------------------------------------------------------------------------------------
 
 
 def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Pruned:
     """Fold the changes committed at or before ``before`` into a baseline (see the module docstring)."""
-    from capture.chain import _connect, row_digest
+    from capture.chain import _connect
     from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
     from capture.sink import DIGESTS_TABLE
 
-    if not isinstance(before, datetime) or before.tzinfo is None:
-        raise ConfigurationError(f"before must be an aware datetime, got {before!r}")
+    check_before(before)
     changes = sql.Identifier(schema, CHANGES_TABLE)
     schemas = sql.Identifier(schema, SCHEMAS_TABLE)
     record = f"{schema}.{CHANGES_TABLE}"
@@ -267,10 +378,8 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
             if previous is not None and (cut <= previous.position or before <= previous.before):
                 return Pruned(None, 0, record)  # already pruned at or after this point
             versions = _pg_versions(conn, schemas, cut)
-            folded, head = 0, previous.head if previous is not None else None
 
-            def read() -> Iterator[_Change]:
-                nonlocal folded, head
+            def read() -> Iterator[tuple[_Change, str | None]]:
                 with conn.cursor(name="bemi_tt_prune") as cur:
                     cur.itersize = 10_000
                     cur.execute(sql.SQL(
@@ -279,25 +388,12 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
                         " WHERE commit_position < %s ORDER BY commit_position, ordinal").format(changes),
                         (cut,))
                     for r in cur:
-                        folded += 1
-                        if r[9] is not None:
-                            head = (int(r[7]), int(r[8]), str(r[9]))
-                        yield _Change(*r[:9])
+                        yield _Change(*r[:9]), r[9]
 
-            base = baseline_rows(read(), {k: v for k, v in versions.items() if v})
-            stamp = before.isoformat()
-            context = json.dumps({BASELINE_MARKER: stamp}, separators=(",", ":"))
-            inserts, digests = [], []
-            for ordinal, (rel_schema, rel_table, database, key, after) in enumerate(base):
-                digest = row_digest(
-                    table=rel_table, schema=rel_schema, database=database, operation="SNAPSHOT",
-                    primary_key=key, before="{}", after=after, context=context, context_verified=None,
-                    committed_at=before, transaction_id=None, position=cut - 1, commit_position=cut - 1,
-                    ordinal=ordinal)
-                digests.append(digest)
-                inserts.append((key, rel_table, after, context, before, rel_schema, database, cut - 1,
-                                cut - 1, ordinal, digest, head[2] if head else None))
-            horizon = Horizon(before, cut, head, _digest_rows(digests), len(base))
+            result = fold(read(), versions, cut=cut, before=before, previous=previous)
+            horizon, head = result.horizon, result.horizon.head
+            inserts = [(r.primary_key, r.table, r.after, result.context, before, r.schema, r.database,
+                        cut - 1, cut - 1, r.ordinal, r.row_digest, r.chain_hash) for r in result.rows]
             conn.execute(sql.SQL("DELETE FROM {} WHERE commit_position < %s").format(changes), (cut,))
             with conn.cursor() as cur:
                 cur.executemany(sql.SQL(
@@ -325,7 +421,7 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
                 " pruned_by = current_user",
                 (record, before, cut, *(head or (None, None, None)), horizon.baseline, horizon.rows),
             )
-        return Pruned(horizon, folded, record)
+        return Pruned(horizon, result.folded, record)
     finally:
         if conn is not dsn:
             conn.close()
@@ -334,42 +430,25 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
 def _pg_versions(conn: Any, schemas: sql.Composable, cut: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Each relation's versions before the cut (by name of the newest), oldest first."""
     rows = conn.execute(sql.SQL(
-        'SELECT "schema", "table", commit_position, ordinal, step, columns, relation_oid, event,'
+        'SELECT "schema", "table", commit_position, ordinal, columns, relation_oid, event,'
         ' replica_identity FROM {} WHERE commit_position < %s'
         " ORDER BY commit_position, ordinal, step").format(schemas),
         (cut,)).fetchall()
-    by_relation: dict[Any, list[dict[str, Any]]] = {}
-    for rel_schema, rel_table, position, ordinal, _, columns, oid, event, identity in rows:
-        ident = oid if oid is not None else (rel_schema, rel_table)
-        by_relation.setdefault(ident, []).append({
-            "schema": rel_schema, "table": rel_table, "position": (int(position), int(ordinal)),
-            "columns": columns, "oid": oid, "event": event or [], "replica_identity": identity,
-        })
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for history in by_relation.values():
-        last = history[-1]
-        if any(e.get("kind") == "drop_table" for e in last["event"]):
-            continue  # a dropped relation: every row of it is gone, and so is its record
-        out[(str(last["schema"]), str(last["table"]))] = [v for v in history if v["columns"]] or history
-    return out
+    return group_versions(rows)
 
 
 def _replace_versions(conn: Any, schemas: sql.Composable, versions: Mapping[tuple[str, str],
                       list[dict[str, Any]]], cut: int, before: datetime) -> None:
     """The versions before the cut become one per live relation at ``(cut - 1, 0)``, stamped ``before``."""
     conn.execute(sql.SQL("DELETE FROM {} WHERE commit_position < %s").format(schemas), (cut,))
-    for (rel_schema, rel_table), history in sorted(versions.items()):
-        last = history[-1]
-        columns = [{k: v for k, v in c.items() if k != "fill"} for c in last["columns"]]
-        kept = [e for e in last["event"] if e.get("kind") == "exclude"
-                or (e.get("kind") == "untracked" and e.get("what") == "table")]
-        event = [{"kind": "pruned", "before": before.isoformat(), "position": cut}, *kept]
+    for v in folded_versions(versions, cut, before):
         conn.execute(sql.SQL(
             'INSERT INTO {} ("schema", "table", commit_position, ordinal, committed_at, columns,'
-            " relation_oid, step, event, context, replica_identity) VALUES (%s, %s, %s, 0, %s, %s::jsonb,"
-            " %s, 0, %s::jsonb, '{{}}', %s)").format(schemas),
-            (rel_schema, rel_table, cut - 1, before, json.dumps(columns), last["oid"], json.dumps(event),
-             last["replica_identity"]))
+            " relation_oid, step, event, context, replica_identity) VALUES (%s, %s, %s, %s, %s, %s::jsonb,"
+            " %s, %s, %s::jsonb, %s::jsonb, %s)").format(schemas),
+            (v["schema"], v["table"], v["commit_position"], v["ordinal"], v["committed_at"],
+             json.dumps(v["columns"]), v["relation_oid"], v["step"], json.dumps(v["event"]),
+             json.dumps(v["context"]), v["replica_identity"]))
 
 
 def pg_horizon(conn: Any, schema: str) -> Horizon | None:
@@ -392,9 +471,15 @@ def pg_horizon(conn: Any, schema: str) -> Horizon | None:
 
 def export_horizon(directory: str) -> Horizon | None:
     """The horizon an export holds (``_bemi_tt/horizon.json``; None: its history was never pruned)."""
-    from capture.export_dataset import META_DIR, resolve_directory
+    from capture.export_dataset import resolve_directory
 
-    filesystem, root = resolve_directory(directory)
+    return read_horizon(*resolve_directory(directory))
+
+
+def read_horizon(filesystem: Any, root: str) -> Horizon | None:
+    """``_bemi_tt/horizon.json`` of the dataset at ``root`` of ``filesystem`` (None: never pruned)."""
+    from capture.export_dataset import META_DIR
+
     try:
         with filesystem.open_input_stream(f"{root}/{META_DIR}/{HORIZON_FILE}") as stream:
             return Horizon.from_json(json.loads(stream.read().decode("utf-8")))
@@ -404,16 +489,111 @@ def export_horizon(directory: str) -> Horizon | None:
 
 def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> bool:
     """After an export run: an export that starts at PostgreSQL's baseline gets the horizon record (so
-    ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact."""
+    ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact. A
+    directory pruned itself gets the erasures recorded in PostgreSQL into its baseline rows
+    (:func:`erase_export_baseline`)."""
     from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
 
     horizon = pg_horizon(conn, schema)
+    own = read_horizon(filesystem, root)
+    if own is not None and own != horizon:
+        erase_export_baseline(conn, filesystem, root, schema, own)
     if horizon is None:
         return False
     state = read_dataset_state(filesystem, root)
     first = min((f.first for f in state.files), default=None)
     if first is None or first < (horizon.position - 1, 0):
         return False
+    if own is not None and own.position >= horizon.position:
+        return False  # the directory was pruned itself, at or after the database's horizon: keep its record
     write_atomic(filesystem, f"{root}/{META_DIR}/{HORIZON_FILE}",
                  json.dumps(horizon.to_json(), sort_keys=True).encode("utf-8"))
     return True
+
+
+def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, own: Horizon) -> int:
+    """Erase, in a directory pruned by itself, the baseline rows whose values came from a change PostgreSQL
+    has erased since; the number of rows erased.
+
+    Its baseline rows have keys of their own (``(C - 1, i)`` of the directory's cut), so the erasures that
+    reach the export by key (capture/erase.py ``sync_export_erasures``) miss them. A keyed baseline row holds
+    the image of its key's last change before the cut: when PostgreSQL records that change as erased, the
+    row takes the erased form (the erasure's id, its ``what``), and ``erasures.json`` its original hashes
+    (so ``verify`` still checks it). Keyless rows are matched by content and cannot be traced: erase them
+    with ``erase(DIR, ...)``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capture.erase import (
+        ERASED_MARKER,
+        ERASURES_FILE,
+        _digests,
+        _erase_row,
+        _export_keys,
+        _read_record,
+        _texts,
+    )
+    from capture.export import parquet_bytes
+    from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
+    from capture.schema import CHANGES_TABLE
+
+    if not readable(conn, "erased") or not readable(conn, "erasures"):
+        return 0
+    changes = sql.Identifier(schema, CHANGES_TABLE)
+    found = conn.execute(sql.SQL(
+        'SELECT DISTINCT ON (c."schema", c."table", c.primary_key) c."schema", c."table", c.primary_key,'
+        " e.erasure, r.what FROM bemi_tt.erased e"
+        " JOIN {c} c ON c.commit_position = e.commit_position AND c.ordinal = e.ordinal"
+        " JOIN bemi_tt.erasures r ON r.id = e.erasure"
+        " WHERE e.changes_table = %s AND c.commit_position < %s AND c.primary_key IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM {c} l WHERE l.\"schema\" = c.\"schema\" AND l.\"table\" = c.\"table\""
+        " AND l.primary_key = c.primary_key AND l.commit_position < %s"
+        " AND (l.commit_position, l.ordinal) > (c.commit_position, c.ordinal))"
+        ' ORDER BY c."schema", c."table", c.primary_key, e.erasure').format(c=changes),
+        (f"{schema}.{CHANGES_TABLE}", own.position, own.position)).fetchall()
+    wanted = {(str(r[0]), str(r[1]), str(r[2])): (str(r[3]), tuple(r[4])) for r in found}
+    if not wanted:
+        return 0
+    record = _read_record(filesystem, root)
+    keys = _export_keys(filesystem, root)
+    rewrites = []
+    for data_file in read_dataset_state(filesystem, root).files:
+        if data_file.first[0] >= own.position:
+            continue  # no baseline row in it
+        data = pq.read_table(data_file.path, filesystem=filesystem)
+        positions = data.column("commit_position").to_pylist()
+        ordinals = data.column("ordinal").to_pylist()
+        names = list(zip(data.column("schema").to_pylist(), data.column("table").to_pylist(),
+                         data.column("primary_key").to_pylist(), strict=True))
+        texts = {c: _texts(data.column(c)) for c in ("before", "after", "context")}
+        hits = 0
+        for i, name in enumerate(names):
+            if (positions[i] >= own.position or name not in wanted
+                    or f'"{ERASED_MARKER}"' in texts["context"][i]):
+                continue  # not a baseline row, not erased in PostgreSQL, or erased already
+            label = f"{positions[i]}/{ordinals[i]}"
+            erasure, what = wanted[name]
+            record["rows"].setdefault(label, [*_digests(texts["before"][i], texts["after"][i],
+                                                        texts["context"][i]), erasure])
+            new = _erase_row(texts["before"][i], texts["after"][i], texts["context"][i],
+                             keys.get((str(name[0]), str(name[1])), frozenset()), erasure, what)
+            texts["before"][i], texts["after"][i], texts["context"][i] = new
+            hits += 1
+        if hits:
+            for column, values in texts.items():
+                index = data.schema.get_field_index(column)
+                field = data.schema.field(index)
+                array = pa.array(values, pa.string())
+                if isinstance(field.type, pa.BaseExtensionType):
+                    array = pa.ExtensionArray.from_storage(field.type, array)
+                data = data.set_column(index, field, array)
+            rewrites.append((data_file.path, data, hits))
+    if not rewrites:
+        return 0
+    # the record first: a crash in between leaves rows recorded but not yet erased, which the next run erases
+    write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}",
+                 json.dumps(record, sort_keys=True).encode("utf-8"))
+    for path, data, _ in rewrites:
+        write_atomic(filesystem, path, parquet_bytes(data))
+    return sum(hits for _, _, hits in rewrites)

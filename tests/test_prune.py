@@ -58,6 +58,10 @@ def _step(engine: sa.Engine, *statements: str) -> None:
 
 @pytest.fixture
 def history(engine: sa.Engine, dsn: str) -> list[tuple[datetime, dict[str, list[tuple[Any, ...]]]]]:
+    return workload(engine, dsn)
+
+
+def workload(engine: sa.Engine, dsn: str) -> list[tuple[datetime, dict[str, list[tuple[Any, ...]]]]]:
     """A workload with key updates, deletes, a TRUNCATE, a keyless table and an added column; the oracle
     read after each transaction."""
     with engine.begin() as conn:
@@ -179,6 +183,12 @@ def test_prune_again_at_the_same_time_does_nothing(dsn: str, history: list[tuple
     assert prune_changes(dsn, before=history[2][0]).horizon is None
 
 
-def test_prune_refuses_an_export_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="export directory"):
-        bemi_tt.prune(str(tmp_path), before="2026-01-01")
+def test_prune_refuses_a_time_without_a_zone_or_in_the_future(dsn: str, history: list[tuple[datetime, Any]]
+                                                              ) -> None:
+    with pytest.raises(ConfigurationError, match="no time zone"):
+        bemi_tt.prune(dsn, before=history[3][0].replace(tzinfo=None))
+    with pytest.raises(ConfigurationError, match="in the future"):
+        bemi_tt.prune(dsn, before="2999-01-01T00:00:00Z")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM changes WHERE operation = 'SNAPSHOT'"
+                            " AND context ? '_bemi_baseline'").fetchone() == (0,)
