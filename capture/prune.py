@@ -242,8 +242,8 @@ def _digest_rows(rows: Iterable[str]) -> str:
 def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Pruned:
     """Fold the changes committed at or before ``before`` into a baseline (see the module docstring)."""
     from capture.chain import _connect, row_digest
+    from capture.protocol import DIGESTS_TABLE
     from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
-    from capture.sink import DIGESTS_TABLE
 
     if not isinstance(before, datetime) or before.tzinfo is None:
         raise ConfigurationError(f"before must be an aware datetime, got {before!r}")
@@ -392,7 +392,8 @@ def pg_horizon(conn: Any, schema: str) -> Horizon | None:
 
 def export_horizon(directory: str) -> Horizon | None:
     """The horizon an export holds (``_bemi_tt/horizon.json``; None: its history was never pruned)."""
-    from capture.export_dataset import META_DIR, resolve_directory
+    from capture.export.dataset import resolve_directory
+    from capture.export.layout import META_DIR
 
     filesystem, root = resolve_directory(directory)
     try:
@@ -405,7 +406,8 @@ def export_horizon(directory: str) -> Horizon | None:
 def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> bool:
     """After an export run: an export that starts at PostgreSQL's baseline gets the horizon record (so
     ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact."""
-    from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
+    from capture.export.dataset import read_dataset_state, write_atomic
+    from capture.export.layout import META_DIR
 
     horizon = pg_horizon(conn, schema)
     if horizon is None:
