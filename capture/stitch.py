@@ -45,14 +45,14 @@ from __future__ import annotations
 import enum
 import json
 import re
-import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
 from capture.errors import DecodeError
 from capture.exclude import EXCLUDE_PREFIX, Exclusions, drop_members
+from capture.fastpath import RowParser, compile_row_parser, text_tuple, u32_from
 from capture.pgoutput import (
     UNCHANGED,
     Begin,
@@ -68,16 +68,12 @@ from capture.pgoutput import (
     Unchanged,
     Update,
     pg_timestamp_to_datetime,
-    text_tuple,
 )
 from capture.protocol import BEMI_PREFIX, CONTEXT_PREFIX, DDL_PREFIX, REWRITE_PREFIX, TRUNCATE_PREFIX
 from capture.signing import KeyRing, open_context
 from capture.values import (
-    INLINE_EXPRESSIONS,
-    INLINE_NAMESPACE,
     TypeInfo,
     ValueEncoder,
-    json_string,
     row_json,
 )
 
@@ -103,7 +99,6 @@ class _Fallback(enum.Enum):
 #: What :meth:`Stitcher.change_data` returns for a message it leaves to ``decode`` + ``change``.
 NOT_HANDLED: Final = _Fallback.NOT_HANDLED
 _I, _U, _D, _N, _K = (ord(c) for c in "IUDNK")
-_u32_from = struct.Struct(">I").unpack_from
 
 
 class ChangeRow(NamedTuple):
@@ -248,64 +243,7 @@ class _Table:
     identity_indexes: tuple[int, ...] = ()  # columns of a 'K' old tuple
     full_identity: bool = False
     #: ``parse(data)``: (after JSON, raw key values) of an Insert / Update-without-old-tuple, or None
-    parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] | None = None
-
-
-def _inline(converter: Callable[[bytes], str], i: int) -> str:
-    expression = INLINE_EXPRESSIONS.get(converter)
-    if expression is None:
-        return f"c{i}(v{i})"
-    return expression.format(v=f"v{i}", t=f"t{i}")
-
-
-def _compile_parser(
-    encoder: ValueEncoder, key_indexes: tuple[int, ...]
-) -> Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None]:
-    """A function reading one relation's new tuple (at byte 6) straight into its ``after`` JSON.
-
-    Generated per relation with every column unrolled (no per-value calls but the type's converter):
-    returns None for anything but text and NULL values filling the message exactly, so ``decode``
-    handles (or reports) the rest. Converters may raise on malformed values; callers fall back then.
-    """
-    assert encoder.names is not None
-    count = len(encoder.converters)
-    # keys in the encoder's (sorted, canonical) order, as row_json writes them
-    names = encoder.names
-    template = "{" + ",".join(json_string(names[i]).replace("%", "%%") + ":%s" for i in encoder.order) + "}"
-    lines = [
-        "def parse(data):",
-        f"    if data[6] != {count >> 8} or data[7] != {count & 0xFF}:",
-        "        return None",
-        "    pos = 8",
-    ]
-    for i in range(count):
-        lines += [
-            "    kind = data[pos]",
-            "    if kind == 116:",
-            "        start = pos + 5",
-            "        pos = start + u32(data, pos + 1)[0]",
-            f"        v{i} = data[start:pos]",
-            f"        j{i} = {_inline(encoder.converters[i], i)}",
-            "    elif kind == 110:",
-            f"        v{i} = None",
-            f"        j{i} = 'null'",
-            "        pos += 1",
-            "    else:",
-            "        return None",
-        ]
-    values = "".join(f"j{i}, " for i in encoder.order)
-    keys = "".join(f"v{i}, " for i in key_indexes)
-    lines += [
-        "    if pos != len(data):",
-        "        return None",
-        f"    return template % ({values}), ({keys})",
-    ]
-    namespace: dict[str, Any] = {f"c{i}": c for i, c in enumerate(encoder.converters)}
-    namespace.update(INLINE_NAMESPACE)
-    namespace.update(template=template, u32=_u32_from)
-    exec(compile("\n".join(lines), f"<capture row parser of {count} columns>", "exec"), namespace)
-    parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] = namespace["parse"]
-    return parse
+    parse: RowParser | None = None
 
 
 def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
@@ -697,7 +635,8 @@ class Stitcher:
         if not keys and not full:
             keys = identity
         encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
-        parse = _compile_parser(encoder, keys)
+        assert encoder.names is not None
+        parse = compile_row_parser(encoder.converters, encoder.names, encoder.order, keys)
         # an excluded table is decoded like any other (it may be included again), its rows never emitted
         excluded = self.exclusions.table(relation.namespace, relation.name)
         self._tables[relation.oid] = _Table(relation, excluded, names, encoder, keys, identity, full, parse)
@@ -1064,7 +1003,7 @@ class Stitcher:
         kind = data[0] if size >= 8 else 0
         if kind != _I and kind != _U and kind != _D:
             return NOT_HANDLED
-        table = self._tables.get(_u32_from(data, 1)[0])
+        table = self._tables.get(u32_from(data, 1)[0])
         if table is None:
             return NOT_HANDLED
         if table.ignored:
