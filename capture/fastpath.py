@@ -161,8 +161,8 @@ INLINE_NAMESPACE: Final[Mapping[str, Any]] = {
 
 # --------------------------------------------------------------------------- generated row parsers
 
-#: ``parse(data)``: (after JSON, raw key values) of an Insert / Update-without-old-tuple, or None.
-RowParser = Callable[[bytes], "tuple[str, tuple[bytes | None, ...]] | None"]
+#: ``parse(data)``: (after JSON, primary_key text) of an Insert / Update-without-old-tuple, or None.
+RowParser = Callable[[bytes], "tuple[str, str | None] | None"]
 
 
 def _inline(converter: Callable[[bytes], str], i: int) -> str:
@@ -178,7 +178,9 @@ def compile_row_parser(
     order: Sequence[int],
     key_indexes: Sequence[int],
 ) -> RowParser:
-    """A function reading one relation's new tuple (at byte 6) straight into its ``after`` JSON.
+    """A function reading one relation's new tuple (at byte 6) straight into its ``after`` JSON and its
+    ``primary_key``: the key column's text (None for NULL), a JSON array of the key columns' values for
+    several, None without ``key_indexes``.
 
     ``converters``, ``names`` and ``order`` are a ``ValueEncoder``'s (one converter and name per column,
     the columns in key order). Generated with every column unrolled (no per-value calls but the type's
@@ -210,11 +212,16 @@ def compile_row_parser(
             "        return None",
         ]
     values = "".join(f"j{i}, " for i in order)
-    keys = "".join(f"v{i}, " for i in key_indexes)
+    if len(key_indexes) == 1:  # the key's text as it is; NULL: no key
+        key = f"None if v{key_indexes[0]} is None else v{key_indexes[0]}.decode()"
+    elif key_indexes:  # the typed values, each as its converter wrote it into ``after``
+        key = "'[' + " + " + ',' + ".join(f"j{i}" for i in key_indexes) + " + ']'"
+    else:
+        key = "None"
     lines += [
         "    if pos != len(data):",
         "        return None",
-        f"    return template % ({values}), ({keys})",
+        f"    return template % ({values}), {key}",
     ]
     namespace: dict[str, Any] = {f"c{i}": c for i, c in enumerate(converters)}
     namespace.update(INLINE_NAMESPACE)

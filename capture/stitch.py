@@ -127,6 +127,7 @@ class ChangeRow(NamedTuple):
 
 #: The ``changes`` columns a :class:`ChangeRow` fills, in its field order.
 CHANGE_COLUMNS = ChangeRow._fields[:13]
+_new_row = tuple.__new__
 
 
 class ColumnSpec(NamedTuple):
@@ -242,7 +243,7 @@ class _Table:
     key_indexes: tuple[int, ...] = ()  # primary key columns (catalog, else replica identity)
     identity_indexes: tuple[int, ...] = ()  # columns of a 'K' old tuple
     full_identity: bool = False
-    #: ``parse(data)``: (after JSON, raw key values) of an Insert / Update-without-old-tuple, or None
+    #: ``parse(data)``: (after JSON, primary_key) of an Insert / Update-without-old-tuple, or None
     parse: RowParser | None = None
 
 
@@ -885,9 +886,10 @@ class Stitcher:
                 before = drop_members(before, hidden)
                 after = drop_members(after, hidden)
                 missing = tuple(m for m in missing if m not in hidden)
-        return ChangeRow(key, rel.name, operation, before, after, self._context, self._committed_at,
-                         rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal,
-                         missing, previous, self._verified, moved_from)
+        # ChangeRow's own __new__ is a Python function building this same tuple: one frame less per row
+        return _new_row(ChangeRow, (key, rel.name, operation, before, after, self._context,
+                                    self._committed_at, rel.namespace, self.database, self._xid, lsn,
+                                    self._commit_lsn, ordinal, missing, previous, self._verified, moved_from))
 
     def _truncate(self, lsn: int, message: Truncate) -> list[ChangeRow]:
         rows = []
@@ -1012,7 +1014,6 @@ class Stitcher:
         marker = data[5]
         if committed_at is None or marker != (_K if kind == _D else _N):
             return NOT_HANDLED
-        keys = table.key_indexes
         try:
             if kind == _D:
                 parsed = text_tuple(data, 6)
@@ -1022,16 +1023,15 @@ class Stitcher:
                 before, _ = self._row(table, values, table.identity_indexes)
                 after = EMPTY
                 operation = "DELETE"
-                key_values: Sequence[bytes | None] = [values[i] for i in keys]
+                key = _key_text(table, [values[i] for i in table.key_indexes])
             else:
                 assert table.parse is not None
-                result = table.parse(data)
+                result = table.parse(data)  # the key too: _key_text's answer, from the same values
                 if result is None:
                     return NOT_HANDLED
-                after, key_values = result
+                after, key = result
                 before = EMPTY
                 operation = "CREATE" if kind == _I else "UPDATE"
-            key = _key_text(table, key_values)
         except Exception:  # malformed: the general path reports it exactly
             return NOT_HANDLED
         return self._emit(table.relation, key, operation, before, after, lsn)
