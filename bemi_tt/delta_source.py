@@ -20,7 +20,7 @@ __all__ = ["DeltaSource", "is_delta_directory"]
 
 def is_delta_directory(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` (local or ``s3://``) holds a Delta table: it has a ``_delta_log/`` directory."""
-    from capture.export_dataset import is_delta_table, resolve_directory
+    from capture.export.dataset import is_delta_table, resolve_directory
 
     return is_delta_table(*resolve_directory(os.fspath(directory)))
 
@@ -29,8 +29,8 @@ class DeltaSource(ParquetSource):
     """A Delta table written by the Delta export, local or in an object store (``s3://bucket/prefix``)."""
 
     def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
-        from capture.export_dataset import resolve_directory
-        from capture.export_delta import open_delta_table
+        from capture.export.dataset import resolve_directory
+        from capture.export.delta import open_delta_table
 
         filesystem, _ = resolve_directory(self.directory)
         delta = open_delta_table(self.directory)
@@ -45,8 +45,8 @@ class DeltaSource(ParquetSource):
     def tables(self, name: str | None = None) -> list[TableName]:
         import pyarrow.parquet as pq
 
-        from capture.export_dataset import resolve_directory
-        from capture.export_delta import open_delta_table
+        from capture.export.dataset import resolve_directory
+        from capture.export.delta import open_delta_table
 
         delta = open_delta_table(self.directory)
         pairs: set[TableName] = set()

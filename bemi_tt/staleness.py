@@ -163,7 +163,7 @@ def _watermark_time(filesystem: Any, path: str, watermark: tuple[int, int], whol
 
 
 def _reach_parquet(source: ParquetSource) -> tuple[pd.Timestamp | None, int | None]:
-    from capture.export_dataset import read_dataset_state, resolve_directory
+    from capture.export.dataset import read_dataset_state, resolve_directory
 
     filesystem, root = resolve_directory(source.directory)
     for attempt in range(5):  # a concurrent compaction may delete a listed file: list again

@@ -542,7 +542,7 @@ def _recorded(conn: Any, schema: str) -> tuple[Anchor | None, list[Anchor]]:
     """The head the worker recorded (the newest over its slots) and the stored digests."""
     from psycopg import sql
 
-    from capture.sink import DIGESTS_TABLE, POSITIONS_TABLE
+    from capture.protocol import DIGESTS_TABLE, POSITIONS_TABLE
 
     head = None
     row = conn.execute(
@@ -644,7 +644,7 @@ def _export_rows(directory: str) -> Iterator[ChainRow]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from capture.export_dataset import list_dataset_files
+    from capture.export.dataset import list_dataset_files
 
     filesystem, paths = list_dataset_files(directory)
     tables = []
@@ -675,7 +675,7 @@ def _export_rows(directory: str) -> Iterator[ChainRow]:
 def verify_export(directory: str, *, anchors: Iterable[Anchor | str] = ()) -> Verified:
     """Recompute the chain of a Parquet export (local or ``s3://``); the number of changes verified.
 
-    The export holds the complete, non-superseded files (see ``capture.export_dataset``); rows deleted at
+    The export holds the complete, non-superseded files (see ``capture.export.dataset``); rows deleted at
     its end are only caught by an ``anchor`` at or after them. Raises ``ChainError`` like
     :func:`verify_changes`, naming the row (its key; ``id`` as exported).
     """

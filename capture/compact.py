@@ -1,6 +1,6 @@
 """Compaction: merge the small files of each partition of an export into one, without a visible gap.
 
-The merged file is named after the key range it covers (``capture.export_dataset``) and is made visible
+The merged file is named after the key range it covers (``capture.export.layout``) and is made visible
 before the files it replaces are deleted. In between, ``list_dataset_files`` drops the contained files, so
 readers going through it never see a duplicate or a gap; plain readers that glob the directory can see
 both for that instant (milliseconds locally, one DELETE per replaced object on S3). A crash in between
@@ -17,15 +17,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from capture.errors import ConfigurationError
-from capture.export_dataset import (
-    DataFile,
-    compacted_name,
-    delete_files,
-    read_dataset_state,
-    resolve_directory,
-    write_atomic,
-)
-from capture.export_lock import open_lock
+from capture.export.dataset import delete_files, read_dataset_state, resolve_directory, write_atomic
+from capture.export.layout import DataFile, compacted_name
+from capture.export.lock import open_lock
 
 __all__ = ["CompactStats", "compact", "compact_locked"]
 
@@ -65,7 +59,7 @@ def _runs(files: list[DataFile], target_bytes: int) -> list[list[DataFile]]:
 
 def compact_locked(filesystem: pafs.FileSystem, root: str, target_bytes: int = TARGET_BYTES) -> CompactStats:
     """Compact a dataset whose lock the caller holds."""
-    from capture.export import parquet_bytes
+    from capture.export.write import parquet_bytes
 
     state = read_dataset_state(filesystem, root)
     delete_files(filesystem, [f.path for f in state.superseded] + state.temporary)

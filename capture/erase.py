@@ -325,7 +325,7 @@ def pg_erased_digests(conn: Any, schema: str) -> dict[tuple[int, int], tuple[str
 
 
 def _read_record(filesystem: Any, root: str) -> dict[str, Any]:
-    from capture.export_dataset import META_DIR
+    from capture.export.layout import META_DIR
 
     try:
         with filesystem.open_input_stream(f"{root}/{META_DIR}/{ERASURES_FILE}") as stream:
@@ -337,7 +337,7 @@ def _read_record(filesystem: Any, root: str) -> dict[str, Any]:
 
 def export_erased_digests(directory: str) -> dict[tuple[int, int], tuple[str, str, str]]:
     """The recorded hashes of the erased changes of an export (for ``verify``)."""
-    from capture.export_dataset import resolve_directory
+    from capture.export.dataset import resolve_directory
 
     filesystem, root = resolve_directory(directory)
     rows = _read_record(filesystem, root)["rows"]
@@ -372,15 +372,10 @@ def erase_export(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from capture.export import parquet_bytes
-    from capture.export_dataset import (
-        META_DIR,
-        is_delta_table,
-        read_dataset_state,
-        resolve_directory,
-        write_atomic,
-    )
-    from capture.export_lock import open_lock
+    from capture.export.dataset import is_delta_table, read_dataset_state, resolve_directory, write_atomic
+    from capture.export.layout import META_DIR
+    from capture.export.lock import open_lock
+    from capture.export.write import parquet_bytes
 
     schema_name, table_name, key_value, wanted, chosen = _check_selector(table, key, context, what)
     filesystem, root = resolve_directory(directory)
@@ -488,7 +483,7 @@ def _select(data: Any, schema: str | None, table: str | None, key: str | None,
 def _export_keys(filesystem: Any, root: str) -> dict[tuple[str, str], frozenset[str]]:
     import pyarrow.parquet as pq
 
-    from capture.export_dataset import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE
+    from capture.export.layout import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE
 
     out: dict[tuple[str, str], set[str]] = {}
     for name in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE):
@@ -530,8 +525,9 @@ def sync_export_erasures(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from capture.export import parquet_bytes
-    from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
+    from capture.export.dataset import read_dataset_state, write_atomic
+    from capture.export.layout import META_DIR
+    from capture.export.write import parquet_bytes
 
     name = f"{schema}.{changes_table}"
     from capture.exclude import readable

@@ -48,7 +48,6 @@ __all__ = [
     "format_lsn",
     "parse_lsn",
     "pg_timestamp_to_datetime",
-    "text_tuple",
 ]
 
 
@@ -311,35 +310,6 @@ def _tuple(data: bytes, pos: int, size: int) -> tuple[tuple[TupleValue, ...], in
     except (IndexError, struct.error):
         raise DecodeError("truncated tuple data", pos) from None
     return tuple(values), pos
-
-
-def text_tuple(data: bytes, pos: int) -> tuple[list[bytes | None], int] | None:
-    """TupleData at ``pos`` when every value is text or NULL: (values, position after it); else None.
-
-    The capture worker's fast path: no ``UNCHANGED`` or binary values, no error reporting. None means
-    "use :func:`decode`", which handles (or reports) everything else; a value running past the end of
-    ``data`` shows as a position past ``len(data)``.
-    """
-    try:
-        ncols = (data[pos] << 8) | data[pos + 1]
-        pos += 2
-        values: list[bytes | None] = []
-        append = values.append
-        u32 = _u32_from
-        for _ in range(ncols):
-            kind = data[pos]
-            if kind == _t:
-                start = pos + 5
-                pos = start + u32(data, pos + 1)[0]
-                append(data[start:pos])
-            elif kind == _n:
-                append(None)
-                pos += 1
-            else:
-                return None
-    except (IndexError, struct.error):
-        return None
-    return values, pos
 
 
 def _insert(data: bytes, size: int) -> Insert:

@@ -46,13 +46,14 @@ from psycopg import sql
 
 from capture.errors import ConfigurationError
 from capture.exclude import readable
+from capture.export.dataset import Horizon, read_horizon
+from capture.export.layout import HORIZON_FILE
 
 __all__ = ["BASELINE_MARKER", "BaselineRow", "Fold", "Horizon", "Pruned", "baseline_rows", "check_before",
            "export_horizon", "fold", "folded_versions", "group_versions", "pg_horizon", "prune_changes",
            "read_horizon", "sync_export_horizon"]
 
 BASELINE_MARKER = "_bemi_baseline"
-HORIZON_FILE = "horizon.json"
 _SETUP = (
     "CREATE SCHEMA IF NOT EXISTS bemi_tt",
     "CREATE TABLE IF NOT EXISTS bemi_tt.horizons (changes_table text PRIMARY KEY,"
@@ -61,30 +62,6 @@ _SETUP = (
     " baseline text NOT NULL, rows bigint NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),"
     " pruned_by text NOT NULL DEFAULT current_user)",
 )
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """Where history now starts: ``before`` (TS), the cut position, the folded prefix's chain head
-    (``head``: (commit_position, ordinal, chain_hash) of the last folded row; None: no hashed row), and the
-    baseline: the SHA-256 over its rows' digests in order and their count."""
-
-    before: datetime
-    position: int
-    head: tuple[int, int, str] | None
-    baseline: str
-    rows: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"before": self.before.isoformat(), "position": self.position,
-                "head": list(self.head) if self.head else None, "baseline": self.baseline, "rows": self.rows}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Horizon:
-        head = data.get("head")
-        return cls(datetime.fromisoformat(str(data["before"])), int(data["position"]),
-                   (int(head[0]), int(head[1]), str(head[2])) if head else None, str(data["baseline"]),
-                   int(data["rows"]))
 
 
 @dataclass(frozen=True)
@@ -354,8 +331,8 @@ def check_before(before: Any) -> None:
 def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Pruned:
     """Fold the changes committed at or before ``before`` into a baseline (see the module docstring)."""
     from capture.chain import _connect
+    from capture.protocol import DIGESTS_TABLE
     from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
-    from capture.sink import DIGESTS_TABLE
 
     check_before(before)
     changes = sql.Identifier(schema, CHANGES_TABLE)
@@ -471,20 +448,9 @@ def pg_horizon(conn: Any, schema: str) -> Horizon | None:
 
 def export_horizon(directory: str) -> Horizon | None:
     """The horizon an export holds (``_bemi_tt/horizon.json``; None: its history was never pruned)."""
-    from capture.export_dataset import resolve_directory
+    from capture.export.dataset import resolve_directory
 
     return read_horizon(*resolve_directory(directory))
-
-
-def read_horizon(filesystem: Any, root: str) -> Horizon | None:
-    """``_bemi_tt/horizon.json`` of the dataset at ``root`` of ``filesystem`` (None: never pruned)."""
-    from capture.export_dataset import META_DIR
-
-    try:
-        with filesystem.open_input_stream(f"{root}/{META_DIR}/{HORIZON_FILE}") as stream:
-            return Horizon.from_json(json.loads(stream.read().decode("utf-8")))
-    except FileNotFoundError:
-        return None
 
 
 def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> bool:
@@ -492,7 +458,8 @@ def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> b
     ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact. A
     directory pruned itself gets the erasures recorded in PostgreSQL into its baseline rows
     (:func:`erase_export_baseline`)."""
-    from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
+    from capture.export.dataset import read_dataset_state, write_atomic
+    from capture.export.layout import META_DIR
 
     horizon = pg_horizon(conn, schema)
     own = read_horizon(filesystem, root)
@@ -534,8 +501,9 @@ def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, ow
         _read_record,
         _texts,
     )
-    from capture.export import parquet_bytes
-    from capture.export_dataset import META_DIR, read_dataset_state, write_atomic
+    from capture.export.dataset import read_dataset_state, write_atomic
+    from capture.export.layout import META_DIR
+    from capture.export.write import parquet_bytes
     from capture.schema import CHANGES_TABLE
 
     if not readable(conn, "erased") or not readable(conn, "erasures"):

@@ -11,7 +11,7 @@
   live relation with the event ``pruned``; ``_bemi_tt/horizon.json`` records the horizon (so ``verify``
   checks the baseline and resumes the chain at ``C``); ``erasures.json`` forgets the rows that are gone.
 
-Layout (capture/export_dataset.py): in every partition that held a row before ``C`` or gets baseline rows,
+Layout (capture/export/layout.py): in every partition that held a row before ``C`` or gets baseline rows,
 the files inside the key range ``[F, L]`` are replaced by one *compacted* file ``<F>-<L>-c-<rows>`` holding
 that partition's baseline rows and its rows at or after ``C`` from those files. ``F`` is the smallest key of
 a replaced file; ``L`` the largest key of a replaced file, grown until no file of those partitions straddles
@@ -48,7 +48,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from capture.errors import ConfigurationError, SourceError, StorageError
-from capture.export_dataset import (
+from capture.export.dataset import (
+    is_delta_table,
+    read_dataset_state,
+    read_horizon,
+    refuse_foreign_files,
+    resolve_directory,
+    write_atomic,
+)
+from capture.export.layout import (
+    HORIZON_FILE,
     IDENTITY_FILE,
     LEGACY_SCHEMAS_FILE,
     META_DIR,
@@ -56,16 +65,10 @@ from capture.export_dataset import (
     DataFile,
     Key,
     compacted_name,
-    is_delta_table,
     partition_dir,
-    read_dataset_state,
-    refuse_foreign_files,
-    resolve_directory,
-    write_atomic,
 )
-from capture.export_lock import open_lock
+from capture.export.lock import open_lock
 from capture.prune import (
-    HORIZON_FILE,
     Fold,
     Pruned,
     _Change,
@@ -73,7 +76,6 @@ from capture.prune import (
     fold,
     folded_versions,
     group_versions,
-    read_horizon,
 )
 
 __all__ = ["prune_export"]
@@ -179,7 +181,7 @@ def _changes_before(filesystem: pafs.FileSystem, files: list[DataFile], cut: int
 def _plain(data: pa.Table) -> pa.Table:
     """A data file's rows with every column of the export (files of the first release lack some), JSON as
     text."""
-    from capture.export_read import export_arrow_schema
+    from capture.export.layout import export_arrow_schema
 
     columns = {}
     for field in export_arrow_schema():
@@ -197,7 +199,7 @@ def _plain(data: pa.Table) -> pa.Table:
 
 def _exported(data: pa.Table) -> pa.Table:
     """Plain rows as the export writes them (JSON columns tagged as Parquet JSON)."""
-    from capture.export_read import export_arrow_schema
+    from capture.export.layout import export_arrow_schema
 
     schema = export_arrow_schema()
     arrays = []
@@ -245,7 +247,7 @@ def _version_rows(schemas: pa.Table | None, cut: int) -> list[tuple[Any, ...]]:
 def _schemas_after(schemas: pa.Table | None, versions: dict[tuple[str, str], list[dict[str, Any]]],
                    cut: int, before: datetime) -> pa.Table:
     """``schemas.pq`` after the prune: the versions at or after ``cut`` plus the folded ones."""
-    from capture.export_read import schemas_arrow_schema
+    from capture.export.layout import schemas_arrow_schema
 
     schema = schemas_arrow_schema()
     records: list[dict[str, Any]] = []
@@ -274,7 +276,7 @@ def _schemas_after(schemas: pa.Table | None, versions: dict[tuple[str, str], lis
 
 def _baseline_table(result: Fold, before: datetime) -> pa.Table:
     """The baseline rows as plain export rows (``id`` NULL: they never had one in this directory)."""
-    from capture.export_read import export_arrow_schema
+    from capture.export.layout import export_arrow_schema
 
     rows = result.rows
     cut = result.horizon.position
@@ -313,7 +315,7 @@ def _swap_in(root: str, files: list[DataFile], leftovers: list[str], result: Fol
              before: datetime) -> None:
     """Build the pruned directory next to ``root`` and exchange the two in one rename."""
     from capture.erase import ERASURES_FILE
-    from capture.export import parquet_bytes
+    from capture.export.write import parquet_bytes
 
     cut = result.horizon.position
     baseline = _baseline_table(result, before)

@@ -53,6 +53,7 @@ from capture.chain import (
     header_prefix,
     text_digest,
 )
+from capture.fastpath import COPY_BOOL, COPY_ESCAPES, COPY_NULL, copy_escape
 from capture.protocol import DIGESTS_TABLE, POSITIONS_TABLE
 from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE, changes_ddl, changes_upgrade_ddl, schemas_ddl
 from capture.stitch import (
@@ -68,7 +69,6 @@ __all__ = ["DIGESTS_TABLE", "POSITIONS_TABLE", "Position", "Sink", "digests_ddl"
 
 log = logging.getLogger("capture")
 
-_NULL = "\\N"
 #: COPY column order: the columns a transaction's rows share first, so they are formatted once.
 _COPY_COLUMNS = (
     "table",
@@ -92,10 +92,6 @@ _COPY_COLUMNS = (
 assert sorted(_COPY_COLUMNS) == sorted(
     (*CHANGE_COLUMNS, "context_verified", "row_digest", "chain_hash", "before_primary_key")
 )
-_BOOL = {None: _NULL, True: "t", False: "f"}
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
 def positions_ddl(schema: str = "public", table: str = POSITIONS_TABLE) -> sql.Composed:
     """``CREATE TABLE IF NOT EXISTS`` for the per-slot positions (the exactly-once watermark)."""
     return sql.SQL(
@@ -127,13 +123,6 @@ class Position:
     end_position: int
     committed_at: datetime | None
     snapshot_position: int | None
-
-
-def _escape(value: str) -> str:
-    """``value`` for COPY's text format."""
-    if "\\" in value or "\n" in value or "\t" in value or "\r" in value:  # 4 C scans beat one regex
-        return value.translate(_ESCAPES)
-    return value
 
 
 class _Copier:
@@ -336,9 +325,9 @@ class Sink:
                 self._context_digest = cached
             xid = row.transaction_id
             self._shared = (
-                f"{_escape(table)}\t{_escape(schema)}\t{_escape(row.database)}\t"
-                f"{_NULL if xid is None else xid}\t{row.committed_at.isoformat()}\t{commit}\t"
-                f"{_escape(context)}\t"
+                f"{copy_escape(table)}\t{copy_escape(schema)}\t{copy_escape(row.database)}\t"
+                f"{COPY_NULL if xid is None else xid}\t{row.committed_at.isoformat()}\t{commit}\t"
+                f"{copy_escape(context)}\t"
             )
             self._prefix = header_prefix(schema, table, row.database, verified, row.committed_at, xid, commit)
             self._shared_verified = verified
@@ -356,15 +345,15 @@ class Sink:
         chain_hash = self._chain.add(digest)
         self._chain_key = (commit, ordinal)
         self._pending_digest += 1
-        # _escape inlined for the per-row JSON values: 4 C scans each
+        # copy_escape inlined for the per-row JSON values: 4 C scans each
         if "\\" in after or "\n" in after or "\t" in after or "\r" in after:
-            after = after.translate(_ESCAPES)
+            after = after.translate(COPY_ESCAPES)
         if before != "{}" and ("\\" in before or "\n" in before or "\t" in before or "\r" in before):
-            before = before.translate(_ESCAPES)
+            before = before.translate(COPY_ESCAPES)
         self._buffer.append(
-            f"{self._shared}{operation}\t{_NULL if pk is None else _escape(pk)}\t{before}\t"
-            f"{after}\t{_BOOL[verified]}\t{position}\t{ordinal}\t{digest.hex()}\t{chain_hash}\t"
-            f"{_NULL if moved_from is None else _escape(moved_from)}\n"
+            f"{self._shared}{operation}\t{COPY_NULL if pk is None else copy_escape(pk)}\t{before}\t"
+            f"{after}\t{COPY_BOOL[verified]}\t{position}\t{ordinal}\t{digest.hex()}\t{chain_hash}\t"
+            f"{COPY_NULL if moved_from is None else copy_escape(moved_from)}\n"
         )
         self.pending += 1
         if len(self._buffer) >= self.chunk_rows:

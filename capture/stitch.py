@@ -45,14 +45,14 @@ from __future__ import annotations
 import enum
 import json
 import re
-import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
 from capture.errors import DecodeError
 from capture.exclude import EXCLUDE_PREFIX, Exclusions, drop_members
+from capture.fastpath import RowParser, compile_row_parser, text_tuple, u32_from
 from capture.pgoutput import (
     UNCHANGED,
     Begin,
@@ -68,16 +68,12 @@ from capture.pgoutput import (
     Unchanged,
     Update,
     pg_timestamp_to_datetime,
-    text_tuple,
 )
 from capture.protocol import BEMI_PREFIX, CONTEXT_PREFIX, DDL_PREFIX, REWRITE_PREFIX, TRUNCATE_PREFIX
 from capture.signing import KeyRing, open_context
 from capture.values import (
-    INLINE_EXPRESSIONS,
-    INLINE_NAMESPACE,
     TypeInfo,
     ValueEncoder,
-    json_string,
     row_json,
 )
 
@@ -103,7 +99,6 @@ class _Fallback(enum.Enum):
 #: What :meth:`Stitcher.change_data` returns for a message it leaves to ``decode`` + ``change``.
 NOT_HANDLED: Final = _Fallback.NOT_HANDLED
 _I, _U, _D, _N, _K = (ord(c) for c in "IUDNK")
-_u32_from = struct.Struct(">I").unpack_from
 
 
 class ChangeRow(NamedTuple):
@@ -132,6 +127,7 @@ class ChangeRow(NamedTuple):
 
 #: The ``changes`` columns a :class:`ChangeRow` fills, in its field order.
 CHANGE_COLUMNS = ChangeRow._fields[:13]
+_new_row = tuple.__new__
 
 
 class ColumnSpec(NamedTuple):
@@ -247,65 +243,8 @@ class _Table:
     key_indexes: tuple[int, ...] = ()  # primary key columns (catalog, else replica identity)
     identity_indexes: tuple[int, ...] = ()  # columns of a 'K' old tuple
     full_identity: bool = False
-    #: ``parse(data)``: (after JSON, raw key values) of an Insert / Update-without-old-tuple, or None
-    parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] | None = None
-
-
-def _inline(converter: Callable[[bytes], str], i: int) -> str:
-    expression = INLINE_EXPRESSIONS.get(converter)
-    if expression is None:
-        return f"c{i}(v{i})"
-    return expression.format(v=f"v{i}", t=f"t{i}")
-
-
-def _compile_parser(
-    encoder: ValueEncoder, key_indexes: tuple[int, ...]
-) -> Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None]:
-    """A function reading one relation's new tuple (at byte 6) straight into its ``after`` JSON.
-
-    Generated per relation with every column unrolled (no per-value calls but the type's converter):
-    returns None for anything but text and NULL values filling the message exactly, so ``decode``
-    handles (or reports) the rest. Converters may raise on malformed values; callers fall back then.
-    """
-    assert encoder.names is not None
-    count = len(encoder.converters)
-    # keys in the encoder's (sorted, canonical) order, as row_json writes them
-    names = encoder.names
-    template = "{" + ",".join(json_string(names[i]).replace("%", "%%") + ":%s" for i in encoder.order) + "}"
-    lines = [
-        "def parse(data):",
-        f"    if data[6] != {count >> 8} or data[7] != {count & 0xFF}:",
-        "        return None",
-        "    pos = 8",
-    ]
-    for i in range(count):
-        lines += [
-            "    kind = data[pos]",
-            "    if kind == 116:",
-            "        start = pos + 5",
-            "        pos = start + u32(data, pos + 1)[0]",
-            f"        v{i} = data[start:pos]",
-            f"        j{i} = {_inline(encoder.converters[i], i)}",
-            "    elif kind == 110:",
-            f"        v{i} = None",
-            f"        j{i} = 'null'",
-            "        pos += 1",
-            "    else:",
-            "        return None",
-        ]
-    values = "".join(f"j{i}, " for i in encoder.order)
-    keys = "".join(f"v{i}, " for i in key_indexes)
-    lines += [
-        "    if pos != len(data):",
-        "        return None",
-        f"    return template % ({values}), ({keys})",
-    ]
-    namespace: dict[str, Any] = {f"c{i}": c for i, c in enumerate(encoder.converters)}
-    namespace.update(INLINE_NAMESPACE)
-    namespace.update(template=template, u32=_u32_from)
-    exec(compile("\n".join(lines), f"<capture row parser of {count} columns>", "exec"), namespace)
-    parse: Callable[[bytes], tuple[str, tuple[bytes | None, ...]] | None] = namespace["parse"]
-    return parse
+    #: ``parse(data)``: (after JSON, primary_key) of an Insert / Update-without-old-tuple, or None
+    parse: RowParser | None = None
 
 
 def _key_text(table: _Table, key_values: Sequence[TupleValue]) -> str | None:
@@ -697,7 +636,8 @@ class Stitcher:
         if not keys and not full:
             keys = identity
         encoder = ValueEncoder([c.type_oid for c in columns], self.type_info, names=names)
-        parse = _compile_parser(encoder, keys)
+        assert encoder.names is not None
+        parse = compile_row_parser(encoder.converters, encoder.names, encoder.order, keys)
         # an excluded table is decoded like any other (it may be included again), its rows never emitted
         excluded = self.exclusions.table(relation.namespace, relation.name)
         self._tables[relation.oid] = _Table(relation, excluded, names, encoder, keys, identity, full, parse)
@@ -946,9 +886,10 @@ class Stitcher:
                 before = drop_members(before, hidden)
                 after = drop_members(after, hidden)
                 missing = tuple(m for m in missing if m not in hidden)
-        return ChangeRow(key, rel.name, operation, before, after, self._context, self._committed_at,
-                         rel.namespace, self.database, self._xid, lsn, self._commit_lsn, ordinal,
-                         missing, previous, self._verified, moved_from)
+        # ChangeRow's own __new__ is a Python function building this same tuple: one frame less per row
+        return _new_row(ChangeRow, (key, rel.name, operation, before, after, self._context,
+                                    self._committed_at, rel.namespace, self.database, self._xid, lsn,
+                                    self._commit_lsn, ordinal, missing, previous, self._verified, moved_from))
 
     def _truncate(self, lsn: int, message: Truncate) -> list[ChangeRow]:
         rows = []
@@ -1064,7 +1005,7 @@ class Stitcher:
         kind = data[0] if size >= 8 else 0
         if kind != _I and kind != _U and kind != _D:
             return NOT_HANDLED
-        table = self._tables.get(_u32_from(data, 1)[0])
+        table = self._tables.get(u32_from(data, 1)[0])
         if table is None:
             return NOT_HANDLED
         if table.ignored:
@@ -1073,7 +1014,6 @@ class Stitcher:
         marker = data[5]
         if committed_at is None or marker != (_K if kind == _D else _N):
             return NOT_HANDLED
-        keys = table.key_indexes
         try:
             if kind == _D:
                 parsed = text_tuple(data, 6)
@@ -1083,16 +1023,15 @@ class Stitcher:
                 before, _ = self._row(table, values, table.identity_indexes)
                 after = EMPTY
                 operation = "DELETE"
-                key_values: Sequence[bytes | None] = [values[i] for i in keys]
+                key = _key_text(table, [values[i] for i in table.key_indexes])
             else:
                 assert table.parse is not None
-                result = table.parse(data)
+                result = table.parse(data)  # the key too: _key_text's answer, from the same values
                 if result is None:
                     return NOT_HANDLED
-                after, key_values = result
+                after, key = result
                 before = EMPTY
                 operation = "CREATE" if kind == _I else "UPDATE"
-            key = _key_text(table, key_values)
         except Exception:  # malformed: the general path reports it exactly
             return NOT_HANDLED
         return self._emit(table.relation, key, operation, before, after, lsn)

@@ -64,13 +64,19 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string  # the C implementation when available
 from typing import Any, Final
 
-from capture.chain import canonical_json, canonical_number
+from capture.chain import canonical_json
 from capture.errors import DecodeError
+from capture.fastpath import float_bytes as _float_bytes
+from capture.fastpath import float_text as _float
+from capture.fastpath import jsonb_bytes as _jsonb_bytes
+from capture.fastpath import number_bytes as _number_bytes
+from capture.fastpath import number_text as _number
+from capture.fastpath import text_bytes as _text_bytes
+from capture.fastpath import timestamptz_bytes as _timestamptz_bytes
+from capture.fastpath import timestamptz_text as _timestamptz
 
 __all__ = [
     "BUILTIN_TYPES",
-    "INLINE_EXPRESSIONS",
-    "INLINE_NAMESPACE",
     "TYPE_INFO_QUERY",
     "TypeInfo",
     "ValueEncoder",
@@ -243,20 +249,7 @@ BUILTIN_TYPES: Final[Mapping[int, TypeInfo]] = _builtin(
 )
 
 # --------------------------------------------------------------------------- scalar converters (str → JSON)
-
-_NON_FINITE: Final = frozenset(("NaN", "Infinity", "-Infinity"))
-
-
-def _number(s: str) -> str:
-    return '"' + s + '"' if s in _NON_FINITE else s  # numeric_out: plain digits, already canonical
-
-
-def _float(s: str) -> str:
-    # float8out's shortest form may use an exponent ('1e+20', '1.5e-07') or be '-0': the canonical number
-    # is numeric's (what to_jsonb stores), plain digits
-    if s in _NON_FINITE:
-        return '"' + s + '"'
-    return canonical_number(s) if "e" in s or s == "-0" else s
+# (the hot types' converters, str and bytes, live with the other byte-level fast paths: capture/fastpath.py)
 
 
 def _verbatim(s: str) -> str:
@@ -287,71 +280,12 @@ def _jsonb(s: str) -> str:
     return canonical_json(s)  # jsonb_out: keys by length, ", " and ": " separators
 
 
-def _jsonb_bytes(raw: bytes) -> str:
-    return canonical_json(raw.decode())
-
-
-def _float_bytes(raw: bytes) -> str:
-    return _float(raw.decode())
-
-
-def _timestamptz(s: str) -> str:
-    if s[10:11] == " " and s[-3:-2] in ("+", "-") and s[4:5] == "-":  # 'YYYY-MM-DD hh:mm:ss[.f]+HH'
-        return '"' + s.replace(" ", "T", 1) + ':00"'
-    date, sep, rest = s.partition(" ")
-    if not sep:
-        return _json_string(s)  # 'infinity', '-infinity' or a DateStyle we do not parse
-    suffix = ""
-    if rest.endswith(" BC"):
-        rest = rest[:-3]
-        suffix = " BC"
-    cut = max(rest.rfind("+"), rest.rfind("-"))
-    if cut < 0:
-        return _json_string(s)
-    offset = rest[cut:]
-    if len(offset) == 3:
-        offset += ":00"
-    return '"' + date + "T" + rest[:cut] + offset + suffix + '"'
-
-
 def _timestamp(s: str) -> str:
     date, sep, rest = s.partition(" ")
     if not sep:
         return _json_string(s)
     return '"' + date + "T" + rest + '"'
 
-
-def _number_bytes(raw: bytes) -> str:
-    s = raw.decode()
-    return '"' + s + '"' if s in _NON_FINITE else s
-
-
-def _text_bytes(raw: bytes) -> str:
-    return _json_string(raw.decode())
-
-
-def _timestamptz_bytes(raw: bytes) -> str:
-    if len(raw) > 19 and raw[10] == 32 and raw[-3] in (43, 45) and raw[4] == 45:  # ' ', '+', '-', '-'
-        return '"' + raw.decode().replace(" ", "T", 1) + ':00"'  # the fast path of _timestamptz
-    return _timestamptz(raw.decode())
-
-
-#: Python expressions equal to calling the hot bytes converters on ``{v}`` (for generated row parsers,
-#: capture/stitch.py), with the names they use in :data:`INLINE_NAMESPACE`. Keep in step with the functions.
-INLINE_EXPRESSIONS: Final[Mapping[Callable[[bytes], str], str]] = {
-    bytes.decode: "{v}.decode()",
-    _text_bytes: "_json_string({v}.decode())",
-    _number_bytes: "({t} if ({t} := {v}.decode()) not in _NON_FINITE else '\"' + {t} + '\"')",
-    _timestamptz_bytes: (
-        "('\"' + {v}.decode().replace(' ', 'T', 1) + ':00\"' if len({v}) > 19 and {v}[10] == 32"
-        " and {v}[-3] in (43, 45) and {v}[4] == 45 else _timestamptz({v}.decode()))"
-    ),
-}
-INLINE_NAMESPACE: Final[Mapping[str, Any]] = {
-    "_json_string": _json_string,
-    "_NON_FINITE": _NON_FINITE,
-    "_timestamptz": _timestamptz,
-}
 
 _INTEGER_OIDS: Final = frozenset((20, 21, 23))
 _SCALARS: Final[Mapping[int, Callable[[str], str]]] = {

@@ -18,7 +18,7 @@ from capture.chain import verify_changes, verify_export
 from capture.erase import ERASED_MARKER, erase_changes, erase_export, erased_image
 from capture.errors import ChainError, ConfigurationError
 from capture.export import export_parquet
-from capture.export_dataset import read_dataset
+from capture.export.dataset import read_dataset
 from capture.worker import run as capture
 
 

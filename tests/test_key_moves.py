@@ -223,15 +223,16 @@ def _export_of_an_earlier_release(
     dsn: str, directory: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An export whose files (and, for Delta, table) lack ``before_primary_key``, as earlier ones had."""
-    import capture.export_delta
-    import capture.export_read
+    import capture.export.delta
+    import capture.export.layout
+    import capture.export.read
 
     with monkeypatch.context() as patch:
         older = [c for c in CHANGES_COLUMNS if c[0] != "before_primary_key"]
-        patch.setattr(capture.export_read, "CHANGES_COLUMNS", tuple(older))
+        patch.setattr(capture.export.read, "CHANGES_COLUMNS", tuple(older))
         schema = pa.schema([(c, t) for c, _, t in older])
-        patch.setattr(capture.export_delta, "changes_arrow_schema", lambda: schema)
-        patch.setattr(capture.export_read, "changes_arrow_schema", lambda: schema)
+        patch.setattr(capture.export.delta, "changes_arrow_schema", lambda: schema)
+        patch.setattr(capture.export.layout, "changes_arrow_schema", lambda: schema)
         export_parquet(dsn, str(directory), progress=False, format=fmt)
 
 
@@ -255,7 +256,7 @@ def test_an_export_of_an_earlier_release_reads_and_goes_on_with_the_column(
         pd.testing.assert_frame_equal(as_of("todo", ts, source=source), as_of("todo", ts, source=oracle))
     pd.testing.assert_frame_equal(history("todo", 3, source=source), history("todo", 3, source=oracle))
     if fmt == "delta":
-        from capture.export_delta import read_delta
+        from capture.export.delta import read_delta
 
         moved = read_delta(str(tmp_path / "x"))["before_primary_key"].to_pylist()
         assert moved == [None] * 5 + ["2", None, None]  # the earlier release's rows have none

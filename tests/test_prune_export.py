@@ -22,7 +22,7 @@ from capture.compact import compact
 from capture.erase import erase_export
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
-from capture.export_dataset import read_dataset, read_dataset_state, resolve_directory
+from capture.export.dataset import read_dataset, read_dataset_state, resolve_directory
 from capture.prune import export_horizon, prune_changes
 from capture.worker import run as capture
 
@@ -188,7 +188,7 @@ def test_pruning_everything_keeps_the_newest_transaction_and_the_export_continue
 
 def test_a_running_export_holds_the_prune_off(dsn: str, history: History, tmp_path: Path) -> None:
     from capture.errors import SourceError
-    from capture.export_lock import open_lock
+    from capture.export.lock import open_lock
 
     directory = tmp_path / "export"
     export_parquet(dsn, str(directory), progress=False)

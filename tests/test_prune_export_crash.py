@@ -117,7 +117,7 @@ def test_a_prune_after_a_killed_export_keeps_its_unfinished_unit_for_the_rerun(d
     sys.path.insert(0, str(Path(__file__).parent / "capture"))
     from export_rows import changes_rows, dataset_rows, fill, run_and_kill
 
-    from capture.export_dataset import read_dataset, read_dataset_state, resolve_directory
+    from capture.export.dataset import read_dataset, read_dataset_state, resolve_directory
 
     fill(dsn, 3000)
     directory = tmp_path / "export"

@@ -21,11 +21,9 @@ __all__ = ["ParquetSource"]
 
 # -- Parquet ----------------------------------------------------------------------------------------------
 def _list_dataset_files(directory: str) -> tuple[pafs.FileSystem, list[str]]:
-    try:
-        from capture.export import list_dataset_files  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        from capture.export_dataset import list_dataset_files
-    return list_dataset_files(directory)  # type: ignore[no-any-return, unused-ignore]
+    from capture.export import list_dataset_files
+
+    return list_dataset_files(directory)
 
 
 def _partition_of(path: str) -> str:
@@ -117,7 +115,8 @@ class ParquetSource(_ArrowBacked):
     def schemas(self, table: TableName | None = None) -> pa.Table:
         import pyarrow.parquet as pq
 
-        from capture.export_dataset import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE, resolve_directory
+        from capture.export.dataset import resolve_directory
+        from capture.export.layout import LEGACY_SCHEMAS_FILE, META_DIR, SCHEMAS_FILE
 
         filesystem, root = resolve_directory(self.directory)
         for file_name in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE):  # the first release wrote the legacy name

@@ -207,9 +207,9 @@ def slow_writes(delay: float) -> Callable[[], None]:
     import deltalake
 
     import capture.compact
-    import capture.export
-    import capture.export_dataset
-    import capture.export_delta
+    import capture.export.dataset
+    import capture.export.delta
+    import capture.export.write
 
     undo: list[Callable[[], None]] = []
 
@@ -222,16 +222,16 @@ def slow_writes(delay: float) -> Callable[[], None]:
         opened = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - closed by its caller
         return _HalfWritten(opened, delay) if "w" in mode and "b" in mode else opened
 
-    patch(capture.export_dataset, "open", slow_open)  # shadows the builtin in that module only
-    original = capture.export_dataset.write_atomic
+    patch(capture.export.dataset, "open", slow_open)  # shadows the builtin in that module only
+    original = capture.export.dataset.write_atomic
 
     @functools.wraps(original)
     def write_atomic(filesystem: Any, path: str, data: Any) -> None:
-        if not capture.export_dataset._is_local(filesystem):
+        if not capture.export.dataset._is_local(filesystem):
             time.sleep(delay)  # one PUT per file: the wait goes before it
         original(filesystem, path, data)
 
-    for module in (capture.export_dataset, capture.export, capture.compact, capture.export_delta):
+    for module in (capture.export.dataset, capture.export.write, capture.compact, capture.export.delta):
         patch(module, "write_atomic", write_atomic)
     create = deltalake.DeltaTable.create_write_transaction
 

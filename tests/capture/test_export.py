@@ -19,8 +19,8 @@ from export_rows import changes_rows, dataset_rows, fill, more
 
 from capture.errors import ConfigurationError, SourceError
 from capture.export import export_parquet
-from capture.export_dataset import list_dataset_files, read_dataset, resolve_directory
-from capture.export_lock import open_lock
+from capture.export.dataset import list_dataset_files, read_dataset, resolve_directory
+from capture.export.lock import open_lock
 
 
 @pytest.fixture

@@ -13,12 +13,7 @@ from export_rows import changes_rows, dataset_rows, fill, more, slow_writes
 from capture.compact import compact
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
-from capture.export_dataset import (
-    list_dataset_files,
-    read_dataset,
-    read_dataset_state,
-    resolve_directory,
-)
+from capture.export.dataset import list_dataset_files, read_dataset, read_dataset_state, resolve_directory
 
 
 def _partitions(directory: Path) -> dict[str, int]:

@@ -13,15 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from export_rows import changes_rows, dataset_rows, fill, run_and_kill
 
-import capture.export
+import capture.export.run
 from capture.compact import compact
 from capture.export import export_parquet
-from capture.export_dataset import (
-    DatasetState,
-    read_dataset,
-    read_dataset_state,
-    resolve_directory,
-)
+from capture.export.dataset import DatasetState, read_dataset, read_dataset_state, resolve_directory
 
 
 def _state(directory: Path) -> DatasetState:
@@ -101,7 +96,7 @@ def test_a_failing_write_stops_the_export_with_its_error_and_a_rerun_completes(
     dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fill(dsn, 1200)
-    real = capture.export._write_unit
+    real = capture.export.run.write_unit
     calls = []
 
     def fail_on_second_unit(*args: object, **kwargs: object) -> tuple[int, int]:
@@ -110,7 +105,7 @@ def test_a_failing_write_stops_the_export_with_its_error_and_a_rerun_completes(
             raise OSError("disk full")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(capture.export, "_write_unit", fail_on_second_unit)
+    monkeypatch.setattr(capture.export.run, "write_unit", fail_on_second_unit)
     with pytest.raises(OSError, match="disk full"):
         export_parquet(dsn, str(tmp_path), batch_rows=200, progress=False)
     monkeypatch.undo()

@@ -10,14 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capture.errors import SourceError
-from capture.export_dataset import (
-    compacted_name,
-    format_key,
-    partition_dir,
-    read_dataset_state,
-    resolve_directory,
-    unit_name,
-)
+from capture.export.dataset import read_dataset_state, resolve_directory
+from capture.export.layout import compacted_name, format_key, partition_dir, unit_name
 
 PARTITIONS = [
     partition_dir("public", name, "2026-01-0" + str(day)) for name in ("a", "b c") for day in (1, 2)

@@ -24,9 +24,10 @@ from bemi_tt.delta_source import DeltaSource
 from bemi_tt.sources import as_source
 from capture.errors import ConfigurationError, SourceError
 from capture.export import export_parquet
-from capture.export_dataset import format_key, read_dataset, resolve_directory
-from capture.export_delta import APP_ID_ORDINAL, APP_ID_POSITION, delta_watermark, read_delta
-from capture.export_lock import open_lock
+from capture.export.dataset import read_dataset, resolve_directory
+from capture.export.delta import APP_ID_ORDINAL, APP_ID_POSITION, delta_watermark, read_delta
+from capture.export.layout import format_key
+from capture.export.lock import open_lock
 
 
 @pytest.fixture

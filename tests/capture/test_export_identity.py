@@ -24,7 +24,7 @@ from bemi_tt.sources import ParquetSource
 from capture.compact import compact
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
-from capture.export_dataset import read_dataset, read_dataset_state, resolve_directory
+from capture.export.dataset import read_dataset, read_dataset_state, resolve_directory
 
 HIVE_GLOB = "SELECT count(*) FROM read_parquet('{}/**/*.parquet', hive_partitioning = true)"
 

@@ -19,8 +19,8 @@ from psycopg import sql
 
 from capture.errors import ConfigurationError, SourceError
 from capture.export import export_parquet
-from capture.export_dataset import list_dataset_files, read_dataset, read_dataset_state, resolve_directory
-from capture.export_lock import open_lock
+from capture.export.dataset import list_dataset_files, read_dataset, read_dataset_state, resolve_directory
+from capture.export.lock import open_lock
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -109,7 +109,7 @@ def test_snapshot_again_writes_the_backlog_first_so_changes_stay_in_key_order(
     dsn: str, tmp_path: Path
 ) -> None:
     from capture.export import export_parquet
-    from capture.export_dataset import read_dataset
+    from capture.export.dataset import read_dataset
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")

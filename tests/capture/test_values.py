@@ -598,7 +598,7 @@ def test_load_type_info_resolves_domains_and_enums_by_catalog_rows() -> None:
     )
 )
 def test_inline_expressions_equal_the_converters_they_replace(raw: bytes) -> None:
-    from capture.values import INLINE_EXPRESSIONS, INLINE_NAMESPACE
+    from capture.fastpath import INLINE_EXPRESSIONS, INLINE_NAMESPACE
 
     def outcome(function: Any, *args: Any) -> tuple[str, Any]:
         try:

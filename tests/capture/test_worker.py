@@ -458,7 +458,7 @@ def test_export_to_a_busy_directory_warns_and_keeps_capturing(
 ) -> None:
     import pyarrow.fs as pafs
 
-    from capture.export_lock import open_lock
+    from capture.export.lock import open_lock
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")

@@ -17,34 +17,18 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from capture.errors import SourceError
-from capture.export_dataset import DatasetIdentity, Key
-from capture.schema import CHANGES_COLUMNS, JSON_COLUMNS, changes_arrow_schema
+from capture.export.layout import DatasetIdentity, Key, export_arrow_schema
+from capture.schema import CHANGES_COLUMNS, JSON_COLUMNS
 
 __all__ = [
     "changes_table",
     "copy_csv",
-    "export_arrow_schema",
     "fetch_range",
     "key_condition",
     "parse_csv",
-    "schemas_arrow_schema",
     "source_identity",
     "stream_units",
 ]
-
-#: Columns that identify a change: a dataset's newest change must have them in the source to be adopted.
-IDENTIFYING_COLUMNS = ("commit_position", "ordinal", "transaction_id", "schema", "table", "operation",
-                       "primary_key", "committed_at")
-
-
-def export_arrow_schema() -> pa.Schema:
-    """Arrow schema of exported files: ``changes_arrow_schema()`` with JSON columns as ``pa.json_()``."""
-    schema = changes_arrow_schema()
-    for name in JSON_COLUMNS:
-        index = schema.get_field_index(name)
-        schema = schema.set(index, pa.field(name, pa.json_(pa.string())))
-    return schema
-
 
 def source_identity(conn: psycopg.Connection, schema: str, table: str) -> DatasetIdentity:
     """The identity of the ``changes`` table read through ``conn``: server, database, qualified table."""
@@ -55,25 +39,6 @@ def source_identity(conn: psycopg.Connection, schema: str, table: str) -> Datase
         system = ""
     name = conn.execute("SELECT current_database()").fetchone()
     return DatasetIdentity(system, str(name[0]) if name else "", f"{schema}.{table}")
-
-
-def schemas_arrow_schema() -> pa.Schema:
-    """Arrow schema of ``_bemi_tt/schemas.pq`` (the ``changes_schemas`` table)."""
-    return pa.schema(
-        [
-            pa.field("schema", pa.string()),
-            pa.field("table", pa.string()),
-            pa.field("commit_position", pa.int64()),
-            pa.field("ordinal", pa.int32()),
-            pa.field("committed_at", pa.timestamp("us", tz="UTC")),
-            pa.field("columns", pa.json_(pa.string())),
-            pa.field("relation_oid", pa.int64()),
-            pa.field("step", pa.int32()),
-            pa.field("event", pa.json_(pa.string())),
-            pa.field("context", pa.json_(pa.string())),
-            pa.field("replica_identity", pa.string()),
-        ]
-    )
 
 
 def _csv_types() -> dict[str, pa.DataType]:

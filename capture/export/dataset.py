@@ -1,139 +1,86 @@
-"""The Parquet dataset on disk or in object storage: file naming, listing, watermark, atomic writes.
+"""The Parquet dataset on disk or in object storage: listing, watermark, identity record, atomic writes.
 
-Layout: ``DIR/relation=<schema.table>/date=<UTC date>/<name>.parquet``, plus ``DIR/_bemi_tt/``: ``schemas.pq``
-(``changes_schemas`` as Parquet), ``dataset.json`` (which ``changes`` table the dataset exports) and ``lock``.
-Only change files end in ``.parquet``, so ``read_parquet('DIR/**/*.parquet', hive_partitioning=true)`` reads
-exactly them (the first release named the sidecar ``schemas.parquet``: read, removed by the next export).
-Every data file's name records the range of ``(commit_position, ordinal)`` keys it stands for, so the
-dataset describes itself: no manifest or watermark file exists that could disagree with the data.
-
-* A *unit* file ``<first>-<last>-<k>of<n>-<rows>.parquet`` is part k of n of one export unit: all rows of
-  ``changes`` with keys in ``[first, last]``, split by partition (n partitions). A unit is complete when
-  its n parts are present (or a compacted file reaches past it, see below).
-* A *compacted* file ``<first>-<last>-c-<rows>.parquet`` holds every row of its partition with a key in
-  ``[first, last]``; it replaces the files of that partition whose ranges it contains.
-* Keys are written as 24 hex digits (16 for ``commit_position``, 8 for ``ordinal``), so names sort by key.
-
-Readers (``list_dataset_files``) keep, per partition, the files of complete units and compacted files that
-no bigger file contains. The watermark is the largest ``last`` among them.
+The names it lists are those of ``capture.export.layout``. Readers (``list_dataset_files``) keep, per
+partition, the files of complete units and compacted files that no bigger file contains. The watermark is
+the largest ``last`` among them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from urllib.parse import quote
+from datetime import datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from capture.errors import ConfigurationError, SourceError
+from capture.export.layout import (
+    DELTA_LOG_DIR,
+    FILE_NAME_RE,
+    HORIZON_FILE,
+    IDENTITY_FILE,
+    IDENTITY_FORMAT,
+    META_DIR,
+    DataFile,
+    DatasetIdentity,
+    Key,
+    export_arrow_schema,
+    parse_key,
+)
 
 __all__ = [
-    "DataFile",
-    "DatasetIdentity",
     "DatasetState",
-    "Key",
-    "compacted_name",
-    "format_key",
+    "Horizon",
+    "delete_files",
     "is_delta_table",
     "list_dataset_files",
-    "partition_dir",
     "read_dataset",
     "read_dataset_state",
+    "read_horizon",
     "read_identity",
     "refuse_foreign_files",
     "resolve_directory",
-    "unit_name",
     "write_atomic",
     "write_identity",
 ]
 
-#: ``(commit_position, ordinal)``: the order of changes, unique per change.
-Key = tuple[int, int]
-
-META_DIR = "_bemi_tt"
-#: ``changes_schemas`` as Parquet, named so that no ``**/*.parquet`` glob of the dataset matches it.
-SCHEMAS_FILE = "schemas.pq"
-#: The first release's name of the sidecar: read when ``SCHEMAS_FILE`` is missing, deleted by exports.
-LEGACY_SCHEMAS_FILE = "schemas.parquet"
-#: The dataset's identity record (``DatasetIdentity``), written by the first export into a directory.
-IDENTITY_FILE = "dataset.json"
-_IDENTITY_FORMAT = "bemi_tt changes export"
-#: The transaction log directory that makes a directory a Delta table (``capture.export_delta``).
-DELTA_LOG_DIR = "_delta_log"
-
-_NAME_RE = re.compile(
-    r"^(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-(?:(?P<k>[0-9]+)of(?P<n>[0-9]+)|c)-(?P<rows>[0-9]+)\.parquet$"
-)
-
-
-def format_key(key: Key) -> str:
-    """24 hex digits that sort like the key."""
-    commit_position, ordinal = key
-    if not (0 <= commit_position < 1 << 64 and 0 <= ordinal < 1 << 32):
-        raise SourceError(f"change key {key!r} is out of range; commit_position and ordinal must be >= 0")
-    return f"{commit_position:016x}{ordinal:08x}"
-
-
-def _parse_key(text: str) -> Key:
-    return int(text[:16], 16), int(text[16:], 16)
-
-
-def unit_name(first: Key, last: Key, part: int, parts: int, rows: int) -> str:
-    """File name of part ``part`` (1-based) of ``parts`` of the export unit ``[first, last]``."""
-    return f"{format_key(first)}-{format_key(last)}-{part}of{parts}-{rows}.parquet"
-
-
-def compacted_name(first: Key, last: Key, rows: int) -> str:
-    """File name of a compacted file holding its partition's rows with keys in ``[first, last]``."""
-    return f"{format_key(first)}-{format_key(last)}-c-{rows}.parquet"
-
-
-def partition_dir(schema: str, table: str, date: str) -> str:
-    """``relation=<schema.table>/date=<date>``, percent-encoding characters unsafe in a path segment."""
-    return f"relation={quote(f'{schema}.{table}', safe='')}/date={date}"
-
 
 @dataclass(frozen=True)
-class DataFile:
-    """One data file of the dataset, described by its name."""
+class Horizon:
+    """Where a pruned history starts: ``before`` (TS), the cut position, the folded prefix's chain head
+    (``head``: (commit_position, ordinal, chain_hash) of the last folded row; None: no hashed row), and the
+    baseline: the SHA-256 over its rows' digests in order and their count (capture/prune.py)."""
 
-    path: str
-    partition: str
-    first: Key
-    last: Key
+    before: datetime
+    position: int
+    head: tuple[int, int, str] | None
+    baseline: str
     rows: int
-    size: int
-    part: int | None = None  # None for a compacted file
-    parts: int | None = None
 
-    @property
-    def compacted(self) -> bool:
-        return self.part is None
+    def to_json(self) -> dict[str, Any]:
+        return {"before": self.before.isoformat(), "position": self.position,
+                "head": list(self.head) if self.head else None, "baseline": self.baseline, "rows": self.rows}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Horizon:
+        head = data.get("head")
+        return cls(datetime.fromisoformat(str(data["before"])), int(data["position"]),
+                   (int(head[0]), int(head[1]), str(head[2])) if head else None, str(data["baseline"]),
+                   int(data["rows"]))
 
 
-@dataclass(frozen=True)
-class DatasetIdentity:
-    """Which ``changes`` table a dataset exports; an export refuses a directory recorded for another one."""
-
-    system_identifier: str  # pg_control_system() of the server, "" when the role may not read it
-    database: str
-    table: str  # schema-qualified, e.g. "public.changes"
-
-    def describe(self) -> str:
-        server = self.system_identifier or "unknown"
-        return f"table {self.table} of database {self.database!r} (server system identifier {server})"
-
-    def same_source(self, other: DatasetIdentity) -> bool:
-        known = self.system_identifier and other.system_identifier
-        return (self.database, self.table) == (other.database, other.table) and (
-            not known or self.system_identifier == other.system_identifier
-        )
+def read_horizon(filesystem: Any, root: str) -> Horizon | None:
+    """``_bemi_tt/horizon.json`` of the dataset at ``root`` of ``filesystem`` (None: never pruned)."""
+    try:
+        with filesystem.open_input_stream(f"{root}/{META_DIR}/{HORIZON_FILE}") as stream:
+            return Horizon.from_json(json.loads(stream.read().decode("utf-8")))
+    except FileNotFoundError:
+        return None
 
 
 def _identity_path(root: str) -> str:
@@ -154,7 +101,7 @@ def read_identity(filesystem: pafs.FileSystem, root: str) -> DatasetIdentity | N
         raise SourceError(f"cannot read the dataset identity {path!r}: {exc}") from exc
     try:
         record = json.loads(raw)
-        if record.get("format") != _IDENTITY_FORMAT:
+        if record.get("format") != IDENTITY_FORMAT:
             raise ValueError(f"format is {record.get('format')!r}")
         return DatasetIdentity(
             str(record["system_identifier"]), str(record["database"]), str(record["table"])
@@ -168,7 +115,7 @@ def read_identity(filesystem: pafs.FileSystem, root: str) -> DatasetIdentity | N
 
 def write_identity(filesystem: pafs.FileSystem, root: str, identity: DatasetIdentity) -> None:
     """Record (atomically) which ``changes`` table the dataset at ``root`` exports."""
-    record = {"format": _IDENTITY_FORMAT, "version": 1, **asdict(identity)}
+    record = {"format": IDENTITY_FORMAT, "version": 1, **asdict(identity)}
     write_atomic(filesystem, _identity_path(root), json.dumps(record, indent=1).encode() + b"\n")
 
 
@@ -268,11 +215,11 @@ def read_dataset_state(filesystem: pafs.FileSystem, root: str) -> DatasetState:
         if temporary:
             state.temporary.append(info.path)
             continue
-        match = _NAME_RE.match(segments[2])
+        match = FILE_NAME_RE.match(segments[2])
         if match is None:
             state.foreign.append(info.path)
             continue
-        first, last = _parse_key(match["first"]), _parse_key(match["last"])
+        first, last = parse_key(match["first"]), parse_key(match["last"])
         data_file = DataFile(
             path=info.path,
             partition=f"{segments[0]}/{segments[1]}",
@@ -400,8 +347,6 @@ def read_dataset(directory: str, *, columns: list[str] | None = None, attempts: 
 
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ConfigurationError(f"attempts must be a positive integer, got {attempts!r}")
-    from capture.export_read import export_arrow_schema
-
     schema = export_arrow_schema()
     wanted = list(schema.names) if columns is None else list(columns)
     unknown = [c for c in wanted if c not in schema.names]

@@ -3,10 +3,10 @@
 The table at ``DIR`` has the columns and types of the Parquet export (JSON columns as Delta ``string``) plus
 the partition columns ``relation`` (``"<schema>.<table>"``) and ``date`` (UTC date of ``committed_at``):
 what a Hive-aware reader of the Parquet export sees. It reuses the Parquet export's reading (one COPY cut
-into units, ``capture.export_read``), its partition split, Parquet writer and atomic writes
-(``capture.export``), its lock (``capture.export_lock``), its identity record (``_bemi_tt/dataset.json``)
-and its schema sidecar (``_bemi_tt/schemas.pq``); Delta ignores ``_`` folders. ``deltalake`` (delta-rs)
-only commits the files to the transaction log.
+into units, ``capture.export.read``), its partition split and Parquet writer (``capture.export.write``),
+atomic writes (``capture.export.dataset``), its lock (``capture.export.lock``), its identity record
+(``_bemi_tt/dataset.json``) and its schema sidecar (``_bemi_tt/schemas.pq``); Delta ignores ``_``
+folders. ``deltalake`` (delta-rs) only commits the files to the transaction log.
 
 Exactly once: each unit is one Delta commit that carries two application transactions, the key
 ``(commit_position, ordinal)`` of its last change (``commit_position`` is a PostgreSQL ``bigint`` and the
@@ -34,36 +34,28 @@ import pyarrow.fs as pafs
 from psycopg import sql
 
 from capture.errors import ConfigurationError, SourceError
-from capture.export import (
-    ROW_GROUP_ROWS,
-    ExportStats,
-    _check_prefix,
-    _claim,
-    _export_schemas,
-    _first_key,
-    _last_key,
-    _Progress,
-    _split,
-    parquet_bytes,
-)
-from capture.export_dataset import (
+from capture.export.dataset import (
     DatasetState,
-    Key,
     delete_files,
-    format_key,
     is_delta_table,
     read_dataset_state,
     read_identity,
     resolve_directory,
     write_atomic,
 )
-from capture.export_lock import DatasetLock, _s3_client_options
-from capture.export_read import (
-    IDENTIFYING_COLUMNS,
-    export_arrow_schema,
-    fetch_range,
-    key_condition,
-    stream_units,
+from capture.export.layout import IDENTIFYING_COLUMNS, ROW_GROUP_ROWS, Key, export_arrow_schema, format_key
+from capture.export.lock import DatasetLock, _s3_client_options
+from capture.export.read import fetch_range, key_condition, stream_units
+from capture.export.write import (
+    ExportStats,
+    Progress,
+    check_prefix,
+    claim_directory,
+    export_schemas,
+    first_key,
+    last_key,
+    parquet_bytes,
+    split_partitions,
 )
 from capture.schema import changes_arrow_schema
 
@@ -194,8 +186,9 @@ def _commit_unit(
     invisible to Delta readers. Their names are the unit's key range, so the rerun after a kill writes
     the same names again (the split is deterministic) instead of leaving more unreferenced files.
     """
-    first, last = _first_key(rows), _last_key(rows)
-    groups = _split(rows.cast(changes_arrow_schema()))  # JSON columns as plain text: Delta has no JSON type
+    first, last = first_key(rows), last_key(rows)
+    # JSON columns as plain text: Delta has no JSON type
+    groups = split_partitions(rows.cast(changes_arrow_schema()))
     actions = []
     for number, (directory, part) in enumerate(groups, 1):
         name = f"part-{format_key(first)}-{format_key(last)}-{number}of{len(groups)}.zstd.parquet"
@@ -241,7 +234,7 @@ def _commit_properties(deltalake: Any, metadata: Mapping[str, str], last: Key | 
 
 @dataclass
 class _DeltaState(DatasetState):
-    """What ``_check_prefix`` needs of a Delta table: its watermark and row count."""
+    """What ``check_prefix`` needs of a Delta table: its watermark and row count."""
 
     row_count: int = 0
 
@@ -305,7 +298,7 @@ def export_delta_locked(
     names: tuple[str, str, str],
     batch_rows: int,
     held: DatasetLock,
-    bar: _Progress,
+    bar: Progress,
 ) -> ExportStats:
     """One Delta export run, under the export lock: claim, create the table if needed, append the units."""
     deltalake = _deltalake()
@@ -319,7 +312,7 @@ def export_delta_locked(
     foreign = [] if exists else listing.foreign
     if exists and read_identity(filesystem, root) is None:
         _check_adoptable(conn, name, directory)
-    _claim(conn, name, DatasetState(filesystem, root, foreign=foreign), schema, table_name)
+    claim_directory(conn, name, DatasetState(filesystem, root, foreign=foreign), schema, table_name)
     delete_files(filesystem, listing.temporary)  # left by a killed writer, never referenced
     if not exists:
         deltalake.DeltaTable.create(
@@ -336,7 +329,7 @@ def export_delta_locked(
     _add_missing_columns(deltalake, delta)
     watermark = delta_watermark(delta)
     before = _file_sizes(delta)
-    _check_prefix(conn, name, _DeltaState(filesystem, root, watermark=watermark, row_count=delta.count()))
+    check_prefix(conn, name, _DeltaState(filesystem, root, watermark=watermark, row_count=delta.count()))
     exported = 0
     if bar.enabled:
         query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(name, key_condition(watermark, None))
@@ -348,11 +341,11 @@ def export_delta_locked(
         held.renew()
         _commit_unit(deltalake, delta, filesystem, root, rows)
         exported += rows.num_rows
-        watermark = _last_key(rows)
+        watermark = last_key(rows)
         bar.update(exported)
 
     stream_units(conn, name, watermark, batch_rows, write)
-    _export_schemas(conn, filesystem, root, schema, schemas_table)
+    export_schemas(conn, filesystem, root, schema, schemas_table)
     added = {path: size for path, size in _file_sizes(delta).items() if path not in before}
     return ExportStats(exported, len(added), sum(added.values()), watermark)
 
@@ -371,7 +364,7 @@ def compact_delta(directory: str, target_bytes: int = TARGET_BYTES) -> int:
 
 def read_delta(directory: str, *, version: int | None = None) -> pa.Table:
     """Every change in the Delta table (at ``version``, default the latest) in key order, typed like
-    ``capture.export_dataset.read_dataset`` (JSON columns as ``pa.json_()``)."""
+    ``capture.export.dataset.read_dataset`` (JSON columns as ``pa.json_()``)."""
     delta = open_delta_table(directory)
     if version is not None:
         delta.load_as_version(version)
