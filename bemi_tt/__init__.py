@@ -44,9 +44,9 @@ if TYPE_CHECKING:
     from bemi_tt.timetravel import as_of, audit, blame, changes, diff, history
     from bemi_tt.triggers import install, uninstall
     from bemi_tt.undo import restore, revert
-    from capture.chain import verify
     from capture.errors import ConflictError
     from capture.export import export_parquet
+    from capture.verify import verify
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
@@ -73,7 +73,7 @@ _LAZY = {
     "restore": "bemi_tt.undo",
     "revert": "bemi_tt.undo",
     "uninstall": "bemi_tt.triggers",
-    "verify": "capture.chain",
+    "verify": "capture.verify",
 }
 
 __all__ = [

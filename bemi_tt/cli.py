@@ -170,7 +170,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from capture.chain import verify_changes, verify_export
+    from capture.verify import verify_changes, verify_export
     from capture.worker import resolve_dsn
 
     if args.source is not None and args.dsn is not None:

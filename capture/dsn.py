@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+from typing import Any
 from urllib.parse import unquote
 
 import psycopg
@@ -40,6 +41,7 @@ __all__ = [
     "MASK",
     "RedactingFilter",
     "check_dsn",
+    "connect_changes",
     "connect_error",
     "database_error",
     "describe",
@@ -262,3 +264,14 @@ class RedactingFilter(logging.Filter):
             record.exc_text = redact(formatted)
             record.exc_info = None
         return True
+
+
+def connect_changes(dsn: Any) -> Any:
+    """A connection to the database holding ``changes`` (``dsn`` itself when it is one)."""
+    if isinstance(dsn, psycopg.Connection):
+        return dsn
+    libpq = check_dsn(dsn, what="dsn")  # names a bad value without its password
+    try:
+        return psycopg.connect(libpq)
+    except psycopg.Error as exc:
+        raise connect_error(exc, dsn, what="the database holding changes") from None

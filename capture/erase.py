@@ -220,7 +220,7 @@ def erase_changes(
     their values. ``by``: who asks (default: the database role). The erasure is recorded in
     ``bemi_tt.erasures``/``bemi_tt.erased`` (see the module's docstring).
     """
-    from capture.chain import _connect
+    from capture.dsn import connect_changes
     from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 
     schema_name, table_name, key_value, wanted, chosen = _check_selector(table, key, context, what)
@@ -228,7 +228,7 @@ def erase_changes(
     changes = sql.Identifier(schema, CHANGES_TABLE)
     schemas = sql.Identifier(schema, SCHEMAS_TABLE)
     record_name = f"{schema}.{CHANGES_TABLE}"
-    conn = _connect(dsn)
+    conn = connect_changes(dsn)
     try:
         with conn.transaction():
             for statement in _SETUP:

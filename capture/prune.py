@@ -330,7 +330,7 @@ def check_before(before: Any) -> None:
 
 def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Pruned:
     """Fold the changes committed at or before ``before`` into a baseline (see the module docstring)."""
-    from capture.chain import _connect
+    from capture.dsn import connect_changes
     from capture.protocol import DIGESTS_TABLE
     from capture.schema import CHANGES_TABLE, SCHEMAS_TABLE
 
@@ -338,7 +338,7 @@ def prune_changes(dsn: Any, *, before: datetime, schema: str = "public") -> Prun
     changes = sql.Identifier(schema, CHANGES_TABLE)
     schemas = sql.Identifier(schema, SCHEMAS_TABLE)
     record = f"{schema}.{CHANGES_TABLE}"
-    conn = _connect(dsn)
+    conn = connect_changes(dsn)
     try:
         with conn.transaction():
             for statement in _SETUP:

@@ -14,11 +14,11 @@ import pytest
 import sqlalchemy as sa
 
 import bemi_tt
-from capture.chain import verify_changes, verify_export
 from capture.erase import ERASED_MARKER, erase_changes, erase_export, erased_image
 from capture.errors import ChainError, ConfigurationError
 from capture.export import export_parquet
 from capture.export.dataset import read_dataset
+from capture.verify import verify_changes, verify_export
 from capture.worker import run as capture
 
 

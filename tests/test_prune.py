@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 import bemi_tt
-from capture.chain import verify_changes, verify_export
 from capture.errors import ChainError, ConfigurationError
 from capture.export import export_parquet
 from capture.prune import prune_changes
+from capture.verify import verify_changes, verify_export
 from capture.worker import run as capture
 
 TABLES = {"users": ("id", "name", "age", "score"), "tags": ("id", "label"), "log": ("line",)}

@@ -17,13 +17,13 @@ import sqlalchemy as sa
 from test_prune import TABLES, _answer, _live, _now, _step, workload
 
 import bemi_tt
-from capture.chain import verify_export
 from capture.compact import compact
 from capture.erase import erase_export
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
 from capture.export.dataset import read_dataset, read_dataset_state, resolve_directory
 from capture.prune import export_horizon, prune_changes
+from capture.verify import verify_export
 from capture.worker import run as capture
 
 History = list[tuple[datetime, dict[str, list[tuple[Any, ...]]]]]

@@ -17,19 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bemi_tt
-from capture.chain import (
-    GENESIS,
-    Anchor,
-    canonical_json,
-    canonical_number,
-    chain_head,
-    chain_next,
-    row_digest,
-    verify_changes,
-    verify_export,
-)
+from capture.chain import GENESIS, canonical_json, canonical_number, chain_next, row_digest
 from capture.errors import ChainError
 from capture.export import export_parquet
+from capture.verify import Anchor, chain_head, verify_changes, verify_export
 from capture.worker import run as capture
 
 # -- canonical JSON --------------------------------------------------------------------------------------

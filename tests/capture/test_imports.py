@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 CAPTURE = Path(__file__).resolve().parents[2] / "capture"
 
 
@@ -86,9 +84,5 @@ def test_the_export_layout_is_a_leaf_of_the_export_package() -> None:
     assert not [m for m in imported if m.startswith("capture.export")]
 
 
-@pytest.mark.xfail(
-    reason="verify reads erasure and prune records (capture.chain → capture.erase, capture.prune), which "
-    "hash with capture.chain: the verify side's layout, not yet split",
-)
 def test_capture_modules_import_each_other_without_a_cycle_even_inside_functions() -> None:
     assert _cycles(_imports(inside_functions=True)) == []
