@@ -1,4 +1,4 @@
-"""Retention for a Parquet export directory: fold its history before a time into a baseline.
+"""Retention for an export directory (Parquet or Delta): fold its history before a time into a baseline.
 
 ``prune_export(DIR, before=TS)`` applies the database prune's rule (``capture.prune.fold``, the same
 ``baseline_rows`` and schema folding) to the rows the directory holds, under the export lock:
@@ -26,21 +26,36 @@ before the swap leaves the old directory untouched; after it, the new one. The l
 by the next prune. Readers that listed the directory before the swap and open a replaced file after it
 fail with a missing file (as after a compaction), and read the new state when they retry.
 
-Only local directories: an object store has no atomic swap of many objects, and a Delta table has its
-own log; both are refused with what to do instead.
+A Delta export (``format="delta"``) is pruned the same way: its data files are the table's current file
+list (read from ``_delta_log``, keys from the names the Delta export gives its files, or from the rows of a
+file Delta's optimize wrote), the staging copy links the log too, and the new state is ONE Delta commit made
+on the staging table, removing the replaced files and adding the compacted ones (``part-<F>-<L>-c-...``),
+before the swap. Delta writes every log entry and checkpoint as a new file (so the old tree's linked log is
+never written through); ``_last_checkpoint``, the one file Delta rewrites, is copied instead of linked. The
+staging table holds only the files of the current version: data files of older versions (replaced by an
+optimize, or written by a killed export and never committed) are left behind with the old tree, so time
+travel to a version before the prune fails on their missing files instead of showing pruned history.
+
+Only local directories: an object store has no atomic swap of many objects; it is refused with what to do
+instead.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,6 +72,7 @@ from capture.export.dataset import (
     write_atomic,
 )
 from capture.export.layout import (
+    DELTA_LOG_DIR,
     HORIZON_FILE,
     IDENTITY_FILE,
     LEGACY_SCHEMAS_FILE,
@@ -65,6 +81,8 @@ from capture.export.layout import (
     DataFile,
     Key,
     compacted_name,
+    format_key,
+    parse_key,
     partition_dir,
 )
 from capture.export.lock import open_lock
@@ -85,6 +103,18 @@ _FOLD_COLUMNS = ["schema", "table", "database", "operation", "primary_key", "bef
                  "commit_position", "ordinal", "chain_hash"]
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+#: The Delta log's pointer to its newest checkpoint: rewritten in place by Delta, so copied, never linked.
+_LAST_CHECKPOINT = "_last_checkpoint"
+
+
+@dataclass
+class _Listing:
+    """What a prune reads of an export: its data files (keys and partitions), the files on disk the pruned
+    tree leaves out, and for a Delta export each data file's partition values (None: a Parquet export)."""
+
+    files: list[DataFile]
+    dropped: set[str] = dataclasses.field(default_factory=set)
+    delta: dict[str, dict[str, str | None]] | None = None
 
 
 def prune_export(directory: str, *, before: datetime, wait: float = 0.0) -> Pruned:
@@ -107,38 +137,86 @@ def prune_export(directory: str, *, before: datetime, wait: float = 0.0) -> Prun
         raise ConfigurationError(
             f"export directory {os.fspath(directory)!r} {what}: pass the directory `bemi-tt export` wrote"
         )
-    if is_delta_table(filesystem, root):
-        raise ConfigurationError(
-            f"{os.fspath(directory)!r} is a Delta export: prune does not rewrite Delta tables; prune the "
-            "database (bemi-tt prune --dsn URL) and export again into a new directory"
-        )
+    delta = is_delta_table(filesystem, root)
     real = os.path.realpath(root)  # the swap exchanges the directory itself, never a symlink to it
     with open_lock(os.fspath(directory), filesystem, real) as held:
         held.acquire(wait)
         _remove_leftovers(real)
-        state = read_dataset_state(filesystem, real)
-        refuse_foreign_files(state)
-        identity = os.path.isfile(os.path.join(real, META_DIR, IDENTITY_FILE))
-        if not identity and not state.files and not state.incomplete_files:
-            raise ConfigurationError(
-                f"{os.fspath(directory)!r} is not a bemi_tt export (no {META_DIR}/{IDENTITY_FILE} and no "
-                "change files): pass the directory `bemi-tt export` wrote"
-            )
-        if not state.files:
+        listing = _delta_listing(real) if delta else _parquet_listing(filesystem, real, os.fspath(directory))
+        if not listing.files:
             return Pruned(None, 0, source)
-        cut = _cut(filesystem, state.files, before)
+        files = listing.files
+        cut = _cut(filesystem, files, before)
         previous = read_horizon(filesystem, real)
-        lowest = min(f.first for f in state.files)
+        lowest = min(f.first for f in files)
         if cut is None or cut <= lowest[0] or (previous is not None and (
                 cut <= previous.position or before <= previous.before)):
             return Pruned(None, 0, source)  # nothing before the cut, or already pruned at or after it
         schemas = _read_schemas(filesystem, real)
         versions = group_versions(_version_rows(schemas, cut))
-        result = fold(_changes_before(filesystem, state.files, cut), versions, cut=cut, before=before,
+        result = fold(_changes_before(filesystem, files, cut), versions, cut=cut, before=before,
                       previous=previous)
-        leftovers = [f.path for f in state.superseded] + state.temporary
-        _swap_in(real, state.files, leftovers, result, _schemas_after(schemas, versions, cut, before), before)
+        _swap_in(real, listing, result, _schemas_after(schemas, versions, cut, before), before)
         return Pruned(result.horizon, result.folded, source)
+
+
+def _parquet_listing(filesystem: pafs.FileSystem, root: str, directory: str) -> _Listing:
+    """A Parquet export's readable files; superseded and temporary files are dropped, the parts of an
+    unfinished unit kept (the next export finishes it)."""
+    state = read_dataset_state(filesystem, root)
+    refuse_foreign_files(state)
+    identity = os.path.isfile(os.path.join(root, META_DIR, IDENTITY_FILE))
+    if not identity and not state.files and not state.incomplete_files:
+        raise ConfigurationError(
+            f"{directory!r} is not a bemi_tt export (no {META_DIR}/{IDENTITY_FILE} and no change files): "
+            "pass the directory `bemi-tt export` wrote"
+        )
+    return _Listing(state.files, {f.path for f in state.superseded} | set(state.temporary))
+
+
+#: The Delta export's file names: its unit parts (``<k>of<n>``) and this module's compacted files.
+_DELTA_NAME = re.compile(r"^part-(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-"
+                         r"(?:[0-9]+of[0-9]+|c-[0-9a-f]+)\.zstd\.parquet$")
+
+
+def _delta_listing(root: str) -> _Listing:
+    """The current version's data files of the Delta table at ``root``; every other data file on disk (of
+    older versions, or never committed) is dropped."""
+    from capture.export.delta import open_delta_table
+
+    table = open_delta_table(root)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    files: list[DataFile] = []
+    values: dict[str, dict[str, str | None]] = {}
+    for logged, size, rows, relation, day in zip(
+            *(actions[c].to_pylist() for c in ("path", "size_bytes", "num_records", "partition.relation",
+                                               "partition.date")), strict=True):
+        relative = unquote(logged)  # the log holds the URI-encoded path
+        path = os.path.join(root, relative)
+        match = _DELTA_NAME.match(os.path.basename(relative))
+        first, last = ((parse_key(match["first"]), parse_key(match["last"])) if match
+                       else _file_keys(path))  # written by Delta's optimize: its rows say
+        files.append(DataFile(path, os.path.dirname(relative), first, last, int(rows or 0), int(size or 0)))
+        values[path] = {"relation": relation, "date": day.isoformat() if day is not None else None}
+    listed = set(values)
+    on_disk = set()
+    for directory, subdirectories, names in os.walk(root):
+        if directory == root:
+            subdirectories[:] = [d for d in subdirectories if d not in (META_DIR, DELTA_LOG_DIR)]
+        on_disk |= {os.path.join(directory, n) for n in names if n.endswith(".parquet")}
+    files.sort(key=lambda f: (f.partition, f.first))
+    return _Listing(files, on_disk - listed, values)
+
+
+def _file_keys(path: str) -> tuple[Key, Key]:
+    """The smallest and largest key of a data file's rows."""
+    keys = pq.read_table(path, columns=["commit_position", "ordinal"]).sort_by(
+        [("commit_position", "ascending"), ("ordinal", "ascending")])
+    if keys.num_rows == 0:
+        raise SourceError(f"the Delta export's data file {path!r} holds no rows; re-export into an empty "
+                          "directory")
+    return ((keys["commit_position"][0].as_py(), keys["ordinal"][0].as_py()),
+            (keys["commit_position"][-1].as_py(), keys["ordinal"][-1].as_py()))
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -311,43 +389,64 @@ def _key_range(files: list[DataFile], touched: set[str], base_last: Key | None, 
     return first, last
 
 
-def _swap_in(root: str, files: list[DataFile], leftovers: list[str], result: Fold, schemas: pa.Table,
-             before: datetime) -> None:
-    """Build the pruned directory next to ``root`` and exchange the two in one rename."""
+def _swap_in(root: str, listing: _Listing, result: Fold, schemas: pa.Table, before: datetime) -> None:
+    """Build the pruned directory next to ``root`` (for a Delta export: and commit it to the staging
+    table's log) and exchange the two in one rename."""
     from capture.erase import ERASURES_FILE
     from capture.export.write import parquet_bytes
 
+    files = listing.files
     cut = result.horizon.position
     baseline = _baseline_table(result, before)
     day = before.date().isoformat()
     base_parts: dict[str, list[int]] = {}
+    partition_values: dict[str, dict[str, str | None]] = {}
+    for f in files:
+        if listing.delta is not None:
+            partition_values.setdefault(f.partition, listing.delta[f.path])
     for i, row in enumerate(result.rows):
-        base_parts.setdefault(partition_dir(row.schema, row.table, day), []).append(i)
+        partition = partition_dir(row.schema, row.table, day)
+        base_parts.setdefault(partition, []).append(i)
+        partition_values.setdefault(partition, {"relation": f"{row.schema}.{row.table}", "date": day})
     touched = {f.partition for f in files if f.first[0] < cut} | set(base_parts)
     base_last = (cut - 1, len(result.rows) - 1) if result.rows else None
     first, last = _key_range(files, touched, base_last, cut)
-    replaced = {f.path for f in files if f.partition in touched and f.last <= last}
+    replaced = [f for f in files if f.partition in touched and f.last <= last]
 
     parent, name = os.path.split(root)
     staging = os.path.join(parent, f".{name}{_STAGING}{uuid.uuid4().hex}.tmp")
     try:
-        _link_tree(root, staging, skip=replaced | set(leftovers) | {
+        _link_tree(root, staging, skip={f.path for f in replaced} | listing.dropped | {
             os.path.join(root, META_DIR, n) for n in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE, HORIZON_FILE,
-                                                      ERASURES_FILE)})
+                                                      ERASURES_FILE)},
+                   copy={os.path.join(root, DELTA_LOG_DIR, _LAST_CHECKPOINT)})
         local = pafs.LocalFileSystem()
-        written = 0
+        added: list[tuple[str, pa.Table, int]] = []  # (path in the tree, rows, bytes) of each new file
         for partition in sorted(touched):
             pieces = [baseline.take(base_parts[partition])] if partition in base_parts else []
-            for f in sorted((f for f in files if f.path in replaced and f.partition == partition),
-                            key=lambda f: f.first):
+            for f in sorted((f for f in replaced if f.partition == partition), key=lambda f: f.first):
                 data = _plain(pq.read_table(f.path, filesystem=local))
                 pieces.append(data.filter(pc.greater_equal(data["commit_position"], cut)))
             rows = pa.concat_tables(pieces) if pieces else baseline.slice(0, 0)
-            if rows.num_rows == 0 and (written or partition != max(touched)):
-                continue  # nothing left here; one file always stays to vouch for the replaced units
-            data = parquet_bytes(_exported(rows))
-            write_atomic(local, f"{staging}/{partition}/{compacted_name(first, last, rows.num_rows)}", data)
-            written += 1
+            rows = rows.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
+            if listing.delta is None:
+                if rows.num_rows == 0 and (added or partition != max(touched)):
+                    continue  # nothing left here; one file always stays to vouch for the replaced units
+                data = parquet_bytes(_exported(rows))
+                relative = f"{partition}/{compacted_name(first, last, rows.num_rows)}"
+            else:
+                if rows.num_rows == 0:
+                    continue  # the log says which files hold the table: none has to vouch for the range
+                from capture.schema import changes_arrow_schema
+
+                data = parquet_bytes(rows.select(changes_arrow_schema().names).cast(changes_arrow_schema()))
+                # unique: a path cannot be both removed and added in one Delta commit
+                relative = (f"{partition}/part-{format_key(first)}-{format_key(last)}-c-{uuid.uuid4().hex}"
+                            ".zstd.parquet")
+            write_atomic(local, f"{staging}/{relative}", data)
+            added.append((relative, rows, data.size))
+        if listing.delta is not None:
+            _commit_delta(root, staging, listing, replaced, added, partition_values, result, before)
         meta = f"{staging}/{META_DIR}"
         write_atomic(local, f"{meta}/{SCHEMAS_FILE}", parquet_bytes(schemas))
         erasures = os.path.join(root, META_DIR, ERASURES_FILE)
@@ -373,9 +472,42 @@ def _swap_in(root: str, files: list[DataFile], leftovers: list[str], result: Fol
     shutil.rmtree(staging, ignore_errors=True)  # the old tree, now at the staging path
 
 
-def _link_tree(root: str, staging: str, skip: set[str]) -> None:
+def _commit_delta(root: str, staging: str, listing: _Listing, replaced: list[DataFile],
+                  added: list[tuple[str, pa.Table, int]], values: dict[str, dict[str, str | None]],
+                  result: Fold, before: datetime) -> None:
+    """ONE commit on the staging table: remove the replaced files, add the new ones. No application
+    transaction: the export's watermark (its last one) stays what it was."""
+    from capture.export.delta import _commit_properties, _deltalake, _file_stats
+
+    assert listing.delta is not None
+    deltalake = _deltalake()
+    try:
+        table = deltalake.DeltaTable(staging)
+    except (deltalake.exceptions.DeltaError, OSError) as exc:
+        raise SourceError(f"cannot open the Delta table copied from {root!r}: {exc}") from exc
+    now = int(time.time() * 1000)
+    actions: list[Any] = [
+        deltalake.transaction.RemoveAction(os.path.relpath(f.path, root), True, now, f.size,
+                                           listing.delta[f.path])
+        for f in replaced
+    ]
+    for relative, rows, size in added:
+        partition = relative.rsplit("/", 1)[0]
+        actions.append(deltalake.transaction.AddAction(relative, size, values[partition], now, True,
+                                                       _file_stats(rows)))
+    metadata = {"bemi_tt.operation": "prune", "bemi_tt.before": before.isoformat(),
+                "bemi_tt.horizon_position": str(result.horizon.position),
+                "bemi_tt.baseline_rows": str(result.horizon.rows)}
+    table.create_write_transaction(actions, "append", table.schema(),
+                                   partition_by=table.metadata().partition_columns,
+                                   commit_properties=_commit_properties(deltalake, metadata))
+
+
+def _link_tree(root: str, staging: str, skip: set[str], copy: set[str]) -> None:
     """Recreate ``root``'s directories under ``staging`` and hard-link every file but ``skip`` and the
-    temporary files a killed writer left."""
+    temporary files a killed writer left; the files in ``copy`` (rewritten in place by their writer) are
+    copied instead."""
+    local = pafs.LocalFileSystem()
     for directory, subdirectories, names in os.walk(root):
         target = os.path.join(staging, os.path.relpath(directory, root))
         os.makedirs(target, exist_ok=True)
@@ -383,7 +515,11 @@ def _link_tree(root: str, staging: str, skip: set[str]) -> None:
             path = os.path.join(directory, name)
             if path in skip or (name.startswith(".") and name.endswith(".tmp")):
                 continue
-            os.link(path, os.path.join(target, name))
+            if path in copy:
+                with open(path, "rb") as stream:
+                    write_atomic(local, os.path.join(target, name), stream.read())
+            else:
+                os.link(path, os.path.join(target, name))
         subdirectories[:] = [d for d in subdirectories if not (d.startswith(".") and d.endswith(".tmp"))]
 
 

@@ -248,7 +248,7 @@ def test_prune_names_a_target_that_is_not_an_export_directory(tmp_path: Path) ->
         bemi_tt.prune(other, before=when)
     delta = tmp_path / "delta"
     (delta / "_delta_log").mkdir(parents=True)
-    with pytest.raises(ConfigurationError, match=r"Delta export.*prune the database"):
+    with pytest.raises(ConfigurationError, match=r"holds no Delta table: run `bemi-tt export --format delta`"):
         bemi_tt.prune(delta, before=when)
     with pytest.raises(ConfigurationError, match="local export directories only"):
         bemi_tt.prune("s3://bucket/prefix?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1",
