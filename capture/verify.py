@@ -407,11 +407,20 @@ def chain_head(dsn: Any, *, schema: str = "public") -> Anchor | None:
 def _export_rows(directory: str) -> Iterator[ChainRow]:
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.fs
     import pyarrow.parquet as pq
 
-    from capture.export.dataset import list_dataset_files
+    from capture.export.dataset import is_delta_table, list_dataset_files, resolve_directory
 
-    filesystem, paths = list_dataset_files(directory)
+    filesystem, root = resolve_directory(directory)
+    if is_delta_table(filesystem, root):  # a Delta export's files are those of its log's current version
+        from capture.export.delta import open_delta_table
+
+        uris = open_delta_table(directory).file_uris()
+        local = isinstance(filesystem, pa.fs.LocalFileSystem)
+        paths = sorted(uri if local else uri.split("://", 1)[-1] for uri in uris)
+    else:
+        filesystem, paths = list_dataset_files(directory)
     tables = []
     for path in paths:
         table = pq.read_table(path, filesystem=filesystem)

@@ -1,7 +1,8 @@
 """Retention for an export directory: ``prune(DIR, before=TS)`` folds the directory's history before TS into
 a baseline; every later as_of stays exact (the oracle: copies of the live tables read at each instant, and
 the database pruned at the same TS), earlier ones raise; verify, the next export, erasures and compaction
-keep working. Real PostgreSQL with the worker (the workload of tests/test_prune.py)."""
+keep working. Real PostgreSQL with the worker (the workload of tests/test_prune.py). The tests marked with
+the ``fmt`` parameter run on a Parquet and on a Delta export (``format="delta"``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from test_prune import TABLES, _answer, _live, _now, _step, workload
 
 import bemi_tt
 from capture.compact import compact
+from capture.export.delta import compact_delta, delta_watermark, open_delta_table, read_delta
 from capture.erase import erase_export
 from capture.errors import ConfigurationError
 from capture.export import export_parquet
@@ -38,8 +40,32 @@ def history(engine: sa.Engine, dsn: str) -> History:
     return workload(engine, dsn)
 
 
+FORMATS = pytest.mark.parametrize("fmt", ["parquet", "delta"])
+
+
+def _export(dsn: str, directory: Path, fmt: str, **options: Any) -> Any:
+    return export_parquet(dsn, str(directory), format=fmt, progress=False, **options)
+
+
+def _is_delta(directory: Path) -> bool:
+    return (directory / "_delta_log").is_dir()
+
+
+def _watermark(directory: Path) -> Any:
+    if _is_delta(directory):
+        return delta_watermark(open_delta_table(str(directory)))
+    return read_dataset_state(*resolve_directory(str(directory))).watermark
+
+
+def _compact(directory: Path) -> None:
+    if _is_delta(directory):
+        compact_delta(str(directory))
+    else:
+        compact(str(directory))
+
+
 def _directory_rows(directory: Path) -> list[tuple[Any, ...]]:
-    table = read_dataset(str(directory))
+    table = read_delta(str(directory)) if _is_delta(directory) else read_dataset(str(directory))
     data = {c: table[c].to_pylist() for c in COMPARED}
     return list(zip(*data.values(), strict=True))
 
@@ -71,11 +97,12 @@ def _check(directory: Path, dsn: str, instants: History) -> None:
             assert _answer(table, ts, dsn) == live[table], (table, ts)
 
 
+@FORMATS
 def test_prune_of_an_export_keeps_every_later_as_of_exact_equals_the_database_prune_and_refuses_earlier(
-    engine: sa.Engine, dsn: str, history: History, tmp_path: Path
+    engine: sa.Engine, dsn: str, history: History, tmp_path: Path, fmt: str
 ) -> None:
     directory = tmp_path / "export"
-    export_parquet(dsn, str(directory), batch_rows=3, progress=False)  # many units, some straddle the cut
+    _export(dsn, directory, fmt, batch_rows=3)  # many units, some straddle the cut
     cut_at = history[4][0]  # after the ALTER: rows older than it take the fill
     pruned = bemi_tt.prune(directory, before=cut_at)
     assert pruned.horizon is not None and pruned.folded > 0 and "pruned the export" in str(pruned)
@@ -89,6 +116,7 @@ def test_prune_of_an_export_keeps_every_later_as_of_exact_equals_the_database_pr
         bemi_tt.diff("users", history[1][0], history[5][0], source=str(directory))
     verified = verify_export(str(directory))
     assert verified.horizon is not None and "was pruned" in str(verified)
+    assert verified == len(_database_rows(dsn))  # every row read and chained, the baseline too
     assert not list(tmp_path.glob(".export.prune-*"))  # the old tree is gone
 
     # the worker and the export carry on into the pruned directory: no duplicate, no gap
@@ -97,9 +125,9 @@ def test_prune_of_an_export_keeps_every_later_as_of_exact_equals_the_database_pr
         conn.execute(sa.text("DELETE FROM log"))
     later = (_now(engine), _live(engine))
     capture(dsn, once=True)
-    export_parquet(dsn, str(directory), batch_rows=3, progress=False)
+    _export(dsn, directory, fmt, batch_rows=3)
     _same_json(_directory_rows(directory), _database_rows(dsn))
-    verify_export(str(directory))
+    assert verify_export(str(directory)) == len(_database_rows(dsn))
 
     # a second prune, of both: still the same rows, every later instant exact
     second = history[5][0]
@@ -108,23 +136,28 @@ def test_prune_of_an_export_keeps_every_later_as_of_exact_equals_the_database_pr
     _same_json(_directory_rows(directory), _database_rows(dsn))
     _check(directory, dsn, [*history[5:], later])
     assert verify_export(str(directory)).horizon == export_horizon(str(directory))
+    _compact(directory)  # compaction of the pruned export: still the same rows, every later instant exact
+    _same_json(_directory_rows(directory), _database_rows(dsn))
+    _check(directory, dsn, [*history[5:], later])
+    assert verify_export(str(directory)) == len(_database_rows(dsn))
     assert bemi_tt.prune(directory, before=second).horizon is None  # again: nothing to do
     assert bemi_tt.prune(directory, before=history[2][0]).horizon is None  # earlier: nothing to do
 
 
+@FORMATS
 def test_the_next_export_into_a_pruned_directory_continues_from_its_watermark(
-    engine: sa.Engine, dsn: str, history: History, tmp_path: Path
+    engine: sa.Engine, dsn: str, history: History, tmp_path: Path, fmt: str
 ) -> None:
     directory = tmp_path / "export"
-    export_parquet(dsn, str(directory), batch_rows=4, progress=False)
+    _export(dsn, directory, fmt, batch_rows=4)
     cut_at = history[3][0]
-    watermark = read_dataset_state(*resolve_directory(str(directory))).watermark
+    watermark = _watermark(directory)
     bemi_tt.prune(directory, before=cut_at)
-    assert read_dataset_state(*resolve_directory(str(directory))).watermark == watermark
+    assert _watermark(directory) == watermark
     _step(engine, "INSERT INTO users VALUES (8, 'Gus', 1, 2)", "INSERT INTO log VALUES ('four')")
     now = (_now(engine), _live(engine))
     capture(dsn, once=True)  # the database keeps its whole history: only the directory was pruned
-    stats = export_parquet(dsn, str(directory), batch_rows=4, progress=False)
+    stats = _export(dsn, directory, fmt, batch_rows=4)
     assert stats.changes == 2  # exactly the two new rows
     horizon = export_horizon(str(directory))
     assert horizon is not None
@@ -137,12 +170,12 @@ def test_the_next_export_into_a_pruned_directory_continues_from_its_watermark(
     for ts, live in [*history[3:], now]:
         for table in TABLES:
             assert _answer(table, ts, str(directory)) == live[table], (table, ts)
-    verify_export(str(directory))
-    compact(str(directory))  # compaction merges the baseline files with later ones: still exact
+    assert verify_export(str(directory)) == len(rows)
+    _compact(directory)  # compaction merges the baseline files with later ones: still exact
     for ts, live in [*history[3:], now]:
         for table in TABLES:
             assert _answer(table, ts, str(directory)) == live[table], (table, ts)
-    verify_export(str(directory))
+    assert verify_export(str(directory)) == len(rows)
 
 
 def test_erasures_stay_applied_through_a_prune_and_reach_the_baseline_after_it(
@@ -168,11 +201,12 @@ def test_erasures_stay_applied_through_a_prune_and_reach_the_baseline_after_it(
     assert all(int(k.split("/")[0]) >= horizon.position - 1 for k in __import__("json").loads(record)["rows"])
 
 
+@FORMATS
 def test_pruning_everything_keeps_the_newest_transaction_and_the_export_continues(
-    engine: sa.Engine, dsn: str, history: History, tmp_path: Path
+    engine: sa.Engine, dsn: str, history: History, tmp_path: Path, fmt: str
 ) -> None:
     directory = tmp_path / "export"
-    export_parquet(dsn, str(directory), batch_rows=5, progress=False)
+    _export(dsn, directory, fmt, batch_rows=5)
     now = _now(engine)
     pruned = bemi_tt.prune(str(directory), before=now)
     assert pruned.horizon is not None
@@ -181,17 +215,18 @@ def test_pruning_everything_keeps_the_newest_transaction_and_the_export_continue
     verify_export(str(directory))
     _step(engine, "INSERT INTO users VALUES (6, 'Flo', 20, 0)")
     capture(dsn, once=True)
-    export_parquet(dsn, str(directory), progress=False)
+    assert _export(dsn, directory, fmt).changes == 1
     verify_export(str(directory))
     assert _answer("users", _now(engine), str(directory)) == _live(engine)["users"]
 
 
-def test_a_running_export_holds_the_prune_off(dsn: str, history: History, tmp_path: Path) -> None:
+@FORMATS
+def test_a_running_export_holds_the_prune_off(dsn: str, history: History, tmp_path: Path, fmt: str) -> None:
     from capture.errors import SourceError
     from capture.export.lock import open_lock
 
     directory = tmp_path / "export"
-    export_parquet(dsn, str(directory), progress=False)
+    _export(dsn, directory, fmt)
     filesystem, root = resolve_directory(str(directory))
     files = sorted(p.name for p in directory.rglob("*.parquet"))
     with open_lock(str(directory), filesystem, root) as held:
