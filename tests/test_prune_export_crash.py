@@ -2,8 +2,9 @@
 or the new one, readable and exact, and a rerun (of the prune, then of the export) finishes the job.
 
 The killed process is a subprocess that kills itself at the point (while the pruned copy is half written,
-right before the swap, right after it), or is killed from outside while its file writes are slowed (as in
-tests/capture/test_export_crash.py)."""
+right before the swap, right after it; for a Delta export also right after its commit to the staging table's
+log), or is killed from outside while its file writes are slowed (as in tests/capture/test_export_crash.py).
+Each point runs on a Parquet and on a Delta export."""
 
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ POINTS = {
     "after_swap": ("real = p._exchange\n"
                    f"def exchange(staging, root):\n    real(staging, root)\n    {_KILL}\n"
                    "p._exchange = exchange\n"),
+    # Delta only: the staging table's log has the prune's commit, the sidecars are not written yet
+    "delta_commit": ("import deltalake\nreal = deltalake.DeltaTable.create_write_transaction\n"
+                     f"def commit(*a, **k):\n    real(*a, **k)\n    {_KILL}\n"
+                     "deltalake.DeltaTable.create_write_transaction = commit\n"),
 }
+CASES = [(fmt, point) for fmt in ("parquet", "delta") for point in sorted(POINTS)
+         if fmt == "delta" or point != "delta_commit"]
 
 
 def _prune_and_die(directory: Path, before: datetime, point: str) -> None:
@@ -53,16 +60,25 @@ def _exact(directory: Path, instants: History) -> None:
             assert _answer(table, ts, str(directory)) == live[table], (table, ts)
 
 
-@pytest.mark.parametrize("point", sorted(POINTS))
+def _version(directory: Path) -> int | None:
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(directory)).version() if (directory / "_delta_log").is_dir() else None
+
+
+@pytest.mark.parametrize(("fmt", "point"), CASES)
 def test_a_prune_killed_at_any_point_leaves_the_old_or_the_new_state_and_a_rerun_finishes(
-    engine: sa.Engine, dsn: str, tmp_path: Path, point: str
+    engine: sa.Engine, dsn: str, tmp_path: Path, fmt: str, point: str
 ) -> None:
     history = workload(engine, dsn)
     directory = tmp_path / "export"
-    export_parquet(dsn, str(directory), batch_rows=3, progress=False)
+    export_parquet(dsn, str(directory), batch_rows=3, progress=False, format=fmt)
+    version = _version(directory)
     cut_at = history[3][0]
     _prune_and_die(directory, cut_at, point)
     assert list(tmp_path.glob(".export.prune-*.tmp"))  # the kill left the copy (or the old tree) behind
+    if version is not None:  # the old table's log has no prune commit until the swap; then exactly one
+        assert _version(directory) == version + (point == "after_swap")
 
     if point == "after_swap":  # the new state: exact from the cut on, refused before it
         assert export_horizon(str(directory)) is not None
@@ -83,20 +99,21 @@ def test_a_prune_killed_at_any_point_leaves_the_old_or_the_new_state_and_a_rerun
     _step(engine, "INSERT INTO users VALUES (9, 'Hal', 2, 3)")
     now = (_now(engine), _live(engine))
     capture(dsn, once=True)
-    assert export_parquet(dsn, str(directory), progress=False).changes == 1
+    assert export_parquet(dsn, str(directory), progress=False, format=fmt).changes == 1
     _exact(directory, [*history[3:], now])
     verify_export(str(directory))
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
 def test_a_prune_killed_from_outside_while_writing_leaves_the_old_state(
-    engine: sa.Engine, dsn: str, tmp_path: Path
+    engine: sa.Engine, dsn: str, tmp_path: Path, fmt: str
 ) -> None:
     sys.path.insert(0, str(Path(__file__).parent / "capture"))
     from export_rows import run_and_kill
 
     history = workload(engine, dsn)
     directory = tmp_path / "export"
-    export_parquet(dsn, str(directory), batch_rows=2, progress=False)
+    export_parquet(dsn, str(directory), batch_rows=2, progress=False, format=fmt)
     code = f"import bemi_tt; bemi_tt.prune({str(directory)!r}, before={history[4][0].isoformat()!r})"
 
     def copying() -> bool:  # the pruned copy has its first file under way
