@@ -447,7 +447,7 @@ def _export_rows(directory: str) -> Iterator[ChainRow]:
 
 
 def verify_export(directory: str, *, anchors: Iterable[Anchor | str] = ()) -> Verified:
-    """Recompute the chain of a Parquet export (local or ``s3://``); the number of changes verified.
+    """Recompute the chain of a Parquet or Delta export (local or ``s3://``); the number of changes verified.
 
     The export holds the complete, non-superseded files (see ``capture.export.dataset``); rows deleted at
     its end are only caught by an ``anchor`` at or after them. Raises ``ChainError`` like
