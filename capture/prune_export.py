@@ -30,8 +30,9 @@ A Delta export (``format="delta"``) is pruned the same way: its data files are t
 list (read from ``_delta_log``, keys from the names the Delta export gives its files, or from the rows of a
 file Delta's optimize wrote), the staging copy links the log too, and the new state is ONE Delta commit made
 on the staging table, removing the replaced files and adding the compacted ones (``part-<F>-<L>-c-...``),
-before the swap. Delta writes every log entry and checkpoint as a new file (so the old tree's linked log is
-never written through); ``_last_checkpoint``, the one file Delta rewrites, is copied instead of linked. The
+before the swap. Delta writes every log entry and checkpoint as a new file, and replaces ``_last_checkpoint``
+(the one file it rewrites) by a rename, so the old tree's linked log is never written through; that one file
+is copied anyway, so that no writer updating it in place could reach the old tree. The
 staging table holds only the files of the current version: data files of older versions (replaced by an
 optimize, or written by a killed export and never committed) are left behind with the old tree, so time
 travel to a version before the prune fails on their missing files instead of showing pruned history.
@@ -103,7 +104,7 @@ _FOLD_COLUMNS = ["schema", "table", "database", "operation", "primary_key", "bef
                  "commit_position", "ordinal", "chain_hash"]
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-#: The Delta log's pointer to its newest checkpoint: rewritten in place by Delta, so copied, never linked.
+#: The Delta log's pointer to its newest checkpoint, the one file a Delta writer rewrites: copied, not linked.
 _LAST_CHECKPOINT = "_last_checkpoint"
 
 
