@@ -2,7 +2,8 @@
 
 Thin over ``capture.erase`` and ``capture.prune``: a PostgreSQL URL, libpq string or psycopg connection
 acts on the ``changes`` table (one transaction); a directory (local or ``s3://``) erases in a Parquet
-export; a local export directory is pruned by ``capture.prune_export``. See docs/retention-and-erasure.md.
+export; a local Parquet or Delta export directory is pruned by ``capture.prune_export``. See
+docs/retention-and-erasure.md.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def prune(target: Any, *, before: Any, schema: str = "public", wait: float = 0.0
     history starts, and ``verify`` resumes the chain at the recorded horizon.
 
     ``target``: a database holding ``changes`` (URL, libpq string or psycopg connection; one transaction)
-    or a local Parquet export directory (swapped in atomically under the export lock, which it waits
+    or a local Parquet or Delta export directory (swapped in atomically under the export lock, which it waits
     ``wait`` seconds for). ``before``: a time with a zone that has passed (datetime, ISO 8601 text, pandas
     Timestamp, 'now'). See docs/retention-and-erasure.md.
     """
