@@ -393,3 +393,22 @@ def test_an_update_of_the_key_is_exact_for_every_key_type_on_every_source(
 def _key_value(frame: pd.DataFrame, v: str) -> Any:
     """The key (a tuple for a composite key) of the row of ``frame`` whose ``v`` is ``v``."""
     return frame.index[frame["v"] == v][0]
+
+
+def test_a_key_lookup_cuts_history_where_the_whole_table_does_with_late_commit_times(make: Make) -> None:
+    """The prefix of commit order ``as_of(ts)`` sees ends at the table's first commit stamped after ``ts``,
+    whichever key it touched: a lookup of one key must not cut at that key's own first such commit."""
+    h = History()
+    h.columns("todo", TODO_COLUMNS)
+    row = {"id": 1, "task": "first", "done": False, "price": Decimal("1.50"), "due": None}
+    h.create("todo", "1", row)
+    h.create("todo", "2", {**row, "id": 2, "task": "late clock"})
+    h.update("todo", "1", row, {**row, "task": "after the cut"})
+    late, edit = h.changes[-2], h.changes[-1]
+    late["committed_at"], edit["committed_at"] = edit["committed_at"], late["committed_at"]  # stamped later
+    ts = h.between(edit["committed_at"])
+    source, oracle = make(h), InMemorySource(h.changes, h.schemas)
+    whole = as_of("todo", ts, source=oracle)
+    assert whole["task"].tolist() == ["first"]  # the commit of key 2 ends the prefix before the edit
+    pd.testing.assert_frame_equal(as_of("todo", ts, key=1, source=source), whole.loc[[1]])
+    pd.testing.assert_frame_equal(as_of("todo", ts, source=source), whole)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute
 
 from capture.errors import ConfigurationError
-from capture.schema import CHANGES_COLUMNS
+from capture.schema import CHANGES_COLUMNS, MOVED_KEY_COLUMN
 
 __all__ = ["SCHEMAS_ARROW", "Scope", "Segment", "Source", "TableName", "json_text", "segments_condition"]
 
@@ -191,16 +191,9 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
     for key, text in scope.context_text:
         pointer = "/" + key.replace("~", "~0").replace("/", "~1")
         where.append(f"json_extract_string(context, {_literal(pointer)}) = {_literal(text)}")
-    if scope.keys is not None:
-        from bemi_tt.rule import DUCKDB, MOVED, Rule
-
-        listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
-        rule = Rule(DUCKDB, scope.key_columns, moved=MOVED)  # the worker's old key: no image is read
-        where.append(
-            f"(primary_key IN ({listed}) OR operation = 'TRUNCATE' "
-            f"OR ({rule.key_updates()} AND {rule.old_key_of()} IN ({listed})))"
-        )
-    if scope.until is not None:
+    if scope.until is not None:  # the prefix cut of the table (never of the keys alone: a late commit
+        # time of another key's change ends the prefix for every key); row-group statistics on
+        # committed_at skip most of the files
         inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"
         if where:
             inner += " AND " + " AND ".join(where)
@@ -208,8 +201,35 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
         cut = rows[0][0] if rows and rows[0][0] is not None else None
         if cut is not None:
             where.append(f"commit_position < {int(cut)}")
-    text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
-    con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {text}')
+    if scope.keys is None:
+        text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
+        _replace(con, name, "VIEW", text)
+        return
+    # a key lookup: the keys' changes, the TRUNCATEs and the key UPDATEs away from the keys, each part a
+    # plain comparison DuckDB pushes into the scan (an OR of them is not pushed: every row would be read),
+    # kept as a small table, since every later query of the operation reads these rows again
+    listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
+    parts = (
+        f"primary_key IN ({listed})",
+        "operation = 'TRUNCATE'",
+        f"{MOVED_KEY_COLUMN} IN ({listed}) AND primary_key NOT IN ({listed})",
+    )
+    text = " UNION ALL ".join(f"SELECT {cols} FROM {base} WHERE " + " AND ".join([*where, p]) for p in parts)
+    _replace(con, name, "TABLE", text)
+
+
+def _replace(con: duckdb.DuckDBPyConnection, name: str, kind: str, text: str) -> None:
+    """``CREATE OR REPLACE TEMP <kind> name AS text``, whichever of a view or table held the name."""
+    quoted = '"' + name.replace('"', '""') + '"'
+    held = con.execute(
+        "SELECT 'TABLE' FROM duckdb_tables() WHERE temporary AND table_name = $1 "
+        "UNION ALL SELECT 'VIEW' FROM duckdb_views() WHERE temporary AND view_name = $1",
+        [name],
+    ).fetchall()
+    for (other,) in held:
+        if other != kind:
+            con.execute(f"DROP {other} {quoted}")
+    con.execute(f"CREATE OR REPLACE TEMP {kind} {quoted} AS {text}")
 
 
 class _ArrowBacked(Source):

@@ -65,6 +65,12 @@ class ParquetSource(_ArrowBacked):
                 "`bemi-tt export` first or pass the directory it wrote"
             )
 
+    @property
+    def pushdown(self) -> frozenset[str]:
+        """A key lookup reads only what decides the keys: plain comparisons DuckDB pushes into the Parquet
+        scans (row groups and rows the filters rule out are not decoded; see ``_scope_view``)."""
+        return frozenset({"keys"})
+
     def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
         filesystem, paths = _list_dataset_files(self.directory)
         if table is not None:
