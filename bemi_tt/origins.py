@@ -82,9 +82,8 @@ def cell_origins(
         until=ts,
         columns=(
             "primary_key",
-            MOVED,
+            MOVED,  # key moves from the worker's old key: no ``before`` image is read
             "operation",
-            "before",
             "after",
             "context",
             "commit_position",

@@ -869,14 +869,14 @@ def state_at(
     versions = list(relation.versions)
     layout = layout_at(versions, ts)
     keys = layout.keys if layout else []
+    eras = key_eras(relation, ts)
+    # ``before`` only where rows are matched by content (no primary key; rows re-keyed at a key change):
+    # key moves come from the worker's old key, and the images are the largest columns to read
+    images = ("before", "after") if (layout is not None and not keys) or len(eras) > 1 else ("after",)
     scope = relation.scope(
-        Scope(
-            until=ts,
-            columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal", MOVED),
-        )
+        Scope(until=ts, columns=("primary_key", "operation", *images, "commit_position", "ordinal", MOVED))
     )
     wanted = [key] if key is not None else list(only) if only is not None else None
-    eras = key_eras(relation, ts)
     if not relation.simple or len(eras) > 1 or rename_eras(relation, ts):
         # renamed, recreated, re-keyed: the relation's changes under the names of ``ts``, in DuckDB
         load_relation(source, con, name, scope, relation, ts)
