@@ -412,3 +412,21 @@ def test_a_key_lookup_cuts_history_where_the_whole_table_does_with_late_commit_t
     assert whole["task"].tolist() == ["first"]  # the commit of key 2 ends the prefix before the edit
     pd.testing.assert_frame_equal(as_of("todo", ts, key=1, source=source), whole.loc[[1]])
     pd.testing.assert_frame_equal(as_of("todo", ts, source=source), whole)
+
+
+@pytest.mark.parametrize("kind", ["timestamptz", "boolean", "int"])
+def test_restore_before_an_update_of_the_key_moves_the_row_back_for_every_key_type(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """``restore`` to a time before a key UPDATE sees the row under its new key only (the worker's old key,
+    not the ``before`` image's JSON text), so its plan brings back exactly the old key's row."""
+    from bemi_tt import restore
+
+    times, _ = _key_table(dsn, kind, "FULL")
+    move = 3 if KEY_TYPES[kind][3] is not None else 2
+    for name in ("postgres", "parquet"):
+        plan = restore("k", times[move - 1], source=_key_source(name, dsn, tmp_path, monkeypatch))
+        changes = plan.preview.groupby(level=0)["change"].agg(lambda c: sorted(set(c))).tolist()
+        # the new key's row out, the old key's row back (and the other row's later edit undone)
+        expected = [["added"], ["removed"]] + ([["changed"]] if KEY_TYPES[kind][3] is not None else [])
+        assert sorted(changes) == sorted(expected), (name, plan.preview)
