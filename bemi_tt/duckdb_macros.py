@@ -66,14 +66,19 @@ def _key_of(image: str) -> str:
     )
 
 
-_OLD_KEY = _key_of("before")
+#: the old key of a key UPDATE as the worker wrote it (rows re-keyed by :data:`_REKEYED` read it from images)
+_OLD_KEY = "before_primary_key"
 #: changes before the relation's last primary key change, keyed by the key valid now (read from their
 #: images; exact unless two rows shared a value of the new key before it was one)
 _REKEYED = (
     "SELECT c0.* REPLACE (CASE WHEN k.cp IS NOT NULL AND (c0.commit_position, c0.ordinal) < (k.cp, k.o)"
     " AND c0.operation <> 'TRUNCATE'\n"
     f"    THEN CASE WHEN c0.operation = 'DELETE' THEN {_key_of('c0.before')} ELSE {_key_of('c0.after')} END\n"
-    "    ELSE c0.primary_key END AS primary_key)\n"
+    "    ELSE c0.primary_key END AS primary_key,\n"
+    "  CASE WHEN k.cp IS NOT NULL AND (c0.commit_position, c0.ordinal) < (k.cp, k.o)\n"
+    f"    THEN CASE WHEN c0.operation = 'UPDATE' AND {DUCKDB.not_empty('c0.before')}"
+    f" THEN {_key_of('c0.before')} END\n"
+    "    ELSE c0.before_primary_key END AS before_primary_key)\n"
     "FROM c0 LEFT JOIN bemi_tt_key_changes k ON k.rel = (SELECT rel FROM relation)"
 )
 #: the fills a row last changed before its columns were added takes, as a JSON object (NULL: none)

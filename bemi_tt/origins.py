@@ -15,7 +15,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from bemi_tt.rule import DUCKDB, PRESENT, Query, Rule
+from bemi_tt.rule import DUCKDB, MOVED, PRESENT, Query, Rule
 from bemi_tt.sources import Scope, Source, TableName
 from bemi_tt.state import Column, Layout, Relation, _pointer, _sql_text, load_lineage, load_relation
 
@@ -82,8 +82,8 @@ def cell_origins(
         until=ts,
         columns=(
             "primary_key",
+            MOVED,  # key moves from the worker's old key: no ``before`` image is read
             "operation",
-            "before",
             "after",
             "context",
             "commit_position",
@@ -99,7 +99,7 @@ def cell_origins(
     else:
         load_lineage(source, con, name, scope, keys, layout, relation)
     rel = f'"{name}"'
-    rule = Rule(DUCKDB, tuple(layout.keys))
+    rule = Rule(DUCKDB, tuple(layout.keys), moved=MOVED)
     keys_rel = None
     if keys is not None:
         con.register(f"{name}_keys", pa.table({"k": pa.array(list(keys), pa.string())}))
@@ -150,7 +150,7 @@ def origins_query(layout: Layout, rel: str, keys_rel: str | None, lineage_rel: s
     ``(k, i, cp, o, op, committed_at, context)`` per column ``i`` of ``layout`` (its columns unknown:
     ``(k, col, struct)`` per member). ``lineage_rel`` holds :func:`_lineage`'s moved keys."""
     present = ", ".join(f"'{op}'" for op in PRESENT)
-    rule = Rule(DUCKDB, tuple(layout.keys))
+    rule = Rule(DUCKDB, tuple(layout.keys), moved=MOVED)
     wanted = f" WHERE k IN (SELECT k FROM {keys_rel})" if keys_rel is not None else ""
     query = (
         rule.events(rel)

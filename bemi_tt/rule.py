@@ -1,9 +1,9 @@
 """The presence rule, defined once, as named SQL pieces composed for a dialect (DuckDB or PostgreSQL).
 
-A row is present after CREATE, UPDATE or SNAPSHOT; it is gone after a DELETE, after an UPDATE that moved
-its key (the old key, read from ``before``), and after a TRUNCATE of its table. Order is always commit order
-``(commit_position, ordinal)``, never time; a cut at time ``t`` keeps the longest prefix of a table's commits
-stamped at or before ``t``.
+A row is present after CREATE, UPDATE or SNAPSHOT; it is gone after a DELETE, after an UPDATE that
+moved its key (its old key: ``before_primary_key``), and after a TRUNCATE of its table. Order is always
+commit order ``(commit_position, ordinal)``, never time; a cut at time ``t`` keeps the longest prefix of a
+table's commits stamped at or before ``t``.
 
 Every answer is composed from these pieces: :meth:`Rule.present` (``as_of``, the macros, the PostgreSQL
 winners), :meth:`Rule.events` (``blame``/``diff`` origins), :meth:`Rule.gone` (what removed a row),
@@ -21,10 +21,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-__all__ = ["DUCKDB", "POSTGRES", "PRESENT", "SPARK", "Dialect", "Era", "Query", "Rule", "within"]
+__all__ = ["DUCKDB", "MOVED", "POSTGRES", "PRESENT", "SPARK", "Dialect", "Era", "Query", "Rule", "within"]
 
 #: Operations after which a row exists.
 PRESENT = ("CREATE", "UPDATE", "SNAPSHOT")
+#: The column of ``changes`` holding a key UPDATE's old key, written like ``primary_key`` by the worker.
+MOVED = "before_primary_key"
 
 
 def _string(value: str) -> str:
@@ -229,29 +231,43 @@ def _indent(text: str) -> str:
 class Rule:
     """The presence rule for a table with key columns ``keys`` (none known: key moves cannot be seen).
 
-    ``old_key``: a column already holding each UPDATE's old key text (a source that computed it), instead
-    of reading it from ``before``.
+    ``moved``: the column holding each key UPDATE's old key as the worker writes it (:data:`MOVED`,
+    ``changes.before_primary_key``, NULL on every other row): exact for every key type, and no ``before``
+    image is read. Without it the old key is read from ``before``, whose JSON text differs from
+    ``primary_key``'s for some types (timestamps, booleans): only for relations that lack the column.
+    ``old_key``: an expression already holding each UPDATE's old key text (a source that computed it).
     """
 
     dialect: Dialect = DUCKDB
     keys: tuple[str, ...] = ()
     old_key: str | None = None
+    moved: str | None = None
 
     # -- pieces ---------------------------------------------------------------------------------------------
-    def old_key_of(self, column: str = "before") -> str:
-        """The key a ``before`` image holds, written like ``changes.primary_key``."""
-        if self.old_key is not None:
-            return self.old_key
+    def key_of(self, image: str) -> str:
+        """The key the JSON image ``image`` holds, built from its members like ``changes.primary_key``
+        (exact where a key column's JSON text is its PostgreSQL text: integers, text, uuid, numeric)."""
         if not self.keys:
             return "NULL"
         if len(self.keys) == 1:
-            return self.dialect.field_text(column, self.keys[0])
-        return self.dialect.key_array(column, self.keys)
+            return self.dialect.field_text(image, self.keys[0])
+        return self.dialect.key_array(image, self.keys)
+
+    def old_key_of(self, column: str = "before") -> str:
+        """The old key of an UPDATE, written like ``changes.primary_key`` (``column``: the image to read it
+        from where the relation carries no :attr:`moved` column)."""
+        if self.old_key is not None:
+            return self.old_key
+        if self.moved is not None and column == "before":
+            return self.moved if self.keys else "NULL"
+        return self.key_of(column)
 
     def key_updates(self) -> str:
         """The condition on ``changes`` of UPDATEs that may have moved their key."""
         if self.old_key is not None:
             return f"operation = 'UPDATE' AND {self.old_key} IS NOT NULL"
+        if self.moved is not None:
+            return f"operation = 'UPDATE' AND {self.moved} IS NOT NULL"
         where = f"operation = 'UPDATE' AND {self.dialect.not_empty('before')}"
         if len(self.keys) == 1 and isinstance(self.dialect, DuckDBDialect):
             # jsonb text puts short names first: ``{"id": <primary_key>,`` at the start proves the key kept,
@@ -317,8 +333,10 @@ class Rule:
         """Rows present (``k, cp, o, payload``, ``rel``) as SNAPSHOT changes keyed by this rule's key: the
         baseline the changes after a primary key change apply to (each row keeps its position)."""
         return (
-            f"SELECT {self.old_key_of('payload')} AS primary_key, 'SNAPSHOT' AS operation, '{{}}' AS before,"
-            f" payload AS after, cp AS commit_position, o AS ordinal FROM {rel}"
+            f"SELECT {self.key_of('payload')} AS primary_key, 'SNAPSHOT' AS operation, '{{}}' AS before,"
+            f" payload AS after, cp AS commit_position, o AS ordinal"
+            + (f", CAST(NULL AS VARCHAR) AS {self.moved}" if self.moved is not None else "")
+            + f" FROM {rel}"
         )
 
     # -- composed answers ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import duckdb
@@ -35,7 +36,7 @@ from bemi_tt.dtypes import (
     typed_rows,
     typed_series,
 )
-from bemi_tt.rule import DUCKDB, PRESENT, Era, Rule, within
+from bemi_tt.rule import DUCKDB, MOVED, PRESENT, Era, Rule, within
 from bemi_tt.sources import Scope, Source, TableName, json_text
 from bemi_tt.sources.base import Segment
 from capture.errors import ConfigurationError, SourceError
@@ -714,10 +715,10 @@ def _present_across_keys(
     previous: str | None = None
     for i, (start, keys) in enumerate(eras):
         end = eras[i + 1][0] if i + 1 < len(eras) else None
-        rule = Rule(DUCKDB, tuple(keys))
+        rule = Rule(DUCKDB, tuple(keys), moved=MOVED)
         part = (
             "SELECT primary_key, operation, CAST(before AS VARCHAR) AS before,"
-            " CAST(after AS VARCHAR) AS after, commit_position, ordinal"
+            f" CAST(after AS VARCHAR) AS after, commit_position, ordinal, {MOVED}"
             f" FROM {rel} WHERE {within(start, end)}"
         )
         if previous is not None:
@@ -748,7 +749,7 @@ def earlier_keys(
     _present_across_keys(con, name, eras, layout)
     found, wanted = set(), set(keys)
     for i in range(len(eras) - 2, -1, -1):  # from the last change back
-        new_key = Rule(DUCKDB, tuple(eras[i + 1][1])).old_key_of("payload")
+        new_key = Rule(DUCKDB, tuple(eras[i + 1][1])).key_of("payload")
         listed = ", ".join(_sql_text(k) for k in sorted(wanted)) or "NULL"
         rows = con.sql(
             f'SELECT k FROM "{name}__key{i}__present" WHERE {new_key} IN ({listed})'
@@ -868,14 +869,14 @@ def state_at(
     versions = list(relation.versions)
     layout = layout_at(versions, ts)
     keys = layout.keys if layout else []
+    eras = key_eras(relation, ts)
+    # ``before`` only where rows are matched by content (no primary key; rows re-keyed at a key change):
+    # key moves come from the worker's old key, and the images are the largest columns to read
+    images = ("before", "after") if (layout is not None and not keys) or len(eras) > 1 else ("after",)
     scope = relation.scope(
-        Scope(
-            until=ts,
-            columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
-        )
+        Scope(until=ts, columns=("primary_key", "operation", *images, "commit_position", "ordinal", MOVED))
     )
     wanted = [key] if key is not None else list(only) if only is not None else None
-    eras = key_eras(relation, ts)
     if not relation.simple or len(eras) > 1 or rename_eras(relation, ts):
         # renamed, recreated, re-keyed: the relation's changes under the names of ``ts``, in DuckDB
         load_relation(source, con, name, scope, relation, ts)
@@ -885,7 +886,7 @@ def state_at(
             con.register(f"{name}_keyless", _keyless_rows(con, f'"{name}"', layout))
             query = f'SELECT * FROM "{name}_keyless"'
         else:
-            query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"').sql()
+            query = Rule(DUCKDB, tuple(keys), moved=MOVED).present(f'"{name}"').sql()
         if wanted is not None:
             listed = ", ".join(_sql_text(k) for k in wanted) or "NULL"
             query = f"SELECT * FROM ({query}) WHERE k IN ({listed})"
@@ -899,7 +900,7 @@ def state_at(
         else:
             con.register(f"{name}_wanted", pa.table({"k": pa.array(wanted, pa.string())}))
             keep = f'latest.k IN (SELECT k FROM "{name}_wanted")'
-        query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"', keep=keep).sql()
+        query = Rule(DUCKDB, tuple(keys), moved=MOVED).present(f'"{name}"', keep=keep).sql()
         key = None
     elif layout is not None and not keys:  # a table without a primary key: rows are matched by content
         source.load(con, name, scope)
@@ -910,7 +911,7 @@ def state_at(
         query = f'SELECT * FROM "{name}_latest"'
     else:
         source.load(con, name, scope)
-        query = Rule(DUCKDB, tuple(keys)).present(f'"{name}"').sql()
+        query = Rule(DUCKDB, tuple(keys), moved=MOVED).present(f'"{name}"').sql()
     if key is not None:
         query = f"SELECT * FROM ({query}) WHERE k = {_sql_text(key)}"
     if layout is not None:  # typed column by column in DuckDB (Arrow or Python only where needed)
@@ -953,7 +954,7 @@ def load_lineage(
     if not layout.keys or len(keys) > KEY_LOOKUP_LIMIT or "keys" not in source.pushdown:
         source.load(con, name, scope)
         return set()
-    rule = Rule(DUCKDB, tuple(layout.keys))
+    rule = Rule(DUCKDB, tuple(layout.keys), moved=MOVED)
     names, rel = set(keys), '"' + name.replace('"', '""') + '"'
     for _ in range(100):
         source.load(con, name, replace(scope, keys=tuple(sorted(names)), key_columns=rule.keys))
@@ -1057,17 +1058,37 @@ def key_text(layout: Layout, key: Any) -> str:
             raise ConfigurationError(f"key {key!r} has {len(key)} values; the key of this table is {names!r}")
         if len(key) == 1:
             key = key[0]
-        else:
-            return json_text(list(key))
+        else:  # compact JSON of the typed values, times in UTC as the worker writes them
+            return json_text([_utc(v) for v in key])
     if isinstance(key, str):
         return key
-    if key is None or (isinstance(key, float) and key != key):
+    if key is None or (isinstance(key, float) and key != key) or key is pd.NaT:
         raise ConfigurationError(f"key {key!r} is not a key value: pass the primary key of one row")
-    if isinstance(key, bool):
-        return "true" if key else "false"
-    if hasattr(key, "item") and not isinstance(key, (int, float)):
+    if isinstance(key, np.datetime64):
+        key = pd.Timestamp(key)
+    elif hasattr(key, "item") and not isinstance(key, (int, float, datetime)):
         key = key.item()
+    # one key column's value as its PostgreSQL text, which ``primary_key`` holds
+    if isinstance(key, bool):
+        return "t" if key else "f"
+    if isinstance(key, datetime):
+        stamp = pd.Timestamp(key)
+        if stamp.tzinfo is not None:  # the worker's server prints timestamptz in UTC
+            stamp = stamp.tz_convert("UTC")
+        text: str = stamp.strftime("%Y-%m-%d %H:%M:%S")
+        if stamp.microsecond or stamp.nanosecond:
+            text += f".{stamp.microsecond:06d}".rstrip("0")
+        return text + ("+00" if stamp.tzinfo is not None else "")
     return str(key)
+
+
+def _utc(value: Any) -> Any:
+    """A time with a zone as UTC (the worker writes a composite key's timestamptz in UTC); others as given."""
+    if isinstance(value, np.datetime64):
+        value = pd.Timestamp(value)
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return pd.Timestamp(value).tz_convert("UTC")
+    return value
 
 
 def _columns_arg(columns: Any, layout: Layout) -> list[str] | None:

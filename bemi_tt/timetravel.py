@@ -22,7 +22,7 @@ from bemi_tt.arguments import KeyLike, SourceLike, TimeLike, check_key
 from bemi_tt.dtypes import frame_from_json, parse_json
 from bemi_tt.feed import _context_columns, audit, changes
 from bemi_tt.origins import cell_origins, origin_of
-from bemi_tt.rule import DUCKDB, PRESENT, Rule
+from bemi_tt.rule import DUCKDB, MOVED, PRESENT, Rule
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.staleness import answer
 from bemi_tt.state import (
@@ -118,7 +118,7 @@ def _plain(value: Any, nan_is_null: bool = False) -> Any:
 
 def _gone_events(con: duckdb.DuckDBPyConnection, rel: str, layout: Layout) -> dict[str, tuple[Any, ...]]:
     """Per key, the last change that removed it (DELETE, key UPDATE away, or TRUNCATE)."""
-    gone = Rule(DUCKDB, tuple(layout.keys)).gone(rel)
+    gone = Rule(DUCKDB, tuple(layout.keys), moved=MOVED).gone(rel)
     query = gone.with_("last_gone", gone.select).then(
         "SELECT g.k, c.operation, epoch_us(c.committed_at), CAST(c.context AS VARCHAR),\n"
         "       c.commit_position, c.ordinal\n"
@@ -250,12 +250,12 @@ def _changed_keys(
         table=table,
         until=end,
         start=first,
-        columns=("primary_key", "operation", "before", "commit_position", "ordinal"),
+        columns=("primary_key", "operation", "commit_position", "ordinal", MOVED),
     )
     source.load(con, "window", window)
     if con.execute("SELECT count(*) FROM \"window\" WHERE operation = 'TRUNCATE'").fetchall() != [(0,)]:
         return None
-    moves = Rule(DUCKDB, tuple(layout.keys)).moves('"window"')
+    moves = Rule(DUCKDB, tuple(layout.keys), moved=MOVED).moves('"window"')
     rows = con.execute(
         'SELECT DISTINCT k FROM (SELECT primary_key AS k FROM "window" WHERE primary_key IS NOT NULL\n'
         f"UNION ALL SELECT k FROM ({moves}))"
@@ -456,7 +456,7 @@ def history(table: str, key: KeyLike, *, source: SourceLike | None = None) -> pd
     else:  # only the row's changes under each key it had, and the TRUNCATEs
         wanted = key_text(layout, key)
         load_lineage(src, con, "h", Scope(table=name), [wanted], layout, relation)
-    rule = Rule(DUCKDB, tuple(layout.keys))
+    rule = Rule(DUCKDB, tuple(layout.keys), moved=MOVED)
     old_key = rule.old_key_of()
     # follow the row through key updates, in both directions
     moves = [(pk, old) for old, pk, _, _ in con.sql(rule.moves("h")).fetchall()]

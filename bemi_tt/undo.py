@@ -39,7 +39,7 @@ from psycopg import sql
 from bemi_tt.arguments import KeyLike, SourceLike, TimeLike, check_key
 from bemi_tt.dtypes import frame_from_json, parse_json, spec_type
 from bemi_tt.feed import _context_columns, audit
-from bemi_tt.rule import DUCKDB, Rule
+from bemi_tt.rule import DUCKDB, MOVED, Rule
 from bemi_tt.sources import Scope, Source, TableName, get_source, json_text
 from bemi_tt.state import _check_start, _duck, _keyless_rows, _versions, key_text, layout_at, resolve_table
 from bemi_tt.state import table_label as _table_label
@@ -504,12 +504,12 @@ def _present(
         Scope(
             table=name,
             until=ts,
-            columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal"),
+            columns=("primary_key", "operation", "before", "after", "commit_position", "ordinal", MOVED),
         ),
     )
     rel = '"' + view + '"'
-    if layout.keys:
-        rows = con.sql(Rule(DUCKDB, tuple(layout.keys)).present(rel).sql()).fetchall()
+    if layout.keys:  # key moves from the worker's old key (a time or boolean key's JSON text differs)
+        rows = con.sql(Rule(DUCKDB, tuple(layout.keys), moved=MOVED).present(rel).sql()).fetchall()
         found = [(str(k), int(cp), int(o), str(p)) for k, cp, o, p in rows]
     else:
         table = _keyless_rows(con, rel)

@@ -260,3 +260,174 @@ def test_an_export_of_an_earlier_release_reads_and_goes_on_with_the_column(
 
         moved = read_delta(str(tmp_path / "x"))["before_primary_key"].to_pylist()
         assert moved == [None] * 5 + ["2", None, None]  # the earlier release's rows have none
+
+
+# -- key UPDATEs of every key type, captured by the real worker, on every source ------------------------
+#: (column type(s), old key, new key, other row's key) as SQL literals; composite keys as tuples
+KEY_TYPES: dict[str, tuple[str, str, str, str | None]] = {
+    "int": ("int", "1", "2", "3"),
+    "bigint": ("bigint", "10000000000", "10000000001", "7"),
+    "text": ("text", "'a b'", "'c'", "'z'"),
+    "uuid": ("uuid", "'00000000-0000-0000-0000-000000000001'", "'00000000-0000-0000-0000-000000000002'",
+             "'00000000-0000-0000-0000-000000000003'"),
+    "numeric": ("numeric", "1.50", "2.25", "3"),
+    "date": ("date", "'2024-01-01'", "'2024-02-29'", "'2024-03-01'"),
+    "timestamp": ("timestamp", "'2024-01-01 10:00:00.5'", "'2024-01-02 00:00'", "'2024-01-03 00:00'"),
+    "timestamptz": (
+        "timestamptz", "'2024-01-01 10:00+05:30'", "'2024-01-01 00:00+00'", "'2024-01-05 00:00+00'"
+    ),
+    "boolean": ("boolean", "true", "false", None),
+    "composite-timestamptz": ("int, timestamptz", "(1, '2024-01-01 10:00+00')", "(1, '2024-01-03 10:00+00')",
+                              "(1, '2024-01-04 10:00+00')"),
+    "composite-boolean": ("boolean, text", "(true, 'x')", "(false, 'x')", "(true, 'y')"),
+}
+SOURCES = ("memory", "memory-computed", "postgres", "parquet", "parquet-earlier", "delta")
+
+
+def _key_table(dsn: str, kind: str, identity: str) -> tuple[list[Any], list[list[str]]]:
+    """Table ``k`` keyed by ``kind``: a row is inserted, edited, moved to a new key, then another row is
+    edited. Returns the time after each step and the table's ``v`` values then (read from the table)."""
+    types, old, new, other = KEY_TYPES[kind]
+    names = [f"k{i}" for i in range(len(types.split(",")))]
+    cols = ", ".join(f"{n} {t.strip()}" for n, t in zip(names, types.split(","), strict=True))
+    key = ", ".join(names)
+    where = f"({key}) = ({{}})" if len(names) > 1 else f"{key} = {{}}"
+    setting = ", ".join(
+        f"{n} = {v.strip()}" for n, v in zip(names, new.strip("()").split(", ") if len(names) > 1 else [new],
+                                              strict=True)
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE k ({cols}, v text, PRIMARY KEY ({key}))")
+        conn.execute(f"ALTER TABLE k REPLICA IDENTITY {identity}")
+    run(dsn, once=True)
+    steps = [f"INSERT INTO k VALUES ({old.strip('()')}, 'one')"]
+    if other is not None:
+        steps.append(f"INSERT INTO k VALUES ({other.strip('()')}, 'other')")
+    steps += [
+        f"UPDATE k SET v = 'two' WHERE {where.format(old.strip('()'))}",  # under the old key
+        f"UPDATE k SET {setting} WHERE {where.format(old.strip('()'))}",  # the key moves
+    ]
+    if other is not None:
+        steps.append(f"UPDATE k SET v = 'other 2' WHERE {where.format(other.strip('()'))}")
+    times, values = [], []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'Asia/Kolkata'")  # the worker's text, not the session's, is the key
+        for step in steps:
+            conn.execute(step)
+            times.append(conn.execute("SELECT clock_timestamp()").fetchone()[0])  # type: ignore[index]
+            values.append(sorted(r[0] for r in conn.execute("SELECT v FROM k")))
+    run(dsn, once=True)
+    return times, values
+
+
+def _memory(dsn: str, *, with_column: bool) -> InMemorySource:
+    """The worker's ``changes`` as an in-memory source (``with_column=False``: rows without
+    ``before_primary_key``, which the source computes)."""
+    names = [c for c, _, _ in CHANGES_COLUMNS if c != "id" and (with_column or c != "before_primary_key")]
+    select = ", ".join(f'"{c}"::text' if c in ("before", "after", "context") else f'"{c}"' for c in names)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(f"SELECT {select} FROM changes ORDER BY commit_position, ordinal").fetchall()
+        schemas = conn.execute(
+            'SELECT "schema", "table", commit_position, ordinal, committed_at, columns::text AS columns, '
+            "relation_oid, step, event::text AS event FROM changes_schemas"
+        ).fetchall()
+    return InMemorySource(
+        [dict(zip(names, r, strict=True)) for r in rows],
+        [dict(zip(("schema", "table", "commit_position", "ordinal", "committed_at", "columns",
+                   "relation_oid", "step", "event"), r, strict=True)) for r in schemas],
+    )
+
+
+def _key_source(kind: str, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from timetravel_sources import export_source
+
+    if kind == "memory":
+        return _memory(dsn, with_column=True)
+    if kind == "memory-computed":
+        return _memory(dsn, with_column=False)
+    if kind == "postgres":
+        return PostgresSource(dsn)
+    if kind == "parquet-earlier":
+        _export_of_an_earlier_release(dsn, tmp_path / "earlier", "parquet", monkeypatch)
+        return as_source(tmp_path / "earlier")
+    return export_source(dsn, tmp_path / kind, format=kind)
+
+
+@pytest.mark.parametrize("identity", ["DEFAULT", "FULL"])
+@pytest.mark.parametrize("kind", sorted(KEY_TYPES))
+def test_an_update_of_the_key_is_exact_for_every_key_type_on_every_source(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, identity: str
+) -> None:
+    """The old key of a key UPDATE is the worker's ``before_primary_key``, never the ``before`` image's
+    JSON text (``"2024-01-01T00:00:00+00:00"``, ``true``, which ``primary_key`` spells otherwise): the
+    moved row shows once, its history and blame follow it to its old key, diff removes the old key."""
+    times, values = _key_table(dsn, kind, identity)
+    move = 3 if KEY_TYPES[kind][3] is not None else 2  # the step that moved the key
+    with psycopg.connect(dsn) as conn:
+        changes = conn.execute(
+            "SELECT primary_key, before_primary_key, committed_at FROM changes WHERE \"table\" = 'k'"
+            " ORDER BY commit_position, ordinal"
+        ).fetchall()
+    old_key = changes[move][1]
+    assert old_key is not None and old_key == changes[0][0]  # the worker wrote the old key's very text
+    edit = changes[move - 1][2]  # when v became 'two' (under the old key)
+    for name in SOURCES:
+        source = _key_source(name, dsn, tmp_path, monkeypatch)
+        for ts, expected in zip(times, values, strict=True):
+            got = as_of("k", ts, source=source)
+            assert sorted(got["v"]) == expected, (name, ts)
+        after = as_of("k", times[move], source=source)
+        assert (after["v"] == "two").sum() == 1, name
+        assert as_of("k", times[move], key=_key_value(after, "two"), source=source)["v"].tolist() == ["two"]
+        lived = history("k", _key_value(after, "two"), source=source)
+        assert lived["operation"].tolist() == ["CREATE", "UPDATE", "UPDATE"], name
+        assert lived["v"].tolist() == ["one", "two", "two"], name
+        blamed = blame("k", key=_key_value(after, "two"), source=source)
+        origin = blamed.xs("v", level="column")
+        assert origin["committed_at"].tolist() == [pd.Timestamp(edit)], name  # set before the move
+        moved = diff("k", times[move - 1], times[move], source=source)
+        keys = moved.index.droplevel("column")
+        assert len(set(keys)) == 2, (name, moved)  # the old key removed, the new one added: nothing else
+        assert sorted(set(moved["change"])) == ["added", "removed"], (name, moved)
+
+
+def _key_value(frame: pd.DataFrame, v: str) -> Any:
+    """The key (a tuple for a composite key) of the row of ``frame`` whose ``v`` is ``v``."""
+    return frame.index[frame["v"] == v][0]
+
+
+def test_a_key_lookup_cuts_history_where_the_whole_table_does_with_late_commit_times(make: Make) -> None:
+    """The prefix of commit order ``as_of(ts)`` sees ends at the table's first commit stamped after ``ts``,
+    whichever key it touched: a lookup of one key must not cut at that key's own first such commit."""
+    h = History()
+    h.columns("todo", TODO_COLUMNS)
+    row = {"id": 1, "task": "first", "done": False, "price": Decimal("1.50"), "due": None}
+    h.create("todo", "1", row)
+    h.create("todo", "2", {**row, "id": 2, "task": "late clock"})
+    h.update("todo", "1", row, {**row, "task": "after the cut"})
+    late, edit = h.changes[-2], h.changes[-1]
+    late["committed_at"], edit["committed_at"] = edit["committed_at"], late["committed_at"]  # stamped later
+    ts = h.between(edit["committed_at"])
+    source, oracle = make(h), InMemorySource(h.changes, h.schemas)
+    whole = as_of("todo", ts, source=oracle)
+    assert whole["task"].tolist() == ["first"]  # the commit of key 2 ends the prefix before the edit
+    pd.testing.assert_frame_equal(as_of("todo", ts, key=1, source=source), whole.loc[[1]])
+    pd.testing.assert_frame_equal(as_of("todo", ts, source=source), whole)
+
+
+@pytest.mark.parametrize("kind", ["timestamptz", "boolean", "int"])
+def test_restore_before_an_update_of_the_key_moves_the_row_back_for_every_key_type(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """``restore`` to a time before a key UPDATE sees the row under its new key only (the worker's old key,
+    not the ``before`` image's JSON text), so its plan brings back exactly the old key's row."""
+    from bemi_tt import restore
+
+    times, _ = _key_table(dsn, kind, "FULL")
+    move = 3 if KEY_TYPES[kind][3] is not None else 2
+    for name in ("postgres", "parquet"):
+        plan = restore("k", times[move - 1], source=_key_source(name, dsn, tmp_path, monkeypatch))
+        changes = plan.preview.groupby(level=0)["change"].agg(lambda c: sorted(set(c))).tolist()
+        # the new key's row out, the old key's row back (and the other row's later edit undone)
+        expected = [["added"], ["removed"]] + ([["changed"]] if KEY_TYPES[kind][3] is not None else [])
+        assert sorted(changes) == sorted(expected), (name, plan.preview)

@@ -5,6 +5,7 @@ operation needs into DuckDB (:class:`Source`, :class:`Scope`), and what the Duck
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute
 
 from capture.errors import ConfigurationError
-from capture.schema import CHANGES_COLUMNS
+from capture.schema import CHANGES_COLUMNS, MOVED_KEY_COLUMN
 
 __all__ = ["SCHEMAS_ARROW", "Scope", "Segment", "Source", "TableName", "json_text", "segments_condition"]
 
@@ -55,7 +56,7 @@ class Scope:
     since: pd.Timestamp | None = None  # committed_at >= since (plain time filter, for audits)
     until_time: pd.Timestamp | None = None  # committed_at <= until_time (plain time filter, for audits)
     #: only what decides these keys (``primary_key`` texts): their changes, every TRUNCATE, and the key
-    #: UPDATEs whose old key (read from ``before`` by ``key_columns``) is one of them
+    #: UPDATEs whose old key (``before_primary_key``) is one of them (``key_columns``: the key's columns)
     keys: tuple[str, ...] | None = None
     key_columns: tuple[str, ...] = ()
     #: commit_position >= start (a window of commit order, e.g. the changes between two cuts)
@@ -190,16 +191,9 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
     for key, text in scope.context_text:
         pointer = "/" + key.replace("~", "~0").replace("/", "~1")
         where.append(f"json_extract_string(context, {_literal(pointer)}) = {_literal(text)}")
-    if scope.keys is not None:
-        from bemi_tt.rule import DUCKDB, Rule
-
-        listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
-        rule = Rule(DUCKDB, scope.key_columns)  # key_updates rules out most UPDATEs before parsing JSON
-        where.append(
-            f"(primary_key IN ({listed}) OR operation = 'TRUNCATE' "
-            f"OR ({rule.key_updates()} AND {rule.old_key_of()} IN ({listed})))"
-        )
-    if scope.until is not None:
+    if scope.until is not None:  # the prefix cut of the table (never of the keys alone: a late commit
+        # time of another key's change ends the prefix for every key); row-group statistics on
+        # committed_at skip most of the files
         inner = f"SELECT min(commit_position) FROM {base} WHERE committed_at > {_literal(scope.until)}"
         if where:
             inner += " AND " + " AND ".join(where)
@@ -207,8 +201,35 @@ def _scope_view(con: duckdb.DuckDBPyConnection, name: str, base: str, scope: Sco
         cut = rows[0][0] if rows and rows[0][0] is not None else None
         if cut is not None:
             where.append(f"commit_position < {int(cut)}")
-    text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
-    con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}" AS {text}')
+    if scope.keys is None:
+        text = f"SELECT {cols} FROM {base}" + (" WHERE " + " AND ".join(where) if where else "")
+        _replace(con, name, "VIEW", text)
+        return
+    # a key lookup: the keys' changes, the TRUNCATEs and the key UPDATEs away from the keys, each part a
+    # plain comparison DuckDB pushes into the scan (an OR of them is not pushed: every row would be read),
+    # kept as a small table, since every later query of the operation reads these rows again
+    listed = ", ".join(_literal(k) for k in scope.keys) or "NULL"
+    parts = (
+        f"primary_key IN ({listed})",
+        "operation = 'TRUNCATE'",
+        f"{MOVED_KEY_COLUMN} IN ({listed}) AND primary_key NOT IN ({listed})",
+    )
+    text = " UNION ALL ".join(f"SELECT {cols} FROM {base} WHERE " + " AND ".join([*where, p]) for p in parts)
+    _replace(con, name, "TABLE", text)
+
+
+def _replace(con: duckdb.DuckDBPyConnection, name: str, kind: str, text: str) -> None:
+    """``CREATE OR REPLACE TEMP <kind> name AS text``, whichever of a view or table held the name."""
+    quoted = '"' + name.replace('"', '""') + '"'
+    held = con.execute(
+        "SELECT 'TABLE' FROM duckdb_tables() WHERE temporary AND table_name = $1 "
+        "UNION ALL SELECT 'VIEW' FROM duckdb_views() WHERE temporary AND view_name = $1",
+        [name],
+    ).fetchall()
+    for (other,) in held:
+        if other != kind:
+            con.execute(f"DROP {other} {quoted}")
+    con.execute(f"CREATE OR REPLACE TEMP {kind} {quoted} AS {text}")
 
 
 class _ArrowBacked(Source):
@@ -269,3 +290,87 @@ def _filter_schemas(schemas: pa.Table, table: TableName | None) -> pa.Table:
         for s, t in zip(schemas["schema"].to_pylist(), schemas["table"].to_pylist(), strict=False)
     ]
     return schemas.filter(pa.array(mask, type=pa.bool_()))
+
+
+# -- the old key of each key UPDATE, for rows written without it ----------------------------------------
+_STAMP_OFFSET = re.compile(r"([+-][0-9][0-9]):00( BC)?$")
+_TIMESTAMP_TYPES = ("timestamptz", "timestamp", "timestamp with time zone", "timestamp without time zone")
+
+
+def _key_member_text(value: Any, column: Mapping[str, Any]) -> str:
+    """One key column's JSON value as ``primary_key`` writes it: the text PostgreSQL prints (``to_jsonb``
+    writes booleans as ``true`` and timestamps with a ``T`` and a full offset: turned back)."""
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, str):
+        if str(column.get("type_oid")) in ("1184", "1114") or column.get("base_type") in _TIMESTAMP_TYPES:
+            return _STAMP_OFFSET.sub(r"\1\2", value.replace("T", " "))
+        return value
+    return _member_json(value)
+
+
+def _member_json(value: Any) -> str:
+    """A parsed JSON value (numbers kept as their text) as compact JSON, as jsonb prints a member."""
+    if isinstance(value, _Number):
+        return str(value)
+    if isinstance(value, dict):
+        members = (f"{json.dumps(k, ensure_ascii=False)}:{_member_json(v)}" for k, v in value.items())
+        return "{" + ",".join(members) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_member_json(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+class _Number(str):
+    """A JSON number's text, kept as written (never a float)."""
+
+
+def _parse_image(text: str) -> Any:
+    return json.loads(text, parse_float=_Number, parse_int=_Number)
+
+
+def moved_keys(rows: pa.Table, schemas: pa.Table) -> pa.Array:
+    """``before_primary_key`` for ``rows`` (``schema``, ``table``, ``operation``, ``primary_key``,
+    ``before``, ``commit_position``, ``ordinal``) written without it: what the worker writes and the
+    PostgreSQL backfill (``capture.schema.moved_keys_backfill``) computes, the old key read from ``before``
+    by the key columns of the version of ``schemas`` valid at the change (the table's first version for a
+    change older than every version); NULL unless an UPDATE moved its key. Used for in-memory rows given
+    without the column and for export files of an earlier release."""
+    versions: dict[tuple[str, str], list[tuple[tuple[int, int, int], list[Mapping[str, Any]]]]] = {}
+    steps = schemas["step"].to_pylist() if "step" in schemas.column_names else [0] * schemas.num_rows
+    for s, t, cp, o, step, columns in zip(
+        *(schemas[c].to_pylist() for c in ("schema", "table", "commit_position", "ordinal")),
+        steps,
+        schemas["columns"].to_pylist(),
+        strict=True,
+    ):
+        try:
+            parsed = json.loads(columns) if isinstance(columns, str) else columns
+        except ValueError:
+            continue
+        if isinstance(parsed, list):
+            versions.setdefault((s, t), []).append(((int(cp), int(o or 0), int(step or 0)), parsed))
+    for listed in versions.values():
+        listed.sort(key=lambda e: e[0])
+    out: list[str | None] = []
+    names = ("schema", "table", "operation", "primary_key", "before", "commit_position", "ordinal")
+    for s, t, op, pk, before, cp, o in zip(*(rows[c].to_pylist() for c in names), strict=True):
+        entries = versions.get((s, t))
+        if op != "UPDATE" or not before or before == "{}" or not entries:
+            out.append(None)
+            continue
+        at = (int(cp), int(o))
+        valid = [columns for position, columns in entries if position[:2] <= at]
+        columns = valid[-1] if valid else entries[0][1]
+        keys = [c for c in columns if isinstance(c, Mapping) and c.get("key")]
+        image = _parse_image(before) if isinstance(before, str) else before
+        if not keys or not isinstance(image, dict) or any(c.get("name") not in image for c in keys):
+            out.append(None)
+            continue
+        if len(keys) == 1:
+            value = image[keys[0]["name"]]
+            old = None if value is None else _key_member_text(value, keys[0])
+        else:
+            old = "[" + ",".join(_member_json(image[c["name"]]) for c in keys) + "]"
+        out.append(old if old is not None and old != pk else None)
+    return pa.array(out, pa.string())

@@ -20,18 +20,21 @@ from bemi_tt.sources.base import (
     _filter_schemas,
     _scope_view,
     json_text,
+    moved_keys,
 )
 from bemi_tt.timestamps import to_utc
 from capture.errors import ConfigurationError
-from capture.schema import CHANGES_COLUMNS, changes_arrow_schema
+from capture.schema import CHANGES_COLUMNS, MOVED_KEY_COLUMN, changes_arrow_schema
 
 __all__ = ["InMemorySource"]
 
 
-def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa.Table:
+def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> tuple[pa.Table, list[bool]]:
+    """The rows as Arrow, and for each whether it came without ``before_primary_key`` (to be computed)."""
     if isinstance(rows, pd.DataFrame):
         rows = rows.to_dict("records")
     records = list(rows)
+    unmoved = [not isinstance(row, Mapping) or "before_primary_key" not in row for row in records]
     out: dict[str, list[Any]] = {name: [] for name, _, _ in CHANGES_COLUMNS}
     for i, row in enumerate(records):
         if not isinstance(row, Mapping):
@@ -70,7 +73,8 @@ def _changes_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa.Table
             elif name == "ordinal" and value is None:
                 value = 0
             out[name].append(value)
-    return pa.table({name: pa.array(values, type=_ARROW_TYPES[name]) for name, values in out.items()})
+    table = pa.table({name: pa.array(values, type=_ARROW_TYPES[name]) for name, values in out.items()})
+    return table, unmoved
 
 
 def _schemas_table(rows: Iterable[Mapping[str, Any]] | pd.DataFrame | None) -> pa.Table:
@@ -116,8 +120,9 @@ class InMemorySource(_ArrowBacked):
     """Changes held in memory: a test double shipped with the library, built from dicts or a DataFrame.
 
     ``changes``: rows with the columns of ``changes`` (``table``, ``operation``, ``committed_at`` and
-    ``commit_position`` required; ``before``/``after``/``context`` as dicts or JSON text). ``schemas``:
-    rows of ``changes_schemas`` (``table``, ``commit_position``, ``columns`` as a list of dicts).
+    ``commit_position`` required; ``before``/``after``/``context`` as dicts or JSON text; a row without
+    ``before_primary_key`` gets it from ``before`` by the key in ``schemas``, as the worker writes it).
+    ``schemas``: rows of ``changes_schemas`` (``table``, ``commit_position``, ``columns`` as a list of dicts).
     """
 
     def __init__(
@@ -125,14 +130,25 @@ class InMemorySource(_ArrowBacked):
         changes: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table = (),
         schemas: Iterable[Mapping[str, Any]] | pd.DataFrame | pa.Table | None = None,
     ) -> None:
-        self.changes = (
-            changes.select([f.name for f in changes_arrow_schema()]).cast(changes_arrow_schema())
-            if isinstance(changes, pa.Table)
-            else _changes_table(changes)
-        )
         self._schemas = (
             _arrow_schemas(schemas) if isinstance(schemas, pa.Table) else _schemas_table(schemas)
         )
+        if isinstance(changes, pa.Table):
+            unmoved = [MOVED_KEY_COLUMN not in changes.column_names] * changes.num_rows
+            if MOVED_KEY_COLUMN not in changes.column_names:
+                changes = changes.append_column(MOVED_KEY_COLUMN, pa.nulls(changes.num_rows, pa.string()))
+            arrow = changes_arrow_schema()
+            self.changes = changes.select([f.name for f in arrow]).cast(arrow)
+        else:
+            self.changes, unmoved = _changes_table(changes)
+        if any(unmoved):  # rows given without the old key of a key UPDATE: computed as the worker writes it
+            computed = moved_keys(self.changes, self._schemas).to_pylist()
+            given = self.changes[MOVED_KEY_COLUMN].to_pylist()
+            moved = [c if u else g for c, g, u in zip(computed, given, unmoved, strict=True)]
+            index = self.changes.column_names.index(MOVED_KEY_COLUMN)
+            self.changes = self.changes.set_column(
+                index, MOVED_KEY_COLUMN, pa.array(moved, _ARROW_TYPES[MOVED_KEY_COLUMN])
+            )
 
     def load(self, con: duckdb.DuckDBPyConnection, name: str, scope: Scope) -> None:
         con.register(f"{name}__arrow", self.changes)

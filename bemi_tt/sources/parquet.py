@@ -12,9 +12,17 @@ import pyarrow.compute
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from bemi_tt.sources.base import SCHEMAS_ARROW, Scope, TableName, _ArrowBacked, _filter_schemas, _scope_view
+from bemi_tt.sources.base import (
+    SCHEMAS_ARROW,
+    Scope,
+    TableName,
+    _ArrowBacked,
+    _filter_schemas,
+    _scope_view,
+    moved_keys,
+)
 from capture.errors import ConfigurationError, SourceError
-from capture.schema import CHANGES_COLUMNS, changes_arrow_schema
+from capture.schema import CHANGES_COLUMNS, MOVED_KEY_COLUMN, changes_arrow_schema
 
 __all__ = ["ParquetSource"]
 
@@ -55,6 +63,12 @@ class ParquetSource(_ArrowBacked):
                 "`bemi-tt export` first or pass the directory it wrote"
             )
 
+    @property
+    def pushdown(self) -> frozenset[str]:
+        """A key lookup reads only what decides the keys: plain comparisons DuckDB pushes into the Parquet
+        scans (row groups and rows the filters rule out are not decoded; see ``_scope_view``)."""
+        return frozenset({"keys"})
+
     def _files(self, table: TableName | None) -> tuple[pafs.FileSystem, list[str]]:
         filesystem, paths = _list_dataset_files(self.directory)
         if table is not None:
@@ -73,17 +87,34 @@ class ParquetSource(_ArrowBacked):
             con.register(f"{name}__arrow", changes_arrow_schema().empty_table())
             base = f'"{name}__arrow"'
         elif isinstance(filesystem, pafs.LocalFileSystem):
-            listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-            files = f"read_parquet([{listed}], hive_partitioning = false, union_by_name = true)"
             try:  # DuckDB reads every file's footer here: a damaged file fails
-                present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {files}").fetchall()}
-                cols = ", ".join(
-                    f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context")
-                    else f'"{c}"' if c in present
-                    else f'CAST(NULL AS {_DUCK_TYPES.get(t, "VARCHAR")}) AS "{c}"'  # an earlier release's
-                    for c, _, t in CHANGES_COLUMNS
-                )
-                con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS SELECT {cols} FROM {files}')
+                listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+                columns = con.execute(
+                    f"SELECT file_name, name FROM parquet_schema([{listed}])"
+                ).fetchall()
+                current = {f for f, c in columns if c == MOVED_KEY_COLUMN}
+                parts = []
+                for group in (
+                    [p for p in paths if p in current], [p for p in paths if p not in current]
+                ):
+                    if group:
+                        files = ", ".join("'" + p.replace("'", "''") + "'" for p in group)
+                        scan = f"read_parquet([{files}], hive_partitioning = false, union_by_name = true)"
+                        parts.append((group, scan))
+                selects = []
+                for group, files in parts:
+                    members = set(group)
+                    present = {c for f, c in columns if f in members}
+                    cols = ", ".join(
+                        f'CAST("{c}" AS VARCHAR) AS "{c}"' if c in ("before", "after", "context")
+                        else f'"{c}"' if c in present
+                        else f'CAST(NULL AS {_DUCK_TYPES.get(t, "VARCHAR")}) AS "{c}"'  # an earlier release's
+                        for c, _, t in CHANGES_COLUMNS
+                    )
+                    selects.append(f"SELECT {cols} FROM {files}")
+                if len(parts) > 1 or (parts and parts[0][0][0] not in current):
+                    selects[-1] = self._earlier(con, name, selects[-1])
+                con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS ' + " UNION ALL ".join(selects))
             except duckdb.Error as exc:
                 raise self._damaged(exc, paths) from None
             base = f'"{name}__files"'
@@ -95,11 +126,46 @@ class ParquetSource(_ArrowBacked):
                     for f in dataset.schema
                 ]
             )
-            con.register(
-                f"{name}__arrow", pads.dataset(paths, filesystem=filesystem, format="parquet", schema=plain)
-            )
+            if MOVED_KEY_COLUMN not in plain.names:
+                plain = plain.append(pa.field(MOVED_KEY_COLUMN, pa.string()))
+            dataset = pads.dataset(paths, filesystem=filesystem, format="parquet", schema=plain)
+            con.register(f"{name}__arrow", dataset)
             base = f'"{name}__arrow"'
+            earlier = [
+                f.path for f in dataset.get_fragments()
+                if MOVED_KEY_COLUMN not in f.physical_schema.names
+            ]
+            if earlier:
+                cols = ", ".join(f'"{c}"' for c in plain.names)
+                con.execute(
+                    f'CREATE OR REPLACE TEMP VIEW "{name}__files" AS '
+                    + self._earlier(con, name, f"SELECT {cols} FROM {base}")
+                )
+                base = f'"{name}__files"'
         _scope_view(con, name, base, scope)
+
+    def _earlier(self, con: duckdb.DuckDBPyConnection, name: str, select: str) -> str:
+        """``select`` (rows of files written before the export carried ``before_primary_key``) with the
+        column computed as the worker writes it (:func:`moved_keys`): only UPDATEs with a ``before`` image
+        are read for it, once."""
+        con.execute(f'CREATE OR REPLACE TEMP VIEW "{name}__earlier" AS {select}')
+        candidates = con.sql(
+            'SELECT "schema", "table", operation, primary_key, before, commit_position, ordinal '
+            f'FROM "{name}__earlier" WHERE operation = \'UPDATE\' AND before <> \'{{}}\''
+        ).to_arrow_table()
+        moved = pa.table(
+            {
+                "cp": candidates["commit_position"],
+                "o": candidates["ordinal"],
+                "bpk": moved_keys(candidates, self.schemas()),
+            }
+        )
+        moved = moved.filter(pa.compute.is_valid(moved["bpk"]))
+        con.register(f"{name}__moved_keys", moved)
+        return (
+            f'SELECT e.* REPLACE (m.bpk AS "{MOVED_KEY_COLUMN}") FROM "{name}__earlier" e '
+            f'LEFT JOIN "{name}__moved_keys" m ON m.cp = e.commit_position AND m.o = e.ordinal'
+        )
 
     def _damaged(self, exc: BaseException, paths: Sequence[str]) -> SourceError:
         """A ``SourceError`` naming the damaged file (DuckDB's message names it; else the first listed)."""

@@ -16,7 +16,10 @@ c0 AS (
 keyed AS (
     SELECT c0.* REPLACE (CASE WHEN k.cp IS NOT NULL AND (c0.commit_position, c0.ordinal) < (k.cp, k.o) AND c0.operation <> 'TRUNCATE'
         THEN CASE WHEN c0.operation = 'DELETE' THEN CASE WHEN len(__keys) = 1 THEN json_extract_string(c0.before, '/' || __keys[1]) WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(c0.before, '/' || x))) AS VARCHAR) END ELSE CASE WHEN len(__keys) = 1 THEN json_extract_string(c0.after, '/' || __keys[1]) WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(c0.after, '/' || x))) AS VARCHAR) END END
-        ELSE c0.primary_key END AS primary_key)
+        ELSE c0.primary_key END AS primary_key,
+      CASE WHEN k.cp IS NOT NULL AND (c0.commit_position, c0.ordinal) < (k.cp, k.o)
+        THEN CASE WHEN c0.operation = 'UPDATE' AND CAST(c0.before AS VARCHAR) <> '{}' THEN CASE WHEN len(__keys) = 1 THEN json_extract_string(c0.before, '/' || __keys[1]) WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(c0.before, '/' || x))) AS VARCHAR) END END
+        ELSE c0.before_primary_key END AS before_primary_key)
     FROM c0 LEFT JOIN bemi_tt_key_changes k ON k.rel = (SELECT rel FROM relation)
 ),
 cut AS (
@@ -32,8 +35,8 @@ latest AS (
 ),
 moves AS (
     SELECT ok AS k, pk AS to_k, cp, o FROM (
-        SELECT CASE WHEN len(__keys) = 1 THEN json_extract_string(before, '/' || __keys[1]) WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(before, '/' || x))) AS VARCHAR) END AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-        FROM scoped WHERE operation = 'UPDATE' AND CASE WHEN len(__keys) = 1 THEN json_extract_string(before, '/' || __keys[1]) WHEN len(__keys) > 1 THEN CAST(to_json(list_transform(__keys, lambda x: json_extract(before, '/' || x))) AS VARCHAR) END IS NOT NULL
+        SELECT before_primary_key AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+        FROM scoped WHERE operation = 'UPDATE' AND before_primary_key IS NOT NULL
     ) m WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
 ),
 moved AS (

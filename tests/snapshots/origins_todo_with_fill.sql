@@ -1,7 +1,7 @@
 WITH moves AS (
     SELECT ok AS k, pk AS to_k, cp, o FROM (
-        SELECT json_extract_string(before, '/id') AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
-        FROM "o" WHERE operation = 'UPDATE' AND CAST(before AS VARCHAR) <> '{}' AND NOT starts_with(CAST(before AS VARCHAR), '{"id": ' || primary_key || ',') AND NOT starts_with(CAST(before AS VARCHAR), '{"id": ' || CAST(to_json(primary_key) AS VARCHAR) || ',')
+        SELECT before_primary_key AS ok, primary_key AS pk, commit_position AS cp, ordinal AS o
+        FROM "o" WHERE operation = 'UPDATE' AND before_primary_key IS NOT NULL
     ) m WHERE ok IS NOT NULL AND ok IS DISTINCT FROM pk
 ),
 events AS (
