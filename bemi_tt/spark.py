@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bemi_tt.arguments import KeyLike, TimeLike
 from bemi_tt.dtypes import ColumnType
-from bemi_tt.rule import SPARK, Query, Rule
+from bemi_tt.rule import MOVED, SPARK, Query, Rule
 from bemi_tt.sources import InMemorySource, ParquetSource, TableName, as_source, json_text
 from bemi_tt.state import Layout, layout_at, resolve_table, versions_of
 from bemi_tt.timestamps import to_utc
@@ -65,7 +66,10 @@ _READ = (
     "commit_position",
     "ordinal",
     "context_verified",
+    MOVED,
 )
+#: a column of the registered changes: true on rows of export files written before they carried ``MOVED``
+_EARLIER = "_bemi_earlier"
 #: more keys than this changed between the cuts of a diff: a ConfigurationError instead of the driver
 DRIVER_LIMIT = 1_000_000
 
@@ -86,20 +90,28 @@ def _quote(name: str) -> str:
 
 def _changes(spark: SparkSession, source: ParquetSource, table: TableName, view: str) -> str:
     """Register ``table``'s changes as temp view ``view`` (only that table's files); returns its SQL name.
-    A Delta table's files come from its current snapshot (no Delta jars needed)."""
-    _, files = source._files(table)
-    if files and source.directory.startswith("s3://"):
-        files = ["s3a://" + f for f in files]  # Hadoop's S3 filesystem
-    if files:
-        from pyspark.sql import functions as F
+    A Delta table's files come from its current snapshot (no Delta jars needed). Rows of files written
+    before exports carried ``before_primary_key`` are marked in ``_bemi_earlier`` (:func:`rule_for`)."""
+    from pyspark.sql import functions as F
 
+    filesystem, files = source._files(table)
+    earlier = {f for f in files if MOVED not in pq.read_schema(f, filesystem=filesystem).names}
+    frames = []
+    for group, flag in (([f for f in files if f not in earlier], False), (sorted(earlier), True)):
+        if not group:
+            continue
+        if source.directory.startswith("s3://"):
+            group = ["s3a://" + f for f in group]  # Hadoop's S3 filesystem
         # the schema given: no job reading every footer to infer it; JSON columns read as their text, and
         # files of the first release (no context_verified) give NULL there
-        frame = spark.read.schema(_spark_schema()).parquet(*files)
+        frame = spark.read.schema(_spark_schema()).parquet(*group).withColumn(_EARLIER, F.lit(flag))
+        frames.append(frame)
+    if frames:
+        frame = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
         # "a.b" + "c" and "a" + "b.c" share a partition: the rows' own names decide
         frame = frame.where((F.col("schema") == table[0]) & (F.col("table") == table[1]))
     else:
-        frame = spark.createDataFrame([], _spark_schema())
+        frame = spark.createDataFrame([], _spark_schema()).withColumn(_EARLIER, F.lit(False))
     frame.createOrReplaceTempView(view)
     return _quote(view)
 
@@ -199,22 +211,15 @@ def _timestamp(ts: pd.Timestamp) -> str:
 
 
 def rule_for(keys: tuple[str, ...]) -> Rule:
-    """The rule in the Spark dialect. With a one-column key, an UPDATE's ``before`` is parsed for its old
-    key only when its text does not start with the new key (jsonb text puts short names first), as the
-    DuckDB dialect's prefilter does: most UPDATEs keep their key, and parsing ``before`` is the cost."""
-    if len(keys) != 1:
+    """The rule in the Spark dialect: an UPDATE's old key is ``before_primary_key`` as the worker wrote it;
+    on rows of an earlier release's files (``_bemi_earlier``), it is read from ``before``, which is exact
+    where a key's JSON text is its PostgreSQL text (not for times and booleans: re-export those)."""
+    if not keys:
         return Rule(SPARK, keys)
-    name = json.dumps(keys[0], ensure_ascii=False)
-    number, text = SPARK.literal("{" + name + ": "), SPARK.literal("{" + name + ': "')
-    # a key text holding a quote or a backslash is escaped in JSON: never taken as kept
-    plain = "NOT contains(primary_key, '\"') AND NOT contains(primary_key, '\\\\')"
-    kept = (
-        f"startswith(before, concat({number}, primary_key, ','))"
-        f" OR startswith(before, concat({text}, primary_key, '\",'))"
-    )
+    from_before = SPARK.field_text("before", keys[0]) if len(keys) == 1 else SPARK.key_array("before", keys)
     old = (
-        f"CASE WHEN operation <> 'UPDATE' OR before = '{{}}' THEN NULL WHEN {plain} AND ({kept}) THEN NULL "
-        f"ELSE {SPARK.field_text('before', keys[0])} END"
+        f"CASE WHEN NOT {_EARLIER} THEN {MOVED} WHEN operation <> 'UPDATE' OR before = '{{}}' THEN NULL "
+        f"ELSE {from_before} END"
     )
     return Rule(SPARK, keys, old_key=old)
 
@@ -325,7 +330,12 @@ def _deciding(
         "WHERE w.k IS NOT NULL OR v.k IS NOT NULL OR c.operation = 'TRUNCATE'"
     ).collect()
     # collect() gives times in the driver's local zone, naive: the instants they are
-    changes = [{**row.asDict(), "committed_at": row["committed_at"].astimezone(timezone.utc)} for row in rows]
+    changes = []
+    for row in rows:
+        change = {**row.asDict(), "committed_at": row["committed_at"].astimezone(timezone.utc)}
+        if change.pop(_EARLIER):  # an earlier release's row: the source computes its old key, as the worker
+            del change[MOVED]
+        changes.append(change)
     return InMemorySource(changes, source.schemas(name))
 
 

@@ -208,3 +208,26 @@ def test_register_as_of_makes_every_table_a_view_at_one_point(
     ).collect()
     assert [tuple(r) for r in joined] == [(3, "Bake", 8, Decimal("0.500"))]
     assert bt.register_as_of(spark, path, times[0]) == {"todo": "public.todo", "tags": "app.tags"}
+
+
+@pytest.mark.parametrize(("kind", "earlier"), [("timestamptz", False), ("boolean", False),
+                                               ("composite-timestamptz", False), ("int", True)])
+def test_spark_as_of_after_an_update_of_the_key_equals_as_of_for_every_key_type(
+    spark: Any, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, earlier: bool
+) -> None:
+    """The old key of a key UPDATE is the worker's ``before_primary_key``: a timestamp or boolean key's JSON
+    text in ``before`` is not its ``primary_key`` text, and the moved row showed twice. Files of an earlier
+    release (no such column) still read the old key from ``before``."""
+    from test_key_moves import _export_of_an_earlier_release, _key_table
+
+    from capture.export import export_parquet
+
+    times, values = _key_table(dsn, kind, "DEFAULT")
+    path = tmp_path / "export"
+    if earlier:
+        _export_of_an_earlier_release(dsn, path, "parquet", monkeypatch)
+    else:
+        export_parquet(dsn, str(path), progress=False)
+    for ts, expected in zip(times, values, strict=True):
+        got = sorted(r["v"] for r in _rows(bt.as_of(spark, str(path), "k", ts)))
+        assert got == expected == sorted(as_of("k", ts, source=str(path))["v"]), (kind, ts)
