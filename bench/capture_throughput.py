@@ -78,8 +78,12 @@ def count_changes(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def worker(dsn: str, destination: str, slot: str, reader: str = "stream") -> tuple[float, float]:
-    """Run ``python -m capture --once --reader <reader>``; return (seconds, peak RSS in MB)."""
+def worker(dsn: str, destination: str, slot: str, reader: str = "stream") -> tuple[float, float, float]:
+    """Run ``python -m capture --once --reader <reader>``; return (seconds, peak RSS in MB, CPU seconds).
+
+    The CPU seconds (user + system of the worker process, start-up included) tell the worker's own cost
+    apart from the wall time, which the servers and the machine's load decide as much.
+    """
     args = [
         sys.executable,
         "-m",
@@ -103,7 +107,7 @@ def worker(dsn: str, destination: str, slot: str, reader: str = "stream") -> tup
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"worker failed with exit code {process.returncode}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def write_floor(destination: str, rows: int = 200_000) -> float:
@@ -285,13 +289,13 @@ def main() -> None:
                 " FROM pg_replication_slots WHERE slot_name = 'same'"
             ).fetchone()[0]  # type: ignore[index]
         print(f"backlog: {args.changes:,} changes, {int(wal) / 2**20:.0f} MB of WAL, built in {built:.1f} s")
-        floors, workers, peeks, rss, writes = [], [], [], [], []
+        floors, workers, peeks, rss, writes, cpus = [], [], [], [], [], []
         for i in range(args.runs):
             floors.append(args.changes / recvlogical(source, f"floor_{i}", endpos))
             rates = {}
             for kind, slot, reader in (("dest", "worker", "stream"), ("peek", "peek", "sql")):
                 destination = target.url(database=f"bench_{kind}_{i}")
-                seconds, peak = worker(source, destination, f"{slot}_{i}", reader)
+                seconds, peak, cpu = worker(source, destination, f"{slot}_{i}", reader)
                 captured = count_changes(destination)
                 if captured != args.changes:
                     raise SystemExit(
@@ -299,6 +303,8 @@ def main() -> None:
                     )
                 rates[reader] = args.changes / seconds
                 rss.append(peak)
+                if reader == "stream":
+                    cpus.append(cpu / args.changes * 1e6)
             workers.append(rates["stream"])
             peeks.append(rates["sql"])
             writes.append(write_floor(target.url(database=f"bench_dest_{i}")))
@@ -306,7 +312,7 @@ def main() -> None:
                 f"run {i + 1}: pg_recvlogical {floors[-1]:,.0f} changes/s, worker streaming"
                 f" {workers[-1]:,.0f} changes/s ({workers[-1] / floors[-1]:.2f}x), worker peek path"
                 f" {peeks[-1]:,.0f} changes/s ({peeks[-1] / floors[-1]:.2f}x),"
-                f" peak RSS {max(rss[-2:]):.0f} MB;"
+                f" peak RSS {max(rss[-2:]):.0f} MB, worker CPU {cpus[-1]:.1f} us/change;"
                 f" COPY into changes alone {writes[-1]:,.0f} rows/s; load average {os.getloadavg()[0]:.1f}"
             )
         floor, rate, write = statistics.median(floors), statistics.median(workers), statistics.median(writes)
@@ -314,13 +320,14 @@ def main() -> None:
         print(
             f"median: pg_recvlogical {floor:,.0f} changes/s, worker streaming {rate:,.0f} changes/s "
             f"({rate / floor:.2f}x, goal >= 0.5x), worker peek path {peek:,.0f} changes/s "
-            f"({peek / floor:.2f}x), peak RSS {max(rss):.0f} MB"
+            f"({peek / floor:.2f}x), peak RSS {max(rss):.0f} MB, worker CPU (streaming, user + system)"
+            f" {statistics.median(cpus):.1f} us/change"
         )
         print(
             f"destination bound: COPY of the captured rows into an empty changes table alone "
             f"{write:,.0f} rows/s ({write / floor:.2f}x pg_recvlogical; worker {rate / write:.2f}x of it)"
         )
-        seconds, peak = worker(source, same, "same")
+        seconds, peak, _ = worker(source, same, "same")
         print(
             f"changes in the source database (own writes decoded and skipped): "
             f"{args.changes / seconds:,.0f} changes/s ({args.changes / seconds / floor:.2f}x),"
@@ -336,7 +343,7 @@ def main() -> None:
                 " FROM generate_series(%s::int, %s::int) g",
                 (10**8, 10**8 + args.changes - 1),
             )
-        seconds, peak = worker(source, big, "big")
+        seconds, peak, _ = worker(source, big, "big")
         print(
             f"one transaction of {args.changes:,} rows: worker {args.changes / seconds:,.0f} changes/s, "
             f"peak RSS {peak:.0f} MB (goal <= 300 MB)"

@@ -79,6 +79,9 @@ def canonical_number(literal: str) -> str:
     if _PLAIN_NUMBER.match(literal) and not (literal.startswith("-") and not literal.strip("-0.")):
         return literal
     value = Decimal(literal)
+    exponent = value.as_tuple().exponent
+    if value.is_zero() and isinstance(exponent, int) and exponent >= 0:
+        return "0"  # numeric's zero, whatever the exponent (adjusted() would call 0e+1073741819 huge)
     if not -16400 < value.adjusted() < 131100:  # jsonb refuses it; never write out a billion digits
         raise ValueError(f"number {literal[:40]!r} is outside the range of PostgreSQL's numeric")
     text = format(value, "f")

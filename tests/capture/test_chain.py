@@ -29,12 +29,23 @@ from capture.worker import run as capture
 @pytest.mark.parametrize(
     ("literal", "numeric"),
     [("1e16", "10000000000000000"), ("1.50", "1.50"), ("1E-3", "0.001"), ("-0", "0"), ("-0.0", "0.0"),
-     ("1.0e1", "10"), ("-1.5e+2", "-150"), ("12", "12"), ("-7.25", "-7.25"), ("0e5", "0")],
+     ("1.0e1", "10"), ("-1.5e+2", "-150"), ("12", "12"), ("-7.25", "-7.25"), ("0e5", "0"),
+     # zero stays zero whatever its exponent, also past the range a non-zero number may have
+     ("-0e+0001073741819", "0"), ("0e+131100", "0"), ("0.000e+5", "0"), ("0.000e1", "0.00")],
 )
 def test_canonical_number_is_what_numeric_prints(literal: str, numeric: str, dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT %s::jsonb::text", (literal,)).fetchone() == (numeric,)
     assert canonical_number(literal) == numeric
+
+
+def test_a_context_holding_zero_with_a_huge_exponent_is_digested_not_fatal_to_the_worker() -> None:
+    from capture.chain import context_digest
+    from capture.stitch import parse_context
+
+    context = parse_context(b'{"a":-0e+0001073741819}')  # jsonb takes it: {"a": 0}
+    assert canonical_json(context) == '{"a":0}'
+    assert context_digest(context) == context_digest('{"a":0}')  # Sink.write raised ValueError here
 
 
 def _number() -> st.SearchStrategy[str]:
