@@ -175,9 +175,10 @@ def _parquet_listing(filesystem: pafs.FileSystem, root: str, directory: str) -> 
     return _Listing(state.files, {f.path for f in state.superseded} | set(state.temporary))
 
 
-#: The Delta export's file names: its unit parts (``<k>of<n>``) and this module's compacted files.
+#: The Delta export's file names: its unit parts (``<k>of<n>``), a prune's compacted files (``c-``) and an
+#: erasure's rewritten ones (``e-``).
 _DELTA_NAME = re.compile(r"^part-(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-"
-                         r"(?:[0-9]+of[0-9]+|c-[0-9a-f]+)\.zstd\.parquet$")
+                         r"(?:[0-9]+of[0-9]+|[ce]-[0-9a-f]+)\.zstd\.parquet$")
 
 
 def _delta_listing(root: str) -> _Listing:
@@ -414,59 +415,90 @@ def _swap_in(root: str, listing: _Listing, result: Fold, schemas: pa.Table, befo
     first, last = _key_range(files, touched, base_last, cut)
     replaced = [f for f in files if f.partition in touched and f.last <= last]
 
+    local = pafs.LocalFileSystem()
+    added: list[NewFile] = []
+    for partition in sorted(touched):
+        pieces = [baseline.take(base_parts[partition])] if partition in base_parts else []
+        for f in sorted((f for f in replaced if f.partition == partition), key=lambda f: f.first):
+            data = _plain(pq.read_table(f.path, filesystem=local))
+            pieces.append(data.filter(pc.greater_equal(data["commit_position"], cut)))
+        rows = pa.concat_tables(pieces) if pieces else baseline.slice(0, 0)
+        rows = rows.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
+        if listing.delta is None:
+            if rows.num_rows == 0 and (added or partition != max(touched)):
+                continue  # nothing left here; one file always stays to vouch for the replaced units
+            added.append(NewFile(f"{partition}/{compacted_name(first, last, rows.num_rows)}", rows,
+                                 parquet_bytes(_exported(rows))))
+        elif rows.num_rows:  # the log says which files hold the table: none has to vouch for the range
+            added.append(delta_file(partition, first, last, "c", rows))
+    sidecars: dict[str, bytes | None] = {SCHEMAS_FILE: parquet_bytes(schemas).to_pybytes(),
+                                         LEGACY_SCHEMAS_FILE: None}
+    erasures = os.path.join(root, META_DIR, ERASURES_FILE)
+    if os.path.isfile(erasures):
+        with open(erasures, encoding="utf-8") as stream:
+            record = json.load(stream)
+        record["rows"] = {k: v for k, v in record.get("rows", {}).items() if int(k.split("/")[0]) >= cut}
+        sidecars[ERASURES_FILE] = json.dumps(record, sort_keys=True).encode("utf-8")
+    sidecars[HORIZON_FILE] = json.dumps(result.horizon.to_json(), sort_keys=True).encode("utf-8")
+    metadata = {"bemi_tt.operation": "prune", "bemi_tt.before": before.isoformat(),
+                "bemi_tt.horizon_position": str(result.horizon.position),
+                "bemi_tt.baseline_rows": str(result.horizon.rows)}
+    replace_tree(root, listing, replaced, added, partition_values, sidecars, metadata, doing="pruning")
+
+
+@dataclass
+class NewFile:
+    """A data file the new tree gets: its path in the tree, its rows (for Delta statistics), its bytes."""
+
+    relative: str
+    rows: pa.Table
+    data: Any
+
+
+def delta_file(partition: str, first: Key, last: Key, kind: str, rows: pa.Table) -> NewFile:
+    """A new data file of a Delta export named by its key range and ``kind`` (``c``: a prune's compacted
+    file, ``e``: an erasure's rewrite), with a unique suffix: a path cannot be both removed and added in
+    one Delta commit."""
+    from capture.export.write import parquet_bytes
+    from capture.schema import changes_arrow_schema
+
+    data = parquet_bytes(_plain(rows).select(changes_arrow_schema().names).cast(changes_arrow_schema()))
+    name = f"part-{format_key(first)}-{format_key(last)}-{kind}-{uuid.uuid4().hex}.zstd.parquet"
+    relative = f"{partition}/{name}"
+    return NewFile(relative, rows, data)
+
+
+def replace_tree(root: str, listing: _Listing, replaced: list[DataFile], added: list[NewFile],
+                 partition_values: dict[str, dict[str, str | None]], sidecars: dict[str, bytes | None],
+                 metadata: dict[str, str], *, doing: str) -> None:
+    """The new state of the export at ``root`` built beside it and swapped in whole: every file but
+    ``replaced``, ``listing.dropped`` and the ``sidecars`` hard-linked, ``added`` written, for a Delta
+    export ONE commit on the staging table (remove ``replaced``, add ``added``, ``metadata``), each sidecar
+    of ``_bemi_tt`` written (None: left out), then one ``renameat2(RENAME_EXCHANGE)``; the old tree, with
+    every file it no longer shares, is deleted. Called under the export lock, ``root`` a real path."""
+    local = pafs.LocalFileSystem()
     parent, name = os.path.split(root)
     staging = os.path.join(parent, f".{name}{_STAGING}{uuid.uuid4().hex}.tmp")
     try:
         _link_tree(root, staging, skip={f.path for f in replaced} | listing.dropped | {
-            os.path.join(root, META_DIR, n) for n in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE, HORIZON_FILE,
-                                                      ERASURES_FILE)},
+            os.path.join(root, META_DIR, n) for n in sidecars},
                    copy={os.path.join(root, DELTA_LOG_DIR, _LAST_CHECKPOINT)})
-        local = pafs.LocalFileSystem()
-        added: list[tuple[str, pa.Table, int]] = []  # (path in the tree, rows, bytes) of each new file
-        for partition in sorted(touched):
-            pieces = [baseline.take(base_parts[partition])] if partition in base_parts else []
-            for f in sorted((f for f in replaced if f.partition == partition), key=lambda f: f.first):
-                data = _plain(pq.read_table(f.path, filesystem=local))
-                pieces.append(data.filter(pc.greater_equal(data["commit_position"], cut)))
-            rows = pa.concat_tables(pieces) if pieces else baseline.slice(0, 0)
-            rows = rows.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
-            if listing.delta is None:
-                if rows.num_rows == 0 and (added or partition != max(touched)):
-                    continue  # nothing left here; one file always stays to vouch for the replaced units
-                data = parquet_bytes(_exported(rows))
-                relative = f"{partition}/{compacted_name(first, last, rows.num_rows)}"
-            else:
-                if rows.num_rows == 0:
-                    continue  # the log says which files hold the table: none has to vouch for the range
-                from capture.schema import changes_arrow_schema
-
-                data = parquet_bytes(rows.select(changes_arrow_schema().names).cast(changes_arrow_schema()))
-                # unique: a path cannot be both removed and added in one Delta commit
-                relative = (f"{partition}/part-{format_key(first)}-{format_key(last)}-c-{uuid.uuid4().hex}"
-                            ".zstd.parquet")
-            write_atomic(local, f"{staging}/{relative}", data)
-            added.append((relative, rows, data.size))
+        for new in added:
+            write_atomic(local, f"{staging}/{new.relative}", new.data)
         if listing.delta is not None:
-            _commit_delta(root, staging, listing, replaced, added, partition_values, result, before)
-        meta = f"{staging}/{META_DIR}"
-        write_atomic(local, f"{meta}/{SCHEMAS_FILE}", parquet_bytes(schemas))
-        erasures = os.path.join(root, META_DIR, ERASURES_FILE)
-        if os.path.isfile(erasures):
-            with open(erasures, encoding="utf-8") as stream:
-                record = json.load(stream)
-            record["rows"] = {k: v for k, v in record.get("rows", {}).items() if int(k.split("/")[0]) >= cut}
-            write_atomic(local, f"{meta}/{ERASURES_FILE}", json.dumps(record, sort_keys=True).encode("utf-8"))
-        write_atomic(local, f"{meta}/{HORIZON_FILE}",
-                     json.dumps(result.horizon.to_json(), sort_keys=True).encode("utf-8"))
+            _commit_delta(root, staging, listing, replaced, added, partition_values, metadata)
+        for sidecar, content in sidecars.items():
+            if content is not None:
+                write_atomic(local, f"{staging}/{META_DIR}/{sidecar}", content)
         _exchange(staging, root)
     except BaseException as exc:
         # before the swap: a half-built copy; right after it (an interrupt): the old tree. Either is garbage.
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, StorageError):
             raise StorageError(
-                f"pruning {root!r} failed: {exc.strerror or exc}"
+                f"{doing} {root!r} failed: {exc.strerror or exc}"
                 f"{f' ({exc.filename})' if exc.filename else ''}; the directory is unchanged: free space or "
-                "make its parent directory writable (the pruned copy is built next to it) and retry"
+                "make its parent directory writable (the new copy is built next to it) and retry"
             ) from exc
         raise
     _fsync_directory(parent)
@@ -474,8 +506,8 @@ def _swap_in(root: str, listing: _Listing, result: Fold, schemas: pa.Table, befo
 
 
 def _commit_delta(root: str, staging: str, listing: _Listing, replaced: list[DataFile],
-                  added: list[tuple[str, pa.Table, int]], values: dict[str, dict[str, str | None]],
-                  result: Fold, before: datetime) -> None:
+                  added: list[NewFile], values: dict[str, dict[str, str | None]],
+                  metadata: dict[str, str]) -> None:
     """ONE commit on the staging table: remove the replaced files, add the new ones. No application
     transaction: the export's watermark (its last one) stays what it was."""
     from capture.export.delta import _commit_properties, _deltalake, _file_stats
@@ -492,13 +524,10 @@ def _commit_delta(root: str, staging: str, listing: _Listing, replaced: list[Dat
                                            listing.delta[f.path])
         for f in replaced
     ]
-    for relative, rows, size in added:
-        partition = relative.rsplit("/", 1)[0]
-        actions.append(deltalake.transaction.AddAction(relative, size, values[partition], now, True,
-                                                       _file_stats(rows)))
-    metadata = {"bemi_tt.operation": "prune", "bemi_tt.before": before.isoformat(),
-                "bemi_tt.horizon_position": str(result.horizon.position),
-                "bemi_tt.baseline_rows": str(result.horizon.rows)}
+    for new in added:
+        partition = new.relative.rsplit("/", 1)[0]
+        actions.append(deltalake.transaction.AddAction(new.relative, new.data.size, values[partition], now,
+                                                       True, _file_stats(new.rows)))
     table.create_write_transaction(actions, "append", table.schema(),
                                    partition_by=table.metadata().partition_columns,
                                    commit_properties=_commit_properties(deltalake, metadata))
