@@ -43,37 +43,26 @@ instead.
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import errno
 import json
 import os
-import re
-import shutil
-import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from capture.errors import ConfigurationError, SourceError, StorageError
+from capture.errors import ConfigurationError, SourceError
 from capture.export.dataset import (
     is_delta_table,
     read_dataset_state,
     read_horizon,
     refuse_foreign_files,
     resolve_directory,
-    write_atomic,
 )
 from capture.export.layout import (
-    DELTA_LOG_DIR,
     HORIZON_FILE,
     IDENTITY_FILE,
     LEGACY_SCHEMAS_FILE,
@@ -82,11 +71,18 @@ from capture.export.layout import (
     DataFile,
     Key,
     compacted_name,
-    format_key,
-    parse_key,
     partition_dir,
 )
 from capture.export.lock import open_lock
+from capture.export.swap import (
+    NewFile,
+    _Listing,
+    _plain,
+    delta_file,
+    delta_listing,
+    remove_leftovers,
+    replace_tree,
+)
 from capture.prune import (
     Fold,
     Pruned,
@@ -95,27 +91,13 @@ from capture.prune import (
     fold,
     folded_versions,
     group_versions,
+    sync_export_horizon,
 )
 
-__all__ = ["prune_export"]
+__all__ = ["prune_export", "sync_delta_export"]
 
-_STAGING = ".prune-"
 _FOLD_COLUMNS = ["schema", "table", "database", "operation", "primary_key", "before", "after",
                  "commit_position", "ordinal", "chain_hash"]
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-#: The Delta log's pointer to its newest checkpoint, the one file a Delta writer rewrites: copied, not linked.
-_LAST_CHECKPOINT = "_last_checkpoint"
-
-
-@dataclass
-class _Listing:
-    """What a prune reads of an export: its data files (keys and partitions), the files on disk the pruned
-    tree leaves out, and for a Delta export each data file's partition values (None: a Parquet export)."""
-
-    files: list[DataFile]
-    dropped: set[str] = dataclasses.field(default_factory=set)
-    delta: dict[str, dict[str, str | None]] | None = None
 
 
 def prune_export(directory: str, *, before: datetime, wait: float = 0.0) -> Pruned:
@@ -142,8 +124,8 @@ def prune_export(directory: str, *, before: datetime, wait: float = 0.0) -> Prun
     real = os.path.realpath(root)  # the swap exchanges the directory itself, never a symlink to it
     with open_lock(os.fspath(directory), filesystem, real) as held:
         held.acquire(wait)
-        _remove_leftovers(real)
-        listing = _delta_listing(real) if delta else _parquet_listing(filesystem, real, os.fspath(directory))
+        remove_leftovers(real)
+        listing = delta_listing(real) if delta else _parquet_listing(filesystem, real, os.fspath(directory))
         if not listing.files:
             return Pruned(None, 0, source)
         files = listing.files
@@ -173,52 +155,6 @@ def _parquet_listing(filesystem: pafs.FileSystem, root: str, directory: str) -> 
             "pass the directory `bemi-tt export` wrote"
         )
     return _Listing(state.files, {f.path for f in state.superseded} | set(state.temporary))
-
-
-#: The Delta export's file names: its unit parts (``<k>of<n>``), a prune's compacted files (``c-``) and an
-#: erasure's rewritten ones (``e-``).
-_DELTA_NAME = re.compile(r"^part-(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-"
-                         r"(?:[0-9]+of[0-9]+|[ce]-[0-9a-f]+)\.zstd\.parquet$")
-
-
-def _delta_listing(root: str) -> _Listing:
-    """The current version's data files of the Delta table at ``root``; every other data file on disk (of
-    older versions, or never committed) is dropped."""
-    from capture.export.delta import open_delta_table
-
-    table = open_delta_table(root)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    files: list[DataFile] = []
-    values: dict[str, dict[str, str | None]] = {}
-    for logged, size, rows, relation, day in zip(
-            *(actions[c].to_pylist() for c in ("path", "size_bytes", "num_records", "partition.relation",
-                                               "partition.date")), strict=True):
-        relative = unquote(logged)  # the log holds the URI-encoded path
-        path = os.path.join(root, relative)
-        match = _DELTA_NAME.match(os.path.basename(relative))
-        first, last = ((parse_key(match["first"]), parse_key(match["last"])) if match
-                       else _file_keys(path))  # written by Delta's optimize: its rows say
-        files.append(DataFile(path, os.path.dirname(relative), first, last, int(rows or 0), int(size or 0)))
-        values[path] = {"relation": relation, "date": day.isoformat() if day is not None else None}
-    listed = set(values)
-    on_disk = set()
-    for directory, subdirectories, names in os.walk(root):
-        if directory == root:
-            subdirectories[:] = [d for d in subdirectories if d not in (META_DIR, DELTA_LOG_DIR)]
-        on_disk |= {os.path.join(directory, n) for n in names if n.endswith(".parquet")}
-    files.sort(key=lambda f: (f.partition, f.first))
-    return _Listing(files, on_disk - listed, values)
-
-
-def _file_keys(path: str) -> tuple[Key, Key]:
-    """The smallest and largest key of a data file's rows."""
-    keys = pq.read_table(path, columns=["commit_position", "ordinal"]).sort_by(
-        [("commit_position", "ascending"), ("ordinal", "ascending")])
-    if keys.num_rows == 0:
-        raise SourceError(f"the Delta export's data file {path!r} holds no rows; re-export into an empty "
-                          "directory")
-    return ((keys["commit_position"][0].as_py(), keys["ordinal"][0].as_py()),
-            (keys["commit_position"][-1].as_py(), keys["ordinal"][-1].as_py()))
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -256,25 +192,6 @@ def _changes_before(filesystem: pafs.FileSystem, files: list[DataFile], cut: int
         columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
         for record in zip(*columns, strict=True):
             yield _Change(*record[:9]), record[9]
-
-
-def _plain(data: pa.Table) -> pa.Table:
-    """A data file's rows with every column of the export (files of the first release lack some), JSON as
-    text."""
-    from capture.export.layout import export_arrow_schema
-
-    columns = {}
-    for field in export_arrow_schema():
-        if field.name in data.column_names:
-            column = data[field.name]
-            if isinstance(column.type, pa.BaseExtensionType):
-                column = column.cast(column.type.storage_type)
-            columns[field.name] = column.cast(
-                field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type)
-        else:
-            kind = field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type
-            columns[field.name] = pa.nulls(data.num_rows, kind)
-    return pa.table(columns)
 
 
 def _exported(data: pa.Table) -> pa.Table:
@@ -446,144 +363,34 @@ def _swap_in(root: str, listing: _Listing, result: Fold, schemas: pa.Table, befo
     replace_tree(root, listing, replaced, added, partition_values, sidecars, metadata, doing="pruning")
 
 
-@dataclass
-class NewFile:
-    """A data file the new tree gets: its path in the tree, its rows (for Delta statistics), its bytes."""
+def sync_delta_export(conn: Any, directory: str, filesystem: Any, root: str, schema: str, changes_table: str,
+                      renew: Callable[[], None] | None = None) -> int:
+    """After a Delta export run, under its lock: the erasures recorded in PostgreSQL reach the files written
+    before, and the horizon is recorded (``capture.prune.sync_export_horizon``), through
+    :func:`capture.erase.apply_rewrites`; the number of files rewritten. A Delta export on an object store
+    cannot be rewritten at once: pending erasures there are reported with a warning, never skipped
+    silently."""
+    import warnings
 
-    relative: str
-    rows: pa.Table
-    data: Any
+    from capture.erase import apply_rewrites, delta_files, pending_erasures, sync_export_erasures
 
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        if pending_erasures(conn, filesystem, root, schema, changes_table):
+            warnings.warn(
+                f"erasures recorded in PostgreSQL are not applied to the Delta export {directory!r}: an "
+                "object store cannot swap the table's files at once; export into a new prefix (the new export "
+                "holds the erased values only)", UserWarning, stacklevel=2)
+        return 0
+    real = os.path.realpath(root)
+    listing = delta_files(real)
+    count = sync_export_erasures(conn, filesystem, real, schema, changes_table, renew, listing=listing)
 
-def delta_file(partition: str, first: Key, last: Key, kind: str, rows: pa.Table) -> NewFile:
-    """A new data file of a Delta export named by its key range and ``kind`` (``c``: a prune's compacted
-    file, ``e``: an erasure's rewrite), with a unique suffix: a path cannot be both removed and added in
-    one Delta commit."""
-    from capture.export.write import parquet_bytes
-    from capture.schema import changes_arrow_schema
+    def files() -> list[DataFile]:
+        return list(delta_files(real).files)
 
-    data = parquet_bytes(_plain(rows).select(changes_arrow_schema().names).cast(changes_arrow_schema()))
-    name = f"part-{format_key(first)}-{format_key(last)}-{kind}-{uuid.uuid4().hex}.zstd.parquet"
-    relative = f"{partition}/{name}"
-    return NewFile(relative, rows, data)
+    def rewrite(record: Mapping[str, Any], rewrites: Iterable[tuple[DataFile, pa.Table]]) -> int:
+        return apply_rewrites(filesystem, real, record, rewrites, listing=delta_files(real), renew=renew,
+                              metadata={"bemi_tt.operation": "erase", "bemi_tt.erasures": "baseline"})
 
-
-def replace_tree(root: str, listing: _Listing, replaced: list[DataFile], added: list[NewFile],
-                 partition_values: dict[str, dict[str, str | None]], sidecars: dict[str, bytes | None],
-                 metadata: dict[str, str], *, doing: str) -> None:
-    """The new state of the export at ``root`` built beside it and swapped in whole: every file but
-    ``replaced``, ``listing.dropped`` and the ``sidecars`` hard-linked, ``added`` written, for a Delta
-    export ONE commit on the staging table (remove ``replaced``, add ``added``, ``metadata``), each sidecar
-    of ``_bemi_tt`` written (None: left out), then one ``renameat2(RENAME_EXCHANGE)``; the old tree, with
-    every file it no longer shares, is deleted. Called under the export lock, ``root`` a real path."""
-    local = pafs.LocalFileSystem()
-    parent, name = os.path.split(root)
-    staging = os.path.join(parent, f".{name}{_STAGING}{uuid.uuid4().hex}.tmp")
-    try:
-        _link_tree(root, staging, skip={f.path for f in replaced} | listing.dropped | {
-            os.path.join(root, META_DIR, n) for n in sidecars},
-                   copy={os.path.join(root, DELTA_LOG_DIR, _LAST_CHECKPOINT)})
-        for new in added:
-            write_atomic(local, f"{staging}/{new.relative}", new.data)
-        if listing.delta is not None:
-            _commit_delta(root, staging, listing, replaced, added, partition_values, metadata)
-        for sidecar, content in sidecars.items():
-            if content is not None:
-                write_atomic(local, f"{staging}/{META_DIR}/{sidecar}", content)
-        _exchange(staging, root)
-    except BaseException as exc:
-        # before the swap: a half-built copy; right after it (an interrupt): the old tree. Either is garbage.
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            raise StorageError(
-                f"{doing} {root!r} failed: {exc.strerror or exc}"
-                f"{f' ({exc.filename})' if exc.filename else ''}; the directory is unchanged: free space or "
-                "make its parent directory writable (the new copy is built next to it) and retry"
-            ) from exc
-        raise
-    _fsync_directory(parent)
-    shutil.rmtree(staging, ignore_errors=True)  # the old tree, now at the staging path
-
-
-def _commit_delta(root: str, staging: str, listing: _Listing, replaced: list[DataFile],
-                  added: list[NewFile], values: dict[str, dict[str, str | None]],
-                  metadata: dict[str, str]) -> None:
-    """ONE commit on the staging table: remove the replaced files, add the new ones. No application
-    transaction: the export's watermark (its last one) stays what it was."""
-    from capture.export.delta import _commit_properties, _deltalake, _file_stats
-
-    assert listing.delta is not None
-    deltalake = _deltalake()
-    try:
-        table = deltalake.DeltaTable(staging)
-    except (deltalake.exceptions.DeltaError, OSError) as exc:
-        raise SourceError(f"cannot open the Delta table copied from {root!r}: {exc}") from exc
-    now = int(time.time() * 1000)
-    actions: list[Any] = [
-        deltalake.transaction.RemoveAction(os.path.relpath(f.path, root), True, now, f.size,
-                                           listing.delta[f.path])
-        for f in replaced
-    ]
-    for new in added:
-        partition = new.relative.rsplit("/", 1)[0]
-        actions.append(deltalake.transaction.AddAction(new.relative, new.data.size, values[partition], now,
-                                                       True, _file_stats(new.rows)))
-    table.create_write_transaction(actions, "append", table.schema(),
-                                   partition_by=table.metadata().partition_columns,
-                                   commit_properties=_commit_properties(deltalake, metadata))
-
-
-def _link_tree(root: str, staging: str, skip: set[str], copy: set[str]) -> None:
-    """Recreate ``root``'s directories under ``staging`` and hard-link every file but ``skip`` and the
-    temporary files a killed writer left; the files in ``copy`` (rewritten in place by their writer) are
-    copied instead."""
-    local = pafs.LocalFileSystem()
-    for directory, subdirectories, names in os.walk(root):
-        target = os.path.join(staging, os.path.relpath(directory, root))
-        os.makedirs(target, exist_ok=True)
-        for name in names:
-            path = os.path.join(directory, name)
-            if path in skip or (name.startswith(".") and name.endswith(".tmp")):
-                continue
-            if path in copy:
-                with open(path, "rb") as stream:
-                    write_atomic(local, os.path.join(target, name), stream.read())
-            else:
-                os.link(path, os.path.join(target, name))
-        subdirectories[:] = [d for d in subdirectories if not (d.startswith(".") and d.endswith(".tmp"))]
-
-
-def _exchange(staging: str, root: str) -> None:
-    """Swap the two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        raise StorageError(
-            f"cannot prune {root!r}: this system has no atomic directory exchange (renameat2); prune the "
-            "database (bemi-tt prune --dsn URL) and export into a new directory"
-        )
-    if renameat2(_AT_FDCWD, os.fsencode(staging), _AT_FDCWD, os.fsencode(root), _RENAME_EXCHANGE) != 0:
-        code = ctypes.get_errno()
-        raise StorageError(
-            f"cannot swap the pruned copy into {root!r}: {os.strerror(code)} "
-            f"({errno.errorcode.get(code, code)}); the directory is unchanged; its file system must support"
-            " renameat2(RENAME_EXCHANGE) (ext4, xfs,"
-            " btrfs, tmpfs do)"
-        )
-
-
-def _fsync_directory(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _remove_leftovers(root: str) -> None:
-    """Delete the sibling trees a killed prune left (a half-built copy, or the old tree after the swap)."""
-    parent, name = os.path.split(root)
-    prefix = f".{name}{_STAGING}"
-    for entry in os.listdir(parent):
-        if entry.startswith(prefix) and entry.endswith(".tmp") and os.path.isdir(os.path.join(parent, entry)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    sync_export_horizon(conn, filesystem, real, schema, files=files, rewrite=rewrite)
+    return count
