@@ -188,3 +188,33 @@ def test_a_delta_erase_killed_at_any_point_leaves_the_old_or_the_new_state_and_a
     assert not list(tmp_path.glob(".delta.prune-*"))  # the rerun removed what the kill left
     assert b"bob@" not in _bytes_under(delta)
     assert verify_export(str(delta)).erased == 2
+
+
+def test_a_delta_export_of_a_pruned_database_records_its_horizon_and_verifies(
+    dsn: str, story: list[datetime], tmp_path: Path
+) -> None:
+    from capture.prune import export_horizon, prune_changes
+
+    prune_changes(dsn, before=story[1])
+    delta = tmp_path / "delta"
+    _export(dsn, delta)  # it starts at the database's baseline
+    assert export_horizon(str(delta)) is not None
+    assert verify_export(str(delta)).horizon is not None
+    for t in story[1:]:
+        assert bemi_tt.as_of("users", t, source=str(delta)).equals(bemi_tt.as_of("users", t, source=dsn))
+
+
+def test_an_erasure_in_postgresql_reaches_the_baseline_of_a_delta_export_pruned_by_itself(
+    dsn: str, story: list[datetime], tmp_path: Path
+) -> None:
+    delta = tmp_path / "delta"
+    _export(dsn, delta)
+    bemi_tt.prune(delta, before=story[1])  # user 2's INSERT is folded into the directory's own baseline
+    bemi_tt.erase(dsn, table="users", key=2)
+    assert b"bob@" in _bytes_under(delta)
+    _export(dsn, delta)
+    assert b"bob@" not in _bytes_under(delta)
+    assert bemi_tt.as_of("users", story[1], source=str(delta)).loc[2].isna().all()
+    on_disk = {str(p) for p in delta.rglob("*.parquet") if "_delta_log" not in p.parts}
+    assert set(DeltaTable(str(delta)).file_uris()) == on_disk
+    assert verify_export(str(delta)).erased == 2  # the baseline row and the DELETE
