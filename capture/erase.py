@@ -1,6 +1,6 @@
 """Erasure: remove personal values from recorded history, keeping its shape and its proof.
 
-``erase_changes`` (a PostgreSQL ``changes`` table) and ``erase_export`` (a Parquet export directory)
+``erase_changes`` (a PostgreSQL ``changes`` table) and ``erase_export`` (a Parquet or Delta export directory)
 select changes by table, primary key and/or context (``{"user_id": 7}``: changes whose context holds
 these members), and rewrite each selected change into its *erased form*:
 
@@ -15,7 +15,8 @@ The erasure itself is recorded: on PostgreSQL in ``bemi_tt.erasures`` (id, when,
 what, rows) and ``bemi_tt.erased`` (per change: the erasure and the SHA-256 of the original ``before``,
 ``after`` and ``context``), in the same transaction as the rewrite (schema ``bemi_tt``, which the capture
 worker never records, so the selector does not enter ``changes``). In an export, in
-``DIR/_bemi_tt/erasures.json``, written before the files are rewritten, under the export lock.
+``DIR/_bemi_tt/erasures.json``, under the export lock: for Parquet written before the files are rewritten,
+for Delta swapped in with them (:func:`apply_rewrites`).
 
 The chain (capture/chain.py): a row digest covers each JSON column only through that column's own hash,
 so ``verify`` checks an erased row with the original column hashes recorded here and still proves the

@@ -378,12 +378,15 @@ def sync_delta_export(conn: Any, directory: str, filesystem: Any, root: str, sch
         if pending_erasures(conn, filesystem, root, schema, changes_table):
             warnings.warn(
                 f"erasures recorded in PostgreSQL are not applied to the Delta export {directory!r}: an "
-                "object store cannot swap the table's files at once; export into a new prefix (the new export "
-                "holds the erased values only)", UserWarning, stacklevel=2)
+                "object store cannot swap the table's files at once; export into a new prefix (the new "
+                "export holds the erased values only)", UserWarning, stacklevel=2)
         return 0
     real = os.path.realpath(root)
-    listing = delta_files(real)
-    count = sync_export_erasures(conn, filesystem, real, schema, changes_table, renew, listing=listing)
+    remove_leftovers(real)  # what a killed erase or prune left beside the directory
+    count = 0
+    if pending_erasures(conn, filesystem, real, schema, changes_table):  # else no listing: a walk of the tree
+        count = sync_export_erasures(conn, filesystem, real, schema, changes_table, renew,
+                                     listing=delta_files(real))
 
     def files() -> list[DataFile]:
         return list(delta_files(real).files)
