@@ -16,13 +16,17 @@ import pytest
 from deltalake import DeltaTable
 from test_erase import story
 
+sys.path.insert(0, str(Path(__file__).parent / "capture"))  # the moto S3 server fixtures live there
+from test_export_s3 import bucket, s3_endpoint
+
 import bemi_tt
 from capture.erase import ERASED_MARKER
+from capture.errors import ConfigurationError
 from capture.export import export_parquet
 from capture.export.delta import read_delta
 from capture.verify import verify_export
 
-__all__ = ["story"]
+__all__ = ["bucket", "s3_endpoint", "story"]
 
 
 def _export(dsn: str, directory: Path, **options: object) -> None:
@@ -218,3 +222,15 @@ def test_an_erasure_in_postgresql_reaches_the_baseline_of_a_delta_export_pruned_
     on_disk = {str(p) for p in delta.rglob("*.parquet") if "_delta_log" not in p.parts}
     assert set(DeltaTable(str(delta)).file_uris()) == on_disk
     assert verify_export(str(delta)).erased == 2  # the baseline row and the DELETE
+
+
+def test_a_delta_export_on_s3_refuses_erase_and_its_export_run_warns_of_pending_erasures(
+    dsn: str, story: list[datetime], s3_endpoint: str, bucket: str
+) -> None:
+    uri = f"s3://{bucket}/exports/delta?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    export_parquet(dsn, uri, format="delta", progress=False)
+    with pytest.raises(ConfigurationError, match="local directories only"):
+        bemi_tt.erase(uri, table="users", key=2)
+    bemi_tt.erase(dsn, table="users", key=2)
+    with pytest.warns(UserWarning, match="not applied to the Delta export"):
+        export_parquet(dsn, uri, format="delta", progress=False)
