@@ -47,6 +47,7 @@ _AT_FDCWD = -100
 #: The Delta log's pointer to its newest checkpoint, the one file a Delta writer rewrites: copied, not linked.
 _LAST_CHECKPOINT = "_last_checkpoint"
 
+
 @dataclass
 class _Listing:
     """What a prune reads of an export: its data files (keys and partitions), the files on disk the pruned
