@@ -50,13 +50,12 @@ _LAST_CHECKPOINT = "_last_checkpoint"
 
 @dataclass
 class _Listing:
-    """What a prune reads of an export: its data files (keys and partitions), the files on disk the pruned
-    tree leaves out, and for a Delta export each data file's partition values (None: a Parquet export)."""
+    """What a prune or erase reads of an export: its data files (keys and partitions), the files on disk
+    the new tree leaves out, and for a Delta export each data file's partition values (None: Parquet)."""
 
     files: list[DataFile]
     dropped: set[str] = dataclasses.field(default_factory=set)
     delta: dict[str, dict[str, str | None]] | None = None
-
 
 
 #: The Delta export's file names: its unit parts (``<k>of<n>``), a prune's compacted files (``c-``) and an
