@@ -504,10 +504,10 @@ def _parser() -> argparse.ArgumentParser:
     _undo_commands(sub)
 
     p = command("erase", _erase,
-                "Erase personal values from recorded history (changes and/or a Parquet export), keeping "
-                "operations, times, keys and the hash chain; the erasure is recorded.")
+                "Erase personal values from recorded history (changes and/or a Parquet or Delta export), "
+                "keeping operations, times, keys and the hash chain; the erasure is recorded.")
     p.add_argument("directory", nargs="?", default=None, metavar="DIR",
-                   help="a Parquet export directory to erase in (with --dsn: both)")
+                   help="a Parquet or Delta export directory to erase in (with --dsn: both)")
     dsn_option(p)
     p.add_argument("--schema", default="public", help="schema holding `changes` (default: public)")
     p.add_argument("--table", default=None, help="only changes of this table, e.g. users")

@@ -1,6 +1,6 @@
 """Erasure: remove personal values from recorded history, keeping its shape and its proof.
 
-``erase_changes`` (a PostgreSQL ``changes`` table) and ``erase_export`` (a Parquet export directory)
+``erase_changes`` (a PostgreSQL ``changes`` table) and ``erase_export`` (a Parquet or Delta export directory)
 select changes by table, primary key and/or context (``{"user_id": 7}``: changes whose context holds
 these members), and rewrite each selected change into its *erased form*:
 
@@ -15,7 +15,8 @@ The erasure itself is recorded: on PostgreSQL in ``bemi_tt.erasures`` (id, when,
 what, rows) and ``bemi_tt.erased`` (per change: the erasure and the SHA-256 of the original ``before``,
 ``after`` and ``context``), in the same transaction as the rewrite (schema ``bemi_tt``, which the capture
 worker never records, so the selector does not enter ``changes``). In an export, in
-``DIR/_bemi_tt/erasures.json``, written before the files are rewritten, under the export lock.
+``DIR/_bemi_tt/erasures.json``, under the export lock: for Parquet written before the files are rewritten,
+for Delta swapped in with them (:func:`apply_rewrites`).
 
 The chain (capture/chain.py): a row digest covers each JSON column only through that column's own hash,
 so ``verify`` checks an erased row with the original column hashes recorded here and still proves the
@@ -30,25 +31,31 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from psycopg import sql
 
 from capture.chain import value_digest
 from capture.errors import ConfigurationError
+from capture.export.layout import DataFile
 
 __all__ = [
     "ERASED_MARKER",
     "Erasure",
+    "apply_rewrites",
+    "delta_files",
     "erase_changes",
     "erase_export",
     "erased_context",
     "erased_image",
     "export_erased_digests",
     "key_text",
+    "pending_erasures",
     "pg_erased_digests",
     "sync_export_erasures",
 ]
@@ -361,39 +368,34 @@ def erase_export(
     wait: float = 0.0,
     lease_seconds: float = 60.0,
 ) -> Erasure:
-    """Erase the selected changes in the Parquet export at ``directory`` (same selector as
+    """Erase the selected changes in the Parquet or Delta export at ``directory`` (same selector as
     :func:`erase_changes`), under the export lock.
 
-    The record (``_bemi_tt/erasures.json``, with each change's original column hashes) is written first,
-    then every file holding a selected change is rewritten in place (atomically, under its own name): a
-    crash in between leaves changes recorded but not yet erased, which ``verify`` accepts and a rerun
-    erases. Refuses a Delta export (its files are referenced by its log; rewrite it from PostgreSQL).
+    Parquet: the record (``_bemi_tt/erasures.json``, with each change's original column hashes) is written
+    first, then every file holding a selected change is rewritten in place (atomically, under its own
+    name): a crash in between leaves changes recorded but not yet erased, which ``verify`` accepts and a
+    rerun erases. Delta (local directories only): see :func:`apply_rewrites` — the rewritten files, their
+    ONE Delta commit and the record are swapped in together, and no file of an older version survives.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from capture.export.dataset import is_delta_table, read_dataset_state, resolve_directory, write_atomic
-    from capture.export.layout import META_DIR
+    from capture.export.dataset import is_delta_table, read_dataset_state, resolve_directory
     from capture.export.lock import open_lock
-    from capture.export.write import parquet_bytes
 
     schema_name, table_name, key_value, wanted, chosen = _check_selector(table, key, context, what)
     filesystem, root = resolve_directory(directory)
-    if is_delta_table(filesystem, root):
-        raise ConfigurationError(
-            f"{directory!r} is a Delta export: erase does not rewrite Delta files; erase in PostgreSQL "
-            "and export again into a new directory"
-        )
+    delta = is_delta_table(filesystem, root)
+    if delta:
+        root = _local_delta_root(directory, filesystem, root)
     erasure = uuid.uuid4().hex
     with open_lock(os.fspath(directory), filesystem, root, enabled=lock, lease_seconds=lease_seconds) as held:
         held.acquire(wait)
-        state = read_dataset_state(filesystem, root)
+        listing = delta_files(root) if delta else None
+        files = listing.files if listing is not None else read_dataset_state(filesystem, root).files
         keys = _export_keys(filesystem, root)
         # pass 1: what is selected, and the original hashes of what was never erased before
         record = _read_record(filesystem, root)
-        selected: dict[str, list[int]] = {}
+        selected: list[tuple[DataFile, list[int]]] = []
         count = 0
-        for data_file in state.files:
+        for data_file in files:
             if table_name is not None and not _partition_may_hold(
                 data_file.partition, schema_name, table_name
             ):
@@ -402,7 +404,7 @@ def erase_export(
             hits = _select(data, schema_name, table_name, key_value, wanted)
             if not hits:
                 continue
-            selected[data_file.path] = hits
+            selected.append((data_file, hits))
             count += len(hits)
             columns = {c: _texts(data.column(c)) for c in ("before", "after", "context")}
             positions = data.column("commit_position").to_pylist()
@@ -418,28 +420,118 @@ def erase_export(
             "selector": _selector_json(schema_name, table_name, key_value, wanted),
             "what": list(chosen), "reason": reason, "rows": count,
         })
-        write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}",
-                     json.dumps(record, sort_keys=True).encode("utf-8"))
-        # pass 2: rewrite each file holding a selected change
-        for path, hits in selected.items():
-            held.renew()
-            data = pq.read_table(path, filesystem=filesystem)
-            tables = data.column("table").to_pylist()
-            schemas = data.column("schema").to_pylist()
-            texts = {c: _texts(data.column(c)) for c in ("before", "after", "context")}
-            for i in hits:
-                new = _erase_row(texts["before"][i], texts["after"][i], texts["context"][i],
-                                 keys.get((schemas[i], tables[i]), frozenset()), erasure, chosen)
-                texts["before"][i], texts["after"][i], texts["context"][i] = new
-            for column, values in texts.items():
-                index = data.schema.get_field_index(column)
-                field = data.schema.field(index)
-                array = pa.array(values, pa.string())
-                if isinstance(field.type, pa.BaseExtensionType):
-                    array = pa.ExtensionArray.from_storage(field.type, array)
-                data = data.set_column(index, field, array)
-            write_atomic(filesystem, path, parquet_bytes(data))
+
+        def rewrites() -> Iterator[tuple[DataFile, pa.Table]]:
+            """pass 2: each file holding a selected change, its selected changes in erased form"""
+            for data_file, hits in selected:
+                data = pq.read_table(data_file.path, filesystem=filesystem)
+                tables = data.column("table").to_pylist()
+                schemas = data.column("schema").to_pylist()
+                texts = {c: _texts(data.column(c)) for c in ("before", "after", "context")}
+                for i in hits:
+                    new = _erase_row(texts["before"][i], texts["after"][i], texts["context"][i],
+                                     keys.get((schemas[i], tables[i]), frozenset()), erasure, chosen)
+                    texts["before"][i], texts["after"][i], texts["context"][i] = new
+                yield data_file, _with_texts(data, texts)
+
+        apply_rewrites(filesystem, root, record, rewrites(), listing=listing, renew=held.renew,
+                       metadata={"bemi_tt.operation": "erase", "bemi_tt.erasure": erasure})
     return Erasure(erasure, count, f"the export {directory!r}")
+
+
+def _local_delta_root(directory: str, filesystem: Any, root: str) -> str:
+    """The real path of a local Delta export (the swap exchanges the directory itself, never a symlink to
+    it); an object store is refused: it cannot swap a tree of files at once."""
+    import pyarrow.fs as pafs
+
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        raise ConfigurationError(
+            f"erase of the Delta export {os.fspath(directory)!r} works on local directories only: an object "
+            "store cannot swap the table's files at once; erase in PostgreSQL (bemi-tt erase --dsn URL) and "
+            "export into a new prefix, or erase a local copy and upload it to a new prefix"
+        )
+    return os.path.realpath(root)
+
+
+def delta_files(root: str) -> Any:
+    """The current version's data files of the local Delta export at ``root`` (capture/export/swap.py), after
+    removing the sibling trees a killed prune or erase left."""
+    from capture.export.swap import delta_listing, remove_leftovers
+
+    remove_leftovers(root)
+    return delta_listing(root)
+
+
+def _with_texts(data: pa.Table, texts: Mapping[str, list[str]]) -> pa.Table:
+    """``data`` with its JSON columns replaced by ``texts`` (their Parquet JSON tag, if any, kept)."""
+    for column, values in texts.items():
+        index = data.schema.get_field_index(column)
+        field = data.schema.field(index)
+        array = pa.array(values, pa.string())
+        if isinstance(field.type, pa.BaseExtensionType):
+            array = pa.ExtensionArray.from_storage(field.type, array)
+        data = data.set_column(index, field, array)
+    return data
+
+
+def apply_rewrites(
+    filesystem: Any,
+    root: str,
+    record: Mapping[str, Any],
+    rewrites: Iterable[tuple[DataFile, pa.Table]],
+    *,
+    listing: Any = None,
+    renew: Callable[[], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Write the erasure ``record`` and the rewritten data files of an export; the number of files rewritten.
+
+    A Parquet export (``listing`` None): the record first, then each file in place under its own name
+    (atomically); a crash in between leaves rows recorded but not yet erased, which ``verify`` accepts and
+    the rerun erases.
+
+    A Delta export (``listing``: its current files, ``capture.export.swap.delta_listing``): the prune's
+    machinery (``replace_tree``). The new tree is built beside the directory: every file hard-linked but the
+    rewritten ones, written anew under new names (``part-<F>-<L>-e-<uuid>``), and the data files of older
+    versions or never committed; ONE Delta commit on the staging table removes the old files and adds the new
+    ones; the record is written there too; one ``renameat2(RENAME_EXCHANGE)`` swaps it in and the old tree is
+    deleted. Chosen over a commit in place followed by deleting the replaced files because it is atomic: a
+    kill leaves the old state (record and files) or the new one, never a committed erasure whose old files
+    still hold the values, and the leftover sibling is removed by the next erase, prune or export run. The
+    cost is the point: time travel to a version before the erasure fails on its missing files instead of
+    showing the erased values.
+    """
+    from capture.export.dataset import write_atomic
+    from capture.export.layout import META_DIR
+    from capture.export.write import parquet_bytes
+
+    content = json.dumps(record, sort_keys=True).encode("utf-8")
+    count = 0
+    if listing is None:
+        write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}", content)
+        for data_file, data in rewrites:
+            if renew is not None:
+                renew()
+            write_atomic(filesystem, data_file.path, parquet_bytes(data))
+            count += 1
+        return count
+    from capture.export.swap import delta_file, replace_tree
+
+    replaced: list[DataFile] = []
+    added = []
+    values: dict[str, dict[str, str | None]] = {}
+    for data_file, data in rewrites:
+        if renew is not None:
+            renew()
+        replaced.append(data_file)
+        added.append(delta_file(data_file.partition, data_file.first, data_file.last, "e", data))
+        values[data_file.partition] = listing.delta[data_file.path]
+    if not replaced:  # nothing to rewrite: the record alone, in place
+        write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}", content)
+        return 0
+    replace_tree(root, listing, replaced, added, values, {ERASURES_FILE: content}, dict(metadata or {}),
+                 doing="erasing in")
+    return len(replaced)
 
 
 def _partition_may_hold(partition: str, schema: str | None, table: str) -> bool:
@@ -512,22 +604,19 @@ def _user() -> str:
 
 
 def sync_export_erasures(
-    conn: Any, filesystem: Any, root: str, schema: str, changes_table: str, renew: Any = None
+    conn: Any, filesystem: Any, root: str, schema: str, changes_table: str, renew: Any = None,
+    *, listing: Any = None,
 ) -> int:
     """Bring an export in line with the erasures recorded in PostgreSQL; the number of files rewritten.
 
-    Called by each export run under its lock (capture/export.py), after the new changes are written: when
-    PostgreSQL records an erasure the export does not, the record (``_bemi_tt/erasures.json``) takes its
-    rows' original hashes first, then every file holding an erased change gets that change's current
-    (erased) JSON columns from ``changes``. So erasing in PostgreSQL and exporting again leaves no erased
-    value in the export, whenever the files were written.
+    Called by each export run under its lock (capture/export/run.py, and capture/export/delta.py with the
+    Delta export's ``listing``), after the new changes are written: when PostgreSQL records an erasure the
+    export does not, the record (``_bemi_tt/erasures.json``) takes its rows' original hashes, and every file
+    holding an erased change gets that change's current (erased) JSON columns from ``changes``, written as
+    :func:`apply_rewrites` does. So erasing in PostgreSQL and exporting again leaves no erased value in the
+    export, whenever the files were written.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from capture.export.dataset import read_dataset_state, write_atomic
-    from capture.export.layout import META_DIR
-    from capture.export.write import parquet_bytes
+    from capture.export.dataset import read_dataset_state
 
     name = f"{schema}.{changes_table}"
     from capture.exclude import readable
@@ -564,36 +653,40 @@ def sync_export_erasures(
                 "id": str(ident), "erased_at": at.isoformat(), "erased_by": str(by), "selector": selector,
                 "what": list(what), "reason": reason, "rows": int(count),
             })
-    write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}",
-                 json.dumps(record, sort_keys=True).encode("utf-8"))
-    rewritten = 0
     keys = sorted(content)
-    for data_file in read_dataset_state(filesystem, root).files:
-        inside = [k for k in keys if data_file.first <= k <= data_file.last]
-        if not inside or not any(_partition_may_hold(data_file.partition, *relations[k].split(".", 1))
-                                 for k in inside):
-            continue
-        data = pq.read_table(data_file.path, filesystem=filesystem)
-        positions = data.column("commit_position").to_pylist()
-        ordinals = data.column("ordinal").to_pylist()
-        texts = {c: _texts(data.column(c)) for c in JSON_COLUMNS}
-        changed = False
-        for i, key in enumerate(zip(positions, ordinals, strict=True)):
-            wanted = content.get(key)
-            if wanted is not None and (texts["before"][i], texts["after"][i], texts["context"][i]) != wanted:
-                texts["before"][i], texts["after"][i], texts["context"][i] = wanted
-                changed = True
-        if not changed:
-            continue
-        if renew is not None:
-            renew()
-        for column, values in texts.items():
-            index = data.schema.get_field_index(column)
-            field = data.schema.field(index)
-            array = pa.array(values, pa.string())
-            if isinstance(field.type, pa.BaseExtensionType):
-                array = pa.ExtensionArray.from_storage(field.type, array)
-            data = data.set_column(index, field, array)
-        write_atomic(filesystem, data_file.path, parquet_bytes(data))
-        rewritten += 1
-    return rewritten
+    files = listing.files if listing is not None else read_dataset_state(filesystem, root).files
+
+    def rewrites() -> Iterator[tuple[DataFile, pa.Table]]:
+        for data_file in files:
+            inside = [k for k in keys if data_file.first <= k <= data_file.last]
+            if not inside or not any(_partition_may_hold(data_file.partition, *relations[k].split(".", 1))
+                                     for k in inside):
+                continue
+            data = pq.read_table(data_file.path, filesystem=filesystem)
+            positions = data.column("commit_position").to_pylist()
+            ordinals = data.column("ordinal").to_pylist()
+            texts = {c: _texts(data.column(c)) for c in JSON_COLUMNS}
+            changed = False
+            for i, key in enumerate(zip(positions, ordinals, strict=True)):
+                wanted = content.get(key)
+                now = (texts["before"][i], texts["after"][i], texts["context"][i])
+                if wanted is not None and now != wanted:
+                    texts["before"][i], texts["after"][i], texts["context"][i] = wanted
+                    changed = True
+            if changed:
+                yield data_file, _with_texts(data, texts)
+
+    return apply_rewrites(filesystem, root, record, rewrites(), listing=listing, renew=renew,
+                          metadata={"bemi_tt.operation": "erase", "bemi_tt.erasures": "from PostgreSQL"})
+
+
+def pending_erasures(conn: Any, filesystem: Any, root: str, schema: str, changes_table: str) -> bool:
+    """Whether PostgreSQL records an erasure of ``schema.changes_table`` the export does not."""
+    from capture.exclude import readable
+
+    if not readable(conn, "erasures"):
+        return False
+    ids = conn.execute("SELECT id FROM bemi_tt.erasures WHERE changes_table = %s",
+                       (f"{schema}.{changes_table}",)).fetchall()
+    applied = {str(e["id"]) for e in _read_record(filesystem, root)["erasures"]}
+    return any(str(i[0]) not in applied for i in ids)

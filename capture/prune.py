@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -47,7 +47,7 @@ from psycopg import sql
 from capture.errors import ConfigurationError
 from capture.exclude import readable
 from capture.export.dataset import Horizon, read_horizon
-from capture.export.layout import HORIZON_FILE
+from capture.export.layout import HORIZON_FILE, DataFile
 
 __all__ = ["BASELINE_MARKER", "BaselineRow", "Fold", "Horizon", "Pruned", "baseline_rows", "check_before",
            "export_horizon", "fold", "folded_versions", "group_versions", "pg_horizon", "prune_changes",
@@ -453,22 +453,27 @@ def export_horizon(directory: str) -> Horizon | None:
     return read_horizon(*resolve_directory(directory))
 
 
-def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> bool:
+def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str, *,
+                        files: Callable[[], list[DataFile]] | None = None,
+                        rewrite: Callable[[dict[str, Any], list[tuple[DataFile, Any]]], int] | None = None
+                        ) -> bool:
     """After an export run: an export that starts at PostgreSQL's baseline gets the horizon record (so
     ``verify`` resumes the chain there); an export holding older history keeps it, unpruned and exact. A
     directory pruned itself gets the erasures recorded in PostgreSQL into its baseline rows
-    (:func:`erase_export_baseline`)."""
+    (:func:`erase_export_baseline`). ``files``: the export's data files (default: the Parquet listing);
+    ``rewrite``: how the erasure record and rewritten files land (default: in place; a Delta export passes
+    ``capture.erase.apply_rewrites`` with its listing)."""
     from capture.export.dataset import read_dataset_state, write_atomic
     from capture.export.layout import META_DIR
 
     horizon = pg_horizon(conn, schema)
     own = read_horizon(filesystem, root)
     if own is not None and own != horizon:
-        erase_export_baseline(conn, filesystem, root, schema, own)
+        erase_export_baseline(conn, filesystem, root, schema, own, files=files, rewrite=rewrite)
     if horizon is None:
         return False
-    state = read_dataset_state(filesystem, root)
-    first = min((f.first for f in state.files), default=None)
+    listed = read_dataset_state(filesystem, root).files if files is None else files()
+    first = min((f.first for f in listed), default=None)
     if first is None or first < (horizon.position - 1, 0):
         return False
     if own is not None and own.position >= horizon.position:
@@ -478,7 +483,10 @@ def sync_export_horizon(conn: Any, filesystem: Any, root: str, schema: str) -> b
     return True
 
 
-def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, own: Horizon) -> int:
+def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, own: Horizon, *,
+                          files: Callable[[], list[DataFile]] | None = None,
+                          rewrite: Callable[[dict[str, Any], list[tuple[DataFile, Any]]], int] | None = None
+                          ) -> int:
     """Erase, in a directory pruned by itself, the baseline rows whose values came from a change PostgreSQL
     has erased since; the number of rows erased.
 
@@ -526,7 +534,7 @@ def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, ow
     record = _read_record(filesystem, root)
     keys = _export_keys(filesystem, root)
     rewrites = []
-    for data_file in read_dataset_state(filesystem, root).files:
+    for data_file in (read_dataset_state(filesystem, root).files if files is None else files()):
         if data_file.first[0] >= own.position:
             continue  # no baseline row in it
         data = pq.read_table(data_file.path, filesystem=filesystem)
@@ -556,12 +564,15 @@ def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, ow
                 if isinstance(field.type, pa.BaseExtensionType):
                     array = pa.ExtensionArray.from_storage(field.type, array)
                 data = data.set_column(index, field, array)
-            rewrites.append((data_file.path, data, hits))
+            rewrites.append((data_file, data, hits))
     if not rewrites:
         return 0
+    if rewrite is not None:
+        rewrite(record, [(f, data) for f, data, _ in rewrites])
+        return sum(hits for _, _, hits in rewrites)
     # the record first: a crash in between leaves rows recorded but not yet erased, which the next run erases
     write_atomic(filesystem, f"{root}/{META_DIR}/{ERASURES_FILE}",
                  json.dumps(record, sort_keys=True).encode("utf-8"))
-    for path, data, _ in rewrites:
-        write_atomic(filesystem, path, parquet_bytes(data))
+    for data_file, data, _ in rewrites:
+        write_atomic(filesystem, data_file.path, parquet_bytes(data))
     return sum(hits for _, _, hits in rewrites)

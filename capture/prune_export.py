@@ -43,37 +43,26 @@ instead.
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import errno
 import json
 import os
-import re
-import shutil
-import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from capture.errors import ConfigurationError, SourceError, StorageError
+from capture.errors import ConfigurationError, SourceError
 from capture.export.dataset import (
     is_delta_table,
     read_dataset_state,
     read_horizon,
     refuse_foreign_files,
     resolve_directory,
-    write_atomic,
 )
 from capture.export.layout import (
-    DELTA_LOG_DIR,
     HORIZON_FILE,
     IDENTITY_FILE,
     LEGACY_SCHEMAS_FILE,
@@ -82,11 +71,18 @@ from capture.export.layout import (
     DataFile,
     Key,
     compacted_name,
-    format_key,
-    parse_key,
     partition_dir,
 )
 from capture.export.lock import open_lock
+from capture.export.swap import (
+    NewFile,
+    _Listing,
+    _plain,
+    delta_file,
+    delta_listing,
+    remove_leftovers,
+    replace_tree,
+)
 from capture.prune import (
     Fold,
     Pruned,
@@ -95,27 +91,13 @@ from capture.prune import (
     fold,
     folded_versions,
     group_versions,
+    sync_export_horizon,
 )
 
-__all__ = ["prune_export"]
+__all__ = ["prune_export", "sync_delta_export"]
 
-_STAGING = ".prune-"
 _FOLD_COLUMNS = ["schema", "table", "database", "operation", "primary_key", "before", "after",
                  "commit_position", "ordinal", "chain_hash"]
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-#: The Delta log's pointer to its newest checkpoint, the one file a Delta writer rewrites: copied, not linked.
-_LAST_CHECKPOINT = "_last_checkpoint"
-
-
-@dataclass
-class _Listing:
-    """What a prune reads of an export: its data files (keys and partitions), the files on disk the pruned
-    tree leaves out, and for a Delta export each data file's partition values (None: a Parquet export)."""
-
-    files: list[DataFile]
-    dropped: set[str] = dataclasses.field(default_factory=set)
-    delta: dict[str, dict[str, str | None]] | None = None
 
 
 def prune_export(directory: str, *, before: datetime, wait: float = 0.0) -> Pruned:
@@ -142,8 +124,8 @@ def prune_export(directory: str, *, before: datetime, wait: float = 0.0) -> Prun
     real = os.path.realpath(root)  # the swap exchanges the directory itself, never a symlink to it
     with open_lock(os.fspath(directory), filesystem, real) as held:
         held.acquire(wait)
-        _remove_leftovers(real)
-        listing = _delta_listing(real) if delta else _parquet_listing(filesystem, real, os.fspath(directory))
+        remove_leftovers(real)
+        listing = delta_listing(real) if delta else _parquet_listing(filesystem, real, os.fspath(directory))
         if not listing.files:
             return Pruned(None, 0, source)
         files = listing.files
@@ -173,51 +155,6 @@ def _parquet_listing(filesystem: pafs.FileSystem, root: str, directory: str) -> 
             "pass the directory `bemi-tt export` wrote"
         )
     return _Listing(state.files, {f.path for f in state.superseded} | set(state.temporary))
-
-
-#: The Delta export's file names: its unit parts (``<k>of<n>``) and this module's compacted files.
-_DELTA_NAME = re.compile(r"^part-(?P<first>[0-9a-f]{24})-(?P<last>[0-9a-f]{24})-"
-                         r"(?:[0-9]+of[0-9]+|c-[0-9a-f]+)\.zstd\.parquet$")
-
-
-def _delta_listing(root: str) -> _Listing:
-    """The current version's data files of the Delta table at ``root``; every other data file on disk (of
-    older versions, or never committed) is dropped."""
-    from capture.export.delta import open_delta_table
-
-    table = open_delta_table(root)
-    actions = pa.table(table.get_add_actions(flatten=True))
-    files: list[DataFile] = []
-    values: dict[str, dict[str, str | None]] = {}
-    for logged, size, rows, relation, day in zip(
-            *(actions[c].to_pylist() for c in ("path", "size_bytes", "num_records", "partition.relation",
-                                               "partition.date")), strict=True):
-        relative = unquote(logged)  # the log holds the URI-encoded path
-        path = os.path.join(root, relative)
-        match = _DELTA_NAME.match(os.path.basename(relative))
-        first, last = ((parse_key(match["first"]), parse_key(match["last"])) if match
-                       else _file_keys(path))  # written by Delta's optimize: its rows say
-        files.append(DataFile(path, os.path.dirname(relative), first, last, int(rows or 0), int(size or 0)))
-        values[path] = {"relation": relation, "date": day.isoformat() if day is not None else None}
-    listed = set(values)
-    on_disk = set()
-    for directory, subdirectories, names in os.walk(root):
-        if directory == root:
-            subdirectories[:] = [d for d in subdirectories if d not in (META_DIR, DELTA_LOG_DIR)]
-        on_disk |= {os.path.join(directory, n) for n in names if n.endswith(".parquet")}
-    files.sort(key=lambda f: (f.partition, f.first))
-    return _Listing(files, on_disk - listed, values)
-
-
-def _file_keys(path: str) -> tuple[Key, Key]:
-    """The smallest and largest key of a data file's rows."""
-    keys = pq.read_table(path, columns=["commit_position", "ordinal"]).sort_by(
-        [("commit_position", "ascending"), ("ordinal", "ascending")])
-    if keys.num_rows == 0:
-        raise SourceError(f"the Delta export's data file {path!r} holds no rows; re-export into an empty "
-                          "directory")
-    return ((keys["commit_position"][0].as_py(), keys["ordinal"][0].as_py()),
-            (keys["commit_position"][-1].as_py(), keys["ordinal"][-1].as_py()))
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -255,25 +192,6 @@ def _changes_before(filesystem: pafs.FileSystem, files: list[DataFile], cut: int
         columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
         for record in zip(*columns, strict=True):
             yield _Change(*record[:9]), record[9]
-
-
-def _plain(data: pa.Table) -> pa.Table:
-    """A data file's rows with every column of the export (files of the first release lack some), JSON as
-    text."""
-    from capture.export.layout import export_arrow_schema
-
-    columns = {}
-    for field in export_arrow_schema():
-        if field.name in data.column_names:
-            column = data[field.name]
-            if isinstance(column.type, pa.BaseExtensionType):
-                column = column.cast(column.type.storage_type)
-            columns[field.name] = column.cast(
-                field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type)
-        else:
-            kind = field.type.storage_type if isinstance(field.type, pa.BaseExtensionType) else field.type
-            columns[field.name] = pa.nulls(data.num_rows, kind)
-    return pa.table(columns)
 
 
 def _exported(data: pa.Table) -> pa.Table:
@@ -414,147 +332,68 @@ def _swap_in(root: str, listing: _Listing, result: Fold, schemas: pa.Table, befo
     first, last = _key_range(files, touched, base_last, cut)
     replaced = [f for f in files if f.partition in touched and f.last <= last]
 
-    parent, name = os.path.split(root)
-    staging = os.path.join(parent, f".{name}{_STAGING}{uuid.uuid4().hex}.tmp")
-    try:
-        _link_tree(root, staging, skip={f.path for f in replaced} | listing.dropped | {
-            os.path.join(root, META_DIR, n) for n in (SCHEMAS_FILE, LEGACY_SCHEMAS_FILE, HORIZON_FILE,
-                                                      ERASURES_FILE)},
-                   copy={os.path.join(root, DELTA_LOG_DIR, _LAST_CHECKPOINT)})
-        local = pafs.LocalFileSystem()
-        added: list[tuple[str, pa.Table, int]] = []  # (path in the tree, rows, bytes) of each new file
-        for partition in sorted(touched):
-            pieces = [baseline.take(base_parts[partition])] if partition in base_parts else []
-            for f in sorted((f for f in replaced if f.partition == partition), key=lambda f: f.first):
-                data = _plain(pq.read_table(f.path, filesystem=local))
-                pieces.append(data.filter(pc.greater_equal(data["commit_position"], cut)))
-            rows = pa.concat_tables(pieces) if pieces else baseline.slice(0, 0)
-            rows = rows.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
-            if listing.delta is None:
-                if rows.num_rows == 0 and (added or partition != max(touched)):
-                    continue  # nothing left here; one file always stays to vouch for the replaced units
-                data = parquet_bytes(_exported(rows))
-                relative = f"{partition}/{compacted_name(first, last, rows.num_rows)}"
-            else:
-                if rows.num_rows == 0:
-                    continue  # the log says which files hold the table: none has to vouch for the range
-                from capture.schema import changes_arrow_schema
-
-                data = parquet_bytes(rows.select(changes_arrow_schema().names).cast(changes_arrow_schema()))
-                # unique: a path cannot be both removed and added in one Delta commit
-                relative = (f"{partition}/part-{format_key(first)}-{format_key(last)}-c-{uuid.uuid4().hex}"
-                            ".zstd.parquet")
-            write_atomic(local, f"{staging}/{relative}", data)
-            added.append((relative, rows, data.size))
-        if listing.delta is not None:
-            _commit_delta(root, staging, listing, replaced, added, partition_values, result, before)
-        meta = f"{staging}/{META_DIR}"
-        write_atomic(local, f"{meta}/{SCHEMAS_FILE}", parquet_bytes(schemas))
-        erasures = os.path.join(root, META_DIR, ERASURES_FILE)
-        if os.path.isfile(erasures):
-            with open(erasures, encoding="utf-8") as stream:
-                record = json.load(stream)
-            record["rows"] = {k: v for k, v in record.get("rows", {}).items() if int(k.split("/")[0]) >= cut}
-            write_atomic(local, f"{meta}/{ERASURES_FILE}", json.dumps(record, sort_keys=True).encode("utf-8"))
-        write_atomic(local, f"{meta}/{HORIZON_FILE}",
-                     json.dumps(result.horizon.to_json(), sort_keys=True).encode("utf-8"))
-        _exchange(staging, root)
-    except BaseException as exc:
-        # before the swap: a half-built copy; right after it (an interrupt): the old tree. Either is garbage.
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            raise StorageError(
-                f"pruning {root!r} failed: {exc.strerror or exc}"
-                f"{f' ({exc.filename})' if exc.filename else ''}; the directory is unchanged: free space or "
-                "make its parent directory writable (the pruned copy is built next to it) and retry"
-            ) from exc
-        raise
-    _fsync_directory(parent)
-    shutil.rmtree(staging, ignore_errors=True)  # the old tree, now at the staging path
-
-
-def _commit_delta(root: str, staging: str, listing: _Listing, replaced: list[DataFile],
-                  added: list[tuple[str, pa.Table, int]], values: dict[str, dict[str, str | None]],
-                  result: Fold, before: datetime) -> None:
-    """ONE commit on the staging table: remove the replaced files, add the new ones. No application
-    transaction: the export's watermark (its last one) stays what it was."""
-    from capture.export.delta import _commit_properties, _deltalake, _file_stats
-
-    assert listing.delta is not None
-    deltalake = _deltalake()
-    try:
-        table = deltalake.DeltaTable(staging)
-    except (deltalake.exceptions.DeltaError, OSError) as exc:
-        raise SourceError(f"cannot open the Delta table copied from {root!r}: {exc}") from exc
-    now = int(time.time() * 1000)
-    actions: list[Any] = [
-        deltalake.transaction.RemoveAction(os.path.relpath(f.path, root), True, now, f.size,
-                                           listing.delta[f.path])
-        for f in replaced
-    ]
-    for relative, rows, size in added:
-        partition = relative.rsplit("/", 1)[0]
-        actions.append(deltalake.transaction.AddAction(relative, size, values[partition], now, True,
-                                                       _file_stats(rows)))
+    local = pafs.LocalFileSystem()
+    added: list[NewFile] = []
+    for partition in sorted(touched):
+        pieces = [baseline.take(base_parts[partition])] if partition in base_parts else []
+        for f in sorted((f for f in replaced if f.partition == partition), key=lambda f: f.first):
+            data = _plain(pq.read_table(f.path, filesystem=local))
+            pieces.append(data.filter(pc.greater_equal(data["commit_position"], cut)))
+        rows = pa.concat_tables(pieces) if pieces else baseline.slice(0, 0)
+        rows = rows.sort_by([("commit_position", "ascending"), ("ordinal", "ascending")])
+        if listing.delta is None:
+            if rows.num_rows == 0 and (added or partition != max(touched)):
+                continue  # nothing left here; one file always stays to vouch for the replaced units
+            added.append(NewFile(f"{partition}/{compacted_name(first, last, rows.num_rows)}", rows,
+                                 parquet_bytes(_exported(rows))))
+        elif rows.num_rows:  # the log says which files hold the table: none has to vouch for the range
+            added.append(delta_file(partition, first, last, "c", rows))
+    sidecars: dict[str, bytes | None] = {SCHEMAS_FILE: parquet_bytes(schemas).to_pybytes(),
+                                         LEGACY_SCHEMAS_FILE: None}
+    erasures = os.path.join(root, META_DIR, ERASURES_FILE)
+    if os.path.isfile(erasures):
+        with open(erasures, encoding="utf-8") as stream:
+            record = json.load(stream)
+        record["rows"] = {k: v for k, v in record.get("rows", {}).items() if int(k.split("/")[0]) >= cut}
+        sidecars[ERASURES_FILE] = json.dumps(record, sort_keys=True).encode("utf-8")
+    sidecars[HORIZON_FILE] = json.dumps(result.horizon.to_json(), sort_keys=True).encode("utf-8")
     metadata = {"bemi_tt.operation": "prune", "bemi_tt.before": before.isoformat(),
                 "bemi_tt.horizon_position": str(result.horizon.position),
                 "bemi_tt.baseline_rows": str(result.horizon.rows)}
-    table.create_write_transaction(actions, "append", table.schema(),
-                                   partition_by=table.metadata().partition_columns,
-                                   commit_properties=_commit_properties(deltalake, metadata))
+    replace_tree(root, listing, replaced, added, partition_values, sidecars, metadata, doing="pruning")
 
 
-def _link_tree(root: str, staging: str, skip: set[str], copy: set[str]) -> None:
-    """Recreate ``root``'s directories under ``staging`` and hard-link every file but ``skip`` and the
-    temporary files a killed writer left; the files in ``copy`` (rewritten in place by their writer) are
-    copied instead."""
-    local = pafs.LocalFileSystem()
-    for directory, subdirectories, names in os.walk(root):
-        target = os.path.join(staging, os.path.relpath(directory, root))
-        os.makedirs(target, exist_ok=True)
-        for name in names:
-            path = os.path.join(directory, name)
-            if path in skip or (name.startswith(".") and name.endswith(".tmp")):
-                continue
-            if path in copy:
-                with open(path, "rb") as stream:
-                    write_atomic(local, os.path.join(target, name), stream.read())
-            else:
-                os.link(path, os.path.join(target, name))
-        subdirectories[:] = [d for d in subdirectories if not (d.startswith(".") and d.endswith(".tmp"))]
+def sync_delta_export(conn: Any, directory: str, filesystem: Any, root: str, schema: str, changes_table: str,
+                      renew: Callable[[], None] | None = None) -> int:
+    """After a Delta export run, under its lock: the erasures recorded in PostgreSQL reach the files written
+    before, and the horizon is recorded (``capture.prune.sync_export_horizon``), through
+    :func:`capture.erase.apply_rewrites`; the number of files rewritten. A Delta export on an object store
+    cannot be rewritten at once: pending erasures there are reported with a warning, never skipped
+    silently."""
+    import warnings
 
+    from capture.erase import apply_rewrites, delta_files, pending_erasures, sync_export_erasures
 
-def _exchange(staging: str, root: str) -> None:
-    """Swap the two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        raise StorageError(
-            f"cannot prune {root!r}: this system has no atomic directory exchange (renameat2); prune the "
-            "database (bemi-tt prune --dsn URL) and export into a new directory"
-        )
-    if renameat2(_AT_FDCWD, os.fsencode(staging), _AT_FDCWD, os.fsencode(root), _RENAME_EXCHANGE) != 0:
-        code = ctypes.get_errno()
-        raise StorageError(
-            f"cannot swap the pruned copy into {root!r}: {os.strerror(code)} "
-            f"({errno.errorcode.get(code, code)}); the directory is unchanged; its file system must support"
-            " renameat2(RENAME_EXCHANGE) (ext4, xfs,"
-            " btrfs, tmpfs do)"
-        )
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        if pending_erasures(conn, filesystem, root, schema, changes_table):
+            warnings.warn(
+                f"erasures recorded in PostgreSQL are not applied to the Delta export {directory!r}: an "
+                "object store cannot swap the table's files at once; export into a new prefix (the new "
+                "export holds the erased values only)", UserWarning, stacklevel=2)
+        return 0
+    real = os.path.realpath(root)
+    remove_leftovers(real)  # what a killed erase or prune left beside the directory
+    count = 0
+    if pending_erasures(conn, filesystem, real, schema, changes_table):  # else no listing: a walk of the tree
+        count = sync_export_erasures(conn, filesystem, real, schema, changes_table, renew,
+                                     listing=delta_files(real))
 
+    def files() -> list[DataFile]:
+        return list(delta_files(real).files)
 
-def _fsync_directory(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    def rewrite(record: Mapping[str, Any], rewrites: Iterable[tuple[DataFile, pa.Table]]) -> int:
+        return apply_rewrites(filesystem, real, record, rewrites, listing=delta_files(real), renew=renew,
+                              metadata={"bemi_tt.operation": "erase", "bemi_tt.erasures": "baseline"})
 
-
-def _remove_leftovers(root: str) -> None:
-    """Delete the sibling trees a killed prune left (a half-built copy, or the old tree after the swap)."""
-    parent, name = os.path.split(root)
-    prefix = f".{name}{_STAGING}"
-    for entry in os.listdir(parent):
-        if entry.startswith(prefix) and entry.endswith(".tmp") and os.path.isdir(os.path.join(parent, entry)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    sync_export_horizon(conn, filesystem, real, schema, files=files, rewrite=rewrite)
+    return count

@@ -48,7 +48,7 @@ CASES = [(fmt, point) for fmt in ("parquet", "delta") for point in sorted(POINTS
 
 
 def _prune_and_die(directory: Path, before: datetime, point: str) -> None:
-    code = ("import os, signal\nimport capture.prune_export as p\n" + POINTS[point]
+    code = ("import os, signal\nimport capture.export.swap as p\n" + POINTS[point]
             + f"import bemi_tt\nbemi_tt.prune({str(directory)!r}, before={before.isoformat()!r})\n")
     process = subprocess.run([sys.executable, "-c", code], timeout=300)
     assert process.returncode == -signal.SIGKILL

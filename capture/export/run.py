@@ -140,6 +140,12 @@ def export_parquet(
                         stats = export_delta_locked(
                             conn, os.fspath(directory), filesystem, root, names, batch_rows, held, bar
                         )
+                        # erasures recorded in PostgreSQL and its horizon reach the Delta files written
+                        # before (here, above capture/export/delta.py: the rewrite reuses the prune's swap)
+                        from capture.prune_export import sync_delta_export
+
+                        sync_delta_export(conn, os.fspath(directory), filesystem, root, schema, table,
+                                          held.renew)
                     else:
                         stats = _export(conn, filesystem, root, names, batch_rows, held, bar)
                 except psycopg.Error as exc:
