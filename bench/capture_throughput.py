@@ -210,7 +210,16 @@ def latency(destination: str, source: str, rate: int, seconds: float) -> list[fl
     expected = int(seconds * rate) // per_txn * per_txn
     poller = threading.Thread(target=poll, daemon=True)
     try:
-        time.sleep(1.0)  # worker start-up
+        # steady state: rows are written once the worker streams (its start-up is reported on its own)
+        started = time.perf_counter()
+        with psycopg.connect(source, autocommit=True) as conn:
+            while not conn.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'latency'"
+            ).fetchone()[0]:  # type: ignore[index]
+                if time.perf_counter() - started > 60 or process.poll() is not None:
+                    raise RuntimeError("the latency worker did not start streaming")
+                time.sleep(0.01)
+        print(f"latency worker: streaming {time.perf_counter() - started:.2f} s after its start", flush=True)
         poller.start()
         with psycopg.connect(source, autocommit=True) as conn:
             start = time.perf_counter()
