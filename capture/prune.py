@@ -497,7 +497,6 @@ def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, ow
     (so ``verify`` still checks it). Keyless rows are matched by content and cannot be traced: erase them
     with ``erase(DIR, ...)``.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from capture.erase import (
@@ -508,6 +507,7 @@ def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, ow
         _export_keys,
         _read_record,
         _texts,
+        _with_texts,
     )
     from capture.export.dataset import read_dataset_state, write_atomic
     from capture.export.layout import META_DIR
@@ -557,14 +557,7 @@ def erase_export_baseline(conn: Any, filesystem: Any, root: str, schema: str, ow
             texts["before"][i], texts["after"][i], texts["context"][i] = new
             hits += 1
         if hits:
-            for column, values in texts.items():
-                index = data.schema.get_field_index(column)
-                field = data.schema.field(index)
-                array = pa.array(values, pa.string())
-                if isinstance(field.type, pa.BaseExtensionType):
-                    array = pa.ExtensionArray.from_storage(field.type, array)
-                data = data.set_column(index, field, array)
-            rewrites.append((data_file, data, hits))
+            rewrites.append((data_file, _with_texts(data, texts), hits))
     if not rewrites:
         return 0
     if rewrite is not None:
